@@ -1,0 +1,94 @@
+"""DeepSeek Sparse Attention: the lightning indexer, its top-k selection and its training loss.
+
+The indexer scores every visible key for every query with a cheap multi-head ReLU dot product,
+``I[t,s] = Σ_h w[t,h] · ReLU(q[t,h]·k[s] / √d)``, and attention is then restricted to the top-k keys
+per query. It matches transformers 5.23.0: interleaved RoPE on the *first* ``qk_rope_head_dim`` dims
+(split [rope | nope], the reverse of main attention), LayerNorm (eps 1e-6, with bias) on the key,
+fp32 scoring, ``weights_proj`` scaled by n_heads^-0.5, masked keys at -inf, ``topk(min(k, T))``.
+
+For T ≤ index_topk the selection keeps every visible key, so DSA equals dense causal attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glm5.model.rope import apply_rope
+
+# Upper bound on the fp32 elements of one [B, chunk, H, T] score block; prefill is chunked over queries
+# so a long prompt never materialises the whole [B, S, H, T] tensor.
+_SCORE_BLOCK_ELEMS = 1 << 26
+
+
+class LightningIndexer(nn.Module):
+    def __init__(self, hidden_size: int, q_lora_rank: int, n_heads: int, head_dim: int, rope_dim: int,
+                 topk: int, rope_interleave: bool = True):
+        super().__init__()
+        self.n_heads, self.head_dim, self.rope_dim, self.topk = n_heads, head_dim, rope_dim, topk
+        self.rope_interleave = rope_interleave
+        self.wq_b = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(hidden_size, head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(hidden_size, n_heads, bias=False)
+
+    def _rope_first(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        return torch.cat([apply_rope(rot, cos, sin, self.rope_interleave), rest], dim=-1)
+
+    def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Indexer keys for new tokens (what the cache stores): x [B,S,H] -> [B,S,head_dim]."""
+        return self._rope_first(self.k_norm(self.wk(x)), cos, sin)
+
+    def scores(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Index scores I [B,S,T] in fp32, -inf where ``visible`` ([B,S,T] bool) is False.
+
+        x: [B,S,hidden], q_resid: [B,S,q_lora], keys: [B,T,head_dim] (cached + new).
+        """
+        B, S, _ = x.shape
+        T = keys.shape[1]
+        q = self.wq_b(q_resid).view(B, S, self.n_heads, self.head_dim)  # [B,S,Hi,D]
+        q = self._rope_first(q, cos.unsqueeze(2), sin.unsqueeze(2)).float()
+        w = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.n_heads ** -0.5  # [B,S,Hi]
+        kT = keys.float().transpose(1, 2).unsqueeze(1)  # [B,1,D,T]
+        scale = self.head_dim ** -0.5
+        chunk = max(1, _SCORE_BLOCK_ELEMS // max(1, B * self.n_heads * T))
+        out = []
+        for s0 in range(0, S, chunk):
+            s1 = min(S, s0 + chunk)
+            per_head = F.relu(torch.matmul(q[:, s0:s1], kT) * scale)  # [B,c,Hi,T]
+            out.append(torch.matmul(w[:, s0:s1].unsqueeze(-2), per_head).squeeze(-2))  # [B,c,T]
+        index_scores = torch.cat(out, dim=1) if len(out) > 1 else out[0]
+        return index_scores.masked_fill(~visible, float("-inf"))
+
+    def select(self, index_scores: torch.Tensor) -> torch.Tensor:
+        """Top-k key indices per query: [B,S,T] -> [B,S,min(topk,T)] (int64). Deterministic torch.topk."""
+        k = min(self.topk, index_scores.shape[-1])
+        return index_scores.topk(k, dim=-1).indices
+
+
+def selection_mask(topk_indices: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """[B,S,k] key indices -> [B,S,T] bool, True at selected keys."""
+    B, S, _ = topk_indices.shape
+    mask = torch.zeros(B, S, num_keys, dtype=torch.bool, device=topk_indices.device)
+    return mask.scatter_(-1, topk_indices, True)
+
+
+def indexer_kl_loss(index_scores: torch.Tensor, attn_probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """DSA indexer objective (DeepSeek-V3.2 recipe, adopted by GLM-5).
+
+    index_scores: [B,S,T] indexer logits (with grad); attn_probs: [B,H,S,T] main attention
+    probabilities (no grad); keep: [B,S,T] bool keys the loss ranges over (every visible key in the dense
+    warm-up, the selected top-k in the sparse stage). Target p = Σ_heads attention, L1-normalised over
+    ``keep``; loss = mean over queries of KL(p ‖ softmax(I) over ``keep``).
+    """
+    p = attn_probs.detach().float().sum(1).masked_fill(~keep, 0.0)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+    logq = torch.log_softmax(index_scores.float().masked_fill(~keep, float("-inf")), dim=-1)
+    logq = logq.masked_fill(~keep, 0.0)
+    plogp = torch.where(p > 0, p * torch.log(p.clamp_min(1e-30)), torch.zeros_like(p))
+    kl = (plogp - p * logq).sum(-1)  # [B,S]
+    has_keys = keep.any(-1)
+    return kl[has_keys].mean() if bool(has_keys.any()) else index_scores.sum() * 0.0
