@@ -247,14 +247,14 @@ class GLM5Config:
 def _small(hidden: int, layers: int, heads: int, experts: int, top_k: int, vocab: int, *, dense_layers: int = 1,
            index_topk: int, max_pos: int = 4096) -> dict:
     """Derive a small GLM-5-shaped config from a handful of knobs, keeping GLM-5's ratios where sensible:
-    q_lora = hidden/3 (2048/6144), kv_lora = hidden/12 (512/6144), rope dim = 1/4 of the q/k head,
+    q_lora = hidden/3 (2048/6144), kv_lora = hidden/8 (GLM-5: 1/12; wider here so tiny latents are not a bottleneck), rope dim = 1/4 of the q/k head,
     v head = q/k head (256 = 256), dense MLP = 2×hidden, expert = hidden/3, indexer head = 2×rope dim."""
     qk_head = max(16, hidden // heads)
     rope = qk_head // 4
     return dict(
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=heads, intermediate_size=2 * hidden, q_lora_rank=hidden // 3 // 8 * 8 or 8,
-        kv_lora_rank=max(16, hidden // 12 // 8 * 8), qk_nope_head_dim=qk_head - rope, qk_rope_head_dim=rope,
+        kv_lora_rank=max(32, hidden // 8 // 8 * 8), qk_nope_head_dim=qk_head - rope, qk_rope_head_dim=rope,
         v_head_dim=qk_head, head_dim=rope, index_n_heads=max(2, heads // 2), index_head_dim=2 * rope,
         index_topk=index_topk, first_k_dense_replace=dense_layers, moe_intermediate_size=max(16, hidden // 3 // 8 * 8),
         n_routed_experts=experts, num_experts_per_tok=top_k, n_shared_experts=1, max_position_embeddings=max_pos,
@@ -268,7 +268,7 @@ PRESETS: dict[str, dict] = {
     # ~2M params: unit tests, smoke runs.
     "glm5-nano": _small(64, 3, 4, 8, 2, 2048, index_topk=16, max_pos=1024),
     # ~20M total: CPU pretraining in minutes.
-    "glm5-tiny": _small(192, 6, 6, 16, 4, 8192, index_topk=64, max_pos=2048),
+    "glm5-tiny": _small(256, 8, 4, 32, 4, 8192, index_topk=64, max_pos=2048),
     # ~200M total: the largest that still trains on a CPU box (slowly) / a quick GPU preset.
     "glm5-small": _small(512, 12, 8, 32, 4, 32768, dense_layers=2, index_topk=256, max_pos=8192),
 }

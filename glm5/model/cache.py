@@ -1,0 +1,81 @@
+"""Per-forward attention context and the simple contiguous latent KV cache.
+
+The model is one set of modules for training, evaluation and inference. What changes between those
+uses travels in an ``AttentionContext``: the visibility mask, an optional cache, whether DSA's top-k
+applies, and whether to compute the indexer's training loss. The inference engine supplies its own
+(paged) cache object with the same ``update`` method.
+
+``LatentCache`` stores, per layer, only what MLA needs: the normalised KV latent c_kv
+[B,T,kv_lora_rank], the rotated shared rope key k_pe [B,T,qk_rope_head_dim] and the indexer keys
+[B,T,index_head_dim] — 576+128 numbers per token and layer for GLM-5, not 64×(256+256).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class LatentCache:
+    """Contiguous growing cache (batch fixed at creation), for ``generate`` and tests."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.c_kv: list[torch.Tensor | None] = [None] * num_layers
+        self.k_pe: list[torch.Tensor | None] = [None] * num_layers
+        self.k_idx: list[torch.Tensor | None] = [None] * num_layers
+
+    def seq_length(self, layer_idx: int = 0) -> int:
+        t = self.c_kv[layer_idx]
+        return 0 if t is None else t.shape[1]
+
+    @staticmethod
+    def _append(old: torch.Tensor | None, new: torch.Tensor | None) -> torch.Tensor | None:
+        if new is None:
+            return old
+        return new if old is None else torch.cat([old, new], dim=1)
+
+    def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, k_idx: torch.Tensor | None):
+        """Append this step's latents; return the full history (cached + new) for the layer."""
+        self.c_kv[layer_idx] = self._append(self.c_kv[layer_idx], c_kv)
+        self.k_pe[layer_idx] = self._append(self.k_pe[layer_idx], k_pe)
+        self.k_idx[layer_idx] = self._append(self.k_idx[layer_idx], k_idx)
+        return self.c_kv[layer_idx], self.k_pe[layer_idx], self.k_idx[layer_idx]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for lst in (self.c_kv, self.k_pe, self.k_idx) for t in lst if t is not None)
+
+
+@dataclass
+class AttentionContext:
+    """What one forward pass needs to know beyond the hidden states.
+
+    mask: [B,1,S,T] bool, True where query s may attend key t (causal + padding / document masks).
+    dsa: "sparse" applies the indexer's top-k (the model's real behaviour); "dense" ignores it.
+    indexer_loss: None, "dense" (KL over all visible keys; warm-up stage) or "sparse" (KL over the
+        selected keys); when set, the indexer runs with grad on detached inputs and each layer appends its
+        loss to ``aux_losses``.
+    """
+
+    mask: torch.Tensor
+    cache: object | None = None
+    dsa: str = "sparse"
+    indexer_loss: str | None = None
+    aux_losses: list = field(default_factory=list)
+    topk_indices: torch.Tensor | None = None  # last full indexer's selection, reused by "shared" layers
+    record_topk: list | None = None  # if a list, each layer appends its top-k indices (tests, analysis)
+
+
+def build_attention_mask(batch: int, q_len: int, past_len: int, device: torch.device,
+                         padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal visibility [B,1,S,T] with T = past_len + q_len; padding_mask [B,T] (1 = real token) optional."""
+    T = past_len + q_len
+    q_pos = torch.arange(past_len, T, device=device)[:, None]
+    k_pos = torch.arange(T, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None].expand(batch, 1, q_len, T)
+    if padding_mask is not None:
+        if padding_mask.shape != (batch, T):
+            raise ValueError(f"attention_mask must be [batch, past+new] = {(batch, T)}, got {tuple(padding_mask.shape)}")
+        mask = mask & padding_mask.bool()[:, None, None, :]
+    return mask

@@ -1,0 +1,119 @@
+"""Multi-head Latent Attention with DeepSeek Sparse Attention (GLM-5's ``self_attn``).
+
+Queries go through a low-rank bottleneck (q_a_proj → RMSNorm → q_b_proj); keys and values share one
+compressed latent c_kv (kv_a_proj_with_mqa → RMSNorm) plus a single rope key k_pe shared by all heads.
+Only (c_kv, k_pe, indexer key) are cached; this module re-expands the history through kv_b_proj, as
+transformers 5.23 does. Softmax scale is qk_head_dim^-0.5 (no YaRN mscale).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glm5.config import GLM5Config
+from glm5.model.cache import AttentionContext
+from glm5.model.dsa import LightningIndexer, indexer_kl_loss, selection_mask
+from glm5.model.norm import RMSNorm
+from glm5.model.rope import apply_rope
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: GLM5Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.num_attention_heads
+        self.d_nope, self.d_rope, self.d_v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.d_qk = cfg.qk_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        self.scale = self.d_qk ** -0.5
+        self.rope_interleave = cfg.rope_interleave
+        self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)  # 1e-6, not rms_norm_eps (matches HF)
+        self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * self.d_qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.kv_rank + self.d_rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, eps=1e-6)
+        self.kv_b_proj = nn.Linear(self.kv_rank, self.n_heads * (self.d_nope + self.d_v), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.d_v, cfg.hidden_size, bias=False)
+        full = layer_idx >= cfg.num_hidden_layers or cfg.layer_indexer_types[layer_idx] == "full"
+        self.indexer = LightningIndexer(
+            cfg.hidden_size, cfg.q_lora_rank, cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim,
+            cfg.index_topk, cfg.indexer_rope_interleave) if full else None
+
+    def expand_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents -> per-head keys and values: c_kv [B,T,r], k_pe [B,T,dr] -> K [B,h,T,dqk], V [B,h,T,dv]."""
+        B, T, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(B, T, self.n_heads, self.d_nope + self.d_v).transpose(1, 2)
+        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None].expand(B, self.n_heads, T, self.d_rope)], dim=-1)
+        return k, v
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttentionContext) -> torch.Tensor:
+        B, S, _ = x.shape
+        cos, sin = rope  # [B,S,dr/2]
+        q_resid = self.q_a_layernorm(self.q_a_proj(x))  # [B,S,q_lora]
+        q = self.q_b_proj(q_resid).view(B, S, self.n_heads, self.d_qk).transpose(1, 2)  # [B,h,S,dqk]
+        q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None], self.rope_interleave)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.d_rope], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # [B,S,r]
+        k_pe = apply_rope(k_pe, cos, sin, self.rope_interleave)  # [B,S,dr]
+
+        # Indexer keys are computed (and cached) whenever this layer has an indexer, so a cache filled in
+        # dense mode can still be decoded sparsely.
+        idx_in = x.detach() if ctx.indexer_loss else x
+        k_idx = None
+        if self.indexer is not None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and ctx.indexer_loss is not None):
+                k_idx = self.indexer.keys(idx_in, cos, sin)
+        if ctx.cache is not None:
+            c_kv, k_pe, k_idx = ctx.cache.update(self.layer_idx, c_kv, k_pe, k_idx)
+        T = c_kv.shape[1]
+        visible = ctx.mask  # [B,1,S,T]
+        if visible.shape[-1] != T or visible.shape[-2] != S:
+            raise ValueError(f"attention mask {tuple(visible.shape)} does not match {S} queries × {T} keys")
+
+        index_scores = None
+        allowed = visible
+        if self.indexer is not None and (ctx.dsa == "sparse" or ctx.indexer_loss):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and ctx.indexer_loss is not None):
+                index_scores = self.indexer.scores(idx_in, q_resid.detach() if ctx.indexer_loss else q_resid,
+                                                   cos, sin, k_idx, visible[:, 0])
+            ctx.topk_indices = self.indexer.select(index_scores.detach())
+        if ctx.dsa == "sparse":
+            if ctx.topk_indices is None:
+                raise ValueError(f"layer {self.layer_idx} shares top-k but no earlier layer has an indexer")
+            selected = selection_mask(ctx.topk_indices, T)  # [B,S,T]
+            allowed = visible & selected[:, None]
+            if ctx.record_topk is not None:
+                ctx.record_topk.append(ctx.topk_indices)
+
+        k, v = self.expand_kv(c_kv, k_pe)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        if ctx.indexer_loss is not None and index_scores is not None:
+            out, probs = _eager_attention(q, k, v, allowed, self.scale)
+            keep = visible[:, 0] if ctx.indexer_loss == "dense" else allowed[:, 0]
+            ctx.aux_losses.append(indexer_kl_loss(index_scores, probs, keep))
+        else:
+            out = _sdpa(q, k, v, allowed, self.scale)
+        out = out.transpose(1, 2).reshape(B, S, self.n_heads * self.d_v)
+        return self.o_proj(out)
+
+
+def _safe(mask: torch.Tensor) -> torch.Tensor:
+    # A query with no visible key (a padding position) would give NaN; let it see everything instead.
+    # Its output is meaningless either way and never feeds a real token.
+    return mask | ~mask.any(-1, keepdim=True)
+
+
+def _sdpa(q, k, v, mask, scale):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_safe(mask), scale=scale)
+
+
+def _eager_attention(q, k, v, mask, scale):
+    """Attention that also returns the fp32 probabilities [B,h,S,T] (needed by the indexer loss)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~_safe(mask), float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    return torch.matmul(probs.to(v.dtype), v), probs

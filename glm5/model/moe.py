@@ -1,0 +1,176 @@
+"""Feed-forward blocks: the dense SwiGLU MLP and GLM-5's MoE (sigmoid router, aux-loss-free bias, shared expert).
+
+Routed experts are held fused, as transformers keeps them in memory: ``experts.gate_up_proj``
+[E, 2I, H] (gate rows then up rows) and ``experts.down_proj`` [E, H, I]. The checkpoint files use
+per-expert keys; glm5.checkpoint converts both ways. Tokens are sorted by expert and run through one
+grouped GEMM (``torch._grouped_mm``), or a padded batched GEMM where grouped GEMM is unavailable; no
+Python loop over experts. ``experts_impl="reference"`` is the plain per-expert loop used by tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glm5.config import GLM5Config
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Dense layers and the shared expert."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def route_tokens(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int = 1, topk_group: int = 1,
+                 normalize: bool = True, scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """noaux_tc routing. logits [N,E] fp32 -> (weights [N,k] fp32, expert ids [N,k] int64).
+
+    The correction bias shifts which experts are *chosen*; the weights are the un-biased sigmoid scores,
+    renormalised over the chosen k and multiplied by ``scaling`` (routed_scaling_factor).
+    """
+    N, E = logits.shape
+    scores = logits.sigmoid()
+    choice = scores + bias
+    if n_group > 1:
+        # Group-limited routing: keep the topk_group groups whose best-two scores sum highest.
+        group_scores = choice.view(N, n_group, E // n_group).topk(2, dim=-1).values.sum(-1)  # [N,G]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(topk_group, dim=-1).indices, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(E // n_group, dim=1), float("-inf"))
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if normalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids
+
+
+class Router(nn.Module):
+    """``mlp.gate``: weight [E,H] and the fp32 ``e_score_correction_bias`` buffer (updated by the trainer's
+    aux-loss-free balancing, never by gradients)."""
+
+    def __init__(self, cfg: GLM5Config):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight.float())  # router always in fp32
+        c = self.cfg
+        weights, ids = route_tokens(logits, self.e_score_correction_bias.float(), c.num_experts_per_tok, c.n_group,
+                                    c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
+        return logits, weights, ids
+
+    def _apply(self, fn, recurse=True):
+        # Keep the correction bias in fp32 whatever dtype the model is cast to (move it, never round it).
+        bias = self._buffers.pop("e_score_correction_bias")
+        super()._apply(fn, recurse)
+        moved = fn(bias)
+        self._buffers["e_score_correction_bias"] = moved if moved.dtype == torch.float32 else bias.to(device=moved.device)
+        return self
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    # torch._grouped_mm's CPU backward rejects broadcast (stride-0) incoming gradients.
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return False
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by group; group g (counts[g] rows) multiplies w[g]^T. x [M,in], w [G,out,in] -> [M,out]."""
+    if _grouped_mm_ok(x):
+        return _ContiguousGrad.apply(torch._grouped_mm(x, w.transpose(-2, -1), offs=offs))
+    # Sort-and-batch fallback: scatter rows into a [G, cap, in] buffer, one bmm, gather back.
+    G = w.shape[0]
+    cap = int(counts.max().item()) if counts.numel() else 0
+    starts = offs - counts
+    group = torch.repeat_interleave(torch.arange(G, device=x.device), counts, output_size=x.shape[0])
+    rank = torch.arange(x.shape[0], device=x.device) - starts[group]
+    buf = x.new_zeros(G, max(cap, 1), x.shape[1])
+    buf = buf.index_put((group, rank), x)
+    out = torch.bmm(buf, w.transpose(-2, -1))  # [G,cap,out]
+    return out[group, rank]
+
+
+class Experts(nn.Module):
+    def __init__(self, n_experts: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.n_experts, self.hidden, self.intermediate = n_experts, hidden, intermediate
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, intermediate))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, impl: str = "grouped") -> torch.Tensor:
+        """x [N,H], ids/weights [N,k] -> [N,H]. Per-slot outputs are weighted and summed over k in fp32."""
+        if impl == "reference":
+            return self._reference(x, ids, weights)
+        N, k = ids.shape
+        flat = ids.reshape(-1)  # [N*k] expert of each (token, slot)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        offs = counts.cumsum(0).to(torch.int32)
+        xs = x[order // k]  # [N*k,H] tokens grouped by expert
+        gate, up = grouped_linear(xs, self.gate_up_proj, counts, offs).chunk(2, dim=-1)
+        ys = grouped_linear(F.silu(gate) * up, self.down_proj, counts, offs)  # [N*k,H]
+        ys = ys.float() * weights.reshape(-1)[order, None].float()
+        out = torch.empty_like(ys)
+        out[order] = ys  # back to (token, slot) order: a deterministic sum, no atomics
+        return out.view(N, k, -1).sum(1).to(x.dtype)
+
+    def _reference(self, x, ids, weights):
+        out = torch.zeros(x.shape[0], self.hidden, dtype=torch.float32, device=x.device)
+        for e in range(self.n_experts):
+            tok, slot = torch.where(ids == e)
+            if tok.numel() == 0:
+                continue
+            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e])
+            out.index_add_(0, tok, y.float() * weights[tok, slot, None].float())
+        return out.to(x.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: GLM5Config):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) \
+            if cfg.n_shared_experts > 0 else None
+        self.experts_impl = "grouped"
+        # Set by each forward, read by the trainer for aux-loss-free balancing and load logging.
+        self.last_expert_load: torch.Tensor | None = None  # [E] tokens routed to each expert
+        self.last_router_scores: torch.Tensor | None = None  # [N,E] sigmoid scores (for sequence balance loss)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        logits, weights, ids = self.gate(flat)
+        self.last_expert_load = torch.bincount(ids.reshape(-1), minlength=self.n_experts).detach()
+        self.last_router_scores = logits.sigmoid()
+        y = self.experts(flat, ids, weights, impl=self.experts_impl).view(shape)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
