@@ -266,7 +266,7 @@ PRESETS: dict[str, dict] = {
     # The official GLM-5 config.json (zai-org/GLM-5), exactly.
     "glm5": dict(extra={"transformers_version": "5.0.2.dev0"}),
     # ~2M params: unit tests, smoke runs.
-    "glm5-nano": _small(64, 3, 4, 8, 2, 2048, index_topk=16, max_pos=1024),
+    "glm5-nano": _small(128, 3, 4, 8, 2, 2048, index_topk=16, max_pos=1024),
     # ~20M total: CPU pretraining in minutes.
     "glm5-tiny": _small(256, 8, 4, 32, 4, 8192, index_topk=64, max_pos=2048),
     # ~200M total: the largest that still trains on a CPU box (slowly) / a quick GPU preset.

@@ -1,0 +1,159 @@
+"""GLM-5 checkpoints in the official Hugging Face layout.
+
+Files hold per-expert keys (``model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight``), the MTP block
+as layer ``num_hidden_layers`` and an fp32 ``e_score_correction_bias``; the model holds experts fused
+(``experts.gate_up_proj`` [E,2I,H], ``experts.down_proj`` [E,H,I]). This module is the one place that
+maps between the two, for loading and for saving.
+
+Loading builds the model on the meta device, materialises it once in the target dtype/device and copies
+tensors in shard by shard, so peak memory stays near one copy of the weights. FP8 tensors (those with a
+sibling ``weight_scale_inv``) are dequantised block-wise as they stream in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from glm5.checkpoint.fp8 import dequantize_block
+from glm5.checkpoint.safetensors_io import CheckpointError, read_header, shard_files, write_sharded
+from glm5.config import GLM5Config
+
+log = logging.getLogger(__name__)
+
+_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+FP32_KEYS = ("e_score_correction_bias",)
+
+
+def file_key_to_param(key: str, intermediate: int) -> tuple[str, tuple]:
+    """File key -> (model state-dict name, index into that tensor). Non-expert keys map to themselves."""
+    m = _EXPERT_KEY.match(key)
+    if not m:
+        return key, ()
+    e, proj, prefix = int(m["e"]), m["proj"], m["prefix"]
+    if proj == "down_proj":
+        return f"{prefix}.down_proj", (e,)
+    rows = slice(0, intermediate) if proj == "gate_proj" else slice(intermediate, 2 * intermediate)
+    return f"{prefix}.gate_up_proj", (e, rows)
+
+
+def param_to_file_items(name: str, t: torch.Tensor, intermediate: int):
+    """Model state-dict entry -> [(file key, shape, view)] in file order."""
+    if name.endswith(".mlp.experts.gate_up_proj"):
+        prefix = name[: -len(".gate_up_proj")]
+        out = []
+        for e in range(t.shape[0]):
+            out.append((f"{prefix}.{e}.gate_proj.weight", t[e, :intermediate]))
+            out.append((f"{prefix}.{e}.up_proj.weight", t[e, intermediate:]))
+        return out
+    if name.endswith(".mlp.experts.down_proj"):
+        prefix = name[: -len(".down_proj")]
+        return [(f"{prefix}.{e}.down_proj.weight", t[e]) for e in range(t.shape[0])]
+    return [(name, t)]
+
+
+def _layer_sort_key(key: str):
+    # Files list tensors in model order: globals, then layer by layer, experts in numeric order.
+    parts = re.split(r"(\d+)", key)
+    return [int(p) if p.isdigit() else p for p in parts]
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], cfg: GLM5Config, path: str | os.PathLike,
+                    max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None) -> dict:
+    """Write a model state dict (fused experts) as an HF checkpoint with per-expert keys + config.json.
+
+    dtype: cast floating tensors (except the fp32 router bias) to this dtype; default keeps them.
+    """
+    path = Path(path)
+    items = []
+    I = cfg.moe_intermediate_size
+    for name in sorted(state_dict, key=_layer_sort_key):
+        for key, view in param_to_file_items(name, state_dict[name], I):
+            out_dtype = view.dtype
+            if any(key.endswith(k) for k in FP32_KEYS):
+                out_dtype = torch.float32
+            elif dtype is not None and view.is_floating_point():
+                out_dtype = dtype
+            items.append((key, tuple(view.shape), out_dtype, lambda v=view, d=out_dtype: v.detach().to(d)))
+    items.sort(key=lambda it: _layer_sort_key(it[0]))
+    index = write_sharded(path, items, max_shard_size)
+    if dtype is not None:
+        cfg = cfg.replace(dtype=str(dtype).removeprefix("torch."))
+    cfg.save_pretrained(path)
+    gen = {"eos_token_id": cfg.eos_token_ids, "pad_token_id": cfg.pad_token_id, "_from_model_config": True}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return index
+
+
+def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = "5GB",
+                    dtype: torch.dtype | None = None) -> dict:
+    return save_state_dict(model.state_dict(), model.config, path, max_shard_size, dtype)
+
+
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    strict: bool = True, config: GLM5Config | None = None):
+    """Load an HF-layout GLM-5 checkpoint (BF16/FP32, or FP8 dequantised to ``dtype``)."""
+    from glm5.model.transformer import GLM5ForCausalLM
+
+    path = Path(path)
+    cfg = config or GLM5Config.from_pretrained(path)
+    files, weight_map = shard_files(path)
+    mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
+    if cfg.num_nextn_predict_layers > 0 and not any(k.startswith(mtp_prefix) for k in weight_map):
+        # transformers drops the MTP layer on save; load the main model and disable MTP.
+        log.warning("%s has no MTP weights (layer %d); loading without the MTP module", path, cfg.num_hidden_layers)
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    with torch.device("meta"):
+        model = GLM5ForCausalLM(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    targets = model.state_dict(keep_vars=True)
+    filled = {name: 0 for name in targets}
+    unexpected = []
+    I = cfg.moe_intermediate_size
+    open_files: dict[Path, object] = {}
+
+    def scale_for(key: str) -> torch.Tensor:
+        skey = key + "_scale_inv"
+        if skey not in weight_map:
+            raise CheckpointError(f"{key}: stored as float8 but {skey} is missing")
+        f = path / weight_map[skey]
+        if f not in open_files:
+            open_files[f] = safe_open(str(f), framework="pt", device="cpu")
+        return open_files[f].get_tensor(skey)
+
+    with torch.no_grad():
+        for f in files:
+            read_header(f)
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for key in sf.keys():
+                    if key.endswith("_scale_inv"):
+                        continue  # consumed with its weight
+                    t = sf.get_tensor(key)
+                    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                        t = dequantize_block(t, scale_for(key), dtype=torch.float32)
+                    name, idx = file_key_to_param(key, I)
+                    if name not in targets:
+                        unexpected.append(key)
+                        continue
+                    dest = targets[name][idx] if idx else targets[name]
+                    if tuple(dest.shape) != tuple(t.shape):
+                        raise CheckpointError(f"{key} in {f.name}: shape {tuple(t.shape)}, model expects {tuple(dest.shape)}")
+                    dest.copy_(t)
+                    filled[name] += t.numel()
+    missing = [n for n, t in targets.items() if filled[n] != t.numel()]
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+        raise CheckpointError(f"{path}: " + "; ".join(parts))
+    if missing or unexpected:
+        log.warning("%s: %d missing, %d unexpected tensors", path, len(missing), len(unexpected))
+    return model.eval()

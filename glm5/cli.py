@@ -1,0 +1,55 @@
+"""The ``glm5`` command. Each subcommand lives next to the code it drives and registers itself through an
+``add_parser(subparsers)`` function; this file only lists them, so importing the CLI stays cheap and a
+subsystem's dependencies load only when its command runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> module defining add_parser(subparsers)
+COMMANDS = {
+    "info": "glm5.info",
+    "sample": "glm5.sample",
+    "quantize": "glm5.checkpoint.quantize",
+    "train": "glm5.train.cli",
+    "sft": "glm5.train.cli",
+    "generate": "glm5.engine.cli",
+    "chat": "glm5.engine.cli",
+    "serve": "glm5.serve.cli",
+    "rl": "glm5.rl.cli",
+    "eval": "glm5.eval.cli",
+    "speedrun": "glm5.speedrun",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glm5", description="GLM-5 from scratch: model, training, RL, inference, serving")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    seen = set()
+    for module in dict.fromkeys(COMMANDS.values()):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("glm5"):
+                continue  # subsystem not built yet
+            raise
+        if hasattr(mod, "add_parser") and module not in seen:
+            mod.add_parser(sub)
+            seen.add(module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
