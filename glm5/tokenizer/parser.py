@@ -20,9 +20,11 @@ split points. Rules:
 * reasoning and content are streamed with outer whitespace trimmed (trailing
   whitespace is held until more text follows), matching the template's
   ``strip()`` so render -> parse round-trips;
-* a suffix that could be the start of a tag is held back, so no delta ever
-  contains a partial tag; a partial tag left at the very end is dropped
-  (noted in ``errors``);
+* a suffix that could be the start of a tag is held back until the next
+  piece shows whether it is one, so no delta ever contains a partial tag.
+  Tags are single tokens, so text still held when the output *ends* is
+  literal text (``"a < b"``, or a tag the model spelled with ordinary tokens)
+  and is flushed as such; a partial tag there is noted in ``errors``;
 * the role tokens ``<|user|>``, ``<|observation|>``, ``<|endoftext|>``,
   ``<|assistant|>``, ``<|system|>`` end the output (they are EOS/stop tokens;
   whatever follows is ignored) - except inside an argument value, where they
@@ -242,13 +244,11 @@ class StreamingParser:
             tags = self._tags()
             i, tag = _find_first(self._buf, tags)
             if tag is None:
-                hold = _partial_tag_len(self._buf, tags)
+                hold = 0 if final else _partial_tag_len(self._buf, tags)
                 text = self._buf[: len(self._buf) - hold]
-                if final and hold:
-                    self.errors.append(f"output ends inside a tag: {self._buf[-hold:]!r} dropped")
-                    self._buf = ""
-                else:
-                    self._buf = self._buf[len(self._buf) - hold :]
+                self._buf = self._buf[len(self._buf) - hold :]
+                if final and _partial_tag_len(text, tags) > 1:
+                    self.errors.append(f"output ends with a partial tag {text[-_partial_tag_len(text, tags):]!r}")
                 if text:
                     self._on_text(text)
                 return
