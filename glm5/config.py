@@ -98,23 +98,28 @@ class GLM5Config:
 
     @property
     def mlp_layer_types(self) -> list[str]:
-        """"dense" or "sparse" (MoE) per main layer, as HF derives it."""
-        return [
-            "dense" if (i < self.first_k_dense_replace or i % self.moe_layer_freq != 0) else "sparse"
-            for i in range(self.num_hidden_layers)
-        ]
+        """"dense" or "sparse" (MoE) per main layer, as transformers derives it (moe_layer_freq is not read)."""
+        given = self.extra.get("mlp_layer_types")
+        if given is not None:
+            return list(given)
+        n_dense = min(self.first_k_dense_replace, self.num_hidden_layers)
+        return ["dense"] * n_dense + ["sparse"] * (self.num_hidden_layers - n_dense)
 
     @property
     def layer_indexer_types(self) -> list[str]:
-        """"full" (own indexer) or "shared" (reuse previous layer's top-k) per main layer."""
+        """"full" (own indexer) or "shared" (reuse the previous full layer's top-k) per main layer.
+
+        Explicit ``indexer_types`` win; else GLM-5.2's IndexShare keys (``index_topk_pattern`` or
+        ``index_topk_freq``/``index_skip_topk_offset``) as transformers 5.23 reads them; GLM-5 has none of
+        them, so every layer is "full"."""
         if self.indexer_types is not None:
             return list(self.indexer_types)
-        freq = int(self.extra.get("index_topk_freq", 1) or 1)
-        offset = int(self.extra.get("index_skip_topk_offset", 0) or 0)
-        return [
-            "full" if (i < offset or (i - offset) % freq == 0) else "shared"
-            for i in range(self.num_hidden_layers)
-        ]
+        pattern = self.extra.get("index_topk_pattern")
+        if pattern is not None:
+            return [{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(pattern, str) else list(pattern)
+        freq = max(int(self.extra.get("index_topk_freq", 1) or 1), 1)
+        offset = int(self.extra.get("index_skip_topk_offset", 2))
+        return ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(self.num_hidden_layers)]
 
     @property
     def mtp_layer_is_moe(self) -> bool:
@@ -255,7 +260,7 @@ def _small(hidden: int, layers: int, heads: int, experts: int, top_k: int, vocab
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=heads, intermediate_size=2 * hidden, q_lora_rank=hidden // 3 // 8 * 8 or 8,
         kv_lora_rank=max(32, hidden // 8 // 8 * 8), qk_nope_head_dim=qk_head - rope, qk_rope_head_dim=rope,
-        v_head_dim=qk_head, head_dim=rope, index_n_heads=max(2, heads // 2), index_head_dim=2 * rope,
+        v_head_dim=qk_head, head_dim=rope, index_n_heads=max(8, heads), index_head_dim=2 * rope,
         index_topk=index_topk, first_k_dense_replace=dense_layers, moe_intermediate_size=max(16, hidden // 3 // 8 * 8),
         n_routed_experts=experts, num_experts_per_tok=top_k, n_shared_experts=1, max_position_embeddings=max_pos,
         pad_token_id=0, eos_token_id=[0], dtype="float32",
