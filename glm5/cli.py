@@ -24,25 +24,27 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``only``, just that command's module is imported (fast start-up, and a
+    broken optional subsystem cannot break unrelated commands)."""
     parser = argparse.ArgumentParser(prog="glm5", description="GLM-5 from scratch: model, training, RL, inference, serving")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    seen = set()
-    for module in dict.fromkeys(COMMANDS.values()):
+    modules = [COMMANDS[only]] if only in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for module in modules:
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:
             if e.name and e.name.startswith("glm5"):
                 continue  # subsystem not built yet
             raise
-        if hasattr(mod, "add_parser") and module not in seen:
+        if hasattr(mod, "add_parser"):
             mod.add_parser(sub)
-            seen.add(module)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
