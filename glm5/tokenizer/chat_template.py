@@ -143,7 +143,7 @@ GLM5_CHAT_TEMPLATE = r"""{#- GLM-5 chat template, reconstructed by glm5.tokenize
 {%- endfor -%}
 {%- endif -%}
 {%- elif m.role == 'tool' -%}
-{%- if m.content is iterable and m.content is not string and m.content is not mapping -%}
+{%- if m.content is defined and m.content is not none and m.content is iterable and m.content is not string and m.content is not mapping -%}
 {{- '<|observation|>' -}}
 {%- for tr in m.content -%}
 {{- '\n<tool_response>' -}}
@@ -257,7 +257,9 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
       absent (the same aliasing transformers 5 applies);
     * tool-call ``arguments`` given as JSON strings become dicts (empty or
       ``None`` becomes ``{}``); invalid JSON raises :class:`ValueError`;
-    * ``developer`` messages become ``system`` messages.
+    * ``developer`` messages become ``system`` messages;
+    * keys whose value is ``None`` are dropped (``content: None`` -> no
+      ``content``), as transformers' ``apply_chat_template`` does.
 
     The input is not modified. Already-normalized messages come back equal.
     """
@@ -265,7 +267,7 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
     for message in messages:
         if not isinstance(message, Mapping):
             raise ValueError(f"message must be an object, got {type(message).__name__}")
-        m = dict(message)
+        m = {k: v for k, v in message.items() if v is not None}
         if m.get("role") == "developer":
             m["role"] = "system"
         if m.get("reasoning_content") is None:
