@@ -1,8 +1,14 @@
 """Shared fixtures for the tokenizer tests: a small corpus and a trained tokenizer."""
 
 import random
+import sys
+from pathlib import Path
 
 import pytest
+
+# pytest runs in importlib mode: make the helper modules next to this file importable
+# (glm5_chat_strategies, glm5_parser_tools).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from glm5.tokenizer import train_bpe
 
