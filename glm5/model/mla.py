@@ -29,6 +29,7 @@ class MLAttention(nn.Module):
         self.kv_rank = cfg.kv_lora_rank
         self.scale = self.d_qk ** -0.5
         self.rope_interleave = cfg.rope_interleave
+        self.index_topk = cfg.index_topk
         self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
         self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)  # 1e-6, not rms_norm_eps (matches HF)
         self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * self.d_qk, bias=False)
@@ -76,12 +77,15 @@ class MLAttention(nn.Module):
 
         index_scores = None
         allowed = visible
-        if self.indexer is not None and (ctx.dsa == "sparse" or ctx.indexer_loss):
+        # With T ≤ index_topk the top-k keeps every key, so sparse attention is exactly dense attention and
+        # the indexer's scores are only needed for its training loss.
+        all_kept = T <= self.index_topk
+        if self.indexer is not None and ((ctx.dsa == "sparse" and not all_kept) or ctx.indexer_loss):
             with torch.set_grad_enabled(torch.is_grad_enabled() and ctx.indexer_loss is not None):
                 index_scores = self.indexer.scores(idx_in, q_resid.detach() if ctx.indexer_loss else q_resid,
                                                    cos, sin, k_idx, visible[:, 0])
             ctx.topk_indices = self.indexer.select(index_scores.detach())
-        if ctx.dsa == "sparse":
+        if ctx.dsa == "sparse" and not all_kept:
             if ctx.topk_indices is None:
                 raise ValueError(f"layer {self.layer_idx} shares top-k but no earlier layer has an indexer")
             selected = selection_mask(ctx.topk_indices, T)  # [B,S,T]
