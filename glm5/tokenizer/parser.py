@@ -46,7 +46,8 @@ split points. Rules:
 from __future__ import annotations
 
 import json
-import uuid
+import random
+import re
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum, auto
 from typing import Any
@@ -86,6 +87,7 @@ _TEXT_TAGS = TERMINATORS + _THINK_TAGS + _CALL_TAGS
 _TEXT_TAGS_NO_TOOLS = TERMINATORS + _THINK_TAGS
 _CALL_STATE_TAGS = TERMINATORS + _THINK_TAGS + _CALL_TAGS
 _VALUE_TAGS = (st.ARG_VALUE_END, st.TOOL_CALL_END)
+_MAX_TAG_LEN = max(len(t) for t in _TEXT_TAGS)
 
 
 def prompt_opens_reasoning(prompt: str) -> bool:
@@ -93,27 +95,35 @@ def prompt_opens_reasoning(prompt: str) -> bool:
     return prompt.endswith(st.THINK_START)
 
 
+_ID_RNG = random.Random()  # seeded from os.urandom once; ids need uniqueness, not secrecy
+
+
 def _default_id() -> str:
-    return "call_" + uuid.uuid4().hex[:24]
+    return f"call_{_ID_RNG.getrandbits(96):024x}"
 
 
-def _find_first(text: str, tags: Sequence[str]) -> tuple[int, str | None]:
-    best, best_tag = -1, None
-    for tag in tags:
-        i = text.find(tag)
-        if i != -1 and (best == -1 or i < best):
-            best, best_tag = i, tag
-    return best, best_tag
+def _matcher(tags: Sequence[str]) -> tuple[re.Pattern[str], tuple[str, ...]]:
+    # every tag starts with "<" and none is a prefix of another, so the leftmost
+    # match of the alternation is the earliest tag, whatever the order
+    assert all(t.startswith("<") for t in tags)
+    return re.compile("|".join(re.escape(t) for t in tags)), tuple(tags)
 
 
 def _partial_tag_len(text: str, tags: Sequence[str]) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of a tag."""
-    longest = min(len(text), max(len(t) for t in tags) - 1)
-    for k in range(longest, 0, -1):
-        tail = text[-k:]
+    i = text.find("<", max(0, len(text) - _MAX_TAG_LEN + 1))
+    while i != -1:
+        tail = text[i:]
         if any(t.startswith(tail) for t in tags):
-            return k
+            return len(text) - i
+        i = text.find("<", i + 1)
     return 0
+
+
+_M_TEXT = _matcher(_TEXT_TAGS)
+_M_TEXT_NO_TOOLS = _matcher(_TEXT_TAGS_NO_TOOLS)
+_M_CALL = _matcher(_CALL_STATE_TAGS)
+_M_VALUE = _matcher(_VALUE_TAGS)
 
 
 class _Trimmer:
@@ -231,33 +241,33 @@ class StreamingParser:
         self._all.extend(out)
         return out
 
-    def _tags(self) -> Sequence[str]:
+    def _matcher(self) -> tuple[re.Pattern[str], tuple[str, ...]]:
         s = self._state
         if s in (_S.REASONING, _S.CONTENT):
-            return _TEXT_TAGS if self.parse_tool_calls else _TEXT_TAGS_NO_TOOLS
+            return _M_TEXT if self.parse_tool_calls else _M_TEXT_NO_TOOLS
         if s is _S.VALUE:
-            return _VALUE_TAGS
-        return _CALL_STATE_TAGS
+            return _M_VALUE
+        return _M_CALL
 
     def _run(self, final: bool) -> None:
-        while self._buf and self._state is not _S.DONE:
-            tags = self._tags()
-            i, tag = _find_first(self._buf, tags)
-            if tag is None:
-                hold = 0 if final else _partial_tag_len(self._buf, tags)
-                text = self._buf[: len(self._buf) - hold]
-                self._buf = self._buf[len(self._buf) - hold :]
-                if final and _partial_tag_len(text, tags) > 1:
-                    self.errors.append(f"output ends with a partial tag {text[-_partial_tag_len(text, tags):]!r}")
+        buf, pos, n = self._buf, 0, len(self._buf)
+        while pos < n and self._state is not _S.DONE:
+            pattern, tags = self._matcher()
+            m = pattern.search(buf, pos)
+            if m is None:
+                hold = 0 if final else _partial_tag_len(buf[max(pos, n - _MAX_TAG_LEN) :], tags)
+                text = buf[pos : n - hold]
+                if final and _partial_tag_len(text[-_MAX_TAG_LEN:], tags) > 1:
+                    self.errors.append(f"output ends with a partial tag {text[-_partial_tag_len(text[-_MAX_TAG_LEN:], tags):]!r}")
                 if text:
                     self._on_text(text)
-                return
-            before, self._buf = self._buf[:i], self._buf[i + len(tag) :]
-            if before:
-                self._on_text(before)
-            self._on_tag(tag)
-        if self._state is _S.DONE:
-            self._buf = ""
+                pos = n - hold
+                break
+            if m.start() > pos:
+                self._on_text(buf[pos : m.start()])
+            pos = m.end()
+            self._on_tag(m.group())
+        self._buf = "" if self._state is _S.DONE else buf[pos:]
 
     # ------------------------------------------------------------ emitting
     def _emit_reasoning(self, text: str) -> None:
