@@ -11,6 +11,20 @@
 * :class:`IncrementalDetokenizer` (``detokenize.py``): token ids -> text deltas
   that never split a UTF-8 character.
 * ``special_tokens.py``: the official added-token list and EOS set.
+
+Typical serving loop::
+
+    tok = GLM5Tokenizer.from_pretrained(path)
+    prompt = tok.apply_chat_template(messages, tools=tools, enable_thinking=True)
+    prompt_ids = tok.encode(prompt)              # already starts with [gMASK]<sop>
+    detok = tok.incremental_detokenizer()        # keep special tokens: tags matter
+    parser = StreamingParser(tools, thinking=prompt_opens_reasoning(prompt))
+    for new_ids in engine.generate(prompt_ids, stop_token_ids=tok.stop_token_ids):
+        for delta in parser.feed(detok.add(new_ids)):
+            send_chunk(delta.to_openai())        # choices[0].delta
+    for delta in parser.feed(detok.finish()) + parser.finish():
+        send_chunk(delta.to_openai())
+    message = parser.result().to_message()
 """
 
 from .bpe import train_bpe

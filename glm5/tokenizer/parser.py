@@ -257,8 +257,9 @@ class StreamingParser:
             if m is None:
                 hold = 0 if final else _partial_tag_len(buf[max(pos, n - _MAX_TAG_LEN) :], tags)
                 text = buf[pos : n - hold]
-                if final and _partial_tag_len(text[-_MAX_TAG_LEN:], tags) > 1:
-                    self.errors.append(f"output ends with a partial tag {text[-_partial_tag_len(text[-_MAX_TAG_LEN:], tags):]!r}")
+                partial = _partial_tag_len(text[-_MAX_TAG_LEN:], tags) if final else 0
+                if partial > 1:
+                    self.errors.append(f"output ends with a partial tag {text[-partial:]!r}")
                 if text:
                     self._on_text(text)
                 pos = n - hold

@@ -57,10 +57,6 @@ def one_shot(text, thinking=True, tools=TOOLS):
     return parse_output(text, tools, thinking=thinking, id_factory=counter_ids())
 
 
-def assert_same(streamed: ParsedOutput, expected: ParsedOutput):
-    assert streamed == expected
-
-
 def test_every_single_split_point():
     for text, thinking in OUTPUTS:
         expected = one_shot(text, thinking)
