@@ -1,0 +1,123 @@
+"""``glm5 train`` and ``glm5 sft``.
+
+    glm5 train --preset glm5-tiny --data default --out runs/tiny --max-steps 600
+    glm5 train --config my_run.toml --lr 1e-3            # flags override the file
+    glm5 sft --init-from runs/tiny/hf --out runs/tiny-sft  # default SFT set (reasoning-gym + "I don't know")
+    torchrun --nproc_per_node 8 -m glm5.cli train --preset glm5-small --data /data/corpus/ --out runs/small
+
+Every TrainConfig field is a flag (``--max-steps``, ``--batch-size``, ``--dsa indexer-warmup``, ...); boolean
+fields take ``--x`` / ``--no-x``; ``--set key=value`` overrides model config fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import types
+import typing
+
+__all__ = ["add_parser", "config_from_args"]
+
+_HELP = {
+    "mode": "pretrain | sft (set by the command)",
+    "preset": "model preset (glm5-nano, glm5-tiny, glm5-small, ...)",
+    "model_config": "config.json (or directory) of the model to train",
+    "init_from": "HF-layout checkpoint directory to start from (weights, config, tokenizer)",
+    "data": "'default' or files / directories (.txt, .jsonl, .parquet); several allowed",
+    "tokenizer": "tokenizer directory (default: init_from's, else a BPE trained on the data)",
+    "out": "run directory: metrics.jsonl, checkpoints/, hf/, train.png",
+    "batch_tokens": "global tokens per optimiser step (derives grad_accum)",
+    "max_minutes": "stop and checkpoint after this many minutes",
+    "dsa": "DSA stage: dense | indexer-warmup (only the indexer trains) | sparse",
+    "mtp_depth": "MTP steps sharing the one MTP layer (GLM-5 trains 3)",
+    "bias_update_rate": "aux-loss-free router bias step γ (0 = off)",
+    "seq_balance_alpha": "sequence-level balance loss weight (0 = off)",
+    "optimizer": "muon | adamw",
+    "muon_split": "per-head Muon for the MLA up-projections (GLM-5 Muon Split)",
+    "schedule": "cosine | wsd | constant (after linear warm-up)",
+    "doc_mask": "pretraining: attention stays within EOS-separated documents",
+}
+
+
+def _base_type(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    return tp
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(__import__("glm5.train.config", fromlist=["TrainConfig"]).TrainConfig)
+    for f in dataclasses.fields(__import__("glm5.train.config", fromlist=["TrainConfig"]).TrainConfig):
+        if f.name in ("mode", "model_overrides"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp = _base_type(hints[f.name])
+        h = _HELP.get(f.name, "")
+        if tp is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
+        elif tp in (list, tuple) or typing.get_origin(tp) in (list, tuple):
+            kind = float if f.name == "adam_betas" else str
+            p.add_argument(flag, dest=f.name, nargs="+", type=kind, default=None, help=h)
+        else:
+            p.add_argument(flag, dest=f.name, type=tp if tp in (int, float) else str, default=None, help=h)
+    p.add_argument("--config", help="a .toml or .json file of TrainConfig fields (flags override it)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model config field, e.g. --set num_hidden_layers=4 (value parsed as JSON)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def config_from_args(args, mode: str):
+    from glm5.train.config import TrainConfig
+
+    base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
+    if not args.config and mode == "sft":
+        base.update({"lr": None, "max_steps": 300, "seq_len": 512, "eval_every": 50, "ckpt_every": 100})
+    base["mode"] = mode
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            base[f.name] = v
+    overrides = dict(base.get("model_overrides") or {})
+    for item in args.overrides:
+        k, _, v = item.partition("=")
+        try:
+            overrides[k] = json.loads(v)
+        except json.JSONDecodeError:
+            overrides[k] = v
+    base["model_overrides"] = overrides
+    cfg = TrainConfig.from_dict(base)
+    if mode == "sft" and cfg.lr is None and cfg.init_from:
+        cfg.lr = 5e-4  # fine-tuning a trained model: a gentler peak than from scratch
+    return cfg
+
+
+def _run(args, mode: str) -> int:
+    from glm5.train.trainer import train
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    summary = train(config_from_args(args, mode))
+    if summary and int(os.environ.get("RANK", "0")) == 0:
+        fv = summary.get("final_val") or {}
+        msg = f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['elapsed_s']:.0f}s"
+        if fv.get("val_loss") is not None:
+            msg += f"; val loss {fv['val_loss']:.4f}"
+        if summary.get("unigram_baseline") is not None:
+            msg += f" (unigram baseline {summary['unigram_baseline']:.4f})"
+        print(msg + f"; outputs in {summary['out']}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="pretrain a GLM-5 model (CPU, GPU, torchrun + FSDP2)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_flags(p)
+    p.set_defaults(func=lambda a: _run(a, "pretrain"))
+    s = sub.add_parser("sft", help="supervised fine-tuning on chat conversations (assistant-only loss)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_flags(s)
+    s.set_defaults(func=lambda a: _run(a, "sft"))

@@ -1,0 +1,154 @@
+"""The training objective, in one place: next-token cross-entropy + MTP + MoE balance + DSA indexer KL.
+
+    L = CE(main) + λ_mtp · mean_d CE(MTP step d) + α · sequence-balance + w_idx · mean_layers KL(indexer)
+
+* **MTP** (GLM-5: several steps sharing the single MTP layer). Step d (1-based) at position t combines the
+  previous hidden state h^{d-1}_t (h^0 = the main model's final normed hidden state) with the embedding of
+  token x_{t+d} and predicts x_{t+d+1}. Targets that fall outside the row, outside the document (position
+  ids must advance by exactly d) or on masked labels are ignored.
+* **DSA stages** (DeepSeek-V3.2's recipe, adopted by GLM-5):
+  ``dense``: dense attention, the indexer idle; LM loss only.
+  ``indexer-warmup``: dense attention, main model frozen; loss = KL(head-summed attention ‖ indexer) over
+  all visible keys, for every indexer (the MTP layer's included).
+  ``sparse``: attention restricted to the indexer's top-k; LM loss trains the model, the indexer keeps
+  learning from the KL over the selected keys. Its inputs are detached, so the two losses do not mix.
+* Normalisation: token losses are summed and divided by the *global* number of targets of the optimiser
+  step (all micro-batches, all ranks), then multiplied by ``grad_scale`` (the data-parallel world size,
+  because FSDP averages gradients over ranks). Per-batch means (balance, KL) are divided by the number of
+  micro-batches. So accumulation and data parallelism give the gradient of one big batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from glm5.data.loader import IGNORE_INDEX, Batch
+from glm5.model.cache import AttentionContext, build_attention_mask
+from glm5.train.balance import sequence_balance_loss
+
+__all__ = ["LossConfig", "stage_modes", "mtp_inputs", "count_targets", "compute_loss", "mtp_step"]
+
+
+@dataclass
+class LossConfig:
+    stage: str = "dense"  # "dense" | "indexer-warmup" | "sparse"
+    mtp_depth: int = 1
+    mtp_weight: float = 0.3
+    seq_balance_alpha: float = 0.0
+    indexer_loss_weight: float = 1.0
+
+
+def stage_modes(stage: str, indexer_loss_weight: float = 1.0) -> tuple[str, str | None]:
+    """(dsa, indexer_loss) arguments of the model forward for a DSA training stage."""
+    if stage == "dense":
+        return "dense", None
+    if stage == "indexer-warmup":
+        return "dense", "dense"
+    if stage == "sparse":
+        return "sparse", ("sparse" if indexer_loss_weight > 0 else None)
+    raise ValueError(f"unknown DSA stage {stage!r}")
+
+
+def mtp_inputs(batch: Batch, d: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next_ids, labels) for MTP step d: next_ids[t] = x_{t+d}, labels[t] = labels[t+d] (= x_{t+d+1}),
+    ignored where t+d leaves the row or the document."""
+    ids, labels, pos = batch.input_ids, batch.labels, batch.position_ids
+    B, S = ids.shape
+    nxt = torch.full_like(ids, pad_id)
+    lab = torch.full_like(labels, IGNORE_INDEX)
+    if d < S:
+        nxt[:, : S - d] = ids[:, d:]
+        same_doc = (pos[:, d:] - pos[:, : S - d]) == d
+        lab[:, : S - d] = torch.where(same_doc, labels[:, d:], IGNORE_INDEX)
+    return nxt, lab
+
+
+def count_targets(batch: Batch, mtp_depth: int) -> torch.Tensor:
+    """[1 + mtp_depth] numbers of targets: main, then each MTP step."""
+    counts = [batch.n_tokens] + [int((mtp_inputs(batch, d)[1] != IGNORE_INDEX).sum()) for d in range(1, mtp_depth + 1)]
+    return torch.tensor(counts, dtype=torch.float64)
+
+
+def mtp_step(model, hidden: torch.Tensor, next_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+             dsa: str, indexer_loss: str | None) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """One MTP step (as ``GLM5ForCausalLM.mtp_forward``) that can also return the MTP layer's indexer KL.
+    Returns (logits, h, aux_losses)."""
+    inner = model.model
+    ctx = AttentionContext(mask=mask, dsa=dsa, indexer_loss=indexer_loss)
+    emb = inner.embed_tokens(next_ids)
+    rope = inner.rotary(position_ids, emb.dtype)
+    h = inner.mtp.step(emb, hidden, rope, ctx)
+    return model.lm_head(inner.mtp.shared_head.norm(h)), h, ctx.aux_losses
+
+
+def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def compute_loss(model, batch: Batch, lc: LossConfig, norm: torch.Tensor, *, grad_scale: float = 1.0,
+                 n_micro: int = 1, tracker=None, pad_id: int = 0) -> tuple[torch.Tensor, dict]:
+    """Loss of one micro-batch, scaled for backward (see module docstring), and float statistics:
+    ``ce_sum``, ``mtp_sums`` (per step), ``indexer_kl`` (mean over indexers), ``balance`` (per-batch value).
+
+    norm: the [1 + mtp_depth] global target counts of the whole optimiser step (``count_targets`` summed over
+    micro-batches and ranks).
+    """
+    dsa, indexer_loss = stage_modes(lc.stage, lc.indexer_loss_weight)
+    warmup = lc.stage == "indexer-warmup"
+    cfg = model.config
+    B, S = batch.input_ids.shape
+    mask = batch.attention_mask
+    if mask is None:
+        mask = build_attention_mask(B, S, 0, batch.input_ids.device)
+    if tracker is not None:
+        tracker.record_scores = lc.seq_balance_alpha > 0 and not warmup
+
+    out = model(batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, dsa=dsa,
+                indexer_loss=indexer_loss)
+    ce_sum = _ce_sum(out.logits, batch.labels)
+    aux = list(out.aux_losses)
+    depth = lc.mtp_depth if getattr(model.model, "mtp", None) is not None else 0
+    mtp_sums = []
+    h = out.hidden_states
+    for d in range(1, depth + 1):
+        nxt, lab = mtp_inputs(batch, d, pad_id)
+        logits, h, mtp_aux = mtp_step(model, h, nxt, batch.position_ids, mask, dsa, indexer_loss)
+        mtp_sums.append(_ce_sum(logits, lab))
+        aux += mtp_aux
+    kl = torch.stack(aux).mean() if aux else None
+
+    balance = None
+    if tracker is not None and tracker.record_scores:
+        terms = [sequence_balance_loss(scores, shape, dict(model.moe_layers())[i].gate.e_score_correction_bias, cfg)
+                 for i, scores, shape in tracker.take_scores()]
+        balance = torch.stack(terms).mean() if terms else None
+        tracker.record_scores = False
+
+    if warmup:
+        if kl is None:
+            raise ValueError("indexer warm-up needs layers with an indexer")
+        loss = kl / n_micro
+    else:
+        main = ce_sum / max(float(norm[0]), 1.0)
+        if mtp_sums and lc.mtp_weight > 0:
+            mtp = torch.stack([s / max(float(norm[d + 1]), 1.0) for d, s in enumerate(mtp_sums)]).mean()
+            main = main + lc.mtp_weight * mtp
+        loss = main * grad_scale
+        extra = 0.0
+        if balance is not None:
+            extra = extra + lc.seq_balance_alpha * balance
+        if kl is not None and lc.stage == "sparse":
+            extra = extra + lc.indexer_loss_weight * kl
+        if not isinstance(extra, float):
+            loss = loss + extra / n_micro
+    stats = {
+        "ce_sum": float(ce_sum.detach()),
+        "mtp_sums": [float(s.detach()) for s in mtp_sums],
+        "indexer_kl": float(kl.detach()) if kl is not None else None,
+        "balance": float(balance.detach()) if balance is not None else None,
+    }
+    return loss, stats

@@ -1,0 +1,403 @@
+"""The training loop: pretraining and SFT, one process or many (torchrun + FSDP2), CPU or GPU.
+
+    trainer = Trainer(TrainConfig(preset="glm5-tiny", data=["default"], out="runs/tiny", max_steps=500))
+    summary = trainer.fit()
+
+Set-up: tokenizer (given, from ``init_from``, or a BPE trained on the data, cached), tokenised data
+(cached), model (preset / config / ``init_from``), DSA stage (the warm-up freezes everything but the
+indexers), wrappers (activation checkpointing, compile, FSDP2), optimisers, and — if ``out/checkpoints``
+holds a complete checkpoint — the exact state to resume from.
+
+Each step: ``grad_accum`` micro-batches (target counts summed over micro-batches and ranks first, so the
+loss is a true global mean), backward, gradient clipping, the optimiser step at the scheduled learning
+rate, then the aux-loss-free router-bias update from the step's expert loads. Every ``log_every`` steps a
+JSON line goes to ``out/metrics.jsonl``; validation every ``eval_every``; an atomic checkpoint every
+``ckpt_every``. At the end: final validation, checkpoint, HF export (``out/hf``), ``out/train.png`` and
+``out/summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from glm5.config import GLM5Config, preset
+from glm5.data.loader import BatchLoader, ConversationRows, PackedRows
+from glm5.model.transformer import GLM5ForCausalLM
+from glm5.train.balance import ExpertLoadTracker, load_stats, update_router_biases
+from glm5.train.checkpoint import Checkpointer, export_hf, latest_checkpoint
+from glm5.train.config import TrainConfig
+from glm5.train.distributed import (all_reduce, apply_activation_checkpointing, apply_compile, apply_fsdp, barrier,
+                                    init_distributed, is_fsdp)
+from glm5.train.losses import LossConfig, compute_loss, count_targets, stage_modes
+from glm5.train.optim import build_optimizers, lr_factor, set_lr
+
+__all__ = ["Trainer", "train"]
+
+log = logging.getLogger("glm5.train")
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.dist = init_distributed(config.device)
+        cfg = self.cfg = config.resolve(self.dist.world_size)
+        if self.dist.device.type == "cpu":
+            torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // self.dist.local_world_size))
+        self.main = self.dist.is_main
+        self.out = Path(cfg.out)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.device = self.dist.device
+        self.model_cfg = self._base_model_config()
+        self.tokenizer = self._setup_tokenizer()
+        self.model_cfg = self._finish_model_config(self.model_cfg)
+        self._setup_data()
+        self.model = self._build_model()
+        self.tracker = ExpertLoadTracker(self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optim = build_optimizers(self.model, kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      betas=cfg.adam_betas, momentum=cfg.muon_momentum, muon_split=cfg.muon_split,
+                                      muon_impl=cfg.muon_impl, distributed=self.dist.distributed)
+        self.loss_cfg = LossConfig(stage=cfg.dsa, mtp_depth=cfg.mtp_depth, mtp_weight=cfg.mtp_weight,
+                                   seq_balance_alpha=cfg.seq_balance_alpha, indexer_loss_weight=cfg.indexer_loss_weight)
+        self.ckpt = Checkpointer(self.out, self.dist.rank, cfg.keep_checkpoints)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self.last_val: dict | None = None
+        self.resumed_from = None
+        if cfg.resume:
+            self._maybe_resume()
+        if self.main:
+            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    # ------------------------------------------------------------------------------------- set-up
+    def _rank0_first(self, fn):
+        """Run ``fn`` on rank 0, then on the others (it fills a cache the others then hit)."""
+        if self.main:
+            result = fn()
+            barrier()
+            return result
+        barrier()
+        return fn()
+
+    def _base_model_config(self) -> GLM5Config:
+        cfg = self.cfg
+        if cfg.init_from:
+            mc = GLM5Config.from_pretrained(cfg.init_from)
+        elif cfg.model_config:
+            mc = GLM5Config.from_pretrained(cfg.model_config)
+        else:
+            mc = preset(cfg.preset)
+        return mc.replace(**cfg.model_overrides) if cfg.model_overrides else mc
+
+    def _setup_tokenizer(self):
+        from glm5.data.tokenize import prepare_tokenizer
+        from glm5.tokenizer.tokenizer import GLM5Tokenizer
+
+        cfg = self.cfg
+        if cfg.tokenizer:
+            return GLM5Tokenizer.from_pretrained(cfg.tokenizer)
+        if cfg.init_from and (Path(cfg.init_from) / "tokenizer.json").exists():
+            return GLM5Tokenizer.from_pretrained(cfg.init_from)
+        # Train a byte-level BPE of the model's vocabulary size on the data (on the default corpus for SFT).
+        sources = cfg.data if cfg.mode == "pretrain" else ["default"]
+        tok, _ = self._rank0_first(lambda: prepare_tokenizer(sources, self.model_cfg.vocab_size, cfg.cache_dir,
+                                                             text_field=cfg.text_field))
+        return tok
+
+    def _finish_model_config(self, mc: GLM5Config) -> GLM5Config:
+        tok, cfg = self.tokenizer, self.cfg
+        if tok.vocab_size > mc.vocab_size:
+            raise ValueError(f"tokenizer has {tok.vocab_size} ids but the model's vocab_size is {mc.vocab_size}")
+        if not cfg.init_from:
+            mc = mc.replace(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_ids)
+        if cfg.seq_len > mc.max_position_embeddings:
+            raise ValueError(f"seq_len {cfg.seq_len} exceeds max_position_embeddings {mc.max_position_embeddings}")
+        return mc
+
+    def _setup_data(self) -> None:
+        cfg, d = self.cfg, self.dist
+        pad = self.tokenizer.pad_token_id or 0
+        self.pad_id = pad
+        self.unigram_baseline = None
+        if cfg.mode == "pretrain":
+            from glm5.data.tokenize import load_tokens, prepare_dataset, read_manifest
+
+            ds = self._rank0_first(lambda: prepare_dataset(cfg.data, self.tokenizer, cfg.cache_dir,
+                                                           val_fraction=cfg.val_fraction, text_field=cfg.text_field))
+            manifest = read_manifest(ds)
+            self.unigram_baseline = manifest["unigram"]["val_cross_entropy"]
+            eos = manifest["eos_token_id"]
+            train_rows = PackedRows(load_tokens(ds, "train"), cfg.seq_len, eos_id=eos, doc_mask=cfg.doc_mask)
+            val_tokens = load_tokens(ds, "val")
+            val_rows = PackedRows(val_tokens, cfg.seq_len, eos_id=eos, doc_mask=cfg.doc_mask) \
+                if len(val_tokens) > cfg.seq_len else None
+        else:
+            from glm5.data.sft import load_sft_split, prepare_sft_dataset
+
+            ds = self._rank0_first(lambda: prepare_sft_dataset(cfg.data, self.tokenizer, cfg.cache_dir,
+                                                               n_default=cfg.sft_examples,
+                                                               val_fraction=max(cfg.val_fraction, 0.0)))
+            t, m, o, manifest = load_sft_split(ds, "train")
+            train_rows = ConversationRows(t, m, o, cfg.seq_len, pad)
+            vt, vm, vo, _ = load_sft_split(ds, "val")
+            val_rows = ConversationRows(vt, vm, vo, cfg.seq_len, pad) if len(vo) > 1 else None
+        self.dataset_dir = ds
+        self.dataset_manifest = manifest
+        self.train_loader = BatchLoader(train_rows, cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size)
+        self.val_loader = None
+        if val_rows is not None:
+            try:
+                self.val_loader = BatchLoader(val_rows, cfg.batch_size, seed=cfg.seed, rank=d.rank,
+                                              world_size=d.world_size, shuffle=False)
+            except ValueError as e:
+                log.warning("validation disabled: %s", e)
+
+    def _build_model(self) -> GLM5ForCausalLM:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        if cfg.init_from:
+            model = GLM5ForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32, device="cpu", config=self.model_cfg)
+        else:
+            model = GLM5ForCausalLM(self.model_cfg).init_weights(cfg.seed)
+        model.to(self.device).train()
+        if cfg.dsa == "indexer-warmup":
+            # Stage (a): only the lightning indexers learn; everything else (router biases included) stays fixed.
+            for name, p in model.named_parameters():
+                p.requires_grad_(".indexer." in name)
+        if cfg.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if cfg.compile:
+            apply_compile(model)
+        if self.dist.distributed:
+            apply_fsdp(model, self.dist, mixed_precision=self.device.type == "cuda")
+        return model
+
+    def autocast(self):
+        if self.device.type == "cuda" and not self.dist.distributed:  # FSDP: MixedPrecisionPolicy instead
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ----------------------------------------------------------------------------------- resume
+    def _maybe_resume(self) -> None:
+        path = latest_checkpoint(self.ckpt.dir)
+        if path is None:
+            return
+        state = self.ckpt.load(path, self.model, self.optim)
+        saved = state.get("config", {})
+        for key in ("mode", "dsa", "seq_len"):
+            if key in saved and saved[key] != getattr(self.cfg, key):
+                raise ValueError(f"{path}: checkpoint has {key}={saved[key]!r}, this run {getattr(self.cfg, key)!r}; "
+                                 f"use a new --out (or --init-from an export) to change it")
+        self.step = state["step"]
+        self.tokens_seen = state["tokens"]
+        self.elapsed_before = state["elapsed"]
+        self.train_loader.load_state_dict(state["loader"])
+        self.last_val = state.get("last_val")
+        self.resumed_from = str(path)
+        if self.main:  # drop metric lines written after the checkpoint by the interrupted run
+            from glm5.train.plots import read_metrics
+
+            kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= self.step]
+            tmp = self.metrics_path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.metrics_path)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save_checkpoint(self) -> Path:
+        state = {"step": self.step, "tokens": self.tokens_seen, "elapsed": self._elapsed(),
+                 "loader": self.train_loader.state_dict(), "last_val": self.last_val, "config": self.cfg.to_dict()}
+        return self.ckpt.save(self.step, self.model, self.optim, state)
+
+    # ------------------------------------------------------------------------------------- steps
+    def _elapsed(self) -> float:
+        return self.elapsed_before + (time.time() - self._t_start)
+
+    def train_step(self) -> dict:
+        cfg, model = self.cfg, self.model
+        t0 = time.time()
+        micro = [next(self.train_loader) for _ in range(cfg.grad_accum)]
+        counts = sum(count_targets(b, self.loss_cfg.mtp_depth) for b in micro)
+        counts = all_reduce(counts.to(self.device)).cpu()
+        factor = lr_factor(self.step, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_fraction)
+        lr = set_lr(self.optim, factor)
+        D = self.loss_cfg.mtp_depth
+        # [ce_sum, mtp_sum_1..D, kl_sum, kl_n, bal_sum, bal_n]
+        acc = torch.zeros(1 + D + 4, dtype=torch.float64)
+        fsdp = is_fsdp(model)
+        for i, b in enumerate(micro):
+            b = b.to(self.device)
+            if fsdp:
+                model.set_requires_gradient_sync(i == len(micro) - 1)
+            self.tracker.active = True
+            with self.autocast():
+                loss, st = compute_loss(model, b, self.loss_cfg, counts.tolist(), grad_scale=self.dist.world_size,
+                                        n_micro=len(micro), tracker=self.tracker, pad_id=self.pad_id)
+            self.tracker.active = False
+            if not torch.isfinite(loss.detach()):
+                raise FloatingPointError(f"non-finite loss at step {self.step + 1}: {st}")
+            loss.backward()
+            acc[0] += st["ce_sum"]
+            for d, s in enumerate(st["mtp_sums"]):
+                acc[1 + d] += s
+            if st["indexer_kl"] is not None:
+                acc[1 + D] += st["indexer_kl"]
+                acc[2 + D] += 1
+            if st["balance"] is not None:
+                acc[3 + D] += st["balance"]
+                acc[4 + D] += 1
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        self.optim.step()
+        self.optim.zero_grad(set_to_none=True)
+        loads = self.tracker.take_loads()
+        rate = 0.0 if cfg.dsa == "indexer-warmup" else cfg.bias_update_rate
+        global_loads = update_router_biases(model, loads, rate)
+        acc = all_reduce(acc.to(self.device)).cpu()
+        step_time = time.time() - t0
+        n_tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.dist.world_size
+        self.tokens_seen += n_tokens
+        self.step += 1
+        ce = float(acc[0] / max(1.0, counts[0]))
+        mtp_steps = [float(acc[1 + d] / max(1.0, counts[1 + d])) for d in range(D)]
+        mtp = sum(mtp_steps) / len(mtp_steps) if mtp_steps else None
+        kl = float(acc[1 + D] / acc[2 + D]) if acc[2 + D] > 0 else None
+        bal = float(acc[3 + D] / acc[4 + D]) if acc[4 + D] > 0 else None
+        if cfg.dsa == "indexer-warmup":
+            total = kl
+        else:
+            total = ce + (cfg.mtp_weight * mtp if mtp is not None else 0.0)
+            total += cfg.seq_balance_alpha * bal if bal is not None else 0.0
+            total += cfg.indexer_loss_weight * kl if (kl is not None and cfg.dsa == "sparse") else 0.0
+        return {"kind": "train", "step": self.step, "loss": total, "ce": ce, "mtp": mtp, "mtp_steps": mtp_steps,
+                "indexer_kl": kl, "balance_loss": bal, "lr": lr, "grad_norm": float(grad_norm),
+                "tokens": self.tokens_seen, "tok_per_s": n_tokens / step_time, "step_time": step_time,
+                "elapsed": self._elapsed(), "balance": load_stats(global_loads)}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        if self.val_loader is None:
+            return None
+        cfg, model = self.cfg, self.model
+        dsa, _ = stage_modes(cfg.dsa)
+        want_kl = cfg.dsa in ("indexer-warmup", "sparse")
+        model.eval()
+        self.tracker.active = False
+        acc = torch.zeros(4, dtype=torch.float64)  # ce_sum, n, kl_sum, kl_n
+        for b in self.val_loader.eval_batches(cfg.eval_batches):
+            b = b.to(self.device)
+            with self.autocast():
+                out = model(b.input_ids, position_ids=b.position_ids, attention_mask=b.attention_mask, dsa=dsa,
+                            indexer_loss=("dense" if cfg.dsa == "indexer-warmup" else "sparse") if want_kl else None)
+            acc[0] += float(torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), b.labels.flatten(),
+                                                              ignore_index=-100, reduction="sum"))
+            acc[1] += b.n_tokens
+            if out.aux_losses:
+                acc[2] += float(torch.stack(out.aux_losses).mean())
+                acc[3] += 1
+        model.train()
+        self.tracker.active = True
+        acc = all_reduce(acc.to(self.device)).cpu()
+        if acc[1] == 0:
+            return None
+        val = float(acc[0] / acc[1])
+        rec = {"kind": "val", "step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
+               "val_tokens": int(acc[1])}
+        if acc[3] > 0:
+            rec["val_indexer_kl"] = float(acc[2] / acc[3])
+        if self.unigram_baseline is not None:
+            rec["unigram_baseline"] = self.unigram_baseline
+        self.last_val = rec
+        return rec
+
+    def _log(self, rec: dict) -> None:
+        if self.main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    # --------------------------------------------------------------------------------------- fit
+    def fit(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self._t_start = time.time()
+        n_params = sum(p.numel() for p in self.model.parameters())
+        if self.main and self.step == 0:
+            self._log({"kind": "meta", "step": 0, "params": n_params, "world_size": self.dist.world_size,
+                       "device": str(self.device), "dataset": str(self.dataset_dir),
+                       "unigram_baseline": self.unigram_baseline, "config": cfg.to_dict()})
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.main and cfg.progress), dynamic_ncols=True,
+                   file=sys.stderr, desc=f"{cfg.mode}[{cfg.dsa}]", unit="step")
+        saved_at = evaluated_at = None
+        tok_rate = None
+        while self.step < cfg.max_steps:
+            rec = self.train_step()
+            tok_rate = rec["tok_per_s"] if tok_rate is None else 0.9 * tok_rate + 0.1 * rec["tok_per_s"]
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                self._log(rec)
+            post = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{tok_rate:,.0f}", "lr": f"{rec['lr']:.2e}"}
+            if self.last_val:
+                post["val"] = f"{self.last_val['val_loss']:.4f}"
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                v = self.evaluate()
+                evaluated_at = self.step
+                if v:
+                    self._log(v)
+            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+                self.save_checkpoint()
+                saved_at = self.step
+            if cfg.max_minutes is not None and self._elapsed() > 60 * cfg.max_minutes:
+                log.warning("time limit of %.1f min reached at step %d", cfg.max_minutes, self.step)
+                break
+        bar.close()
+        if evaluated_at != self.step:
+            v = self.evaluate()
+            if v:
+                self._log(v)
+        if saved_at != self.step:
+            self.save_checkpoint()
+        summary = {"steps": self.step, "tokens": self.tokens_seen, "elapsed_s": self._elapsed(), "params": n_params,
+                   "final_val": self.last_val, "unigram_baseline": self.unigram_baseline, "out": str(self.out),
+                   "resumed_from": self.resumed_from}
+        if cfg.export:
+            export_hf(self.model, self.out / "hf", self.tokenizer, rank=self.dist.rank)
+            summary["export"] = str(self.out / "hf")
+        if self.main:
+            if cfg.plot:
+                try:
+                    from glm5.train.plots import plot_metrics
+
+                    summary["plot"] = str(plot_metrics(self.metrics_path, self.out / "train.png",
+                                                       title=f"{cfg.mode} {self.model_cfg.num_hidden_layers}L "
+                                                             f"{n_params / 1e6:.1f}M [{cfg.dsa}]"))
+                except ImportError as e:
+                    log.warning("no plot: %s", e)
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def close(self) -> None:
+        self.tracker.remove()
+        import torch.distributed as dist
+
+        if self.dist.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(config: TrainConfig) -> dict:
+    """Build a Trainer, run it, clean up; returns the summary."""
+    t = Trainer(config)
+    try:
+        return t.fit()
+    finally:
+        t.close()
