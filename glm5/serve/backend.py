@@ -1,0 +1,189 @@
+"""What the server needs from an inference engine, and the adapter to ``glm5.engine.AsyncLLM``.
+
+The server makes exactly these calls (:class:`Backend`):
+
+* ``tokenizer`` (a :class:`~glm5.tokenizer.GLM5Tokenizer`), ``max_model_len``, ``vocab_size`` (logits width),
+  ``model_path``;
+* ``await start()`` / ``await shutdown()`` (FastAPI lifespan);
+* ``generate(request_id, prompt_token_ids, params, logits_processors)``: an async iterator of *delta*
+  :class:`~glm5.engine.outputs.RequestOutput` (new token ids, text and logprobs per completion; the last
+  one ``finished``). Closing the iterator early aborts the request and frees its cache;
+* ``await abort(request_id)``;
+* ``stats()``: running / waiting requests, KV-cache use, speculative-decoding counters;
+* ``healthy`` (False once the engine loop died).
+
+``logits_processors`` are ``(output_token_ids, logits[V]) -> logits`` callables (vLLM v0's signature),
+used for ``json_object``, required/named ``tool_choice``, ``tool_choice: none``, ``logit_bias`` and the
+penalties. The engine's ``SamplingParams`` has no such field yet, so :class:`EngineBackend` installs a
+sampler wrapper (:class:`_ProcessorSampler`) that applies them per row before sampling; log-probabilities
+stay those of the raw model distribution, as in vLLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import torch
+
+from glm5.engine.outputs import RequestOutput
+from glm5.engine.sampling_params import SamplingParams
+
+log = logging.getLogger("glm5.serve")
+
+LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
+
+# temperature used in place of 0 for greedy requests with processors and n > 1, so that every completion
+# has its own RNG stream and the sampler wrapper can tell the rows apart (argmax up to exact ties)
+_NEAR_GREEDY = 1e-5
+
+
+class QueueFullError(Exception):
+    """The engine cannot take more requests now (HTTP 429)."""
+
+
+class Backend:
+    """Interface the server drives (see the module docstring)."""
+
+    tokenizer: Any
+    max_model_len: int
+    vocab_size: int
+    model_path: str = ""
+    supports_logits_processors: bool = True
+
+    async def start(self) -> None:  # pragma: no cover - interface
+        pass
+
+    async def shutdown(self) -> None:  # pragma: no cover - interface
+        pass
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 logits_processors: list[LogitsProcessor] | None = None) -> AsyncIterator[RequestOutput]:
+        raise NotImplementedError
+
+    async def abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+
+class _ProcessorSampler:
+    """Wraps the engine's sampler: rows whose params carry processors get them applied first.
+
+    The row -> sequence mapping uses the per-sequence RNG (each sampled sequence owns one generator); a
+    greedy request with processors has n == 1 (or is made near-greedy, see ``_NEAR_GREEDY``)."""
+
+    def __init__(self, engine, inner):
+        self.engine = engine
+        self.inner = inner
+
+    def _seq(self, params, generator):
+        rid = getattr(params, "_serve_request_id", None)
+        req = self.engine.requests.get(rid)
+        if req is None:
+            return None
+        if len(req.seqs) == 1:
+            return req.seqs[0]
+        for s in req.seqs:
+            if s.generator is generator:
+                return s
+        return None
+
+    def __call__(self, logits: torch.Tensor, params: list, generators: list):
+        rows = [i for i, p in enumerate(params) if getattr(p, "_serve_processors", None)]
+        if not rows:
+            return self.inner(logits, params, generators)
+        from glm5.engine.sampler import processed_probs, sample_rows, token_logprobs
+
+        raw = logits
+        logits = logits.float().clone()
+        for i in rows:
+            seq = self._seq(params[i], generators[i])
+            out_ids = seq.output_token_ids if seq is not None else []
+            for proc in params[i]._serve_processors:
+                logits[i] = proc(out_ids, logits[i])
+        if all(p.greedy for p in params):
+            tokens = logits.argmax(-1).tolist()
+        else:
+            tokens = sample_rows(processed_probs(logits, params), params, generators)
+        return tokens, token_logprobs(raw, tokens, [p.logprobs for p in params])
+
+
+class EngineBackend(Backend):
+    """:class:`Backend` over ``glm5.engine.AsyncLLM``."""
+
+    def __init__(self, async_llm, model_path: str = ""):
+        self.llm = async_llm
+        self.engine = async_llm.engine
+        self.tokenizer = self.engine.tokenizer
+        if self.tokenizer is None:
+            raise ValueError("the engine has no tokenizer (the model directory needs tokenizer.json)")
+        self.max_model_len = int(self.engine.max_model_len)
+        self.vocab_size = int(self.engine.model.config.vocab_size)
+        self.model_path = model_path
+        self.num_speculative_tokens = int(getattr(self.engine, "k", 0) or 0)
+        # processors are applied by the sampler; MTP verification does not go through it
+        self.supports_logits_processors = self.num_speculative_tokens == 0
+        if not isinstance(self.engine.sampler, _ProcessorSampler):
+            self.engine.sampler = _ProcessorSampler(self.engine, self.engine.sampler)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, **engine_kwargs) -> "EngineBackend":
+        from glm5.engine import AsyncLLM
+
+        return cls(AsyncLLM.from_pretrained(model_dir, **engine_kwargs), model_path=str(model_dir))
+
+    async def shutdown(self) -> None:
+        self.llm.shutdown()
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       logits_processors: list[LogitsProcessor] | None = None) -> AsyncIterator[RequestOutput]:
+        procs = [p for p in (logits_processors or []) if p is not None]
+        if procs:
+            if params.greedy and params.n > 1:
+                params = dataclasses.replace(params, temperature=_NEAR_GREEDY)
+            params._serve_processors = procs  # read by _ProcessorSampler
+            params._serve_request_id = request_id
+        agen = self.llm.generate(list(prompt_token_ids), params, request_id=request_id)
+        try:
+            async for out in agen:
+                yield out
+        finally:
+            await agen.aclose()  # aborts the request (frees its blocks) if it did not finish
+
+    async def abort(self, request_id: str) -> None:
+        await self.llm.abort(request_id)
+
+    def stats(self) -> dict[str, float]:
+        e = self.engine
+        s = e.stats
+        bm = e.block_manager
+        return {
+            "num_requests_running": float(len(e.scheduler.running)),
+            "num_requests_waiting": float(len(e.scheduler.waiting)),
+            "kv_cache_usage_perc": float(bm.usage),
+            "kv_cache_free_blocks": float(bm.num_free_blocks),
+            "kv_cache_total_blocks": float(bm.num_blocks - 1),
+            "num_preemptions_total": float(getattr(e.scheduler, "num_preemptions", 0)),
+            "prefix_cache_hit_tokens_total": float(getattr(bm, "prefix_hits", 0)),
+            "engine_steps_total": float(s.get("steps", 0)),
+            "spec_decode_num_draft_tokens_total": float(s.get("spec_draft_tokens", 0)),
+            "spec_decode_num_accepted_tokens_total": float(s.get("spec_accepted_tokens", 0)),
+            "spec_decode_num_verify_steps_total": float(s.get("spec_verify_steps", 0)),
+        }
+
+    @property
+    def healthy(self) -> bool:
+        return getattr(self.llm, "_error", None) is None
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"

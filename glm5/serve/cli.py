@@ -1,0 +1,81 @@
+"""``glm5 serve``: the OpenAI-compatible server over the glm5 engine.
+
+    glm5 serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--served-model-name NAME]
+
+Binds to loopback unless ``--host`` says otherwise. The key can also come from ``GLM5_API_KEY`` (keeps
+it out of the process list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from .settings import PRICE_CACHED_INPUT, PRICE_INPUT, PRICE_OUTPUT, ServeSettings
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, metrics, web chat)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("GLM5_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $GLM5_API_KEY, else open)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model name(s) clients use (default: the directory name)")
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=32, help="sequences per engine batch")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512)
+    g.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP drafts per step (0 = off)")
+    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    g.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
+    g.add_argument("--seed", type=int, default=0)
+    s = p.add_argument_group("serving")
+    s.add_argument("--price-input", type=float, default=PRICE_INPUT, help="USD per million input tokens")
+    s.add_argument("--price-output", type=float, default=PRICE_OUTPUT, help="USD per million output tokens")
+    s.add_argument("--price-cached-input", type=float, default=PRICE_CACHED_INPUT,
+                   help="USD per million prompt tokens served from the prefix cache")
+    s.add_argument("--max-pending-requests", type=int, default=256, help="in-flight requests before 429")
+    s.add_argument("--max-request-bytes", type=int, default=8 << 20, help="larger bodies get 413")
+    s.add_argument("--max-default-tokens", type=int, default=None,
+                   help="max_tokens when a request gives none (default: the rest of the context)")
+    s.add_argument("--no-webchat", action="store_true", help="do not serve the web chat at /")
+    s.add_argument("--log-level", default="info")
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args) -> ServeSettings:
+    names = args.served_model_name or [os.path.basename(os.path.normpath(args.model)) or "glm-5"]
+    return ServeSettings(
+        served_model_names=names, api_key=args.api_key or None, price_input_per_million=args.price_input,
+        price_output_per_million=args.price_output, price_cached_input_per_million=args.price_cached_input,
+        max_pending_requests=args.max_pending_requests, max_request_bytes=args.max_request_bytes,
+        max_default_tokens=args.max_default_tokens, enable_webchat=not args.no_webchat)
+
+
+def build_app(model_dir: str, settings: ServeSettings, **engine_kwargs):
+    """A ready app for ``model_dir``; ``engine_kwargs`` are EngineConfig fields plus device/dtype."""
+    from .app import create_app
+    from .backend import EngineBackend
+
+    backend = EngineBackend.from_pretrained(model_dir, **{k: v for k, v in engine_kwargs.items() if v is not None})
+    return create_app(backend, settings)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_from_args(args)
+    app = build_app(args.model, settings, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                    max_num_batched_tokens=args.max_num_batched_tokens,
+                    num_speculative_tokens=args.num_speculative_tokens, dtype=args.dtype, device=args.device,
+                    kv_cache_memory=args.kv_cache_memory, seed=args.seed)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        logging.getLogger("glm5.serve").warning("listening on %s without an API key", args.host)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
+    return 0

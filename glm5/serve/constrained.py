@@ -1,0 +1,732 @@
+"""Constrained decoding: logits processors that make the engine's output valid by construction.
+
+Used for ``response_format: {"type": "json_object"}`` (the content is one JSON object) and for
+``tool_choice: "required"`` / a named tool (the output is one or more well-formed GLM-5 tool calls of the
+allowed tools, with known argument names, the required ones present, and JSON values for non-string
+arguments). ``tool_choice: "none"`` bans the ``<tool_call>`` token (:func:`ban_tokens`).
+
+How it works
+------------
+* :class:`TokenVocab` holds every token's bytes (byte-level BPE) in a trie; GLM-5's added tokens
+  (``<tool_call>``, ``<arg_key>``, ``<|observation|>`` ...) are single ids handled as symbols.
+* A *grammar* is a deterministic automaton: ``start()`` state, ``advance(state, token_id)`` and
+  ``allowed(state, budget)`` (the ids that keep the output completable). Byte-level parts (JSON values,
+  names, keys) are checked by walking the trie with a byte automaton, so one walk prunes whole subtrees.
+* Budget: with ``budget`` tokens left, a token is allowed only if the shortest completion from the state
+  it leads to still fits (each closing byte is one single-byte token, always in a byte-level vocab), so
+  the output is valid even when ``max_tokens`` cuts it short - the grammar closes strings, containers
+  and calls in time. When the value is complete only the end (EOS / ``<|observation|>``) is allowed.
+* Reasoning: when the prompt opened ``<think>``, free text (no added tokens) is allowed first, then
+  ``</think>``, then the grammar, as long as the budget still fits the shortest completion.
+* :class:`ConstrainedLogitsProcessor` is the callable the engine applies per row:
+  ``(output_token_ids, logits[V]) -> logits`` with disallowed ids at ``-inf``. It keeps the automaton
+  state per output prefix, so per-token cost is one ``allowed()`` (cached per state when the budget is
+  not binding).
+
+Limits (documented): JSON *schemas* (``json_schema``) are not enforced; tool argument values are typed
+only at the top level (``integer``/``number`` -> a JSON number, ``boolean``, ``null``, ``object``,
+``array``); string and union-typed values are free text; ``enum``/``const`` are not enforced. Cost per
+step is a trie walk (fine for test vocabularies; with GLM-5's 154k vocabulary expect tens of ms per token
+inside long strings).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from glm5.tokenizer import special_tokens as st
+from glm5.tokenizer.detokenize import byte_level_char_to_byte
+from glm5.tokenizer.tool_schema import ToolSchemas, ValueKind
+
+__all__ = [
+    "ConstrainedLogitsProcessor",
+    "JsonGrammar",
+    "TokenVocab",
+    "ToolCallGrammar",
+    "ban_tokens",
+    "bias_processor",
+    "json_accepts",
+]
+
+NEG_INF = float("-inf")
+
+
+# ============================================================================================ vocabulary
+class _Node:
+    __slots__ = ("children", "ids")
+
+    def __init__(self) -> None:
+        self.children: dict[int, _Node] = {}
+        self.ids: list[int] = []
+
+
+class TokenVocab:
+    """Token bytes and a byte trie of the ordinary tokens; added tokens by content."""
+
+    def __init__(self, tokenizer: Any, logits_size: int | None = None) -> None:
+        backend = getattr(tokenizer, "backend", tokenizer)
+        n = backend.get_vocab_size(with_added_tokens=True)
+        self.size = max(n, logits_size or 0)
+        added = backend.get_added_tokens_decoder()
+        self.added: dict[str, int] = {t.content: i for i, t in added.items()}
+        table = byte_level_char_to_byte()
+        self.token_bytes: dict[int, bytes] = {}
+        self.root = _Node()
+        self.single_byte: dict[int, int] = {}
+        for i in range(n):
+            if i in added:
+                continue
+            tok = backend.id_to_token(i)
+            if tok is None:
+                continue
+            try:
+                data = bytes(table[c] for c in tok)
+            except KeyError:
+                data = tok.encode("utf-8")
+            if not data:
+                continue
+            self.token_bytes[i] = data
+            node = self.root
+            for b in data:
+                node = node.children.setdefault(b, _Node())
+            node.ids.append(i)
+            if len(data) == 1:
+                self.single_byte.setdefault(data[0], i)
+        self.max_token_len = max((len(b) for b in self.token_bytes.values()), default=1)
+        self.eos_ids = [self.added[t] for t in st.EOS_TOKENS if t in self.added]
+
+    def id(self, content: str) -> int | None:
+        return self.added.get(content)
+
+    def walk(self, state: Any, step: Callable[[Any, int], Any], accept: Callable[[Any], bool]) -> list[int]:
+        """Ids of ordinary tokens whose bytes take ``state`` through ``step`` (None = dead) to a state that
+        ``accept`` admits."""
+        out: list[int] = []
+        stack = [(self.root, state)]
+        while stack:
+            node, s = stack.pop()
+            for b, child in node.children.items():
+                s2 = step(s, b)
+                if s2 is None:
+                    continue
+                if child.ids and accept(s2):
+                    out.extend(child.ids)
+                if child.children:
+                    stack.append((child, s2))
+        return out
+
+
+# ========================================================================================== JSON automaton
+# state = (mode, stack, aux, ws): stack is a str of "{"/"[" (innermost last); ws = last byte was whitespace.
+_START, _VALUE, _ARR_FIRST, _OBJ_FIRST, _KEY, _COLON, _AFTER, _STR, _NUM, _LIT, _DONE = range(11)
+# _STR aux = (is_key, pending): pending 0 | "esc" | ("u", n) | ("utf", n)
+# _NUM aux = (sub, integer_only): sub in "minus", "zero", "int", "dot", "frac", "e", "esign", "exp"
+_NUM_FINAL = frozenset({"zero", "int", "frac", "exp"})
+_WS = frozenset(b" \t\n\r")
+_DIGITS = frozenset(b"0123456789")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_ESCAPES = frozenset(b'"\\/bfnrtu')
+_LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
+MAX_DEPTH = 32
+
+# what a typed value may start with (tool-call arguments): JSON type -> first bytes
+_TYPE_STARTS = {
+    "string": frozenset(b'"'),
+    "number": frozenset(b"-0123456789"),
+    "integer": frozenset(b"-0123456789"),
+    "boolean": frozenset(b"tf"),
+    "null": frozenset(b"n"),
+    "object": frozenset(b"{"),
+    "array": frozenset(b"["),
+}
+_TYPE_MIN = {"string": 2, "number": 1, "integer": 1, "boolean": 4, "null": 4, "object": 2, "array": 2}
+
+
+def _after_value(stack: str):
+    return (_DONE, "", None, False) if not stack else (_AFTER, stack, None, False)
+
+
+def _value_start(stack: str, b: int, integer_only: bool = False):
+    if b == ord("{"):
+        return None if len(stack) >= MAX_DEPTH else (_OBJ_FIRST, stack + "{", None, False)
+    if b == ord("["):
+        return None if len(stack) >= MAX_DEPTH else (_ARR_FIRST, stack + "[", None, False)
+    if b == ord('"'):
+        return (_STR, stack, (False, 0), False)
+    if b == ord("-"):
+        return (_NUM, stack, ("minus", integer_only), False)
+    if b == ord("0"):
+        return (_NUM, stack, ("zero", integer_only), False)
+    if b in _DIGITS:
+        return (_NUM, stack, ("int", integer_only), False)
+    if b in _LITERALS:
+        return (_LIT, stack, _LITERALS[b], False)
+    return None
+
+
+def _close(stack: str, b: int):
+    if stack and ((b == ord("}") and stack[-1] == "{") or (b == ord("]") and stack[-1] == "[")):
+        return _after_value(stack[:-1])
+    return None
+
+
+def json_step(s, b: int):
+    """One byte through the JSON automaton; None if ``b`` cannot follow."""
+    mode, stack, aux, ws = s
+    if mode == _STR:
+        is_key, pend = aux
+        if pend == 0:
+            if b == ord('"'):
+                return (_COLON, stack, None, False) if is_key else _after_value(stack)
+            if b == ord("\\"):
+                return (_STR, stack, (is_key, "esc"), False)
+            if b < 0x20 or b == 0x7F:
+                return None
+            if b < 0x80:
+                return s
+            if 0xC2 <= b <= 0xDF:
+                return (_STR, stack, (is_key, ("utf", 1)), False)
+            if 0xE0 <= b <= 0xEF:
+                return (_STR, stack, (is_key, ("utf", 2)), False)
+            if 0xF0 <= b <= 0xF4:
+                return (_STR, stack, (is_key, ("utf", 3)), False)
+            return None
+        if pend == "esc":
+            if b not in _ESCAPES:
+                return None
+            return (_STR, stack, (is_key, ("u", 4) if b == ord("u") else 0), False)
+        kind, n = pend
+        if kind == "u":
+            if b not in _HEX:
+                return None
+        elif not 0x80 <= b <= 0xBF:
+            return None
+        return (_STR, stack, (is_key, (kind, n - 1) if n > 1 else 0), False)
+    if mode == _NUM:
+        sub, int_only = aux
+        nxt = None
+        if b in _DIGITS:
+            nxt = {"minus": "zero" if b == ord("0") else "int", "int": "int", "dot": "frac", "frac": "frac",
+                   "e": "exp", "esign": "exp", "exp": "exp"}.get(sub)
+        elif b == ord(".") and sub in ("zero", "int") and not int_only:
+            nxt = "dot"
+        elif b in b"eE" and sub in ("zero", "int", "frac") and not int_only:
+            nxt = "e"
+        elif b in b"+-" and sub == "e":
+            nxt = "esign"
+        if nxt is not None:
+            return (_NUM, stack, (nxt, int_only), False)
+        if sub not in _NUM_FINAL or not stack:  # a top-level number only ends with the value
+            return None
+        return json_step((_AFTER, stack, None, False), b)  # the number ended; b belongs to what follows
+    if mode == _LIT:
+        if b != aux[0]:
+            return None
+        return (_LIT, stack, aux[1:], False) if len(aux) > 1 else _after_value(stack)
+    if mode == _DONE:
+        return None
+    if b in _WS:
+        if ws or mode == _START:
+            return None
+        return (mode, stack, aux, True)
+    if mode == _START:
+        return (_OBJ_FIRST, "{", None, False) if b == ord("{") else None
+    if mode == _VALUE:
+        return _value_start(stack, b)
+    if mode == _ARR_FIRST:
+        return _close(stack, b) or _value_start(stack, b)
+    if mode == _OBJ_FIRST:
+        if b == ord('"'):
+            return (_STR, stack, (True, 0), False)
+        return _close(stack, b)
+    if mode == _KEY:
+        return (_STR, stack, (True, 0), False) if b == ord('"') else None
+    if mode == _COLON:
+        return (_VALUE, stack, None, False) if b == ord(":") else None
+    if mode == _AFTER:
+        if b == ord(","):
+            return (_KEY, stack, None, False) if stack[-1] == "{" else (_VALUE, stack, None, False)
+        return _close(stack, b)
+    return None
+
+
+def json_min_close(s) -> int:
+    """Bytes of the shortest completion of state ``s`` (each is one single-byte token)."""
+    mode, stack, aux, _ = s
+    n = len(stack)
+    if mode == _STR:
+        is_key, pend = aux
+        extra = 0 if pend == 0 else (1 if pend == "esc" else pend[1])
+        return extra + 1 + (2 if is_key else 0) + n  # closing quote (+ ":0" for a key) + closers
+    if mode == _NUM:
+        sub = aux[0]
+        return (0 if sub in _NUM_FINAL else 1) + n
+    if mode == _LIT:
+        return len(aux) + n
+    return {_START: 2, _VALUE: 1 + n, _ARR_FIRST: n, _OBJ_FIRST: n, _KEY: 4 + n, _COLON: 2 + n, _AFTER: n,
+            _DONE: 0}[mode]
+
+
+def json_complete(s) -> bool:
+    mode, stack, aux, _ = s
+    return mode == _DONE or (mode == _NUM and not stack and aux[0] in _NUM_FINAL)
+
+
+def json_accepts(text: str | bytes, top_level_object: bool = True) -> bool:
+    """True if ``text`` is a complete value of the automaton (used by tests)."""
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    s = (_START, "", None, False) if top_level_object else (_VALUE, "", None, False)
+    for b in data:
+        s = json_step(s, b)
+        if s is None:
+            return False
+    return json_complete(s)
+
+
+# ============================================================================================== grammars
+class _Grammar:
+    """Interface: ``start()``, ``advance(state, token_id)`` -> state or None, ``allowed(state, budget)``."""
+
+    cacheable_budget: int = 0  # allowed() ignores budgets >= this for a state (see allowed_cached)
+
+    def __init__(self, vocab: TokenVocab):
+        self.vocab = vocab
+        self._cache: dict[Any, list[int]] = {}
+
+    def allowed_cached(self, state, budget: int) -> list[int]:
+        if budget >= self.slack(state):
+            key = state
+            hit = self._cache.get(key)
+            if hit is None:
+                hit = self.allowed(state, 1 << 30)
+                if len(self._cache) > 4096:
+                    self._cache.clear()
+                self._cache[key] = hit
+            return hit
+        return self.allowed(state, budget)
+
+    def slack(self, state) -> int:
+        """A budget at and above which allowed() no longer depends on the budget."""
+        return 1 << 30
+
+
+class JsonGrammar(_Grammar):
+    """One JSON object, then EOS. With ``thinking``, free reasoning text and ``</think>`` come first."""
+
+    def __init__(self, vocab: TokenVocab, thinking: bool = False):
+        super().__init__(vocab)
+        self.thinking = thinking
+        self.think_end = vocab.id(st.THINK_END)
+        if self.think_end is None:
+            self.thinking = False
+
+    def start(self):
+        return ("think",) if self.thinking else ("json", (_START, "", None, False))
+
+    def advance(self, state, tok: int):
+        if state[0] == "think":
+            if tok == self.think_end:
+                return ("json", (_START, "", None, False))
+            return state if tok in self.vocab.token_bytes else None
+        if state[0] == "end":
+            return None
+        s = state[1]
+        if json_complete(s) and tok in self.vocab.eos_ids:
+            return ("end",)
+        data = self.vocab.token_bytes.get(tok)
+        if data is None:
+            return None
+        for b in data:
+            s = json_step(s, b)
+            if s is None:
+                return None
+        return ("json", s)
+
+    def min_close(self, state) -> int:
+        """Tokens to finish from ``state``, EOS included."""
+        if state[0] == "think":
+            return 1 + 2 + 1
+        if state[0] == "end":
+            return 0
+        return json_min_close(state[1]) + 1
+
+    def slack(self, state) -> int:
+        return self.min_close(state) + 2 * self.vocab.max_token_len + 2
+
+    def allowed(self, state, budget: int) -> list[int]:
+        if state[0] == "end":
+            return list(self.vocab.eos_ids)
+        if state[0] == "think":
+            out = [self.think_end]
+            if budget - 1 >= self.min_close(state):
+                out.extend(self.vocab.token_bytes)
+            return out
+        s = state[1]
+        if s[0] == _DONE:
+            return list(self.vocab.eos_ids)
+        left = budget - 1  # after this token
+        ids = self.vocab.walk(s, json_step, lambda s2: json_min_close(s2) + 1 <= left)
+        if not ids:  # the budget is gone: take the shortest way out, byte by byte
+            ids = self._forced(s)
+        return ids
+
+    def _forced(self, s) -> list[int]:
+        for b in range(256):
+            tok = self.vocab.single_byte.get(b)
+            s2 = json_step(s, b) if tok is not None else None
+            if s2 is not None and json_min_close(s2) < json_min_close(s):
+                return [tok]
+        return list(self.vocab.eos_ids)
+
+
+class ToolCallGrammar(_Grammar):
+    """``(<tool_call>NAME(<arg_key>KEY</arg_key><arg_value>VALUE</arg_value>)*</tool_call>)+<|observation|>``.
+
+    NAME is one of ``names`` (a named tool_choice gives one); KEY one of the tool's declared properties,
+    each at most once, and ``</tool_call>`` only once the required ones are there; VALUE free text for
+    string/union/unknown-typed arguments, a JSON value (of the declared type) otherwise. ``parallel``
+    allows several calls. With ``thinking``, reasoning text and ``</think>`` may come first.
+    """
+
+    def __init__(self, vocab: TokenVocab, tools: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None,
+                 parallel: bool = True, thinking: bool = False):
+        super().__init__(vocab)
+        self.schemas = ToolSchemas(tools)
+        self.names = list(names) if names else self.schemas.names
+        self.parallel = parallel
+        need = [st.TOOL_CALL_START, st.TOOL_CALL_END, st.ARG_KEY_START, st.ARG_KEY_END, st.ARG_VALUE_START,
+                st.ARG_VALUE_END, st.OBSERVATION]
+        ids = {t: vocab.id(t) for t in need}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"the tokenizer lacks the tool-call tokens {missing}")
+        self.T = ids
+        self.think_end = vocab.id(st.THINK_END)
+        self.thinking = thinking and self.think_end is not None
+        self.props: dict[str, dict[str, Any]] = {}
+        self.required: dict[str, frozenset[str]] = {}
+        for name in self.names:
+            self.props[name], self.required[name] = self._params(tools, name)
+        self.name_bytes = {n: n.encode("utf-8") for n in self.names}
+
+    @staticmethod
+    def _params(tools, name):
+        for t in tools:
+            fn = t.get("function", t) if isinstance(t, Mapping) else {}
+            if fn.get("name") == name:
+                params = fn.get("parameters") or {}
+                props = params.get("properties") if isinstance(params, Mapping) else None
+                props = dict(props) if isinstance(props, Mapping) else {}
+                req = params.get("required") if isinstance(params, Mapping) else None
+                req = frozenset(r for r in (req or []) if isinstance(r, str) and r in props)
+                return props, req
+        return {}, frozenset()
+
+    # ---- value typing
+    def _value_mode(self, tool: str, key: str):
+        kind = self.schemas.kind_of(tool, key)
+        if kind is not ValueKind.TYPED:
+            return ("text", "")
+        types = self.schemas.types_of(tool, key) or frozenset()
+        starts = frozenset().union(*(_TYPE_STARTS.get(t, frozenset()) for t in types)) or None
+        int_only = types <= {"integer"}
+        return ("json", (_VALUE, "", None, False), starts, int_only)
+
+    def _min_value(self, tool: str, key: str) -> int:
+        kind = self.schemas.kind_of(tool, key)
+        if kind is not ValueKind.TYPED:
+            return 0
+        types = self.schemas.types_of(tool, key) or frozenset()
+        return min((_TYPE_MIN.get(t, 1) for t in types), default=1)
+
+    def _pair_cost(self, tool: str, key: str) -> int:
+        return 1 + len(key.encode("utf-8")) + 1 + 1 + self._min_value(tool, key) + 1
+
+    def _rest_cost(self, tool: str, used: frozenset[str]) -> int:
+        """Tokens for the missing required pairs + </tool_call> + <|observation|>."""
+        return sum(self._pair_cost(tool, k) for k in self.required[tool] - used) + 2
+
+    def _call_cost(self) -> int:
+        return 1 + min(len(self.name_bytes[n]) + self._rest_cost(n, frozenset()) for n in self.names)
+
+    # ---- states: ("think",), ("start",), ("name", typed), ("key", tool, used, typed),
+    # ("wait", tool, used, key), ("val", tool, used, key, mode), ("between", tool, used), ("after",), ("end",)
+    def start(self):
+        return ("think",) if self.thinking else ("start",)
+
+    def min_close(self, state) -> int:
+        k = state[0]
+        if k == "think":
+            return 1 + self._call_cost()
+        if k == "start":
+            return self._call_cost()
+        if k == "name":
+            typed = state[1]
+            return min(len(b) - len(typed) + self._rest_cost(n, frozenset())
+                       for n, b in self.name_bytes.items() if b.startswith(typed))
+        if k == "key":
+            _, tool, used, typed = state
+            props = [p for p in self.props[tool] if p not in used and p.encode("utf-8").startswith(typed)]
+            return min(self._pair_cost(tool, p) - 1 - len(typed) + self._rest_cost(tool, used | {p}) for p in props)
+        if k == "wait":
+            _, tool, used, key = state
+            return 1 + self._min_value(tool, key) + 1 + self._rest_cost(tool, used)
+        if k == "val":
+            _, tool, used, key, mode = state
+            inner = 0 if mode[0] == "text" else (
+                self._min_value(tool, key) if mode[1][0] == _VALUE and not mode[1][1] else json_min_close(mode[1]))
+            return inner + 1 + self._rest_cost(tool, used)
+        if k == "between":
+            return self._rest_cost(state[1], state[2])
+        if k == "after":
+            return 1
+        return 0
+
+    def slack(self, state) -> int:
+        return self.min_close(state) + 2 * self.vocab.max_token_len + 4
+
+    def advance(self, state, tok: int):
+        T = self.T
+        k = state[0]
+        if k == "think":
+            if tok == self.think_end:
+                return ("start",)
+            return state if tok in self.vocab.token_bytes else None
+        if k == "start":
+            return ("name", b"") if tok == T[st.TOOL_CALL_START] else None
+        if k == "after":
+            if tok == T[st.OBSERVATION]:
+                return ("end",)
+            if tok == T[st.TOOL_CALL_START] and self.parallel:
+                return ("name", b"")
+            return None
+        if k == "name":
+            typed = state[1]
+            if tok in (T[st.ARG_KEY_START], T[st.TOOL_CALL_END]):
+                name = typed.decode("utf-8", "replace")
+                if name not in self.props:
+                    return None
+                if tok == T[st.TOOL_CALL_END]:
+                    return ("after",) if not self.required[name] else None
+                return ("key", name, frozenset(), b"") if self._free_keys(name, frozenset()) else None
+            data = self.vocab.token_bytes.get(tok)
+            if data is None:
+                return None
+            typed += data
+            return ("name", typed) if any(b.startswith(typed) for b in self.name_bytes.values()) else None
+        if k == "key":
+            _, tool, used, typed = state
+            if tok == T[st.ARG_KEY_END]:
+                key = typed.decode("utf-8", "replace")
+                return ("wait", tool, used, key) if key in self.props[tool] and key not in used else None
+            data = self.vocab.token_bytes.get(tok)
+            if data is None:
+                return None
+            typed += data
+            ok = any(p.encode("utf-8").startswith(typed) for p in self._free_keys(tool, used))
+            return ("key", tool, used, typed) if ok else None
+        if k == "wait":
+            _, tool, used, key = state
+            return ("val", tool, used, key, self._value_mode(tool, key)) if tok == T[st.ARG_VALUE_START] else None
+        if k == "val":
+            _, tool, used, key, mode = state
+            if tok == T[st.ARG_VALUE_END]:
+                if mode[0] == "json" and not json_complete(mode[1]):
+                    return None
+                return ("between", tool, used | {key})
+            data = self.vocab.token_bytes.get(tok)
+            if data is None:
+                return None
+            if mode[0] == "text":
+                text = mode[1] + data.decode("utf-8", "replace")
+                if st.ARG_VALUE_END in text or st.TOOL_CALL_END in text:
+                    return None
+                return ("val", tool, used, key, ("text", text[-16:]))
+            s = mode[1]
+            for i, b in enumerate(data):
+                if s[0] == _VALUE and not s[1] and mode[2] is not None and b not in mode[2]:
+                    return None
+                s = json_step(s, b) if not (s[0] == _VALUE and not s[1]) else _value_start("", b, mode[3])
+                if s is None:
+                    return None
+            return ("val", tool, used, key, ("json", s, mode[2], mode[3]))
+        if k == "between":
+            _, tool, used = state
+            if tok == T[st.ARG_KEY_START] and self._free_keys(tool, used):
+                return ("key", tool, used, b"")
+            if tok == T[st.TOOL_CALL_END] and self.required[tool] <= used:
+                return ("after",)
+            return None
+        return None
+
+    def _free_keys(self, tool: str, used: frozenset[str]) -> list[str]:
+        return [p for p in self.props[tool] if p not in used]
+
+    def allowed(self, state, budget: int) -> list[int]:
+        T = self.T
+        k = state[0]
+        left = budget - 1
+        if k == "end":
+            return list(self.vocab.eos_ids)
+        if k == "after":
+            return [T[st.OBSERVATION]] + ([T[st.TOOL_CALL_START]] if self.parallel and left >= self._call_cost() + 0 else [])
+        cands: list[int] = []
+        if k == "think":
+            cands = [self.think_end]
+            if left >= self.min_close(state):
+                cands.extend(self.vocab.token_bytes)
+            return cands
+        if k == "start":
+            return [T[st.TOOL_CALL_START]]
+        # special-token moves
+        specials = [T[t] for t in (st.TOOL_CALL_END, st.ARG_KEY_START, st.ARG_KEY_END, st.ARG_VALUE_START,
+                                   st.ARG_VALUE_END)]
+        out = []
+        for tid in specials:
+            s2 = self.advance(state, tid)
+            if s2 is not None and self.min_close(s2) <= left:
+                out.append(tid)
+        # byte moves
+        out.extend(self._byte_moves(state, left))
+        if not out:  # nothing fits the budget: any legal move, shortest first
+            legal = [tid for tid in specials if self.advance(state, tid) is not None]
+            out = legal or self._byte_moves(state, 1 << 30)[:1]
+        return out
+
+    def _byte_moves(self, state, left: int) -> list[int]:
+        k = state[0]
+        if k == "name":
+            def step(typed, b):
+                t = typed + bytes([b])
+                return t if any(n.startswith(t) for n in self.name_bytes.values()) else None
+
+            return self.vocab.walk(state[1], step, lambda t: self.min_close(("name", t)) <= left)
+        if k == "key":
+            _, tool, used, _typed = state
+            free = [p.encode("utf-8") for p in self._free_keys(tool, used)]
+
+            def step(typed, b):
+                t = typed + bytes([b])
+                return t if any(p.startswith(t) for p in free) else None
+
+            return self.vocab.walk(state[3], step, lambda t: self.min_close(("key", tool, used, t)) <= left)
+        if k == "val":
+            _, tool, used, key, mode = state
+            rest = 1 + self._rest_cost(tool, used | {key})
+            if mode[0] == "text":
+                if rest > left:
+                    return []
+                ids = []
+                for tid, data in self.vocab.token_bytes.items():
+                    text = mode[1] + data.decode("utf-8", "replace")
+                    if st.ARG_VALUE_END not in text and st.TOOL_CALL_END not in text:
+                        ids.append(tid)
+                return ids
+            starts, int_only = mode[2], mode[3]
+
+            def step(s, b):
+                if s[0] == _VALUE and not s[1]:
+                    if starts is not None and b not in starts:
+                        return None
+                    return _value_start("", b, int_only)
+                return json_step(s, b)
+
+            def fits(s):
+                inner = json_min_close(s) if not (s[0] == _VALUE and not s[1]) else 1
+                return inner + rest <= left
+
+            return self.vocab.walk(mode[1], step, fits)
+        return []
+
+
+# ============================================================================================ processors
+class ConstrainedLogitsProcessor:
+    """``(output_token_ids, logits[V]) -> logits``: everything the grammar forbids is set to ``-inf``.
+
+    ``max_tokens`` is the request's generation budget. State is remembered per output prefix (several
+    completions of one request can share the processor); an unknown prefix is replayed from the start.
+    """
+
+    def __init__(self, grammar: _Grammar, max_tokens: int):
+        self.grammar = grammar
+        self.max_tokens = max_tokens
+        self._states: dict[tuple[int, ...], Any] = {(): grammar.start()}
+
+    def state_for(self, ids: Sequence[int]):
+        key = tuple(ids)
+        s = self._states.get(key)
+        if s is not None:
+            return s
+        parent = self._states.get(key[:-1]) if key else None
+        if parent is None:
+            s = self.grammar.start()
+            for t in key:
+                s = self.grammar.advance(s, t) if s is not None else None
+        else:
+            s = self.grammar.advance(parent, key[-1])
+            self._states.pop(key[:-1], None)
+        if len(self._states) > 64:
+            self._states = {(): self.grammar.start()}
+        self._states[key] = s
+        return s
+
+    def __call__(self, output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        s = self.state_for(output_ids)
+        if s is None:  # left the grammar (should not happen); stop as soon as possible
+            allowed = list(self.grammar.vocab.eos_ids)
+        else:
+            budget = max(1, self.max_tokens - len(output_ids))
+            allowed = self.grammar.allowed_cached(s, budget)
+        allowed = [i for i in allowed if i < logits.shape[-1]]
+        if not allowed:
+            return logits
+        out = torch.full_like(logits, NEG_INF)
+        idx = torch.tensor(allowed, dtype=torch.long, device=logits.device)
+        out[..., idx] = logits[..., idx]
+        return out
+
+
+def ban_tokens(token_ids: Sequence[int]) -> Callable[[Sequence[int], torch.Tensor], torch.Tensor]:
+    ids = [int(i) for i in token_ids]
+
+    def proc(_output_ids, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[..., [i for i in ids if i < logits.shape[-1]]] = NEG_INF
+        return logits
+
+    return proc
+
+
+def bias_processor(bias: Mapping[int, float] | None, presence: float = 0.0, frequency: float = 0.0,
+                   repetition: float = 1.0) -> Callable[[Sequence[int], torch.Tensor], torch.Tensor] | None:
+    """OpenAI ``logit_bias``, ``presence_penalty``, ``frequency_penalty`` and vLLM's ``repetition_penalty``
+    (over the generated tokens)."""
+    if not bias and presence == 0.0 and frequency == 0.0 and repetition == 1.0:
+        return None
+    bias = {int(k): float(v) for k, v in (bias or {}).items()}
+
+    def proc(output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone().float()
+        V = logits.shape[-1]
+        for t, v in bias.items():
+            if t < V:
+                logits[..., t] += v
+        if output_ids and (presence or frequency or repetition != 1.0):
+            ids = torch.tensor([t for t in output_ids if t < V], dtype=torch.long, device=logits.device)
+            counts = torch.bincount(ids, minlength=V).to(logits.dtype)
+            seen = counts > 0
+            if repetition != 1.0:
+                logits = torch.where(seen & (logits > 0), logits / repetition, logits)
+                logits = torch.where(seen & (logits <= 0), logits * repetition, logits)
+            logits = logits - frequency * counts - presence * seen.to(logits.dtype)
+        return logits
+
+    return proc
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
