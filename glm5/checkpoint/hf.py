@@ -21,13 +21,15 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from glm5.checkpoint.fp8 import BLOCK as FP8_BLOCK
 from glm5.checkpoint.fp8 import dequantize_block
 from glm5.checkpoint.safetensors_io import CheckpointError, read_header, shard_files, write_sharded
 from glm5.config import GLM5Config
 
 log = logging.getLogger(__name__)
 
-_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)"
+                         r"\.(?P<suffix>weight|weight_scale_inv)$")
 FP32_KEYS = ("e_score_correction_bias",)
 
 
@@ -37,6 +39,14 @@ def file_key_to_param(key: str, intermediate: int) -> tuple[str, tuple]:
     if not m:
         return key, ()
     e, proj, prefix = int(m["e"]), m["proj"], m["prefix"]
+    if m["suffix"] == "weight_scale_inv":
+        # FP8 block scales of a per-expert weight -> rows of the fused FP8 experts' scale tensors
+        # (glm5.model.fp8_linear.FP8Experts); gate and up are quantised separately, gate block-rows first.
+        if proj == "down_proj":
+            return f"{prefix}.down_proj_scale_inv", (e,)
+        rb = -(-intermediate // FP8_BLOCK)
+        rows = slice(0, rb) if proj == "gate_proj" else slice(rb, 2 * rb)
+        return f"{prefix}.gate_up_proj_scale_inv", (e, rows)
     if proj == "down_proj":
         return f"{prefix}.down_proj", (e,)
     rows = slice(0, intermediate) if proj == "gate_proj" else slice(intermediate, 2 * intermediate)
@@ -97,9 +107,19 @@ def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = 
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    strict: bool = True, config: GLM5Config | None = None):
-    """Load an HF-layout GLM-5 checkpoint (BF16/FP32, or FP8 dequantised to ``dtype``)."""
+                    strict: bool = True, config: GLM5Config | None = None, fp8: str = "dequantize"):
+    """Load an HF-layout GLM-5 checkpoint (BF16/FP32, or FP8).
+
+    fp8: what to do with FP8 tensors (decided per tensor: a float8 ``X.weight`` with a sibling
+    ``X.weight_scale_inv``). "dequantize" (default): block-wise dequantise to ``dtype`` while streaming.
+    "keep": the matching Linear / routed-expert modules become glm5.model.fp8_linear FP8 modules holding
+    the FP8 weights and scales as stored (block-scaled FP8 GEMM on sm90 GPUs, dequantise-on-the-fly
+    elsewhere); everything else loads in ``dtype``.
+    """
     from glm5.model.transformer import GLM5ForCausalLM
+
+    if fp8 not in ("dequantize", "keep"):
+        raise ValueError(f"fp8 must be 'dequantize' or 'keep', got {fp8!r}")
 
     path = Path(path)
     cfg = config or GLM5Config.from_pretrained(path)
@@ -111,7 +131,12 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         cfg = cfg.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = GLM5ForCausalLM(cfg)
-    model = model.to(dtype).to_empty(device=device)
+    model = model.to(dtype)
+    if fp8 == "keep":
+        from glm5.model.fp8_linear import convert_to_fp8
+
+        convert_to_fp8(model, {k[: -len("_scale_inv")] for k in weight_map if k.endswith(".weight_scale_inv")})
+    model = model.to_empty(device=device)
     targets = model.state_dict(keep_vars=True)
     filled = {name: 0 for name in targets}
     unexpected = []
@@ -132,12 +157,13 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             read_header(f)
             with safe_open(str(f), framework="pt", device="cpu") as sf:
                 for key in sf.keys():
-                    if key.endswith("_scale_inv"):
-                        continue  # consumed with its weight
-                    t = sf.get_tensor(key)
-                    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                        t = dequantize_block(t, scale_for(key), dtype=torch.float32)
                     name, idx = file_key_to_param(key, I)
+                    if key.endswith("_scale_inv") and name not in targets:
+                        continue  # consumed with its weight (dequantised)
+                    t = sf.get_tensor(key)
+                    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and not (
+                            name in targets and targets[name].dtype == t.dtype):
+                        t = dequantize_block(t, scale_for(key), dtype=torch.float32)
                     if name not in targets:
                         unexpected.append(key)
                         continue
