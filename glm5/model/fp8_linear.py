@@ -17,7 +17,8 @@ Compute paths (``module.mode``; :func:`set_fp8_mode` sets it model-wide):
   w8a8 GPU path on any device (used to measure its accuracy on CPU).
 * ``"scaled_mm"``: force the GPU kernel; raise instead of falling back.
 
-Routed experts have no block-scaled grouped GEMM here: FP8Experts dequantises only the experts that
+``kv_b_proj`` stays a dense Linear (dequantised at load): MLA decode absorbs its weight into the query
+and output projections. Routed experts have no block-scaled grouped GEMM here: FP8Experts dequantises only the experts that
 received tokens in this forward (8 of 256 at decode) and runs the same grouped GEMM as the bf16 model.
 
 FP8 tensors keep their dtype under ``model.to(dtype)`` / ``.half()``: only devices change.
@@ -284,14 +285,21 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def convert_to_fp8(model: nn.Module, fp8_keys=None, rule=is_fp8_quantizable) -> list[str]:
+# Linears kept dense even when stored FP8: MLA decode absorbs kv_b_proj into the query/output (it reads
+# ``kv_b_proj.weight`` directly), so it is dequantised at load, as vLLM does (chat-format-and-serving §5.2).
+DENSE_ALWAYS = ("kv_b_proj",)
+
+
+def convert_to_fp8(model: nn.Module, fp8_keys=None, rule=is_fp8_quantizable, dense=DENSE_ALWAYS) -> list[str]:
     """Swap Linear / routed-expert modules for their FP8 versions, in place; returns the swapped names.
 
     fp8_keys: checkpoint weight keys stored as FP8 (those with a ``weight_scale_inv``); a Linear is swapped
     iff ``name.weight`` is in it, a fused expert module iff every per-expert weight is. None: decide with
     ``rule(file_key, shape)`` (default: the GLM-5-FP8 keep-unquantised rule).
     On the meta device the new modules are empty shells for a loader to fill; otherwise the current
-    weights are quantised (128×128 blocks).
+    weights are quantised (128×128 blocks). Linears whose name ends with an entry of ``dense`` stay
+    ``nn.Linear``; with real weights they get the FP8 round trip (quantise, dequantise) so the model's
+    numerics equal those of the FP8 checkpoint loaded with ``fp8="keep"``.
     """
     from glm5.model.moe import Experts
 
@@ -302,6 +310,12 @@ def convert_to_fp8(model: nn.Module, fp8_keys=None, rule=is_fp8_quantizable) -> 
     for name, mod in list(model.named_modules()):
         if type(mod) is nn.Linear:
             if wanted(f"{name}.weight", tuple(mod.weight.shape)):
+                if name.endswith(tuple(dense)):
+                    if mod.weight.device.type != "meta":
+                        with torch.no_grad():
+                            w = mod.weight
+                            w.copy_(dequantize_block(*quantize_block(w.detach()), dtype=w.dtype))
+                    continue
                 _set_submodule(model, name, FP8Linear.from_linear(mod))
                 swapped.append(name)
         elif isinstance(mod, Experts):
@@ -313,10 +327,10 @@ def convert_to_fp8(model: nn.Module, fp8_keys=None, rule=is_fp8_quantizable) -> 
     return swapped
 
 
-def quantize_model(model: nn.Module, rule=is_fp8_quantizable) -> nn.Module:
+def quantize_model(model: nn.Module, rule=is_fp8_quantizable, dense=DENSE_ALWAYS) -> nn.Module:
     """Quantise a loaded (bf16/fp32) model's Linear and expert weights to FP8 in place (GLM-5-FP8 rule)."""
     with torch.no_grad():
-        convert_to_fp8(model, None, rule)
+        convert_to_fp8(model, None, rule, dense)
     return model
 
 

@@ -154,6 +154,10 @@ def test_fp8_checkpoint_loads_dequantized_and_kept(ckpts):
     assert kinds == {FP8Linear, FP8Experts}
     assert isinstance(keep.lm_head, torch.nn.Linear) and keep.lm_head.weight.dtype == torch.float32
     assert isinstance(keep.model.layers[0].self_attn.indexer.weights_proj, torch.nn.Linear)
+    # kv_b_proj is stored FP8 but dequantised at load: MLA decode absorbs its weight (engine path)
+    kvb = keep.model.layers[0].self_attn.kv_b_proj
+    assert type(kvb) is torch.nn.Linear and kvb.weight.dtype == torch.float32
+    assert keep.model.layers[0].self_attn.absorbed_weights()[0].dtype == torch.float32
     assert keep.model.layers[1].mlp.experts.gate_up_proj.dtype == FP8_DTYPE
     ref_bf16 = load_pretrained(bf16)
     with torch.no_grad():
