@@ -433,8 +433,9 @@ class Generation:
                     self._record(p, out)
                     yield p, out
             self.finished = True
-        except BaseException:
-            self.outcome = "aborted" if not self.finished else self.outcome
+        except BaseException as e:
+            if self.outcome == "ok":
+                self.outcome = "error" if isinstance(e, Exception) else "aborted"
             raise
         finally:
             m.in_flight -= 1
@@ -489,7 +490,7 @@ class Generation:
         m.cost.inc(comp * s.price_output_per_million / 1e6, "output")
         for c in self.choices.values():
             m.request_success.inc(1, self.final_reason(c) or "abort")
-        m.requests.inc(1, self.endpoint, self.outcome if self.finished else "aborted")
+        m.requests.inc(1, self.endpoint, self.outcome if (self.finished or self.outcome != "ok") else "aborted")
 
     # ---- chat helpers
     def final_reason(self, c: ChoiceState) -> str | None:

@@ -1,0 +1,134 @@
+"""The grammars behind json_object and required/named tool_choice, without a model: random logits pick
+among the allowed tokens; whatever the budget, the result must be valid."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from glm5.serve.constrained import (ConstrainedLogitsProcessor, JsonGrammar, TokenVocab, ToolCallGrammar, ban_tokens,
+                                    bias_processor, json_accepts)
+from glm5.tokenizer import parse_output
+from glm5.tokenizer import special_tokens as st
+
+from .conftest import make_corpus
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "weather", "parameters": {
+        "type": "object", "properties": {"location": {"type": "string"}, "days": {"type": "integer"},
+                                         "unit": {"type": "string", "enum": ["c", "f"]}, "detailed": {"type": "boolean"},
+                                         "tags": {"type": "array"}},
+        "required": ["location", "days"]}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from glm5.tokenizer import train_bpe
+
+    return train_bpe(make_corpus(), vocab_size=800)
+
+
+@pytest.fixture(scope="module")
+def vocab(tok):
+    return TokenVocab(tok, logits_size=832)  # the model's vocab may be padded past the tokenizer's
+
+
+@pytest.mark.parametrize("text,ok", [
+    ('{}', True), ('{"a": 1}', True), ('{"a":[1,2.5e-3,{"b":null}],"c":"x\\u00e9\\n"}', True),
+    ('{"a": true, "b": false}', True), ('{"é": "ü🙂"}', True), ('[]', False), ('{', False), ('{"a"}', False),
+    ('{"a":01}', False), ('{"a":1,}', False), ('{"a":"\x01"}', False), ('{"a":-}', False), ('{"a":1.}', False),
+    ('  {}', False), ('{}  ', False), ('{"a":tru}', False), ('{"a":"\\x"}', False),
+])
+def test_json_automaton(text, ok):
+    assert json_accepts(text) is ok
+    if ok:
+        json.loads(text)
+
+
+def _run(grammar, vocab, budget, rng, temperature=3.0):
+    proc = ConstrainedLogitsProcessor(grammar, budget)
+    out: list[int] = []
+    gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    for _ in range(budget):
+        logits = torch.randn(vocab.size, generator=gen) * temperature
+        masked = proc(out, logits)
+        tok = int(torch.multinomial(torch.softmax(masked, -1), 1, generator=gen))
+        out.append(tok)
+        if tok in vocab.eos_ids:
+            break
+    return out
+
+
+def _text(vocab, ids):
+    inv = {i: c for c, i in vocab.added.items()}
+    return b"".join(vocab.token_bytes[i] if i in vocab.token_bytes else inv[i].encode() for i in ids).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("budget", [3, 4, 5, 8, 13, 40, 120])
+@pytest.mark.parametrize("thinking", [False, True])
+def test_json_grammar_always_valid(vocab, budget, thinking):
+    rng = random.Random(budget * 7 + thinking)
+    grammar = JsonGrammar(vocab, thinking=thinking)
+    if budget < grammar.min_close(grammar.start()):  # the server answers 400 for such a max_tokens
+        return
+    for _ in range(6):
+        ids = _run(grammar, vocab, budget, rng)
+        assert len(ids) <= budget
+        text = _text(vocab, ids)
+        if thinking:
+            assert st.THINK_END in text
+            text = text.split(st.THINK_END, 1)[1]
+        assert ids[-1] in vocab.eos_ids, text
+        body = text[: -len(st.ENDOFTEXT)] if text.endswith(st.ENDOFTEXT) else text
+        for eos in st.EOS_TOKENS:
+            body = body.removesuffix(eos)
+        assert isinstance(json.loads(body), dict), body
+
+
+@pytest.mark.parametrize("budget", [12, 20, 30, 60, 150])
+@pytest.mark.parametrize("names", [None, ["get_weather"], ["get_time"]])
+def test_tool_grammar_always_parses(tok, vocab, budget, names):
+    grammar = ToolCallGrammar(vocab, TOOLS, names=names, parallel=names is None, thinking=True)
+    need = grammar.min_close(grammar.start())
+    rng = random.Random(budget)
+    for _ in range(5):
+        if budget < need:
+            break
+        ids = _run(grammar, vocab, budget, rng)
+        text = tok.decode(ids)
+        assert ids[-1] == vocab.id(st.OBSERVATION), text
+        parsed = parse_output(text, TOOLS, thinking=True)
+        assert parsed.tool_calls, (text, parsed.errors)
+        for call in parsed.tool_calls:
+            assert call.name in (names or ["get_weather", "get_time"])
+            args = json.loads(call.arguments)
+            if call.name == "get_weather":
+                assert {"location", "days"} <= set(args), text
+                assert isinstance(args["days"], int)
+                if "detailed" in args:
+                    assert isinstance(args["detailed"], bool)
+                if "tags" in args:
+                    assert isinstance(args["tags"], list)
+            else:
+                assert args == {}
+        assert not [e for e in parsed.errors if "unknown tool" in e or "malformed" in e], parsed.errors
+
+
+def test_tool_grammar_too_small_budget_is_reported(vocab):
+    g = ToolCallGrammar(vocab, TOOLS, names=["get_weather"])
+    # <tool_call> get_weather (11 bytes) + two required pairs + </tool_call> + <|observation|>
+    assert g.min_close(g.start()) > 20
+
+
+def test_ban_and_bias():
+    logits = torch.zeros(10)
+    assert torch.isinf(ban_tokens([3, 99])([], logits)[3])
+    p = bias_processor({2: 5.0}, presence=1.0, frequency=0.5)
+    out = p([4, 4, 7], logits)
+    assert out[2] == 5.0 and out[4] == pytest.approx(-2.0) and out[7] == pytest.approx(-1.5) and out[0] == 0
+    assert bias_processor(None) is None

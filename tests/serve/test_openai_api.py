@@ -1,0 +1,234 @@
+"""The API through the official ``openai`` client against the real engine (random-init model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import API_KEY, MODEL_NAME
+
+openai = pytest.importorskip("openai")
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city", "parameters": {
+        "type": "object", "properties": {"location": {"type": "string"}, "days": {"type": "integer"},
+                                         "metric": {"type": "boolean"}},
+        "required": ["location", "days"]}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}},
+]
+HI = [{"role": "user", "content": "Hello there"}]
+
+
+def test_models(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL_NAME]
+    assert models.data[0].max_model_len == 1024
+    assert client.models.retrieve(MODEL_NAME).id == MODEL_NAME
+
+
+def test_chat_non_streaming(client):
+    r = client.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=12, extra_body={"ignore_eos": True})
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == MODEL_NAME
+    c = r.choices[0]
+    assert c.finish_reason == "length" and c.message.role == "assistant"
+    u = r.usage
+    assert u.completion_tokens == 12 and u.total_tokens == u.prompt_tokens + 12
+    # thinking is on by default: the output starts inside reasoning, and no </think> came
+    assert u.completion_tokens_details.reasoning_tokens == 12
+    assert c.message.reasoning_content
+    expected = u.prompt_tokens * 1.0 / 1e6 + 12 * 3.2 / 1e6
+    assert u.cost == pytest.approx(expected)
+    assert u.cost_details["input_price_per_million"] == 1.0 and u.cost_details["output_price_per_million"] == 3.2
+
+
+def test_chat_streaming_matches_usage(client):
+    stream = client.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=10, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join((getattr(c.choices[0].delta, "reasoning_content", None) or "") + (c.choices[0].delta.content or "")
+                   for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert text  # something streamed
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+
+
+def test_seed_n_and_sampling_params(client):
+    kw = dict(model=MODEL_NAME, messages=HI, max_tokens=8, seed=1234, temperature=0.9, top_p=0.9,
+              extra_body={"top_k": 50, "ignore_eos": True, "thinking": {"type": "disabled"}})
+    a = client.chat.completions.create(n=2, **kw)
+    b = client.chat.completions.create(n=2, **kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert a.usage.completion_tokens == 16
+    g1 = client.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=8, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    g2 = client.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=8, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    assert g1.choices[0].message.reasoning_content == g2.choices[0].message.reasoning_content
+
+
+def test_max_completion_tokens_and_logprobs(client):
+    r = client.chat.completions.create(model=MODEL_NAME, messages=HI, max_completion_tokens=5, logprobs=True,
+                                       top_logprobs=4, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 5
+    lp = r.choices[0].logprobs.content
+    assert len(lp) == 5
+    for e in lp:
+        assert len(e.top_logprobs) == 4
+        assert e.top_logprobs[0].logprob >= e.top_logprobs[-1].logprob
+        assert e.logprob <= 0
+
+
+def test_stop_string_cuts_output(client):
+    base = client.completions.create(model=MODEL_NAME, prompt="the weather in", max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    text = base.choices[0].text
+    assert len(text) > 4
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    cut = client.completions.create(model=MODEL_NAME, prompt="the weather in", max_tokens=12, temperature=0,
+                                    stop=[stop], extra_body={"ignore_eos": True})
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[:text.find(stop)]
+    assert cut.choices[0].stop_reason == stop
+
+
+def test_completions_endpoint(client):
+    r = client.completions.create(model=MODEL_NAME, prompt=["hello world", "the city"], max_tokens=4, n=2, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    assert r.object == "text_completion" and len(r.choices) == 4
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    assert r.usage.completion_tokens == 16
+    for c in r.choices:
+        assert len(c.logprobs.tokens) == 4 and len(c.logprobs.top_logprobs[0]) == 2
+    ids = client.completions.create(model=MODEL_NAME, prompt=[5, 6, 7, 8], max_tokens=3, echo=True,
+                                    extra_body={"ignore_eos": True})
+    assert ids.usage.prompt_tokens == 4 and ids.usage.completion_tokens == 3
+    stream = client.completions.create(model=MODEL_NAME, prompt="hello", max_tokens=6, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 6
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+@pytest.mark.parametrize("thinking", ["enabled", "disabled"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_json_object_is_valid_json(client, thinking, seed):
+    r = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Give JSON"}],
+                                       max_tokens=40, seed=seed, temperature=1.0,
+                                       response_format={"type": "json_object"},
+                                       extra_body={"thinking": {"type": thinking}})
+    content = r.choices[0].message.content
+    assert isinstance(json.loads(content), dict), content
+    assert r.usage.completion_tokens <= 40
+
+
+def test_json_object_streamed(client):
+    stream = client.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=30, seed=7, stream=True,
+                                            response_format={"type": "json_object"},
+                                            extra_body={"thinking": {"type": "disabled"}})
+    content = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert isinstance(json.loads(content), dict)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tool_choice_required(client, seed):
+    r = client.chat.completions.create(model=MODEL_NAME, messages=HI, tools=TOOLS, tool_choice="required",
+                                       max_tokens=80, seed=seed)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.tool_calls
+    for call in c.message.tool_calls:
+        args = json.loads(call.function.arguments)
+        assert call.function.name in ("get_weather", "get_time")
+        if call.function.name == "get_weather":
+            assert {"location", "days"} <= set(args) and isinstance(args["days"], int)
+
+
+def test_tool_choice_named_streamed(client):
+    stream = client.chat.completions.create(
+        model=MODEL_NAME, messages=HI, tools=TOOLS, max_tokens=80, seed=3, stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    calls, finish = {}, None
+    for ch in stream:
+        for c in ch.choices:
+            for tc in c.delta.tool_calls or []:
+                e = calls.setdefault(tc.index, {"name": None, "args": ""})
+                e["name"] = e["name"] or (tc.function.name if tc.function else None)
+                e["args"] += (tc.function.arguments or "") if tc.function else ""
+            finish = c.finish_reason or finish
+    assert finish == "tool_calls" and len(calls) == 1
+    assert calls[0]["name"] == "get_weather"
+    assert {"location", "days"} <= set(json.loads(calls[0]["args"]))
+
+
+def test_tool_round_trip_real_engine(client):
+    first = client.chat.completions.create(model=MODEL_NAME, messages=HI, tools=TOOLS, max_tokens=60, seed=5,
+                                           tool_choice={"type": "function", "function": {"name": "get_time"}})
+    msg = first.choices[0].message
+    call = msg.tool_calls[0]
+    assert call.function.name == "get_time"
+    messages = HI + [msg.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": '{"time": "12:00"}'}]
+    second = client.chat.completions.create(model=MODEL_NAME, messages=messages, tools=TOOLS, max_tokens=5)
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_reasoning_accepted_on_input(client):
+    """``reasoning`` (vLLM's name) renders like ``reasoning_content``; kept with clear_thinking=false."""
+    def prompt_tokens(extra_msg):
+        msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", **extra_msg}]
+        r = client.chat.completions.create(model=MODEL_NAME, messages=msgs, max_tokens=1,
+                                           extra_body={"chat_template_kwargs": {"clear_thinking": False}})
+        return r.usage.prompt_tokens
+
+    a = prompt_tokens({"reasoning_content": "because of the weather"})
+    b = prompt_tokens({"reasoning": "because of the weather"})
+    c = prompt_tokens({})
+    assert a == b > c
+
+
+def test_thinking_switches_change_the_prompt(client, http):
+    on = http.post("/tokenize", json={"messages": HI}).json()["prompt"]
+    off = http.post("/tokenize", json={"messages": HI, "enable_thinking": False}).json()["prompt"]
+    assert on.endswith("<|assistant|><think>") and off.endswith("<|assistant|></think>")
+    base = client.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=3, extra_body={"ignore_eos": True})
+    for extra in ({"thinking": {"type": "disabled"}}, {"chat_template_kwargs": {"enable_thinking": False}}):
+        r = client.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=3,
+                                           extra_body={"ignore_eos": True, **extra})
+        assert r.usage.completion_tokens_details.reasoning_tokens == 0
+        assert getattr(r.choices[0].message, "reasoning_content", None) is None
+        assert r.usage.prompt_tokens == base.usage.prompt_tokens  # </think> replaces <think>
+
+
+def test_system_developer_and_list_content(client):
+    r = client.chat.completions.create(model=MODEL_NAME, max_tokens=2, messages=[
+        {"role": "system", "content": "You are terse."}, {"role": "developer", "content": "Be kind."},
+        {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}])
+    assert r.choices[0].message.role == "assistant"
+
+
+def test_async_client_concurrent_streams(server):
+    import asyncio
+
+    async def main():
+        ac = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+
+        async def one(i):
+            s = await ac.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=8, stream=True, seed=i,
+                                                 stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True})
+            usage = None
+            async for ch in s:
+                usage = ch.usage or usage
+            return usage.completion_tokens
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(8)))
+        finally:
+            await ac.close()
+
+    assert asyncio.run(main()) == [8] * 8
