@@ -270,7 +270,7 @@ class CompletionRequest(_Sampling):
         if isinstance(p, list):
             if len(p) == 0:
                 raise ValueError("prompt must not be empty")
-            if len(p) > 64:
+            if not isinstance(p[0], int) and len(p) > 64:
                 raise ValueError("at most 64 prompts per request")
             if isinstance(p[0], list) and any(len(x) == 0 for x in p):
                 raise ValueError("token-id prompts must not be empty")

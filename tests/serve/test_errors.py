@@ -1,0 +1,273 @@
+"""Errors in OpenAI's shape, with the right status, and never a 500 for bad input."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from .conftest import API_KEY, MODEL_NAME, ServerThread, make_app
+
+openai = pytest.importorskip("openai")
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def assert_error(resp: httpx.Response, status: int, code: str | None = None, param: str | None = None):
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"]
+    if code is not None:
+        assert err["code"] == code, err
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+def test_missing_or_wrong_key_is_401(server, client):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + API_KEY},
+                    {"Authorization": "Bearer " + API_KEY + "x"}):
+        r = httpx.post(server.url + "/v1/chat/completions", json={"messages": HI}, headers=headers)
+        assert_error(r, 401, "invalid_api_key")
+        assert httpx.get(server.url + "/v1/models", headers=headers).status_code == 401
+    assert httpx.get(server.url + "/v1/models", headers={"x-api-key": API_KEY}).status_code == 200
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=1)
+    assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+    # open routes stay open
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/metrics").status_code == 200
+
+
+def test_unknown_model_is_404(client, http):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-9", messages=HI, max_tokens=1)
+    assert e.value.code == "model_not_found" and e.value.body["param"] == "model"
+    assert_error(http.post("/v1/completions", json={"model": "nope", "prompt": "x"}), 404, "model_not_found", "model")
+    assert_error(http.get("/v1/models/nope"), 404, "model_not_found")
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"messages": HI, "temperature": 5}, "temperature"),
+    ({"messages": HI, "temperature": "hot"}, "temperature"),
+    ({"messages": HI, "n": 0}, "n"),
+    ({"messages": HI, "n": 1000}, "n"),
+    ({"messages": HI, "top_p": 0}, "top_p"),
+    ({"messages": HI, "max_tokens": 0}, "max_tokens"),
+    ({"messages": HI, "max_tokens": 10**30}, "max_tokens"),
+    ({"messages": HI, "seed": 2**70}, "seed"),
+    ({"messages": HI, "top_logprobs": 3}, None),
+    ({"messages": HI, "top_logprobs": 50, "logprobs": True}, "top_logprobs"),
+    ({"messages": []}, "messages"),
+    ({}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, None),
+    ({"messages": [{"role": "user"}]}, None),
+    ({"messages": HI, "tools": []}, None),
+    ({"messages": HI, "tool_choice": "required"}, None),
+    ({"messages": HI, "tool_choice": "sometimes", "tools": [{"type": "function", "function": {"name": "f"}}]}, None),
+    ({"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, None),
+    ({"messages": HI, "tools": [{"type": "function", "function": {"name": "bad name!"}}]}, None),
+    ({"messages": HI, "stream_options": {"include_usage": True}}, None),
+    ({"messages": HI, "stop": [""]}, "stop"),
+    ({"messages": HI, "response_format": {"type": "xml"}}, None),
+    ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.type"),
+    ({"messages": HI, "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"messages": HI, "logit_bias": {"999999": 1}}, "logit_bias"),
+    ({"messages": HI, "stop_token_ids": [10**9]}, "stop_token_ids"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
+     "messages.0.content"),
+    ({"messages": HI + [{"role": "assistant", "tool_calls": [{"id": "1", "type": "function",
+                                                             "function": {"name": "f", "arguments": "{not json"}}]}]},
+     "messages.1.tool_calls.0.function.arguments"),
+    ({"messages": HI, "chat_template_kwargs": {"enable_thinking": "yes"}}, "chat_template_kwargs.enable_thinking"),
+    ({"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+      "response_format": {"type": "json_object"}}, None),
+    ({"messages": HI, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"k": {"type": "string"}}, "required": ["k"]}}}], "tool_choice": "required",
+      "max_tokens": 2}, "max_tokens"),
+])
+def test_invalid_chat_parameters_are_400(http, body, param):
+    err = assert_error(http.post("/v1/chat/completions", json={"model": MODEL_NAME, **body}), 400, param=param)
+    assert err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": ""}, {"prompt": []}, {"prompt": [[]]}, {"prompt": [1, 10**6]}, {"prompt": "x", "suffix": "y"},
+    {"prompt": "x", "best_of": 3}, {"prompt": "x", "echo": True, "logprobs": 1}, {"prompt": "x", "logprobs": 99},
+    {"prompt": {"a": 1}}, {"prompt": [-1]},
+])
+def test_invalid_completion_parameters_are_400(http, body):
+    assert_error(http.post("/v1/completions", json=body), 400)
+
+
+def test_context_overflow_is_400(client, http):
+    long = "the weather " * 600
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": long}], max_tokens=5)
+    assert e.value.code == "context_length_exceeded" and e.value.body["param"] == "messages"
+    err = assert_error(http.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 1020}), 400,
+                       "context_length_exceeded", "max_tokens")
+    assert "1024" in err["message"]
+    assert_error(http.post("/v1/completions", json={"prompt": [5] * 1100, "max_tokens": 1}), 400,
+                 "context_length_exceeded", "prompt")
+
+
+def test_malformed_bodies_are_400(server, http):
+    for data, ctype in ((b"{not json", "application/json"), (b"[1,2]", "application/json"), (b"null", "application/json"),
+                        (b"\xff\xfe", "application/json"), (b"messages=x", "application/x-www-form-urlencoded"),
+                        (b"", "application/json")):
+        r = http.post("/v1/chat/completions", content=data, headers={"Content-Type": ctype})
+        assert_error(r, 400)
+
+
+def test_oversized_body_is_413(model_dir):
+    app, _ = make_app(model_dir, max_request_bytes=2000)
+    with ServerThread(app) as srv:
+        big = {"messages": [{"role": "user", "content": "x" * 5000}]}
+        assert_error(httpx.post(srv.url + "/v1/chat/completions", json=big), 413, "request_too_large")
+
+        def chunks():  # no Content-Length: counted while reading
+            for _ in range(10):
+                yield b" " * 500
+        r = httpx.post(srv.url + "/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
+        assert_error(r, 413, "request_too_large")
+        ok = httpx.post(srv.url + "/v1/chat/completions", json={"messages": HI, "max_tokens": 1})
+        assert ok.status_code == 200
+
+
+def test_unknown_route_and_method(server, http):
+    assert_error(http.get("/v1/nothing"), 404, "not_found")
+    assert_error(http.get("/v1/chat/completions"), 405, "method_not_allowed")
+
+
+def test_queue_full_is_429(model_dir):
+    """The server admits at most max_pending_requests generations; the next one gets 429 + Retry-After."""
+    app, _ = make_app(model_dir, max_pending_requests=1)
+    with ServerThread(app) as srv:
+        with httpx.Client(base_url=srv.url, timeout=60) as h:
+            long = {"messages": HI, "max_tokens": 400, "ignore_eos": True, "stream": True}
+            with h.stream("POST", "/v1/chat/completions", json=long) as resp:
+                lines = resp.iter_lines()
+                next(lines)  # the first chunk: the request is in flight
+                r = h.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 1})
+                err = assert_error(r, 429, "queue_full")
+                assert err["type"] == "rate_limit_error" and r.headers["retry-after"] == "1"
+                c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+                with pytest.raises(openai.RateLimitError):
+                    c.completions.create(model=MODEL_NAME, prompt="x", max_tokens=1)
+            # the stream closed early: its request is aborted and the slot comes back
+            deadline = time.monotonic() + 20
+            while True:
+                r = h.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 1})
+                if r.status_code == 200 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert r.status_code == 200
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise KeyError(name)
+
+
+def test_disconnect_aborts_and_frees_cache(model_dir):
+    app, backend = make_app(model_dir)
+    with ServerThread(app) as srv:
+        with httpx.Client(base_url=srv.url, timeout=60) as h:
+            body = {"messages": HI, "max_tokens": 900, "ignore_eos": True, "stream": True}
+            with h.stream("POST", "/v1/chat/completions", json=body) as resp:
+                lines = resp.iter_lines()
+                for _ in range(8):
+                    next(lines)
+                m = h.get("/metrics").text
+                assert _metric(m, "glm5_num_requests_running") == 1
+                assert _metric(m, "glm5_kv_cache_usage_perc") > 0
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                m = h.get("/metrics").text
+                if _metric(m, "glm5_num_requests_running") == 0 and _metric(m, "glm5_kv_cache_usage_perc") == 0:
+                    break
+                time.sleep(0.05)
+            assert _metric(m, "glm5_num_requests_running") == 0
+            assert _metric(m, "glm5_kv_cache_usage_perc") == 0
+            assert _metric(m, "glm5_server_requests_in_flight") == 0
+            assert backend.engine.num_unfinished_requests == 0
+            assert _metric(m, "glm5_generation_tokens_total") < 900  # stopped early
+
+
+def test_disconnect_of_non_streaming_request_aborts(model_dir):
+    app, backend = make_app(model_dir)
+    with ServerThread(app) as srv:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/v1/chat/completions", timeout=0.5,
+                       json={"messages": HI, "max_tokens": 900, "ignore_eos": True})
+        deadline = time.monotonic() + 20
+        while backend.engine.num_unfinished_requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert backend.engine.num_unfinished_requests == 0
+        assert backend.engine.block_manager.usage == 0
+
+
+# ------------------------------------------------------------------------------------------ fault injection
+class _DeadBackend:
+    """FAULT INJECTION: wraps the real backend and reports the engine as dead."""
+
+    def __init__(self, inner):
+        self.__dict__["inner"] = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    healthy = False
+
+
+def test_dead_engine_is_503(model_dir):
+    from glm5.serve.app import create_app
+    from glm5.serve.backend import EngineBackend
+    from glm5.serve.settings import ServeSettings
+
+    backend = EngineBackend.from_pretrained(str(model_dir), max_model_len=256)
+    app = create_app(_DeadBackend(backend), ServeSettings(served_model_names=[MODEL_NAME]))
+    with ServerThread(app) as srv:
+        assert_error(httpx.get(srv.url + "/health"), 503, "engine_unavailable")
+        assert_error(httpx.post(srv.url + "/v1/chat/completions", json={"messages": HI}), 503, "engine_unavailable")
+
+
+def test_engine_failure_mid_stream_is_reported_in_stream(model_dir):
+    """FAULT INJECTION: the engine raises after two outputs; the stream carries an error event, then [DONE]."""
+    from glm5.serve.backend import EngineBackend
+
+    class Failing(EngineBackend):
+        async def generate(self, *a, **k):
+            n = 0
+            async for out in super().generate(*a, **k):
+                yield out
+                n += 1
+                if n == 2:
+                    raise RuntimeError("injected engine failure")
+
+    app, backend = make_app(model_dir, backend_cls=Failing)
+    with ServerThread(app) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=30,
+                       json={"messages": HI, "max_tokens": 50, "ignore_eos": True, "stream": True})
+        assert r.status_code == 200
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        err = json.loads(events[-2])["error"]
+        assert "injected engine failure" in err["message"]
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=30,
+                       json={"messages": HI, "max_tokens": 50, "ignore_eos": True})
+        assert_error(r, 503, "engine_unavailable")
+        deadline = time.monotonic() + 10
+        while backend.engine.num_unfinished_requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert backend.engine.num_unfinished_requests == 0
