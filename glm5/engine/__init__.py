@@ -1,0 +1,20 @@
+"""GLM-5 inference engine: paged latent KV cache, DSA sparse decode, continuous batching, MTP speculation.
+
+    from glm5.engine import LLM, SamplingParams          # offline / batch
+    from glm5.engine import AsyncLLM                     # asyncio streaming (the server's engine)
+
+Files, one idea each: sampling_params, sequence, block_manager (paged blocks, ref counts, prefix reuse),
+kv_cache (latent + indexer-key storage), scheduler (continuous batching, chunked prefill, preemption),
+model_runner (flattened varlen batches through the model's own modules), sampler, spec_decode (MTP
+drafting, verification, rejection sampling), cuda_graphs (decode graphs on CUDA), llm_engine, llm,
+async_engine, cli.
+"""
+
+from glm5.engine.async_engine import AsyncLLM
+from glm5.engine.llm import LLM, build_engine
+from glm5.engine.llm_engine import EngineConfig, LLMEngine
+from glm5.engine.outputs import CompletionOutput, RequestOutput
+from glm5.engine.sampling_params import SamplingParams
+
+__all__ = ["AsyncLLM", "CompletionOutput", "EngineConfig", "LLM", "LLMEngine", "RequestOutput", "SamplingParams",
+           "build_engine"]

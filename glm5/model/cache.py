@@ -79,3 +79,50 @@ def build_attention_mask(batch: int, q_len: int, past_len: int, device: torch.de
             raise ValueError(f"attention_mask must be [batch, past+new] = {(batch, T)}, got {tuple(padding_mask.shape)}")
         mask = mask & padding_mask.bool()[:, None, None, :]
     return mask
+
+
+# ------------------------------------------------------------------------------------------------------
+# Engine contract: a paged latent cache and a flattened ("varlen") batch.
+#
+# The inference engine runs many sequences in one forward by flattening their new tokens into a single
+# row: input_ids [1, N], position_ids [1, N]. Everything in the model is token-wise except attention, so
+# only attention needs to know where each sequence's queries and keys are. The engine passes, as
+# ``AttentionContext.cache``, an object with ``paged = True`` that
+#   * stores per layer the latent rows [c_kv ‖ k_pe] ([num_slots, kv_lora_rank + qk_rope_head_dim]) and
+#     the indexer keys ([num_slots, index_head_dim]) in fixed-size blocks (a slot = block * block_size + i),
+#   * exposes ``write(layer, slot_mapping, c_kv, k_pe, k_idx)``, ``latents(layer)``, ``index_keys(layer)``,
+#   * carries the step's ``batch: PagedBatch``.
+# MLAttention then writes the new latents to their slots and attends per group (see mla.py).
+
+
+@dataclass
+class AttnGroup:
+    """Sequences attended together, padded to a rectangle.
+
+    q_index [B,S] int64: flat token index (into the N new tokens) of query s of sequence b (pad: 0).
+    q_valid [B,S] bool: real query or padding.
+    kv_slots [B,T] int64: cache slot of key position t of sequence b (pad: any valid slot, e.g. 0).
+    visible [B,S,T] bool: causal visibility (key t ≤ query position, t < sequence length; False for pads).
+    absorbed: run MLA in latent space (MQA mode: q_nope·W_UK, attend over [c_kv ‖ k_pe], ·W_UV) — the
+        decode / verification path; otherwise decompress keys and values through kv_b_proj (prefill).
+    q_rows [n] int64: which of the B*S padded queries are real (flat row index into [B*S]).
+    q_flat [n] int64: where those rows go in the flat batch (q_index.view(-1)[q_rows]).
+    Only integer indexing is used on these (no boolean masks), so a fixed-shape group can be captured in a
+    CUDA graph.
+    """
+
+    q_index: torch.Tensor
+    q_valid: torch.Tensor
+    kv_slots: torch.Tensor
+    visible: torch.Tensor
+    absorbed: bool
+    q_rows: torch.Tensor
+    q_flat: torch.Tensor
+
+
+@dataclass
+class PagedBatch:
+    """One engine forward: where each new token's latents go (``slot_mapping`` [N]) and the groups."""
+
+    slot_mapping: torch.Tensor
+    groups: list

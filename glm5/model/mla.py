@@ -4,6 +4,9 @@ Queries go through a low-rank bottleneck (q_a_proj → RMSNorm → q_b_proj); ke
 compressed latent c_kv (kv_a_proj_with_mqa → RMSNorm) plus a single rope key k_pe shared by all heads.
 Only (c_kv, k_pe, indexer key) are cached; this module re-expands the history through kv_b_proj, as
 transformers 5.23 does. Softmax scale is qk_head_dim^-0.5 (no YaRN mscale).
+
+The inference engine runs the same module with a paged cache (``_paged_forward``): decode attends in the
+latent space with absorbed projections and, under DSA, over the indexer's top-k latent rows only.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ class MLAttention(nn.Module):
         if self.indexer is not None:
             with torch.set_grad_enabled(torch.is_grad_enabled() and ctx.indexer_loss is not None):
                 k_idx = self.indexer.keys(idx_in, cos, sin)
+        if ctx.cache is not None and getattr(ctx.cache, "paged", False):
+            return self._paged_forward(x, q_resid, q_nope, q_pe, c_kv, k_pe, k_idx, cos, sin, ctx)
         if ctx.cache is not None:
             c_kv, k_pe, k_idx = ctx.cache.update(self.layer_idx, c_kv, k_pe, k_idx)
         T = c_kv.shape[1]
@@ -103,6 +108,87 @@ class MLAttention(nn.Module):
             out = _sdpa(q, k, v, allowed, self.scale)
         out = out.transpose(1, 2).reshape(B, S, self.n_heads * self.d_v)
         return self.o_proj(out)
+
+    # ---------------------------------------------------------------------------------------- engine path
+    # The inference engine flattens the new tokens of many sequences into one row (x [1,N,H]) and passes a
+    # paged latent cache (glm5.model.cache: ``paged`` caches, PagedBatch / AttnGroup). Projections, norms
+    # and RoPE above are shared with the path above; only the cache write and the attention differ:
+    #   * absorbed groups (decode, MTP verification): MQA over the latent rows [c_kv ‖ k_pe] with the query
+    #     folded through W_UK and the output through W_UV, never decompressing the history; with DSA only
+    #     the indexer's top-k latent rows are gathered;
+    #   * expanded groups (prefill): decompress the history through kv_b_proj as above.
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head: W_UK [h, d_nope, r] and W_UV [h, d_v, r] (views, no copy)."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.d_nope + self.d_v, self.kv_rank)
+        return w[:, : self.d_nope], w[:, self.d_nope:]
+
+    def _paged_forward(self, x, q_resid, q_nope, q_pe, c_kv, k_pe, k_idx, cos, sin, ctx: AttentionContext):
+        cache, batch = ctx.cache, ctx.cache.batch
+        N = x.shape[1]
+        cache.write(self.layer_idx, batch.slot_mapping, c_kv[0], k_pe[0], None if k_idx is None else k_idx[0])
+        latents = cache.latents(self.layer_idx)  # [num_slots, r + dr]
+        qn = q_nope[0].transpose(0, 1)  # [N,h,dn]
+        qp = q_pe[0].transpose(0, 1)  # [N,h,dr]
+        out = x.new_zeros(N, self.n_heads * self.d_v)
+        if self.indexer is not None or ctx.dsa != "sparse":
+            ctx.topk_indices = [None] * len(batch.groups)
+        elif ctx.topk_indices is None:
+            raise ValueError(f"layer {self.layer_idx} shares top-k but no earlier layer has an indexer")
+        for gi, g in enumerate(batch.groups):
+            T = g.kv_slots.shape[1]
+            topk = None
+            if ctx.dsa == "sparse":
+                if self.indexer is not None:
+                    # Short-context shortcut: with T ≤ index_topk the top-k keeps every visible key, so DSA is
+                    # exactly dense attention and the indexer scores are not needed (its keys were cached above).
+                    if T > self.indexer.topk:
+                        qi = g.q_index
+                        scores = self.indexer.scores(x[0][qi], q_resid[0][qi], cos[0][qi], sin[0][qi],
+                                                     cache.index_keys(self.layer_idx)[g.kv_slots], g.visible)
+                        topk = self.indexer.select(scores)  # [B,S,k]
+                    ctx.topk_indices[gi] = topk
+                else:
+                    topk = ctx.topk_indices[gi]
+            if g.absorbed:
+                o = self._absorbed_attention(qn[g.q_index], qp[g.q_index], latents, g.kv_slots, g.visible, topk)
+            else:
+                o = self._expanded_attention(qn[g.q_index], qp[g.q_index], latents, g.kv_slots, g.visible, topk)
+            out.index_copy_(0, g.q_flat, o.reshape(-1, o.shape[-1])[g.q_rows].to(out.dtype))
+        return self.o_proj(out[None])
+
+    def _absorbed_attention(self, qn, qp, latents, kv_slots, visible, topk):
+        """qn [B,S,h,dn], qp [B,S,h,dr] -> [B,S,h*dv], attending in latent space (one shared KV "head")."""
+        B, S, h, _ = qn.shape
+        r = self.kv_rank
+        w_uk, w_uv = self.absorbed_weights()
+        q_lat = torch.bmm(qn.reshape(B * S, h, self.d_nope).transpose(0, 1), w_uk).transpose(0, 1)  # [B*S,h,r]
+        q = torch.cat([q_lat, qp.reshape(B * S, h, self.d_rope)], dim=-1)  # [B*S,h,r+dr]
+        if topk is None:  # every key of the sequence (dense, or T ≤ index_topk)
+            rows = latents[kv_slots]  # [B,T,r+dr]
+            scores = torch.matmul(q.view(B, S * h, -1), rows.transpose(1, 2)).view(B, S, h, -1)
+            ok = _safe(visible)[:, :, None]  # [B,S,1,T]
+            probs = torch.softmax((scores * self.scale).masked_fill(~ok, float("-inf")).float(), dim=-1)
+            o_lat = torch.matmul(probs.to(rows.dtype).view(B, S * h, -1), rows[..., :r])  # [B,S*h,r]
+        else:  # DSA: gather only the selected latent rows
+            k = topk.shape[-1]
+            sel = kv_slots.gather(1, topk.reshape(B, S * k)).view(B * S, k)
+            ok = _safe(visible.gather(-1, topk)).view(B * S, 1, k)
+            rows = latents[sel]  # [B*S,k,r+dr]
+            scores = torch.matmul(q, rows.transpose(1, 2))  # [B*S,h,k]
+            probs = torch.softmax((scores * self.scale).masked_fill(~ok, float("-inf")).float(), dim=-1)
+            o_lat = torch.matmul(probs.to(rows.dtype), rows[..., :r])  # [B*S,h,r]
+        o = torch.bmm(o_lat.reshape(B * S, h, r).transpose(0, 1), w_uv.transpose(1, 2))  # [h,B*S,dv] = o_lat · W_UVᵀ
+        return o.transpose(0, 1).reshape(B, S, h * self.d_v)
+
+    def _expanded_attention(self, qn, qp, latents, kv_slots, visible, topk):
+        """Prefill: decompress the sequence's latents to per-head K/V (the same math as ``forward``)."""
+        B, S = qn.shape[:2]
+        c_kv, k_pe = latents[kv_slots].split([self.kv_rank, self.d_rope], dim=-1)
+        k, v = self.expand_kv(c_kv, k_pe)
+        q = torch.cat([qn, qp], dim=-1).transpose(1, 2)  # [B,h,S,dqk]
+        allowed = visible if topk is None else visible & selection_mask(topk, visible.shape[-1])
+        out = _sdpa(q, k, v, allowed[:, None], self.scale)  # [B,h,S,dv]
+        return out.transpose(1, 2).reshape(B, S, self.n_heads * self.d_v)
 
 
 def _safe(mask: torch.Tensor) -> torch.Tensor:

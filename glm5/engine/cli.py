@@ -1,0 +1,200 @@
+"""``glm5 generate`` (one prompt, streamed to the terminal) and ``glm5 chat`` (interactive, GLM-5 chat format).
+
+    glm5 generate --model ckpt --prompt "Once upon a time" --max-tokens 64 --temperature 0.8
+    glm5 generate --model ckpt --prompt-ids 1,2,3 --max-tokens 16          # no tokenizer needed
+    glm5 chat --model ckpt --system "You are terse." --no-thinking
+
+Both run the inference engine (paged latent cache, DSA, optional MTP speculation with --spec-tokens).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def _engine_args(p) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--spec-tokens", type=int, default=0, help="MTP speculative draft tokens per step (0 = off)")
+    p.add_argument("--dsa", default="sparse", choices=["sparse", "dense"])
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=None, help="default: 0 for generate, 1.0 for chat")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--stats", action="store_true", help="print tokens/s (and MTP acceptance) to stderr")
+
+
+def add_parser(sub) -> None:
+    g = sub.add_parser("generate", help="generate from one prompt, streaming to the terminal")
+    _engine_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (raw; add --chat to wrap it in the chat format)")
+    src.add_argument("--prompt-ids", help="comma-separated prompt token ids (no tokenizer needed)")
+    g.add_argument("--chat", action="store_true", help="render --prompt as one user turn of the GLM-5 chat format")
+    g.add_argument("--no-thinking", action="store_true", help="with --chat: enable_thinking=false")
+    g.set_defaults(func=run_generate)
+    c = sub.add_parser("chat", help="interactive chat in the GLM-5 chat format")
+    _engine_args(c)
+    c.add_argument("--system", default=None, help="system prompt")
+    c.add_argument("--no-thinking", action="store_true", help="enable_thinking=false")
+    c.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning text")
+    c.set_defaults(func=run_chat)
+
+
+def _build(args):
+    from glm5.engine.llm import build_engine
+
+    kw = {}
+    if args.max_model_len:
+        kw["max_model_len"] = args.max_model_len
+    return build_engine(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, max_num_seqs=1,
+                        num_speculative_tokens=args.spec_tokens, dsa=args.dsa, **kw)
+
+
+def _params(args, default_temperature: float, stop_ids=None):
+    from glm5.engine.sampling_params import SamplingParams
+
+    t = default_temperature if args.temperature is None else args.temperature
+    return SamplingParams(temperature=t, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
+                          seed=args.seed, stop=args.stop, stop_token_ids=stop_ids, ignore_eos=args.ignore_eos,
+                          skip_special_tokens=False)
+
+
+def _stream(engine, prompt, params, on_text, out=sys.stdout):
+    """Run one request to completion, calling on_text(delta_text, delta_ids) as tokens arrive."""
+    rid = engine.add_request(prompt, params)
+    final = None
+    t0 = time.perf_counter()
+    first = None
+    try:
+        while engine.has_unfinished_requests():
+            for o in engine.step(delta=True):
+                if o.request_id != rid:
+                    continue
+                c = o.outputs[0]
+                if c.token_ids and first is None:
+                    first = time.perf_counter()
+                on_text(c.text, c.token_ids)
+                if o.finished:
+                    final = o
+    except KeyboardInterrupt:
+        engine.abort(rid)
+        out.write("\n[interrupted]\n")
+    return final, t0, first
+
+
+def _report(engine, final, t0, first, n_tokens) -> None:
+    dt = time.perf_counter() - t0
+    msg = f"[{n_tokens} tokens in {dt:.2f}s"
+    if first is not None and n_tokens > 1:
+        msg += f", {(n_tokens - 1) / max(1e-9, time.perf_counter() - first):.1f} tok/s after the first"
+    if final is not None:
+        msg += f", finish={final.outputs[0].finish_reason}"
+    if engine.proposer is not None:
+        m = engine.spec_metrics()
+        msg += f", MTP acceptance length {m['acceptance_length']:.2f}"
+    print(msg + "]", file=sys.stderr)
+
+
+def run_generate(args) -> int:
+    engine = _build(args)
+    tok = engine.tokenizer
+    if args.prompt_ids is not None:
+        prompt = [int(x) for x in args.prompt_ids.replace(" ", "").split(",") if x]
+    else:
+        if tok is None:
+            print("glm5 generate: no tokenizer.json in the model directory; pass --tokenizer or --prompt-ids",
+                  file=sys.stderr)
+            return 2
+        prompt = args.prompt
+        if args.chat:
+            prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                             enable_thinking=not args.no_thinking)
+    stop_ids = tok.stop_token_ids if (tok is not None and args.chat) else None
+    params = _params(args, 0.0, stop_ids)
+    count = [0]
+
+    def on_text(text, ids):
+        count[0] += len(ids)
+        if tok is not None:
+            sys.stdout.write(text)
+        else:
+            sys.stdout.write("".join(f"{i} " for i in ids))
+        sys.stdout.flush()
+
+    final, t0, first = _stream(engine, prompt, params, on_text)
+    sys.stdout.write("\n")
+    if args.stats:
+        _report(engine, final, t0, first, count[0])
+    return 0
+
+
+def run_chat(args) -> int:
+    from glm5.tokenizer import StreamingParser
+
+    engine = _build(args)
+    tok = engine.tokenizer
+    if tok is None:
+        print("glm5 chat: needs a tokenizer (tokenizer.json in the model directory or --tokenizer)", file=sys.stderr)
+        return 2
+    thinking = not args.no_thinking
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    params = _params(args, 1.0, tok.stop_token_ids)
+    print("glm5 chat: /reset clears the conversation, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("\n>>> ")
+        except EOFError:
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = tok.apply_chat_template(history, add_generation_prompt=True, enable_thinking=thinking)
+        parser = StreamingParser(thinking=thinking)
+        state = {"kind": None, "n": 0}
+
+        def show(deltas):
+            for d in deltas:
+                if d.reasoning_content is not None:
+                    if args.hide_reasoning:
+                        continue
+                    if state["kind"] != "reasoning":
+                        sys.stdout.write("[thinking] ")
+                        state["kind"] = "reasoning"
+                    sys.stdout.write(d.reasoning_content)
+                elif d.content is not None:
+                    if state["kind"] == "reasoning":
+                        sys.stdout.write("\n[answer] ")
+                    state["kind"] = "content"
+                    sys.stdout.write(d.content)
+                else:
+                    for tc in d.tool_calls or []:
+                        sys.stdout.write(f"\n[tool call {tc.name or ''}] {tc.arguments or ''}")
+            sys.stdout.flush()
+
+        def on_text(text, ids):
+            state["n"] += len(ids)
+            show(parser.feed(text))
+
+        final, t0, first = _stream(engine, prompt, params, on_text)
+        show(parser.finish())
+        sys.stdout.write("\n")
+        result = parser.result()
+        history.append({"role": "assistant", "content": result.content or "",
+                        **({"reasoning_content": result.reasoning_content} if result.reasoning_content else {})})
+        if args.stats:
+            _report(engine, final, t0, first, state["n"])

@@ -1,0 +1,105 @@
+"""CUDA graphs for plain decode steps (one new token per sequence), as nano-vllm does. CUDA only.
+
+For each batch-size bucket (1, 2, 4, 8, 16, 32, ... up to max_num_seqs) one graph is captured lazily on
+first use. Everything shape-dependent is fixed at capture: the batch is padded to the bucket, keys to
+``max_model_len`` (block tables [B, max_blocks]); the attention layout (key slots, causal visibility) is
+computed *inside* the graph from the block tables and positions, so a replay only copies four small
+integer tensors in. Padding rows use the reserved null block 0. With keys padded beyond ``index_topk``,
+DSA always runs the indexer and gathers the top-k rows, which is exact for short sequences too (every
+visible key has a finite score and is selected).
+
+If capture fails (an op that synchronises with the host, e.g. a data-dependent shape in the MoE), the
+bucket is marked and decode runs eagerly; the engine output is the same either way.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from glm5.model.cache import AttnGroup, PagedBatch
+
+log = logging.getLogger(__name__)
+
+
+class CudaGraphRunner:
+    def __init__(self, runner, max_num_seqs: int, max_model_len: int):
+        self.runner = runner
+        self.bs = runner.block_size
+        self.max_blocks = -(-max_model_len // self.bs)
+        self.T = self.max_blocks * self.bs
+        sizes, b = [], 1
+        while b < max_num_seqs:
+            sizes.append(b)
+            b *= 2
+        self.sizes = sizes + [max_num_seqs]
+        self.graphs: dict[int, tuple] = {}
+        self.failed: set[int] = set()
+        self.pool = None
+        self.device = runner.device
+
+    def _bucket(self, n: int) -> int | None:
+        for s in self.sizes:
+            if s >= n:
+                return s
+        return None
+
+    def _static_group(self, bt: torch.Tensor, pos: torch.Tensor) -> AttnGroup:
+        B = bt.shape[0]
+        t = torch.arange(self.T, device=self.device)
+        kv_slots = bt[:, t // self.bs] * self.bs + t % self.bs
+        visible = (t[None] <= pos[:, None])[:, None]  # [B,1,T]
+        rows = torch.arange(B, device=self.device)
+        return AttnGroup(q_index=rows[:, None], q_valid=torch.ones(B, 1, dtype=torch.bool, device=self.device),
+                         kv_slots=kv_slots, visible=visible, absorbed=True, q_rows=rows, q_flat=rows)
+
+    def _capture(self, B: int):
+        dev = self.device
+        ids = torch.zeros(B, dtype=torch.long, device=dev)
+        pos = torch.zeros(B, dtype=torch.long, device=dev)
+        slots = torch.zeros(B, dtype=torch.long, device=dev)
+        bt = torch.zeros(B, self.max_blocks, dtype=torch.long, device=dev)
+
+        def fwd():
+            batch = PagedBatch(slot_mapping=slots, groups=[self._static_group(bt, pos)])
+            return self.runner.logits(self.runner.forward(ids, pos, batch))
+
+        s = torch.cuda.Stream(dev)
+        s.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(s):
+            fwd()  # warm-up (allocator, cuBLAS handles) outside the capture
+        torch.cuda.current_stream(dev).wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fwd()
+        self.pool = graph.pool()
+        return graph, ids, pos, slots, bt, out
+
+    def run(self, chunks) -> torch.Tensor | None:
+        """Logits [len(chunks), V] for a plain decode batch, or None when no graph applies."""
+        n = len(chunks)
+        B = self._bucket(n)
+        if B is None or B in self.failed or any(c.start >= self.T for c in chunks):
+            return None
+        if B not in self.graphs:
+            try:
+                self.graphs[B] = self._capture(B)
+            except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
+                log.warning("CUDA graph capture for batch %d failed (%s); decoding eagerly", B, e)
+                self.failed.add(B)
+                torch.cuda.synchronize(self.device)
+                return None
+        graph, ids, pos, slots, bt, out = self.graphs[B]
+        bs = self.bs
+        tables = [(c.block_table + [0] * self.max_blocks)[: self.max_blocks] for c in chunks]
+        tables += [[0] * self.max_blocks] * (B - n)
+        h_ids = [c.token_ids[0] for c in chunks] + [0] * (B - n)
+        h_pos = [c.start for c in chunks] + [0] * (B - n)
+        h_slots = [c.block_table[c.start // bs] * bs + c.start % bs for c in chunks] + [0] * (B - n)
+        ids.copy_(torch.tensor(h_ids), non_blocking=True)
+        pos.copy_(torch.tensor(h_pos), non_blocking=True)
+        slots.copy_(torch.tensor(h_slots), non_blocking=True)
+        bt.copy_(torch.tensor(tables), non_blocking=True)
+        graph.replay()
+        return out[:n].clone()

@@ -1,0 +1,88 @@
+"""``LLM``: offline batch generation in vLLM's shape.
+
+    from glm5.engine import LLM, SamplingParams
+    llm = LLM("path/to/checkpoint", max_num_seqs=16, max_model_len=4096)
+    outs = llm.generate(["Hello", [1, 2, 3]], SamplingParams(temperature=0, max_tokens=32))
+    outs[0].outputs[0].text, outs[0].outputs[0].token_ids, outs[0].outputs[0].finish_reason
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from glm5.engine.llm_engine import EngineConfig, LLMEngine
+from glm5.engine.outputs import RequestOutput
+from glm5.engine.sampling_params import SamplingParams
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def build_engine(model, tokenizer=None, device: str | torch.device | None = None, dtype=None,
+                 **engine_kwargs) -> LLMEngine:
+    """A model directory (or a GLM5ForCausalLM) plus EngineConfig fields -> LLMEngine."""
+    if isinstance(dtype, str):
+        dtype = _DTYPES[dtype]
+    if isinstance(model, (str, Path)):
+        from glm5.model.transformer import GLM5ForCausalLM
+
+        path = Path(model)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        model = GLM5ForCausalLM.from_pretrained(path, dtype=dtype, device=device)
+        if tokenizer is None and (path / "tokenizer.json").exists():
+            from glm5.tokenizer import GLM5Tokenizer
+
+            tokenizer = GLM5Tokenizer.from_pretrained(path)
+    else:
+        if device is not None or dtype is not None:
+            model = model.to(device=device, dtype=dtype)
+    if isinstance(tokenizer, (str, Path)):
+        from glm5.tokenizer import GLM5Tokenizer
+
+        tokenizer = GLM5Tokenizer.from_pretrained(tokenizer)
+    return LLMEngine(model, tokenizer, EngineConfig(**engine_kwargs))
+
+
+class LLM:
+    """Synchronous engine front end.
+
+    model: a checkpoint directory (config.json + safetensors; tokenizer.json used when present) or a
+    GLM5ForCausalLM. Keyword arguments are EngineConfig fields (max_num_seqs, max_model_len, block_size,
+    num_blocks / kv_cache_memory, max_num_batched_tokens, enable_prefix_caching, num_speculative_tokens,
+    dsa, seed, use_cuda_graph) plus device, dtype and tokenizer.
+    """
+
+    def __init__(self, model, tokenizer=None, device: str | torch.device | None = None, dtype=None, **engine_kwargs):
+        self.engine = build_engine(model, tokenizer, device, dtype, **engine_kwargs)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """prompts: a string, a token-id list, or a list of either. Returns one RequestOutput per prompt, in
+        order, each with ``n`` completions (text, token_ids, finish_reason, logprobs)."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError("one SamplingParams per prompt, or a single one for all")
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        done: dict[str, RequestOutput] = {}
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+        finally:
+            for rid in ids:  # on an error (or KeyboardInterrupt) leave the engine clean
+                if rid not in done:
+                    self.engine.abort(rid)
+        return [done[r] for r in ids]
+
+    def spec_metrics(self) -> dict:
+        return self.engine.spec_metrics()

@@ -1,0 +1,390 @@
+"""The engine loop: requests in, one scheduled forward per ``step()``, outputs out.
+
+``LLMEngine`` owns the model runner, the paged cache, the block manager, the scheduler, the sampler and
+(optionally) the MTP proposer. ``add_request`` / ``abort`` / ``step`` are its whole interface; ``LLM`` (sync)
+and ``AsyncLLM`` (asyncio) are thin loops around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from glm5.engine.block_manager import BlockManager
+from glm5.engine.kv_cache import PagedKVCache, bytes_per_block
+from glm5.engine.model_runner import Chunk, ModelRunner
+from glm5.engine.outputs import CompletionOutput, RequestOutput
+from glm5.engine.sampler import Sampler, token_logprobs
+from glm5.engine.sampling_params import SamplingParams
+from glm5.engine.scheduler import Scheduler
+from glm5.engine.sequence import Sequence, SequenceStatus
+from glm5.engine.spec_decode import MTPProposer, rejection_sample, target_probs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 16
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    block_size: int = 16
+    num_blocks: int | None = None  # cache blocks (including the reserved null block); else from the memory budget
+    kv_cache_memory: int | None = None  # bytes for the cache; default: room for max_num_seqs full sequences (CPU
+    # capped at 4 GiB) or gpu_memory_utilization of the free GPU memory
+    gpu_memory_utilization: float = 0.9
+    max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill size)
+    enable_prefix_caching: bool = True
+    num_speculative_tokens: int = 0  # MTP drafts per step (0 = off)
+    dsa: str = "sparse"  # "sparse" (the model's DSA) or "dense"
+    seed: int = 0  # engine RNG for requests without a seed
+    use_cuda_graph: bool = True  # CUDA only; ignored on CPU
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival: float
+    finished: bool = False
+    metrics: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
+        self.config = cfg = config or EngineConfig()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        mcfg = model.config
+        self.device = model.device
+        self.dtype = model.dtype
+        self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
+        self.k = cfg.num_speculative_tokens
+        if self.k and model.model.mtp is None:
+            raise ValueError("num_speculative_tokens > 0 needs a model with an MTP layer")
+        if cfg.dsa not in ("sparse", "dense"):
+            raise ValueError(f"dsa must be 'sparse' or 'dense', got {cfg.dsa!r}")
+        num_layers = mcfg.num_hidden_layers + self.k  # + one cache layer per MTP draft depth
+        self.eos_ids = set(mcfg.eos_token_ids)
+        if tokenizer is not None:
+            self.eos_ids |= set(tokenizer.eos_token_ids)
+        # ---- cache budget
+        per_block = bytes_per_block(mcfg, cfg.block_size, num_layers, self.dtype)
+        num_blocks = cfg.num_blocks
+        if num_blocks is None:
+            budget = cfg.kv_cache_memory
+            if budget is None:
+                want = cfg.max_num_seqs * (self.max_model_len + 2 * self.k + cfg.block_size) * per_block // cfg.block_size
+                if self.device.type == "cuda":
+                    free, _ = torch.cuda.mem_get_info(self.device)
+                    budget = min(want, int(free * cfg.gpu_memory_utilization))
+                else:
+                    budget = min(want, 4 << 30)
+            num_blocks = max(2, budget // per_block)
+        min_blocks = 2 + -(-(self.max_model_len + 2 * self.k) // cfg.block_size)
+        if num_blocks < min_blocks:
+            raise ValueError(f"cache of {num_blocks} blocks cannot hold one {self.max_model_len}-token sequence "
+                             f"(need >= {min_blocks}); raise the budget or lower max_model_len")
+        self.kv_cache = PagedKVCache(mcfg, num_blocks, cfg.block_size, num_layers, self.dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching,
+                                          hash_extra_tokens=self.k)
+        self.runner = ModelRunner(model, self.kv_cache, cfg.block_size, dsa=cfg.dsa)
+        self.proposer = MTPProposer(self.runner, self.k) if self.k else None
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.k,
+                                   on_admit=self._on_admit)
+        self.sampler = Sampler()
+        self.rng = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self.requests: dict[str, _Request] = {}
+        self._seq_req: dict[int, _Request] = {}
+        self._next_id = 0
+        self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "spec_verify_steps": 0,
+                      "spec_draft_tokens": 0, "spec_accepted_tokens": 0}
+        if cfg.use_cuda_graph and self.device.type == "cuda" and not self.k:
+            from glm5.engine.cuda_graphs import CudaGraphRunner
+
+            self.runner.graphs = CudaGraphRunner(self.runner, cfg.max_num_seqs, self.max_model_len)
+
+    # --------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, path, tokenizer=None, dtype: torch.dtype = torch.float32, device="cpu",
+                        config: EngineConfig | None = None) -> "LLMEngine":
+        from glm5.model.transformer import GLM5ForCausalLM
+
+        model = GLM5ForCausalLM.from_pretrained(path, dtype=dtype, device=device)
+        if tokenizer is None and (Path(path) / "tokenizer.json").exists():
+            from glm5.tokenizer import GLM5Tokenizer
+
+            tokenizer = GLM5Tokenizer.from_pretrained(path)
+        return cls(model, tokenizer, config)
+
+    # -------------------------------------------------------------------------------------- requests
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        if request_id is None:
+            request_id = str(self._next_id)
+            self._next_id += 1
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text = None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; pass token ids instead")
+            text = prompt
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("empty prompt")
+        V = self.model.config.vocab_size
+        if min(ids) < 0 or max(ids) >= V:
+            raise ValueError(f"prompt token ids must be in [0, {V})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room to generate (max_model_len "
+                             f"{self.max_model_len})")
+        if params.stop_list and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        seqs = []
+        for i in range(params.n):
+            seed = params.seed + i if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self.rng))
+            gen = None
+            if not params.greedy:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(seed)
+            seq = Sequence(request_id, i, ids, params, gen, time.monotonic())
+            if self.tokenizer is not None:
+                seq.detokenizer = self.tokenizer.incremental_detokenizer(skip_special_tokens=params.skip_special_tokens)
+            seqs.append(seq)
+        req = _Request(request_id, text, ids, params, seqs, time.monotonic())
+        self.requests[request_id] = req
+        for s in seqs:
+            self._seq_req[s.seq_id] = req
+            self.scheduler.add(s)
+        self.stats["prompt_tokens"] += len(ids) * params.n
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now (finish reason "abort") and free its cache blocks."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return self._finish_request(req, delta=True)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ------------------------------------------------------------------------------------------ step
+    def _on_admit(self, seq: Sequence) -> None:
+        if self.proposer is not None:
+            self.proposer.reset(seq, seq.num_computed_tokens)
+
+    @torch.inference_mode()
+    def step(self, delta: bool = False) -> list[RequestOutput]:
+        """Run one scheduled forward; return outputs of the requests that changed (all their text and tokens
+        so far, or with ``delta`` only the new part)."""
+        sched = self.scheduler.schedule()
+        for seq in sched.preempted:
+            if self.proposer is not None:
+                seq.spec = None
+        if not sched.scheduled:
+            return []
+        self.stats["steps"] += 1
+        items = sched.scheduled
+        plain_decode = all(s.num_new_tokens == 1 and not s.draft_ids and s.completes for s in items)
+        hidden = None
+        if plain_decode and self.proposer is None:
+            chunks = [Chunk(s.seq.block_table, s.seq.num_computed_tokens, s.seq.token_ids[-1:]) for s in items]
+            logits = self.runner.decode_logits(chunks)
+            row_of = list(range(len(items)))
+            nrows = [1] * len(items)
+        else:
+            chunks, row_idx, row_of, nrows = [], [], [], []
+            off = 0
+            for s in items:
+                seq = s.seq
+                c = seq.num_computed_tokens
+                toks = seq.token_ids[c:c + s.num_new_tokens] + s.draft_ids
+                chunks.append(Chunk(seq.block_table, c, toks))
+                m = 1 + len(s.draft_ids) if s.completes else 0
+                row_of.append(len(row_idx))
+                nrows.append(m)
+                row_idx.extend(range(off + len(toks) - m, off + len(toks)))
+                off += len(toks)
+            ids, pos, batch = self.runner.build(chunks)
+            hidden = self.runner.forward(ids, pos, batch)
+            logits = self.runner.logits(hidden[torch.tensor(row_idx, dtype=torch.long, device=self.device)]) \
+                if row_idx else None
+        # ---- sample / verify
+        plain = [i for i, s in enumerate(items) if s.completes and not s.draft_ids]
+        sampled: dict[int, tuple[list[int], list]] = {}
+        if plain:
+            rows = torch.tensor([row_of[i] for i in plain], dtype=torch.long, device=logits.device)
+            toks, lps = self.sampler(logits[rows], [items[i].seq.params for i in plain],
+                                     [items[i].seq.generator for i in plain])
+            for j, i in enumerate(plain):
+                sampled[i] = ([toks[j]], [lps[j]])
+        for i, s in enumerate(items):
+            if s.completes and s.draft_ids:
+                seq = s.seq
+                lg = logits[row_of[i]:row_of[i] + nrows[i]]
+                probs = target_probs(lg, seq.params)
+                emitted, accepted = rejection_sample(probs, s.draft_ids, seq.draft_probs, seq.generator)
+                lps = token_logprobs(lg[: len(emitted)], emitted, [seq.params.logprobs] * len(emitted))
+                sampled[i] = (emitted, lps)
+                self.stats["spec_verify_steps"] += 1
+                self.stats["spec_draft_tokens"] += len(s.draft_ids)
+                self.stats["spec_accepted_tokens"] += accepted
+        # ---- commit
+        touched: list[_Request] = []
+        spec_items, spec_kmax = [], []
+        off = 0
+        for i, s in enumerate(items):
+            seq = s.seq
+            width = s.num_new_tokens + len(s.draft_ids)
+            c_old = seq.num_computed_tokens
+            if i in sampled:
+                toks, lps = sampled[i]
+                seq.num_computed_tokens = c_old + s.num_new_tokens + len(toks) - 1  # fed + accepted drafts
+                for t, lp in zip(toks, lps):
+                    self._append_token(seq, t, lp)
+                    if seq.is_finished:
+                        break
+                req = self._seq_req[seq.seq_id]
+                if req not in touched:
+                    touched.append(req)
+            else:
+                seq.num_computed_tokens = c_old + s.num_new_tokens
+            seq.draft_token_ids, seq.draft_probs = [], None
+            if seq.is_finished:
+                self.scheduler.finish(seq)
+            else:
+                if self.proposer is not None:
+                    committed = seq.num_computed_tokens - c_old
+                    spec_items.append((seq, hidden[off:off + committed], c_old))
+                    spec_kmax.append(self._max_drafts(seq) if seq.in_decode else 0)
+                self.block_manager.register_full_blocks(
+                    seq, self.proposer.committed(seq) if self.proposer else seq.num_computed_tokens)
+            off += width
+        if spec_items:
+            self.proposer.propose(spec_items, spec_kmax)
+            for seq, _, _ in spec_items:
+                self.block_manager.register_full_blocks(seq, self.proposer.committed(seq))
+        outs = []
+        for req in touched:
+            if all(s.is_finished for s in req.seqs):
+                outs.append(self._finish_request(req, delta))
+            else:
+                outs.append(self._make_output(req, delta))
+        return outs
+
+    def _max_drafts(self, seq: Sequence) -> int:
+        p = seq.params
+        left = self.max_model_len - seq.num_tokens
+        if p.max_tokens is not None:
+            left = min(left, p.max_tokens - seq.num_output_tokens)
+        return max(0, min(self.k, left - 1))
+
+    # --------------------------------------------------------------------------------- stop checks
+    def _append_token(self, seq: Sequence, tok: int, lp: dict | None) -> None:
+        p = seq.params
+        seq.token_ids.append(tok)
+        self.stats["generation_tokens"] += 1
+        if lp is not None:
+            seq.logprobs.append(lp)
+            seq.cumulative_logprob += lp[tok]
+        n_out = seq.num_output_tokens
+        stop_id = None
+        if n_out >= p.min_tokens and ((tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids):
+            stop_id = tok  # ends the output; its text is not added
+        if stop_id is None and seq.detokenizer is not None:
+            before = len(seq.output_text)
+            seq.output_text += seq.detokenizer.add(tok)
+            if p.stop_list and n_out >= p.min_tokens:
+                hit = _find_stop(seq.output_text, p.stop_list, before)
+                if hit is not None:
+                    idx, s = hit
+                    seq.output_text = seq.output_text[: idx + (len(s) if p.include_stop_str_in_output else 0)]
+                    return self._finish_seq(seq, "stop", s, flush=False)
+        if stop_id is not None:
+            return self._finish_seq(seq, "stop", stop_id)
+        if p.max_tokens is not None and n_out >= p.max_tokens:
+            return self._finish_seq(seq, "length", None)
+        if seq.num_tokens >= self.max_model_len:
+            return self._finish_seq(seq, "length", None)
+
+    def _finish_seq(self, seq: Sequence, reason: str, stop_reason, flush: bool = True) -> None:
+        if flush and seq.detokenizer is not None:
+            seq.output_text += seq.detokenizer.finish()
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        seq.status = SequenceStatus.FINISHED
+
+    # ------------------------------------------------------------------------------------- outputs
+    def _completion(self, seq: Sequence, delta: bool) -> CompletionOutput:
+        p = seq.params
+        text = seq.output_text
+        if not seq.is_finished and p.stop_list:  # hold back what a stop string could still cut
+            text = text[: max(0, len(text) - (max(len(s) for s in p.stop_list) - 1))]
+        toks = seq.output_token_ids
+        lps = seq.logprobs
+        if delta:
+            t0, c0 = seq.sent_tokens, seq.sent_chars
+            seq.sent_tokens, seq.sent_chars = len(toks), max(c0, len(text))
+            toks, text = toks[t0:], text[c0:]
+            lps = lps[t0:] if lps is not None else None
+        return CompletionOutput(index=seq.index, text=text, token_ids=list(toks),
+                                cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                                logprobs=list(lps) if lps is not None else None,
+                                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
+
+    def _make_output(self, req: _Request, delta: bool) -> RequestOutput:
+        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+                             outputs=[self._completion(s, delta) for s in req.seqs], finished=req.finished,
+                             num_cached_tokens=max(s.num_cached_tokens for s in req.seqs), metrics=req.metrics)
+
+    def _finish_request(self, req: _Request, delta: bool) -> RequestOutput:
+        req.finished = True
+        req.metrics.update(e2e_s=time.monotonic() - req.arrival,
+                           preemptions=sum(s.num_preemptions for s in req.seqs))
+        out = self._make_output(req, delta)
+        self.requests.pop(req.request_id, None)
+        for s in req.seqs:
+            self._seq_req.pop(s.seq_id, None)
+        return out
+
+    # --------------------------------------------------------------------------------------- metrics
+    def spec_metrics(self) -> dict:
+        s = self.stats
+        n = s["spec_verify_steps"]
+        return {
+            "verify_steps": n,
+            "draft_tokens": s["spec_draft_tokens"],
+            "accepted_tokens": s["spec_accepted_tokens"],
+            "acceptance_rate": s["spec_accepted_tokens"] / s["spec_draft_tokens"] if s["spec_draft_tokens"] else 0.0,
+            # tokens emitted per verification step, the bonus token included (vLLM's "mean acceptance length")
+            "acceptance_length": (s["spec_accepted_tokens"] + n) / n if n else 0.0,
+        }
+
+
+def _find_stop(text: str, stops: list[str], new_from: int) -> tuple[int, str] | None:
+    """Earliest stop string that ends in the newly added text (from index ``new_from``)."""
+    best = None
+    for s in stops:
+        i = text.find(s, max(0, new_from - len(s) + 1))
+        if i != -1 and (best is None or i < best[0]):
+            best = (i, s)
+    return best

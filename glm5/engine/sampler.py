@@ -1,0 +1,84 @@
+"""The one sampler: temperature, top-k, top-p, per-request RNG streams, logprobs.
+
+Every random draw of a request comes from its own ``torch.Generator`` (seeded from ``SamplingParams.seed``
+or from the engine's RNG), drawn row by row, so a request's tokens do not depend on what else is in the
+batch. Greedy rows (temperature 0) take the argmax and draw nothing. The same ``probs`` processing is used
+for normal sampling, for MTP drafts and for the target side of speculative verification.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glm5.engine.sampling_params import SamplingParams
+
+
+def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Sampling distribution per row after temperature, top-k and top-p: logits [M,V] -> probs [M,V] fp32.
+    Greedy rows get a one-hot on the argmax."""
+    logits = logits.float()
+    M, V = logits.shape
+    dev = logits.device
+    greedy = torch.tensor([p.greedy for p in params], device=dev)
+    temp = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)
+    x = logits / temp[:, None]
+    top_k = [p.top_k if 0 < p.top_k < V else 0 for p in params]
+    if any(top_k):
+        k = torch.tensor([k if k else V for k in top_k], device=dev)
+        kth = x.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+        x = x.masked_fill(x < kth, float("-inf"))
+    top_p = [p.top_p for p in params]
+    if any(tp < 1.0 for tp in top_p):
+        tp = torch.tensor(top_p, device=dev)
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        sp = sorted_x.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p (the top token always stays)
+        drop_sorted = (sp.cumsum(-1) - sp) >= tp[:, None]
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        x = x.masked_fill(drop, float("-inf"))
+    probs = x.softmax(-1)
+    if bool(greedy.any()):
+        onehot = torch.zeros_like(probs).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
+        probs = torch.where(greedy[:, None], onehot, probs)
+    return probs
+
+
+def sample_rows(probs: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
+    """One token per row: argmax for greedy rows, else a draw from the row's own generator."""
+    out = []
+    for i, p in enumerate(params):
+        if p.greedy:
+            out.append(int(probs[i].argmax()))
+        else:
+            out.append(int(torch.multinomial(probs[i], 1, generator=generators[i])))
+    return out
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], num_top: list[int | None]) -> list[dict[int, float] | None]:
+    """Raw-distribution log-probabilities: per row the chosen token and the ``num_top`` most likely ones."""
+    if all(n is None for n in num_top):
+        return [None] * len(tokens)
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    kmax = max(n or 0 for n in num_top)
+    top = lp.topk(kmax, dim=-1) if kmax else None
+    out = []
+    for i, (tok, n) in enumerate(zip(tokens, num_top)):
+        if n is None:
+            out.append(None)
+            continue
+        d = {tok: float(lp[i, tok])}
+        if n:
+            for v, j in zip(top.values[i, :n].tolist(), top.indices[i, :n].tolist()):
+                d.setdefault(j, v)
+        out.append(d)
+    return out
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], generators: list):
+        """logits [M,V] -> (tokens list[int], logprobs list[dict | None])."""
+        if all(p.greedy for p in params):
+            tokens = logits.argmax(-1).tolist()
+        else:
+            tokens = sample_rows(processed_probs(logits, params), params, generators)
+        return tokens, token_logprobs(logits, tokens, [p.logprobs for p in params])

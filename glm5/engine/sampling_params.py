@@ -1,0 +1,67 @@
+"""Per-request sampling parameters (vLLM's ``SamplingParams`` shape)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request.
+
+    temperature: 0 (< 1e-5) = greedy (argmax); otherwise logits / temperature.
+    top_p: nucleus sampling (1.0 = off). top_k: keep the k most likely tokens (0 or -1 = off).
+    max_tokens: generated tokens at most (None = until max_model_len). min_tokens: EOS/stop ids are
+        ignored before this many tokens.
+    stop: strings that end generation (needs a tokenizer); the text is cut before the match unless
+        ``include_stop_str_in_output``. stop_token_ids: extra ids that end generation (kept in token_ids).
+    ignore_eos: do not stop on the model's EOS ids.
+    seed: per-request RNG seed; the same seed gives the same tokens whatever else is in the batch.
+        With n > 1, completion i uses seed + i.
+    logprobs: return the log-probabilities (of the raw model distribution) of each sampled token plus the
+        ``logprobs`` most likely alternatives (0 = only the sampled token, None = none).
+    n: completions per prompt.
+    skip_special_tokens: drop special added tokens from the text (GLM-5's think/tool tags are not special).
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    seed: int | None = None
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    stop_list: list[str] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop_list = [self.stop]
+        else:
+            self.stop_list = list(self.stop or [])
+        if any(not isinstance(s, str) or not s for s in self.stop_list):
+            raise ValueError("stop: strings must be non-empty")
+        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be a positive integer, got {self.n!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is None or self.top_k < 0:
+            self.top_k = 0
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5

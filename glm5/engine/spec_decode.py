@@ -1,0 +1,175 @@
+"""MTP speculative decoding: draft k tokens with GLM-5's one MTP layer, verify them in one target forward.
+
+Drafting follows the MTP recursion the model defines (``GLM5ForCausalLM.mtp_forward``; GLM-5 trains 3
+steps that share this one layer): at depth d, position s,
+    h^d_s = MTPLayer(h^{d-1}_s, token x_{s+d}),   logits^d_s = lm_head(shared_head.norm(h^d_s)) predict x_{s+d+1},
+with h^0 the main model's final (normed) hidden state and attention at depth d over the depth-d entries of
+earlier positions. Each depth therefore keeps its own latent cache (cache layer ``num_hidden_layers + d -
+1``) and is kept up to date ("committed") for every position whose inputs are final: h^{d-1}_s committed
+and x_{s+d} accepted. To draft after the last token x_{L-1}, depth d runs over its uncommitted positions up
+to L-2, where the needed tokens past x_{L-1} are the drafts of the lower depths; its output at L-2 gives
+draft d. Those tentative cache entries are simply overwritten later.
+
+Verification feeds [x_{L-1}, d_1..d_k] to the target. Greedy requests accept drafts while they equal the
+target argmax (so output is exactly the non-speculative greedy output); sampled requests use rejection
+sampling (accept d_i with probability min(1, p_i(d_i)/q_i(d_i)), else resample from max(0, p_i - q_i)),
+which leaves the output distribution equal to the target's. The bonus token comes from the first rejected
+or the (k+1)-th target row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glm5.engine.model_runner import Chunk, ModelRunner
+from glm5.engine.sampler import processed_probs
+from glm5.engine.sampling_params import SamplingParams
+from glm5.engine.sequence import Sequence
+
+
+def rejection_sample(target_probs: torch.Tensor, draft_ids: list[int], draft_probs: torch.Tensor | None,
+                     generator: torch.Generator | None) -> tuple[list[int], int]:
+    """Speculative sampling for one sequence.
+
+    target_probs [k+1, V]: the target's sampling distributions at the k draft positions and the bonus one.
+    draft_ids (k) with draft_probs [k, V] (the distributions they were drawn from; None = greedy, where
+    target_probs rows are one-hot). Returns (emitted tokens: accepted drafts + one more, number accepted).
+    """
+    k = len(draft_ids)
+    if draft_probs is None:  # greedy: exact match against the target argmax
+        tgt = target_probs.argmax(-1).tolist()
+        out = []
+        for i, d in enumerate(draft_ids):
+            if tgt[i] != d:
+                out.append(tgt[i])
+                return out, i
+            out.append(d)
+        out.append(tgt[k])
+        return out, k
+    u = torch.rand(k, generator=generator, device=target_probs.device) if k else None
+    out = []
+    for i, d in enumerate(draft_ids):
+        p, q = target_probs[i], draft_probs[i]
+        if float(u[i]) * float(q[d]) <= float(p[d]):  # u < p/q without dividing by a zero q
+            out.append(d)
+            continue
+        residual = (p - q).clamp_min(0)
+        if float(residual.sum()) <= 0:
+            residual = p
+        out.append(int(torch.multinomial(residual / residual.sum(), 1, generator=generator)))
+        return out, i
+    out.append(int(torch.multinomial(target_probs[k], 1, generator=generator)))
+    return out, k
+
+
+class SpecState:
+    """Per-sequence MTP bookkeeping. mtp_len[d] (d = 1..k): positions with committed depth-d cache entries;
+    hbuf[d] (d = 0..k-1): committed h^d rows for positions [mtp_len[d+1], end_d) not yet consumed by depth
+    d+1 (end_0 = the main cache length, end_d = mtp_len[d])."""
+
+    def __init__(self, k: int, start: int = 0):
+        self.mtp_len = [start] * (k + 1)
+        self.hbuf: list[torch.Tensor | None] = [None] * (k + 1)
+
+
+class MTPProposer:
+    def __init__(self, runner: ModelRunner, num_spec_tokens: int):
+        if runner.model.model.mtp is None:
+            raise ValueError("speculative decoding needs the model's MTP layer (num_nextn_predict_layers > 0)")
+        self.runner = runner
+        self.k = num_spec_tokens
+
+    def reset(self, seq: Sequence, start: int = 0) -> None:
+        seq.spec = SpecState(self.k, start)
+
+    def committed(self, seq: Sequence) -> int:
+        """Positions whose main *and* every depth's cache entries are final (for prefix-cache publishing)."""
+        st = getattr(seq, "spec", None)
+        return min([seq.num_computed_tokens] + (st.mtp_len[1:] if st else [0]))
+
+    @torch.inference_mode()
+    def propose(self, items: list[tuple[Sequence, torch.Tensor, int]], max_drafts: list[int]) -> None:
+        """Bring the MTP caches up to date and draft for decoding sequences.
+
+        items: (sequence, hidden rows [m,H] of its newly committed main positions, first such position).
+        max_drafts[i]: drafts wanted for item i (0 = none: still prefilling, or about to finish).
+        Sets ``seq.draft_token_ids`` and ``seq.draft_probs``.
+        """
+        works = []
+        for (seq, h_new, p0), kmax in zip(items, max_drafts):
+            st = seq.spec
+            prev = st.hbuf[0]
+            assert st.mtp_len[1] + (0 if prev is None else prev.shape[0]) == p0, "MTP catch-up out of sync"
+            w = _Work(seq, st, h_new if prev is None else torch.cat([prev, h_new]), kmax)
+            st.mtp_len[0] = seq.num_computed_tokens
+            seq.draft_token_ids = []
+            works.append(w)
+        for d in range(1, self.k + 1):
+            self._depth(works, d)
+        for w in works:
+            w.seq.draft_probs = torch.stack(w.dists) if w.dists else None
+
+    def _depth(self, works: list["_Work"], d: int) -> None:
+        """Run depth d for every sequence: its committed catch-up plus, when drafting, the tentative tail."""
+        chunks, rows, running = [], [], []
+        for w in works:
+            seq, st = w.seq, w.st
+            L = seq.num_tokens
+            w.start = st.mtp_len[d]  # ``w.avail`` (h^{d-1}) starts at this position
+            w.commit_end = min(st.mtp_len[d - 1], L - d)
+            w.run_end = L - 1 if d <= w.kmax else w.commit_end
+            w.h = None
+            if w.run_end > w.start:
+                ext = seq.token_ids + seq.draft_token_ids
+                chunks.append(Chunk(seq.block_table, w.start, ext[w.start + d:w.run_end + d]))
+                rows.append(w.avail[: w.run_end - w.start])
+                running.append(w)
+        if chunks:
+            ids, pos, batch = self.runner.build(chunks)
+            out = self.runner.mtp(torch.cat(rows), ids, pos, batch, d)
+            off = 0
+            for w in running:
+                n = w.run_end - w.start
+                w.h = out[off:off + n]
+                off += n
+        drafting = []
+        for w in works:
+            st = w.st
+            # committed h^{d-1} rows that depth d has not consumed yet
+            lo, hi = w.commit_end - w.start, st.mtp_len[d - 1] - w.start
+            st.hbuf[d - 1] = w.avail[lo:hi] if hi > lo else None
+            prev = st.hbuf[d] if d < self.k else None  # committed h^d for [mtp_len[d+1], old mtp_len[d])
+            st.mtp_len[d] = w.commit_end
+            if d < self.k:
+                parts = [t for t in (prev, w.h) if t is not None and t.shape[0]]
+                w.avail = torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else w.avail[:0])
+            if d <= w.kmax and w.h is not None:
+                drafting.append(w)
+        if not drafting:
+            return
+        logits = self.runner.mtp_logits(torch.stack([w.h[-1] for w in drafting]))
+        params = [w.seq.params for w in drafting]
+        if all(p.greedy for p in params):
+            for w, t in zip(drafting, logits.argmax(-1).tolist()):
+                w.seq.draft_token_ids.append(t)
+            return
+        probs = processed_probs(logits, params)
+        for i, w in enumerate(drafting):
+            if w.seq.params.greedy:
+                w.seq.draft_token_ids.append(int(probs[i].argmax()))
+            else:
+                w.seq.draft_token_ids.append(int(torch.multinomial(probs[i], 1, generator=w.seq.generator)))
+                w.dists.append(probs[i])
+
+
+class _Work:
+    def __init__(self, seq: Sequence, st: SpecState, avail: torch.Tensor, kmax: int):
+        self.seq, self.st, self.avail, self.kmax = seq, st, avail, kmax
+        self.dists: list[torch.Tensor] = []
+        self.start = self.commit_end = self.run_end = 0
+        self.h: torch.Tensor | None = None
+
+
+def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The target's sampling distributions for one sequence's verification rows."""
+    return processed_probs(logits, [params] * logits.shape[0])
