@@ -109,11 +109,11 @@ def _selfcheck_ok(device: torch.device) -> bool:
         ok = False
         try:
             g = torch.Generator(device="cpu").manual_seed(0)
-            x = torch.randn(32, 512, generator=g).to(device)
+            x = torch.randn(32, 512, generator=g).to(device=device, dtype=torch.bfloat16)
             wq, ws = quantize_block(torch.randn(256, 512, generator=g) * 0.05)
             wq, ws = wq.to(device), ws.to(device)
-            got = _scaled_mm_block(x, wq, ws, torch.float32)
-            ref = F.linear(fake_quant_act(x), dequantize_block(wq, ws))
+            got = _scaled_mm_block(x, wq, ws, torch.bfloat16).float()
+            ref = F.linear(fake_quant_act(x.float()), dequantize_block(wq, ws))
             rel = ((got - ref).norm() / ref.norm()).item()
             ok = rel < 1e-2
             if not ok:

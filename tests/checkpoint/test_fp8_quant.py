@@ -226,3 +226,29 @@ OFFICIAL_KEYS = {  # architecture.md §3.1, one layer of each kind; True = FP8 i
 def test_fp8_quantizable_rule_matches_official_layout():
     for key, fp8 in OFFICIAL_KEYS.items():
         assert is_fp8_quantizable(key, (2, 2) if key.endswith("weight") else (2,)) == fp8, key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp8_scaled_mm_matches_emulation_on_gpu():
+    """On sm90 the block-scaled torch._scaled_mm path must equal the emulated w8a8 numerics (fp32 accumulation,
+    bf16 output); elsewhere "auto" must silently fall back to dequantise-and-matmul."""
+    from glm5.model.fp8_linear import scaled_mm_available
+
+    g = torch.Generator().manual_seed(6)
+    lin = torch.nn.Linear(1024, 768, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(768, 1024, generator=g) * 0.05)
+    f = FP8Linear.from_linear(lin).cuda()
+    for M in (1, 5, 64, 300):
+        x = torch.randn(M, 1024, generator=g).cuda().bfloat16()
+        f.mode = "emulate"
+        ref = f(x.float())
+        f.mode = "auto"
+        got = f(x)
+        assert got.dtype == torch.bfloat16
+        rel = ((got.float() - ref).norm() / ref.norm()).item()
+        assert rel < 1e-2, (M, rel)
+    if scaled_mm_available("cuda"):
+        f.mode = "scaled_mm"
+        f(torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16))
