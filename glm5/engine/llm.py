@@ -71,9 +71,11 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("one SamplingParams per prompt, or a single one for all")
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        ids: list[str] = []
         done: dict[str, RequestOutput] = {}
         try:
+            for p, sp in zip(prompts, params):
+                ids.append(self.engine.add_request(p, sp))
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.finished:

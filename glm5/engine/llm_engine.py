@@ -76,18 +76,18 @@ class LLMEngine:
             self.eos_ids |= set(tokenizer.eos_token_ids)
         # ---- cache budget
         per_block = bytes_per_block(mcfg, cfg.block_size, num_layers, self.dtype)
+        min_blocks = 2 + -(-(self.max_model_len + 2 * self.k) // cfg.block_size)  # one full sequence + null block
         num_blocks = cfg.num_blocks
         if num_blocks is None:
-            budget = cfg.kv_cache_memory
-            if budget is None:
-                want = cfg.max_num_seqs * (self.max_model_len + 2 * self.k + cfg.block_size) * per_block // cfg.block_size
+            if cfg.kv_cache_memory is not None:
+                num_blocks = cfg.kv_cache_memory // per_block
+            else:
+                num_blocks = cfg.max_num_seqs * (min_blocks - 1) + 1
                 if self.device.type == "cuda":
                     free, _ = torch.cuda.mem_get_info(self.device)
-                    budget = min(want, int(free * cfg.gpu_memory_utilization))
+                    num_blocks = min(num_blocks, int(free * cfg.gpu_memory_utilization) // per_block)
                 else:
-                    budget = min(want, 4 << 30)
-            num_blocks = max(2, budget // per_block)
-        min_blocks = 2 + -(-(self.max_model_len + 2 * self.k) // cfg.block_size)
+                    num_blocks = min(num_blocks, (4 << 30) // per_block)
         if num_blocks < min_blocks:
             raise ValueError(f"cache of {num_blocks} blocks cannot hold one {self.max_model_len}-token sequence "
                              f"(need >= {min_blocks}); raise the budget or lower max_model_len")

@@ -1,0 +1,145 @@
+"""Continuous batching, per-request sampling parameters and seeds, finish reasons, logprobs, abort."""
+
+import pytest
+import torch
+
+from glm5.engine import LLM, SamplingParams
+from glm5.engine.llm_engine import LLMEngine, EngineConfig
+
+from .conftest import prompts, ref_greedy
+
+
+def _run_all(engine: LLMEngine) -> dict:
+    done = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o
+    return done
+
+
+def test_requests_join_and_leave_at_step_boundaries(nano):
+    eng = LLMEngine(nano, config=EngineConfig(block_size=4, max_num_seqs=4, max_num_batched_tokens=16))
+    ps = prompts([9, 30, 4, 17, 22], seed=11)
+    lens = [3, 12, 7, 5, 9]
+    eng.add_request(ps[0], SamplingParams(temperature=0, max_tokens=lens[0], ignore_eos=True), request_id="a")
+    eng.add_request(ps[1], SamplingParams(temperature=0, max_tokens=lens[1], ignore_eos=True), request_id="b")
+    done, batch_sizes = {}, []
+    late = {4: ("c", 2), 6: ("d", 3), 9: ("e", 4)}  # step -> request arriving before it
+    step = 0
+    while eng.has_unfinished_requests() or late:
+        if step in late:
+            rid, i = late.pop(step)
+            eng.add_request(ps[i], SamplingParams(temperature=0, max_tokens=lens[i], ignore_eos=True), request_id=rid)
+        batch_sizes.append(len(eng.scheduler.running) + min(len(eng.scheduler.waiting), 4))
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o
+        step += 1
+    assert len(set(batch_sizes)) > 2  # the batch grew and shrank
+    for rid, i in zip("abcde", range(5)):
+        assert done[rid].outputs[0].token_ids == ref_greedy(nano, ps[i], lens[i]), rid
+        assert len(done[rid].outputs[0].token_ids) == lens[i]
+
+
+def test_per_request_params_and_seed_independent_of_batch_mates(nano):
+    p = prompts([12], seed=4)[0]
+    sp = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=1234, max_tokens=12, ignore_eos=True)
+    alone = LLM(nano, block_size=4).generate([p], sp)[0].outputs[0].token_ids
+    others = prompts([5, 33, 20], seed=5)
+    mates = [SamplingParams(temperature=1.3, seed=7, max_tokens=9, ignore_eos=True),
+             SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
+             SamplingParams(temperature=0.7, top_k=3, max_tokens=5, ignore_eos=True)]  # no seed: engine RNG
+    outs = LLM(nano, block_size=4, max_num_batched_tokens=24).generate(others[:2] + [p] + others[2:],
+                                                                         mates[:2] + [sp] + mates[2:])
+    assert outs[2].outputs[0].token_ids == alone
+    assert outs[1].outputs[0].token_ids == ref_greedy(nano, others[1], 14)
+    other_seed = LLM(nano, block_size=4).generate([p], SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=99,
+                                                                      max_tokens=12, ignore_eos=True))
+    assert other_seed[0].outputs[0].token_ids != alone
+
+
+def test_top_k_one_is_greedy_and_n_completions(nano):
+    p = prompts([10], seed=6)[0]
+    out = LLM(nano).generate([p], SamplingParams(temperature=1.0, top_k=1, n=3, seed=0, max_tokens=6, ignore_eos=True))[0]
+    assert len(out.outputs) == 3 and [c.index for c in out.outputs] == [0, 1, 2]
+    for c in out.outputs:
+        assert c.token_ids == ref_greedy(nano, p, 6)
+    out = LLM(nano).generate([p], SamplingParams(temperature=1.5, n=2, seed=0, max_tokens=8, ignore_eos=True))[0]
+    assert out.outputs[0].token_ids != out.outputs[1].token_ids  # seed + i per completion
+
+
+def test_finish_reasons_stop_ids_eos_and_length(nano):
+    p = prompts([14], seed=8)[0]
+    ref = ref_greedy(nano, p, 12)
+    llm = LLM(nano)
+    stop_at = ref[5]
+    first = ref.index(stop_at)
+    o = llm.generate([p], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_at]))[0].outputs[0]
+    assert o.finish_reason == "stop" and o.stop_reason == stop_at
+    assert o.token_ids == ref[: first + 1]  # the stop id is the last token
+    o = llm.generate([p], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0].outputs[0]
+    assert o.finish_reason == "length" and o.stop_reason is None and len(o.token_ids) == 4
+    # the model's EOS ids stop generation unless ignore_eos; min_tokens defers them
+    eng = LLMEngine(nano, config=EngineConfig())
+    eng.eos_ids = {ref[2]}
+    eng.add_request(p, SamplingParams(temperature=0, max_tokens=12), request_id="x")
+    o = _run_all(eng)["x"].outputs[0]
+    assert o.token_ids == ref[: ref.index(ref[2]) + 1] and o.finish_reason == "stop"
+    eng.add_request(p, SamplingParams(temperature=0, max_tokens=12, min_tokens=8), request_id="y")
+    o = _run_all(eng)["y"].outputs[0]
+    assert len(o.token_ids) >= 8
+    # max_model_len ends a request with "length"
+    o = LLM(nano, max_model_len=20).generate([p], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+    assert o[0].outputs[0].finish_reason == "length" and len(o[0].outputs[0].token_ids) == 6
+
+
+def test_logprobs_are_raw_model_logprobs(nano):
+    p = prompts([9], seed=10)[0]
+    o = LLM(nano).generate([p], SamplingParams(temperature=0.8, seed=3, max_tokens=5, logprobs=3, ignore_eos=True))
+    c = o[0].outputs[0]
+    assert len(c.logprobs) == 5
+    toks = list(p)
+    total = 0.0
+    for t, lp in zip(c.token_ids, c.logprobs):
+        with torch.no_grad():
+            ref = torch.log_softmax(nano(torch.tensor([toks])).logits[0, -1].float(), -1)
+        assert t in lp and 3 <= len(lp) <= 4
+        assert abs(lp[t] - float(ref[t])) < 1e-4
+        top = ref.topk(3).indices.tolist()
+        assert all(i in lp for i in top)
+        total += lp[t]
+        toks.append(t)
+    assert abs(c.cumulative_logprob - total) < 1e-4
+
+
+def test_abort_frees_blocks(nano):
+    eng = LLMEngine(nano, config=EngineConfig(block_size=4, max_num_seqs=4))
+    ps = prompts([20, 30, 11], seed=12)
+    for i, p in enumerate(ps):
+        eng.add_request(p, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), request_id=f"r{i}")
+    for _ in range(4):
+        eng.step()
+    bm = eng.block_manager
+    held = len(next(s for s in eng.scheduler.running if s.request_id == "r1").block_table)
+    free_before = bm.num_free_blocks
+    out = eng.abort("r1")
+    assert out.finished and out.outputs[0].finish_reason == "abort"
+    assert bm.num_free_blocks == free_before + held
+    assert eng.abort("r1") is None  # already gone
+    done = _run_all(eng)
+    assert set(done) == {"r0", "r2"}
+    assert bm.num_free_blocks == bm.num_blocks - 1
+
+
+def test_invalid_requests_are_rejected(nano):
+    llm = LLM(nano, max_model_len=32)
+    with pytest.raises(ValueError):
+        llm.generate([list(range(1, 40))], SamplingParams(max_tokens=2))  # prompt longer than max_model_len
+    with pytest.raises(ValueError):
+        llm.generate("text without a tokenizer")
+    with pytest.raises(ValueError):
+        llm.generate([[1, 2, 5000]])  # outside the vocabulary
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=0)
+    assert not llm.engine.has_unfinished_requests()

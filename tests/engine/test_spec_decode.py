@@ -1,0 +1,116 @@
+"""MTP speculative decoding: drafts follow the model's MTP recursion, greedy output is unchanged, rejection
+sampling keeps the target distribution."""
+
+import torch
+
+from glm5.engine import LLM, SamplingParams
+from glm5.engine.spec_decode import rejection_sample
+
+from .conftest import make_model, prompts, ref_greedy, ref_mtp_drafts
+
+
+def test_spec_greedy_equals_plain_greedy(nano):
+    ps = prompts([5, 21, 40], seed=20)
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    plain = LLM(nano, block_size=4).generate(ps, sp)
+    llm = LLM(nano, block_size=4, num_speculative_tokens=3, max_num_batched_tokens=16)
+    spec = llm.generate(ps, sp)
+    for a, b, p in zip(plain, spec, ps):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids == ref_greedy(nano, p, 12)
+    m = llm.spec_metrics()
+    assert m["verify_steps"] > 0 and m["draft_tokens"] > 0 and 1.0 <= m["acceptance_length"] <= 4.0
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks - 1
+
+
+def test_drafts_follow_mtp_recursion_and_accepted_drafts_commit(nano):
+    """Every step's drafts equal the model's own MTP recursion over the full sequence; then the drafts are replaced by
+    an oracle (two right, one wrong) so that verification accepts tokens and the MTP caches must catch up."""
+    ps = prompts([6, 19, 27], seed=21)
+    n = 14
+    refs = [p + ref_greedy(nano, p, n) for p in ps]
+    llm = LLM(nano, block_size=4, num_speculative_tokens=3, max_num_batched_tokens=32)
+    proposer = llm.engine.proposer
+    orig = proposer.propose
+    checked = []
+
+    def propose(items, kmax):
+        orig(items, kmax)
+        for (seq, _, _), k in zip(items, kmax):
+            if not k:
+                continue
+            checked.append(seq.draft_token_ids == ref_mtp_drafts(nano, seq.token_ids, k))
+            ref = next(r for r in refs if r[: seq.num_prompt_tokens] == seq.prompt_token_ids)
+            oracle = ref[seq.num_tokens:seq.num_tokens + k]
+            if k == 3:
+                oracle[2] = (oracle[2] + 1) % nano.config.vocab_size
+            seq.draft_token_ids = oracle
+
+    proposer.propose = propose
+    outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    for o, r, p in zip(outs, refs, ps):
+        assert o.outputs[0].token_ids == r[len(p):]
+    assert len(checked) > 6 and all(checked)
+    m = llm.spec_metrics()
+    assert m["acceptance_length"] > 2.5  # two of three oracle drafts are right
+
+
+def test_spec_decode_with_preemption_and_prefix_cache(nano):
+    ps = prompts([26, 22, 18], seed=22)
+    shared = ps[0][:16]
+    ps.append(shared + [3, 4, 5, 6, 7])
+    llm = LLM(nano, block_size=4, num_blocks=18, max_model_len=48, max_num_seqs=4, num_speculative_tokens=2)
+    outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    for o, p in zip(outs, ps):
+        assert o.outputs[0].token_ids == ref_greedy(nano, p, 10)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.block_manager.num_free_blocks == 17
+
+
+def test_spec_sampling_is_seeded_and_batch_independent(nano):
+    p = prompts([11], seed=23)[0]
+    sp = SamplingParams(temperature=0.8, seed=5, max_tokens=10, ignore_eos=True)
+    a = LLM(nano, num_speculative_tokens=3).generate([p], sp)[0].outputs[0].token_ids
+    others = prompts([7, 30], seed=24)
+    b = LLM(nano, num_speculative_tokens=3).generate(
+        [others[0], p, others[1]], [SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True), sp,
+                                    SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)])
+    assert b[1].outputs[0].token_ids == a and len(a) == 10
+
+
+def test_rejection_sampling_preserves_the_target_distribution():
+    """Draft from q, verify against p: the first emitted token is distributed as p[0] (and, after an accepted
+    draft, the second as p[1]) whatever q is. 20k trials on a 6-token vocabulary, fixed seed; tolerances are about
+    4-5 standard errors."""
+    g = torch.Generator().manual_seed(0)
+    V, trials = 6, 20000
+    p = torch.tensor([[0.40, 0.25, 0.15, 0.10, 0.06, 0.04],
+                      [0.05, 0.05, 0.50, 0.20, 0.10, 0.10],
+                      [0.20, 0.20, 0.20, 0.20, 0.10, 0.10]])
+    q = torch.tensor([[0.10, 0.10, 0.40, 0.30, 0.05, 0.05],
+                      [0.30, 0.30, 0.10, 0.10, 0.10, 0.10]])
+    drafts = torch.stack([torch.multinomial(q[i], trials, replacement=True, generator=g) for i in range(2)], 1).tolist()
+    first, second = torch.zeros(V), torch.zeros(V)
+    n_acc = 0
+    for d in drafts:
+        out, a = rejection_sample(p, d, q, g)
+        first[out[0]] += 1
+        if a >= 1:  # first draft accepted: the next token is distributed as p[1]
+            n_acc += 1
+            second[out[1]] += 1
+    torch.testing.assert_close(first / trials, p[0], atol=0.016, rtol=0)
+    torch.testing.assert_close(second / n_acc, p[1], atol=0.025, rtol=0)
+    assert abs(n_acc / trials - torch.minimum(p[0], q[0]).sum().item()) < 0.016  # P(accept) = Σ min(p, q)
+    # greedy: exact match against the target argmax, bonus from the next row
+    greedy_p = torch.nn.functional.one_hot(torch.tensor([2, 3, 1]), V).float()
+    assert rejection_sample(greedy_p, [2, 3], None, None) == ([2, 3, 1], 2)
+    assert rejection_sample(greedy_p, [2, 5], None, None) == ([2, 3], 1)
+    assert rejection_sample(greedy_p, [4, 3], None, None) == ([2], 0)
+
+
+def test_model_without_mtp_rejects_speculation():
+    import pytest
+
+    m = make_model(num_nextn_predict_layers=0)
+    with pytest.raises(ValueError):
+        LLM(m, num_speculative_tokens=2)
+    assert LLM(m).generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0].outputs[0].token_ids

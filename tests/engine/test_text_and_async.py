@@ -1,0 +1,111 @@
+"""Text prompts, stop strings and streaming (sync engine deltas and the asyncio AsyncLLM), loading from disk."""
+
+import asyncio
+
+import pytest
+
+from glm5.engine import LLM, AsyncLLM, SamplingParams
+from glm5.engine.llm_engine import EngineConfig, LLMEngine
+
+from .conftest import ref_greedy
+
+
+@pytest.fixture(scope="module")
+def llm(nano_dir):
+    return LLM(str(nano_dir), max_num_seqs=4, block_size=4)
+
+
+def test_load_from_directory_with_tokenizer(llm, text_model):
+    nano = text_model[0]
+    assert llm.tokenizer is not None
+    out = llm.generate("Hello world", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    ids = llm.tokenizer.encode("Hello world")
+    assert out.prompt == "Hello world" and out.prompt_token_ids == ids
+    assert out.outputs[0].token_ids == ref_greedy(nano, ids, 8)
+    assert out.outputs[0].text == llm.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True)
+
+
+def test_stop_strings_cut_the_text(llm):
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    full = llm.generate("The quick brown", sp)[0].outputs[0]
+    text = full.text
+    assert len(text) > 12
+    stop = text[8:11]
+    cut = text.find(stop)
+    o = llm.generate("The quick brown", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]))
+    c = o[0].outputs[0]
+    assert c.finish_reason == "stop" and c.stop_reason == stop
+    assert c.text == text[:cut]
+    assert full.token_ids[: len(c.token_ids)] == c.token_ids and len(c.token_ids) < len(full.token_ids)
+    o = llm.generate("The quick brown", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=stop,
+                                                       include_stop_str_in_output=True))
+    assert o[0].outputs[0].text == text[:cut + len(stop)]
+
+
+def test_sync_delta_stream_concatenates_to_final(nano_dir):
+    eng = LLMEngine.from_pretrained(nano_dir, config=EngineConfig(block_size=4))
+    full = LLM(str(nano_dir)).generate("Hello", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
+    stop = full.outputs[0].text[10:13]
+    eng.add_request("Hello", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop]), request_id="s")
+    text, ids, last = "", [], None
+    while eng.has_unfinished_requests():
+        for o in eng.step(delta=True):
+            text += o.outputs[0].text
+            ids += o.outputs[0].token_ids
+            assert stop not in text  # held-back text never leaks past a stop string
+            last = o
+    assert last.finished and last.outputs[0].finish_reason == "stop"
+    cut = full.outputs[0].text.find(stop)
+    assert text == full.outputs[0].text[:cut]
+    assert ids == full.outputs[0].token_ids[: len(ids)]
+
+
+def test_async_streaming_abort_and_concurrency(nano_dir):
+    sync = LLM(str(nano_dir))
+    prompts = ["Hello world", "The quick", "GLM-5 uses"]
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    expected = [o.outputs[0] for o in sync.generate(prompts, sp)]
+
+    async def main():
+        llm = AsyncLLM.from_pretrained(str(nano_dir), max_num_seqs=4, block_size=4)
+        bm = llm.engine.block_manager
+
+        async def collect(i):
+            text, ids, outs = "", [], []
+            async for out in llm.generate(prompts[i], sp, request_id=f"r{i}"):
+                text += out.outputs[0].text
+                ids += out.outputs[0].token_ids
+                outs.append(out)
+            return text, ids, outs
+
+        results = await asyncio.gather(*(collect(i) for i in range(3)))
+        for (text, ids, outs), exp in zip(results, expected):
+            assert text == exp.text and ids == exp.token_ids
+            assert len(outs) > 3 and outs[-1].finished and not any(o.finished for o in outs[:-1])
+            assert outs[-1].outputs[0].finish_reason == "length"
+        # abort from outside: the stream ends with finish_reason "abort"
+        got = []
+        async for out in llm.generate("Hello", SamplingParams(max_tokens=200, ignore_eos=True), request_id="long"):
+            got.append(out)
+            if len(got) == 3:
+                await llm.abort("long")
+        assert got[-1].finished and got[-1].outputs[0].finish_reason == "abort" and len(got) < 50
+        # closing a stream early aborts it too
+        agen = llm.generate("Hello", SamplingParams(max_tokens=200, ignore_eos=True), request_id="closed")
+        await agen.__anext__()
+        await agen.aclose()
+        for _ in range(100):
+            if not llm.engine.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.01)
+        assert not llm.engine.has_unfinished_requests()
+        assert bm.num_free_blocks == bm.num_blocks - 1
+        # invalid requests raise in the caller only
+        with pytest.raises(ValueError):
+            async for _ in llm.generate([1, 2, 99999], sp):
+                pass
+        text, ids, _ = await collect(0)
+        assert ids == expected[0].token_ids
+        llm.shutdown()
+
+    asyncio.run(main())
