@@ -216,7 +216,11 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
         return {"prompt": backend.tokenizer.decode(req.tokens)}
 
     # -------------------------------------------------------------------------------- generation routes
-    _stream_doc = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+    # one server-sent event: ``data`` is a JSON chunk (or ``[DONE]``)
+    _sse_event = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"},
+                                                   "id": {"type": "string"}, "retry": {"type": "integer"}}}
+    _stream_doc = {200: {"description": "a JSON body, or with ``stream: true`` server-sent events",
+                         "content": {"text/event-stream": {"schema": _sse_event}}}}
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=auth,
               responses={**_stream_doc, **_ERRORS})

@@ -204,7 +204,22 @@ class _Sampling(_Open):
         return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
+_CHAT_EXAMPLES = [
+    {"model": "glm-5", "messages": [{"role": "system", "content": "You are helpful."},
+                                    {"role": "user", "content": "Hello!"}], "max_tokens": 8},
+    {"messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 40, "stream": True,
+     "stream_options": {"include_usage": True}, "tool_choice": "required",
+     "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
+         "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]},
+    {"messages": [{"role": "user", "content": "JSON please"}], "max_completion_tokens": 16, "n": 2, "seed": 1,
+     "response_format": {"type": "json_object"}, "thinking": {"type": "disabled"}, "logprobs": True,
+     "top_logprobs": 2},
+]
+
+
 class ChatCompletionRequest(_Sampling):
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": _CHAT_EXAMPLES})
+
     messages: list[Message] = Field(min_length=1, max_length=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     logprobs: bool = False
@@ -252,6 +267,12 @@ PromptIds = list[Annotated[int, Field(ge=0, le=INT64_MAX)]]
 
 
 class CompletionRequest(_Sampling):
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
+        {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0},
+        {"prompt": [[1, 2, 3], [4, 5]], "max_tokens": 4, "n": 2, "logprobs": 2, "stream": True,
+         "stream_options": {"include_usage": True}},
+    ]})
+
     prompt: Union[str, list[str], PromptIds, list[PromptIds]] = Field(
         description="text, a batch of texts, token ids, or a batch of token-id lists")
     max_tokens: int | None = Field(16, ge=1, le=INT64_MAX)

@@ -277,7 +277,8 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
         raise bad_request("the rendered prompt is empty", param="messages")
     max_tokens = _check_context(state, len(ids), req.effective_max_tokens, "messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    stop_ids = [i for i in (state.ids[st.ASSISTANT], state.ids[st.SYSTEM]) if i is not None]
+    # a turn that starts another role has left the assistant's turn (not EOS ids, so ignore_eos skips them too)
+    stop_ids = [] if req.ignore_eos else [i for i in (state.ids[st.ASSISTANT], state.ids[st.SYSTEM]) if i is not None]
     params = _sampling(state, req, max_tokens=max_tokens, logprobs=logprobs, stop_ids=stop_ids)
     opens = prompt_opens_reasoning(prompt)
     choice = req.effective_tool_choice

@@ -1,0 +1,122 @@
+"""/metrics (Prometheus text format), /health, OpenAPI, and the ``glm5 serve`` command."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from .conftest import API_KEY, MODEL_NAME
+
+_LINE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*",?)*\})? -?[0-9.e+\-]+|[+-]Inf$')
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            assert line.startswith(("# HELP ", "# TYPE ")) or not line, line
+            continue
+        assert _LINE.match(line), line
+        name, value = line.rsplit(" ", 1)
+        out[name] = float(value)
+    return out
+
+
+def test_metrics_after_traffic(server, http, client):
+    before = parse_metrics(http.get("/metrics").text)
+    client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                   extra_body={"ignore_eos": True})
+    list(client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                        stream=True, extra_body={"ignore_eos": True}))
+    r = http.get("/metrics")
+    assert r.headers["content-type"].startswith("text/plain")
+    m = parse_metrics(r.text)
+    gen = "glm5_generation_tokens_total"
+    assert m[gen] - before.get(gen, 0) == 12
+    assert m["glm5_prompt_tokens_total"] > before.get("glm5_prompt_tokens_total", 0)
+    assert m["glm5_time_to_first_token_seconds_count"] >= before.get("glm5_time_to_first_token_seconds_count", 0) + 2
+    assert m["glm5_inter_token_latency_seconds_count"] >= before.get("glm5_inter_token_latency_seconds_count", 0) + 10
+    assert m['glm5_time_to_first_token_seconds_bucket{le="+Inf"}'] == m["glm5_time_to_first_token_seconds_count"]
+    assert m['glm5_requests_total{endpoint="chat",outcome="ok"}'] >= 2
+    assert m['glm5_request_success_total{finished_reason="length"}'] >= 2
+    out_cost = m['glm5_cost_usd_total{kind="output"}'] - before.get('glm5_cost_usd_total{kind="output"}', 0)
+    assert out_cost == pytest.approx(12 * 3.2 / 1e6)
+    for name in ("glm5_num_requests_running", "glm5_num_requests_waiting", "glm5_kv_cache_usage_perc",
+                 "glm5_spec_decode_acceptance_rate", "glm5_spec_decode_num_draft_tokens_total",
+                 "glm5_server_requests_in_flight", "glm5_e2e_request_latency_seconds_sum"):
+        assert name in m
+    assert m["glm5_num_requests_running"] == 0 and m["glm5_server_requests_in_flight"] == 0
+    assert any(k.startswith('glm5_http_requests_total{method="POST",path="/v1/chat/completions",status="200"}')
+               for k in m)
+
+
+def test_health_version_openapi(server, http):
+    assert http.get("/health").json() == {"status": "ok", "model": MODEL_NAME}
+    assert "version" in http.get("/version").json()
+    schema = http.get("/openapi.json").json()
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"):
+        assert path in schema["paths"]
+    chat = schema["paths"]["/v1/chat/completions"]["post"]
+    assert {"200", "400", "401", "404", "413", "429", "503"} <= set(chat["responses"])
+    assert "text/event-stream" in chat["responses"]["200"]["content"]
+    assert http.get("/docs").status_code == 200
+
+
+def test_tokenize_detokenize(http):
+    r = http.post("/tokenize", json={"prompt": "hello world"}).json()
+    assert r["count"] == len(r["tokens"]) and r["max_model_len"] == 1024
+    assert http.post("/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == "hello world"
+
+
+def test_cli_parser_registered():
+    from glm5.cli import build_parser
+
+    args = build_parser("serve").parse_args(["serve", "--model", "/x", "--api-key", "k", "--served-model-name", "a",
+                                             "b", "--price-output", "4"])
+    assert args.host == "127.0.0.1" and args.port == 8000 and args.served_model_name == ["a", "b"]
+    from glm5.serve.cli import settings_from_args
+
+    s = settings_from_args(args)
+    assert s.api_key == "k" and s.served_model_names == ["a", "b"] and s.price_output_per_million == 4.0
+
+
+def test_glm5_serve_command_end_to_end(model_dir):
+    """``glm5 serve`` in a subprocess: starts, answers with the key, shuts down on SIGINT."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GLM5_API_KEY": "cli-key", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "glm5.cli", "serve", "--model", str(model_dir), "--port", str(port),
+                             "--served-model-name", "cli-model", "--max-model-len", "512", "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("server did not start: " + proc.stdout.read().decode(errors="replace")[-2000:])
+            time.sleep(0.2)
+        assert httpx.get(url + "/v1/models").status_code == 401
+        r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": "Bearer cli-key"}, timeout=30,
+                       json={"model": "cli-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["model"] == "cli-model"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
