@@ -15,6 +15,7 @@ import math
 from glm5.rl.metrics import rollout_metrics
 from glm5.rl.rollout import RolloutConfig, RolloutEngine
 from glm5.rl.sample import Sample
+from glm5.rl.weight_sync import clone_model
 
 __all__ = ["evaluate_model", "compare", "diff_ci"]
 
@@ -26,7 +27,7 @@ def evaluate_model(model, tokenizer, tasks: list[dict], *, rollout: RolloutConfi
 
     cfg = copy.deepcopy(rollout) if rollout is not None else RolloutConfig()
     cfg.temperature = temperature
-    m = copy.deepcopy(model) if copy_model else model
+    m = clone_model(model) if copy_model else model
     kw = {"max_num_seqs": 32, "max_model_len": 1024, **(engine_kwargs or {})}
     engine = build_engine(m, tokenizer, **kw)
     ro = RolloutEngine(engine, tokenizer, cfg)

@@ -24,7 +24,6 @@ tokens, before the update), the importance ratio exp(log π_θ − log μ), clip
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -125,7 +124,9 @@ class RLTrainer:
         self.optim = self._build_optim()
         use_ref = cfg.use_ref_model if cfg.use_ref_model is not None else cfg.loss.kl_coef > 0
         if use_ref and ref_model is None:
-            ref_model = copy.deepcopy(model)
+            from glm5.rl.weight_sync import clone_model
+
+            ref_model = clone_model(model)
         self.ref_model = ref_model.eval().requires_grad_(False) if (use_ref and ref_model is not None) else None
         self.version = 0
         self.total_steps = total_steps

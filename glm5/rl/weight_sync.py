@@ -31,8 +31,19 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["named_weights", "load_weights", "reset_prefix_cache", "apply_to_engine", "layout_hash",
+__all__ = ["clone_model", "named_weights", "load_weights", "reset_prefix_cache", "apply_to_engine", "layout_hash",
            "InProcessWeightSync", "SharedMemoryWeightSync", "DistWeightSender", "DistWeightReceiver", "free_port"]
+
+
+@torch.no_grad()
+def clone_model(model: torch.nn.Module) -> torch.nn.Module:
+    """An independent copy of a GLM5ForCausalLM (fresh modules + state dict; safe after training, unlike
+    ``copy.deepcopy``, which trips over cached non-leaf tensors such as the MoE router statistics)."""
+    new = type(model)(model.config)
+    p = next(model.parameters())
+    new.to(device=p.device, dtype=p.dtype)
+    new.load_state_dict(model.state_dict())
+    return new.train(model.training)
 
 
 def named_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -1,0 +1,159 @@
+"""``glm5 rl``: slime-style RL post-training of a checkpoint on verifiable tasks.
+
+    glm5 rl --model runs/sft/hf --task basic_arithmetic --task gsm_symbolic --unanswerable-frac 0.2 \\
+            --mode async --tau 2 --steps 50 --groups 8 --group-size 8 --out runs/rl
+
+See glm5/rl/runner.py for what a run does and writes.
+"""
+
+from __future__ import annotations
+
+import json
+
+__all__ = ["add_parser", "config_from_args"]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("rl", help="RL post-training (GRPO/GSPO/PPO/DDIS; sync, one-step-off or async rollouts)")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", required=True, help="checkpoint directory (config, safetensors, tokenizer)")
+    g.add_argument("--out", default="runs/rl")
+    g.add_argument("--task", action="append", default=None,
+                   help="task generator, repeatable: a reasoning-gym name with optional config "
+                        "('basic_arithmetic:max_terms=2,max_digits=1', 'gsm_symbolic', 'countdown') or 'arith'")
+    g.add_argument("--tasks-file", default=None, help="JSONL of tasks instead of generating them")
+    g.add_argument("--eval-tasks-file", default=None)
+    g.add_argument("--unanswerable-frac", type=float, default=0.2)
+    g.add_argument("--n-train", type=int, default=2000)
+    g.add_argument("--n-eval", type=int, default=200)
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("schedule")
+    g.add_argument("--mode", choices=["sync", "one-step-off", "async"], default="sync")
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--groups", type=int, default=8, help="prompts per train step (B)")
+    g.add_argument("--group-size", type=int, default=8, help="samples per prompt (G)")
+    g.add_argument("--tau", type=int, default=None, help="staleness bound in versions (async default 2)")
+    g.add_argument("--max-inflight-groups", type=int, default=None, help="async: open groups (default 2×groups)")
+    g.add_argument("--over-sampling", type=int, default=0)
+    g.add_argument("--push-interval", type=int, default=1)
+    g.add_argument("--dynamic-sampling", action="store_true", help="drop groups with zero reward variance")
+    g.add_argument("--partial-rollout", dest="partial_rollout", action="store_true", default=None)
+    g.add_argument("--no-partial-rollout", dest="partial_rollout", action="store_false")
+    g = p.add_argument_group("rollout")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--reward", default="abstention", help="abstention | binary | module:function")
+    g.add_argument("--tools", default="", help="comma list: calculator,python")
+    g.add_argument("--max-turns", type=int, default=None, help="model turns per trajectory (default 4 with tools)")
+    g.add_argument("--system", default=None)
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-model-len", type=int, default=1024)
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", choices=["ppo", "gspo", "ddis", "cispo", "reinforce"], default="ppo")
+    g.add_argument("--advantage", choices=["grpo", "mean", "rloo", "none"], default="grpo")
+    g.add_argument("--eps-low", type=float, default=None, help="default 0.2 (GSPO 3e-4)")
+    g.add_argument("--eps-high", type=float, default=None, help="default 0.28 (GSPO 4e-4)")
+    g.add_argument("--dual-clip", type=float, default=None)
+    g.add_argument("--agg", choices=["token", "seq"], default="token")
+    g.add_argument("--tis", choices=["tis", "icepop"], default=None)
+    g.add_argument("--tis-clip", type=float, default=2.0)
+    g.add_argument("--is-mask", action="store_true", help="GLM-5 double-sided IS mask vs rollout log-probs")
+    g.add_argument("--is-eps-low", type=float, default=0.2)
+    g.add_argument("--is-eps-high", type=float, default=0.28)
+    g.add_argument("--kl-coef", type=float, default=0.0)
+    g.add_argument("--kl-type", choices=["k1", "k2", "k3"], default="k3")
+    g.add_argument("--entropy-coef", type=float, default=0.0)
+    g = p.add_argument_group("optimiser")
+    g.add_argument("--lr", type=float, default=1e-5)
+    g.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--updates-per-batch", type=int, default=1)
+    g.add_argument("--old-logp", choices=["recompute", "rollout"], default="recompute")
+    g.add_argument("--micro-batch-tokens", type=int, default=8192)
+    g.add_argument("--reset-optimizer", action="store_true", help="reset optimiser state after every weight push")
+    g = p.add_argument_group("placement")
+    g.add_argument("--placement", choices=["process", "colocate", "ray"], default="process",
+                   help="rollout engine in its own process (default), in the trainer process, or a Ray actor")
+    g.add_argument("--weight-sync", choices=["shm", "dist"], default="shm")
+    g.add_argument("--dist-backend", choices=["gloo", "nccl"], default="gloo")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--rollout-device", default="cpu")
+    g.add_argument("--train-threads", type=int, default=None)
+    g.add_argument("--rollout-threads", type=int, default=None)
+    g.add_argument("--ray-address", default=None)
+    g.add_argument("--ray-num-gpus", type=float, default=0.0)
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation before and after")
+    g.add_argument("--eval-every", type=int, default=0)
+    g.add_argument("--no-save", action="store_true")
+    g.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run)
+
+
+def config_from_args(a):
+    from glm5.rl.losses import LossConfig
+    from glm5.rl.manager import ManagerConfig
+    from glm5.rl.rollout import RolloutConfig
+    from glm5.rl.runner import DEFAULT_TASKS, RLConfig
+    from glm5.rl.trainer import TrainerConfig
+
+    gspo = a.loss == "gspo"
+    loss = LossConfig(loss_type=a.loss, eps_low=a.eps_low if a.eps_low is not None else (3e-4 if gspo else 0.2),
+                      eps_high=a.eps_high if a.eps_high is not None else (4e-4 if gspo else 0.28),
+                      dual_clip=a.dual_clip, agg=a.agg, tis=a.tis, tis_clip=a.tis_clip, is_mask=a.is_mask,
+                      is_eps_low=a.is_eps_low, is_eps_high=a.is_eps_high, kl_coef=a.kl_coef, kl_type=a.kl_type,
+                      entropy_coef=a.entropy_coef)
+    trainer = TrainerConfig(lr=a.lr, optimizer=a.optimizer, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
+                            advantage=a.advantage, loss=loss, micro_batch_tokens=a.micro_batch_tokens,
+                            updates_per_batch=a.updates_per_batch, old_logp=a.old_logp,
+                            reset_optimizer=a.reset_optimizer)
+    tools = [t for t in a.tools.split(",") if t]
+    rollout = RolloutConfig(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
+                            max_turns=a.max_turns or (4 if tools else 1), tools=tools, reward=a.reward, seed=a.seed,
+                            system=a.system)
+    tau = a.tau if a.tau is not None else (2 if a.mode == "async" else None)
+    manager = ManagerConfig(mode=a.mode, num_steps=a.steps, groups_per_step=a.groups, tau=tau,
+                            max_inflight_groups=a.max_inflight_groups or 2 * a.groups, over_sampling=a.over_sampling,
+                            push_interval=a.push_interval)
+    return RLConfig(model=a.model, out=a.out, tasks=a.task or list(DEFAULT_TASKS), tasks_file=a.tasks_file,
+                    eval_tasks_file=a.eval_tasks_file, unanswerable_frac=a.unanswerable_frac, n_train=a.n_train,
+                    n_eval=a.n_eval, seed=a.seed, group_size=a.group_size, manager=manager, rollout=rollout,
+                    trainer=trainer, dynamic_sampling=a.dynamic_sampling, partial_rollout=a.partial_rollout,
+                    placement=a.placement, weight_sync=a.weight_sync, dist_backend=a.dist_backend,
+                    rollout_threads=a.rollout_threads, train_threads=a.train_threads, device=a.device,
+                    rollout_device=a.rollout_device, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
+                    eval_before=not a.no_eval, eval_after=not a.no_eval, eval_every=a.eval_every, save=not a.no_save,
+                    progress=not a.no_progress, ray_address=a.ray_address, ray_num_gpus=a.ray_num_gpus)
+
+
+def _fmt(m: dict | None) -> str:
+    if not m:
+        return "-"
+    lo, hi = m["accuracy_ci"]
+    hlo, hhi = m["hallucination_rate_ci"]
+    return (f"accuracy {m['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]  abstention {m['abstention_rate']:.3f}  "
+            f"hallucination {m['hallucination_rate']:.3f} [{hlo:.3f}, {hhi:.3f}]  "
+            f"unanswerable→IDK {m['unanswerable_abstention_rate']:.3f}  reward {m['reward']:.3f}")
+
+
+def _run(a) -> int:
+    from glm5.rl.runner import run_rl
+
+    cfg = config_from_args(a)
+    s = run_rl(cfg)
+    r = s["run"]
+    print(f"mode {r['mode']}: {r['steps']} steps in {r['elapsed_s']:.1f}s, {r['samples_per_s']:.2f} trained samples/s, "
+          f"trainer idle {100 * r['trainer_idle_frac']:.0f}%, dropped stale groups "
+          f"{r['buffer']['dropped_stale_groups']}, staleness {r['buffer']['staleness_hist']}")
+    if "before" in s:
+        print("before:", _fmt(s.get("before")))
+    if "after" in s:
+        print("after: ", _fmt(s.get("after")))
+    if "delta" in s:
+        print("delta: ", json.dumps({k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v])
+                                     for k, v in s["delta"].items()}))
+    print(f"metrics: {cfg.out}/metrics.jsonl  plot: {s.get('plot')}  summary: {cfg.out}/summary.json"
+          + (f"  model: {s['saved']}" if s.get("saved") else ""))
+    return 0

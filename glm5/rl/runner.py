@@ -1,0 +1,197 @@
+"""``run_rl(RLConfig)``: the whole RL job, as ``glm5 rl`` runs it.
+
+1. load the policy (checkpoint directory with its tokenizer), build train / held-out task sets (disjoint);
+2. evaluate the policy on the held-out set (greedy; accuracy, abstention, hallucination with 95% intervals);
+3. start the rollout side: its own process on our engine (default; weights through shared memory, or
+   torch.distributed with ``weight_sync="dist"``), in-process (``colocate``), or a Ray actor (``ray``);
+4. run the manager in the chosen mode for ``steps`` train steps; metrics stream to ``out/metrics.jsonl``;
+5. evaluate again, write ``out/summary.json`` (before, after, deltas with intervals, throughput), ``out/rl.png``
+   and the trained policy to ``out/hf`` (loadable by ``GLM5ForCausalLM.from_pretrained`` and our engine).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from glm5.rl.buffer import DataBuffer
+from glm5.rl.evaluate import compare, evaluate_model
+from glm5.rl.losses import LossConfig
+from glm5.rl.manager import ManagerConfig, RolloutManager
+from glm5.rl.metrics import MetricsLogger, plot_metrics
+from glm5.rl.rollout import LocalRolloutClient, ProcessRolloutClient, RolloutConfig, WorkerSpec, build_rollout_engine
+from glm5.rl.tasks import build_messages, load_tasks, save_tasks, train_eval_split
+from glm5.rl.trainer import RLTrainer, TrainerConfig
+from glm5.rl.weight_sync import clone_model
+
+__all__ = ["RLConfig", "run_rl", "DEFAULT_TASKS"]
+
+DEFAULT_TASKS = ("basic_arithmetic:min_terms=2,max_terms=2,min_digits=1,max_digits=1,allow_parentheses=false,"
+                 "allow_negation=false",)
+
+
+@dataclass
+class RLConfig:
+    model: str
+    out: str = "runs/rl"
+    tasks: list = field(default_factory=lambda: list(DEFAULT_TASKS))
+    tasks_file: str | None = None  # JSONL of tasks (overrides generation); eval set from eval_tasks_file
+    eval_tasks_file: str | None = None
+    unanswerable_frac: float = 0.2
+    n_train: int = 2000
+    n_eval: int = 200
+    seed: int = 0
+    group_size: int = 8
+    manager: ManagerConfig = field(default_factory=ManagerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    dynamic_sampling: bool = False
+    partial_rollout: bool | None = None  # None: on in async mode
+    placement: str = "process"  # "process" | "colocate" | "ray"
+    weight_sync: str = "shm"  # "shm" | "dist" (process / ray placement)
+    dist_backend: str = "gloo"
+    rollout_threads: int | None = None
+    train_threads: int | None = None
+    device: str = "cpu"
+    rollout_device: str = "cpu"
+    max_num_seqs: int = 64
+    max_model_len: int = 1024
+    eval_before: bool = True
+    eval_after: bool = True
+    eval_every: int = 0
+    save: bool = True
+    progress: bool = True
+    ray_address: str | None = None
+    ray_num_gpus: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.manager, dict):
+            self.manager = ManagerConfig(**self.manager)
+        if isinstance(self.rollout, dict):
+            self.rollout = RolloutConfig(**self.rollout)
+        if isinstance(self.trainer, dict):
+            self.trainer = TrainerConfig(**self.trainer)
+        if self.placement not in ("process", "colocate", "ray"):
+            raise ValueError("placement must be process, colocate or ray")
+        if self.weight_sync not in ("shm", "dist"):
+            raise ValueError("weight_sync must be shm or dist")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["trainer"] = self.trainer.to_dict()
+        return d
+
+
+def _threads(cfg: RLConfig) -> tuple[int, int]:
+    n = os.cpu_count() or 1
+    if cfg.placement == "colocate" or cfg.manager.mode == "sync":
+        return cfg.train_threads or n, cfg.rollout_threads or n  # the two sides take turns
+    half = max(1, n // 2)
+    return cfg.train_threads or half, cfg.rollout_threads or max(1, n - half)
+
+
+def make_client(cfg: RLConfig, policy, tokenizer, rollout_threads: int):
+    ek = {"max_num_seqs": cfg.max_num_seqs, "max_model_len": cfg.max_model_len}
+
+    def make_prompt(task):
+        tools = None
+        if cfg.rollout.tools:
+            from glm5.rl.tools import get_tools
+
+            tools = [t.schema() for t in get_tools(cfg.rollout.tools)]
+        return tokenizer.apply_chat_template(build_messages(task, cfg.rollout.system), tools=tools,
+                                             add_generation_prompt=True, enable_thinking=cfg.rollout.enable_thinking,
+                                             tokenize=True)
+
+    if cfg.placement == "colocate":
+        ro = build_rollout_engine(cfg.model, tokenizer=tokenizer, device=cfg.rollout_device, engine_kwargs=ek,
+                                  cfg=copy.deepcopy(cfg.rollout), model=clone_model(policy))
+        return LocalRolloutClient(ro)
+    dist = {}
+    transport = cfg.weight_sync if cfg.placement == "process" else "dist"
+    if transport == "dist":
+        from glm5.rl.weight_sync import free_port
+
+        dist = {"host": "127.0.0.1", "port": free_port(), "rank": 1, "world_size": 2, "backend": cfg.dist_backend}
+    spec = WorkerSpec(cfg.model, cfg.rollout.to_dict(), ek, device=cfg.rollout_device, threads=rollout_threads,
+                      weight_transport=transport, dist=dist)
+    if cfg.placement == "ray":
+        from glm5.rl.ray_launcher import RayRolloutClient
+
+        return RayRolloutClient(spec, make_prompt=make_prompt, address=cfg.ray_address, num_gpus=cfg.ray_num_gpus)
+    return ProcessRolloutClient(spec, policy, make_prompt=make_prompt)
+
+
+def run_rl(cfg: RLConfig) -> dict:
+    from glm5.model.transformer import GLM5ForCausalLM
+    from glm5.tokenizer import GLM5Tokenizer
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_threads, rollout_threads = _threads(cfg)
+    torch.set_num_threads(train_threads)
+    torch.manual_seed(cfg.seed)
+    tok = GLM5Tokenizer.from_pretrained(cfg.model)
+    policy = GLM5ForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, device=cfg.device)
+    if cfg.tasks_file:
+        train_tasks = load_tasks(cfg.tasks_file)
+        held = load_tasks(cfg.eval_tasks_file) if cfg.eval_tasks_file else []
+    else:
+        train_tasks, held = train_eval_split(cfg.tasks, cfg.n_train, cfg.n_eval, cfg.seed, cfg.unanswerable_frac)
+    save_tasks(train_tasks, out / "train_tasks.jsonl")
+    save_tasks(held, out / "eval_tasks.jsonl")
+    (out / "rl_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
+    ek = {"max_num_seqs": cfg.max_num_seqs, "max_model_len": cfg.max_model_len}
+    summary: dict = {"config": cfg.to_dict()}
+    if cfg.eval_before and held:
+        t = time.perf_counter()
+        summary["before"] = evaluate_model(policy, tok, held, rollout=cfg.rollout, engine_kwargs=ek)
+        summary["before"]["eval_s"] = time.perf_counter() - t
+    client = make_client(cfg, policy, tok, rollout_threads)
+    partial = cfg.partial_rollout if cfg.partial_rollout is not None else cfg.manager.mode == "async"
+    buffer = DataBuffer(train_tasks, client.make_prompt, cfg.group_size, cfg.rollout.max_new_tokens, seed=cfg.seed,
+                        tau=cfg.manager.tau, dynamic_sampling=cfg.dynamic_sampling, partial_rollout=partial)
+    trainer = RLTrainer(policy, cfg.trainer, total_steps=cfg.manager.num_steps)
+    logger = MetricsLogger(out, cfg.manager.num_steps, progress=cfg.progress)
+    evals = []
+
+    def on_step(step, rec):
+        if cfg.eval_every and held and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.manager.num_steps:
+            m = evaluate_model(policy, tok, held, rollout=cfg.rollout, engine_kwargs=ek)
+            m["step"] = step + 1
+            evals.append(m)
+            with open(out / "eval.jsonl", "a") as f:
+                f.write(json.dumps(m) + "\n")
+
+    mgr = RolloutManager(client, trainer, buffer, cfg.manager, logger, on_step=on_step)
+    try:
+        summary["run"] = mgr.run()
+        try:
+            summary["rollout_stats"] = client.stats()
+        except Exception:
+            pass
+    finally:
+        client.close()
+        logger.close()
+    if cfg.eval_after and held:
+        t = time.perf_counter()
+        summary["after"] = evaluate_model(policy, tok, held, rollout=cfg.rollout, engine_kwargs=ek)
+        summary["after"]["eval_s"] = time.perf_counter() - t
+        if "before" in summary:
+            summary["delta"] = compare(summary["before"], summary["after"])
+    summary["evals"] = evals
+    if cfg.save:
+        from glm5.train.checkpoint import export_hf
+
+        export_hf(policy, out / "hf", tokenizer=tok)
+        summary["saved"] = str(out / "hf")
+    logger.write_json("summary.json", summary)
+    png = plot_metrics(out / "metrics.jsonl", out / "rl.png", title=f"glm5 rl ({cfg.manager.mode})")
+    summary["plot"] = str(png) if png else None
+    return summary
