@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,9 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         barrier()
         model_sd, optim_sd = get_state_dict(model, list(optimizers))
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"), no_dist=not _dist_on())
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"), no_dist=not _dist_on())
         torch.save(_rng_state(), tmp / f"rank{self.rank}.pt")
         barrier()
         if self.rank == 0:
@@ -140,7 +143,9 @@ class Checkpointer:
 
         model_sd, optim_sd = get_state_dict(model, list(optimizers))
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=not _dist_on())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=not _dist_on())
         set_state_dict(model, list(optimizers), model_state_dict=state["model"], optim_state_dict=state["optim"])
         rng_file = path / f"rank{self.rank}.pt"
         if rng_file.exists():

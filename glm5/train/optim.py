@@ -49,8 +49,12 @@ def zeropower_via_newtonschulz(G: torch.Tensor, steps: int = 5, coefficients=NS_
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp_min(eps)
     for _ in range(steps):
         A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        if X.dim() == 2:  # exactly torch.optim.Muon's ops
+            B = torch.addmm(A, A, A, beta=b, alpha=c)
+            X = torch.addmm(X, B, X, beta=a)
+        else:
+            B = b * A + c * (A @ A)
+            X = a * X + B @ X
     if tall:
         X = X.mT
     return X.to(G.dtype)
@@ -74,15 +78,21 @@ def muon_layout(name: str, p: torch.Tensor, cfg, split: bool) -> dict:
 
 
 def _orthogonalized_update(u: torch.Tensor, layout: dict, steps: int, coefficients, eps: float,
-                           dtype: torch.dtype | None) -> torch.Tensor:
-    """Newton–Schulz per matrix of the layout, each scaled by 0.2·√max(rows, cols)."""
+                           dtype: torch.dtype | None) -> tuple[torch.Tensor, float]:
+    """Newton–Schulz per matrix of the layout, each matrix's update scaled by 0.2·√max(rows, cols).
+    Returns (update, common scale): the scale is left to the caller when all matrices share it."""
     b = layout["batch"]
     v = u.reshape(b, -1, u.shape[-1])
-    pieces = []
-    for chunk in v.split(layout["chunks"], dim=1):
-        o = zeropower_via_newtonschulz(chunk, steps, coefficients, eps, dtype)
-        pieces.append(o * (0.2 * math.sqrt(max(chunk.shape[-2], chunk.shape[-1]))))
-    return torch.cat(pieces, dim=1).reshape(u.shape)
+    chunks = v.split(layout["chunks"], dim=1)
+    scales = [0.2 * math.sqrt(max(c.shape[-2], c.shape[-1])) for c in chunks]
+    if len(set(scales)) == 1:
+        if b == 1 and len(chunks) == 1:  # a plain matrix: the 2-D path, bit-identical to torch.optim.Muon
+            return zeropower_via_newtonschulz(v[0], steps, coefficients, eps, dtype).reshape(u.shape), scales[0]
+        o = torch.cat([zeropower_via_newtonschulz(c, steps, coefficients, eps, dtype) for c in chunks], dim=1)
+        return o.reshape(u.shape), scales[0]
+    o = torch.cat([zeropower_via_newtonschulz(c, steps, coefficients, eps, dtype) * sc for c, sc in zip(chunks, scales)],
+                  dim=1)
+    return o.reshape(u.shape), 1.0
 
 
 class Muon(torch.optim.Optimizer):
@@ -112,15 +122,14 @@ class Muon(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(g)
                 buf = state["momentum_buffer"]
-                buf.mul_(mom).add_(g)
-                u = g.add(buf, alpha=mom) if group["nesterov"] else buf
+                buf.lerp_(g, 1 - mom)  # EMA momentum, as torch.optim.Muon and Keller Jordan's reference
+                u = g.lerp(buf, mom) if group["nesterov"] else buf
                 layout = group["layout"] or {"batch": 1, "chunks": [p.shape[0]]}
                 dtype = getattr(torch, group["ns_dtype"]) if group["ns_dtype"] else (
                     torch.bfloat16 if p.device.type == "cuda" else torch.float32)
-                o = _update_for(u, layout, group, dtype)
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(o, alpha=-lr)
+                o, scale = _update_for(u, layout, group, dtype)
+                p.mul_(1 - lr * wd)
+                p.add_(o, alpha=-lr * scale)
         return loss
 
 
@@ -128,9 +137,9 @@ def _update_for(u, layout, group, dtype):
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if isinstance(u, DTensor):
-        full = u.full_tensor()
-        o = _orthogonalized_update(full, layout, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype)
-        return distribute_tensor(o, u.device_mesh, u.placements, src_data_rank=None)
+        o, scale = _orthogonalized_update(u.full_tensor(), layout, group["ns_steps"], group["ns_coefficients"],
+                                          group["eps"], dtype)
+        return distribute_tensor(o, u.device_mesh, u.placements, src_data_rank=None), scale
     return _orthogonalized_update(u, layout, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype)
 
 

@@ -45,10 +45,32 @@ __all__ = ["Trainer", "train"]
 log = logging.getLogger("glm5.train")
 
 
+def trains(name: str, cfg: TrainConfig, model_cfg: GLM5Config) -> bool:
+    """Whether parameter ``name`` learns in this run. Parameters that would get no gradient are frozen, so the
+    optimiser state (and every checkpoint) covers exactly the trained set:
+
+    * ``dense``: everything but the lightning indexers (attention ignores them);
+    * ``indexer-warmup``: only the indexers (stage (a): main model, router biases included, stays fixed);
+    * ``sparse``: everything (the indexers only if their KL weight is > 0);
+    * the MTP block only when MTP steps run (``mtp_depth`` > 0, and ``mtp_weight`` > 0 outside the warm-up).
+    """
+    indexer = ".indexer." in name
+    if name.startswith(f"model.layers.{model_cfg.num_hidden_layers}."):
+        warm = cfg.dsa == "indexer-warmup"
+        if cfg.mtp_depth == 0 or (cfg.mtp_weight == 0 and not warm):
+            return False
+    if cfg.dsa == "dense":
+        return not indexer
+    if cfg.dsa == "indexer-warmup":
+        return indexer
+    return not indexer or cfg.indexer_loss_weight > 0
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.dist = init_distributed(config.device)
         cfg = self.cfg = config.resolve(self.dist.world_size)
+        self._prev_threads = torch.get_num_threads()
         if self.dist.device.type == "cpu":
             torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // self.dist.local_world_size))
         self.main = self.dist.is_main
@@ -169,10 +191,8 @@ class Trainer:
         else:
             model = GLM5ForCausalLM(self.model_cfg).init_weights(cfg.seed)
         model.to(self.device).train()
-        if cfg.dsa == "indexer-warmup":
-            # Stage (a): only the lightning indexers learn; everything else (router biases included) stays fixed.
-            for name, p in model.named_parameters():
-                p.requires_grad_(".indexer." in name)
+        for name, p in model.named_parameters():
+            p.requires_grad_(trains(name, cfg, self.model_cfg))
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
         if cfg.compile:
@@ -388,6 +408,7 @@ class Trainer:
 
     def close(self) -> None:
         self.tracker.remove()
+        torch.set_num_threads(self._prev_threads)
         import torch.distributed as dist
 
         if self.dist.distributed and dist.is_initialized():

@@ -23,3 +23,10 @@ def small_tokenizer(corpus_file):
     from glm5.tokenizer.bpe import train_bpe
 
     return train_bpe([corpus_file], 2048)
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer_dir(small_tokenizer, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tokenizer")
+    small_tokenizer.save_pretrained(d)
+    return d

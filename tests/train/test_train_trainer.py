@@ -1,0 +1,150 @@
+"""End-to-end runs of the Trainer on real text with glm5-nano (a few seconds each)."""
+
+import json
+
+import pytest
+import torch
+
+from glm5 import GLM5ForCausalLM
+from glm5.train.config import TrainConfig
+from glm5.train.trainer import Trainer
+
+
+def _config(tmp_path, corpus_file, tok_dir, name, **kw):
+    base = dict(preset="glm5-nano", data=[str(corpus_file)], tokenizer=str(tok_dir), cache_dir=str(tmp_path / "cache"),
+                out=str(tmp_path / name), seq_len=64, batch_size=8, max_steps=40, lr=3e-3, eval_every=20,
+                eval_batches=4, ckpt_every=0, progress=False, threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, corpus_file, small_tokenizer_dir):
+    tmp = tmp_path_factory.mktemp("pretrain")
+    t = Trainer(_config(tmp, corpus_file, small_tokenizer_dir, "run"))
+    first = t.evaluate()
+    summary = t.fit()
+    t.close()
+    return {"trainer": t, "first_val": first, "summary": summary, "out": tmp / "run", "tmp": tmp}
+
+
+def test_pretraining_loss_falls_below_unigram_baseline(pretrained):
+    first, final = pretrained["first_val"]["val_loss"], pretrained["summary"]["final_val"]["val_loss"]
+    baseline = pretrained["summary"]["unigram_baseline"]
+    assert final < first - 1.0
+    assert final < baseline  # 40 steps of a 1.3M-param model already beat a context-free model
+    recs = [json.loads(l) for l in (pretrained["out"] / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 41))
+    r = train[-1]
+    for key in ("loss", "ce", "mtp", "lr", "grad_norm", "tok_per_s", "tokens", "balance"):
+        assert r[key] is not None, key
+    assert r["loss"] == pytest.approx(r["ce"] + 0.3 * r["mtp"])
+    assert set(r["balance"]["layers"]) == {"1", "2", "3"}  # two MoE layers + the MTP layer
+    assert train[-1]["mtp"] < train[0]["mtp"] - 0.5  # the MTP head learns too
+    assert [r["step"] for r in recs if r["kind"] == "val"] == [20, 40]
+    assert (pretrained["out"] / "train.png").stat().st_size > 10_000
+    assert (pretrained["out"] / "checkpoints" / "step_00000040" / "trainer_state.json").exists()
+
+
+def test_router_biases_moved(pretrained):
+    model = pretrained["trainer"].model
+    for _, moe in model.moe_layers():
+        b = moe.gate.e_score_correction_bias
+        assert b.abs().max() > 0 and b.dtype == torch.float32
+
+
+def test_export_loads_with_from_pretrained(pretrained):
+    from glm5.tokenizer.tokenizer import GLM5Tokenizer
+
+    trainer = pretrained["trainer"]
+    hf = pretrained["out"] / "hf"
+    loaded = GLM5ForCausalLM.from_pretrained(hf)
+    x = torch.randint(0, 2048, (2, 24))
+    with torch.no_grad():
+        a = trainer.model(x).logits
+        b = loaded(x).logits
+    assert torch.equal(a, b)
+    assert torch.equal(loaded.model.layers[1].mlp.gate.e_score_correction_bias,
+                       trainer.model.model.layers[1].mlp.gate.e_score_correction_bias)
+    tok = GLM5Tokenizer.from_pretrained(hf)
+    assert tok.fingerprint() == trainer.tokenizer.fingerprint()
+    assert loaded.config.pad_token_id == tok.pad_token_id and loaded.config.eos_token_ids == tok.eos_token_ids
+
+
+def test_indexer_warmup_lowers_kl_and_freezes_the_model(pretrained, corpus_file, small_tokenizer_dir):
+    hf = pretrained["out"] / "hf"
+    cfg = _config(pretrained["tmp"], corpus_file, small_tokenizer_dir, "warmup", init_from=str(hf), tokenizer=None,
+                  dsa="indexer-warmup", max_steps=20, lr=1e-2, eval_every=0, export=False, plot=False)
+    t = Trainer(cfg)
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    first = t.evaluate()["val_indexer_kl"]
+    t.fit()
+    after = t.model.state_dict()
+    last = t.last_val["val_indexer_kl"]
+    t.close()
+    assert last < 0.8 * first
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".indexer." in k for k in changed)  # router biases and all main weights bit-identical
+    recs = [json.loads(l) for l in (pretrained["tmp"] / "warmup" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"]
+    assert train[-1]["loss"] == train[-1]["indexer_kl"] < train[0]["indexer_kl"]
+
+
+def test_sparse_stage_trains_model_and_indexer(pretrained, corpus_file, small_tokenizer_dir):
+    hf = pretrained["out"] / "hf"
+    cfg = _config(pretrained["tmp"], corpus_file, small_tokenizer_dir, "sparse", init_from=str(hf), tokenizer=None,
+                  dsa="sparse", max_steps=6, eval_every=0, export=False, plot=False)
+    t = Trainer(cfg)
+    assert t.model.config.index_topk < cfg.seq_len  # attention really is sparse here
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.fit()
+    after = t.model.state_dict()
+    t.close()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".indexer." in k for k in changed) and "lm_head.weight" in changed
+    r = [json.loads(l) for l in (pretrained["tmp"] / "sparse" / "metrics.jsonl").read_text().splitlines()][-2]
+    assert r["kind"] == "train" and r["indexer_kl"] > 0
+    assert r["loss"] == pytest.approx(r["ce"] + 0.3 * r["mtp"] + r["indexer_kl"])
+
+
+def test_sft_from_pretrained(pretrained, tmp_path):
+    pytest.importorskip("reasoning_gym")
+    hf = pretrained["out"] / "hf"
+    cfg = TrainConfig(mode="sft", init_from=str(hf), data=["default"], sft_examples=80, cache_dir=str(tmp_path / "c"),
+                      out=str(tmp_path / "sft"), seq_len=256, batch_size=4, max_steps=12, lr=3e-3, eval_every=0,
+                      eval_batches=2, ckpt_every=0, progress=False, threads=1, plot=False, val_fraction=0.1)
+    t = Trainer(cfg)
+    assert t.cfg.doc_mask and t.val_loader is not None
+    b = next(t.train_loader)
+    assert b.attention_mask is not None and 0 < (b.labels != -100).sum() < b.labels.numel()
+    first = t.evaluate()["val_loss"]
+    summary = t.fit()
+    t.close()
+    assert summary["final_val"]["val_loss"] < first - 0.5
+    assert (tmp_path / "sft" / "hf" / "tokenizer.json").exists()
+
+
+def test_config_file_and_flags(tmp_path):
+    from glm5.cli import build_parser
+    from glm5.train.cli import config_from_args
+
+    (tmp_path / "run.toml").write_text('preset = "glm5-nano"\nseq_len = 128\nmax_steps = 7\nlr = 0.01\n'
+                                       'model_overrides = { num_hidden_layers = 2 }\n')
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "run.toml"), "--lr", "0.02", "--no-muon-split",
+                                      "--data", "a.txt", "b/", "--set", "index_topk=8", "--adam-betas", "0.9", "0.99"])
+    cfg = config_from_args(args, "pretrain")
+    assert (cfg.preset, cfg.seq_len, cfg.max_steps, cfg.lr, cfg.muon_split) == ("glm5-nano", 128, 7, 0.02, False)
+    assert cfg.data == ["a.txt", "b/"] and cfg.model_overrides == {"num_hidden_layers": 2, "index_topk": 8}
+    assert cfg.adam_betas == [0.9, 0.99]
+    r = cfg.resolve(world_size=2)
+    assert r.warmup_steps == 1 and r.grad_accum == 1 and r.batch_tokens == 2 * 8 * 128
+    r = TrainConfig(batch_tokens=8192, batch_size=4, seq_len=256).resolve()
+    assert r.grad_accum == 8
+    args = build_parser().parse_args(["sft", "--init-from", "x"])
+    s = config_from_args(args, "sft")
+    assert s.mode == "sft" and s.lr == 5e-4 and s.resolve().doc_mask
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainConfig.from_dict({"lr": 1, "nope": 2})
+    with pytest.raises(ValueError, match="dsa"):
+        TrainConfig(dsa="half").resolve()
