@@ -185,7 +185,7 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
     async def list_models():
         return {"object": "list", "data": [card(n) for n in settings.served_model_names]}
 
-    @app.get("/v1/models/{model}", response_model=ModelCard, dependencies=auth, responses=_ERRORS)
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, dependencies=auth, responses=_ERRORS)
     async def get_model(model: str):
         state.check_model(model)
         return card(model)

@@ -285,7 +285,8 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
     procs = _common_processors(state, req, params.temperature)
     grammar = None
     parse_tool_calls = bool(tools) and choice != "none"
-    if tools and choice == "none" and state.ids[st.TOOL_CALL_START] is not None:
+    if tools and choice == "none" and state.ids[st.TOOL_CALL_START] is not None \
+            and state.backend.supports_logits_processors:  # (without processors: just not parsed)
         procs.append(ban_tokens([state.ids[st.TOOL_CALL_START]]))
     if req.response_format is not None and req.response_format.type == "json_schema":
         raise bad_request("response_format json_schema is not supported; use json_object",

@@ -120,3 +120,25 @@ def test_glm5_serve_command_end_to_end(model_dir):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_speculative_decoding_metrics_and_limits(model_dir):
+    """With MTP speculation on, chat works, the draft counters move, and constrained decoding (which needs
+    per-token logits processors the verification path does not apply) is refused with a 400."""
+    from .conftest import ServerThread, make_app
+
+    openai = pytest.importorskip("openai")
+    app, _ = make_app(model_dir, engine_kwargs={"num_speculative_tokens": 2}, served_model_names=["zai-org/GLM-5"])
+    with ServerThread(app) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        assert c.models.retrieve("zai-org/GLM-5").id == "zai-org/GLM-5"  # names with a slash
+        r = c.chat.completions.create(model="zai-org/GLM-5", messages=[{"role": "user", "content": "hi"}],
+                                      max_tokens=20, temperature=0, tools=[{"type": "function", "function": {
+                                          "name": "f"}}], tool_choice="none", extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 20
+        m = parse_metrics(httpx.get(srv.url + "/metrics").text)
+        assert m["glm5_spec_decode_num_draft_tokens_total"] > 0 and m["glm5_spec_decode_num_verify_steps_total"] > 0
+        assert 0 <= m["glm5_spec_decode_acceptance_rate"] <= 1 and m["glm5_spec_decode_mean_acceptance_length"] >= 1
+        with pytest.raises(openai.BadRequestError):
+            c.chat.completions.create(model="zai-org/GLM-5", messages=[{"role": "user", "content": "hi"}],
+                                      max_tokens=20, response_format={"type": "json_object"})
