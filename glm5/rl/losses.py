@@ -143,9 +143,9 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> 
 
 def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                                with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log π(target) and the exact entropy per position from logits [..., V] (fp32), sampling temperature
-    applied as the engine samples (logits / T)."""
-    x = logits.float()
+    """log π(target) and the exact entropy per position from logits [..., V] (half precision upcast to fp32),
+    sampling temperature applied as the engine samples (logits / T)."""
+    x = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
     if temperature != 1.0:
         x = x / temperature
     logz = torch.logsumexp(x, dim=-1)

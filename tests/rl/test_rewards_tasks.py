@@ -1,0 +1,108 @@
+"""Answer extraction after </think>, the abstention-aware reward, verifiable scoring, plugins, task generation."""
+
+import textwrap
+
+import pytest
+
+from glm5.rl.rewards import (abstention_reward, as_reward_result, binary_reward, extract_answer, is_abstention,
+                             load_reward_fn, score_answer)
+from glm5.rl.tasks import (generate_tasks, load_tasks, make_task_set, parse_task_spec, reasoning_gym_available,
+                           save_tasks, train_eval_split, unanswerable_questions)
+
+ANS = {"question": "Calculate 3 + 4.", "answer": "7", "answerable": True, "source": "builtin", "task": "arith"}
+UNANS = {"question": "What number is Bob thinking of?", "answer": None, "answerable": False, "source": "unanswerable"}
+
+
+def test_extract_answer_after_think():
+    assert extract_answer("3 plus 4 is 7, or maybe 8</think>7<|user|>") == "7"
+    assert extract_answer("think </think> wrong </think> 12 <|endoftext|>junk") == "12"  # the last </think>
+    assert extract_answer("I am still thinking 7 7 7") is None  # reasoning never closed: no answer
+    assert extract_answer("no think tags 5", require_think_end=False) == "no think tags 5"
+    assert extract_answer("x</think>The result is \\boxed{42}.") == "42"
+    assert extract_answer("x</think>work\nFinal answer: 15") == "15"
+    assert extract_answer("x</think><tool_call>calc<arg_key>e</arg_key><arg_value>1</arg_value></tool_call>9") == "9"
+    assert extract_answer("x</think>  <|user|>") is None
+
+
+@pytest.mark.parametrize("text,yes", [("I don't know.", True), ("i dont know", True), ("I do not know", True),
+                                      ("I don\u2019t know", True), ("IDK", True), ("It is unknown.", True),
+                                      ("I know: 7", False), ("7", False), ("", False), (None, False)])
+def test_is_abstention(text, yes):
+    assert is_abstention(text) is yes
+
+
+def test_abstention_reward_table():
+    r = lambda text, task: abstention_reward(text, task)  # noqa: E731
+    assert r("...</think>7<|user|>", ANS).reward == 1.0
+    assert r("...</think>I don't know.<|user|>", ANS).reward == 0.0
+    assert r("...</think>8<|user|>", ANS).reward == -1.0
+    assert r("thinking forever", ANS).reward == -1.0  # no answer = wrong
+    assert r("...</think>I don't know.<|user|>", UNANS).reward == 1.0
+    assert r("...</think>42<|user|>", UNANS).reward == -1.0
+    res = r("...</think>8<|user|>", ANS)
+    assert res.answered and not res.correct and not res.abstained and res.answer == "8"
+    res = r("...</think>I don't know.<|user|>", ANS)
+    assert res.abstained and not res.answered
+    assert binary_reward("...</think>7", ANS).reward == 1.0 and binary_reward("...</think>I don't know", ANS).reward == 0.0
+    assert binary_reward("...</think>I don't know", UNANS).reward == 1.0
+
+
+def test_numeric_matching():
+    assert score_answer("7.0", ANS) == 1.0 and score_answer("7.", ANS) == 1.0 and score_answer("8", ANS) == 0.0
+    assert score_answer("1,234", {"answer": "1234"}) == 1.0
+    assert score_answer("Paris", {"answer": "paris"}) == 1.0
+
+
+@pytest.mark.skipif(not reasoning_gym_available(), reason="reasoning-gym not installed")
+def test_reasoning_gym_scoring():
+    t = generate_tasks("gsm_symbolic", 1, seed=3)[0]
+    assert t["source"] == "reasoning_gym" and t["answerable"]
+    assert score_answer(t["answer"], t) == 1.0
+    wrong = str(int(t["answer"]) + 1)
+    assert 0.0 <= score_answer(wrong, t) < 1.0  # gsm_symbolic gives 0.01: not correct
+    assert abstention_reward(f"x</think>{wrong}", t).reward == -1.0
+    c = generate_tasks("countdown:min_numbers=3,max_numbers=3", 1, seed=0)[0]
+    assert score_answer(c["answer"], c) == 1.0  # any expression reaching the target scores
+
+
+def test_reward_plugin_by_import_path(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+        def length_reward(response, task):
+            return len(response) / 100.0
+        def dict_reward(response, task):
+            return {"reward": 0.5, "correct": True}
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fn = load_reward_fn("my_rewards:length_reward")
+    assert fn("abcd", {}) == 0.04
+    assert load_reward_fn("my_rewards.dict_reward")("x", {})["reward"] == 0.5
+    assert load_reward_fn(str(tmp_path / "my_rewards.py") + ":length_reward")("ab", {}) == 0.02
+    res = as_reward_result(load_reward_fn("my_rewards:dict_reward")("x", ANS), "x", ANS)
+    assert res.reward == 0.5 and res.correct is True
+    assert load_reward_fn("abstention") is abstention_reward
+    with pytest.raises((ImportError, ModuleNotFoundError)):
+        load_reward_fn("no_such_module_xyz:f")
+    with pytest.raises(ValueError):
+        load_reward_fn("notbuiltin")
+
+
+def test_task_generation(tmp_path):
+    assert parse_task_spec("basic_arithmetic:max_terms=2,max_digits=1,operators=+|-") == (
+        "basic_arithmetic", {"max_terms": 2, "max_digits": 1, "operators": ("+", "-")})
+    a = generate_tasks("arith", 20, seed=1)
+    assert a == generate_tasks("arith", 20, seed=1)  # deterministic
+    assert all(t["answerable"] and str(eval(t["question"][10:-1])) == t["answer"] for t in a)
+    un = unanswerable_questions(30, seed=2)
+    assert len(un) == 30 and len({t["question"] for t in un}) == 30
+    assert all(not t["answerable"] and t["answer"] is None for t in un)
+    mix = make_task_set(["arith"], 40, seed=0, unanswerable_frac=0.25)
+    assert sum(not t["answerable"] for t in mix) == 10
+    tr, ev = train_eval_split(["arith"], 40, 20, seed=0, unanswerable_frac=0.25)
+    assert len(ev) == 20 and not ({t["question"] for t in tr} & {t["question"] for t in ev})
+    save_tasks(mix, tmp_path / "t.jsonl")
+    assert load_tasks(tmp_path / "t.jsonl") == mix
+    if reasoning_gym_available():
+        rg = make_task_set(["basic_arithmetic:max_terms=2,max_digits=1", "chain_sum:max_terms=2,max_digits=1"], 10,
+                           seed=0, unanswerable_frac=0.2)
+        assert {t["task"] for t in rg} >= {"basic_arithmetic", "chain_sum"}
+        assert all(score_answer(t["answer"], t) == 1.0 for t in rg if t["answerable"])
