@@ -34,6 +34,12 @@ def nano_config(tok, **over):
 
 
 @pytest.fixture(scope="session")
+def make_config(tok):
+    """glm5-nano sized config matching the test tokenizer (importlib mode: tests cannot import conftest)."""
+    return lambda **over: nano_config(tok, **over)
+
+
+@pytest.fixture(scope="session")
 def model_dir(tok, tmp_path_factory):
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("rl_policy")
@@ -50,3 +56,13 @@ def policy(model_dir):
 @pytest.fixture(scope="session")
 def tasks():
     return make_task_set(["arith"], 48, seed=0, unanswerable_frac=0.25)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these models are tiny, and with the cores oversubscribed (other suites, the rollout
+    process) OpenMP spin-waiting makes 2 threads 10-20x slower than 1."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
