@@ -1,0 +1,232 @@
+"""``glm5 speedrun``: the whole GLM-5 pipeline in one command.
+
+    tokenizer -> pretrain (dense) -> DSA indexer warm-up -> sparse training -> SFT
+              -> async RL with the abstention reward -> eval -> FP8 export -> report
+
+Each stage writes into ``OUT/<stage>/`` and, when it has finished, an atomic ``OUT/<stage>/DONE.json``
+(results + wall time). Re-running skips finished stages; a stage that was killed continues from its last
+checkpoint (the trainer resumes by itself; RL restarts its stage). ``OUT/final`` is the served model
+(``glm5 serve --model OUT/final``), ``OUT/final-fp8`` its FP8 export, ``OUT/report.md`` the report.
+
+One knob, the preset, sizes everything: ``smoke`` (glm5-nano, ≤3 min on 2 CPU cores, used in CI),
+``cpu`` (glm5-tiny, ≤30 min on 2 CPU cores, learns visibly), ``h100`` (glm5-small, about an hour on one
+H100).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STAGES = ("tokenizer", "pretrain", "indexer_warmup", "sparse", "sft", "rl", "eval", "fp8", "report")
+
+
+@dataclass
+class SpeedrunPreset:
+    model: str  # model preset
+    device: str
+    seq_len: int
+    batch_size: int
+    pretrain_steps: int
+    pretrain_minutes: float
+    warmup_steps: int
+    sparse_steps: int
+    sparse_minutes: float
+    sft_steps: int
+    sft_minutes: float
+    sft_examples: int
+    rl_steps: int
+    rl_group_size: int
+    rl_groups_per_step: int
+    rl_train_tasks: int
+    rl_eval_tasks: int
+    rl_max_new_tokens: int
+    eval_tasks: int
+    eval_ppl_batches: int
+    eval_decode_tokens: int
+    rl_mode: str = "async"
+    rl_lr: float = 2e-5
+    lr: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+PRESETS = {
+    "smoke": SpeedrunPreset(model="glm5-nano", device="cpu", seq_len=96, batch_size=4, pretrain_steps=30,
+                            pretrain_minutes=0.6, warmup_steps=8, sparse_steps=12, sparse_minutes=0.3, sft_steps=12,
+                            sft_minutes=0.3, sft_examples=120, rl_steps=2, rl_group_size=4, rl_groups_per_step=2,
+                            rl_train_tasks=24, rl_eval_tasks=12, rl_max_new_tokens=24, eval_tasks=12,
+                            eval_ppl_batches=2, eval_decode_tokens=16),
+    "cpu": SpeedrunPreset(model="glm5-tiny", device="cpu", seq_len=256, batch_size=8, pretrain_steps=1500,
+                          pretrain_minutes=12.0, warmup_steps=60, sparse_steps=300, sparse_minutes=3.0, sft_steps=400,
+                          sft_minutes=4.0, sft_examples=2000, rl_steps=12, rl_group_size=8, rl_groups_per_step=4,
+                          rl_train_tasks=400, rl_eval_tasks=100, rl_max_new_tokens=48, eval_tasks=100,
+                          eval_ppl_batches=16, eval_decode_tokens=64),
+    "h100": SpeedrunPreset(model="glm5-small", device="cuda", seq_len=1024, batch_size=32, pretrain_steps=6000,
+                           pretrain_minutes=30.0, warmup_steps=200, sparse_steps=1500, sparse_minutes=8.0,
+                           sft_steps=1500, sft_minutes=8.0, sft_examples=20000, rl_steps=40, rl_group_size=16,
+                           rl_groups_per_step=16, rl_train_tasks=4000, rl_eval_tasks=400, rl_max_new_tokens=256,
+                           eval_tasks=400, eval_ppl_batches=64, eval_decode_tokens=256),
+}
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Speedrun:
+    def __init__(self, out: str | Path, preset: str = "smoke", log=print):
+        if preset not in PRESETS:
+            raise SystemExit(f"glm5 speedrun: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        self.out = Path(out)
+        self.name = preset
+        self.p = PRESETS[preset]
+        self.log = log
+        self.cache = str(self.out / "cache")
+
+    # ------------------------------------------------------------------------------------------ plumbing
+    def stage_dir(self, stage: str) -> Path:
+        return self.out / stage
+
+    def done(self, stage: str) -> dict | None:
+        f = self.stage_dir(stage) / "DONE.json"
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def run(self, only: list[str] | None = None) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(self.out / "speedrun.json", {"preset": self.name, "settings": self.p.__dict__})
+        results = {}
+        for stage in STAGES:
+            if only and stage not in only:
+                continue
+            prev = self.done(stage)
+            if prev is not None:
+                self.log(f"[speedrun] {stage}: done earlier ({prev['wall_s']:.1f}s), skipping")
+                results[stage] = prev
+                continue
+            self.log(f"[speedrun] {stage}: running")
+            self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+            t0 = time.time()
+            res = getattr(self, f"stage_{stage}")()
+            rec = {"stage": stage, "wall_s": time.time() - t0, "result": res}
+            _write_json_atomic(self.stage_dir(stage) / "DONE.json", rec)
+            results[stage] = rec
+            self.log(f"[speedrun] {stage}: finished in {rec['wall_s']:.1f}s")
+        return results
+
+    def _train(self, **kw) -> dict:
+        from glm5.train.config import TrainConfig
+        from glm5.train.trainer import train
+
+        p = self.p
+        base = dict(preset=p.model, tokenizer=str(self.stage_dir("tokenizer")), cache_dir=self.cache,
+                    seq_len=p.seq_len, batch_size=p.batch_size, device=p.device, eval_every=max(10, kw.get("max_steps", 100) // 5),
+                    eval_batches=4, ckpt_every=max(10, kw.get("max_steps", 100) // 4), progress=sys.stderr.isatty())
+        if p.lr:
+            base["lr"] = p.lr
+        base.update(kw)
+        res = train(TrainConfig(**base))
+        return {k: v for k, v in res.items() if isinstance(v, (int, float, str, type(None), list, dict))}
+
+    # ------------------------------------------------------------------------------------------ stages
+    def stage_tokenizer(self) -> dict:
+        from glm5.config import preset
+        from glm5.data.tokenize import prepare_tokenizer
+
+        vocab = preset(self.p.model).vocab_size
+        tok, _ = prepare_tokenizer(["default"], vocab, self.cache)
+        tok.save_pretrained(self.stage_dir("tokenizer"))
+        return {"vocab_size": tok.vocab_size, "fingerprint": tok.fingerprint()}
+
+    def stage_pretrain(self) -> dict:
+        return self._train(out=str(self.stage_dir("pretrain")), dsa="dense", max_steps=self.p.pretrain_steps,
+                           max_minutes=self.p.pretrain_minutes)
+
+    def stage_indexer_warmup(self) -> dict:
+        return self._train(out=str(self.stage_dir("indexer_warmup")), dsa="indexer-warmup",
+                           init_from=str(self.stage_dir("pretrain") / "hf"), max_steps=self.p.warmup_steps)
+
+    def stage_sparse(self) -> dict:
+        return self._train(out=str(self.stage_dir("sparse")), dsa="sparse", max_steps=self.p.sparse_steps,
+                           init_from=str(self.stage_dir("indexer_warmup") / "hf"), max_minutes=self.p.sparse_minutes)
+
+    def stage_sft(self) -> dict:
+        return self._train(mode="sft", out=str(self.stage_dir("sft")), dsa="sparse", max_steps=self.p.sft_steps,
+                           init_from=str(self.stage_dir("sparse") / "hf"), max_minutes=self.p.sft_minutes,
+                           sft_examples=self.p.sft_examples, seq_len=max(self.p.seq_len, 256))
+
+    def stage_rl(self) -> dict:
+        from glm5.rl.runner import RLConfig, run_rl
+
+        p = self.p
+        cfg = RLConfig(model=str(self.stage_dir("sft") / "hf"), out=str(self.stage_dir("rl")),
+                       n_train=p.rl_train_tasks, n_eval=p.rl_eval_tasks, group_size=p.rl_group_size,
+                       device=p.device, rollout_device=p.device, max_model_len=min(1024, 4 * p.seq_len),
+                       manager={"mode": p.rl_mode, "num_steps": p.rl_steps, "groups_per_step": p.rl_groups_per_step,
+                                "tau": 2},
+                       rollout={"max_new_tokens": p.rl_max_new_tokens, "reward": "abstention"},
+                       trainer={"lr": p.rl_lr}, progress=sys.stderr.isatty())
+        summary = run_rl(cfg)
+        final = self.out / "final"
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(self.stage_dir("rl") / "hf", final)
+        keep = ("before", "after", "delta", "run")
+        return {k: summary.get(k) for k in keep}
+
+    def stage_eval(self) -> dict:
+        from glm5.eval.evaluate import EvalConfig, evaluate
+
+        p = self.p
+        cfg = EvalConfig(n_tasks=p.eval_tasks, ppl_batches=p.eval_ppl_batches, decode_tokens=p.eval_decode_tokens,
+                         seq_len=p.seq_len, max_new_tokens=p.rl_max_new_tokens, cache_dir=self.cache)
+        rows = [evaluate(self.stage_dir("sft") / "hf", cfg, device=p.device, progress=self.log),
+                evaluate(self.out / "final", cfg, device=p.device, progress=self.log)]
+        _write_json_atomic(self.stage_dir("eval") / "eval.json", rows)
+        return {"sft": rows[0], "final": rows[1]}
+
+    def stage_fp8(self) -> dict:
+        from glm5.checkpoint.quantize import quantize_checkpoint
+        from glm5.info import disk_bytes
+
+        dst = self.out / "final-fp8"
+        if dst.exists():
+            shutil.rmtree(dst)
+        quantize_checkpoint(self.out / "final", dst)
+        return {"bf16_or_fp32_bytes": disk_bytes(self.out / "final"), "fp8_bytes": disk_bytes(dst)}
+
+    def stage_report(self) -> dict:
+        from glm5.report import write_report
+
+        path = write_report(self.out)
+        return {"report": str(path)}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("speedrun", help="the whole pipeline: tokenizer, pretrain, DSA, SFT, RL, eval, FP8, report")
+    p.add_argument("--preset", default="smoke", choices=list(PRESETS),
+                   help="smoke: ≤3 min on 2 CPU cores (CI); cpu: ≤30 min, learns visibly; h100: ~1 h on one H100")
+    p.add_argument("--out", default=None, help="run directory (default runs/speedrun-PRESET)")
+    p.add_argument("--only", nargs="+", choices=list(STAGES), help="run just these stages (others must be done)")
+    p.add_argument("--fresh", action="store_true", help="delete the run directory first")
+
+    def _run(a):
+        out = Path(a.out or f"runs/speedrun-{a.preset}")
+        if a.fresh and out.exists():
+            shutil.rmtree(out)
+        t0 = time.time()
+        Speedrun(out, a.preset, log=lambda s: print(s, flush=True)).run(a.only)
+        print(f"[speedrun] all stages done in {time.time() - t0:.1f}s -> {out}/report.md; "
+              f"serve it with: glm5 serve --model {out}/final")
+        return 0
+
+    p.set_defaults(func=_run)
