@@ -1,0 +1,133 @@
+"""The manager's three schedules on the real engine and trainer, the rollout process, and ``glm5 rl`` end to end."""
+
+import json
+
+import pytest
+
+from glm5.engine import build_engine
+from glm5.model.transformer import GLM5ForCausalLM
+from glm5.rl.buffer import DataBuffer
+from glm5.rl.manager import ManagerConfig, RolloutManager
+from glm5.rl.rollout import LocalRolloutClient, ProcessRolloutClient, RolloutConfig, RolloutEngine, WorkerSpec
+from glm5.rl.trainer import RLTrainer, TrainerConfig
+from glm5.rl.weight_sync import clone_model
+
+PLUGIN = '''
+def parity_reward(response, task):
+    """Some signal for a random policy: +1 for an even number of characters, -1 otherwise."""
+    return 1.0 if len(response) % 2 == 0 else -1.0
+
+def half_constant(response, task):
+    """Zero variance for every other task (dynamic sampling must drop those groups)."""
+    if int(task["id"].rsplit("-", 1)[1]) % 2 == 0:
+        return 0.0
+    return float(len(response) % 3)
+'''
+
+
+@pytest.fixture(scope="module")
+def plugin(tmp_path_factory):
+    p = tmp_path_factory.mktemp("plugin") / "rl_test_rewards.py"
+    p.write_text(PLUGIN)
+    return str(p)
+
+
+def local_setup(policy, tok, tasks, plugin_fn, *, tau=None, dynamic=False, partial=False, G=4, max_new=16):
+    ro = RolloutEngine(build_engine(clone_model(policy), tok, max_num_seqs=32, max_model_len=256), tok,
+                       RolloutConfig(max_new_tokens=max_new, reward=plugin_fn))
+    client = LocalRolloutClient(ro)
+    buf = DataBuffer(tasks, ro.make_prompt, G, max_new, tau=tau, dynamic_sampling=dynamic, partial_rollout=partial)
+    return client, buf, RLTrainer(policy, TrainerConfig(lr=1e-3))
+
+
+def test_sync_mode_is_on_policy(policy, tok, tasks, plugin):
+    client, buf, tr = local_setup(policy, tok, tasks, plugin + ":parity_reward")
+    mgr = RolloutManager(client, tr, buf, ManagerConfig(mode="sync", num_steps=3, groups_per_step=2))
+    summary = mgr.run()
+    assert summary["trained_samples"] == 24 and summary["final_version"] == 3 and client.version == 3
+    recs = mgr.records
+    assert [r["version"] for r in recs] == [1, 2, 3] and [r["rollout_version"] for r in recs] == [1, 2, 3]
+    assert all(r["staleness_max"] == 0 for r in recs) and recs[-1]["staleness_hist"] == {0: 24}
+    # on-policy every step: engine and trainer log-probs agree, ratio exactly 1 before each update
+    assert all(r["logprob_gap_mean"] < 1e-4 and r["ratio_mean"] == 1.0 for r in recs)
+    for key in ("reward", "accuracy", "abstention_rate", "hallucination_rate", "samples_per_s", "trainer_idle_s",
+                "trainer_idle_frac", "generated_samples_per_s", "pg_loss", "entropy", "clipfrac", "grad_norm"):
+        assert key in recs[-1], key
+    assert summary["trainer_idle_s"] > 0 and summary["samples_per_s"] > 0
+
+
+def test_one_step_off_trains_one_version_behind(policy, tok, tasks, plugin):
+    client, buf, tr = local_setup(policy, tok, tasks, plugin + ":parity_reward")
+    mgr = RolloutManager(client, tr, buf, ManagerConfig(mode="one-step-off", num_steps=3, groups_per_step=2))
+    mgr.run()
+    assert [r["staleness_max"] for r in mgr.records] == [0, 1, 1]
+    assert mgr.records[-1]["staleness_hist"] == {0: 8, 1: 16}
+    assert mgr.records[0]["logprob_gap_mean"] < 1e-4  # first step: same weights on both sides
+    assert mgr.records[1]["logprob_gap_mean"] > 1e-4  # later: the trainer has moved on by one update
+
+
+def test_dynamic_sampling_keeps_only_informative_groups(policy, tok, tasks, plugin):
+    client, buf, tr = local_setup(policy, tok, tasks, plugin + ":half_constant", dynamic=True)
+    mgr = RolloutManager(client, tr, buf, ManagerConfig(mode="sync", num_steps=2, groups_per_step=2))
+    mgr.run()
+    assert buf.stats.dropped_zero_std_groups > 0
+    assert mgr.records[-1]["dropped_zero_std_groups"] == buf.stats.dropped_zero_std_groups
+    assert all(r["train_samples"] == 8 for r in mgr.records)
+    assert all(r["advantage_abs_mean"] > 0 for r in mgr.records)
+
+
+def test_async_mode_with_rollout_process(model_dir, tok, tasks, plugin):
+    """The rollout engine in its own process, weights through shared memory, staleness bound τ = 1."""
+    policy = GLM5ForCausalLM.from_pretrained(model_dir)
+    rcfg = RolloutConfig(max_new_tokens=24, reward=plugin + ":parity_reward")
+    spec = WorkerSpec(str(model_dir), rcfg.to_dict(), {"max_num_seqs": 32, "max_model_len": 256}, threads=1)
+    ro_local = RolloutEngine(build_engine(clone_model(policy), tok, max_num_seqs=1, max_model_len=256), tok, rcfg)
+    client = ProcessRolloutClient(spec, policy, make_prompt=ro_local.make_prompt)
+    try:
+        buf = DataBuffer(tasks, client.make_prompt, 4, 24, tau=1, partial_rollout=True)
+        tr = RLTrainer(policy, TrainerConfig(lr=1e-3))
+        mgr = RolloutManager(client, tr, buf, ManagerConfig(mode="async", num_steps=4, groups_per_step=2, tau=1,
+                                                            max_inflight_groups=4))
+        summary = mgr.run()
+        stats = client.stats()
+    finally:
+        client.close()
+    assert not client.proc.is_alive()
+    assert summary["final_version"] == 4 and client.version == 4
+    assert all(r["staleness_max"] <= 1 for r in mgr.records)
+    assert set(summary["buffer"]["staleness_hist"]) <= {0, 1}
+    assert mgr.records[0]["logprob_gap_mean"] < 1e-4
+    assert summary["generated_samples"] >= summary["trained_samples"] == 32
+    assert stats["finished"] >= 32 and stats["requests"] >= 32
+
+
+def test_cli_end_to_end(model_dir, tmp_path):
+    from glm5.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["rl", "--model", str(model_dir), "--out", str(out), "--task", "arith", "--n-train", "32",
+               "--n-eval", "8", "--steps", "2", "--groups", "2", "--group-size", "2", "--max-new-tokens", "12",
+               "--max-model-len", "256", "--placement", "colocate", "--mode", "async", "--lr", "1e-3",
+               "--loss", "ddis", "--no-progress", "--train-threads", "1", "--rollout-threads", "1"])
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["run"]["steps"] == 2 and "before" in s and "after" in s and "delta" in s
+    assert {"accuracy", "accuracy_ci", "hallucination_rate", "abstention_rate"} <= set(s["after"])
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[-1])["step"] == 1
+    assert (out / "rl.png").stat().st_size > 1000
+    GLM5ForCausalLM.from_pretrained(out / "hf")  # the trained policy is a normal checkpoint
+
+
+def test_cli_process_placement_with_distributed_weight_sync(model_dir, tmp_path):
+    from glm5.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["rl", "--model", str(model_dir), "--out", str(out), "--task", "arith", "--n-train", "32",
+               "--steps", "2", "--groups", "2", "--group-size", "2", "--max-new-tokens", "12", "--max-model-len",
+               "256", "--mode", "one-step-off", "--weight-sync", "dist", "--no-eval", "--no-save", "--no-progress",
+               "--train-threads", "1", "--rollout-threads", "1"])
+    assert rc == 0
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rollout_version"] for r in recs] == [1, 2]
+    assert recs[-1]["staleness_hist"] == {"0": 4, "1": 4}
