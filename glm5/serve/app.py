@@ -11,9 +11,11 @@ the key and sends it). Bodies over ``settings.max_request_bytes`` get 413 before
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import importlib.resources
 import logging
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -225,9 +227,12 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=auth,
               responses={**_stream_doc, **_ERRORS})
     async def chat_completions(req: ChatCompletionRequest, request: Request):
+        arrival = time.monotonic()
+        if _needs_grammar(req):  # the vocabulary trie is built once, off the event loop
+            await asyncio.to_thread(lambda: state.vocab)
         prep = prepare_chat(state, req)
         state.admit()
-        gen = Generation(state, prep, "chat", chat=True)
+        gen = Generation(state, prep, "chat", chat=True, arrival=arrival)
         if req.stream:
             return handlers.chat_stream(state, request, gen, req.include_usage, req.continuous_usage)
         return await _run(handlers.chat_completion(state, request, gen))
@@ -235,14 +240,20 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
     @app.post("/v1/completions", response_model=CompletionResponse, dependencies=auth,
               responses={**_stream_doc, **_ERRORS})
     async def completions(req: CompletionRequest, request: Request):
+        arrival = time.monotonic()
         prep = prepare_completion(state, req)
         state.admit()
-        gen = Generation(state, prep, "completions", chat=False)
+        gen = Generation(state, prep, "completions", chat=False, arrival=arrival)
         if req.stream:
             return handlers.completion_stream(state, request, gen, req.include_usage, req.continuous_usage)
         return await _run(handlers.completion(state, request, gen))
 
     return app
+
+
+def _needs_grammar(req: ChatCompletionRequest) -> bool:
+    rf, tc = req.response_format, req.tool_choice
+    return (rf is not None and rf.type == "json_object") or tc == "required" or (tc is not None and not isinstance(tc, str))
 
 
 async def _run(coro) -> JSONResponse:

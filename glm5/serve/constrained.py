@@ -32,7 +32,6 @@ inside long strings).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -547,7 +546,7 @@ class ToolCallGrammar(_Grammar):
                     return None
                 return ("val", tool, used, key, ("text", text[-16:]))
             s = mode[1]
-            for i, b in enumerate(data):
+            for b in data:
                 if s[0] == _VALUE and not s[1] and mode[2] is not None and b not in mode[2]:
                     return None
                 s = json_step(s, b) if not (s[0] == _VALUE and not s[1]) else _value_start("", b, mode[3])
@@ -726,7 +725,3 @@ def bias_processor(bias: Mapping[int, float] | None, presence: float = 0.0, freq
         return logits
 
     return proc
-
-
-def _finite(x: float) -> bool:
-    return math.isfinite(x)

@@ -324,7 +324,7 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Prepared:
     tok = state.tokenizer
     V = state.backend.vocab_size
     prompts, texts = [], []
-    for i, p in enumerate(req.prompts()):
+    for p in req.prompts():
         if isinstance(p, str):
             ids = tok.encode(p)
             texts.append(p)
@@ -369,13 +369,13 @@ class ChoiceState:
 class Generation:
     """Runs one prepared request (all its prompts and completions) and keeps the per-choice state."""
 
-    def __init__(self, state: ServerState, prep: Prepared, endpoint: str, chat: bool):
+    def __init__(self, state: ServerState, prep: Prepared, endpoint: str, chat: bool, arrival: float | None = None):
         self.state = state
         self.prep = prep
         self.endpoint = endpoint
         self.chat = chat
         self.created = int(time.time())
-        self.arrival = time.monotonic()
+        self.arrival = arrival if arrival is not None else time.monotonic()  # TTFT/e2e include preparation
         self.first_token_time: float | None = None
         self.cached_tokens = 0
         self.n = prep.params.n

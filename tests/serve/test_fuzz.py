@@ -38,7 +38,7 @@ def test_schema_fuzz_no_server_errors(fuzz_server, mode):
     t0 = time.monotonic()
     for result in schema.get_all_operations():
         op = result.ok()
-        label = f"{op.method.upper()} {op.path}"
+        label = f"{op.method.upper()} {op.path}"  # run() below is called within this iteration
         n = EXAMPLES.get(label, DEFAULT_EXAMPLES) // (2 if mode == GenerationMode.NEGATIVE else 1)
 
         @hypothesis.settings(max_examples=n, deadline=None, database=None, derandomize=True,

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from .conftest import API_KEY, MODEL_NAME
+from .conftest import MODEL_NAME
 
 _LINE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*",?)*\})? -?[0-9.e+\-]+|[+-]Inf$')
 
