@@ -232,3 +232,16 @@ def test_async_client_concurrent_streams(server):
             await ac.close()
 
     assert asyncio.run(main()) == [8] * 8
+
+
+def test_prefix_cache_shows_in_usage_and_cost(client):
+    msgs = [{"role": "system", "content": "the weather in Beijing and Paris " * 8}, {"role": "user", "content": "hi"}]
+    first = client.chat.completions.create(model=MODEL_NAME, messages=msgs, max_tokens=2,
+                                           extra_body={"ignore_eos": True})
+    second = client.chat.completions.create(model=MODEL_NAME, messages=msgs, max_tokens=2,
+                                            extra_body={"ignore_eos": True})
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 16 and cached <= second.usage.prompt_tokens
+    p = second.usage.prompt_tokens
+    assert second.usage.cost == pytest.approx(((p - cached) * 1.0 + cached * 0.2 + 2 * 3.2) / 1e6)
+    assert second.usage.cost < first.usage.cost or first.usage.prompt_tokens_details.cached_tokens > 0
