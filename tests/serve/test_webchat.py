@@ -3,6 +3,7 @@ Selenium: type a message, send it, see a streamed answer with thinking, usage an
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import httpx
@@ -93,3 +94,37 @@ def test_browser_sends_and_streams(server, browser, tmp_path):
     second = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[1]
     assert not second.find_elements(By.CSS_SELECTOR, ".error"), second.text
     assert "cost $" in second.find_element(By.CSS_SELECTOR, ".usage").text
+
+
+def test_browser_shows_thinking_content_and_tool_calls(scripted_server, browser):
+    """Known model output (ScriptedBackend, TEST-ONLY: the real engine forced to a scripted token sequence):
+    the page shows the reasoning collapsed, the answer, and a tool call with its arguments."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from .test_parsing import TOOLS
+
+    browser.get(scripted_server.url + "/")
+    wait = WebDriverWait(browser, 60)
+
+    def send(text):
+        n = len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant"))
+        browser.find_element(By.ID, "input").send_keys(text)
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == n + 1
+                   and d.find_elements(By.CSS_SELECTOR, ".msg.assistant")[n].get_attribute("data-state") == "done")
+        return browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[n]
+
+    bubble = send("SCRIPT:reason")
+    assert bubble.find_element(By.CSS_SELECTOR, ".content").text == "Hello! How can I help?"
+    details = bubble.find_element(By.TAG_NAME, "details")
+    assert details.get_attribute("open") is None and details.is_displayed()
+    details.find_element(By.TAG_NAME, "summary").click()  # expand the thinking
+    assert bubble.find_element(By.CSS_SELECTOR, ".thinking").text == "The user greets me. I should greet back."
+
+    browser.execute_script("document.getElementById('tools').value = arguments[0];", json.dumps(TOOLS))
+    bubble = send("SCRIPT:tool")
+    tool = bubble.find_element(By.CSS_SELECTOR, ".tool").text
+    assert tool.startswith("tool call: get_weather(")
+    assert json.loads(tool[len("tool call: get_weather("):-1]) == {"location": "Beijing", "days": 3}
+    assert "finish: tool_calls" in bubble.find_element(By.CSS_SELECTOR, ".usage").text
