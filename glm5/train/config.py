@@ -54,7 +54,8 @@ class TrainConfig:
     batch_tokens: int | None = None  # global tokens per optimiser step
     # ---- horizon -----------------------------------------------------------------------------------
     max_steps: int = 1000
-    max_minutes: float | None = None  # stop (and checkpoint) once this much wall time has passed
+    max_minutes: float | None = None  # time budget: the schedule is fitted to it after a few steps (at most
+    # max_steps), and the run stops (and checkpoints) if it is exceeded anyway
     # ---- optimiser ---------------------------------------------------------------------------------
     optimizer: str = "muon"  # "muon" (Muon on hidden matrices + AdamW on the rest) | "adamw"
     muon_split: bool = True  # GLM-5's Muon Split: orthogonalise MLA up-projections per head

@@ -120,6 +120,15 @@ def apply_activation_checkpointing(model) -> None:
 
 
 def apply_compile(model) -> None:
-    """``torch.compile`` each main decoder layer in place (names and state dict unchanged)."""
+    """``torch.compile`` the attention and dense-MLP blocks of every main decoder layer in place (names and
+    state dict unchanged). MoE blocks stay eager: on CPU, ``torch._grouped_mm``'s fake-tensor kernel only
+    accepts bf16, so the fp32 routed experts cannot be traced."""
+    from glm5.model.moe import MoE
+
     for layer in model.model.layers[: model.config.num_hidden_layers]:
-        layer.compile(dynamic=False)
+        layer.self_attn.compile(dynamic=False)
+        if isinstance(layer.mlp, MoE):
+            if layer.mlp.shared_experts is not None:
+                layer.mlp.shared_experts.compile(dynamic=False)
+        else:
+            layer.mlp.compile(dynamic=False)

@@ -70,6 +70,9 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.dist = init_distributed(config.device)
         cfg = self.cfg = config.resolve(self.dist.world_size)
+        self._warmup_given = config.warmup_steps is not None
+        # The schedule's horizon. With max_minutes it is re-derived from the measured step time (fit_schedule).
+        self.planned_steps, self.warmup_steps, self.schedule_fitted = cfg.max_steps, cfg.warmup_steps, False
         self._prev_threads = torch.get_num_threads()
         if self.dist.device.type == "cpu":
             torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // self.dist.local_world_size))
@@ -218,6 +221,9 @@ class Trainer:
                 raise ValueError(f"{path}: checkpoint has {key}={saved[key]!r}, this run {getattr(self.cfg, key)!r}; "
                                  f"use a new --out (or --init-from an export) to change it")
         self.step = state["step"]
+        self.planned_steps = state.get("planned_steps", self.planned_steps)
+        self.warmup_steps = state.get("warmup_steps", self.warmup_steps)
+        self.schedule_fitted = state.get("schedule_fitted", False)
         self.tokens_seen = state["tokens"]
         self.elapsed_before = state["elapsed"]
         self.train_loader.load_state_dict(state["loader"])
@@ -233,7 +239,8 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "tokens": self.tokens_seen, "elapsed": self._elapsed(),
+        state = {"step": self.step, "planned_steps": self.planned_steps, "warmup_steps": self.warmup_steps,
+                 "schedule_fitted": self.schedule_fitted, "tokens": self.tokens_seen, "elapsed": self._elapsed(),
                  "loader": self.train_loader.state_dict(), "last_val": self.last_val, "config": self.cfg.to_dict()}
         return self.ckpt.save(self.step, self.model, self.optim, state)
 
@@ -247,7 +254,7 @@ class Trainer:
         micro = [next(self.train_loader) for _ in range(cfg.grad_accum)]
         counts = sum(count_targets(b, self.loss_cfg.mtp_depth) for b in micro)
         counts = all_reduce(counts.to(self.device)).cpu()
-        factor = lr_factor(self.step, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_fraction)
+        factor = lr_factor(self.step, self.planned_steps, self.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_fraction)
         lr = set_lr(self.optim, factor)
         D = self.loss_cfg.mtp_depth
         # [ce_sum, mtp_sum_1..D, kl_sum, kl_n, bal_sum, bal_n]
@@ -339,6 +346,20 @@ class Trainer:
         self.last_val = rec
         return rec
 
+    def fit_schedule(self, step_times: list[float]) -> None:
+        """With ``max_minutes``: once a few steps are timed, set the schedule's horizon to the number of steps that
+        fit in the remaining time (at most ``max_steps``), so warm-up and decay complete within the budget. The
+        horizon is stored in checkpoints: a resumed run keeps it."""
+        cfg = self.cfg
+        per_step = sorted(step_times)[len(step_times) // 2]
+        remaining = 60 * cfg.max_minutes - self._elapsed()
+        steps = self.step + max(1, int(0.95 * remaining / per_step))
+        self.planned_steps = max(self.step + 1, min(cfg.max_steps, steps))
+        if not self._warmup_given:
+            self.warmup_steps = max(1, min(200, round(0.05 * self.planned_steps)))
+        self.schedule_fitted = True
+        log.info("time budget %.1f min: %.2fs/step -> %d steps", cfg.max_minutes, per_step, self.planned_steps)
+
     def _log(self, rec: dict) -> None:
         if self.main:
             with open(self.metrics_path, "a") as f:
@@ -355,14 +376,19 @@ class Trainer:
             self._log({"kind": "meta", "step": 0, "params": n_params, "world_size": self.dist.world_size,
                        "device": str(self.device), "dataset": str(self.dataset_dir),
                        "unigram_baseline": self.unigram_baseline, "config": cfg.to_dict()})
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.main and cfg.progress), dynamic_ncols=True,
+        bar = tqdm(total=self.planned_steps, initial=self.step, disable=not (self.main and cfg.progress), dynamic_ncols=True,
                    file=sys.stderr, desc=f"{cfg.mode}[{cfg.dsa}]", unit="step")
         saved_at = evaluated_at = None
         tok_rate = None
-        while self.step < cfg.max_steps:
+        step_times = []
+        while self.step < self.planned_steps:
             rec = self.train_step()
+            step_times.append(rec["step_time"])
+            if cfg.max_minutes is not None and not self.schedule_fitted and len(step_times) == 4:
+                self.fit_schedule(step_times[1:])  # the first step pays one-off costs
+                bar.total = self.planned_steps
             tok_rate = rec["tok_per_s"] if tok_rate is None else 0.9 * tok_rate + 0.1 * rec["tok_per_s"]
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            if self.step % cfg.log_every == 0 or self.step == self.planned_steps:
                 self._log(rec)
             post = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{tok_rate:,.0f}", "lr": f"{rec['lr']:.2e}"}
             if self.last_val:
@@ -387,7 +413,7 @@ class Trainer:
                 self._log(v)
         if saved_at != self.step:
             self.save_checkpoint()
-        summary = {"steps": self.step, "tokens": self.tokens_seen, "elapsed_s": self._elapsed(), "params": n_params,
+        summary = {"steps": self.step, "planned_steps": self.planned_steps, "tokens": self.tokens_seen, "elapsed_s": self._elapsed(), "params": n_params,
                    "final_val": self.last_val, "unigram_baseline": self.unigram_baseline, "out": str(self.out),
                    "resumed_from": self.resumed_from}
         if cfg.export:

@@ -1,0 +1,207 @@
+"""Training throughput: glm5 vs transformers' GlmMoeDsaForCausalLM on the same config, weights and batch.
+
+One training step = forward + next-token cross-entropy + backward + AdamW step. Both models get the same
+config (ours written to disk and loaded by transformers), the same initial weights and the same batch; the
+two are timed in alternation in one process, so machine load affects both alike. Reported: median tokens/s
+over the timed steps, and the ratio.
+
+    python benchmarks/bench_train.py                          # glm5-tiny, B=8, T=256, CPU fp32
+    python benchmarks/bench_train.py --preset glm5-nano --steps 20
+    python benchmarks/bench_train.py --device cuda --preset glm5-1b --batch 8 --seq 4096 --mfu --no-hf
+
+Variants of ours: ``sparse`` (DSA top-k, what HF computes), ``dense`` (our dense-attention stage),
+``full`` (our whole objective: + MTP + aux-loss-free balancing bookkeeping). With ``--mfu`` (GPU) the
+model-FLOPs utilisation of ours is printed against the bf16 dense peak (H100 SXM: 989 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from glm5 import GLM5ForCausalLM, preset  # noqa: E402
+
+# A ~1B-total GLM-5-shaped model for the GPU MFU measurement (every part kept: MLA, DSA, MoE, MTP).
+GLM5_1B = dict(vocab_size=32768, hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=16,
+               intermediate_size=4096, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=48, qk_rope_head_dim=16,
+               v_head_dim=64, head_dim=16, index_n_heads=8, index_head_dim=64, index_topk=2048,
+               first_k_dense_replace=1, moe_intermediate_size=512, n_routed_experts=48, num_experts_per_tok=6,
+               n_shared_experts=1, max_position_embeddings=8192)
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def build_config(name: str):
+    if name == "glm5-1b":
+        return preset("glm5-small", **GLM5_1B)
+    return preset(name)
+
+
+def train_flops_per_token(cfg, seq: int) -> float:
+    """Model FLOPs per trained token, forward + backward (= 3 × forward), PaLM-style: 6 × activated matmul
+    parameters (routed top-k + shared experts, attention, LM head; no embedding lookup, no MTP) + causal
+    attention (QK^T and PV over on average seq/2 keys). The indexer's cheap scoring is not counted, so the
+    figure is conservative."""
+    from glm5.info import model_stats
+
+    active = model_stats(cfg)["params_activated_per_token"]
+    attn_fwd = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq / 2
+    return 6 * active + 3 * attn_fwd
+
+
+def make_batch(vocab: int, batch: int, seq: int, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(0, vocab, (batch, seq + 1), generator=g).to(device)
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+def our_step(model, opt, x, y, mode: str, tracker=None, autocast=None):
+    import contextlib
+
+    from glm5.data.loader import Batch
+    from glm5.train.losses import LossConfig, compute_loss, count_targets
+
+    ctx = autocast() if autocast else contextlib.nullcontext()
+    with ctx:
+        if mode == "full":
+            b = Batch(x, y, torch.arange(x.shape[1], device=x.device).expand_as(x), None)
+            loss, _ = compute_loss(model, b, LossConfig(stage="dense", mtp_depth=1), count_targets(b, 1).tolist(),
+                                   tracker=tracker)
+        else:
+            out = model(x, dsa=mode)
+            loss = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if tracker is not None:
+        from glm5.train.balance import update_router_biases
+
+        update_router_biases(model, tracker.take_loads(), 1e-3)
+    return float(loss.detach())
+
+
+def hf_step(model, opt, x, y, autocast=None):
+    import contextlib
+
+    ctx = autocast() if autocast else contextlib.nullcontext()
+    with ctx:
+        logits = model(input_ids=x).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="glm5-tiny", help="glm5-nano | glm5-tiny | glm5-small | glm5-1b")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--ours", nargs="+", default=["sparse", "dense", "full"], choices=["sparse", "dense", "full"])
+    ap.add_argument("--hf-experts", nargs="+", default=["default", "grouped_mm"],
+                    help="transformers experts implementations to time ('default' = as loaded)")
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile our decoder layers")
+    ap.add_argument("--mfu", action="store_true")
+    ap.add_argument("--json", help="write results here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else None
+    cfg = build_config(args.preset)
+    if args.seq > cfg.max_position_embeddings:
+        cfg = cfg.replace(max_position_embeddings=args.seq)
+    torch.manual_seed(0)
+    ours = GLM5ForCausalLM(cfg).init_weights(0).to(dev).train()
+    if args.compile:
+        from glm5.train.distributed import apply_compile
+
+        apply_compile(ours)
+    n_params = sum(p.numel() for p in ours.parameters())
+    x, y = make_batch(cfg.vocab_size, args.batch, args.seq, dev)
+    tokens = args.batch * args.seq
+
+    contenders = {}
+    from glm5.train.balance import ExpertLoadTracker
+
+    tracker = ExpertLoadTracker(ours) if "full" in args.ours else None
+    for mode in args.ours:
+        opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=cuda or None)
+        contenders[f"glm5[{mode}]"] = (lambda o=opt, m=mode: our_step(ours, o, x, y, m, tracker if m == "full" else None,
+                                                                         autocast))
+    hf_models = []
+    if not args.no_hf:
+        from transformers import GlmMoeDsaForCausalLM
+
+        tmp = tempfile.mkdtemp(prefix="bench_train_")
+        ours.save_pretrained(tmp)
+        for impl in args.hf_experts:
+            kw = {} if impl == "default" else {"experts_implementation": impl}
+            try:
+                hf = GlmMoeDsaForCausalLM.from_pretrained(tmp, dtype=torch.float32, **kw).to(dev).train()
+            except Exception as e:  # an implementation this transformers build lacks
+                print(f"skip transformers[{impl}]: {e}", file=sys.stderr)
+                continue
+            hf_models.append(hf)
+            opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=cuda or None)
+            name = f"transformers[{impl}:{hf.config._experts_implementation}]"
+            contenders[name] = (lambda h=hf, o=opt: hf_step(h, o, x, y, autocast))
+
+    times = {k: [] for k in contenders}
+    for i in range(args.warmup + args.steps):
+        for name, fn in contenders.items():  # alternate, so load drifts hit every contender alike
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    res = {"preset": args.preset, "params": n_params, "batch": args.batch, "seq": args.seq, "device": str(dev),
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps, "results": {}}
+    print(f"{args.preset}: {n_params / 1e6:.1f}M params, batch {args.batch}×{args.seq}, {dev}, "
+          f"{torch.get_num_threads()} threads, {args.steps} timed steps (median)")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        res["results"][name] = {"median_s": med, "tok_per_s": tokens / med}
+        print(f"  {name:42s} {tokens / med:10,.0f} tok/s   ({med * 1000:8.1f} ms/step)")
+    hf_names = [k for k in res["results"] if k.startswith("transformers")]
+    if hf_names and "glm5[sparse]" in res["results"]:
+        best_hf = max(res["results"][k]["tok_per_s"] for k in hf_names)
+        ratio = res["results"]["glm5[sparse]"]["tok_per_s"] / best_hf
+        res["speedup_vs_best_hf"] = ratio
+        print(f"  glm5[sparse] / best transformers: {ratio:.2f}×")
+    if args.mfu and cuda:
+        name = torch.cuda.get_device_name(dev)
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        fpt = train_flops_per_token(cfg, args.seq)
+        for mode in args.ours:
+            tps = res["results"][f"glm5[{mode}]"]["tok_per_s"]
+            mfu = tps * fpt / peak if peak else None
+            res["results"][f"glm5[{mode}]"]["mfu"] = mfu
+            print(f"  MFU glm5[{mode}] on {name}: " + (f"{100 * mfu:.1f}%" if mfu else "unknown peak"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()
