@@ -1,0 +1,79 @@
+"""`glm5 speedrun --preset smoke` end to end, killed with SIGKILL mid-stage and resumed, then re-run (all skipped)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+TRAIN_STAGES = ("pretrain", "indexer_warmup", "sparse", "sft")
+
+
+def _speedrun(out: Path) -> list[str]:
+    return [sys.executable, "-m", "glm5.cli", "speedrun", "--preset", "smoke", "--out", str(out)]
+
+
+def _checkpointed_unfinished_stage(out: Path):
+    from glm5.train.checkpoint import latest_checkpoint
+
+    for st in TRAIN_STAGES:
+        if (out / st / "DONE.json").exists():
+            continue
+        if latest_checkpoint(out / st / "checkpoints") is not None:
+            return st
+        return None
+    return None
+
+
+def test_smoke_speedrun_kill_resume_and_skip(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, GLM5_CACHE=str(tmp_path / "cache"))
+    # 1) start, and SIGKILL as soon as a training stage has a complete checkpoint but has not finished
+    proc = subprocess.Popen(_speedrun(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_in = None
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        killed_in = _checkpointed_unfinished_stage(out)
+        if killed_in:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            break
+        time.sleep(0.05)
+    assert killed_in is not None, "no training stage was caught between its first checkpoint and its end"
+    assert not (out / killed_in / "DONE.json").exists()
+    # 2) run again: finished stages are skipped, the killed stage resumes from its checkpoint
+    r = subprocess.run(_speedrun(out), env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    done = json.loads((out / killed_in / "DONE.json").read_text())
+    assert done["result"]["resumed_from"], f"{killed_in} did not resume from its checkpoint"
+    for st in TRAIN_STAGES[: TRAIN_STAGES.index(killed_in)]:
+        assert f"[speedrun] {st}: done earlier" in r.stdout
+    # 3) everything the pipeline promises is there
+    for name in ("report.md", "final/config.json", "final/tokenizer.json", "final-fp8/config.json", "eval/eval.json"):
+        assert (out / name).exists(), name
+    report = (out / "report.md").read_text()
+    assert "## Evaluation" in report and "attention_cost.png" in report and "parameters (no MTP)" in report
+    for png in ("loss.png", "attention_cost.png", "rl.png"):
+        assert (out / "report_figures" / png).stat().st_size > 1000
+    fp8 = json.loads((out / "fp8" / "DONE.json").read_text())["result"]
+    assert fp8["fp8_bytes"] < 0.51 * fp8["bf16_or_fp32_bytes"]
+    ev = json.loads((out / "eval" / "eval.json").read_text())[1]
+    for key in ("val_perplexity", "accuracy", "hallucination_rate", "abstention_rate", "mtp_acceptance_length",
+                "decode_tokens_per_s"):
+        assert ev[key] is not None, key
+    # 4) a third run does nothing but skip
+    r = subprocess.run(_speedrun(out), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0
+    assert r.stdout.count("done earlier") == 9
+    # the result serves: the final model loads in the engine and generates
+    from glm5.engine import LLM, SamplingParams
+
+    llm = LLM(str(out / "final"), max_num_seqs=2, max_model_len=256)
+    o = llm.generate(["Hello"], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+    assert len(o[0].outputs[0].token_ids) == 5
