@@ -241,8 +241,11 @@ class LLMEngine:
             if s.completes and s.draft_ids:
                 seq = s.seq
                 lg = logits[row_of[i]:row_of[i] + nrows[i]]
-                probs = target_probs(lg, seq.params)
-                emitted, accepted = rejection_sample(probs, s.draft_ids, seq.draft_probs, seq.generator)
+                if seq.params.greedy:  # argmax rows stand in for one-hot distributions
+                    emitted, accepted = rejection_sample(lg, s.draft_ids, None, None)
+                else:
+                    emitted, accepted = rejection_sample(target_probs(lg, seq.params), s.draft_ids, seq.draft_probs,
+                                                         seq.generator)
                 lps = token_logprobs(lg[: len(emitted)], emitted, [seq.params.logprobs] * len(emitted))
                 sampled[i] = (emitted, lps)
                 self.stats["spec_verify_steps"] += 1

@@ -4,8 +4,8 @@ A step's work is a list of ``Chunk``s (a sequence's block table, the position of
 its new tokens). They are concatenated into one row ``input_ids [1, N]`` / ``position_ids [1, N]`` and
 run through ``GLM5Model.forward`` (the same module tree the trainer uses) with an ``AttentionContext`` whose
 cache is the paged latent cache plus a ``PagedBatch`` describing where every query and key lives. Chunks
-of at most ``absorbed_max_q`` tokens (decode, MTP verification and drafts) form the absorbed group (latent
-MQA, DSA gather); longer ones (prefill) the expanded group.
+of at most ``absorbed_max_q`` tokens (decode, MTP verification and drafts) run absorbed (latent MQA, DSA
+gather); longer ones (prefill) decompress the latents, each in its own group.
 
 The MTP layer runs through ``MTPLayer.step`` (the module ``GLM5ForCausalLM.mtp_forward`` uses); depth d of
 the draft chain writes to its own cache layer ``num_hidden_layers + d - 1`` (see spec_decode.py).
@@ -96,7 +96,7 @@ class ModelRunner:
         """-> input_ids [N], positions [N], PagedBatch."""
         bs = self.block_size
         ids, pos, slots = [], [], []
-        absorbed, expanded = [], []
+        single, multi, expanded = [], [], []
         for c in chunks:
             off = len(ids)
             ids.extend(c.token_ids)
@@ -104,13 +104,13 @@ class ModelRunner:
             for p in range(c.start, c.start + c.n):
                 pos.append(p)
                 slots.append(bt[p // bs] * bs + p % bs)
-            (absorbed if c.n <= self.absorbed_max_q else expanded).append((off, bt, c.start, c.n))
+            e = (off, bt, c.start, c.n)
+            (single if c.n == 1 else multi if c.n <= self.absorbed_max_q else expanded).append(e)
         dev = self.device
-        groups = []
-        if absorbed:
-            groups.append(self._group(absorbed, True))
-        if expanded:
-            groups.append(self._group(expanded, False))
+        # Groups are padded rectangles, so keep unlike shapes apart: one-token decodes together, short multi-token
+        # chunks (MTP verification, prefill tails) together, and each long prefill chunk on its own.
+        groups = [self._group(g, True) for g in (single, multi) if g]
+        groups += [self._group([e], False) for e in expanded]
         batch = PagedBatch(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev), groups=groups)
         return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
                 batch)

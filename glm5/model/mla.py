@@ -54,6 +54,8 @@ class MLAttention(nn.Module):
         return k, v
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttentionContext) -> torch.Tensor:
+        if ctx.cache is not None and getattr(ctx.cache, "paged", False):
+            return self._paged_forward(x, rope, ctx)
         B, S, _ = x.shape
         cos, sin = rope  # [B,S,dr/2]
         q_resid = self.q_a_layernorm(self.q_a_proj(x))  # [B,S,q_lora]
@@ -71,8 +73,6 @@ class MLAttention(nn.Module):
         if self.indexer is not None:
             with torch.set_grad_enabled(torch.is_grad_enabled() and ctx.indexer_loss is not None):
                 k_idx = self.indexer.keys(idx_in, cos, sin)
-        if ctx.cache is not None and getattr(ctx.cache, "paged", False):
-            return self._paged_forward(x, q_resid, q_nope, q_pe, c_kv, k_pe, k_idx, cos, sin, ctx)
         if ctx.cache is not None:
             c_kv, k_pe, k_idx = ctx.cache.update(self.layer_idx, c_kv, k_pe, k_idx)
         T = c_kv.shape[1]
@@ -117,50 +117,85 @@ class MLAttention(nn.Module):
     #     folded through W_UK and the output through W_UV, never decompressing the history; with DSA only
     #     the indexer's top-k latent rows are gathered;
     #   * expanded groups (prefill): decompress the history through kv_b_proj as above.
-    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv_b_proj split per head: W_UK [h, d_nope, r] and W_UV [h, d_v, r] (views, no copy)."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.d_nope + self.d_v, self.kv_rank)
+    def absorbed_weights(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head: W_UK [h, d_nope, r] and W_UV [h, d_v, r] (views of the weight, no copy). An FP8
+        kv_b_proj (``dequantized_weight``) is dequantised once and cached until its weight changes."""
+        lin = self.kv_b_proj
+        if hasattr(lin, "dequantized_weight"):
+            key = (lin.weight.data_ptr(), lin.weight._version, lin.weight_scale_inv._version, dtype)
+            cached = self.__dict__.get("_absorbed_fp8")
+            if cached is None or cached[0] != key:
+                cached = (key, lin.dequantized_weight(dtype or torch.float32))
+                self.__dict__["_absorbed_fp8"] = cached
+            w = cached[1]
+        else:
+            w = lin.weight
+        w = w.view(self.n_heads, self.d_nope + self.d_v, self.kv_rank)
         return w[:, : self.d_nope], w[:, self.d_nope:]
 
-    def _paged_forward(self, x, q_resid, q_nope, q_pe, c_kv, k_pe, k_idx, cos, sin, ctx: AttentionContext):
+    def _paged_forward(self, x, rope, ctx: AttentionContext):
+        """Engine path. x [1,N,H]: the new tokens of every sequence in the batch, flattened. The projections are
+        those of ``forward`` (q_pe and k_pe are rotated in one call: same elementwise math), on token-major
+        tensors [N, ...]; attention runs per group of sequences (see glm5.model.cache.AttnGroup)."""
         cache, batch = ctx.cache, ctx.cache.batch
-        N = x.shape[1]
-        cache.write(self.layer_idx, batch.slot_mapping, c_kv[0], k_pe[0], None if k_idx is None else k_idx[0])
+        h, dn, dr, r = self.n_heads, self.d_nope, self.d_rope, self.kv_rank
+        xf = x[0]
+        N = xf.shape[0]
+        cos, sin = rope[0][0], rope[1][0]  # [N,dr/2]
+        q_resid = self.q_a_layernorm(self.q_a_proj(xf))  # [N,q_lora]
+        q = self.q_b_proj(q_resid).view(N, h, self.d_qk)
+        ckv = self.kv_a_proj_with_mqa(xf)  # [N,r+dr]
+        c_kv = self.kv_a_layernorm(ckv[:, :r])
+        pe = apply_rope(torch.cat([q[..., dn:], ckv[:, None, r:]], dim=1), cos[:, None], sin[:, None],
+                        self.rope_interleave)  # [N,h+1,dr]: the h query heads and the shared key
+        qn, qp, k_pe = q[..., :dn], pe[:, :h], pe[:, h]
+        k_idx = self.indexer.keys(xf, cos, sin) if self.indexer is not None else None
+        cache.write(self.layer_idx, batch.slot_mapping, c_kv, k_pe, k_idx)
         latents = cache.latents(self.layer_idx)  # [num_slots, r + dr]
-        qn = q_nope[0].transpose(0, 1)  # [N,h,dn]
-        qp = q_pe[0].transpose(0, 1)  # [N,h,dr]
-        out = x.new_zeros(N, self.n_heads * self.d_v)
         if self.indexer is not None or ctx.dsa != "sparse":
             ctx.topk_indices = [None] * len(batch.groups)
         elif ctx.topk_indices is None:
             raise ValueError(f"layer {self.layer_idx} shares top-k but no earlier layer has an indexer")
+        single = len(batch.groups) == 1 and batch.groups[0].q_flat.shape[0] == N
+        out = None if single else xf.new_zeros(N, h * self.d_v)
         for gi, g in enumerate(batch.groups):
             T = g.kv_slots.shape[1]
+            ident = g.q_index.shape[1] == 1 and single  # decode batch in flat order: views, not gathers
+            qi = g.q_index
             topk = None
             if ctx.dsa == "sparse":
                 if self.indexer is not None:
                     # Short-context shortcut: with T ≤ index_topk the top-k keeps every visible key, so DSA is
                     # exactly dense attention and the indexer scores are not needed (its keys were cached above).
                     if T > self.indexer.topk:
-                        qi = g.q_index
-                        scores = self.indexer.scores(x[0][qi], q_resid[0][qi], cos[0][qi], sin[0][qi],
-                                                     cache.index_keys(self.layer_idx)[g.kv_slots], g.visible)
+                        if ident:
+                            args = (xf[:, None], q_resid[:, None], cos[:, None], sin[:, None])
+                        else:
+                            args = (xf[qi], q_resid[qi], cos[qi], sin[qi])
+                        scores = self.indexer.scores(*args, cache.index_keys(self.layer_idx)[g.kv_slots], g.visible)
                         topk = self.indexer.select(scores)  # [B,S,k]
                     ctx.topk_indices[gi] = topk
                 else:
                     topk = ctx.topk_indices[gi]
+            qn_g, qp_g = (qn[:, None], qp[:, None]) if ident else (qn[qi], qp[qi])
             if g.absorbed:
-                o = self._absorbed_attention(qn[g.q_index], qp[g.q_index], latents, g.kv_slots, g.visible, topk)
+                o = self._absorbed_attention(qn_g, qp_g, latents, g.kv_slots, g.visible, topk)
             else:
-                o = self._expanded_attention(qn[g.q_index], qp[g.q_index], latents, g.kv_slots, g.visible, topk)
-            out.index_copy_(0, g.q_flat, o.reshape(-1, o.shape[-1])[g.q_rows].to(out.dtype))
+                o = self._expanded_attention(qn_g, qp_g, latents, g.kv_slots, g.visible, topk)
+            o = o.reshape(-1, o.shape[-1])
+            if single and g.q_rows.shape[0] == o.shape[0]:
+                out = o.index_select(0, _inverse_order(g)) if not ident else o
+            else:
+                if out is None:
+                    out = xf.new_zeros(N, h * self.d_v)
+                out.index_copy_(0, g.q_flat, o[g.q_rows].to(out.dtype))
         return self.o_proj(out[None])
 
     def _absorbed_attention(self, qn, qp, latents, kv_slots, visible, topk):
         """qn [B,S,h,dn], qp [B,S,h,dr] -> [B,S,h*dv], attending in latent space (one shared KV "head")."""
         B, S, h, _ = qn.shape
         r = self.kv_rank
-        w_uk, w_uv = self.absorbed_weights()
+        w_uk, w_uv = self.absorbed_weights(qn.dtype)
         q_lat = torch.bmm(qn.reshape(B * S, h, self.d_nope).transpose(0, 1), w_uk).transpose(0, 1)  # [B*S,h,r]
         q = torch.cat([q_lat, qp.reshape(B * S, h, self.d_rope)], dim=-1)  # [B*S,h,r+dr]
         if topk is None:  # every key of the sequence (dense, or T ≤ index_topk)
@@ -189,6 +224,13 @@ class MLAttention(nn.Module):
         allowed = visible if topk is None else visible & selection_mask(topk, visible.shape[-1])
         out = _sdpa(q, k, v, allowed[:, None], self.scale)  # [B,h,S,dv]
         return out.transpose(1, 2).reshape(B, S, self.n_heads * self.d_v)
+
+
+def _inverse_order(g) -> torch.Tensor:
+    """For a group whose padded queries are exactly the batch's N tokens: flat token i -> its padded row."""
+    inv = torch.empty_like(g.q_flat)
+    inv[g.q_flat] = g.q_rows
+    return inv
 
 
 def _safe(mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,403 @@
+"""Inference-engine benchmarks (not a test): glm5.engine vs transformers ``generate`` on the same weights.
+
+    python3 benchmarks/bench_engine.py                       # everything, CPU, fp32, writes benchmarks/engine.json
+    python3 benchmarks/bench_engine.py --only decode --preset glm5-tiny --contexts 128 1024
+    python3 benchmarks/bench_engine.py --only mtp --mtp-model runs/tiny-mtp/hf
+    python3 benchmarks/bench_engine.py --only dsa --dsa-context 32768
+
+Sections
+  decode   decode tokens/s at batch 1 and 16 for several context lengths, engine vs transformers 5.23
+           GlmMoeDsaForCausalLM loaded from the same saved checkpoint (random init, fp32). Decode time is
+           t(prefill + 1 + D tokens) - t(prefill + 1 token), so prefill is excluded; each point is the best of
+           ``--repeats`` interleaved runs. Greedy outputs of the two are compared as a sanity check.
+  prefill  prefill tokens/s (time to the first token) for the same settings.
+  mtp      MTP speculative decoding at batch 1: acceptance length (tokens per verification step, bonus
+           included) and decode speed-up with --spec-tokens drafts. Models: a checkpoint trained with
+           ``glm5 train --mtp-depth 3`` (--mtp-model); toy models trained here for --toy-steps on arithmetic
+           progressions (main + 3 shared MTP steps, the trainer's recursion) where multi-token prediction is
+           learnable in a minute; and a random-init model (acceptance ~1: the cost of drafting).
+  gpu      (CUDA only) batch-1 decode tokens/s in bf16 as a fraction of the HBM-bandwidth roofline:
+           bandwidth (measured with a large device copy) / bytes read per decoded token (activated weights:
+           attention, dense MLP or shared + top-k experts, final norm, lm_head, one embedding row; plus the latent
+           and indexer cache of the context).
+  dsa      attention cost per decoded token at a long context, GLM-5's real attention shapes (64 heads,
+           kv_lora 512, rope 64, indexer 32x128, top-k 2048): DSA (indexer over all keys + top-k + latent
+           attention over 2048 gathered rows) vs dense latent attention over every key. Reports time and FLOPs.
+
+Timings on a shared 2-core CPU are noisy: by default torch runs one intra-op thread and the clock is the
+process CPU time (``time.process_time``), which does not count time the process spends descheduled by other
+jobs; ``--wall`` uses wall-clock time instead. Ratios are taken within one run, interleaving the two systems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from glm5 import GLM5ForCausalLM, preset  # noqa: E402
+from glm5.engine import LLM, SamplingParams  # noqa: E402
+
+
+clock = time.process_time
+
+
+def _prompts(B: int, P: int, vocab: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (B, P), generator=g)
+
+
+class HF:
+    def __init__(self, path):
+        import transformers
+        from transformers import GlmMoeDsaForCausalLM
+
+        transformers.logging.set_verbosity_error()
+        self.model = GlmMoeDsaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.version = transformers.__version__
+
+    @torch.inference_mode()
+    def run(self, ids: torch.Tensor, n: int) -> tuple[float, torch.Tensor]:
+        t = clock()
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, pad_token_id=0)
+        return clock() - t, out[:, ids.shape[1]:]
+
+
+class Engine:
+    def __init__(self, path, max_model_len: int, spec: int = 0, **kw):
+        kw.setdefault("max_num_batched_tokens", 2048)
+        self.llm = LLM(str(path), device="cpu", dtype=torch.float32, max_num_seqs=16, max_model_len=max_model_len,
+                       enable_prefix_caching=False, num_speculative_tokens=spec, **kw)
+
+    def run(self, ids: torch.Tensor, n: int) -> tuple[float, torch.Tensor]:
+        sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        t = clock()
+        outs = self.llm.generate(ids.tolist(), sp)
+        return clock() - t, torch.tensor([o.outputs[0].token_ids for o in outs])
+
+
+def _best(fn, repeats):
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t, o = fn()
+        if t < best:
+            best, out = t, o
+    return best, out
+
+
+def bench_decode(args, path, cfg, results):
+    hf, eng = HF(path), Engine(path, max(args.contexts) + args.decode_tokens + 8)
+    results["transformers"] = hf.version
+    rows = []
+    warm = _prompts(1, 16, cfg.vocab_size, 0)
+    hf.run(warm, 2)
+    eng.run(warm, 2)
+    for P in args.contexts:
+        for B in args.batches:
+            D = args.decode_tokens
+            ids = _prompts(B, P, cfg.vocab_size, seed=P * 100 + B)
+            res = {}
+            for name, sysm in (("hf", hf), ("engine", eng)):
+                t1, _ = _best(lambda: sysm.run(ids, 1), args.repeats)
+                tn, toks = _best(lambda: sysm.run(ids, 1 + D), args.repeats)
+                res[name] = dict(prefill_s=t1, total_s=tn, decode_tok_s=B * D / max(1e-9, tn - t1),
+                                 prefill_tok_s=B * P / t1, tokens=toks)
+            same = sum(bool(torch.equal(a, b)) for a, b in zip(res["hf"]["tokens"], res["engine"]["tokens"]))
+            row = dict(context=P, batch=B, decode_tokens=D,
+                       hf_decode_tok_s=res["hf"]["decode_tok_s"], engine_decode_tok_s=res["engine"]["decode_tok_s"],
+                       decode_speedup=res["engine"]["decode_tok_s"] / res["hf"]["decode_tok_s"],
+                       hf_prefill_tok_s=res["hf"]["prefill_tok_s"], engine_prefill_tok_s=res["engine"]["prefill_tok_s"],
+                       prefill_speedup=res["engine"]["prefill_tok_s"] / res["hf"]["prefill_tok_s"],
+                       greedy_identical=f"{same}/{B}")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    results["decode"] = rows
+
+
+TOY_V = 64
+
+
+def _toy_batch(B: int, S: int, g: torch.Generator) -> torch.Tensor:
+    """Arithmetic progressions mod 63 over ids 1..63 with a random start and a step in {1, 2, 3}: the next tokens
+    follow from the last two, so a trained model (and its MTP layer) can predict several tokens ahead."""
+    a = torch.randint(0, TOY_V - 1, (B, 1), generator=g)
+    step = torch.randint(1, 4, (B, 1), generator=g)
+    return 1 + (a + step * torch.arange(S)[None]) % (TOY_V - 1)
+
+
+def train_toy_mtp(out: Path, preset_name: str, steps: int, mtp_depth: int = 3) -> Path:
+    """Train a small model (main CE + mean of ``mtp_depth`` MTP CEs, the recursion the trainer uses: step d feeds
+    h^{d-1} and x_{t+d} at the same positions) on the progression task. DSA's top-k is set above the context so
+    the untrained indexer plays no part (dense-equivalent attention)."""
+    import torch.nn.functional as F
+
+    from glm5.model.cache import build_attention_mask
+
+    cfg = preset(preset_name, vocab_size=TOY_V, index_topk=1024, pad_token_id=0, eos_token_id=[0])
+    m = GLM5ForCausalLM(cfg).init_weights(0).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    B, S = 8, 96
+    mask = build_attention_mask(B, S, 0, torch.device("cpu"))
+    pos = torch.arange(S)[None].expand(B, S)
+    log = []
+    for step in range(steps):
+        x = _toy_batch(B, S, g)
+        o = m(x, dsa="dense")
+        loss = F.cross_entropy(o.logits[:, :-1].reshape(-1, TOY_V), x[:, 1:].reshape(-1))
+        h, mtp_loss, accs = o.hidden_states, 0.0, []
+        for d in range(1, mtp_depth + 1):
+            logits, h = m.mtp_forward(h, torch.roll(x, -d, 1), pos, mask, dsa="dense")
+            lg, tgt = logits[:, : S - d - 1], x[:, d + 1:]
+            mtp_loss = mtp_loss + F.cross_entropy(lg.reshape(-1, TOY_V), tgt.reshape(-1))
+            accs.append(float((lg.argmax(-1) == tgt).float().mean()))
+        opt.zero_grad()
+        (loss + mtp_loss / mtp_depth).backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        acc = float((o.logits[:, 1:-1].argmax(-1) == x[:, 2:]).float().mean())
+        log.append(dict(step=step, loss=float(loss), acc=acc, mtp_acc=accs))
+        if step % 10 == 0 or step == steps - 1:
+            print(f"toy {preset_name} step {step} loss {float(loss):.3f} acc {acc:.3f} mtp acc {[round(a, 3) for a in accs]}",
+                  flush=True)
+    m.eval().save_pretrained(out)
+    (out / "toy_train_log.json").write_text(json.dumps(log))
+    return out
+
+
+def _spec_point(name, p, ids, D, spec_tokens, repeats, dsa="sparse"):
+    plain = Engine(p, ids.shape[1] + D + 16, dsa=dsa)
+    spec = Engine(p, ids.shape[1] + D + 16, spec=spec_tokens, dsa=dsa)
+    plain.run(ids[:, :8], 2)
+    spec.run(ids[:, :8], 2)
+    tp1, _ = _best(lambda: plain.run(ids, 1), repeats)
+    tpn, a = _best(lambda: plain.run(ids, 1 + D), repeats)
+    ts1, _ = _best(lambda: spec.run(ids, 1), repeats)
+    spec.llm.engine.stats.update(spec_verify_steps=0, spec_draft_tokens=0, spec_accepted_tokens=0)
+    tsn, b = _best(lambda: spec.run(ids, 1 + D), repeats)
+    m = spec.llm.spec_metrics()
+    row = dict(model=name, spec_tokens=spec_tokens, prompt_tokens=int(ids.shape[1]), decode_tokens=D,
+               acceptance_length=m["acceptance_length"], acceptance_rate=m["acceptance_rate"],
+               plain_decode_tok_s=D / (tpn - tp1), spec_decode_tok_s=D / (tsn - ts1),
+               speedup=(tpn - tp1) / (tsn - ts1), greedy_identical=bool(torch.equal(a, b)))
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def bench_mtp(args, path, cfg, results):
+    out = {}
+    D, k = args.mtp_decode_tokens, args.spec_tokens
+    if args.mtp_model is not None:  # a checkpoint trained by glm5.train with --mtp-depth 3
+        from glm5.config import GLM5Config
+
+        c = GLM5Config.from_pretrained(args.mtp_model)
+        ids = _prompts(1, args.mtp_context, c.vocab_size, seed=7)
+        if (Path(args.mtp_model) / "tokenizer.json").exists() and args.mtp_prompt:
+            from glm5.tokenizer import GLM5Tokenizer
+
+            ids = torch.tensor([GLM5Tokenizer.from_pretrained(args.mtp_model).encode(args.mtp_prompt)])
+        out["trained"] = _spec_point(f"trained: {args.mtp_model}", args.mtp_model, ids, D, k, args.repeats)
+    for name in args.toy_presets:
+        toy_dir = Path(args.workdir) / f"toy_{name}"
+        if not (toy_dir / "config.json").exists():
+            train_toy_mtp(toy_dir, name, args.toy_steps)
+        ids = 1 + (5 + 2 * torch.arange(12)[None]) % (TOY_V - 1)  # a progression with step 2
+        out[f"toy_{name}"] = _spec_point(f"{name} trained {args.toy_steps} steps on progressions (toy)", toy_dir,
+                                         ids, D, k, args.repeats)
+    out["random"] = _spec_point(f"random-init {args.preset}", path, _prompts(1, args.mtp_context, cfg.vocab_size, 7),
+                                min(D, 32), k, args.repeats)
+    results["mtp"] = out
+
+
+def bench_dsa(args, results):
+    """One MLA + DSA layer at GLM-5's attention shapes; cost of the attention over a T-token latent cache for a
+    single decoded token (projections excluded: they are identical in both modes)."""
+    from glm5.engine.kv_cache import PagedKVCache
+    from glm5.model.cache import AttnGroup
+    from glm5.model.mla import MLAttention
+
+    full = preset("glm5")
+    cfg = full.replace(num_hidden_layers=1, hidden_size=1024, q_lora_rank=512)  # attention core dims as GLM-5
+    T = args.dsa_context
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        attn = MLAttention(cfg, 0)
+    attn = attn.to_empty(device="cpu")
+    for prm in attn.parameters():
+        torch.nn.init.normal_(prm, std=0.02)
+    attn.eval()
+    bs = 64
+    kv = PagedKVCache(cfg, T // bs + 2, bs, 1, torch.float32, "cpu")
+    kv.latent[0].normal_()
+    kv.index[0].normal_()
+    h, r, dr = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    perm = torch.randperm(T // bs + 1)[: T // bs] + 1  # scattered blocks, as in a real paged cache
+    kv_slots = (perm[:, None] * bs + torch.arange(bs)[None]).reshape(1, T)
+    visible = torch.ones(1, 1, T, dtype=torch.bool)
+    g = AttnGroup(q_index=torch.zeros(1, 1, dtype=torch.long), q_valid=torch.ones(1, 1, dtype=torch.bool),
+                  kv_slots=kv_slots, visible=visible, absorbed=True, q_rows=torch.zeros(1, dtype=torch.long),
+                  q_flat=torch.zeros(1, dtype=torch.long))
+    qn = torch.randn(1, 1, h, cfg.qk_nope_head_dim)
+    qp = torch.randn(1, 1, h, dr)
+    x = torch.randn(1, 1, cfg.hidden_size)
+    q_resid = torch.randn(1, 1, cfg.q_lora_rank)
+    cos, sin = torch.ones(1, 1, dr // 2), torch.zeros(1, 1, dr // 2)
+    lat = kv.latent[0]
+
+    @torch.inference_mode()
+    def sparse():
+        scores = attn.indexer.scores(x, q_resid, cos, sin, kv.index[0][kv_slots], visible)
+        topk = attn.indexer.select(scores)
+        return attn._absorbed_attention(qn, qp, lat, kv_slots, visible, topk)
+
+    @torch.inference_mode()
+    def dense():
+        return attn._absorbed_attention(qn, qp, lat, kv_slots, visible, None)
+
+    def timeit(fn, n):
+        fn()
+        best = float("inf")
+        for _ in range(n):
+            t = clock()
+            fn()
+            best = min(best, clock() - t)
+        return best
+
+    ts, td = timeit(sparse, args.repeats * 3), timeit(dense, args.repeats * 3)
+    k, hi, di = cfg.index_topk, cfg.index_n_heads, cfg.index_head_dim
+    flops_dense = 2 * h * T * ((r + dr) + r) + 2 * h * cfg.qk_nope_head_dim * r + 2 * h * r * cfg.v_head_dim
+    flops_sparse = 2 * hi * di * T + 2 * hi * T + 2 * h * k * ((r + dr) + r) + 2 * h * cfg.qk_nope_head_dim * r \
+        + 2 * h * r * cfg.v_head_dim
+    row = dict(context=T, heads=h, kv_lora_rank=r, rope_dim=dr, index_heads=hi, index_dim=di, index_topk=k,
+               sparse_ms=ts * 1e3, dense_ms=td * 1e3, time_ratio=td / ts,
+               sparse_gflop=flops_sparse / 1e9, dense_gflop=flops_dense / 1e9, flop_ratio=flops_dense / flops_sparse,
+               bytes_read_sparse_mb=(T * di + k * (r + dr)) * 4 / 2**20, bytes_read_dense_mb=T * (r + dr) * 4 / 2**20)
+    print(json.dumps(row), flush=True)
+    results["dsa"] = row
+
+
+def _activated_weight_bytes(model) -> int:
+    """Bytes of the weights one decoded token reads (routed experts: only the top-k of each MoE layer)."""
+    cfg = model.config
+    total = 0
+    for name, p in model.named_parameters():
+        if name.startswith(f"model.layers.{cfg.num_hidden_layers}."):
+            continue  # the MTP layer is not part of a plain decode step
+        n = p.numel()
+        if name == "model.embed_tokens.weight":
+            n = cfg.hidden_size
+        elif ".mlp.experts." in name:
+            n = n * cfg.num_experts_per_tok // cfg.n_routed_experts
+        total += n * p.element_size()
+    return total
+
+
+def bench_gpu(args, results):
+    if not torch.cuda.is_available():
+        print("gpu: no CUDA device, skipped", flush=True)
+        results["gpu"] = "skipped: no CUDA device"
+        return
+    dev = torch.device("cuda")
+    x = torch.empty(1 << 28, dtype=torch.uint8, device=dev)  # 256 MiB
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    bw = 2 * x.numel() * 20 / (time.perf_counter() - t)  # read + write
+    del x, y
+    cfg = preset(args.gpu_preset)
+    model = GLM5ForCausalLM(cfg).to(device=dev, dtype=torch.bfloat16).init_weights(0).eval()
+    llm = LLM(model, max_num_seqs=1, max_model_len=args.gpu_context + 256, enable_prefix_caching=False)
+    ids = _prompts(1, args.gpu_context, cfg.vocab_size, 0).tolist()
+    sp = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)  # noqa: E731
+    llm.generate(ids, sp(8))
+    torch.cuda.synchronize()
+    times = []
+    for n in (1, 1 + args.decode_tokens * 8):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        llm.generate(ids, sp(n))
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    tok_s = args.decode_tokens * 8 / (times[1] - times[0])
+    elem = 2
+    cache = args.gpu_context * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim + cfg.index_head_dim)
+    per_token = _activated_weight_bytes(model) + cache * elem
+    roofline = bw / per_token
+    row = dict(device=torch.cuda.get_device_name(dev), preset=args.gpu_preset, dtype="bfloat16", context=args.gpu_context,
+               measured_bandwidth_gb_s=bw / 1e9, bytes_per_token_mb=per_token / 2**20, roofline_tok_s=roofline,
+               decode_tok_s=tok_s, fraction_of_roofline=tok_s / roofline,
+               cuda_graphs=sorted(llm.engine.runner.graphs.graphs) if llm.engine.runner.graphs else None,
+               cuda_graph_failures=sorted(llm.engine.runner.graphs.failed) if llm.engine.runner.graphs else None)
+    print(json.dumps(row), flush=True)
+    results["gpu"] = row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", default=["decode", "mtp", "dsa", "gpu"],
+                    choices=["decode", "mtp", "dsa", "gpu"])
+    ap.add_argument("--preset", default="glm5-small")
+    ap.add_argument("--contexts", type=int, nargs="*", default=[128, 1024])
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 16])
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--wall", action="store_true", help="time with the wall clock instead of process CPU time")
+    ap.add_argument("--spec-tokens", type=int, default=3)
+    ap.add_argument("--mtp-model", default=None, help="checkpoint with a trained MTP layer (glm5 train --mtp-depth 3)")
+    ap.add_argument("--toy-presets", nargs="*", default=["glm5-tiny"],
+                    help="presets to train on the progression toy task for the MTP section")
+    ap.add_argument("--toy-steps", type=int, default=60)
+    ap.add_argument("--mtp-context", type=int, default=64)
+    ap.add_argument("--mtp-decode-tokens", type=int, default=64)
+    ap.add_argument("--mtp-prompt", default=None, help="text prompt for the trained model (needs its tokenizer)")
+    ap.add_argument("--dsa-context", type=int, default=32768)
+    ap.add_argument("--gpu-preset", default="glm5-small")
+    ap.add_argument("--gpu-context", type=int, default=1024)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--out", default=str(Path(__file__).with_name("engine.json")))
+    args = ap.parse_args()
+    global clock
+    torch.set_num_threads(args.threads)
+    if args.wall:
+        clock = time.perf_counter
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="bench_engine_")
+    results = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=" ".join(sys.argv),
+                   machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+                           f"{torch.__version__}, {torch.get_num_threads()} threads",
+                   clock="wall" if args.wall else "process CPU time", preset=args.preset, dtype="float32")
+    cfg = preset(args.preset)
+    path = Path(args.workdir) / args.preset
+    if "decode" in args.only or "mtp" in args.only:
+        GLM5ForCausalLM(cfg).init_weights(0).save_pretrained(path)
+    if "decode" in args.only:
+        bench_decode(args, path, cfg, results)
+    if "mtp" in args.only:
+        bench_mtp(args, path, cfg, results)
+    if "dsa" in args.only:
+        bench_dsa(args, results)
+    if "gpu" in args.only:
+        bench_gpu(args, results)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
