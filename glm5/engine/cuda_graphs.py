@@ -8,8 +8,9 @@ integer tensors in. Padding rows use the reserved null block 0. With keys padded
 DSA always runs the indexer and gathers the top-k rows, which is exact for short sequences too (every
 visible key has a finite score and is selected).
 
-If capture fails (an op that synchronises with the host, e.g. a data-dependent shape in the MoE), the
-bucket is marked and decode runs eagerly; the engine output is the same either way.
+If a capture fails (an op that synchronises with the host: e.g. ``torch.bincount`` / ``.item()`` in the MoE
+routing of glm5/model/moe.py make MoE layers uncapturable today), graphs are switched off for the engine
+and decode runs eagerly; the engine output is the same either way. Untested on a GPU so far.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ log = logging.getLogger(__name__)
 
 
 class CudaGraphRunner:
-    def __init__(self, runner, max_num_seqs: int, max_model_len: int):
+    def __init__(self, runner, max_num_seqs: int, max_model_len: int, capture: bool = True):
         self.runner = runner
+        self.capture = capture
         self.bs = runner.block_size
         self.max_blocks = -(-max_model_len // self.bs)
         self.T = self.max_blocks * self.bs
@@ -36,6 +38,7 @@ class CudaGraphRunner:
         self.sizes = sizes + [max_num_seqs]
         self.graphs: dict[int, tuple] = {}
         self.failed: set[int] = set()
+        self.disabled = False
         self.pool = None
         self.device = runner.device
 
@@ -54,52 +57,61 @@ class CudaGraphRunner:
         return AttnGroup(q_index=rows[:, None], q_valid=torch.ones(B, 1, dtype=torch.bool, device=self.device),
                          kv_slots=kv_slots, visible=visible, absorbed=True, q_rows=rows, q_flat=rows)
 
+    def _buffers(self, B: int) -> dict:
+        dev = self.device
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.long, device=dev)  # noqa: E731
+        return dict(ids=z(B), pos=z(B), slots=z(B), bt=z(B, self.max_blocks))
+
+    def _forward(self, buf: dict) -> torch.Tensor:
+        batch = PagedBatch(slot_mapping=buf["slots"], groups=[self._static_group(buf["bt"], buf["pos"])])
+        return self.runner.logits(self.runner.forward(buf["ids"], buf["pos"], batch))
+
     def _capture(self, B: int):
         dev = self.device
-        ids = torch.zeros(B, dtype=torch.long, device=dev)
-        pos = torch.zeros(B, dtype=torch.long, device=dev)
-        slots = torch.zeros(B, dtype=torch.long, device=dev)
-        bt = torch.zeros(B, self.max_blocks, dtype=torch.long, device=dev)
-
-        def fwd():
-            batch = PagedBatch(slot_mapping=slots, groups=[self._static_group(bt, pos)])
-            return self.runner.logits(self.runner.forward(ids, pos, batch))
-
+        buf = self._buffers(B)
         s = torch.cuda.Stream(dev)
         s.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(s):
-            fwd()  # warm-up (allocator, cuBLAS handles) outside the capture
+            self._forward(buf)  # warm-up (allocator, cuBLAS handles) outside the capture
         torch.cuda.current_stream(dev).wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = fwd()
+            out = self._forward(buf)
         self.pool = graph.pool()
-        return graph, ids, pos, slots, bt, out
+        return graph, buf, out
+
+    def _fill(self, buf: dict, chunks) -> None:
+        n, B, bs, mb = len(chunks), buf["ids"].shape[0], self.bs, self.max_blocks
+        tables = [(c.block_table + [0] * mb)[:mb] for c in chunks] + [[0] * mb] * (B - n)
+        for key, vals in (("ids", [c.token_ids[0] for c in chunks]), ("pos", [c.start for c in chunks]),
+                          ("slots", [c.block_table[c.start // bs] * bs + c.start % bs for c in chunks])):
+            buf[key].copy_(torch.tensor(vals + [0] * (B - n)), non_blocking=True)
+        buf["bt"].copy_(torch.tensor(tables), non_blocking=True)
 
     def run(self, chunks) -> torch.Tensor | None:
         """Logits [len(chunks), V] for a plain decode batch, or None when no graph applies."""
         n = len(chunks)
         B = self._bucket(n)
-        if B is None or B in self.failed or any(c.start >= self.T for c in chunks):
+        if self.disabled or B is None or any(c.start >= self.T for c in chunks):
             return None
+        if not self.capture:  # same static layout, run eagerly (CPU tests of the graph path)
+            buf = self._buffers(B)
+            self._fill(buf, chunks)
+            return self._forward(buf)[:n]
         if B not in self.graphs:
             try:
                 self.graphs[B] = self._capture(B)
-            except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
+            except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly from now on
                 log.warning("CUDA graph capture for batch %d failed (%s); decoding eagerly", B, e)
                 self.failed.add(B)
-                torch.cuda.synchronize(self.device)
+                self.disabled = True
+                self.graphs.clear()
+                try:
+                    torch.cuda.synchronize(self.device)
+                except Exception:  # noqa: BLE001
+                    pass
                 return None
-        graph, ids, pos, slots, bt, out = self.graphs[B]
-        bs = self.bs
-        tables = [(c.block_table + [0] * self.max_blocks)[: self.max_blocks] for c in chunks]
-        tables += [[0] * self.max_blocks] * (B - n)
-        h_ids = [c.token_ids[0] for c in chunks] + [0] * (B - n)
-        h_pos = [c.start for c in chunks] + [0] * (B - n)
-        h_slots = [c.block_table[c.start // bs] * bs + c.start % bs for c in chunks] + [0] * (B - n)
-        ids.copy_(torch.tensor(h_ids), non_blocking=True)
-        pos.copy_(torch.tensor(h_pos), non_blocking=True)
-        slots.copy_(torch.tensor(h_slots), non_blocking=True)
-        bt.copy_(torch.tensor(tables), non_blocking=True)
+        graph, buf, out = self.graphs[B]
+        self._fill(buf, chunks)
         graph.replay()
         return out[:n].clone()

@@ -119,3 +119,25 @@ def test_attention_gathers_only_topk_rows():
     ids, pos, batch = runner.build([Chunk(table, 40, toks[40:])])
     poisoned = runner.logits(runner.forward(ids, pos, batch))
     torch.testing.assert_close(poisoned, clean, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_graph_static_layout_matches_eager_decode(nano):
+    # The CUDA-graph decode path (batch padded to a bucket, keys padded to max_model_len, layout computed from block
+    # tables inside the graph) run eagerly on CPU: same logits as the dynamic path. (Capture itself needs CUDA.)
+    from glm5.engine.cuda_graphs import CudaGraphRunner
+
+    cfg = nano.config
+    kv = PagedKVCache(cfg, 64, 4, cfg.num_hidden_layers, torch.float32, "cpu")
+    runner = ModelRunner(nano, kv, 4)
+    lens = [5, 30, 13]  # below and above index_topk
+    tables = [list(range(1 + 20 * i, 21 + 20 * i)) for i in range(3)]
+    toks = prompts(lens, seed=13)
+    for t, p in zip(tables, toks):
+        ids, pos, batch = runner.build([Chunk(t, 0, p[:-1])])
+        runner.forward(ids, pos, batch)
+    chunks = [Chunk(t, len(p) - 1, p[-1:]) for t, p in zip(tables, toks)]
+    ids, pos, batch = runner.build(chunks)
+    eager = runner.logits(runner.forward(ids, pos, batch))
+    static = CudaGraphRunner(runner, max_num_seqs=4, max_model_len=72, capture=False).run(chunks)  # bucket 4: 1 pad row
+    torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-5)
+    assert static.argmax(-1).tolist() == eager.argmax(-1).tolist()
