@@ -95,6 +95,12 @@ def build_attention_mask(batch: int, q_len: int, past_len: int, device: torch.de
 # MLAttention then writes the new latents to their slots and attends per group (see mla.py).
 
 
+def gather_rows(store: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``store[idx]`` for a 2-D cache store [slots, D] and an integer index of any shape -> [*idx.shape, D].
+    ``index_select`` on the flattened index: a plain copy, several times faster on CPU than advanced indexing."""
+    return store.index_select(0, idx.reshape(-1)).view(*idx.shape, store.shape[-1])
+
+
 @dataclass
 class AttnGroup:
     """Sequences attended together, padded to a rectangle.

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm5.config import GLM5Config
-from glm5.model.cache import AttentionContext
+from glm5.model.cache import AttentionContext, gather_rows
 from glm5.model.dsa import LightningIndexer, indexer_kl_loss, selection_mask
 from glm5.model.norm import RMSNorm
 from glm5.model.rope import apply_rope
@@ -172,7 +172,7 @@ class MLAttention(nn.Module):
                             args = (xf[:, None], q_resid[:, None], cos[:, None], sin[:, None])
                         else:
                             args = (xf[qi], q_resid[qi], cos[qi], sin[qi])
-                        scores = self.indexer.scores(*args, cache.index_keys(self.layer_idx)[g.kv_slots], g.visible)
+                        scores = self.indexer.scores(*args, gather_rows(cache.index_keys(self.layer_idx), g.kv_slots), g.visible)
                         topk = self.indexer.select(scores)  # [B,S,k]
                     ctx.topk_indices[gi] = topk
                 else:
@@ -199,7 +199,7 @@ class MLAttention(nn.Module):
         q_lat = torch.bmm(qn.reshape(B * S, h, self.d_nope).transpose(0, 1), w_uk).transpose(0, 1)  # [B*S,h,r]
         q = torch.cat([q_lat, qp.reshape(B * S, h, self.d_rope)], dim=-1)  # [B*S,h,r+dr]
         if topk is None:  # every key of the sequence (dense, or T ≤ index_topk)
-            rows = latents[kv_slots]  # [B,T,r+dr]
+            rows = gather_rows(latents, kv_slots)  # [B,T,r+dr]
             scores = torch.matmul(q.view(B, S * h, -1), rows.transpose(1, 2)).view(B, S, h, -1)
             ok = _safe(visible)[:, :, None]  # [B,S,1,T]
             probs = torch.softmax((scores * self.scale).masked_fill(~ok, float("-inf")).float(), dim=-1)
@@ -208,7 +208,7 @@ class MLAttention(nn.Module):
             k = topk.shape[-1]
             sel = kv_slots.gather(1, topk.reshape(B, S * k)).view(B * S, k)
             ok = _safe(visible.gather(-1, topk)).view(B * S, 1, k)
-            rows = latents[sel]  # [B*S,k,r+dr]
+            rows = gather_rows(latents, sel)  # [B*S,k,r+dr]
             scores = torch.matmul(q, rows.transpose(1, 2))  # [B*S,h,k]
             probs = torch.softmax((scores * self.scale).masked_fill(~ok, float("-inf")).float(), dim=-1)
             o_lat = torch.matmul(probs.to(rows.dtype), rows[..., :r])  # [B*S,h,r]
@@ -218,7 +218,7 @@ class MLAttention(nn.Module):
     def _expanded_attention(self, qn, qp, latents, kv_slots, visible, topk):
         """Prefill: decompress the sequence's latents to per-head K/V (the same math as ``forward``)."""
         B, S = qn.shape[:2]
-        c_kv, k_pe = latents[kv_slots].split([self.kv_rank, self.d_rope], dim=-1)
+        c_kv, k_pe = gather_rows(latents, kv_slots).split([self.kv_rank, self.d_rope], dim=-1)
         k, v = self.expand_kv(c_kv, k_pe)
         q = torch.cat([qn, qp], dim=-1).transpose(1, 2)  # [B,h,S,dqk]
         allowed = visible if topk is None else visible & selection_mask(topk, visible.shape[-1])
