@@ -251,6 +251,10 @@ class LLMEngine:
                 self.stats["spec_verify_steps"] += 1
                 self.stats["spec_draft_tokens"] += len(s.draft_ids)
                 self.stats["spec_accepted_tokens"] += accepted
+                rm = self._seq_req[seq.seq_id].metrics
+                rm["spec_verify_steps"] = rm.get("spec_verify_steps", 0) + 1
+                rm["spec_draft_tokens"] = rm.get("spec_draft_tokens", 0) + len(s.draft_ids)
+                rm["spec_accepted_tokens"] = rm.get("spec_accepted_tokens", 0) + accepted
         # ---- commit
         touched: list[_Request] = []
         spec_items, spec_kmax = [], []
@@ -363,6 +367,9 @@ class LLMEngine:
         req.finished = True
         req.metrics.update(e2e_s=time.monotonic() - req.arrival,
                            preemptions=sum(s.num_preemptions for s in req.seqs))
+        if req.metrics.get("spec_verify_steps"):  # tokens per verification step, bonus included
+            req.metrics["spec_acceptance_length"] = (req.metrics["spec_accepted_tokens"]
+                                                     + req.metrics["spec_verify_steps"]) / req.metrics["spec_verify_steps"]
         out = self._make_output(req, delta)
         self.requests.pop(req.request_id, None)
         for s in req.seqs:

@@ -52,6 +52,7 @@ def test_drafts_follow_mtp_recursion_and_accepted_drafts_commit(nano):
     assert len(checked) > 6 and all(checked)
     m = llm.spec_metrics()
     assert m["acceptance_length"] > 2.5  # two of three oracle drafts are right
+    assert all(o.metrics["spec_acceptance_length"] > 2.5 for o in outs)
 
 
 def test_spec_decode_with_preemption_and_prefix_cache(nano):
