@@ -130,6 +130,14 @@ def main(argv=None):
         cfg = cfg.replace(max_position_embeddings=args.seq)
     torch.manual_seed(0)
     ours = GLM5ForCausalLM(cfg).init_weights(0).to(dev).train()
+    hf_src = None
+    if not args.no_hf:
+        hf_src = tempfile.mkdtemp(prefix="bench_train_")
+        ours.save_pretrained(hf_src)  # the same initial weights for transformers
+    if cuda:  # as the trainer: FSDP2 on a one-rank group, bf16 compute / fp32 master weights
+        from glm5.train.distributed import apply_fsdp, init_distributed
+
+        apply_fsdp(ours, init_distributed("cuda"), mixed_precision=True)
     if args.compile:
         from glm5.train.distributed import apply_compile
 
@@ -143,15 +151,13 @@ def main(argv=None):
 
     tracker = ExpertLoadTracker(ours) if "full" in args.ours else None
     for mode in args.ours:
-        opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=cuda or None)
-        contenders[f"glm5[{mode}]"] = (lambda o=opt, m=mode: our_step(ours, o, x, y, m, tracker if m == "full" else None,
-                                                                         autocast))
+        opt = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+        contenders[f"glm5[{mode}]"] = (lambda o=opt, m=mode: our_step(ours, o, x, y, m, tracker if m == "full" else None))
     hf_models = []
     if not args.no_hf:
         from transformers import GlmMoeDsaForCausalLM
 
-        tmp = tempfile.mkdtemp(prefix="bench_train_")
-        ours.save_pretrained(tmp)
+        tmp = hf_src
         for impl in args.hf_experts:
             kw = {} if impl == "default" else {"experts_implementation": impl}
             try:

@@ -5,7 +5,8 @@ file), or build it in Python. A few values are derived when left unset (``resolv
 
 * ``grad_accum`` from ``batch_tokens`` (global tokens per optimiser step) =
   ``batch_size × seq_len × world_size × grad_accum``;
-* ``warmup_steps`` = 5% of ``max_steps`` (at most 200, at least 1);
+* ``warmup_steps`` = 5% of ``max_steps`` (at most 200, at least 1); with a time budget (``max_minutes``) the
+  horizon is only known after a few timed steps, so the warm-up is then 10 steps;
 * ``doc_mask`` is always on for SFT (each conversation attends only to itself);
 * ``lr`` defaults per stage: 2e-3 for training, 1e-3 for the indexer warm-up (DeepSeek-V3.2's value).
 """
@@ -120,7 +121,8 @@ class TrainConfig:
             c.grad_accum = max(1, round(c.batch_tokens / per_micro)) if c.batch_tokens else 1
         c.batch_tokens = c.batch_size * c.seq_len * world_size * c.grad_accum
         if c.warmup_steps is None:
-            c.warmup_steps = max(1, min(200, round(0.05 * c.max_steps)))
+            c.warmup_steps = 10 if c.max_minutes else max(1, min(200, round(0.05 * c.max_steps)))
+        c.warmup_steps = min(c.warmup_steps, c.max_steps)
         if c.lr is None:
             c.lr = 1e-3 if c.dsa == "indexer-warmup" else 2e-3
         if c.mode == "sft":

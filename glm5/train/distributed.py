@@ -2,7 +2,10 @@
 FSDP2 (``fully_shard`` per decoder layer, then the root), activation checkpointing and ``torch.compile``.
 
 Launch with ``torchrun --nproc_per_node N -m glm5.cli train ...`` (or ``glm5 train`` under torchrun). The
-backend is NCCL when CUDA is available, gloo otherwise; the code path is the same.
+backend is NCCL when CUDA is available, gloo otherwise; the code path is the same. On GPU even a single
+process runs through FSDP2 (a one-rank process group), so bf16 mixed precision (bf16 compute, fp32 master
+weights and gradient reduction) is the same ``MixedPrecisionPolicy`` for one GPU and many. On CPU a single
+process trains a plain fp32 model.
 """
 
 from __future__ import annotations
@@ -34,7 +37,13 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
+        """More than one process (data is sharded across ranks)."""
         return self.world_size > 1
+
+    @property
+    def use_fsdp(self) -> bool:
+        """Wrap the model with FSDP2: several processes, or any GPU run (bf16 mixed precision)."""
+        return self.world_size > 1 or self.device.type == "cuda"
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
@@ -54,6 +63,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
         backend = "nccl" if use_cuda else "gloo"
         if not dist.is_initialized():
             dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    elif use_cuda:
+        backend = "nccl"
+        if not dist.is_initialized():  # a one-rank group, so one GPU runs the same FSDP2 path as many
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistInfo(rank, world, local_rank, local_world, dev, backend)
 
 

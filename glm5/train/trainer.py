@@ -70,7 +70,6 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.dist = init_distributed(config.device)
         cfg = self.cfg = config.resolve(self.dist.world_size)
-        self._warmup_given = config.warmup_steps is not None
         # The schedule's horizon. With max_minutes it is re-derived from the measured step time (fit_schedule).
         self.planned_steps, self.warmup_steps, self.schedule_fitted = cfg.max_steps, cfg.warmup_steps, False
         self._prev_threads = torch.get_num_threads()
@@ -90,7 +89,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optim = build_optimizers(self.model, kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                       betas=cfg.adam_betas, momentum=cfg.muon_momentum, muon_split=cfg.muon_split,
-                                      muon_impl=cfg.muon_impl, distributed=self.dist.distributed)
+                                      muon_impl=cfg.muon_impl, distributed=self.dist.use_fsdp)
         self.loss_cfg = LossConfig(stage=cfg.dsa, mtp_depth=cfg.mtp_depth, mtp_weight=cfg.mtp_weight,
                                    seq_balance_alpha=cfg.seq_balance_alpha, indexer_loss_weight=cfg.indexer_loss_weight)
         self.ckpt = Checkpointer(self.out, self.dist.rank, cfg.keep_checkpoints)
@@ -200,12 +199,13 @@ class Trainer:
             apply_activation_checkpointing(model)
         if cfg.compile:
             apply_compile(model)
-        if self.dist.distributed:
+        if self.dist.use_fsdp:
             apply_fsdp(model, self.dist, mixed_precision=self.device.type == "cuda")
         return model
 
     def autocast(self):
-        if self.device.type == "cuda" and not self.dist.distributed:  # FSDP: MixedPrecisionPolicy instead
+        # bf16 on GPU comes from FSDP2's MixedPrecisionPolicy (see apply_fsdp); CPU trains in fp32.
+        if self.device.type == "cuda" and not is_fsdp(self.model):
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -355,8 +355,6 @@ class Trainer:
         remaining = 60 * cfg.max_minutes - self._elapsed()
         steps = self.step + max(1, int(0.95 * remaining / per_step))
         self.planned_steps = max(self.step + 1, min(cfg.max_steps, steps))
-        if not self._warmup_given:
-            self.warmup_steps = max(1, min(200, round(0.05 * self.planned_steps)))
         self.schedule_fitted = True
         log.info("time budget %.1f min: %.2fs/step -> %d steps", cfg.max_minutes, per_step, self.planned_steps)
 
@@ -437,7 +435,7 @@ class Trainer:
         torch.set_num_threads(self._prev_threads)
         import torch.distributed as dist
 
-        if self.dist.distributed and dist.is_initialized():
+        if self.dist.backend is not None and dist.is_initialized():
             dist.destroy_process_group()
 
 

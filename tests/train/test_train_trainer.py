@@ -148,3 +148,17 @@ def test_config_file_and_flags(tmp_path):
         TrainConfig.from_dict({"lr": 1, "nope": 2})
     with pytest.raises(ValueError, match="dsa"):
         TrainConfig(dsa="half").resolve()
+
+
+def test_time_budget_fits_the_schedule(pretrained):
+    import time
+
+    t = pretrained["trainer"]
+    t.cfg.max_minutes = 1.0
+    t.elapsed_before, t._t_start, t.step = 0.0, time.time(), 4
+    t.fit_schedule([0.5, 0.6, 0.55])  # ~0.55 s/step, ~60 s left -> ~100 more steps, capped by max_steps
+    assert t.planned_steps == t.cfg.max_steps == 40 and t.schedule_fitted
+    t.cfg.max_steps = 10_000
+    t.fit_schedule([0.5, 0.6, 0.55])
+    assert 90 < t.planned_steps < 110
+    assert TrainConfig(max_minutes=10).resolve().warmup_steps == 10  # horizon unknown up front: a fixed warm-up
