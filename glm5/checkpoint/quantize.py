@@ -190,9 +190,10 @@ def _run(args) -> int:
 
 def add_parser(sub):
     p = sub.add_parser("quantize", help="convert a BF16/FP32 checkpoint to the GLM-5-FP8 layout (block FP8)",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--in", dest="src", required=True, help="input checkpoint directory (HF layout)")
-    p.add_argument("--out", dest="dst", required=True, help="output directory")
+                       description="Convert a BF16/FP32 GLM-5 checkpoint to the GLM-5-FP8 layout (float8_e4m3fn "
+                                   "weights, fp32 128x128 block scales), streaming shard by shard.")
+    p.add_argument("--in", dest="src", required=True, metavar="DIR", help="input checkpoint directory (HF layout)")
+    p.add_argument("--out", dest="dst", required=True, metavar="DIR", help="output directory")
     p.add_argument("--max-shard-size", default="5GB", help="output shard size (default 5GB, HF decimal units)")
     p.add_argument("--unquantized-dtype", default="bfloat16", choices=[*_DTYPES, "keep"],
                    help="dtype of tensors kept unquantised (default bfloat16, as the official checkpoint)")
