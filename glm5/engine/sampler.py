@@ -17,7 +17,7 @@ def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     """Sampling distribution per row after temperature, top-k and top-p: logits [M,V] -> probs [M,V] fp32.
     Greedy rows get a one-hot on the argmax."""
     logits = logits.float()
-    M, V = logits.shape
+    V = logits.shape[-1]
     dev = logits.device
     greedy = torch.tensor([p.greedy for p in params], device=dev)
     temp = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)
