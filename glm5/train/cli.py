@@ -30,7 +30,7 @@ _HELP = {
     "tokenizer": "tokenizer directory (default: init_from's, else a BPE trained on the data)",
     "out": "run directory: metrics.jsonl, checkpoints/, hf/, train.png",
     "batch_tokens": "global tokens per optimiser step (derives grad_accum)",
-    "max_minutes": "time budget: the LR schedule is fitted to it after 4 steps; the run stops and checkpoints at it",
+    "max_minutes": "time budget in minutes: the LR schedule runs on elapsed time and the run ends (checkpointed) at it",
     "dsa": "DSA stage: dense | indexer-warmup (only the indexer trains) | sparse",
     "mtp_depth": "MTP steps sharing the one MTP layer (GLM-5 trains 3)",
     "bias_update_rate": "aux-loss-free router bias step γ (0 = off)",

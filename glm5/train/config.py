@@ -55,8 +55,8 @@ class TrainConfig:
     batch_tokens: int | None = None  # global tokens per optimiser step
     # ---- horizon -----------------------------------------------------------------------------------
     max_steps: int = 1000
-    max_minutes: float | None = None  # time budget: the schedule is fitted to it after a few steps (at most
-    # max_steps), and the run stops (and checkpoints) if it is exceeded anyway
+    max_minutes: float | None = None  # time budget: after warm-up the LR schedule follows elapsed time / budget
+    # and the run ends at the budget (or max_steps, whichever comes first)
     # ---- optimiser ---------------------------------------------------------------------------------
     optimizer: str = "muon"  # "muon" (Muon on hidden matrices + AdamW on the rest) | "adamw"
     muon_split: bool = True  # GLM-5's Muon Split: orthogonalise MLA up-projections per head

@@ -221,24 +221,25 @@ def build_optimizers(model: nn.Module, *, kind: str = "muon", lr: float = 2e-3, 
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine", min_ratio: float = 0.1,
-              decay_fraction: float = 0.2) -> float:
-    """Multiplier of the peak learning rate at (0-based) ``step`` of ``total``: linear warm-up over
-    ``warmup`` steps, then cosine to ``min_ratio``, WSD (constant, then linear decay over the last
-    ``decay_fraction`` of steps to ``min_ratio``), or constant."""
+              decay_fraction: float = 0.2, progress: float | None = None) -> float:
+    """Multiplier of the peak learning rate at (0-based) ``step``: linear warm-up over ``warmup`` steps, then
+    cosine to ``min_ratio``, WSD (constant, then linear decay over the last ``decay_fraction`` to
+    ``min_ratio``), or constant. After warm-up the position in the schedule is ``progress`` in [0, 1] when
+    given (a time budget: the fraction of it used), else the step's position in ``total`` steps."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
+    if progress is None:
+        progress = (step - warmup) / max(1, total - warmup - 1)
+    progress = min(1.0, max(0.0, progress))
     if schedule == "cosine":
-        progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if schedule == "wsd":
-        decay_steps = max(1, round(decay_fraction * total))
-        start = max(warmup, total - decay_steps)
-        if step < start:
+        stable = 1.0 - decay_fraction
+        if progress < stable:
             return 1.0
-        progress = min(1.0, (step - start + 1) / max(1, total - start))
-        return 1.0 - (1.0 - min_ratio) * progress
+        return 1.0 - (1.0 - min_ratio) * (progress - stable) / decay_fraction
     raise ValueError(f"unknown schedule {schedule!r}")
 
 

@@ -70,8 +70,7 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.dist = init_distributed(config.device)
         cfg = self.cfg = config.resolve(self.dist.world_size)
-        # The schedule's horizon. With max_minutes it is re-derived from the measured step time (fit_schedule).
-        self.planned_steps, self.warmup_steps, self.schedule_fitted = cfg.max_steps, cfg.warmup_steps, False
+        self.warmup_steps = cfg.warmup_steps
         self._prev_threads = torch.get_num_threads()
         if self.dist.device.type == "cpu":
             torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // self.dist.local_world_size))
@@ -221,9 +220,6 @@ class Trainer:
                 raise ValueError(f"{path}: checkpoint has {key}={saved[key]!r}, this run {getattr(self.cfg, key)!r}; "
                                  f"use a new --out (or --init-from an export) to change it")
         self.step = state["step"]
-        self.planned_steps = state.get("planned_steps", self.planned_steps)
-        self.warmup_steps = state.get("warmup_steps", self.warmup_steps)
-        self.schedule_fitted = state.get("schedule_fitted", False)
         self.tokens_seen = state["tokens"]
         self.elapsed_before = state["elapsed"]
         self.train_loader.load_state_dict(state["loader"])
@@ -239,8 +235,7 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "planned_steps": self.planned_steps, "warmup_steps": self.warmup_steps,
-                 "schedule_fitted": self.schedule_fitted, "tokens": self.tokens_seen, "elapsed": self._elapsed(),
+        state = {"step": self.step, "tokens": self.tokens_seen, "elapsed": self._elapsed(),
                  "loader": self.train_loader.state_dict(), "last_val": self.last_val, "config": self.cfg.to_dict()}
         return self.ckpt.save(self.step, self.model, self.optim, state)
 
@@ -254,7 +249,8 @@ class Trainer:
         micro = [next(self.train_loader) for _ in range(cfg.grad_accum)]
         counts = sum(count_targets(b, self.loss_cfg.mtp_depth) for b in micro)
         counts = all_reduce(counts.to(self.device)).cpu()
-        factor = lr_factor(self.step, self.planned_steps, self.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_fraction)
+        factor = lr_factor(self.step, cfg.max_steps, self.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_fraction,
+                           progress=self.time_progress())
         lr = set_lr(self.optim, factor)
         D = self.loss_cfg.mtp_depth
         # [ce_sum, mtp_sum_1..D, kl_sum, kl_n, bal_sum, bal_n]
@@ -308,7 +304,10 @@ class Trainer:
         return {"kind": "train", "step": self.step, "loss": total, "ce": ce, "mtp": mtp, "mtp_steps": mtp_steps,
                 "indexer_kl": kl, "balance_loss": bal, "lr": lr, "grad_norm": float(grad_norm),
                 "tokens": self.tokens_seen, "tok_per_s": n_tokens / step_time, "step_time": step_time,
-                "elapsed": self._elapsed(), "balance": load_stats(global_loads)}
+                "elapsed": self._elapsed(), "balance": load_stats(global_loads),
+                # full per-layer token counts per expert, at the validation cadence (and on the last step)
+                "expert_load": {str(i): [int(v) for v in load.tolist()] for i, load in global_loads.items()}
+                if (cfg.eval_every and self.step % cfg.eval_every == 0) or self._done() else None}
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:
@@ -346,17 +345,15 @@ class Trainer:
         self.last_val = rec
         return rec
 
-    def fit_schedule(self, step_times: list[float]) -> None:
-        """With ``max_minutes``: once a few steps are timed, set the schedule's horizon to the number of steps that
-        fit in the remaining time (at most ``max_steps``), so warm-up and decay complete within the budget. The
-        horizon is stored in checkpoints: a resumed run keeps it."""
-        cfg = self.cfg
-        per_step = sorted(step_times)[len(step_times) // 2]
-        remaining = 60 * cfg.max_minutes - self._elapsed()
-        steps = self.step + max(1, int(0.95 * remaining / per_step))
-        self.planned_steps = max(self.step + 1, min(cfg.max_steps, steps))
-        self.schedule_fitted = True
-        log.info("time budget %.1f min: %.2fs/step -> %d steps", cfg.max_minutes, per_step, self.planned_steps)
+    def time_progress(self) -> float | None:
+        """With a time budget (``max_minutes``) the schedule runs on elapsed time: the fraction of the budget
+        used (restored on resume). None for step-based runs."""
+        if self.cfg.max_minutes is None:
+            return None
+        return min(1.0, self._elapsed() / (60.0 * self.cfg.max_minutes))
+
+    def _done(self) -> bool:
+        return self.step >= self.cfg.max_steps or (self.time_progress() or 0.0) >= 1.0
 
     def _log(self, rec: dict) -> None:
         if self.main:
@@ -374,19 +371,17 @@ class Trainer:
             self._log({"kind": "meta", "step": 0, "params": n_params, "world_size": self.dist.world_size,
                        "device": str(self.device), "dataset": str(self.dataset_dir),
                        "unigram_baseline": self.unigram_baseline, "config": cfg.to_dict()})
-        bar = tqdm(total=self.planned_steps, initial=self.step, disable=not (self.main and cfg.progress), dynamic_ncols=True,
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.main and cfg.progress), dynamic_ncols=True,
                    file=sys.stderr, desc=f"{cfg.mode}[{cfg.dsa}]", unit="step")
         saved_at = evaluated_at = None
         tok_rate = None
-        step_times = []
-        while self.step < self.planned_steps:
+        while not self._done():
             rec = self.train_step()
-            step_times.append(rec["step_time"])
-            if cfg.max_minutes is not None and not self.schedule_fitted and len(step_times) == 4:
-                self.fit_schedule(step_times[1:])  # the first step pays one-off costs
-                bar.total = self.planned_steps
+            if cfg.max_minutes is not None:  # the bar counts steps; its total is the steps the budget allows
+                frac = self.time_progress()
+                bar.total = min(cfg.max_steps, max(self.step, round(self.step / max(frac, 1e-9)))) if frac else bar.total
             tok_rate = rec["tok_per_s"] if tok_rate is None else 0.9 * tok_rate + 0.1 * rec["tok_per_s"]
-            if self.step % cfg.log_every == 0 or self.step == self.planned_steps:
+            if self.step % cfg.log_every == 0 or self._done():
                 self._log(rec)
             post = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{tok_rate:,.0f}", "lr": f"{rec['lr']:.2e}"}
             if self.last_val:
@@ -401,9 +396,6 @@ class Trainer:
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                 self.save_checkpoint()
                 saved_at = self.step
-            if cfg.max_minutes is not None and self._elapsed() > 60 * cfg.max_minutes:
-                log.warning("time limit of %.1f min reached at step %d", cfg.max_minutes, self.step)
-                break
         bar.close()
         if evaluated_at != self.step:
             v = self.evaluate()
@@ -411,7 +403,7 @@ class Trainer:
                 self._log(v)
         if saved_at != self.step:
             self.save_checkpoint()
-        summary = {"steps": self.step, "planned_steps": self.planned_steps, "tokens": self.tokens_seen, "elapsed_s": self._elapsed(), "params": n_params,
+        summary = {"steps": self.step, "tokens": self.tokens_seen, "elapsed_s": self._elapsed(), "params": n_params,
                    "final_val": self.last_val, "unigram_baseline": self.unigram_baseline, "out": str(self.out),
                    "resumed_from": self.resumed_from}
         if cfg.export:

@@ -122,5 +122,9 @@ def test_schedules():
     assert all(a >= b for a, b in zip(cos[10:], cos[11:]))
     wsd = [lr_factor(s, total, warm, "wsd", 0.0, decay_fraction=0.2) for s in range(total)]
     assert all(v == 1.0 for v in wsd[10:80]) and wsd[-1] == pytest.approx(0.0)
-    assert all(a > b for a, b in zip(wsd[80:], wsd[81:]))
+    assert all(a > b for a, b in zip(wsd[82:], wsd[83:]))
+    # a time budget: the position after warm-up is the fraction of the budget used
+    assert lr_factor(50, 100, 10, "cosine", 0.0, progress=0.5) == pytest.approx(0.5)
+    assert lr_factor(50, 100, 10, "wsd", 0.0, 0.2, progress=0.9) == pytest.approx(0.5)
+    assert lr_factor(3, 100, 10, "cosine", progress=0.9) == pytest.approx(0.4)  # warm-up still counts steps
     assert [lr_factor(s, total, warm, "constant") for s in (10, 99)] == [1.0, 1.0]

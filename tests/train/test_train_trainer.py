@@ -41,6 +41,9 @@ def test_pretraining_loss_falls_below_unigram_baseline(pretrained):
         assert r[key] is not None, key
     assert r["loss"] == pytest.approx(r["ce"] + 0.3 * r["mtp"])
     assert set(r["balance"]["layers"]) == {"1", "2", "3"}  # two MoE layers + the MTP layer
+    k = pretrained["trainer"].model_cfg.num_experts_per_tok
+    assert {key: sum(v) for key, v in r["expert_load"].items()} == {"1": 512 * k, "2": 512 * k, "3": 512 * k}
+    assert train[5]["expert_load"] is None and train[19]["expert_load"] is not None  # at the validation cadence
     assert train[-1]["mtp"] < train[0]["mtp"] - 0.5  # the MTP head learns too
     assert [r["step"] for r in recs if r["kind"] == "val"] == [20, 40]
     assert (pretrained["out"] / "train.png").stat().st_size > 10_000
@@ -150,15 +153,14 @@ def test_config_file_and_flags(tmp_path):
         TrainConfig(dsa="half").resolve()
 
 
-def test_time_budget_fits_the_schedule(pretrained):
-    import time
-
-    t = pretrained["trainer"]
-    t.cfg.max_minutes = 1.0
-    t.elapsed_before, t._t_start, t.step = 0.0, time.time(), 4
-    t.fit_schedule([0.5, 0.6, 0.55])  # ~0.55 s/step, ~60 s left -> ~100 more steps, capped by max_steps
-    assert t.planned_steps == t.cfg.max_steps == 40 and t.schedule_fitted
-    t.cfg.max_steps = 10_000
-    t.fit_schedule([0.5, 0.6, 0.55])
-    assert 90 < t.planned_steps < 110
-    assert TrainConfig(max_minutes=10).resolve().warmup_steps == 10  # horizon unknown up front: a fixed warm-up
+def test_time_budget_drives_the_schedule(tmp_path, corpus_file, small_tokenizer_dir):
+    assert TrainConfig(max_minutes=1).resolve().warmup_steps == 10  # horizon unknown up front: a fixed warm-up
+    cfg = _config(tmp_path, corpus_file, small_tokenizer_dir, "budget", max_minutes=0.1, max_steps=10_000, warmup_steps=2,
+                  eval_every=0, export=False, plot=False, schedule="wsd", decay_fraction=0.5, min_lr_ratio=0.0)
+    t = Trainer(cfg)
+    summary = t.fit()
+    t.close()
+    assert 4 <= summary["steps"] < 10_000 and 6.0 <= summary["elapsed_s"] < 30
+    recs = [json.loads(l) for l in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in recs if r["kind"] == "train"]
+    assert lrs[1] == pytest.approx(3e-3) and lrs[-1] < 0.5 * 3e-3  # warm-up, then decayed by the deadline
