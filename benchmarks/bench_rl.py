@@ -8,8 +8,9 @@
 1. **Policy.** A glm5-nano-shaped model (MLA + DSA + MoE + MTP) is SFT'd from scratch with our trainer
    (``glm5.train.Trainer``, mode "sft", Muon + AdamW) on generated conversations: two-term arithmetic from
    reasoning-gym (1–2 digit operands, + − ×; answer after ``</think>`` with a one-line reasoning, no worked
-   digits, so difficulty grows with the operands) and unanswerable questions answered "I don't know.". The
-   tokenizer is a byte-level BPE trained on the same text.
+   digits, so difficulty grows with the operands), unanswerable questions answered "I don't know.", and a few
+   products far beyond the model (3–4 digits × 2–3 digits, never in the RL sets) also answered "I don't know.".
+   The tokenizer is a byte-level BPE trained on the same text.
 2. **Acceptance.** ``run_rl`` on that checkpoint (async mode, τ = 2, GRPO advantages, PPO clip-higher 0.2/0.28,
    abstention reward +1 / 0 / −1, unanswerable questions in the mix); held-out tasks (disjoint from RL train and
    SFT questions) evaluated greedily before and after, with 95% intervals.
@@ -50,21 +51,106 @@ def log(*a):
 
 
 # --------------------------------------------------------------------------------------------- data
-def sft_conversations(n: int, seed: int, idk_frac: float) -> list[dict]:
+HARD_REASONS = ["These numbers are too large for me to multiply reliably.",
+                "I cannot multiply numbers this large without making mistakes."]
+
+
+def _digits(n: int) -> list[int]:
+    return [int(c) for c in str(n)][::-1]  # ones first
+
+
+def column_add(a: int, b: int) -> list[str]:
+    da, db = _digits(a), _digits(b)
+    steps, carry = [], 0
+    names = ["ones", "tens", "hundreds"]
+    for i in range(max(len(da), len(db))):
+        x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
+        t = x + y + carry
+        expr = f"{x}+{y}" + (f"+{carry}" if carry else "")
+        carry = t // 10
+        steps.append(f"{names[i]} {expr}={t}" + (f", write {t % 10} carry {carry}" if carry else ""))
+    if carry:
+        steps.append(f"write the carry {carry}")
+    return steps
+
+
+def column_sub(a: int, b: int) -> list[str]:
+    """a >= b >= 0."""
+    da, db = _digits(a), _digits(b)
+    steps, borrow = [], 0
+    names = ["ones", "tens", "hundreds"]
+    for i in range(len(da)):
+        x, y = da[i] - borrow, (db[i] if i < len(db) else 0)
+        if x < y:
+            steps.append(f"{names[i]} {x}-{y} needs a borrow: {x + 10}-{y}={x + 10 - y}")
+            borrow = 1
+        else:
+            steps.append(f"{names[i]} {x}-{y}={x - y}")
+            borrow = 0
+    return steps
+
+
+def column_mul(a: int, d: int) -> list[str]:
+    """a × one digit d."""
+    steps, carry = [], 0
+    names = ["ones", "tens", "hundreds"]
+    for i, x in enumerate(_digits(a)):
+        t = x * d + carry
+        expr = f"{x}*{d}" + (f"+{carry}" if carry else "")
+        carry = t // 10
+        steps.append(f"{names[i]} {expr}={t}" + (f", write {t % 10} carry {carry}" if carry else ""))
+    if carry:
+        steps.append(f"write the carry {carry}")
+    return steps
+
+
+def worked(a: int, op: str, b: int) -> str | None:
+    """Column-arithmetic reasoning for a op b (operands < 100), or None where we write none (2-digit × 2-digit)."""
+    if op == "+":
+        steps = column_add(a, b)
+    elif op == "-":
+        steps = column_sub(a, b) if a >= b else [f"{b} is larger, so the result is -({b}-{a})"] + column_sub(b, a)
+    elif op == "*":
+        if b < 10:
+            steps = column_mul(a, b)
+        elif a < 10:
+            steps = [f"swap to {b}*{a}"] + column_mul(b, a)
+        else:
+            return None
+    else:
+        return None
+    return "; ".join(steps) + f". So {a} {op} {b} = {eval(f'{a}{op}{b}')}."
+
+
+def sft_conversations(n: int, seed: int, idk_frac: float, hard_frac: float, cot_frac: float) -> list[dict]:
+    """Answerable two-term arithmetic in two styles, unanswerable questions and out-of-reach products.
+
+    * "worked" (``cot_frac`` of the answerable ones, where a column method applies): digit-by-digit reasoning;
+    * "direct": a one-line reasoning and the answer, so the model must compute it in one go (unreliable beyond
+      one digit) — the SFT policy mixes both styles, and RL can learn which one pays;
+    * unanswerable questions and products of 3–4 digit by 2–3 digit numbers (never in the RL sets) answered
+      "I don't know." — the abstention prior RL can extend to answerable questions the policy gets wrong."""
     rng = random.Random(seed)
     tasks = make_task_set([ARITH], n, seed=seed, unanswerable_frac=0.0)
-    n_idk = int(n * idk_frac)
+    n_idk, n_hard = int(n * idk_frac), int(n * hard_frac)
     convs = []
-    for t in tasks[: n - n_idk]:
-        q = t["question"]
-        expr = q.removeprefix("Calculate ").rstrip(".")
-        convs.append({"messages": [{"role": "user", "content": q},
-                                   {"role": "assistant", "reasoning_content": f"I work out {expr}.",
-                                    "content": t["answer"]}]})
+
+    def conv(q, reasoning, answer):
+        return {"messages": [{"role": "user", "content": q},
+                             {"role": "assistant", "reasoning_content": reasoning, "content": answer}]}
+
+    for _ in range(n_hard):
+        q = f"Calculate {rng.randint(100, 9999)} * {rng.randint(10, 999)}."
+        convs.append(conv(q, rng.choice(HARD_REASONS), "I don't know."))
+    for t in tasks[: n - n_idk - n_hard]:
+        a, op, b = t["question"].removeprefix("Calculate ").rstrip(".").split()
+        w = worked(int(a), op, int(b))
+        if w is not None and rng.random() < cot_frac:
+            convs.append(conv(t["question"], w, t["answer"]))
+        else:
+            convs.append(conv(t["question"], f"I work out {a} {op} {b}.", t["answer"]))
     for t in unanswerable_questions(n_idk, seed=seed + 1):
-        convs.append({"messages": [{"role": "user", "content": t["question"]},
-                                   {"role": "assistant", "reasoning_content": rng.choice(IDK_REASONS),
-                                    "content": "I don't know."}]})
+        convs.append(conv(t["question"], rng.choice(IDK_REASONS), "I don't know."))
     rng.shuffle(convs)
     return convs
 
@@ -76,7 +162,8 @@ def stage_sft(a) -> dict:
 
     out = Path(a.out)
     (out / "data").mkdir(parents=True, exist_ok=True)
-    convs = sft_conversations(a.sft_examples, seed=100, idk_frac=a.sft_idk_frac)
+    convs = sft_conversations(a.sft_examples, seed=100, idk_frac=a.sft_idk_frac, hard_frac=a.sft_hard_frac,
+                              cot_frac=a.sft_cot_frac)
     with open(out / "data" / "sft.jsonl", "w") as f:
         for c in convs:
             f.write(json.dumps(c) + "\n")
@@ -86,9 +173,9 @@ def stage_sft(a) -> dict:
     log(f"SFT data: {len(convs)} conversations, tokenizer {tok.vocab_size} ids")
     t0 = time.time()
     cfg = TrainConfig(mode="sft", preset="glm5-nano", model_overrides={"vocab_size": tok.vocab_size,
-                                                                       "index_topk": 64},
+                                                                       "index_topk": 128},
                       data=[str(out / "data" / "sft.jsonl")], tokenizer=str(out / "tokenizer"),
-                      cache_dir=str(out / "cache"), out=str(out / "sft"), seq_len=64, batch_size=a.sft_batch,
+                      cache_dir=str(out / "cache"), out=str(out / "sft"), seq_len=a.sft_seq_len, batch_size=a.sft_batch,
                       max_steps=a.sft_steps, max_minutes=a.sft_minutes, lr=a.sft_lr, warmup_steps=50,
                       dsa="sparse", threads=a.threads, eval_every=max(50, a.sft_steps // 10), eval_batches=8,
                       ckpt_every=10 ** 9, progress=False, resume=False, seed=0)
@@ -101,22 +188,51 @@ def stage_sft(a) -> dict:
 
 
 # --------------------------------------------------------------------------------------- RL runs
+def sft_questions(a) -> set:
+    return {json.loads(line)["messages"][0]["content"] for line in open(Path(a.out) / "data" / "sft.jsonl")}
+
+
 def task_files(a) -> tuple[str, str]:
-    """RL train tasks and held-out tasks; held-out questions never occur in the RL train set or the SFT data."""
+    """RL train tasks and held-out tasks (disjoint: no held-out question occurs in the RL train set). Held-out
+    questions that happen to occur in the SFT data are kept (the arithmetic space is small) and reported
+    separately (``unseen`` subset)."""
     from glm5.rl.tasks import train_eval_split
 
     d = Path(a.out) / "data"
     tr, ev = d / "rl_train.jsonl", d / "rl_eval.jsonl"
     if not tr.exists():
-        sft_q = {json.loads(line)["messages"][0]["content"] for line in open(d / "sft.jsonl")}
-        train, held = train_eval_split([ARITH], a.rl_train_tasks, 3 * a.eval_tasks, seed=1,
+        train, held = train_eval_split([ARITH], a.rl_train_tasks, a.eval_tasks, seed=1,
                                        unanswerable_frac=a.unanswerable_frac)
-        held = [t for t in held if t["question"] not in sft_q][: a.eval_tasks]
         save_tasks(train, tr)
         save_tasks(held, ev)
-        log(f"RL tasks: {len(train)} train, {len(held)} held-out "
-            f"({sum(not t['answerable'] for t in held)} unanswerable)")
+        seen = sft_questions(a)
+        log(f"RL tasks: {len(train)} train, {len(held)} held-out ({sum(not t['answerable'] for t in held)} "
+            f"unanswerable, {sum(t['question'] not in seen for t in held)} never seen in SFT)")
     return str(tr), str(ev)
+
+
+def subset_delta(a, before: dict, after: dict) -> dict:
+    """Before/after on the held-out questions that are not in the SFT data either."""
+    from glm5.rl.evaluate import compare
+
+    from glm5.rl.tasks import load_tasks
+
+    seen = sft_questions(a)
+    held = load_tasks(task_files(a)[1])
+    idx = [i for i, t in enumerate(held) if t["question"] not in seen]
+
+    def sub(m):
+        pt = {k: [v[i] for i in idx] for k, v in m["per_task"].items()}
+        k = m.get("samples_per_task", 1)
+        ans = [i for i, x in enumerate(pt["answerable"]) if x]
+        answered = sum(pt["answered"])
+        return {"per_task": pt, "samples_per_task": k, "n": len(idx),
+                "accuracy": sum(pt["correct"][i] for i in ans) / max(1, k * len(ans)),
+                "hallucination_rate": sum(pt["wrong"]) / answered if answered else 0.0}
+
+    b, f = sub(before), sub(after)
+    return {"n_tasks": len(idx), "before": {k: b[k] for k in ("accuracy", "hallucination_rate")},
+            "after": {k: f[k] for k in ("accuracy", "hallucination_rate")}, "delta": compare(b, f)}
 
 
 def rl_config(a, out: str, mode: str, steps: int, *, eval_: bool, reward: str = "abstention", seed: int = 0,
@@ -128,7 +244,7 @@ def rl_config(a, out: str, mode: str, steps: int, *, eval_: bool, reward: str = 
         model=str(Path(a.out) / "sft" / "hf"), out=out, tasks=[ARITH], unanswerable_frac=a.unanswerable_frac,
         tasks_file=train_file, eval_tasks_file=eval_file if eval_ else None,
         n_train=a.rl_train_tasks, n_eval=n_eval if n_eval is not None else a.eval_tasks, seed=seed,
-        group_size=a.group_size,
+        group_size=a.group_size, dynamic_sampling=a.dynamic_sampling, eval_sampled=a.eval_sampled if eval_ else 0,
         manager={"mode": mode, "num_steps": steps, "groups_per_step": a.groups,
                  "tau": a.tau if mode == "async" else None, "max_inflight_groups": a.inflight_groups},
         rollout={"max_new_tokens": a.max_new_tokens, "reward": reward, "temperature": 1.0},
@@ -146,17 +262,28 @@ def stage_accept(a) -> dict:
         out = str(Path(a.out) / f"accept_{reward}")
         log(f"acceptance run: reward={reward}, {a.rl_steps} async steps")
         t0 = time.time()
-        s = run_rl(rl_config(a, out, "async", a.rl_steps, eval_=True, reward=reward, seed=1))
-        keep = {k: s.get(k) for k in ("before", "after", "delta")}
+        s = run_rl(rl_config(a, out, a.mode, a.rl_steps, eval_=True, reward=reward, seed=1))
+        keep = {k: {x: y for x, y in s[k].items() if x != "per_task"} if isinstance(s.get(k), dict) else s.get(k)
+                for k in ("before", "after", "delta", "before_sampled", "after_sampled", "delta_sampled")}
+        keep["unseen_in_sft"] = subset_delta(a, s["before"], s["after"])
+        if "before_sampled" in s:
+            keep["unseen_in_sft_sampled"] = subset_delta(a, s["before_sampled"], s["after_sampled"])
         keep["run"] = {k: v for k, v in s["run"].items() if k != "buffer"}
         keep["run"]["staleness_hist"] = s["run"]["buffer"]["staleness_hist"]
         keep["run"]["dropped_stale_groups"] = s["run"]["buffer"]["dropped_stale_groups"]
         keep["wall_s"] = time.time() - t0
         results[reward] = keep
-        b, f = s["before"], s["after"]
-        log(f"  accuracy {b['accuracy']:.3f} -> {f['accuracy']:.3f}   hallucination {b['hallucination_rate']:.3f} -> "
-            f"{f['hallucination_rate']:.3f}   abstention {b['abstention_rate']:.3f} -> {f['abstention_rate']:.3f}   "
-            f"unanswerable->IDK {b['unanswerable_abstention_rate']:.3f} -> {f['unanswerable_abstention_rate']:.3f}")
+        for tag in ("", "_sampled"):
+            if "before" + tag not in s:
+                continue
+            b, f, d = s["before" + tag], s["after" + tag], s["delta" + tag]
+            log(f"  {tag or 'greedy'}: accuracy {b['accuracy']:.3f} -> {f['accuracy']:.3f} "
+                f"(Δ {d['accuracy_delta']:+.3f}, CI {d['accuracy_delta_ci'][0]:+.3f}..{d['accuracy_delta_ci'][1]:+.3f})   "
+                f"hallucination {b['hallucination_rate']:.3f} -> {f['hallucination_rate']:.3f} "
+                f"(Δ {d['hallucination_delta']:+.3f}, CI {d['hallucination_delta_ci'][0]:+.3f}.."
+                f"{d['hallucination_delta_ci'][1]:+.3f})   abstention {b['abstention_rate']:.3f} -> "
+                f"{f['abstention_rate']:.3f}   unanswerable->IDK {b['unanswerable_abstention_rate']:.3f} -> "
+                f"{f['unanswerable_abstention_rate']:.3f}")
     (Path(a.out) / "accept.json").write_text(json.dumps(results, indent=2, default=str))
     return results
 
@@ -198,12 +325,15 @@ def main():
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--sft-examples", type=int, default=8000)
     p.add_argument("--sft-idk-frac", type=float, default=0.1)
+    p.add_argument("--sft-hard-frac", type=float, default=0.05)
+    p.add_argument("--sft-cot-frac", type=float, default=0.5)
+    p.add_argument("--sft-seq-len", type=int, default=128)
     p.add_argument("--sft-steps", type=int, default=1500)
     p.add_argument("--sft-minutes", type=float, default=25.0)
     p.add_argument("--sft-batch", type=int, default=32)
     p.add_argument("--sft-lr", type=float, default=3e-3)
     p.add_argument("--rl-steps", type=int, default=60)
-    p.add_argument("--rl-lr", type=float, default=2e-4)
+    p.add_argument("--rl-lr", type=float, default=5e-5)
     p.add_argument("--rl-train-tasks", type=int, default=3000)
     p.add_argument("--eval-tasks", type=int, default=600)
     p.add_argument("--unanswerable-frac", type=float, default=0.2)
@@ -213,6 +343,9 @@ def main():
     p.add_argument("--tau", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--rewards", default="abstention")
+    p.add_argument("--mode", default="async", choices=["sync", "one-step-off", "async"])
+    p.add_argument("--dynamic-sampling", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--eval-sampled", type=int, default=4, help="samples per held-out task for the T=1 evaluation")
     p.add_argument("--tp-steps", type=int, default=12)
     p.add_argument("--repeats", type=int, default=2)
     a = p.parse_args()

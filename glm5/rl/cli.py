@@ -87,6 +87,8 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation before and after")
     g.add_argument("--eval-every", type=int, default=0)
+    g.add_argument("--eval-sampled", type=int, default=0,
+                   help="also evaluate sampled accuracy (rollout temperature) with this many samples per task")
     g.add_argument("--no-save", action="store_true")
     g.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
@@ -124,7 +126,8 @@ def config_from_args(a):
                     placement=a.placement, weight_sync=a.weight_sync, dist_backend=a.dist_backend,
                     rollout_threads=a.rollout_threads, train_threads=a.train_threads, device=a.device,
                     rollout_device=a.rollout_device, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
-                    eval_before=not a.no_eval, eval_after=not a.no_eval, eval_every=a.eval_every, save=not a.no_save,
+                    eval_before=not a.no_eval, eval_after=not a.no_eval, eval_every=a.eval_every, eval_sampled=a.eval_sampled,
+                    save=not a.no_save,
                     progress=not a.no_progress, ray_address=a.ray_address, ray_num_gpus=a.ray_num_gpus)
 
 
@@ -151,9 +154,11 @@ def _run(a) -> int:
         print("before:", _fmt(s.get("before")))
     if "after" in s:
         print("after: ", _fmt(s.get("after")))
-    if "delta" in s:
-        print("delta: ", json.dumps({k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v])
-                                     for k, v in s["delta"].items()}))
+    for tag in ("delta", "delta_sampled"):
+        if tag in s:
+            print(f"{tag}: ", json.dumps({k: (round(v, 4) if isinstance(v, float) else
+                                              [round(x, 4) for x in v] if isinstance(v, list) else v)
+                                          for k, v in s[tag].items()}))
     print(f"metrics: {cfg.out}/metrics.jsonl  plot: {s.get('plot')}  summary: {cfg.out}/summary.json"
           + (f"  model: {s['saved']}" if s.get("saved") else ""))
     return 0

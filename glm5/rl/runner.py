@@ -62,6 +62,7 @@ class RLConfig:
     rollout_device: str = "cpu"
     max_num_seqs: int = 64
     max_model_len: int = 1024
+    eval_sampled: int = 0  # also evaluate sampled (T = rollout temperature) accuracy with this many samples per task
     eval_before: bool = True
     eval_after: bool = True
     eval_every: int = 0
@@ -149,10 +150,17 @@ def run_rl(cfg: RLConfig) -> dict:
     (out / "rl_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
     ek = {"max_num_seqs": cfg.max_num_seqs, "max_model_len": cfg.max_model_len}
     summary: dict = {"config": cfg.to_dict()}
-    if cfg.eval_before and held:
+    def evaluate_all(tag: str) -> None:
         t = time.perf_counter()
-        summary["before"] = evaluate_model(policy, tok, held, rollout=cfg.rollout, engine_kwargs=ek)
-        summary["before"]["eval_s"] = time.perf_counter() - t
+        summary[tag] = evaluate_model(policy, tok, held, rollout=cfg.rollout, engine_kwargs=ek)
+        summary[tag]["eval_s"] = time.perf_counter() - t
+        if cfg.eval_sampled:
+            summary[tag + "_sampled"] = evaluate_model(policy, tok, held, rollout=cfg.rollout, engine_kwargs=ek,
+                                                       temperature=cfg.rollout.temperature or 1.0,
+                                                       samples=cfg.eval_sampled, seed=cfg.seed + 99)
+
+    if cfg.eval_before and held:
+        evaluate_all("before")
     client = make_client(cfg, policy, tok, rollout_threads)
     partial = cfg.partial_rollout if cfg.partial_rollout is not None else cfg.manager.mode == "async"
     buffer = DataBuffer(train_tasks, client.make_prompt, cfg.group_size, cfg.rollout.max_new_tokens, seed=cfg.seed,
@@ -180,11 +188,11 @@ def run_rl(cfg: RLConfig) -> dict:
         client.close()
         logger.close()
     if cfg.eval_after and held:
-        t = time.perf_counter()
-        summary["after"] = evaluate_model(policy, tok, held, rollout=cfg.rollout, engine_kwargs=ek)
-        summary["after"]["eval_s"] = time.perf_counter() - t
+        evaluate_all("after")
         if "before" in summary:
             summary["delta"] = compare(summary["before"], summary["after"])
+        if "before_sampled" in summary:
+            summary["delta_sampled"] = compare(summary["before_sampled"], summary["after_sampled"])
     summary["evals"] = evals
     if cfg.save:
         from glm5.train.checkpoint import export_hf

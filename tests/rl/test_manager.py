@@ -108,10 +108,13 @@ def test_cli_end_to_end(model_dir, tmp_path):
     rc = main(["rl", "--model", str(model_dir), "--out", str(out), "--task", "arith", "--n-train", "32",
                "--n-eval", "8", "--steps", "2", "--groups", "2", "--group-size", "2", "--max-new-tokens", "12",
                "--max-model-len", "256", "--placement", "colocate", "--mode", "async", "--lr", "1e-3",
-               "--loss", "ddis", "--no-progress", "--train-threads", "1", "--rollout-threads", "1"])
+               "--loss", "ddis", "--no-progress", "--train-threads", "1", "--rollout-threads", "1",
+               "--eval-sampled", "2"])
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["run"]["steps"] == 2 and "before" in s and "after" in s and "delta" in s
+    assert s["after_sampled"]["samples_per_task"] == 2 and "accuracy_delta_ci" in s["delta_sampled"]
+    assert len(s["before"]["per_task"]["correct"]) == 8
     assert {"accuracy", "accuracy_ci", "hallucination_rate", "abstention_rate"} <= set(s["after"])
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[-1])["step"] == 1
