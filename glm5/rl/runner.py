@@ -165,6 +165,8 @@ def run_rl(cfg: RLConfig) -> dict:
     partial = cfg.partial_rollout if cfg.partial_rollout is not None else cfg.manager.mode == "async"
     buffer = DataBuffer(train_tasks, client.make_prompt, cfg.group_size, cfg.rollout.max_new_tokens, seed=cfg.seed,
                         tau=cfg.manager.tau, dynamic_sampling=cfg.dynamic_sampling, partial_rollout=partial)
+    if cfg.rollout.temperature > 0:
+        cfg.trainer.temperature = cfg.rollout.temperature
     trainer = RLTrainer(policy, cfg.trainer, total_steps=cfg.manager.num_steps)
     logger = MetricsLogger(out, cfg.manager.num_steps, progress=cfg.progress)
     evals = []

@@ -8,7 +8,8 @@ One call of :meth:`RLTrainer.train_step` consumes one rollout batch (a list of g
    denominators (masked tokens / sequences) counted over the whole mini-batch so gradient accumulation equals
    the full-batch gradient;
 3. log-probs of the response tokens under the policy (one forward per micro-batch, DSA sparse attention as in
-   the engine, untempered softmax as the engine reports): π_old is these log-probs detached when there is a
+   the engine, softmax(logits / T) with T the rollout temperature — at T = 1 exactly what the engine reports):
+   π_old is these log-probs detached when there is a
    single optimiser step (exact), a separate no-grad pass when there are several, or the rollout log-probs
    (``old_logp="rollout"``: slime's bypass mode);
 4. ``policy_loss`` (glm5.rl.losses) with the configured switches, backward, gradient clipping, optimiser step;
@@ -55,6 +56,8 @@ class TrainerConfig:
     freeze_mtp: bool = True
     reset_optimizer: bool = False
     use_ref_model: bool | None = None  # None: when loss.kl_coef > 0
+    temperature: float = 1.0  # log-probs of softmax(logits / T), T = the rollout temperature (slime does the same);
+    # the engine reports log-probs of the untempered distribution, so rollout-log-prob corrections are exact at T = 1
 
     def __post_init__(self):
         if isinstance(self.loss, dict):
@@ -135,7 +138,7 @@ class RLTrainer:
     # ---------------------------------------------------------------------------------------- log-probs
     def _forward(self, model, batch, with_entropy: bool):
         out = model(batch["input_ids"], dsa="sparse")
-        return token_logprobs_and_entropy(out.logits, batch["targets"], 1.0, with_entropy)
+        return token_logprobs_and_entropy(out.logits, batch["targets"], self.cfg.temperature, with_entropy)
 
     @torch.no_grad()
     def logprobs(self, samples: list[Sample], model=None) -> list[torch.Tensor]:
