@@ -49,6 +49,7 @@ class SpeedrunPreset:
     eval_tasks: int
     eval_ppl_batches: int
     eval_decode_tokens: int
+    warmup_minutes: float = 1.0
     rl_mode: str = "async"
     rl_lr: float = 2e-5
     lr: float | None = None
@@ -60,7 +61,7 @@ PRESETS = {
                             pretrain_minutes=0.6, warmup_steps=8, sparse_steps=12, sparse_minutes=0.3, sft_steps=12,
                             sft_minutes=0.3, sft_examples=120, rl_steps=2, rl_group_size=4, rl_groups_per_step=2,
                             rl_train_tasks=24, rl_eval_tasks=12, rl_max_new_tokens=24, eval_tasks=12,
-                            eval_ppl_batches=2, eval_decode_tokens=16),
+                            eval_ppl_batches=2, eval_decode_tokens=16, warmup_minutes=0.3),
     "cpu": SpeedrunPreset(model="glm5-tiny", device="cpu", seq_len=256, batch_size=8, pretrain_steps=1500,
                           pretrain_minutes=12.0, warmup_steps=60, sparse_steps=300, sparse_minutes=3.0, sft_steps=400,
                           sft_minutes=4.0, sft_examples=2000, rl_steps=12, rl_group_size=8, rl_groups_per_step=4,
@@ -153,7 +154,8 @@ class Speedrun:
 
     def stage_indexer_warmup(self) -> dict:
         return self._train(out=str(self.stage_dir("indexer_warmup")), dsa="indexer-warmup",
-                           init_from=str(self.stage_dir("pretrain") / "hf"), max_steps=self.p.warmup_steps)
+                           init_from=str(self.stage_dir("pretrain") / "hf"), max_steps=self.p.warmup_steps,
+                           max_minutes=self.p.warmup_minutes)
 
     def stage_sparse(self) -> dict:
         return self._train(out=str(self.stage_dir("sparse")), dsa="sparse", max_steps=self.p.sparse_steps,
