@@ -33,7 +33,7 @@ _HELP = {
     "max_minutes": "time budget in minutes: the LR schedule runs on elapsed time and the run ends (checkpointed) at it",
     "dsa": "DSA stage: dense | indexer-warmup (only the indexer trains) | sparse",
     "mtp_depth": "MTP steps sharing the one MTP layer (GLM-5 trains 3)",
-    "bias_update_rate": "aux-loss-free router bias step γ (0 = off)",
+    "bias_update_rate": "aux-loss-free router bias step γ per optimiser step (default 0.01; DeepSeek-V3: 0.001; 0 = off)",
     "seq_balance_alpha": "sequence-level balance loss weight (0 = off)",
     "optimizer": "muon | adamw",
     "muon_split": "per-head Muon for the MLA up-projections (GLM-5 Muon Split)",

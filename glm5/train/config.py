@@ -73,7 +73,8 @@ class TrainConfig:
     # ---- objective ---------------------------------------------------------------------------------
     mtp_weight: float = 0.3
     mtp_depth: int = 1  # MTP steps sharing the one MTP layer (GLM-5 trains 3)
-    bias_update_rate: float = 1e-3  # aux-loss-free balancing γ (0 disables)
+    bias_update_rate: float = 1e-2  # aux-loss-free balancing γ (0 disables). DeepSeek-V3 used 1e-3 over ~10^5
+    # steps; runs of a few hundred steps need a faster rate to undo early routing collapse (see benchmarks/train.md)
     seq_balance_alpha: float = 0.0  # sequence-level balance loss weight (DeepSeek-V3: 1e-4); 0 = off
     dsa: str = "dense"  # "dense" | "indexer-warmup" | "sparse"
     indexer_loss_weight: float = 1.0

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +31,13 @@ def small_tokenizer_dir(small_tokenizer, tmp_path_factory):
     d = tmp_path_factory.mktemp("tokenizer")
     small_tokenizer.save_pretrained(d)
     return d
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests run small tensors: one intra-op thread is as fast on an idle box and does not collapse
+    when the two cores are shared (OpenMP spin-waiting under oversubscription). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
