@@ -42,6 +42,11 @@ _HELP = {
 }
 
 
+_CHOICES = {"dsa": ["dense", "indexer-warmup", "sparse"], "optimizer": ["muon", "adamw"],
+            "schedule": ["cosine", "wsd", "constant"], "muon_impl": ["auto", "glm5", "torch"],
+            "device": ["auto", "cpu", "cuda"]}
+
+
 def _base_type(tp):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -64,7 +69,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             kind = float if f.name == "adam_betas" else str
             p.add_argument(flag, dest=f.name, nargs="+", type=kind, default=None, help=h)
         else:
-            p.add_argument(flag, dest=f.name, type=tp if tp in (int, float) else str, default=None, help=h)
+            p.add_argument(flag, dest=f.name, type=tp if tp in (int, float) else str, default=None, help=h,
+                           choices=_CHOICES.get(f.name))
     p.add_argument("--config", help="a .toml or .json file of TrainConfig fields (flags override it)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model config field, e.g. --set num_hidden_layers=4 (value parsed as JSON)")

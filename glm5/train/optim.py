@@ -20,8 +20,10 @@ With FSDP2 the parameters, gradients and momentum are DTensors sharded on dim 0:
 on the shards, the Nesterov update is all-gathered for Newton–Schulz (every rank computes the same full
 update, as Moonlight's "distributed Muon" does) and each rank keeps its own shard of the result.
 
-``torch.optim.Muon`` (2-D only, bf16 Newton–Schulz, no DTensor) is used for plain matrices with
-``muon_impl="torch"``, and by ``"auto"`` on a single CUDA process.
+On plain matrices our update is bit-identical to ``torch.optim.Muon(adjust_lr_fn="match_rms_adamw")`` when
+Newton–Schulz runs in bf16 (tested). ``torch.optim.Muon`` itself (2-D only, bf16 Newton–Schulz, no DTensor)
+can take the plain matrices with ``muon_impl="torch"`` in a single CPU process; ``"auto"`` uses ours, because
+GPU runs go through FSDP2 (DTensor parameters) and CPU runs need fp32 Newton–Schulz.
 """
 
 from __future__ import annotations
@@ -189,9 +191,8 @@ def build_optimizers(model: nn.Module, *, kind: str = "muon", lr: float = 2e-3, 
             (adam_plain if (p.dim() < 2 or n.endswith("embed_tokens.weight")) else adam_decay).append(p)
         else:
             muon_params.append((n, p))
-    use_torch_muon = (muon_impl == "torch" or (muon_impl == "auto" and not distributed and torch.cuda.is_available()
-                                               and next(model.parameters()).is_cuda)) and hasattr(torch.optim, "Muon")
-    if muon_impl == "torch" and not hasattr(torch.optim, "Muon"):
+    use_torch_muon = muon_impl == "torch"
+    if use_torch_muon and not hasattr(torch.optim, "Muon"):
         raise RuntimeError("muon_impl='torch' but this torch has no torch.optim.Muon")
     if muon_impl == "torch" and distributed:
         raise RuntimeError("torch.optim.Muon cannot orthogonalise FSDP-sharded parameters; use muon_impl='glm5'")

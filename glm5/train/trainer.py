@@ -94,6 +94,7 @@ class Trainer:
         self.ckpt = Checkpointer(self.out, self.dist.rank, cfg.keep_checkpoints)
         self.metrics_path = self.out / "metrics.jsonl"
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self._t_start = time.time()  # reset by fit(); elapsed time = elapsed_before + time since _t_start
         self.last_val: dict | None = None
         self.resumed_from = None
         if cfg.resume:

@@ -164,3 +164,17 @@ def test_time_budget_drives_the_schedule(tmp_path, corpus_file, small_tokenizer_
     recs = [json.loads(l) for l in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in recs if r["kind"] == "train"]
     assert lrs[1] == pytest.approx(3e-3) and lrs[-1] < 0.5 * 3e-3  # warm-up, then decayed by the deadline
+
+
+def test_activation_checkpointing_gives_the_same_steps(tmp_path, corpus_file, small_tokenizer_dir):
+    runs = []
+    for ac in (False, True):
+        cfg = _config(tmp_path, corpus_file, small_tokenizer_dir, f"ac{ac}", max_steps=3, eval_every=0, export=False,
+                      plot=False, activation_checkpointing=ac, seq_balance_alpha=1e-3, mtp_depth=2)
+        t = Trainer(cfg)
+        recs = [t.train_step() for _ in range(3)]
+        t.close()
+        runs.append([(r["loss"], r["grad_norm"], r["balance"]["layers"]) for r in recs])
+    for a, b in zip(*runs):
+        assert a[0] == pytest.approx(b[0], rel=1e-6) and a[1] == pytest.approx(b[1], rel=1e-5)
+        assert a[2] == b[2]  # recomputation in backward is not counted as extra expert load
