@@ -52,13 +52,16 @@ class LightningIndexer(nn.Module):
         q = self.wq_b(q_resid).view(B, S, self.n_heads, self.head_dim)  # [B,S,Hi,D]
         q = self._rope_first(q, cos.unsqueeze(2), sin.unsqueeze(2)).float()
         w = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.n_heads ** -0.5  # [B,S,Hi]
-        kT = keys.float().transpose(1, 2).unsqueeze(1)  # [B,1,D,T]
+        kT = keys.float().transpose(1, 2)  # [B,D,T]
         scale = self.head_dim ** -0.5
         chunk = max(1, _SCORE_BLOCK_ELEMS // max(1, B * self.n_heads * T))
         out = []
         for s0 in range(0, S, chunk):
             s1 = min(S, s0 + chunk)
-            per_head = F.relu(torch.matmul(q[:, s0:s1], kT) * scale)  # [B,c,Hi,T]
+            c = s1 - s0
+            # one bmm over (query, head) rows: broadcasting a [B,1,D,T] key tensor would copy it per query
+            per_head = torch.bmm(q[:, s0:s1].reshape(B, c * self.n_heads, self.head_dim), kT)
+            per_head = F.relu(per_head.view(B, c, self.n_heads, T) * scale)  # [B,c,Hi,T]
             out.append(torch.matmul(w[:, s0:s1].unsqueeze(-2), per_head).squeeze(-2))  # [B,c,T]
         index_scores = torch.cat(out, dim=1) if len(out) > 1 else out[0]
         return index_scores.masked_fill(~visible, float("-inf"))

@@ -101,6 +101,8 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by group; group g (counts[g] rows) multiplies w[g]^T. x [M,in], w [G,out,in] -> [M,out]."""
+    if w.dtype != x.dtype:  # under autocast the activations arrive in bf16 while parameters stay fp32
+        w = w.to(x.dtype)
     if _grouped_mm_ok(x):
         return _ContiguousGrad.apply(torch._grouped_mm(x, w.transpose(-2, -1), offs=offs))
     # Sort-and-batch fallback: scatter rows into a [G, cap, in] buffer, one bmm, gather back.
