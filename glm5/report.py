@@ -170,7 +170,7 @@ def write_report(out: str | Path) -> Path:
             if isinstance(fv.get("val_loss"), (int, float)):
                 parts.append(f"val loss {fv['val_loss']:.3f}")
             if isinstance(fv.get("val_indexer_kl"), (int, float)):
-                parts.append(f"indexer KL {fv['val_indexer_kl']:.3f}")
+                parts.append(f"indexer KL {fv['val_indexer_kl']:.3g}")
             if isinstance(res.get("unigram_baseline"), (int, float)):
                 parts.append(f"unigram baseline {res['unigram_baseline']:.3f}")
             note = ", ".join(parts)
