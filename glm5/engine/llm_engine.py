@@ -36,7 +36,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes for the cache; default: room for max_num_seqs full sequences (CPU
     # capped at 4 GiB) or gpu_memory_utilization of the free GPU memory
     gpu_memory_utilization: float = 0.9
-    max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill size)
+    max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill size)
     enable_prefix_caching: bool = True
     num_speculative_tokens: int = 0  # MTP drafts per step (0 = off)
     dsa: str = "sparse"  # "sparse" (the model's DSA) or "dense"
