@@ -111,8 +111,9 @@ class MLAttention(nn.Module):
 
     # ---------------------------------------------------------------------------------------- engine path
     # The inference engine flattens the new tokens of many sequences into one row (x [1,N,H]) and passes a
-    # paged latent cache (glm5.model.cache: ``paged`` caches, PagedBatch / AttnGroup). Projections, norms
-    # and RoPE above are shared with the path above; only the cache write and the attention differ:
+    # paged latent cache (glm5.model.cache: ``paged`` caches, PagedBatch / AttnGroup). The projections, norms
+    # and RoPE are the same modules and math as ``forward``, on token-major tensors; what differs is the paged
+    # cache write and the attention:
     #   * absorbed groups (decode, MTP verification): MQA over the latent rows [c_kv ‖ k_pe] with the query
     #     folded through W_UK and the output through W_UV, never decompressing the history; with DSA only
     #     the indexer's top-k latent rows are gathered;
@@ -172,7 +173,8 @@ class MLAttention(nn.Module):
                             args = (xf[:, None], q_resid[:, None], cos[:, None], sin[:, None])
                         else:
                             args = (xf[qi], q_resid[qi], cos[qi], sin[qi])
-                        scores = self.indexer.scores(*args, gather_rows(cache.index_keys(self.layer_idx), g.kv_slots), g.visible)
+                        keys = gather_rows(cache.index_keys(self.layer_idx), g.kv_slots)  # [B,T,di]
+                        scores = self.indexer.scores(*args, keys, g.visible)
                         topk = self.indexer.select(scores)  # [B,S,k]
                     ctx.topk_indices[gi] = topk
                 else:
