@@ -321,13 +321,22 @@ def bench_dsa(args, results):
             best = min(best, clock() - t)
         return best
 
+    w_uk, w_uv = attn.absorbed_weights()
+    o_lat = torch.randn(h, 1, r)
+
+    @torch.inference_mode()
+    def projections():  # q_nope·W_UK and o_lat·W_UVᵀ: per-token work identical in both modes (58 MB of fp32 weights)
+        return torch.bmm(qn.reshape(1, h, -1).transpose(0, 1), w_uk), torch.bmm(o_lat, w_uv.transpose(1, 2))
+
     ts, td = timeit(sparse, args.repeats * 3), timeit(dense, args.repeats * 3)
+    tp = timeit(projections, args.repeats * 3)
     k, hi, di = cfg.index_topk, cfg.index_n_heads, cfg.index_head_dim
     flops_dense = 2 * h * T * ((r + dr) + r) + 2 * h * cfg.qk_nope_head_dim * r + 2 * h * r * cfg.v_head_dim
     flops_sparse = 2 * hi * di * T + 2 * hi * T + 2 * h * k * ((r + dr) + r) + 2 * h * cfg.qk_nope_head_dim * r \
         + 2 * h * r * cfg.v_head_dim
     row = dict(context=T, heads=h, kv_lora_rank=r, rope_dim=dr, index_heads=hi, index_dim=di, index_topk=k,
-               sparse_ms=ts * 1e3, dense_ms=td * 1e3, time_ratio=td / ts,
+               sparse_ms=ts * 1e3, dense_ms=td * 1e3, time_ratio=td / ts, absorbed_projections_ms=tp * 1e3,
+               time_ratio_excl_projections=(td - tp) / (ts - tp),
                sparse_gflop=flops_sparse / 1e9, dense_gflop=flops_dense / 1e9, flop_ratio=flops_dense / flops_sparse,
                bytes_read_sparse_mb=(T * di + k * (r + dr)) * 4 / 2**20, bytes_read_dense_mb=T * (r + dr) * 4 / 2**20)
     print(json.dumps(row), flush=True)
