@@ -231,6 +231,8 @@ class LLMEngine:
         # ---- sample / verify
         plain = [i for i, s in enumerate(items) if s.completes and not s.draft_ids]
         sampled: dict[int, tuple[list[int], list]] = {}
+        if logits is not None and any(s.completes and s.seq.params.min_tokens for s in items):
+            logits = self._mask_min_tokens(logits, items, row_of, nrows)
         if plain:
             rows = torch.tensor([row_of[i] for i in plain], dtype=torch.long, device=logits.device)
             toks, lps = self.sampler(logits[rows], [items[i].seq.params for i in plain],
@@ -297,6 +299,20 @@ class LLMEngine:
             else:
                 outs.append(self._make_output(req, delta))
         return outs
+
+    def _mask_min_tokens(self, logits, items, row_of, nrows):
+        """min_tokens: EOS and stop ids cannot be chosen before the output has min_tokens tokens (as vLLM). Rows
+        of one sequence are consecutive output positions (a sampled token, or the MTP verification rows)."""
+        logits = logits.clone()
+        for i, s in enumerate(items):
+            p = s.seq.params
+            if not s.completes or not p.min_tokens:
+                continue
+            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_ids))
+            for j in range(nrows[i]):
+                if s.seq.num_output_tokens + j < p.min_tokens and banned:
+                    logits[row_of[i] + j, banned] = float("-inf")
+        return logits
 
     def _max_drafts(self, seq: Sequence) -> int:
         p = seq.params

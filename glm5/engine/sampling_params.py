@@ -11,8 +11,8 @@ class SamplingParams:
 
     temperature: 0 (< 1e-5) = greedy (argmax); otherwise logits / temperature.
     top_p: nucleus sampling (1.0 = off). top_k: keep the k most likely tokens (0 or -1 = off).
-    max_tokens: generated tokens at most (None = until max_model_len). min_tokens: EOS/stop ids are
-        ignored before this many tokens.
+    max_tokens: generated tokens at most (None = until max_model_len). min_tokens: EOS and stop ids cannot be
+        sampled before this many tokens (their logits are masked; so are the logprobs of those positions).
     stop: strings that end generation (needs a tokenizer); the text is cut before the match unless
         ``include_stop_str_in_output``. stop_token_ids: extra ids that end generation (kept in token_ids).
     ignore_eos: do not stop on the model's EOS ids.

@@ -88,7 +88,7 @@ def test_finish_reasons_stop_ids_eos_and_length(nano):
     assert o.token_ids == ref[: ref.index(ref[2]) + 1] and o.finish_reason == "stop"
     eng.add_request(p, SamplingParams(temperature=0, max_tokens=12, min_tokens=8), request_id="y")
     o = _run_all(eng)["y"].outputs[0]
-    assert len(o.token_ids) >= 8
+    assert len(o.token_ids) >= 8 and ref[2] not in o.token_ids[:8]  # masked, not merely ignored
     # max_model_len ends a request with "length"
     o = LLM(nano, max_model_len=20).generate([p], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
     assert o[0].outputs[0].finish_reason == "length" and len(o[0].outputs[0].token_ids) == 6

@@ -115,3 +115,16 @@ def test_model_without_mtp_rejects_speculation():
     with pytest.raises(ValueError):
         LLM(m, num_speculative_tokens=2)
     assert LLM(m).generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0].outputs[0].token_ids
+
+
+def test_spec_respects_stop_ids_and_min_tokens(nano):
+    p = prompts([15], seed=25)[0]
+    ref = ref_greedy(nano, p, 12)
+    stop = ref[3]
+    for sp in (SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop]),
+               SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop], min_tokens=6)):
+        plain = LLM(nano).generate([p], sp)[0].outputs[0]
+        spec = LLM(nano, num_speculative_tokens=3).generate([p], sp)[0].outputs[0]
+        assert plain.token_ids == spec.token_ids and plain.finish_reason == spec.finish_reason
+    assert LLM(nano).generate([p], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop]))[0] \
+        .outputs[0].token_ids == ref[: ref.index(stop) + 1]
