@@ -248,7 +248,8 @@ def rl_config(a, out: str, mode: str, steps: int, *, eval_: bool, reward: str = 
         manager={"mode": mode, "num_steps": steps, "groups_per_step": a.groups,
                  "tau": a.tau if mode == "async" else None, "max_inflight_groups": a.inflight_groups},
         rollout={"max_new_tokens": a.max_new_tokens, "reward": reward, "temperature": 1.0},
-        trainer={"lr": a.rl_lr, "optimizer": "adamw", "loss": {"eps_low": 0.2, "eps_high": 0.28}},
+        trainer={"lr": a.rl_lr, "optimizer": "adamw", "loss": {"eps_low": 0.2, "eps_high": 0.28},
+                 "updates_per_batch": a.updates_per_batch},
         placement=placement, max_num_seqs=max(64, a.inflight_groups * a.group_size), max_model_len=256,
         eval_before=eval_, eval_after=eval_, save=eval_, progress=False,
         train_threads=threads or a.threads, rollout_threads=threads or a.threads)
@@ -288,32 +289,54 @@ def stage_accept(a) -> dict:
     return results
 
 
+THROUGHPUT_PLAN = [
+    # (name, mode, placement, threads per process, overrides)
+    ("sync/colocate/2t", "sync", "colocate", 2, {}),
+    ("sync/process/1t", "sync", "process", 1, {}),
+    ("sync/process/1t/oversample", "sync", "process", 1, {"over_sampling": 8}),
+    ("one-step-off/process/1t", "one-step-off", "process", 1, {}),
+    ("async/process/1t", "async", "process", 1, {}),
+    ("async/process/1t/inflight32", "async", "process", 1, {"max_inflight_groups": 32}),
+    ("async/process/1t/inflight48", "async", "process", 1, {"max_inflight_groups": 48}),
+]
+
+
 def stage_throughput(a) -> dict:
+    """Every configuration of THROUGHPUT_PLAN, ``repeats`` times, interleaved (so load changes on the shared box hit
+    all of them alike); medians of trained samples per wall-clock second."""
     from glm5.rl.runner import run_rl
 
     runs: dict[str, list] = {}
-    plan = [(m, p, th) for m, p, th in (("sync", "colocate", 2), ("sync", "process", 1), ("one-step-off", "process", 1),
-                                       ("async", "process", 1))]
+    only = set(a.tp_only.split(",")) if a.tp_only else None
     for rep in range(a.repeats):
-        for mode, placement, threads in plan:
-            key = f"{mode}/{placement}/{threads}t"
-            out = str(Path(a.out) / "throughput" / f"{mode}_{placement}_{threads}t_r{rep}")
-            s = run_rl(rl_config(a, out, mode, a.tp_steps, eval_=False, seed=10 + rep, n_eval=0, threads=threads,
-                                 placement=placement))
+        for key, mode, placement, threads, over in THROUGHPUT_PLAN:
+            if only and key not in only:
+                continue
+            out = str(Path(a.out) / "throughput" / f"{key.replace('/', '_')}_r{rep}")
+            cfg = rl_config(a, out, mode, a.tp_steps, eval_=False, seed=10 + rep, n_eval=0, threads=threads,
+                            placement=placement)
+            for k, v in over.items():
+                setattr(cfg.manager, k, v)
+            cfg.max_num_seqs = max(cfg.max_num_seqs, cfg.manager.max_inflight_groups * a.group_size,
+                                   (a.groups + cfg.manager.over_sampling) * a.group_size)
+            load0 = os.getloadavg()[0]
+            s = run_rl(cfg)
             r = s["run"]
             rec = {"samples_per_s": r["samples_per_s"], "elapsed_s": r["elapsed_s"],
                    "trainer_idle_frac": r["trainer_idle_frac"], "generated_samples_per_s": r["generated_samples_per_s"],
-                   "staleness_hist": r["buffer"]["staleness_hist"], "load_avg": os.getloadavg()[0]}
+                   "staleness_hist": r["buffer"]["staleness_hist"], "load_avg_before": load0,
+                   "load_avg_after": os.getloadavg()[0]}
             runs.setdefault(key, []).append(rec)
-            log(f"  {key} rep {rep}: {r['samples_per_s']:.2f} samples/s, idle {100 * r['trainer_idle_frac']:.0f}%, "
-                f"load {rec['load_avg']:.1f}")
+            log(f"  {key} rep {rep}: {r['samples_per_s']:.2f} trained samples/s, {r['generated_samples_per_s']:.2f} "
+                f"generated/s, trainer idle {100 * r['trainer_idle_frac']:.0f}%, load {load0:.1f}")
     med = {k: statistics.median(x["samples_per_s"] for x in v) for k, v in runs.items()}
-    best_sync = max(v for k, v in med.items() if k.startswith("sync"))
-    res = {"runs": runs, "median_samples_per_s": med, "async_over_best_sync": med["async/process/1t"] / best_sync,
-           "one_step_off_over_best_sync": med["one-step-off/process/1t"] / best_sync}
+    syncs = {k: v for k, v in med.items() if k.startswith("sync")}
+    best_sync_key = max(syncs, key=syncs.get) if syncs else None
+    res = {"runs": runs, "median_samples_per_s": med, "best_sync": best_sync_key,
+           "ratios_over_best_sync": {k: v / syncs[best_sync_key] for k, v in med.items()} if syncs else {}}
     (Path(a.out) / "throughput.json").write_text(json.dumps(res, indent=2))
-    log(f"median samples/s: {json.dumps({k: round(v, 2) for k, v in med.items()})}; "
-        f"async / best sync = {res['async_over_best_sync']:.2f}x")
+    log(f"median trained samples/s: {json.dumps({k: round(v, 2) for k, v in med.items()})}")
+    log(f"over the best sync ({best_sync_key}): {json.dumps({k: round(v, 2) for k, v in res['ratios_over_best_sync'].items()})}")
     return res
 
 
@@ -346,8 +369,10 @@ def main():
     p.add_argument("--mode", default="async", choices=["sync", "one-step-off", "async"])
     p.add_argument("--dynamic-sampling", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--eval-sampled", type=int, default=4, help="samples per held-out task for the T=1 evaluation")
-    p.add_argument("--tp-steps", type=int, default=12)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--tp-steps", type=int, default=20)
+    p.add_argument("--updates-per-batch", type=int, default=1, help="optimiser steps per rollout batch")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tp-only", default="", help="comma list of THROUGHPUT_PLAN names to run")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     Path(a.out).mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,7 @@ def add_parser(sub) -> None:
     g.add_argument("--system", default=None)
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-model-len", type=int, default=1024)
+    g.add_argument("--max-num-batched-tokens", type=int, default=4096, help="engine prefill tokens per step")
     g = p.add_argument_group("loss")
     g.add_argument("--loss", choices=["ppo", "gspo", "ddis", "cispo", "reinforce"], default="ppo")
     g.add_argument("--advantage", choices=["grpo", "mean", "rloo", "none"], default="grpo")
@@ -126,7 +127,7 @@ def config_from_args(a):
                     placement=a.placement, weight_sync=a.weight_sync, dist_backend=a.dist_backend,
                     rollout_threads=a.rollout_threads, train_threads=a.train_threads, device=a.device,
                     rollout_device=a.rollout_device, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
-                    eval_before=not a.no_eval, eval_after=not a.no_eval, eval_every=a.eval_every, eval_sampled=a.eval_sampled,
+                    max_num_batched_tokens=a.max_num_batched_tokens, eval_before=not a.no_eval, eval_after=not a.no_eval, eval_every=a.eval_every, eval_sampled=a.eval_sampled,
                     save=not a.no_save,
                     progress=not a.no_progress, ray_address=a.ray_address, ray_num_gpus=a.ray_num_gpus)
 

@@ -62,6 +62,7 @@ class RLConfig:
     rollout_device: str = "cpu"
     max_num_seqs: int = 64
     max_model_len: int = 1024
+    max_num_batched_tokens: int = 4096  # engine prefill budget per step (RL re-prefills after every weight push)
     eval_sampled: int = 0  # also evaluate sampled (T = rollout temperature) accuracy with this many samples per task
     eval_before: bool = True
     eval_after: bool = True
@@ -97,8 +98,13 @@ def _threads(cfg: RLConfig) -> tuple[int, int]:
     return cfg.train_threads or half, cfg.rollout_threads or max(1, n - half)
 
 
+def _engine_kwargs(cfg: RLConfig) -> dict:
+    return {"max_num_seqs": cfg.max_num_seqs, "max_model_len": cfg.max_model_len,
+            "max_num_batched_tokens": cfg.max_num_batched_tokens}
+
+
 def make_client(cfg: RLConfig, policy, tokenizer, rollout_threads: int):
-    ek = {"max_num_seqs": cfg.max_num_seqs, "max_model_len": cfg.max_model_len}
+    ek = _engine_kwargs(cfg)
 
     def make_prompt(task):
         tools = None
@@ -148,7 +154,7 @@ def run_rl(cfg: RLConfig) -> dict:
     save_tasks(train_tasks, out / "train_tasks.jsonl")
     save_tasks(held, out / "eval_tasks.jsonl")
     (out / "rl_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
-    ek = {"max_num_seqs": cfg.max_num_seqs, "max_model_len": cfg.max_model_len}
+    ek = _engine_kwargs(cfg)
     summary: dict = {"config": cfg.to_dict()}
     def evaluate_all(tag: str) -> None:
         t = time.perf_counter()
