@@ -298,7 +298,12 @@ THROUGHPUT_PLAN = [
     ("async/process/1t", "async", "process", 1, {}),
     ("async/process/1t/inflight32", "async", "process", 1, {"max_inflight_groups": 32}),
     ("async/process/1t/inflight48", "async", "process", 1, {"max_inflight_groups": 48}),
+    # the trainer idles ~70% of the time even in async mode, so give the rollout process the second core
+    # too (3 threads on 2 cores; OMP_WAIT_POLICY=PASSIVE keeps the idle trainer thread from spinning)
+    ("async/process/rollout2t", "async", "process", 1, {"rollout_threads": 2}),
+    ("sync/process/rollout2t", "sync", "process", 1, {"rollout_threads": 2}),
 ]
+RUN_LEVEL_KEYS = ("rollout_threads", "train_threads")  # overrides that set RLConfig fields, not manager fields
 
 
 def stage_throughput(a) -> dict:
@@ -316,7 +321,7 @@ def stage_throughput(a) -> dict:
             cfg = rl_config(a, out, mode, a.tp_steps, eval_=False, seed=10 + rep, n_eval=0, threads=threads,
                             placement=placement)
             for k, v in over.items():
-                setattr(cfg.manager, k, v)
+                setattr(cfg if k in RUN_LEVEL_KEYS else cfg.manager, k, v)
             cfg.max_num_seqs = max(cfg.max_num_seqs, cfg.manager.max_inflight_groups * a.group_size,
                                    (a.groups + cfg.manager.over_sampling) * a.group_size)
             load0 = os.getloadavg()[0]

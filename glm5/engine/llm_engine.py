@@ -236,7 +236,8 @@ class LLMEngine:
         if plain:
             rows = torch.tensor([row_of[i] for i in plain], dtype=torch.long, device=logits.device)
             toks, lps = self.sampler(logits[rows], [items[i].seq.params for i in plain],
-                                     [items[i].seq.generator for i in plain])
+                                     [items[i].seq.generator for i in plain],
+                                     [items[i].seq.output_token_ids for i in plain])
             for j, i in enumerate(plain):
                 sampled[i] = ([toks[j]], [lps[j]])
         for i, s in enumerate(items):
@@ -316,6 +317,8 @@ class LLMEngine:
 
     def _max_drafts(self, seq: Sequence) -> int:
         p = seq.params
+        if p.logits_processors:  # processors see one position at a time; verification would bypass them
+            return 0
         left = self.max_model_len - seq.num_tokens
         if p.max_tokens is not None:
             left = min(left, p.max_tokens - seq.num_output_tokens)

@@ -74,11 +74,34 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], num_top: list[int | 
     return out
 
 
+def apply_logits_processors(logits: torch.Tensor, params: list[SamplingParams],
+                            outputs: list[list[int]]) -> torch.Tensor:
+    """Row i's ``params[i].logits_processors`` applied in order to ``logits[i]`` given that sequence's output ids
+    so far. Returns ``logits`` itself when no row has processors, else an fp32 copy."""
+    rows = [i for i, p in enumerate(params) if p.logits_processors]
+    if not rows:
+        return logits
+    out = logits.float().clone()
+    for i in rows:
+        for proc in params[i].logits_processors:
+            row = proc(outputs[i], out[i])
+            if row is None or row.shape != out[i].shape:
+                raise ValueError(f"a logits processor returned {None if row is None else tuple(row.shape)}, "
+                                 f"expected a tensor of shape {tuple(out[i].shape)}")
+            out[i] = row
+    return out
+
+
 class Sampler:
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], generators: list):
-        """logits [M,V] -> (tokens list[int], logprobs list[dict | None])."""
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], generators: list,
+                 outputs: list[list[int]] | None = None):
+        """logits [M,V] -> (tokens list[int], logprobs list[dict | None]). ``outputs`` (each row's output ids so
+        far) is what logits processors see; logprobs are taken from the unprocessed logits."""
+        raw = logits
+        if outputs is not None:
+            logits = apply_logits_processors(logits, params, outputs)
         if all(p.greedy for p in params):
             tokens = logits.argmax(-1).tolist()
         else:
             tokens = sample_rows(processed_probs(logits, params), params, generators)
-        return tokens, token_logprobs(logits, tokens, [p.logprobs for p in params])
+        return tokens, token_logprobs(raw, tokens, [p.logprobs for p in params])

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
 
 
 @dataclass
@@ -22,6 +25,10 @@ class SamplingParams:
         ``logprobs`` most likely alternatives (0 = only the sampled token, None = none).
     n: completions per prompt.
     skip_special_tokens: drop special added tokens from the text (GLM-5's think/tool tags are not special).
+    logits_processors: callables ``(output_token_ids, logits[V]) -> logits[V]`` (vLLM v0's signature) applied in
+        order to the sequence's next-token logits before temperature/top-k/top-p; logprobs stay those of the raw
+        model distribution. Used for grammars (JSON mode, forced tool calls), logit_bias and penalties. A
+        sequence with processors is decoded one token per step (MTP drafts are never proposed for it).
     """
 
     n: int = 1
@@ -37,6 +44,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    logits_processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] | None = None
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -59,6 +67,9 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        self.logits_processors = list(self.logits_processors or []) or None
+        if self.logits_processors and not all(callable(f) for f in self.logits_processors):
+            raise ValueError("logits_processors must be callables (output_token_ids, logits) -> logits")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
 

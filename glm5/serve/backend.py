@@ -14,9 +14,9 @@ The server makes exactly these calls (:class:`Backend`):
 
 ``logits_processors`` are ``(output_token_ids, logits[V]) -> logits`` callables (vLLM v0's signature),
 used for ``json_object``, required/named ``tool_choice``, ``tool_choice: none``, ``logit_bias`` and the
-penalties. The engine's ``SamplingParams`` has no such field yet, so :class:`EngineBackend` installs a
-sampler wrapper (:class:`_ProcessorSampler`) that applies them per row before sampling; log-probabilities
-stay those of the raw model distribution, as in vLLM.
+penalties. They travel in ``SamplingParams.logits_processors``; the engine's sampler applies them per
+sequence (each of the n completions sees its own output ids) and reports log-probabilities of the raw model
+distribution, as vLLM does. With MTP speculation on, such sequences simply decode without drafts.
 """
 
 from __future__ import annotations
@@ -36,10 +36,6 @@ log = logging.getLogger("glm5.serve")
 
 LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
 
-# temperature used in place of 0 for greedy requests with processors and n > 1, so that every completion
-# has its own RNG stream and the sampler wrapper can tell the rows apart (argmax up to exact ties)
-_NEAR_GREEDY = 1e-5
-
 
 class QueueFullError(Exception):
     """The engine cannot take more requests now (HTTP 429)."""
@@ -52,7 +48,6 @@ class Backend:
     max_model_len: int
     vocab_size: int
     model_path: str = ""
-    supports_logits_processors: bool = True
 
     async def start(self) -> None:  # pragma: no cover - interface
         pass
@@ -75,48 +70,6 @@ class Backend:
         return True
 
 
-class _ProcessorSampler:
-    """Wraps the engine's sampler: rows whose params carry processors get them applied first.
-
-    The row -> sequence mapping uses the per-sequence RNG (each sampled sequence owns one generator); a
-    greedy request with processors has n == 1 (or is made near-greedy, see ``_NEAR_GREEDY``)."""
-
-    def __init__(self, engine, inner):
-        self.engine = engine
-        self.inner = inner
-
-    def _seq(self, params, generator):
-        rid = getattr(params, "_serve_request_id", None)
-        req = self.engine.requests.get(rid)
-        if req is None:
-            return None
-        if len(req.seqs) == 1:
-            return req.seqs[0]
-        for s in req.seqs:
-            if s.generator is generator:
-                return s
-        return None
-
-    def __call__(self, logits: torch.Tensor, params: list, generators: list):
-        rows = [i for i, p in enumerate(params) if getattr(p, "_serve_processors", None)]
-        if not rows:
-            return self.inner(logits, params, generators)
-        from glm5.engine.sampler import processed_probs, sample_rows, token_logprobs
-
-        raw = logits
-        logits = logits.float().clone()
-        for i in rows:
-            seq = self._seq(params[i], generators[i])
-            out_ids = seq.output_token_ids if seq is not None else []
-            for proc in params[i]._serve_processors:
-                logits[i] = proc(out_ids, logits[i])
-        if all(p.greedy for p in params):
-            tokens = logits.argmax(-1).tolist()
-        else:
-            tokens = sample_rows(processed_probs(logits, params), params, generators)
-        return tokens, token_logprobs(raw, tokens, [p.logprobs for p in params])
-
-
 class EngineBackend(Backend):
     """:class:`Backend` over ``glm5.engine.AsyncLLM``."""
 
@@ -130,10 +83,6 @@ class EngineBackend(Backend):
         self.vocab_size = int(self.engine.model.config.vocab_size)
         self.model_path = model_path
         self.num_speculative_tokens = int(getattr(self.engine, "k", 0) or 0)
-        # processors are applied by the sampler; MTP verification does not go through it
-        self.supports_logits_processors = self.num_speculative_tokens == 0
-        if not isinstance(self.engine.sampler, _ProcessorSampler):
-            self.engine.sampler = _ProcessorSampler(self.engine, self.engine.sampler)
 
     @classmethod
     def from_pretrained(cls, model_dir: str, **engine_kwargs) -> "EngineBackend":
@@ -148,10 +97,7 @@ class EngineBackend(Backend):
                        logits_processors: list[LogitsProcessor] | None = None) -> AsyncIterator[RequestOutput]:
         procs = [p for p in (logits_processors or []) if p is not None]
         if procs:
-            if params.greedy and params.n > 1:
-                params = dataclasses.replace(params, temperature=_NEAR_GREEDY)
-            params._serve_processors = procs  # read by _ProcessorSampler
-            params._serve_request_id = request_id
+            params = dataclasses.replace(params, logits_processors=list(params.logits_processors or []) + procs)
         agen = self.llm.generate(list(prompt_token_ids), params, request_id=request_id)
         try:
             async for out in agen:

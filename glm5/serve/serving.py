@@ -285,8 +285,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
     procs = _common_processors(state, req, params.temperature)
     grammar = None
     parse_tool_calls = bool(tools) and choice != "none"
-    if tools and choice == "none" and state.ids[st.TOOL_CALL_START] is not None \
-            and state.backend.supports_logits_processors:  # (without processors: just not parsed)
+    if tools and choice == "none" and state.ids[st.TOOL_CALL_START] is not None:
         procs.append(ban_tokens([state.ids[st.TOOL_CALL_START]]))
     if req.response_format is not None and req.response_format.type == "json_schema":
         raise bad_request("response_format json_schema is not supported; use json_object",
@@ -302,17 +301,10 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
         except ValueError as e:
             raise bad_request(str(e), param="tool_choice") from None
     if grammar is not None:
-        if not state.backend.supports_logits_processors:
-            raise bad_request("constrained decoding (json_object, required/named tool_choice) is not available "
-                              "with speculative decoding on this server", param="tool_choice",
-                              code="unsupported_value")
         if grammar.min_close(grammar.start()) > max_tokens:
             raise bad_request(f"max_tokens={max_tokens} is too small for the constrained output "
                               f"(needs at least {grammar.min_close(grammar.start())})", param="max_tokens")
         procs.append(ConstrainedLogitsProcessor(grammar, max_tokens))
-    if procs and not state.backend.supports_logits_processors and grammar is None:
-        raise bad_request("logit_bias, penalties, min_p and tool_choice none need logits processors, which this "
-                          "server cannot apply with speculative decoding", code="unsupported_value")
     return Prepared(
         request_id=req.request_id or f"chatcmpl-{uuid.uuid4().hex}", model=model, prompts=[ids],
         prompt_texts=[prompt], params=params, processors=procs, opens_reasoning=opens, tools=tools,
@@ -342,9 +334,6 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Prepared:
     max_tokens = min(_check_context(state, len(ids), req.max_tokens, "prompt") for ids in prompts)
     params = _sampling(state, req, max_tokens=max_tokens, logprobs=req.logprobs, stop_ids=[])
     procs = _common_processors(state, req, params.temperature)
-    if procs and not state.backend.supports_logits_processors:
-        raise bad_request("logit_bias, penalties and min_p are not available with speculative decoding",
-                          code="unsupported_value")
     return Prepared(request_id=req.request_id or f"cmpl-{uuid.uuid4().hex}", model=model, prompts=prompts,
                     prompt_texts=texts, params=params, processors=procs, top_logprobs=req.logprobs,
                     extra={"echo": req.echo})

@@ -143,3 +143,65 @@ def test_invalid_requests_are_rejected(nano):
     with pytest.raises(ValueError):
         SamplingParams(top_p=0)
     assert not llm.engine.has_unfinished_requests()
+
+
+class _Ban:
+    """Logits processor that forbids a fixed set of tokens and records the output ids it was shown."""
+
+    def __init__(self, banned):
+        self.banned = list(banned)
+        self.seen: list[list[int]] = []
+
+    def __call__(self, out_ids, logits):
+        self.seen.append(list(out_ids))
+        logits = logits.clone()
+        logits[self.banned] = float("-inf")
+        return logits
+
+
+@pytest.mark.parametrize("spec", [0, 3])
+def test_logits_processors_steer_sampling_but_not_logprobs(nano, spec):
+    p = prompts([9], seed=21)[0]
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+    plain = LLM(nano).generate([p], sp)[0].outputs[0]
+    ban = _Ban(set(plain.token_ids))  # every token the unconstrained greedy run chose
+    llm = LLM(nano, num_speculative_tokens=spec)
+    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0,
+                                           logits_processors=[ban]))[0].outputs[0]
+    assert not set(out.token_ids) & set(plain.token_ids)
+    # the processor saw the growing output, one position per step (no speculative drafts for this sequence)
+    assert ban.seen == [out.token_ids[:i] for i in range(6)]
+    # greedy over the processed logits == the reference model's argmax with the banned ids removed,
+    # while the reported logprobs are the raw model's
+    toks = list(p)
+    for t, lp in zip(out.token_ids, out.logprobs):
+        with torch.no_grad():
+            logits = nano(torch.tensor([toks])).logits[0, -1].float()
+        ref = torch.log_softmax(logits, -1)
+        logits[ban.banned] = float("-inf")
+        assert t == int(logits.argmax())
+        assert abs(lp[t] - float(ref[t])) < 1e-4
+        toks.append(t)
+
+
+def test_logits_processors_see_each_completions_own_output(nano):
+    p = prompts([7], seed=22)[0]
+    seen = {}
+
+    def record(out_ids, logits):
+        seen.setdefault(len(out_ids), []).append(tuple(out_ids))
+        return logits
+
+    out = LLM(nano).generate([p], SamplingParams(temperature=1.5, n=3, seed=1, max_tokens=5, ignore_eos=True,
+                                                 logits_processors=[record]))[0]
+    comps = [tuple(c.token_ids) for c in out.outputs]
+    for i in range(5):
+        assert sorted(seen[i]) == sorted(c[:i] for c in comps)
+
+
+def test_bad_logits_processors_are_rejected(nano):
+    with pytest.raises(ValueError, match="callables"):
+        SamplingParams(logits_processors=[3])
+    with pytest.raises(ValueError, match="expected a tensor of shape"):
+        LLM(nano).generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=2,
+                                                      logits_processors=[lambda ids, lg: lg[:5]]))
