@@ -8,9 +8,11 @@ integer tensors in. Padding rows use the reserved null block 0. With keys padded
 DSA always runs the indexer and gathers the top-k rows, which is exact for short sequences too (every
 visible key has a finite score and is selected).
 
-If a capture fails (an op that synchronises with the host: e.g. ``torch.bincount`` / ``.item()`` in the MoE
-routing of glm5/model/moe.py make MoE layers uncapturable today), graphs are switched off for the engine
-and decode runs eagerly; the engine output is the same either way. Untested on a GPU so far.
+MoE routing is written to be capturable: expert counts come from a fixed-size ``scatter_add``
+(``glm5.model.moe.expert_counts``), not ``torch.bincount``, and the grouped GEMM takes its offsets on the
+device. The padded-bmm fallback (used where ``torch._grouped_mm`` is unavailable, e.g. fp32 on CUDA) sizes
+its buffer with ``.item()`` and cannot be captured. If a capture fails for any such reason, graphs are
+switched off for the engine and decode runs eagerly; the output is the same either way. Not yet run on a GPU.
 """
 
 from __future__ import annotations

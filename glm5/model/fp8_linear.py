@@ -236,15 +236,18 @@ class FP8Experts(_KeepFP8Dtype, nn.Module):
         up = dequantize_block(gu[:, I:], gus[:, rb:], dtype=dtype)
         return torch.cat([gate, up], dim=1), dequantize_block(dn, dns, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, impl: str = "grouped") -> torch.Tensor:
-        """x [N,H], ids/weights [N,k] -> [N,H]; only experts that received tokens are dequantised."""
-        from glm5.model.moe import grouped_linear
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, impl: str = "grouped",
+                counts: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N,H], ids/weights [N,k] -> [N,H]; only experts that received tokens are dequantised (which needs
+        the active set on the host, so this path is not CUDA-graph capturable)."""
+        from glm5.model.moe import expert_counts, grouped_linear
 
         emulate = self.mode == "emulate"
         N, k = ids.shape
         flat = ids.reshape(-1)
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts)
+        if counts is None:
+            counts = expert_counts(ids, self.n_experts)
         active = counts.nonzero().squeeze(1)
         c_act = counts[active]
         offs = c_act.cumsum(0).to(torch.int32)

@@ -78,6 +78,14 @@ class Router(nn.Module):
         return self
 
 
+def expert_counts(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert: ids [N,k] -> [E] int64. A fixed-size scatter_add rather than
+    ``torch.bincount``, whose output size depends on the data and so synchronises with the host on CUDA
+    (which would make MoE layers impossible to capture in a CUDA graph)."""
+    flat = ids.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 class _ContiguousGrad(torch.autograd.Function):
     # torch._grouped_mm's CPU backward rejects broadcast (stride-0) incoming gradients.
     @staticmethod
@@ -124,14 +132,17 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, intermediate))
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, impl: str = "grouped") -> torch.Tensor:
-        """x [N,H], ids/weights [N,k] -> [N,H]. Per-slot outputs are weighted and summed over k in fp32."""
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, impl: str = "grouped",
+                counts: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N,H], ids/weights [N,k] -> [N,H]. Per-slot outputs are weighted and summed over k in fp32.
+        ``counts`` ([E], from :func:`expert_counts`) may be passed in when the caller already has it."""
         if impl == "reference":
             return self._reference(x, ids, weights)
         N, k = ids.shape
         flat = ids.reshape(-1)  # [N*k] expert of each (token, slot)
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts)
+        if counts is None:
+            counts = expert_counts(ids, self.n_experts)
         offs = counts.cumsum(0).to(torch.int32)
         xs = x[order // k]  # [N*k,H] tokens grouped by expert
         gate, up = grouped_linear(xs, self.gate_up_proj, counts, offs).chunk(2, dim=-1)
@@ -164,15 +175,21 @@ class MoE(nn.Module):
         self.experts_impl = "grouped"
         # Set by each forward, read by the trainer for aux-loss-free balancing and load logging.
         self.last_expert_load: torch.Tensor | None = None  # [E] tokens routed to each expert
-        self.last_router_scores: torch.Tensor | None = None  # [N,E] sigmoid scores (for sequence balance loss)
+        self._last_router_logits: torch.Tensor | None = None
+
+    @property
+    def last_router_scores(self) -> torch.Tensor | None:
+        """[N,E] sigmoid router scores of the last forward (with grad; for the sequence balance loss)."""
+        return None if self._last_router_logits is None else self._last_router_logits.sigmoid()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         logits, weights, ids = self.gate(flat)
-        self.last_expert_load = torch.bincount(ids.reshape(-1), minlength=self.n_experts).detach()
-        self.last_router_scores = logits.sigmoid()
-        y = self.experts(flat, ids, weights, impl=self.experts_impl).view(shape)
+        load = expert_counts(ids, self.n_experts)
+        self.last_expert_load = load.detach()
+        self._last_router_logits = logits
+        y = self.experts(flat, ids, weights, impl=self.experts_impl, counts=load).view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y

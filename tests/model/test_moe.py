@@ -81,3 +81,14 @@ def test_expert_load_recorded():
         m(x)
     for _, moe in m.moe_layers()[:-1]:  # the MTP layer did not run
         assert moe.last_expert_load.sum().item() == 40 * m.config.num_experts_per_tok
+
+
+def test_expert_counts_match_bincount():
+    from glm5.model.moe import expert_counts
+
+    g = torch.Generator().manual_seed(0)
+    for n, k, e in ((1, 4, 32), (7, 2, 8), (64, 8, 256)):
+        ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)])
+        c = expert_counts(ids, e)
+        assert c.shape == (e,) and c.dtype == torch.long
+        assert torch.equal(c, torch.bincount(ids.reshape(-1), minlength=e))
