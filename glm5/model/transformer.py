@@ -130,16 +130,20 @@ class GLM5ForCausalLM(nn.Module):
         return CausalLMOutput(logits=self.lm_head(h), hidden_states=hidden, aux_losses=ctx.aux_losses, cache=cache)
 
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, position_ids: torch.Tensor,
-                    mask: torch.Tensor, cache=None, dsa: str = "sparse") -> tuple[torch.Tensor, torch.Tensor]:
+                    mask: torch.Tensor, cache=None, dsa: str = "sparse", indexer_loss: str | None = None,
+                    aux_losses: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP step. hidden [B,S,H] = h^{d-1} at positions t; next_ids [B,S] = tokens x_{t+d}.
-        Returns (logits [B,S,V] predicting x_{t+d+1}, h^d [B,S,H])."""
+        Returns (logits [B,S,V] predicting x_{t+d+1}, h^d [B,S,H]). With ``indexer_loss`` (training), the MTP
+        layer's indexer KL is appended to ``aux_losses``."""
         mtp = self.model.mtp
         if mtp is None:
             raise ValueError("this model has no MTP layer (num_nextn_predict_layers = 0)")
-        ctx = AttentionContext(mask=mask, cache=cache, dsa=dsa)
+        ctx = AttentionContext(mask=mask, cache=cache, dsa=dsa, indexer_loss=indexer_loss)
         emb = self.model.embed_tokens(next_ids)
         rope = self.model.rotary(position_ids, emb.dtype)
         h = mtp.step(emb, hidden, rope, ctx)
+        if aux_losses is not None:
+            aux_losses.extend(ctx.aux_losses)
         return self.lm_head(mtp.shared_head.norm(h)), h
 
     # -------------------------------------------------------------------------------- utilities

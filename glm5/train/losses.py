@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from glm5.data.loader import IGNORE_INDEX, Batch
-from glm5.model.cache import AttentionContext, build_attention_mask
+from glm5.model.cache import build_attention_mask
 from glm5.train.balance import sequence_balance_loss
 
-__all__ = ["LossConfig", "stage_modes", "mtp_inputs", "count_targets", "compute_loss", "mtp_step"]
+__all__ = ["LossConfig", "stage_modes", "mtp_inputs", "count_targets", "compute_loss"]
 
 
 @dataclass
@@ -72,18 +72,6 @@ def count_targets(batch: Batch, mtp_depth: int) -> torch.Tensor:
     return torch.tensor(counts, dtype=torch.float64)
 
 
-def mtp_step(model, hidden: torch.Tensor, next_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
-             dsa: str, indexer_loss: str | None) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """One MTP step (as ``GLM5ForCausalLM.mtp_forward``) that can also return the MTP layer's indexer KL.
-    Returns (logits, h, aux_losses)."""
-    inner = model.model
-    ctx = AttentionContext(mask=mask, dsa=dsa, indexer_loss=indexer_loss)
-    emb = inner.embed_tokens(next_ids)
-    rope = inner.rotary(position_ids, emb.dtype)
-    h = inner.mtp.step(emb, hidden, rope, ctx)
-    return model.lm_head(inner.mtp.shared_head.norm(h)), h, ctx.aux_losses
-
-
 def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
@@ -116,9 +104,9 @@ def compute_loss(model, batch: Batch, lc: LossConfig, norm: torch.Tensor, *, gra
     h = out.hidden_states
     for d in range(1, depth + 1):
         nxt, lab = mtp_inputs(batch, d, pad_id)
-        logits, h, mtp_aux = mtp_step(model, h, nxt, batch.position_ids, mask, dsa, indexer_loss)
+        logits, h = model.mtp_forward(h, nxt, batch.position_ids, mask, dsa=dsa, indexer_loss=indexer_loss,
+                                      aux_losses=aux)
         mtp_sums.append(_ce_sum(logits, lab))
-        aux += mtp_aux
     kl = torch.stack(aux).mean() if aux else None
 
     balance = None
