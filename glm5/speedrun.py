@@ -52,6 +52,7 @@ class SpeedrunPreset:
     warmup_minutes: float = 1.0
     rl_mode: str = "async"
     rl_lr: float = 2e-5
+    sft_lr: float | None = None  # None: the trainer's default
     lr: float | None = None
     extra: dict = field(default_factory=dict)
 
@@ -73,6 +74,41 @@ PRESETS = {
                            rl_groups_per_step=16, rl_train_tasks=4000, rl_eval_tasks=400, rl_max_new_tokens=256,
                            eval_tasks=400, eval_ppl_batches=64, eval_decode_tokens=256),
 }
+
+
+SFT_TASK_SEED = 4242  # RL trains on small seeds, eval uses 12345: three disjoint draws of the same families
+IDK_REASONS = ("The question leaves out something I would need, so it cannot be worked out.",
+               "Not enough is given to determine this.",
+               "An essential quantity is missing from the question.")
+
+
+def speedrun_sft_conversations(n: int, seed: int, unanswerable_frac: float = 0.2) -> list[dict]:
+    """SFT conversations over RL's default task families and eval's ``arith``: answerable ones solved step by
+    step in the reasoning (``glm5.data.sft.worked_arithmetic``) with the bare answer as content, unanswerable
+    ones answered "I don't know." with a reason."""
+    import random
+
+    from glm5.data.sft import IDK, worked_arithmetic
+    from glm5.rl.runner import DEFAULT_TASKS
+    from glm5.rl.tasks import make_task_set
+
+    rng = random.Random(seed)
+    convs = []
+    for t in make_task_set(list(DEFAULT_TASKS) + ["arith"], n, seed=seed, unanswerable_frac=unanswerable_frac):
+        if t["answerable"]:
+            expr = t["question"].removeprefix("Calculate").strip().rstrip(".")
+            try:
+                reasoning, answer = worked_arithmetic(expr)
+            except (ValueError, ZeroDivisionError, SyntaxError):  # e.g. a non-integer quotient: leave it out
+                continue
+            if answer != t["answer"]:
+                continue
+        else:
+            reasoning, answer = rng.choice(IDK_REASONS), IDK
+        convs.append({"messages": [{"role": "user", "content": t["question"]},
+                                   {"role": "assistant", "reasoning_content": reasoning, "content": answer}],
+                      "meta": {"task": t["task"], "answer": answer}})
+    return convs
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -162,9 +198,14 @@ class Speedrun:
                            init_from=str(self.stage_dir("indexer_warmup") / "hf"), max_minutes=self.p.sparse_minutes)
 
     def stage_sft(self) -> dict:
+        # SFT on the task family that RL trains and eval scores (as nanochat's SFT mixture targets its evals);
+        # the generic default set spreads a few minutes of CPU SFT over too many formats to learn any
+        data = self.stage_dir("sft") / "sft_data.jsonl"
+        convs = speedrun_sft_conversations(self.p.sft_examples, seed=SFT_TASK_SEED)
+        data.write_text("".join(json.dumps(c) + "\n" for c in convs))
         return self._train(mode="sft", out=str(self.stage_dir("sft")), dsa="sparse", max_steps=self.p.sft_steps,
                            init_from=str(self.stage_dir("sparse") / "hf"), max_minutes=self.p.sft_minutes,
-                           sft_examples=self.p.sft_examples, seq_len=max(self.p.seq_len, 256))
+                           data=[str(data)], seq_len=max(self.p.seq_len, 256), lr=self.p.sft_lr)
 
     def stage_rl(self) -> dict:
         from glm5.rl.runner import RLConfig, run_rl

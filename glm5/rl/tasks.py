@@ -92,13 +92,37 @@ def generate_tasks(spec: str, n: int, seed: int = 0) -> list[dict]:
         raise ImportError(f"task {name!r} needs reasoning-gym (pip install reasoning-gym), or use 'arith'")
     import reasoning_gym as rg
 
-    ds = rg.create_dataset(name, size=n, seed=seed, **cfg)
-    out = []
-    for i in range(n):
+    ds = rg.create_dataset(name, size=2 * n + 16, seed=seed, **cfg)
+    out, dropped = [], 0
+    for i in range(len(ds)):
+        if len(out) == n:
+            break
         e = ds[i]
+        if not _answer_matches_expression(name, e):
+            dropped += 1
+            continue
         out.append({"id": f"{name}-{seed}-{i}", "source": "reasoning_gym", "task": name, "question": e["question"],
                     "answer": str(e["answer"]), "answerable": True, "metadata": _jsonable(e.get("metadata", {}))})
+    if len(out) < n:
+        raise ValueError(f"task spec {spec!r}: only {len(out)} of {n} generated tasks have answers consistent with "
+                         f"their questions ({dropped} dropped)")
     return out
+
+
+def _answer_matches_expression(name: str, e: dict) -> bool:
+    """Arithmetic generators carry the expression: check the stated answer against it, so that a generator bug
+    cannot hand out wrong rewards. (reasoning-gym 0.1.25's basic_arithmetic with ``/`` pairs most quotient
+    questions with unrelated answers, e.g. "Calculate 7 / 0." -> 63.) Other generators are trusted."""
+    expr = (e.get("metadata") or {}).get("expression")
+    if name not in ("basic_arithmetic", "chain_sum") or not expr:
+        return True
+    from glm5.data.sft import worked_arithmetic
+
+    try:
+        _, value = worked_arithmetic(expr)
+    except (ValueError, ZeroDivisionError, SyntaxError):
+        return False
+    return value == str(e["answer"]).strip()
 
 
 _NAMES = ["Alice", "Bob", "Carla", "Deng", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Liam", "Mei",

@@ -106,3 +106,16 @@ def test_task_generation(tmp_path):
                            seed=0, unanswerable_frac=0.2)
         assert {t["task"] for t in rg} >= {"basic_arithmetic", "chain_sum"}
         assert all(score_answer(t["answer"], t) == 1.0 for t in rg if t["answerable"])
+
+
+@pytest.mark.skipif(not reasoning_gym_available(), reason="needs reasoning-gym")
+def test_arithmetic_tasks_whose_answer_contradicts_the_question_are_dropped():
+    from fractions import Fraction
+
+    spec = "basic_arithmetic:min_terms=2,max_terms=2,min_digits=1,max_digits=1,allow_parentheses=false"
+    tasks = generate_tasks(spec, 150, seed=3)  # "/" included: the generator's quotients are mostly inconsistent
+    assert len(tasks) == 150
+    for t in tasks:
+        a, op, b = t["metadata"]["expression"].split()
+        a, b = Fraction(int(a)), Fraction(int(b))
+        assert {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op] == Fraction(t["answer"])
