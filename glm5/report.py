@@ -183,6 +183,16 @@ def write_report(out: str | Path) -> Path:
     if ev_path.exists():
         rows = json.loads(ev_path.read_text())
         lines += ["", "## Evaluation (SFT model vs final RL model)", "", format_table(rows), ""]
+    samples = out / "eval" / "samples.json"
+    if samples.exists():
+        sm = json.loads(samples.read_text())
+        lines += ["## Samples", "", "Pretrained base (after sparse training), T = 0.8, top-p 0.95:", ""]
+        for text in sm.get("base", []):
+            lines += ["```", text.strip(), "```", ""]
+        lines += ["Final model, chat template, greedy (the raw output, reasoning included):", ""]
+        for qa in sm.get("chat", []):
+            lines += [f"* **{qa['question']}** → `{' '.join(qa['answer'].split())}`"]
+        lines += [""]
     rl = out / "rl" / "DONE.json"
     if rl.exists():
         r = json.loads(rl.read_text())["result"]

@@ -65,9 +65,9 @@ PRESETS = {
                             eval_ppl_batches=2, eval_decode_tokens=16, warmup_minutes=0.3),
     "cpu": SpeedrunPreset(model="glm5-tiny", device="cpu", seq_len=256, batch_size=8, pretrain_steps=1500,
                           pretrain_minutes=12.0, warmup_steps=60, sparse_steps=300, sparse_minutes=3.0, sft_steps=400,
-                          sft_minutes=4.0, sft_examples=2000, rl_steps=12, rl_group_size=8, rl_groups_per_step=4,
-                          rl_train_tasks=400, rl_eval_tasks=100, rl_max_new_tokens=48, eval_tasks=100,
-                          eval_ppl_batches=16, eval_decode_tokens=64),
+                          sft_minutes=5.0, sft_examples=4000, sft_lr=1e-3, rl_steps=30, rl_group_size=8,
+                          rl_groups_per_step=4, rl_train_tasks=600, rl_eval_tasks=200, rl_max_new_tokens=40,
+                          rl_lr=1e-5, eval_tasks=200, eval_ppl_batches=16, eval_decode_tokens=64),
     "h100": SpeedrunPreset(model="glm5-small", device="cuda", seq_len=1024, batch_size=32, pretrain_steps=6000,
                            pretrain_minutes=30.0, warmup_steps=200, sparse_steps=1500, sparse_minutes=8.0,
                            sft_steps=1500, sft_minutes=8.0, sft_examples=20000, rl_steps=40, rl_group_size=16,
@@ -98,11 +98,13 @@ def speedrun_sft_conversations(n: int, seed: int, unanswerable_frac: float = 0.2
         if t["answerable"]:
             expr = t["question"].removeprefix("Calculate").strip().rstrip(".")
             try:
-                reasoning, answer = worked_arithmetic(expr)
+                steps, answer = worked_arithmetic(expr)
             except (ValueError, ZeroDivisionError, SyntaxError):  # e.g. a non-integer quotient: leave it out
                 continue
             if answer != t["answer"]:
                 continue
+            # keep only the worked steps ("7 * 8 = 56."): short answers fit a small rollout budget
+            reasoning = "\n".join(steps.splitlines()[1:-1]) or steps
         else:
             reasoning, answer = rng.choice(IDK_REASONS), IDK
         convs.append({"messages": [{"role": "user", "content": t["question"]},
@@ -235,7 +237,25 @@ class Speedrun:
         rows = [evaluate(self.stage_dir("sft") / "hf", cfg, device=p.device, progress=self.log),
                 evaluate(self.out / "final", cfg, device=p.device, progress=self.log)]
         _write_json_atomic(self.stage_dir("eval") / "eval.json", rows)
+        _write_json_atomic(self.stage_dir("eval") / "samples.json", self._samples())
         return {"sft": rows[0], "final": rows[1]}
+
+    def _samples(self) -> dict:
+        """What the models write: the pretrained base continuing the corpus, the final model chatting."""
+        from glm5.engine import LLM, SamplingParams
+        from glm5.rl.tasks import build_messages
+
+        base = LLM(str(self.stage_dir("sparse") / "hf"), device=self.p.device, max_model_len=512)
+        prompts = ["ROMEO.\n", "To be, or not to be", "KING HENRY.\nMy lords,"]
+        sp = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=60, seed=0)
+        base_out = [p + o.outputs[0].text for p, o in zip(prompts, base.generate(prompts, sp))]
+        chat = LLM(str(self.out / "final"), device=self.p.device, max_model_len=512)
+        questions = ["Calculate 7 * 8.", "Calculate 9 - 4.", "Calculate 6 + 7.",
+                     "Nora has some marbles. She gives 3 away. How many marbles does Nora have now?"]
+        ids = [chat.tokenizer.apply_chat_template(build_messages({"question": q}), tokenize=True,
+                                                  add_generation_prompt=True) for q in questions]
+        outs = chat.generate(ids, SamplingParams(temperature=0.0, max_tokens=self.p.rl_max_new_tokens))
+        return {"base": base_out, "chat": [{"question": q, "answer": o.outputs[0].text} for q, o in zip(questions, outs)]}
 
     def stage_fp8(self) -> dict:
         from glm5.checkpoint.quantize import quantize_checkpoint
