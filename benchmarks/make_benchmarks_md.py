@@ -12,11 +12,13 @@ AREAS = [("train.md", "Training"), ("engine.md", "Inference engine"), ("serve.md
 
 HEADER = """# Benchmarks
 
-Every number here was produced by a script in `benchmarks/` (command, machine and date are given in each
-section), never by a timed test. The development machine is a 2-core CPU box with 24 GiB RAM and no GPU;
-during this session other jobs shared those two cores (load average 4–10), so absolute throughput is
-pessimistic and the ratios (measured against the named peer in the same process) are the numbers to read.
-No GPU was available in this session: GPU rows are not measured yet.
+Every number here was produced by a script in `benchmarks/`, never by a timed test. Each section gives the
+command, the machine and the date. The development machine is a 2-core CPU box with 24 GiB RAM and no GPU.
+During the first session other jobs shared those two cores (load average 4–10), so absolute throughput from
+that session is pessimistic. Read the ratios, which are measured against the named peer in the same process.
+The second session's runs (RL throughput, the `cpu` speedrun) had the box to themselves.
+
+No GPU has been lent to this project so far, so the GPU rows are not measured yet.
 
 """
 

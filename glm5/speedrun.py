@@ -276,8 +276,8 @@ class Speedrun:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("speedrun", help="the whole pipeline: tokenizer, pretrain, DSA, SFT, RL, eval, FP8, report")
-    p.add_argument("--preset", default="smoke", choices=list(PRESETS),
-                   help="smoke: ≤3 min on 2 CPU cores (CI); cpu: ≤30 min, learns visibly; h100: ~1 h on one H100")
+    p.add_argument("--preset", default="cpu", choices=list(PRESETS),
+                   help="cpu (default): ~25 min on 2 CPU cores, learns visibly; smoke: ≤3 min (CI); h100: ~1 h on one H100")
     p.add_argument("--out", default=None, help="run directory (default runs/speedrun-PRESET)")
     p.add_argument("--only", nargs="+", choices=list(STAGES), help="run just these stages (others must be done)")
     p.add_argument("--fresh", action="store_true", help="delete the run directory first")

@@ -54,6 +54,7 @@ class TrainerConfig:
     old_logp: str = "recompute"  # "recompute" | "rollout"
     freeze_indexer: bool = True
     freeze_mtp: bool = True
+    freeze_router: bool = False  # keep MoE gate weights fixed (expert choice cannot drift between rollout and train)
     reset_optimizer: bool = False
     use_ref_model: bool | None = None  # None: when loss.kl_coef > 0
     temperature: float = 1.0  # log-probs of softmax(logits / T), T = the rollout temperature (slime does the same);
@@ -120,6 +121,8 @@ class RLTrainer:
             if cfg.freeze_indexer and ".indexer." in name:
                 p.requires_grad_(False)
             if cfg.freeze_mtp and name.startswith(f"model.layers.{n_main}."):
+                p.requires_grad_(False)
+            if cfg.freeze_router and name.endswith(".mlp.gate.weight"):
                 p.requires_grad_(False)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._build_optim = lambda: build_optimizers(model, kind=cfg.optimizer, lr=cfg.lr,
