@@ -71,6 +71,7 @@ def add_parser(sub) -> None:
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--updates-per-batch", type=int, default=1)
+    g.add_argument("--freeze-router", action="store_true", help="keep the MoE router (gate) weights fixed during RL")
     g.add_argument("--old-logp", choices=["recompute", "rollout"], default="recompute")
     g.add_argument("--micro-batch-tokens", type=int, default=8192)
     g.add_argument("--reset-optimizer", action="store_true", help="reset optimiser state after every weight push")
@@ -111,6 +112,7 @@ def config_from_args(a):
     trainer = TrainerConfig(lr=a.lr, optimizer=a.optimizer, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
                             advantage=a.advantage, loss=loss, micro_batch_tokens=a.micro_batch_tokens,
                             updates_per_batch=a.updates_per_batch, old_logp=a.old_logp,
+                            freeze_router=a.freeze_router,
                             reset_optimizer=a.reset_optimizer)
     tools = [t for t in a.tools.split(",") if t]
     rollout = RolloutConfig(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,

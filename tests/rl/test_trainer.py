@@ -97,3 +97,13 @@ def test_reset_optimizer_after_push(policy):
     state_before = sum(len(o.state) for o in tr.optim)
     tr.after_push()
     assert state_before > 0 and sum(len(o.state) for o in tr.optim) == 0
+
+
+def test_freeze_router_keeps_expert_choice_fixed(policy):
+    m = clone_model(policy)
+    tr = RLTrainer(m, TrainerConfig(lr=1e-2, freeze_router=True))
+    gates = {n: p.detach().clone() for n, p in m.named_parameters() if n.endswith(".mlp.gate.weight")}
+    assert gates and not any(p.requires_grad for n, p in m.named_parameters() if n in gates)
+    tr.train_step(make_groups(tr, m.config.vocab_size))
+    assert all(torch.equal(gates[n], p.detach()) for n, p in m.named_parameters() if n in gates)
+    assert any(p.requires_grad for n, p in m.named_parameters() if ".experts." in n)
