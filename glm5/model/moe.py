@@ -175,12 +175,9 @@ class MoE(nn.Module):
         self.experts_impl = "grouped"
         # Set by each forward, read by the trainer for aux-loss-free balancing and load logging.
         self.last_expert_load: torch.Tensor | None = None  # [E] tokens routed to each expert
-        self._last_router_logits: torch.Tensor | None = None
-
-    @property
-    def last_router_scores(self) -> torch.Tensor | None:
-        """[N,E] sigmoid router scores of the last forward (with grad; for the sequence balance loss)."""
-        return None if self._last_router_logits is None else self._last_router_logits.sigmoid()
+        # [N,E] sigmoid scores (with grad; for the sequence balance loss). Computed in every forward, not lazily:
+        # activation checkpointing needs the recomputed forward to save exactly what the original one did.
+        self.last_router_scores: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -188,7 +185,7 @@ class MoE(nn.Module):
         logits, weights, ids = self.gate(flat)
         load = expert_counts(ids, self.n_experts)
         self.last_expert_load = load.detach()
-        self._last_router_logits = logits
+        self.last_router_scores = logits.sigmoid()
         y = self.experts(flat, ids, weights, impl=self.experts_impl, counts=load).view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
