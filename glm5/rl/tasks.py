@@ -197,20 +197,35 @@ def make_task_set(specs: Iterable[str], n: int, seed: int = 0, unanswerable_frac
 def train_eval_split(specs: Iterable[str], n_train: int, n_eval: int, seed: int = 0,
                      unanswerable_frac: float = 0.0) -> tuple[list[dict], list[dict]]:
     """Disjoint train / held-out sets (different seeds; held-out questions that also occur in train dropped and
-    regenerated with further seeds)."""
+    regenerated with further seeds). The held-out set keeps the requested unanswerable share: when a small task
+    space runs out of unseen answerable questions, it comes out smaller (with a warning) rather than padded with
+    unanswerable ones, which would skew accuracy and abstention figures."""
+    import warnings
+
     specs = list(specs)
     train = make_task_set(specs, n_train, seed=seed, unanswerable_frac=unanswerable_frac)
     seen = {t["question"] for t in train}
-    held: list[dict] = []
+    n_un = round(n_eval * unanswerable_frac)
+    want = {True: n_eval - n_un, False: n_un}  # answerable -> quota
+    got: dict[bool, list[dict]] = {True: [], False: []}
     s = seed + 7919
     for _ in range(20):
-        for t in make_task_set(specs, max(n_eval - len(held), 1) * 2, seed=s, unanswerable_frac=unanswerable_frac):
-            if t["question"] not in seen and len(held) < n_eval:
+        missing = sum(want[k] - len(got[k]) for k in got)
+        for t in make_task_set(specs, max(missing, 1) * 2, seed=s, unanswerable_frac=unanswerable_frac):
+            k = bool(t["answerable"])
+            if t["question"] not in seen and len(got[k]) < want[k]:
                 seen.add(t["question"])
-                held.append(t)
-        if len(held) >= n_eval:
+                got[k].append(t)
+        if all(len(got[k]) >= want[k] for k in got):
             break
         s += 1
+    if len(got[True]) < want[True]:
+        warnings.warn(f"held-out set: only {len(got[True])} of {want[True]} answerable questions are not in the "
+                      f"training set (task space too small); keeping the unanswerable share, the set has "
+                      f"{len(got[True]) + round(len(got[True]) * n_un / max(1, want[True]))} tasks", stacklevel=2)
+        got[False] = got[False][: round(len(got[True]) * n_un / max(1, want[True]))]
+    held = got[True] + got[False]
+    random.Random(seed).shuffle(held)
     return train, held
 
 

@@ -119,3 +119,15 @@ def test_arithmetic_tasks_whose_answer_contradicts_the_question_are_dropped():
         a, op, b = t["metadata"]["expression"].split()
         a, b = Fraction(int(a)), Fraction(int(b))
         assert {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op] == Fraction(t["answer"])
+
+
+def test_held_out_set_keeps_the_unanswerable_share_when_the_task_space_is_small():
+    # 'arith' with max_value=2 has 27 distinct questions: 20 training tasks leave few unseen answerable ones
+    with pytest.warns(UserWarning, match="answerable questions are not in the training set"):
+        tr, ev = train_eval_split(["arith:max_value=2"], 20, 40, seed=0, unanswerable_frac=0.25)
+    seen = {t["question"] for t in tr}
+    assert ev and not any(t["question"] in seen for t in ev)
+    n_un = sum(not t["answerable"] for t in ev)
+    assert abs(n_un / len(ev) - 0.25) < 0.1 and len(ev) < 40
+    _, ev_big = train_eval_split(["arith"], 40, 20, seed=0, unanswerable_frac=0.25)
+    assert len(ev_big) == 20 and sum(not t["answerable"] for t in ev_big) == 5
