@@ -59,49 +59,47 @@ def _digits(n: int) -> list[int]:
     return [int(c) for c in str(n)][::-1]  # ones first
 
 
-def column_add(a: int, b: int) -> list[str]:
-    da, db = _digits(a), _digits(b)
+PLACES = ["ones", "tens", "hundreds"]
+
+
+def _carry_columns(pairs: list[tuple[int, int]], sym: str, combine) -> list[str]:
+    """Column steps with a carry (addition, multiplication by one digit): pairs (x, y) ones first."""
     steps, carry = [], 0
-    names = ["ones", "tens", "hundreds"]
-    for i in range(max(len(da), len(db))):
-        x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
-        t = x + y + carry
-        expr = f"{x}+{y}" + (f"+{carry}" if carry else "")
+    for i, (x, y) in enumerate(pairs):
+        t = combine(x, y) + carry
+        expr = f"{x}{sym}{y}" + (f"+{carry}" if carry else "")
         carry = t // 10
-        steps.append(f"{names[i]} {expr}={t}" + (f", write {t % 10} carry {carry}" if carry else ""))
+        steps.append(f"{PLACES[i]} {expr}={t}" + (f", write {t % 10} carry {carry}" if carry else ""))
     if carry:
         steps.append(f"write the carry {carry}")
     return steps
+
+
+def column_add(a: int, b: int) -> list[str]:
+    da, db = _digits(a), _digits(b)
+    n = max(len(da), len(db))
+    return _carry_columns([(da[i] if i < len(da) else 0, db[i] if i < len(db) else 0) for i in range(n)], "+",
+                          lambda x, y: x + y)
 
 
 def column_sub(a: int, b: int) -> list[str]:
     """a >= b >= 0."""
     da, db = _digits(a), _digits(b)
     steps, borrow = [], 0
-    names = ["ones", "tens", "hundreds"]
     for i in range(len(da)):
         x, y = da[i] - borrow, (db[i] if i < len(db) else 0)
         if x < y:
-            steps.append(f"{names[i]} {x}-{y} needs a borrow: {x + 10}-{y}={x + 10 - y}")
+            steps.append(f"{PLACES[i]} {x}-{y} needs a borrow: {x + 10}-{y}={x + 10 - y}")
             borrow = 1
         else:
-            steps.append(f"{names[i]} {x}-{y}={x - y}")
+            steps.append(f"{PLACES[i]} {x}-{y}={x - y}")
             borrow = 0
     return steps
 
 
 def column_mul(a: int, d: int) -> list[str]:
     """a × one digit d."""
-    steps, carry = [], 0
-    names = ["ones", "tens", "hundreds"]
-    for i, x in enumerate(_digits(a)):
-        t = x * d + carry
-        expr = f"{x}*{d}" + (f"+{carry}" if carry else "")
-        carry = t // 10
-        steps.append(f"{names[i]} {expr}={t}" + (f", write {t % 10} carry {carry}" if carry else ""))
-    if carry:
-        steps.append(f"write the carry {carry}")
-    return steps
+    return _carry_columns([(x, d) for x in _digits(a)], "*", lambda x, y: x * y)
 
 
 def worked(a: int, op: str, b: int) -> str | None:
