@@ -94,12 +94,11 @@ def apply_logits_processors(logits: torch.Tensor, params: list[SamplingParams],
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], generators: list,
-                 outputs: list[list[int]] | None = None):
+                 outputs: list[list[int]]):
         """logits [M,V] -> (tokens list[int], logprobs list[dict | None]). ``outputs`` (each row's output ids so
         far) is what logits processors see; logprobs are taken from the unprocessed logits."""
         raw = logits
-        if outputs is not None:
-            logits = apply_logits_processors(logits, params, outputs)
+        logits = apply_logits_processors(logits, params, outputs)
         if all(p.greedy for p in params):
             tokens = logits.argmax(-1).tolist()
         else:

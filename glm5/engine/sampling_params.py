@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+# (output_token_ids so far, next-token logits [V]) -> logits [V]: vLLM v0's logits-processor signature
+LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -44,7 +47,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     skip_special_tokens: bool = True
-    logits_processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] | None = None
+    logits_processors: list[LogitsProcessor] | None = None
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self):

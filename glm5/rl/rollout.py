@@ -332,8 +332,7 @@ def rollout_worker_main(spec: WorkerSpec, in_q, out_q, shm_sync=None) -> None:
                         out_q.put(("finished", done, {}))
                 elif kind == "abort":
                     out_q.put(("aborted", rollout.abort_all()))
-                elif kind == "weights":
-                    version = m[1]
+                elif kind == "weights":  # m[1] is the pushed version; the receiver reads it from the payload
                     # in-flight requests hold latents of the old weights: interrupt them (partial rollouts)
                     partial = rollout.abort_all()
                     if receiver is not None:

@@ -220,10 +220,10 @@ def train_eval_split(specs: Iterable[str], n_train: int, n_eval: int, seed: int 
             break
         s += 1
     if len(got[True]) < want[True]:
+        got[False] = got[False][: round(len(got[True]) * n_un / max(1, want[True]))]
         warnings.warn(f"held-out set: only {len(got[True])} of {want[True]} answerable questions are not in the "
                       f"training set (task space too small); keeping the unanswerable share, the set has "
-                      f"{len(got[True]) + round(len(got[True]) * n_un / max(1, want[True]))} tasks", stacklevel=2)
-        got[False] = got[False][: round(len(got[True]) * n_un / max(1, want[True]))]
+                      f"{len(got[True]) + len(got[False])} tasks", stacklevel=2)
     held = got[True] + got[False]
     random.Random(seed).shuffle(held)
     return train, held

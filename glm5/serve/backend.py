@@ -24,17 +24,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
-import torch
-
 from glm5.engine.outputs import RequestOutput
-from glm5.engine.sampling_params import SamplingParams
+from glm5.engine.sampling_params import LogitsProcessor, SamplingParams
 
 log = logging.getLogger("glm5.serve")
-
-LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
 
 
 class QueueFullError(Exception):
