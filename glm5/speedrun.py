@@ -53,6 +53,7 @@ class SpeedrunPreset:
     rl_mode: str = "async"
     rl_lr: float = 2e-5
     sft_lr: float | None = None  # None: the trainer's default
+    sparse_mtp_depth: int = 1  # MTP steps trained in the sparse stage (the one layer reused per step, as GLM-5)
     lr: float | None = None
     extra: dict = field(default_factory=dict)
 
@@ -62,17 +63,23 @@ PRESETS = {
                             pretrain_minutes=0.6, warmup_steps=8, sparse_steps=12, sparse_minutes=0.3, sft_steps=12,
                             sft_minutes=0.3, sft_examples=120, rl_steps=2, rl_group_size=4, rl_groups_per_step=2,
                             rl_train_tasks=24, rl_eval_tasks=12, rl_max_new_tokens=24, eval_tasks=12,
-                            eval_ppl_batches=2, eval_decode_tokens=16, warmup_minutes=0.3),
+                            eval_ppl_batches=2, eval_decode_tokens=16, warmup_minutes=0.3, sparse_mtp_depth=2),
+    # cpu: SFT gets 8 minutes because RL needs a sharp policy to start from: after 5 minutes (113 steps) the
+    # SFT model's T=1 samples were 16% correct against 43% greedy, and RL from there lowered accuracy
+    # (benchmarks/speedrun.md). RL's lr is 3e-6: one AdamW step at 1e-5 moves glm5-tiny's sequence
+    # log-probs 2-5x more than glm5-nano's, where 1e-5 works. MTP stays at depth 1: a run with depth 3 in the
+    # sparse stage accepted fewer drafts (1.5 vs 2.0 on Shakespeare prompts, 1.7 vs 2.1 on the eval prompts).
     "cpu": SpeedrunPreset(model="glm5-tiny", device="cpu", seq_len=256, batch_size=8, pretrain_steps=1500,
-                          pretrain_minutes=12.0, warmup_steps=60, sparse_steps=300, sparse_minutes=3.0, sft_steps=400,
-                          sft_minutes=5.0, sft_examples=4000, sft_lr=1e-3, rl_steps=30, rl_group_size=8,
+                          pretrain_minutes=10.0, warmup_steps=60, sparse_steps=300, sparse_minutes=3.0, sft_steps=600,
+                          sft_minutes=8.0, sft_examples=4000, sft_lr=1e-3, rl_steps=30, rl_group_size=8,
                           rl_groups_per_step=4, rl_train_tasks=600, rl_eval_tasks=200, rl_max_new_tokens=40,
-                          rl_lr=1e-5, eval_tasks=200, eval_ppl_batches=16, eval_decode_tokens=64),
+                          rl_lr=3e-6, eval_tasks=200, eval_ppl_batches=16, eval_decode_tokens=64),
     "h100": SpeedrunPreset(model="glm5-small", device="cuda", seq_len=1024, batch_size=32, pretrain_steps=6000,
                            pretrain_minutes=30.0, warmup_steps=200, sparse_steps=1500, sparse_minutes=8.0,
                            sft_steps=1500, sft_minutes=8.0, sft_examples=20000, rl_steps=40, rl_group_size=16,
                            rl_groups_per_step=16, rl_train_tasks=4000, rl_eval_tasks=400, rl_max_new_tokens=256,
-                           eval_tasks=400, eval_ppl_batches=64, eval_decode_tokens=256),
+                           eval_tasks=400, eval_ppl_batches=64, eval_decode_tokens=256, sparse_mtp_depth=3,
+                           rl_lr=2e-6),  # glm5-small is larger than glm5-tiny: no larger RL step (untested, no GPU)
 }
 
 
@@ -192,7 +199,8 @@ class Speedrun:
 
     def stage_sparse(self) -> dict:
         return self._train(out=str(self.stage_dir("sparse")), dsa="sparse", max_steps=self.p.sparse_steps,
-                           init_from=str(self.stage_dir("indexer_warmup") / "hf"), max_minutes=self.p.sparse_minutes)
+                           init_from=str(self.stage_dir("indexer_warmup") / "hf"), max_minutes=self.p.sparse_minutes,
+                           mtp_depth=self.p.sparse_mtp_depth)
 
     def stage_sft(self) -> dict:
         # SFT on the task family that RL trains and eval scores (as nanochat's SFT mixture targets its evals);

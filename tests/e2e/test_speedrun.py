@@ -61,6 +61,11 @@ def test_smoke_speedrun_kill_resume_and_skip(tmp_path):
     assert "## Evaluation" in report and "attention_cost.png" in report and "parameters (no MTP)" in report
     for png in ("loss.png", "attention_cost.png", "rl.png"):
         assert (out / "report_figures" / png).stat().st_size > 1000
+    # the sparse stage trains the shared MTP layer over the preset's depth (2 for smoke), the others over 1
+    assert json.loads((out / "sparse" / "train_config.json").read_text())["mtp_depth"] == 2
+    last = [json.loads(line) for line in (out / "sparse" / "metrics.jsonl").read_text().splitlines()]
+    assert len([m for m in last if m.get("kind") == "train"][-1]["mtp_steps"]) == 2
+    assert json.loads((out / "pretrain" / "train_config.json").read_text())["mtp_depth"] == 1
     fp8 = json.loads((out / "fp8" / "DONE.json").read_text())["result"]
     assert fp8["fp8_bytes"] < 0.51 * fp8["bf16_or_fp32_bytes"]
     ev = json.loads((out / "eval" / "eval.json").read_text())[1]
