@@ -245,6 +245,31 @@ def _spec_point(name, p, ids, D, spec_tokens, repeats, dsa="sparse"):
     return row
 
 
+def _corpus_acceptance(model_dir, n: int, spec_tokens: int, prompt_tokens: int = 32, decode_tokens: int = 48):
+    """Acceptance length over n greedy continuations of n corpus snippets (one prompt is a noisy measure)."""
+    import random
+
+    from glm5.data.corpus import default_corpus_files
+    from glm5.tokenizer import GLM5Tokenizer
+
+    tok = GLM5Tokenizer.from_pretrained(model_dir)
+    files, rng, prompts = sorted(default_corpus_files()), random.Random(0), []
+    while len(prompts) < n:
+        text = Path(rng.choice(files)).read_text(encoding="utf-8", errors="ignore")
+        start = rng.randrange(max(1, len(text) - 4 * prompt_tokens * 8))
+        ids = tok.encode(text[start:start + 8 * prompt_tokens])[:prompt_tokens]
+        if len(ids) == prompt_tokens:
+            prompts.append(ids)
+    llm = LLM(str(model_dir), device="cpu", dtype=torch.float32, max_num_seqs=16,
+              max_model_len=prompt_tokens + decode_tokens + 16, num_speculative_tokens=spec_tokens)
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True))
+    m = llm.spec_metrics()
+    row = dict(model=f"trained: {model_dir}", prompts=n, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
+               spec_tokens=spec_tokens, acceptance_length=m["acceptance_length"], acceptance_rate=m["acceptance_rate"])
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def bench_mtp(args, path, cfg, results):
     out = {}
     D, k = args.mtp_decode_tokens, args.spec_tokens
@@ -258,6 +283,8 @@ def bench_mtp(args, path, cfg, results):
 
             ids = torch.tensor([GLM5Tokenizer.from_pretrained(args.mtp_model).encode(args.mtp_prompt)])
         out["trained"] = _spec_point(f"trained: {args.mtp_model}", args.mtp_model, ids, D, k, args.repeats)
+        if args.mtp_corpus_prompts:
+            out["trained_corpus"] = _corpus_acceptance(args.mtp_model, args.mtp_corpus_prompts, k)
     for name in args.toy_presets:
         toy_dir = Path(args.workdir) / f"toy_{name}"
         if not (toy_dir / "config.json").exists():
@@ -425,6 +452,8 @@ def main() -> int:
     ap.add_argument("--mtp-context", type=int, default=64)
     ap.add_argument("--mtp-decode-tokens", type=int, default=64)
     ap.add_argument("--mtp-prompt", default=None, help="text prompt for the trained model (needs its tokenizer)")
+    ap.add_argument("--mtp-corpus-prompts", type=int, default=0,
+                    help="also measure the trained model's acceptance over N prompts drawn from the default corpus")
     ap.add_argument("--dsa-context", type=int, default=32768)
     ap.add_argument("--gpu-preset", default="glm5-small")
     ap.add_argument("--gpu-context", type=int, default=1024)
