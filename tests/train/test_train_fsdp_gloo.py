@@ -48,8 +48,12 @@ def test_fsdp2_two_processes_match_one(tmp_path, corpus_file, small_tokenizer_di
     assert [r["step"] for r in a] == list(range(1, STEPS + 1))
     for ra, rb in zip(a, b):
         assert ra["tokens"] == rb["tokens"]  # the same global batch
-        for key in ("loss", "ce", "mtp", "grad_norm"):
+        for key in ("loss", "ce", "mtp"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), (ra["step"], key)
+        # The gradient norm is the more sensitive number: one full-suite CI run saw 2.4514 vs 2.4498 at step 3
+        # with every loss equal to 1e-4 (not reproduced in 5 isolated runs). A sharding or reduction bug (a
+        # missing average, a shard counted twice) moves it by a factor, far outside 2e-3.
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=2e-3), (ra["step"], "grad_norm")
         assert ra["balance"]["layers"] == rb["balance"]["layers"]  # loads all-reduced before the bias update
     for va, vb in zip(_records(fsdp, "val"), _records(single, "val")):
         assert va["val_loss"] == pytest.approx(vb["val_loss"], rel=1e-4)
