@@ -256,14 +256,13 @@ def _corpus_acceptance(model_dir, n: int, spec_tokens: int, prompt_tokens: int =
     files, rng, prompts = sorted(default_corpus_files()), random.Random(0), []
     while len(prompts) < n:
         text = Path(rng.choice(files)).read_text(encoding="utf-8", errors="ignore")
-        start = rng.randrange(max(1, len(text) - 4 * prompt_tokens * 8))
+        start = rng.randrange(max(1, len(text) - 32 * prompt_tokens))  # room for the 8-chars-per-token slice
         ids = tok.encode(text[start:start + 8 * prompt_tokens])[:prompt_tokens]
         if len(ids) == prompt_tokens:
             prompts.append(ids)
-    llm = LLM(str(model_dir), device="cpu", dtype=torch.float32, max_num_seqs=16,
-              max_model_len=prompt_tokens + decode_tokens + 16, num_speculative_tokens=spec_tokens)
-    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True))
-    m = llm.spec_metrics()
+    spec = Engine(model_dir, prompt_tokens + decode_tokens + 16, spec=spec_tokens)
+    spec.run(torch.tensor(prompts), decode_tokens)
+    m = spec.llm.spec_metrics()
     row = dict(model=f"trained: {model_dir}", prompts=n, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
                spec_tokens=spec_tokens, acceptance_length=m["acceptance_length"], acceptance_rate=m["acceptance_rate"])
     print(json.dumps(row), flush=True)
