@@ -53,6 +53,10 @@ class SpeedrunPreset:
     rl_mode: str = "async"
     rl_lr: float = 2e-5
     sft_lr: float | None = None  # None: the trainer's default
+    # share of SFT records that are plain corpus passages (trained on every token): without them arithmetic-only
+    # SFT took glm5-tiny's Shakespeare perplexity from ~250 to ~5,000 (benchmarks/speedrun.md)
+    sft_text_fraction: float = 0.2
+    sft_text_tokens: int = 64  # tokens per passage
     sparse_mtp_depth: int = 1  # MTP steps trained in the sparse stage (the one layer reused per step, as GLM-5)
     lr: float | None = None
     extra: dict = field(default_factory=dict)
@@ -113,6 +117,31 @@ def speedrun_sft_conversations(n: int, seed: int, unanswerable_frac: float = 0.2
                                    {"role": "assistant", "reasoning_content": reasoning, "content": answer}],
                       "meta": {"task": t["task"], "answer": answer}})
     return convs
+
+
+def corpus_passages(tokens, tokenizer, n: int, length: int, seed: int) -> list[dict]:
+    """``n`` SFT text records: random ``length``-token windows of a pretraining split (``tokens``, a 1-D token
+    array), each cut at its first document end and decoded back to text."""
+    import numpy as np
+
+    if n <= 0:
+        return []
+    if len(tokens) <= length:
+        raise ValueError(f"the corpus split has {len(tokens)} tokens, too few for {length}-token passages")
+    eos = tokenizer.eos_token_id
+    rng = np.random.default_rng(seed)
+    out: list[dict] = []
+    for _ in range(20 * n):
+        start = int(rng.integers(0, len(tokens) - length))
+        window = np.asarray(tokens[start:start + length]).tolist()
+        if eos in window:  # one document per passage: the record adds its own EOS
+            window = window[:window.index(eos)]
+        text = tokenizer.decode(window)
+        if text.strip():  # a window that starts on a document end is empty: draw another
+            out.append({"text": text, "meta": {"task": "corpus"}})
+            if len(out) == n:
+                return out
+    raise ValueError(f"could not cut {n} non-empty passages from the corpus split")
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -205,8 +234,21 @@ class Speedrun:
     def stage_sft(self) -> dict:
         # SFT on the task family that RL trains and eval scores (as nanochat's SFT mixture targets its evals);
         # the generic default set spreads a few minutes of CPU SFT over too many formats to learn any
+        # plus corpus passages, so the served model still writes in the corpus's style (see sft_text_fraction)
+        import random
+
+        from glm5.data.tokenize import load_tokens, prepare_dataset
+        from glm5.tokenizer import GLM5Tokenizer
+
+        p = self.p
         data = self.stage_dir("sft") / "sft_data.jsonl"
-        convs = speedrun_sft_conversations(self.p.sft_examples, seed=SFT_TASK_SEED)
+        convs = speedrun_sft_conversations(p.sft_examples, seed=SFT_TASK_SEED)
+        n_text = round(p.sft_examples * p.sft_text_fraction / max(1e-9, 1 - p.sft_text_fraction))
+        if n_text:
+            tok = GLM5Tokenizer.from_pretrained(self.stage_dir("tokenizer"))
+            train_tokens = load_tokens(prepare_dataset(["default"], tok, self.cache), "train")
+            convs += corpus_passages(train_tokens, tok, n_text, p.sft_text_tokens, seed=SFT_TASK_SEED)
+            random.Random(SFT_TASK_SEED).shuffle(convs)
         data.write_text("".join(json.dumps(c) + "\n" for c in convs))
         return self._train(mode="sft", out=str(self.stage_dir("sft")), dsa="sparse", max_steps=self.p.sft_steps,
                            init_from=str(self.stage_dir("sparse") / "hf"), max_minutes=self.p.sft_minutes,

@@ -13,6 +13,10 @@ GSM-style word problems, counting, gcd/lcm, fractions) answered with a worked so
 ``<think>``, a share of unanswerable questions answered "I don't know.", and a share of calculator
 tool-call conversations.
 
+A record may instead be a plain document, ``{"text": "..."}``: it is trained on every token and ends
+with EOS, exactly as in pretraining. Mixing some pretraining text into SFT (nanochat's midtraining does
+the same) keeps a small model from forgetting its corpus while it learns the chat format.
+
 ``build_sft_dataset`` / ``prepare_sft_dataset`` store the result like the pretraining token files
 (``{split}.bin``, plus ``{split}.mask.bin`` uint8 and ``{split}.offsets.npy``) with a manifest.
 """
@@ -36,7 +40,7 @@ import numpy as np
 from glm5.data.corpus import resolve_sources, sources_fingerprint
 from glm5.data.tokenize import _write_json_atomic, token_dtype
 
-__all__ = ["render_conversation", "default_sft_conversations", "build_sft_dataset", "prepare_sft_dataset",
+__all__ = ["render_conversation", "render_record", "default_sft_conversations", "build_sft_dataset", "prepare_sft_dataset",
            "load_sft_split", "read_conversations", "IDK", "SFT_FORMAT"]
 
 SFT_FORMAT = "glm5-sft-v1"
@@ -89,6 +93,18 @@ def render_conversation(tokenizer, messages: Sequence[dict], tools: Sequence[dic
     if after_assistant:  # conversation ends on the assistant: train the turn's stop token
         add(OBSERVATION if msgs[-1].get("tool_calls") else USER, True)
     return ids, mask
+
+
+def render_record(tokenizer, record: dict) -> tuple[list[int], list[int]]:
+    """(ids, loss_mask) of one SFT record: a conversation ({"messages", "tools"?}) trained on the assistant's
+    tokens, or a plain document ({"text"}) trained on all of its tokens followed by EOS."""
+    if "messages" in record:
+        return render_conversation(tokenizer, record["messages"], record.get("tools"))
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("text records need a tokenizer with an EOS token")
+    ids = tokenizer.encode(record["text"]) + [eos]
+    return ids, [1] * len(ids)
 
 
 # --------------------------------------------------------------------------- worked arithmetic
@@ -325,7 +341,7 @@ def default_sft_conversations(n: int = 2000, seed: int = 0, idk_fraction: float 
 
 # ------------------------------------------------------------------------------------- storage
 def read_conversations(files: Iterable[Path]) -> list[dict]:
-    """Conversations from .jsonl files: one {"messages": [...], "tools": [...]?} object per line."""
+    """SFT records from .jsonl files: one {"messages": [...], "tools": [...]?} or {"text": "..."} per line."""
     out = []
     for f in files:
         with open(f, encoding="utf-8") as fh:
@@ -333,15 +349,17 @@ def read_conversations(files: Iterable[Path]) -> list[dict]:
                 if not line.strip():
                     continue
                 rec = json.loads(line)
-                if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
-                    raise ValueError(f"{f}:{i + 1}: expected an object with a 'messages' list")
+                if not isinstance(rec, dict) or not (isinstance(rec.get("messages"), list)
+                                                     or isinstance(rec.get("text"), str) and rec["text"].strip()):
+                    raise ValueError(f"{f}:{i + 1}: expected an object with a 'messages' list or a non-empty 'text'")
                 out.append(rec)
     return out
 
 
 def build_sft_dataset(conversations: Sequence[dict], tokenizer, out_dir: str | os.PathLike, *,
                       val_fraction: float = 0.05, seed: int = 0, source: str = "") -> dict:
-    """Render, tokenise and store conversations; a deterministic ``val_fraction`` is held out."""
+    """Render, tokenise and store SFT records (conversations or text); a deterministic ``val_fraction`` is
+    held out."""
     out_dir = Path(out_dir)
     dtype = token_dtype(tokenizer.vocab_size)
     n = len(conversations)
@@ -358,7 +376,7 @@ def build_sft_dataset(conversations: Sequence[dict], tokenizer, out_dir: str | o
         for i, conv in enumerate(conversations):
             if (i in val_idx) != (split == "val"):
                 continue
-            ids, mask = render_conversation(tokenizer, conv["messages"], conv.get("tools"))
+            ids, mask = render_record(tokenizer, conv)
             ids_all.extend(ids)
             mask_all.extend(mask)
             offsets.append(len(ids_all))

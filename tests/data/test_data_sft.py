@@ -1,12 +1,13 @@
 import collections
+import json
 import random
 
 import numpy as np
 import pytest
 
 from glm5.data.loader import BatchLoader, ConversationRows
-from glm5.data.sft import (IDK, build_sft_dataset, default_sft_conversations, load_sft_split, render_conversation,
-                           worked_arithmetic)
+from glm5.data.sft import (IDK, build_sft_dataset, default_sft_conversations, load_sft_split, read_conversations,
+                           render_conversation, render_record, worked_arithmetic)
 
 
 def _trained_text(tok, ids, mask):
@@ -115,3 +116,27 @@ def test_build_sft_dataset_round_trip(tmp_path, small_tokenizer):
     # Every conversation of the split is used exactly once per epoch.
     specs = rows.epoch_rows(0, 0, True)
     assert sorted(c for s in specs for c in s) == list(range(36))
+
+
+def test_text_records_train_every_token_and_mix_with_conversations(tmp_path, small_tokenizer):
+    tok = small_tokenizer
+    doc = "ROMEO. But soft, what light through yonder window breaks?"
+    ids, mask = render_record(tok, {"text": doc})
+    assert ids == tok.encode(doc) + [tok.eos_token_id] and all(mask)  # as a pretraining document
+    conv = {"messages": [{"role": "user", "content": "Calculate 2 + 3."},
+                         {"role": "assistant", "reasoning_content": "2 + 3 = 5.", "content": "5"}]}
+    assert render_record(tok, conv) == render_conversation(tok, conv["messages"])
+    f = tmp_path / "mix.jsonl"
+    f.write_text(json.dumps(conv) + "\n" + json.dumps({"text": doc}) + "\n")
+    recs = read_conversations([f])
+    build_sft_dataset(recs, tok, tmp_path / "sft", val_fraction=0)
+    t, m, offsets, man = load_sft_split(tmp_path / "sft", "train")
+    assert man["splits"]["train"]["conversations"] == 2
+    text_ids = t[offsets[1]:offsets[2]].tolist()
+    assert text_ids == ids and m[offsets[1]:offsets[2]].all()
+    assert not m[offsets[0]:offsets[1]].all()  # the conversation's prompt stays untrained
+    # a record that is neither a conversation nor a non-empty text is rejected with its line number
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(conv) + "\n" + json.dumps({"text": "  "}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        read_conversations([bad])

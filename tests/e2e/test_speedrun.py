@@ -31,6 +31,26 @@ def _checkpointed_unfinished_stage(out: Path):
     return None
 
 
+def test_corpus_passages_are_single_documents(small_tokenizer):
+    import numpy as np
+
+    from glm5.speedrun import corpus_passages
+
+    tok = small_tokenizer
+    eos = tok.eos_token_id
+    docs = [tok.encode(f"Scene {i}. Enter the king, with lords and attendants.") for i in range(50)]
+    stream = np.asarray([t for d in docs for t in d + [eos]], dtype=np.int64)
+    recs = corpus_passages(stream, tok, 40, 12, seed=3)
+    assert recs == corpus_passages(stream, tok, 40, 12, seed=3)  # deterministic in seed
+    assert len(recs) == 40  # windows that start on an EOS are empty and drawn again
+    for r in recs:
+        ids = tok.encode(r["text"])
+        assert eos not in ids and 0 < len(ids) <= 14  # one document, about the window (decode/encode may shift)
+        assert r["text"] in tok.decode(stream.tolist())
+    with pytest.raises(ValueError, match="too few"):
+        corpus_passages(stream[:10], tok, 5, 12, seed=0)
+
+
 def test_smoke_speedrun_kill_resume_and_skip(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, GLM5_CACHE=str(tmp_path / "cache"))
@@ -66,6 +86,10 @@ def test_smoke_speedrun_kill_resume_and_skip(tmp_path):
     last = [json.loads(line) for line in (out / "sparse" / "metrics.jsonl").read_text().splitlines()]
     assert len([m for m in last if m.get("kind") == "train"][-1]["mtp_steps"]) == 2
     assert json.loads((out / "pretrain" / "train_config.json").read_text())["mtp_depth"] == 1
+    # SFT mixes corpus passages (trained on every token) into the task conversations
+    sft_recs = [json.loads(line) for line in (out / "sft" / "sft_data.jsonl").read_text().splitlines()]
+    n_text = sum("text" in r for r in sft_recs)
+    assert n_text == 30 and len(sft_recs) - n_text == 120  # smoke: 120 conversations, text fraction 0.2
     fp8 = json.loads((out / "fp8" / "DONE.json").read_text())["result"]
     assert fp8["fp8_bytes"] < 0.51 * fp8["bf16_or_fp32_bytes"]
     ev = json.loads((out / "eval" / "eval.json").read_text())[1]
