@@ -55,7 +55,7 @@ class SpeedrunPreset:
     sft_lr: float | None = None  # None: the trainer's default
     # share of SFT records that are plain corpus passages (trained on every token): without them arithmetic-only
     # SFT took glm5-tiny's Shakespeare perplexity from ~250 to ~5,000 (benchmarks/speedrun.md)
-    sft_text_fraction: float = 0.2
+    sft_text_fraction: float = 0.0
     sft_text_tokens: int = 64  # tokens per passage
     sparse_mtp_depth: int = 1  # MTP steps trained in the sparse stage (the one layer reused per step, as GLM-5)
     lr: float | None = None
@@ -67,23 +67,27 @@ PRESETS = {
                             pretrain_minutes=0.6, warmup_steps=8, sparse_steps=12, sparse_minutes=0.3, sft_steps=12,
                             sft_minutes=0.3, sft_examples=120, rl_steps=2, rl_group_size=4, rl_groups_per_step=2,
                             rl_train_tasks=24, rl_eval_tasks=12, rl_max_new_tokens=24, eval_tasks=12,
-                            eval_ppl_batches=2, eval_decode_tokens=16, warmup_minutes=0.3, sparse_mtp_depth=2),
+                            eval_ppl_batches=2, eval_decode_tokens=16, warmup_minutes=0.3, sparse_mtp_depth=2,
+                            sft_text_fraction=0.2),
     # cpu: SFT gets 8 minutes because RL needs a sharp policy to start from: after 5 minutes (113 steps) the
     # SFT model's T=1 samples were 16% correct against 43% greedy, and RL from there lowered accuracy
     # (benchmarks/speedrun.md). RL's lr is 3e-6: one AdamW step at 1e-5 moves glm5-tiny's sequence
     # log-probs 2-5x more than glm5-nano's, where 1e-5 works. MTP stays at depth 1: a run with depth 3 in the
     # sparse stage accepted fewer drafts (1.5 vs 2.0 on Shakespeare prompts, 1.7 vs 2.1 on the eval prompts).
+    # 1% of the SFT records are corpus passages: enough to keep the corpus perplexity near the base model's
+    # (467 against 5,260 without them); 5% and 20% kept it lower still but cost more task accuracy.
     "cpu": SpeedrunPreset(model="glm5-tiny", device="cpu", seq_len=256, batch_size=8, pretrain_steps=1500,
                           pretrain_minutes=10.0, warmup_steps=60, sparse_steps=300, sparse_minutes=3.0, sft_steps=600,
                           sft_minutes=8.0, sft_examples=4000, sft_lr=1e-3, rl_steps=30, rl_group_size=8,
                           rl_groups_per_step=4, rl_train_tasks=600, rl_eval_tasks=200, rl_max_new_tokens=40,
-                          rl_lr=3e-6, eval_tasks=200, eval_ppl_batches=16, eval_decode_tokens=64),
+                          rl_lr=3e-6, eval_tasks=200, eval_ppl_batches=16, eval_decode_tokens=64,
+                          sft_text_fraction=0.01),
     "h100": SpeedrunPreset(model="glm5-small", device="cuda", seq_len=1024, batch_size=32, pretrain_steps=6000,
                            pretrain_minutes=30.0, warmup_steps=200, sparse_steps=1500, sparse_minutes=8.0,
                            sft_steps=1500, sft_minutes=8.0, sft_examples=20000, rl_steps=40, rl_group_size=16,
                            rl_groups_per_step=16, rl_train_tasks=4000, rl_eval_tasks=400, rl_max_new_tokens=256,
                            eval_tasks=400, eval_ppl_batches=64, eval_decode_tokens=256, sparse_mtp_depth=3,
-                           rl_lr=2e-6),  # glm5-small is larger than glm5-tiny: no larger RL step (untested, no GPU)
+                           rl_lr=2e-6, sft_text_fraction=0.01),  # RL lr: a larger model, no larger step (untested)
 }
 
 
@@ -153,13 +157,50 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def preset_with_overrides(preset: str, overrides: list[str] | dict | None = None) -> SpeedrunPreset:
+    """``PRESETS[preset]`` with fields replaced: ``["sft_text_fraction=0", "rl_lr=1e-6"]`` or a dict. Values are
+    parsed as JSON (bare strings allowed) and must fit the field's type; unknown fields are an error."""
+    import dataclasses
+
+    if preset not in PRESETS:
+        raise SystemExit(f"glm5 speedrun: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    base = PRESETS[preset]
+    if not overrides:
+        return base
+    if not isinstance(overrides, dict):
+        pairs = {}
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise SystemExit(f"glm5 speedrun: --set expects KEY=VALUE, got {item!r}")
+            try:
+                pairs[key.strip()] = json.loads(raw)
+            except json.JSONDecodeError:
+                pairs[key.strip()] = raw
+        overrides = pairs
+    fields = {f.name for f in dataclasses.fields(SpeedrunPreset)}
+    clean = {}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise SystemExit(f"glm5 speedrun: unknown preset field {key!r}; fields: {', '.join(sorted(fields))}")
+        old = getattr(base, key)
+        if isinstance(old, bool) or isinstance(value, bool):
+            ok = isinstance(value, bool) and (old is None or isinstance(old, bool))
+        elif isinstance(old, (int, float)) or (old is None and key.endswith(("lr", "fraction"))):
+            ok = isinstance(value, (int, float)) and (not isinstance(old, int) or isinstance(value, int))
+        else:
+            ok = old is None or value is None or isinstance(value, type(old))
+        if not ok:
+            raise SystemExit(f"glm5 speedrun: {key}={value!r} does not fit the field (now {old!r})")
+        clean[key] = float(value) if isinstance(old, float) else value
+    return dataclasses.replace(base, **clean)
+
+
 class Speedrun:
-    def __init__(self, out: str | Path, preset: str = "smoke", log=print):
-        if preset not in PRESETS:
-            raise SystemExit(f"glm5 speedrun: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    def __init__(self, out: str | Path, preset: str = "smoke", log=print, overrides: list[str] | dict | None = None):
+        self.p = preset_with_overrides(preset, overrides)
         self.out = Path(out)
         self.name = preset
-        self.p = PRESETS[preset]
         self.log = log
         self.cache = str(self.out / "cache")
 
@@ -281,6 +322,7 @@ class Speedrun:
                          seq_len=p.seq_len, max_new_tokens=p.rl_max_new_tokens, cache_dir=self.cache)
         rows = [evaluate(self.stage_dir("sft") / "hf", cfg, device=p.device, progress=self.log),
                 evaluate(self.out / "final", cfg, device=p.device, progress=self.log)]
+        rows[0]["label"], rows[1]["label"] = "SFT", "final (RL)"
         _write_json_atomic(self.stage_dir("eval") / "eval.json", rows)
         _write_json_atomic(self.stage_dir("eval") / "samples.json", self._samples())
         return {"sft": rows[0], "final": rows[1]}
@@ -326,13 +368,16 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default=None, help="run directory (default runs/speedrun-PRESET)")
     p.add_argument("--only", nargs="+", choices=list(STAGES), help="run just these stages (others must be done)")
     p.add_argument("--fresh", action="store_true", help="delete the run directory first")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset field, e.g. --set sft_text_fraction=0 (repeatable); stages done "
+                        "earlier are not re-run")
 
     def _run(a):
         out = Path(a.out or f"runs/speedrun-{a.preset}")
         if a.fresh and out.exists():
             shutil.rmtree(out)
         t0 = time.time()
-        Speedrun(out, a.preset, log=lambda s: print(s, flush=True)).run(a.only)
+        Speedrun(out, a.preset, log=lambda s: print(s, flush=True), overrides=a.overrides).run(a.only)
         print(f"[speedrun] all stages done in {time.time() - t0:.1f}s -> {out}/report.md; "
               f"serve it with: glm5 serve --model {out}/final")
         return 0

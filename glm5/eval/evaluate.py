@@ -160,7 +160,7 @@ def format_table(rows: list[dict]) -> str:
         ci = r.get("accuracy_ci")
         acc = _fmt(r.get("accuracy"), pct=True) + (f" [{100 * ci[0]:.0f}–{100 * ci[1]:.0f}]" if ci else "")
         lines.append("| " + " | ".join([
-            Path(r["model"]).name or r["model"], f"{r['params_total'] / 1e6:.1f}M / {r['params_activated'] / 1e6:.1f}M",
+            r.get("label") or Path(r["model"]).name or r["model"], f"{r['params_total'] / 1e6:.1f}M / {r['params_activated'] / 1e6:.1f}M",
             _fmt(r.get("val_perplexity")), acc, _fmt(r.get("abstention_rate"), pct=True),
             _fmt(r.get("hallucination_rate"), pct=True), _fmt(r.get("mtp_acceptance_length")),
             _fmt(r.get("decode_tokens_per_s")), _fmt(r.get("cost_per_million_output_tokens_usd")),

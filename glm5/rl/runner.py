@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -136,6 +137,19 @@ def make_client(cfg: RLConfig, policy, tokenizer, rollout_threads: int):
     return ProcessRolloutClient(spec, policy, make_prompt=make_prompt)
 
 
+def soft_policy_warning(greedy_accuracy: float | None, sampled_accuracy: float | None) -> str | None:
+    """A warning when the policy's samples are far worse than its greedy answers (the first RL step's rollout
+    accuracy against the greedy held-out accuracy before RL). Outcome-reward RL from such a soft policy
+    mostly pushes down broken samples and lowered glm5-tiny's accuracy (benchmarks/speedrun.md); train SFT
+    longer first, or lower the RL learning rate."""
+    if greedy_accuracy is None or sampled_accuracy is None or greedy_accuracy < 0.2:
+        return None
+    if sampled_accuracy >= 0.5 * greedy_accuracy:
+        return None
+    return (f"the policy's samples are right {sampled_accuracy:.0%} of the time against {greedy_accuracy:.0%} "
+            "greedy: RL from so soft a policy tends to lower accuracy; consider more SFT or a smaller lr")
+
+
 def run_rl(cfg: RLConfig) -> dict:
     from glm5.model.transformer import GLM5ForCausalLM
     from glm5.tokenizer import GLM5Tokenizer
@@ -179,6 +193,11 @@ def run_rl(cfg: RLConfig) -> dict:
     evals = []
 
     def on_step(step, rec):
+        if step == 0 and "before" in summary:
+            warn = soft_policy_warning(summary["before"].get("accuracy"), rec.get("accuracy"))
+            if warn:
+                warnings.warn(warn, stacklevel=1)
+                summary["soft_policy_warning"] = warn
         if cfg.eval_every and held and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.manager.num_steps:
             m = evaluate_model(policy, tok, held, rollout=cfg.rollout, engine_kwargs=ek)
             m["step"] = step + 1

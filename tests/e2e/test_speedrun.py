@@ -51,6 +51,20 @@ def test_corpus_passages_are_single_documents(small_tokenizer):
         corpus_passages(stream[:10], tok, 5, 12, seed=0)
 
 
+def test_preset_overrides_are_typed_and_validated():
+    from glm5.speedrun import PRESETS, preset_with_overrides
+
+    p = preset_with_overrides("cpu", ["sft_text_fraction=0", "rl_lr=1e-6", "rl_mode=sync", "sft_steps=10"])
+    assert (p.sft_text_fraction, p.rl_lr, p.rl_mode, p.sft_steps) == (0.0, 1e-6, "sync", 10)
+    assert isinstance(p.sft_text_fraction, float) and PRESETS["cpu"].sft_text_fraction == 0.01  # copy, not edit
+    for bad, msg in ((["nope=1"], "unknown preset field"), (["sft_steps=1.5"], "does not fit"),
+                     (["rl_mode=3"], "does not fit"), (["sft_steps"], "KEY=VALUE")):
+        with pytest.raises(SystemExit, match=msg):
+            preset_with_overrides("cpu", bad)
+    with pytest.raises(SystemExit, match="unknown preset"):
+        preset_with_overrides("tpu")
+
+
 def test_smoke_speedrun_kill_resume_and_skip(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, GLM5_CACHE=str(tmp_path / "cache"))

@@ -70,3 +70,13 @@ def test_logger_and_plot(tmp_path):
     assert [r["step"] for r in recs] == [0, 1, 2] and "time_s" in recs[0]
     png = plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "rl.png")
     assert png is not None and png.stat().st_size > 1000
+
+
+def test_soft_policy_warning_flags_samples_far_below_greedy():
+    from glm5.rl.runner import soft_policy_warning
+
+    # the second session's glm5-tiny SFT model: 43% greedy, 16% sampled at T = 1
+    assert "16%" in soft_policy_warning(0.43, 0.16) and "43%" in soft_policy_warning(0.43, 0.16)
+    assert soft_policy_warning(0.43, 0.30) is None  # within a factor of two: fine
+    assert soft_policy_warning(0.10, 0.0) is None  # a model that cannot do the task: nothing to compare
+    assert soft_policy_warning(None, 0.1) is None and soft_policy_warning(0.9, None) is None
