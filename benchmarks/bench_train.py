@@ -77,9 +77,11 @@ def our_step(model, opt, x, y, mode: str, tracker=None, autocast=None):
             b = Batch(x, y, torch.arange(x.shape[1], device=x.device).expand_as(x), None)
             loss, _ = compute_loss(model, b, LossConfig(stage="dense", mtp_depth=1), count_targets(b, 1).tolist(),
                                    tracker=tracker)
-        else:
-            out = model(x, dsa=mode)
-            loss = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
+        else:  # the trainer's head: LM head fused with the CE, chunked (glm5.train.linear_ce)
+            from glm5.train.linear_ce import linear_cross_entropy
+
+            out = model(x, dsa=mode, compute_logits=False)
+            loss = linear_cross_entropy(out.hidden_states, model.lm_head.weight, y) / y.numel()
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

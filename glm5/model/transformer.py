@@ -112,10 +112,11 @@ class GLM5ForCausalLM(nn.Module):
     # -------------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache=None, dsa: str = "sparse",
-                indexer_loss: str | None = None, logits_to_keep: int = 0) -> CausalLMOutput:
+                indexer_loss: str | None = None, logits_to_keep: int = 0, compute_logits: bool = True) -> CausalLMOutput:
         """input_ids [B,S]; attention_mask: [B,past+S] padding mask (1 = token) or a [B,1,S,T] bool mask;
         cache: a LatentCache (or an engine cache) to read and extend; logits_to_keep: 0 = all positions,
-        n = the last n."""
+        n = the last n; ``compute_logits=False`` leaves ``logits`` None (the trainer applies the LM head
+        fused with its loss, glm5.train.linear_ce)."""
         B, S = input_ids.shape
         past = cache.seq_length(0) if cache is not None else 0
         if position_ids is None:
@@ -127,13 +128,15 @@ class GLM5ForCausalLM(nn.Module):
         ctx = AttentionContext(mask=mask, cache=cache, dsa=dsa, indexer_loss=indexer_loss)
         hidden = self.model(input_ids, position_ids, ctx)
         h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-        return CausalLMOutput(logits=self.lm_head(h), hidden_states=hidden, aux_losses=ctx.aux_losses, cache=cache)
+        logits = self.lm_head(h) if compute_logits else None
+        return CausalLMOutput(logits=logits, hidden_states=hidden, aux_losses=ctx.aux_losses, cache=cache)
 
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, position_ids: torch.Tensor,
                     mask: torch.Tensor, cache=None, dsa: str = "sparse", indexer_loss: str | None = None,
-                    aux_losses: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    aux_losses: list | None = None, compute_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP step. hidden [B,S,H] = h^{d-1} at positions t; next_ids [B,S] = tokens x_{t+d}.
-        Returns (logits [B,S,V] predicting x_{t+d+1}, h^d [B,S,H]). With ``indexer_loss`` (training), the MTP
+        Returns (logits [B,S,V] predicting x_{t+d+1}, h^d [B,S,H]); with ``compute_logits=False`` the first
+        is the LM head's input (``shared_head.norm(h^d)``) instead. With ``indexer_loss`` (training), the MTP
         layer's indexer KL is appended to ``aux_losses``."""
         mtp = self.model.mtp
         if mtp is None:
@@ -144,7 +147,8 @@ class GLM5ForCausalLM(nn.Module):
         h = mtp.step(emb, hidden, rope, ctx)
         if aux_losses is not None:
             aux_losses.extend(ctx.aux_losses)
-        return self.lm_head(mtp.shared_head.norm(h)), h
+        head_in = mtp.shared_head.norm(h)
+        return (self.lm_head(head_in) if compute_logits else head_in), h
 
     # -------------------------------------------------------------------------------- utilities
     @property

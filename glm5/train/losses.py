@@ -23,11 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from glm5.data.loader import IGNORE_INDEX, Batch
 from glm5.model.cache import build_attention_mask
 from glm5.train.balance import sequence_balance_loss
+from glm5.train.linear_ce import linear_cross_entropy
 
 __all__ = ["LossConfig", "stage_modes", "mtp_inputs", "count_targets", "compute_loss"]
 
@@ -72,9 +72,9 @@ def count_targets(batch: Batch, mtp_depth: int) -> torch.Tensor:
     return torch.tensor(counts, dtype=torch.float64)
 
 
-def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+def _ce_sum(model, head_input: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed CE of the LM head applied to ``head_input`` [B,S,H], fused and chunked (no [B,S,V] logits)."""
+    return linear_cross_entropy(head_input, model.lm_head.weight, labels, ignore_index=IGNORE_INDEX)
 
 
 def compute_loss(model, batch: Batch, lc: LossConfig, norm: torch.Tensor, *, grad_scale: float = 1.0,
@@ -96,17 +96,17 @@ def compute_loss(model, batch: Batch, lc: LossConfig, norm: torch.Tensor, *, gra
         tracker.record_scores = lc.seq_balance_alpha > 0 and not warmup
 
     out = model(batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, dsa=dsa,
-                indexer_loss=indexer_loss)
-    ce_sum = _ce_sum(out.logits, batch.labels)
+                indexer_loss=indexer_loss, compute_logits=False)
+    ce_sum = _ce_sum(model, out.hidden_states, batch.labels)
     aux = list(out.aux_losses)
     depth = lc.mtp_depth if getattr(model.model, "mtp", None) is not None else 0
     mtp_sums = []
     h = out.hidden_states
     for d in range(1, depth + 1):
         nxt, lab = mtp_inputs(batch, d, pad_id)
-        logits, h = model.mtp_forward(h, nxt, batch.position_ids, mask, dsa=dsa, indexer_loss=indexer_loss,
-                                      aux_losses=aux)
-        mtp_sums.append(_ce_sum(logits, lab))
+        head_in, h = model.mtp_forward(h, nxt, batch.position_ids, mask, dsa=dsa, indexer_loss=indexer_loss,
+                                       aux_losses=aux, compute_logits=False)
+        mtp_sums.append(_ce_sum(model, head_in, lab))
     kl = torch.stack(aux).mean() if aux else None
 
     balance = None

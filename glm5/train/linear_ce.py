@@ -1,0 +1,82 @@
+"""Fused LM head + cross-entropy, chunked over rows, so the [N, V] logits never exist whole.
+
+``F.cross_entropy(h @ W.T, y)`` materialises the logits, their log-softmax and, in backward, a gradient of
+the same size: for glm5-tiny's batch (2,048 tokens × 8,192 ids) that is 64 MiB each, written and read
+several times per step, and on CPU every fresh 64 MiB buffer is also a round of page faults. Here each
+chunk of rows computes its logits, its loss and, when a gradient is wanted, the gradients of the hidden
+states and of the weight straight away (the softmax minus the one-hot target, times W or times h), as
+Liger-Kernel's fused linear cross-entropy does; backward only scales the saved gradients by the incoming
+one. The work is the same three matmuls as the unfused head; only the memory traffic shrinks, to one
+[chunk, V] block at a time.
+
+The result is the *sum* of the per-token losses over targets != ``ignore_index`` (the trainer normalises by
+its global target count). Logits are accumulated in fp32 whatever the input dtype (bf16 under autocast).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows per chunk: a [chunk, V] fp32 block stays a few MiB for vocabularies up to ~150K ids on CPU caches
+# and keeps the matmuls large enough to run at full speed.
+DEFAULT_CHUNK_ROWS = 256
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index: int, chunk: int):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        N = hidden.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        w = weight
+        for a in range(0, N, chunk):
+            b = min(N, a + chunk)
+            h = hidden[a:b]
+            y = labels[a:b]
+            logits = (h @ w.t()).float()  # [c,V]
+            valid = y != ignore_index
+            safe_y = torch.where(valid, y, torch.zeros_like(y))
+            lse = torch.logsumexp(logits, dim=-1)  # [c]
+            target_logit = logits.gather(1, safe_y[:, None])[:, 0]
+            total += ((lse - target_logit) * valid).sum()
+            if need_h or need_w:
+                # d(sum of losses)/d logits = softmax - onehot(target), zero on ignored rows
+                g = torch.exp(logits - lse[:, None])
+                g[torch.arange(b - a, device=g.device), safe_y] -= 1.0
+                g *= valid[:, None]
+                g = g.to(hidden.dtype)
+                if need_h:
+                    grad_h[a:b] = g @ w
+                if need_w:
+                    grad_w += (g.t() @ h).float()
+        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         ignore_index: int = -100, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """Sum over valid targets of ``cross_entropy(hidden @ weight.T, labels)``.
+
+    hidden [..., H], weight [V, H], labels [...] (``ignore_index`` = no target). Equal to
+    ``F.cross_entropy(F.linear(hidden, weight).float(), labels, reduction="sum")`` up to fp32 rounding, in
+    value and in both gradients.
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be ≥ 1, got {chunk_rows}")
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    if h.shape[0] != y.shape[0]:
+        raise ValueError(f"{h.shape[0]} hidden rows but {y.shape[0]} labels")
+    if weight.dtype != h.dtype:  # autocast: bf16 activations, fp32 master weight
+        weight = weight.to(h.dtype)
+    return _LinearCrossEntropy.apply(h, weight, y, ignore_index, chunk_rows)
