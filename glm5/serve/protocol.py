@@ -153,7 +153,9 @@ class _Sampling(_Open):
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    # vLLM's bounds are (0, ∞); below 0.01 the logits are divided by > 100 and, under ~1e-38, by an fp32 zero
+    # (inf → NaN probabilities: found by the schema fuzz test with 5e-324)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True

@@ -81,6 +81,7 @@ def test_unknown_model_is_404(client, http):
     ({"messages": HI, "logit_bias": {"abc": 1}}, "logit_bias"),
     ({"messages": HI, "logit_bias": {"999999": 1}}, "logit_bias"),
     ({"messages": HI, "stop_token_ids": [10**9]}, "stop_token_ids"),
+    ({"messages": HI, "repetition_penalty": 5e-324}, "repetition_penalty"),  # fp32 zero: NaN probabilities
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
      "messages.0.content"),
     ({"messages": HI + [{"role": "assistant", "tool_calls": [{"id": "1", "type": "function",
