@@ -18,7 +18,7 @@ from glm5.engine.block_manager import BlockManager
 from glm5.engine.kv_cache import PagedKVCache, bytes_per_block
 from glm5.engine.model_runner import Chunk, ModelRunner
 from glm5.engine.outputs import CompletionOutput, RequestOutput
-from glm5.engine.sampler import Sampler, token_logprobs
+from glm5.engine.sampler import Sampler, token_logprobs, unusable_rows
 from glm5.engine.sampling_params import SamplingParams
 from glm5.engine.scheduler import Scheduler
 from glm5.engine.sequence import Sequence, SequenceStatus
@@ -231,19 +231,26 @@ class LLMEngine:
         # ---- sample / verify
         plain = [i for i, s in enumerate(items) if s.completes and not s.draft_ids]
         sampled: dict[int, tuple[list[int], list]] = {}
+        failed: dict[int, str] = {}  # item -> why its row could not be sampled; that request alone ends
         if logits is not None and any(s.completes and s.seq.params.min_tokens for s in items):
             logits = self._mask_min_tokens(logits, items, row_of, nrows)
         if plain:
             rows = torch.tensor([row_of[i] for i in plain], dtype=torch.long, device=logits.device)
-            toks, lps = self.sampler(logits[rows], [items[i].seq.params for i in plain],
-                                     [items[i].seq.generator for i in plain],
-                                     [items[i].seq.output_token_ids for i in plain])
+            toks, lps, errs = self.sampler(logits[rows], [items[i].seq.params for i in plain],
+                                           [items[i].seq.generator for i in plain],
+                                           [items[i].seq.output_token_ids for i in plain])
             for j, i in enumerate(plain):
-                sampled[i] = ([toks[j]], [lps[j]])
+                if errs[j] is None:
+                    sampled[i] = ([toks[j]], [lps[j]])
+                else:
+                    failed[i] = errs[j]
         for i, s in enumerate(items):
             if s.completes and s.draft_ids:
                 seq = s.seq
                 lg = logits[row_of[i]:row_of[i] + nrows[i]]
+                if bool(unusable_rows(lg).any()):
+                    failed[i] = "the model produced non-finite logits"
+                    continue
                 if seq.params.greedy:  # argmax rows stand in for one-hot distributions
                     emitted, accepted = rejection_sample(lg, s.draft_ids, None, None)
                 else:
@@ -266,7 +273,15 @@ class LLMEngine:
             seq = s.seq
             width = s.num_new_tokens + len(s.draft_ids)
             c_old = seq.num_computed_tokens
-            if i in sampled:
+            if i in failed:
+                seq.num_computed_tokens = c_old + s.num_new_tokens
+                log.warning("request %s failed: %s", self._seq_req[seq.seq_id].request_id, failed[i])
+                self.stats["failed_sequences"] = self.stats.get("failed_sequences", 0) + 1
+                self._finish_seq(seq, "error", failed[i])
+                req = self._seq_req[seq.seq_id]
+                if req not in touched:
+                    touched.append(req)
+            elif i in sampled:
                 toks, lps = sampled[i]
                 seq.num_computed_tokens = c_old + s.num_new_tokens + len(toks) - 1  # fed + accepted drafts
                 for t, lp in zip(toks, lps):

@@ -74,33 +74,70 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], num_top: list[int | 
     return out
 
 
-def apply_logits_processors(logits: torch.Tensor, params: list[SamplingParams],
-                            outputs: list[list[int]]) -> torch.Tensor:
+def apply_logits_processors(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]],
+                            errors: list[str | None]) -> torch.Tensor:
     """Row i's ``params[i].logits_processors`` applied in order to ``logits[i]`` given that sequence's output ids
-    so far. Returns ``logits`` itself when no row has processors, else an fp32 copy."""
+    so far. Returns ``logits`` itself when no row has processors, else an fp32 copy. A processor that raises or
+    returns the wrong shape fails its own row only: the reason goes to ``errors[i]``."""
     rows = [i for i, p in enumerate(params) if p.logits_processors]
     if not rows:
         return logits
     out = logits.float().clone()
     for i in rows:
-        for proc in params[i].logits_processors:
-            row = proc(outputs[i], out[i])
-            if row is None or row.shape != out[i].shape:
-                raise ValueError(f"a logits processor returned {None if row is None else tuple(row.shape)}, "
-                                 f"expected a tensor of shape {tuple(out[i].shape)}")
+        row = out[i]
+        try:
+            for proc in params[i].logits_processors:
+                row = proc(outputs[i], row)
+                if not isinstance(row, torch.Tensor) or row.shape != out[i].shape:
+                    raise ValueError(f"a logits processor returned "
+                                     f"{tuple(row.shape) if isinstance(row, torch.Tensor) else type(row).__name__}, "
+                                     f"expected a tensor of shape {tuple(out[i].shape)}")
             out[i] = row
+        except Exception as e:  # a user callback must not take the other requests down
+            errors[i] = f"logits processor failed: {type(e).__name__}: {e}"
     return out
+
+
+def unusable_rows(x: torch.Tensor) -> torch.Tensor:
+    """[M, V] logits or probabilities -> [M] bool: rows with a NaN or +inf, or with no finite entry (nothing can
+    be sampled from them). -inf entries are fine (masked tokens)."""
+    return torch.isnan(x).any(-1) | torch.isposinf(x).any(-1) | ~torch.isfinite(x).any(-1)
 
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], generators: list,
                  outputs: list[list[int]]):
-        """logits [M,V] -> (tokens list[int], logprobs list[dict | None]). ``outputs`` (each row's output ids so
-        far) is what logits processors see; logprobs are taken from the unprocessed logits."""
+        """logits [M,V] -> (tokens list[int | None], logprobs list[dict | None], errors list[str | None]).
+
+        ``outputs`` (each row's output ids so far) is what logits processors see; logprobs are taken from the
+        unprocessed logits. A row that cannot be sampled (non-finite logits from the model, a failing logits
+        processor, a distribution that is all zeros or NaN after temperature/top-k/top-p) gets token None and
+        its reason in ``errors``, so that one bad request fails alone instead of stopping the engine."""
+        M = logits.shape[0]
+        errors: list[str | None] = [None] * M
         raw = logits
-        logits = apply_logits_processors(logits, params, outputs)
-        if all(p.greedy for p in params):
-            tokens = logits.argmax(-1).tolist()
-        else:
-            tokens = sample_rows(processed_probs(logits, params), params, generators)
-        return tokens, token_logprobs(raw, tokens, [p.logprobs for p in params])
+        logits = apply_logits_processors(logits, params, outputs, errors)
+        for i in unusable_rows(logits).nonzero().flatten().tolist():
+            errors[i] = errors[i] or ("the model produced non-finite logits" if bool(unusable_rows(raw[i:i + 1]))
+                                      else "the logits processors returned no usable logits")
+        tokens: list[int | None] = [None] * M
+        ok = [i for i in range(M) if errors[i] is None]
+        if ok:
+            sub = logits[ok] if len(ok) < M else logits
+            sub_params = [params[i] for i in ok]
+            if all(p.greedy for p in sub_params):
+                picked = sub.argmax(-1).tolist()
+            else:
+                probs = processed_probs(sub, sub_params)
+                bad = (unusable_rows(probs) | (probs.sum(-1) <= 0)).tolist()
+                picked = []
+                for j, i in enumerate(ok):
+                    if bad[j]:
+                        errors[i] = "the sampling distribution is not finite (check temperature/top_p/top_k)"
+                        picked.append(None)
+                    else:
+                        picked.append(sample_rows(probs[j:j + 1], sub_params[j:j + 1], [generators[i]])[0])
+            for j, i in enumerate(ok):
+                tokens[i] = picked[j]
+        lps = token_logprobs(raw, [t if t is not None else 0 for t in tokens], [p.logprobs for p in params])
+        return tokens, [lp if t is not None else None for t, lp in zip(tokens, lps)], errors

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from glm5.engine.model_runner import Chunk, ModelRunner
-from glm5.engine.sampler import processed_probs
+from glm5.engine.sampler import processed_probs, unusable_rows
 from glm5.engine.sampling_params import SamplingParams
 from glm5.engine.sequence import Sequence
 
@@ -154,9 +154,12 @@ class MTPProposer:
                 w.seq.draft_token_ids.append(t)
             return
         probs = processed_probs(logits, params)
+        unusable = (unusable_rows(probs) | (probs.sum(-1) <= 0)).tolist()
         for i, w in enumerate(drafting):
             if w.seq.params.greedy:
                 w.seq.draft_token_ids.append(int(probs[i].argmax()))
+            elif unusable[i]:  # a broken draft distribution only ends drafting; the target decides the token
+                w.kmax = d - 1
             else:
                 w.seq.draft_token_ids.append(int(torch.multinomial(probs[i], 1, generator=w.seq.generator)))
                 w.dists.append(probs[i])

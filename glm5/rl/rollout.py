@@ -185,6 +185,8 @@ class RolloutEngine:
                 if self._run_tools(s, comp.token_ids):
                     self._submit_one(s)
                     return
+            if reason == "error":  # the engine could not sample this trajectory (e.g. non-finite logits)
+                raise RuntimeError(f"generation failed: {comp.stop_reason}")
             s.status = Status.TRUNCATED if reason == "length" else Status.COMPLETED
         except Exception as e:  # an environment failure must not kill the rollout process
             s.status = Status.FAILED

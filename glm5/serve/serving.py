@@ -450,6 +450,8 @@ class Generation:
                 c.last_token_time = now
                 self._count_reasoning(c, comp.token_ids)
                 c.token_ids.extend(comp.token_ids)
+            if comp.finish_reason == "error":  # this request's sampling failed; the engine serves on
+                raise APIError(500, f"Generation failed: {comp.stop_reason}", code="generation_failed")
             if comp.finish_reason is not None:
                 c.finish_reason = comp.finish_reason
                 c.stop_reason = comp.stop_reason

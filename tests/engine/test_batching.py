@@ -202,6 +202,66 @@ def test_logits_processors_see_each_completions_own_output(nano):
 def test_bad_logits_processors_are_rejected(nano):
     with pytest.raises(ValueError, match="callables"):
         SamplingParams(logits_processors=[3])
-    with pytest.raises(ValueError, match="expected a tensor of shape"):
-        LLM(nano).generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=2,
-                                                      logits_processors=[lambda ids, lg: lg[:5]]))
+
+
+def _raises(ids, lg):
+    if len(ids) == 2:
+        raise KeyError("boom")
+    return lg
+
+
+@pytest.mark.parametrize("bad,why", [
+    (lambda ids, lg: lg[:5], "expected a tensor of shape"),
+    (_raises, "KeyError: 'boom'"),
+    (lambda ids, lg: lg * float("nan"), "no usable logits"),
+    (lambda ids, lg: torch.full_like(lg, float("-inf")), "no usable logits"),
+])
+def test_a_failing_request_ends_alone(nano, bad, why):
+    """A request whose processor raises, returns the wrong shape or leaves nothing to sample finishes with
+    finish_reason "error" and the reason; the requests batched with it are untouched."""
+    ps = prompts([9, 12, 6], seed=23)
+    good = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.9, seed=5, max_tokens=6, ignore_eos=True)
+    alone = LLM(nano).generate([ps[0], ps[2]], [good, sampled])
+    outs = LLM(nano).generate(ps, [good, SamplingParams(temperature=0.8, max_tokens=6, ignore_eos=True,
+                                                         logits_processors=[bad]), sampled])
+    failed = outs[1].outputs[0]
+    assert failed.finish_reason == "error" and why in failed.stop_reason
+    assert outs[0].outputs[0].token_ids == alone[0].outputs[0].token_ids
+    assert outs[2].outputs[0].token_ids == alone[1].outputs[0].token_ids
+    assert outs[0].outputs[0].finish_reason == outs[2].outputs[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("spec", [0, 3])
+def test_non_finite_logits_fail_one_request_not_the_engine(nano, spec):
+    """Model-side NaN in one row (as an fp16 overflow would give): that sequence ends with "error", the others
+    in the batch finish exactly as without the fault, and the engine keeps serving."""
+    ps = prompts([8, 11, 5], seed=24)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in LLM(nano).generate(ps, sp)]
+    llm = LLM(nano, num_speculative_tokens=spec)
+    runner = llm.engine.runner
+    orig, state = runner.logits, {"armed": True}
+
+    def poisoned(h):
+        out = orig(h)
+        if state["armed"] and out.shape[0] >= 3:  # once, on a step that has every sequence in it
+            state["armed"] = False
+            out = out.clone()
+            out[0] = float("nan")
+        return out
+
+    runner.logits = poisoned
+    outs = llm.generate(ps, sp)
+    assert not state["armed"]
+    reasons = [o.outputs[0].finish_reason for o in outs]
+    assert reasons.count("error") == 1, reasons
+    for o, r in zip(outs, ref):
+        if o.outputs[0].finish_reason == "error":
+            assert "non-finite" in o.outputs[0].stop_reason
+            assert o.outputs[0].token_ids == r[:len(o.outputs[0].token_ids)]
+        else:
+            assert o.outputs[0].token_ids == r
+    runner.logits = orig
+    assert [o.outputs[0].token_ids for o in llm.generate(ps, sp)] == ref  # still serving
+    assert llm.engine.stats["failed_sequences"] == 1

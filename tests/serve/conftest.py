@@ -152,7 +152,12 @@ class ScriptedBackend(EngineBackend):
         prompt = self.tokenizer.decode(prompt_token_ids)
         found = re.findall(r"SCRIPT:(\w+)", prompt)
         name = found[-1] if found else None
-        if name in SCRIPTS:
+        if name == "fail":  # a request whose logits turn to NaN: it must fail alone, the engine serving on
+            def poison(out_ids, logits):
+                return logits if len(out_ids) < 2 else torch.full_like(logits, float("nan"))
+
+            logits_processors = list(logits_processors or []) + [poison]
+        elif name in SCRIPTS:
             script = self.tokenizer.encode(SCRIPTS[name])
 
             def force(out_ids, logits, script=script):

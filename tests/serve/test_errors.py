@@ -272,3 +272,32 @@ def test_engine_failure_mid_stream_is_reported_in_stream(model_dir):
         while backend.engine.num_unfinished_requests and time.monotonic() < deadline:
             time.sleep(0.05)
         assert backend.engine.num_unfinished_requests == 0
+
+
+def test_a_request_that_cannot_be_sampled_fails_alone(scripted_server, scripted_client):
+    """Logits that turn to NaN mid-generation (forced here by a test processor on "SCRIPT:fail") end that
+    request with a 500 "generation_failed" (an SSE error event when streaming); requests before, beside and
+    after it are served: one bad request must not stop the engine (it used to: every later request got 503)."""
+    import httpx
+
+    fail = [{"role": "user", "content": "SCRIPT:fail"}]
+    url = scripted_server.url + "/v1/chat/completions"
+    r = httpx.post(url, json={"messages": fail, "max_tokens": 8}, timeout=60)
+    err = assert_error(r, 500, "generation_failed")
+    assert "non-finite" in err["message"] or "no usable logits" in err["message"]
+    with httpx.stream("POST", url, json={"messages": fail, "max_tokens": 8, "stream": True}, timeout=60) as s:
+        events = [ln[6:] for ln in s.iter_lines() if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "generation_failed"
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"messages": HI, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    with ThreadPoolExecutor(4) as pool:  # failing requests batched with a good one
+        futs = [pool.submit(httpx.post, url, json=b, timeout=60)
+                for b in ({"messages": fail, "max_tokens": 8}, body, {"messages": fail, "max_tokens": 8})]
+        rs = [f.result() for f in futs]
+    assert [r.status_code for r in rs] == [500, 200, 500]
+    assert rs[1].json()["choices"][0]["finish_reason"] == "length"
+    ok = scripted_client.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=4)
+    assert ok.choices[0].finish_reason in ("stop", "length")
+    assert httpx.get(scripted_server.url + "/health").status_code == 200
