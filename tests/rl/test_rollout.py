@@ -47,6 +47,29 @@ def test_rollout_sample_fields(policy, tok, tasks):
     assert done[0].response_ids != done[1].response_ids
 
 
+def test_engine_sampling_failure_fails_the_sample_not_the_rollout(policy, tok, tasks):
+    """A trajectory whose logits turn to NaN is marked FAILED with the engine's reason; the other samples of
+    the same batch complete normally (the manager then drops or pads the failed group)."""
+    ro = rollout_for(clone_model(policy), tok, max_new_tokens=12)
+    runner = ro.engine.runner
+    orig, armed = runner.logits, [True]
+
+    def poisoned(h):
+        out = orig(h)
+        if armed[0] and out.shape[0] >= 4:
+            armed[0] = False
+            out = out.clone()
+            out[1] = float("nan")
+        return out
+
+    runner.logits = poisoned
+    done = ro.generate(samples_for(ro, tasks[:4], max_new=12))
+    assert not armed[0] and len(done) == 4
+    failed = [s for s in done if s.status == Status.FAILED]
+    assert len(failed) == 1 and "non-finite" in failed[0].failure_reason
+    assert all(s.status in (Status.COMPLETED, Status.TRUNCATED) for s in done if s is not failed[0])
+
+
 def test_first_step_logprob_gap_zero_and_ratio_one(policy, tok, tasks):
     """Engine (paged cache, DSA sparse decode) and trainer (full forward) on the same weights agree."""
     ro = rollout_for(clone_model(policy), tok, max_new_tokens=40)
