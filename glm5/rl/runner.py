@@ -138,8 +138,8 @@ def make_client(cfg: RLConfig, policy, tokenizer, rollout_threads: int):
 
 
 def soft_policy_warning(greedy_accuracy: float | None, sampled_accuracy: float | None) -> str | None:
-    """A warning when the policy's samples are far worse than its greedy answers (the first RL step's rollout
-    accuracy against the greedy held-out accuracy before RL). Outcome-reward RL from such a soft policy
+    """A warning when the policy's samples are far worse than its greedy answers (the rollout accuracy of the
+    first RL steps, >= 64 answerable samples, against the greedy held-out accuracy before RL). Outcome-reward RL from such a soft policy
     mostly pushes down broken samples and lowered glm5-tiny's accuracy (benchmarks/speedrun.md); train SFT
     longer first, or lower the RL learning rate."""
     if greedy_accuracy is None or sampled_accuracy is None or greedy_accuracy < 0.2:
@@ -192,12 +192,21 @@ def run_rl(cfg: RLConfig) -> dict:
     logger = MetricsLogger(out, cfg.manager.num_steps, progress=cfg.progress)
     evals = []
 
+    early = {"correct": 0, "answerable": 0, "checked": False}  # sampled accuracy over the first steps
+
     def on_step(step, rec):
-        if step == 0 and "before" in summary:
-            warn = soft_policy_warning(summary["before"].get("accuracy"), rec.get("accuracy"))
-            if warn:
-                warnings.warn(warn, stacklevel=1)
-                summary["soft_policy_warning"] = warn
+        # one step holds only a few prompts (4 groups in the cpu speedrun), so judge the policy's softness on
+        # the first >= 64 answerable samples rather than on step 0 alone
+        if not early["checked"] and "before" in summary and rec.get("n_answerable") is not None:
+            early["correct"] += int(rec.get("correct", 0))
+            early["answerable"] += int(rec["n_answerable"])
+            if early["answerable"] >= 64 or step + 1 >= cfg.manager.num_steps:
+                early["checked"] = True
+                sampled = early["correct"] / early["answerable"] if early["answerable"] else None
+                warn = soft_policy_warning(summary["before"].get("accuracy"), sampled)
+                if warn:
+                    warnings.warn(warn, stacklevel=1)
+                    summary["soft_policy_warning"] = warn
         if cfg.eval_every and held and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.manager.num_steps:
             m = evaluate_model(policy, tok, held, rollout=cfg.rollout, engine_kwargs=ek)
             m["step"] = step + 1
