@@ -74,20 +74,21 @@ PRESETS = {
     # (benchmarks/speedrun.md). RL's lr is 3e-6: one AdamW step at 1e-5 moves glm5-tiny's sequence
     # log-probs 2-5x more than glm5-nano's, where 1e-5 works. MTP stays at depth 1: a run with depth 3 in the
     # sparse stage accepted fewer drafts (1.5 vs 2.0 on Shakespeare prompts, 1.7 vs 2.1 on the eval prompts).
-    # 1% of the SFT records are corpus passages: enough to keep the corpus perplexity near the base model's
-    # (467 against 5,260 without them); 5% and 20% kept it lower still but cost more task accuracy.
+    # 0.3% of the SFT records (12 of 4,000) are corpus passages: corpus perplexity 600 after SFT instead of
+    # 5,260 without them, at 89% task accuracy; 1% gave 467-486 but 58-61% accuracy, 5% and 20% less still
+    # (benchmarks/speedrun.md, "Forgetting, and the fix").
     "cpu": SpeedrunPreset(model="glm5-tiny", device="cpu", seq_len=256, batch_size=8, pretrain_steps=1500,
                           pretrain_minutes=10.0, warmup_steps=60, sparse_steps=300, sparse_minutes=3.0, sft_steps=600,
                           sft_minutes=8.0, sft_examples=4000, sft_lr=1e-3, rl_steps=30, rl_group_size=8,
                           rl_groups_per_step=4, rl_train_tasks=600, rl_eval_tasks=200, rl_max_new_tokens=40,
                           rl_lr=3e-6, eval_tasks=200, eval_ppl_batches=16, eval_decode_tokens=64,
-                          sft_text_fraction=0.01),
+                          sft_text_fraction=0.003),
     "h100": SpeedrunPreset(model="glm5-small", device="cuda", seq_len=1024, batch_size=32, pretrain_steps=6000,
                            pretrain_minutes=30.0, warmup_steps=200, sparse_steps=1500, sparse_minutes=8.0,
                            sft_steps=1500, sft_minutes=8.0, sft_examples=20000, rl_steps=40, rl_group_size=16,
                            rl_groups_per_step=16, rl_train_tasks=4000, rl_eval_tasks=400, rl_max_new_tokens=256,
                            eval_tasks=400, eval_ppl_batches=64, eval_decode_tokens=256, sparse_mtp_depth=3,
-                           rl_lr=2e-6, sft_text_fraction=0.01),  # RL lr: a larger model, no larger step (untested)
+                           rl_lr=2e-6, sft_text_fraction=0.003),  # RL lr: a larger model, no larger step (untested)
 }
 
 

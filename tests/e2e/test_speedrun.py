@@ -56,7 +56,7 @@ def test_preset_overrides_are_typed_and_validated():
 
     p = preset_with_overrides("cpu", ["sft_text_fraction=0", "rl_lr=1e-6", "rl_mode=sync", "sft_steps=10"])
     assert (p.sft_text_fraction, p.rl_lr, p.rl_mode, p.sft_steps) == (0.0, 1e-6, "sync", 10)
-    assert isinstance(p.sft_text_fraction, float) and PRESETS["cpu"].sft_text_fraction == 0.01  # copy, not edit
+    assert isinstance(p.sft_text_fraction, float) and PRESETS["cpu"].sft_text_fraction == 0.003  # copy, not edit
     for bad, msg in ((["nope=1"], "unknown preset field"), (["sft_steps=1.5"], "does not fit"),
                      (["rl_mode=3"], "does not fit"), (["sft_steps"], "KEY=VALUE")):
         with pytest.raises(SystemExit, match=msg):
