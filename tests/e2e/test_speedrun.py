@@ -120,3 +120,36 @@ def test_smoke_speedrun_kill_resume_and_skip(tmp_path):
     llm = LLM(str(out / "final"), max_num_seqs=2, max_model_len=256)
     o = llm.generate(["Hello"], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
     assert len(o[0].outputs[0].token_ids) == 5
+
+
+H100_ON_CPU = ["device=cpu", "model=glm5-nano", "pretrain_steps=6", "pretrain_minutes=0.5", "warmup_steps=3",
+               "warmup_minutes=0.3", "sparse_steps=3", "sparse_minutes=0.3", "sft_steps=3", "sft_minutes=0.3",
+               "sft_examples=400", "rl_steps=1", "rl_train_tasks=64", "rl_eval_tasks=16", "eval_tasks=16",
+               "eval_ppl_batches=1"]
+
+
+@pytest.mark.slow
+def test_h100_preset_shapes_run_on_cpu(tmp_path):
+    """The h100 preset has never had a GPU. This runs its shapes — seq_len 1024, batch 32, MTP trained over
+    3 steps, RL groups of 16 × 16 prompts with 256-token answers, 256 decode tokens in eval — end to end with
+    the model and the step budgets shrunk (glm5-nano on CPU), so that a first GPU run fails only on the
+    device."""
+    from glm5.speedrun import PRESETS, preset_with_overrides
+
+    p = preset_with_overrides("h100", H100_ON_CPU)
+    h = PRESETS["h100"]
+    assert (p.seq_len, p.batch_size, p.sparse_mtp_depth, p.rl_group_size, p.rl_groups_per_step,
+            p.rl_max_new_tokens) == (h.seq_len, h.batch_size, h.sparse_mtp_depth, h.rl_group_size,
+                                     h.rl_groups_per_step, h.rl_max_new_tokens)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "glm5.cli", "speedrun", "--preset", "h100", "--out", str(out)]
+    for kv in H100_ON_CPU:
+        cmd += ["--set", kv]
+    env = dict(os.environ, GLM5_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((out / "sparse" / "train_config.json").read_text())["mtp_depth"] == 3
+    assert json.loads((out / "pretrain" / "train_config.json").read_text())["seq_len"] == 1024
+    rl = json.loads((out / "rl" / "rl_config.json").read_text())
+    assert (rl["group_size"], rl["manager"]["groups_per_step"], rl["rollout"]["max_new_tokens"]) == (16, 16, 256)
+    assert (out / "report.md").exists() and (out / "final-fp8" / "config.json").exists()
