@@ -11,7 +11,8 @@ How it works
   (``<tool_call>``, ``<arg_key>``, ``<|observation|>`` ...) are single ids handled as symbols.
 * A *grammar* is a deterministic automaton: ``start()`` state, ``advance(state, token_id)`` and
   ``allowed(state, budget)`` (the ids that keep the output completable). Byte-level parts (JSON values,
-  names, keys) are checked by walking the trie with a byte automaton, so one walk prunes whole subtrees.
+  names, keys) are checked by walking the trie with the byte automaton of
+  :mod:`glm5.serve.json_automaton`, so one walk prunes whole subtrees.
 * Budget: with ``budget`` tokens left, a token is allowed only if the shortest completion from the state
   it leads to still fits (each closing byte is one single-byte token, always in a byte-level vocab), so
   the output is valid even when ``max_tokens`` cuts it short - the grammar closes strings, containers
@@ -40,6 +41,9 @@ import torch
 from glm5.tokenizer import special_tokens as st
 from glm5.tokenizer.detokenize import byte_level_char_to_byte
 from glm5.tokenizer.tool_schema import ToolSchemas, ValueKind
+
+from .json_automaton import (DONE, START, TYPE_MIN, TYPE_STARTS, VALUE, json_accepts, json_complete,
+                             json_min_close, json_step, value_start)
 
 __all__ = [
     "ConstrainedLogitsProcessor",
@@ -119,173 +123,6 @@ class TokenVocab:
         return out
 
 
-# ========================================================================================== JSON automaton
-# state = (mode, stack, aux, ws): stack is a str of "{"/"[" (innermost last); ws = last byte was whitespace.
-_START, _VALUE, _ARR_FIRST, _OBJ_FIRST, _KEY, _COLON, _AFTER, _STR, _NUM, _LIT, _DONE = range(11)
-# _STR aux = (is_key, pending): pending 0 | "esc" | ("u", n) | ("utf", n)
-# _NUM aux = (sub, integer_only): sub in "minus", "zero", "int", "dot", "frac", "e", "esign", "exp"
-_NUM_FINAL = frozenset({"zero", "int", "frac", "exp"})
-_WS = frozenset(b" \t\n\r")
-_DIGITS = frozenset(b"0123456789")
-_HEX = frozenset(b"0123456789abcdefABCDEF")
-_ESCAPES = frozenset(b'"\\/bfnrtu')
-_LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
-MAX_DEPTH = 32
-
-# what a typed value may start with (tool-call arguments): JSON type -> first bytes
-_TYPE_STARTS = {
-    "string": frozenset(b'"'),
-    "number": frozenset(b"-0123456789"),
-    "integer": frozenset(b"-0123456789"),
-    "boolean": frozenset(b"tf"),
-    "null": frozenset(b"n"),
-    "object": frozenset(b"{"),
-    "array": frozenset(b"["),
-}
-_TYPE_MIN = {"string": 2, "number": 1, "integer": 1, "boolean": 4, "null": 4, "object": 2, "array": 2}
-
-
-def _after_value(stack: str):
-    return (_DONE, "", None, False) if not stack else (_AFTER, stack, None, False)
-
-
-def _value_start(stack: str, b: int, integer_only: bool = False):
-    if b == ord("{"):
-        return None if len(stack) >= MAX_DEPTH else (_OBJ_FIRST, stack + "{", None, False)
-    if b == ord("["):
-        return None if len(stack) >= MAX_DEPTH else (_ARR_FIRST, stack + "[", None, False)
-    if b == ord('"'):
-        return (_STR, stack, (False, 0), False)
-    if b == ord("-"):
-        return (_NUM, stack, ("minus", integer_only), False)
-    if b == ord("0"):
-        return (_NUM, stack, ("zero", integer_only), False)
-    if b in _DIGITS:
-        return (_NUM, stack, ("int", integer_only), False)
-    if b in _LITERALS:
-        return (_LIT, stack, _LITERALS[b], False)
-    return None
-
-
-def _close(stack: str, b: int):
-    if stack and ((b == ord("}") and stack[-1] == "{") or (b == ord("]") and stack[-1] == "[")):
-        return _after_value(stack[:-1])
-    return None
-
-
-def json_step(s, b: int):
-    """One byte through the JSON automaton; None if ``b`` cannot follow."""
-    mode, stack, aux, ws = s
-    if mode == _STR:
-        is_key, pend = aux
-        if pend == 0:
-            if b == ord('"'):
-                return (_COLON, stack, None, False) if is_key else _after_value(stack)
-            if b == ord("\\"):
-                return (_STR, stack, (is_key, "esc"), False)
-            if b < 0x20 or b == 0x7F:
-                return None
-            if b < 0x80:
-                return s
-            if 0xC2 <= b <= 0xDF:
-                return (_STR, stack, (is_key, ("utf", 1)), False)
-            if 0xE0 <= b <= 0xEF:
-                return (_STR, stack, (is_key, ("utf", 2)), False)
-            if 0xF0 <= b <= 0xF4:
-                return (_STR, stack, (is_key, ("utf", 3)), False)
-            return None
-        if pend == "esc":
-            if b not in _ESCAPES:
-                return None
-            return (_STR, stack, (is_key, ("u", 4) if b == ord("u") else 0), False)
-        kind, n = pend
-        if kind == "u":
-            if b not in _HEX:
-                return None
-        elif not 0x80 <= b <= 0xBF:
-            return None
-        return (_STR, stack, (is_key, (kind, n - 1) if n > 1 else 0), False)
-    if mode == _NUM:
-        sub, int_only = aux
-        nxt = None
-        if b in _DIGITS:
-            nxt = {"minus": "zero" if b == ord("0") else "int", "int": "int", "dot": "frac", "frac": "frac",
-                   "e": "exp", "esign": "exp", "exp": "exp"}.get(sub)
-        elif b == ord(".") and sub in ("zero", "int") and not int_only:
-            nxt = "dot"
-        elif b in b"eE" and sub in ("zero", "int", "frac") and not int_only:
-            nxt = "e"
-        elif b in b"+-" and sub == "e":
-            nxt = "esign"
-        if nxt is not None:
-            return (_NUM, stack, (nxt, int_only), False)
-        if sub not in _NUM_FINAL or not stack:  # a top-level number only ends with the value
-            return None
-        return json_step((_AFTER, stack, None, False), b)  # the number ended; b belongs to what follows
-    if mode == _LIT:
-        if b != aux[0]:
-            return None
-        return (_LIT, stack, aux[1:], False) if len(aux) > 1 else _after_value(stack)
-    if mode == _DONE:
-        return None
-    if b in _WS:
-        if ws or mode == _START:
-            return None
-        return (mode, stack, aux, True)
-    if mode == _START:
-        return (_OBJ_FIRST, "{", None, False) if b == ord("{") else None
-    if mode == _VALUE:
-        return _value_start(stack, b)
-    if mode == _ARR_FIRST:
-        return _close(stack, b) or _value_start(stack, b)
-    if mode == _OBJ_FIRST:
-        if b == ord('"'):
-            return (_STR, stack, (True, 0), False)
-        return _close(stack, b)
-    if mode == _KEY:
-        return (_STR, stack, (True, 0), False) if b == ord('"') else None
-    if mode == _COLON:
-        return (_VALUE, stack, None, False) if b == ord(":") else None
-    if mode == _AFTER:
-        if b == ord(","):
-            return (_KEY, stack, None, False) if stack[-1] == "{" else (_VALUE, stack, None, False)
-        return _close(stack, b)
-    return None
-
-
-def json_min_close(s) -> int:
-    """Bytes of the shortest completion of state ``s`` (each is one single-byte token)."""
-    mode, stack, aux, _ = s
-    n = len(stack)
-    if mode == _STR:
-        is_key, pend = aux
-        extra = 0 if pend == 0 else (1 if pend == "esc" else pend[1])
-        return extra + 1 + (2 if is_key else 0) + n  # closing quote (+ ":0" for a key) + closers
-    if mode == _NUM:
-        sub = aux[0]
-        return (0 if sub in _NUM_FINAL else 1) + n
-    if mode == _LIT:
-        return len(aux) + n
-    return {_START: 2, _VALUE: 1 + n, _ARR_FIRST: n, _OBJ_FIRST: n, _KEY: 4 + n, _COLON: 2 + n, _AFTER: n,
-            _DONE: 0}[mode]
-
-
-def json_complete(s) -> bool:
-    mode, stack, aux, _ = s
-    return mode == _DONE or (mode == _NUM and not stack and aux[0] in _NUM_FINAL)
-
-
-def json_accepts(text: str | bytes, top_level_object: bool = True) -> bool:
-    """True if ``text`` is a complete value of the automaton (used by tests)."""
-    data = text.encode("utf-8") if isinstance(text, str) else text
-    s = (_START, "", None, False) if top_level_object else (_VALUE, "", None, False)
-    for b in data:
-        s = json_step(s, b)
-        if s is None:
-            return False
-    return json_complete(s)
-
-
 # ============================================================================================== grammars
 class _Grammar:
     """Interface: ``start()``, ``advance(state, token_id)`` -> state or None, ``allowed(state, budget)``."""
@@ -324,12 +161,12 @@ class JsonGrammar(_Grammar):
             self.thinking = False
 
     def start(self):
-        return ("think",) if self.thinking else ("json", (_START, "", None, False))
+        return ("think",) if self.thinking else ("json", (START, "", None, False))
 
     def advance(self, state, tok: int):
         if state[0] == "think":
             if tok == self.think_end:
-                return ("json", (_START, "", None, False))
+                return ("json", (START, "", None, False))
             return state if tok in self.vocab.token_bytes else None
         if state[0] == "end":
             return None
@@ -365,7 +202,7 @@ class JsonGrammar(_Grammar):
                 out.extend(self.vocab.token_bytes)
             return out
         s = state[1]
-        if s[0] == _DONE:
+        if s[0] == DONE:
             return list(self.vocab.eos_ids)
         left = budget - 1  # after this token
         ids = self.vocab.walk(s, json_step, lambda s2: json_min_close(s2) + 1 <= left)
@@ -431,16 +268,16 @@ class ToolCallGrammar(_Grammar):
         if kind is not ValueKind.TYPED:
             return ("text", "")
         types = self.schemas.types_of(tool, key) or frozenset()
-        starts = frozenset().union(*(_TYPE_STARTS.get(t, frozenset()) for t in types)) or None
+        starts = frozenset().union(*(TYPE_STARTS.get(t, frozenset()) for t in types)) or None
         int_only = types <= {"integer"}
-        return ("json", (_VALUE, "", None, False), starts, int_only)
+        return ("json", (VALUE, "", None, False), starts, int_only)
 
     def _min_value(self, tool: str, key: str) -> int:
         kind = self.schemas.kind_of(tool, key)
         if kind is not ValueKind.TYPED:
             return 0
         types = self.schemas.types_of(tool, key) or frozenset()
-        return min((_TYPE_MIN.get(t, 1) for t in types), default=1)
+        return min((TYPE_MIN.get(t, 1) for t in types), default=1)
 
     def _pair_cost(self, tool: str, key: str) -> int:
         return 1 + len(key.encode("utf-8")) + 1 + 1 + self._min_value(tool, key) + 1
@@ -477,7 +314,7 @@ class ToolCallGrammar(_Grammar):
         if k == "val":
             _, tool, used, key, mode = state
             inner = 0 if mode[0] == "text" else (
-                self._min_value(tool, key) if mode[1][0] == _VALUE and not mode[1][1] else json_min_close(mode[1]))
+                self._min_value(tool, key) if mode[1][0] == VALUE and not mode[1][1] else json_min_close(mode[1]))
             return inner + 1 + self._rest_cost(tool, used)
         if k == "between":
             return self._rest_cost(state[1], state[2])
@@ -547,9 +384,9 @@ class ToolCallGrammar(_Grammar):
                 return ("val", tool, used, key, ("text", text[-16:]))
             s = mode[1]
             for b in data:
-                if s[0] == _VALUE and not s[1] and mode[2] is not None and b not in mode[2]:
+                if s[0] == VALUE and not s[1] and mode[2] is not None and b not in mode[2]:
                     return None
-                s = json_step(s, b) if not (s[0] == _VALUE and not s[1]) else _value_start("", b, mode[3])
+                s = json_step(s, b) if not (s[0] == VALUE and not s[1]) else value_start("", b, mode[3])
                 if s is None:
                     return None
             return ("val", tool, used, key, ("json", s, mode[2], mode[3]))
@@ -628,14 +465,14 @@ class ToolCallGrammar(_Grammar):
             starts, int_only = mode[2], mode[3]
 
             def step(s, b):
-                if s[0] == _VALUE and not s[1]:
+                if s[0] == VALUE and not s[1]:
                     if starts is not None and b not in starts:
                         return None
-                    return _value_start("", b, int_only)
+                    return value_start("", b, int_only)
                 return json_step(s, b)
 
             def fits(s):
-                inner = json_min_close(s) if not (s[0] == _VALUE and not s[1]) else 1
+                inner = json_min_close(s) if not (s[0] == VALUE and not s[1]) else 1
                 return inner + rest <= left
 
             return self.vocab.walk(mode[1], step, fits)

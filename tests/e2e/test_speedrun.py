@@ -124,7 +124,7 @@ def test_smoke_speedrun_kill_resume_and_skip(tmp_path):
 
 H100_ON_CPU = ["device=cpu", "model=glm5-nano", "pretrain_steps=6", "pretrain_minutes=0.5", "warmup_steps=3",
                "warmup_minutes=0.3", "sparse_steps=3", "sparse_minutes=0.3", "sft_steps=3", "sft_minutes=0.3",
-               "sft_examples=400", "rl_steps=1", "rl_train_tasks=64", "rl_eval_tasks=16", "eval_tasks=16",
+               "sft_examples=1200", "rl_steps=1", "rl_train_tasks=64", "rl_eval_tasks=16", "eval_tasks=16",
                "eval_ppl_batches=1"]
 
 
