@@ -246,7 +246,9 @@ def _spec_point(name, p, ids, D, spec_tokens, repeats, dsa="sparse"):
 
 
 def _corpus_acceptance(model_dir, n: int, spec_tokens: int, prompt_tokens: int = 32, decode_tokens: int = 48):
-    """Acceptance length over n greedy continuations of n corpus snippets (one prompt is a noisy measure)."""
+    """Acceptance length and speed-up over n greedy continuations of n corpus snippets, one at a time (batch 1;
+    one prompt is a noisy measure). The speed-up is total plain time / total speculative time, the two engines
+    alternating prompt by prompt."""
     import random
 
     from glm5.data.corpus import default_corpus_files
@@ -260,11 +262,21 @@ def _corpus_acceptance(model_dir, n: int, spec_tokens: int, prompt_tokens: int =
         ids = tok.encode(text[start:start + 8 * prompt_tokens])[:prompt_tokens]
         if len(ids) == prompt_tokens:
             prompts.append(ids)
+    plain = Engine(model_dir, prompt_tokens + decode_tokens + 16)
     spec = Engine(model_dir, prompt_tokens + decode_tokens + 16, spec=spec_tokens)
-    spec.run(torch.tensor(prompts), decode_tokens)
+    plain.run(torch.tensor(prompts[:1]), 2)
+    spec.run(torch.tensor(prompts[:1]), 2)
+    spec.llm.engine.stats.update(spec_verify_steps=0, spec_draft_tokens=0, spec_accepted_tokens=0)
+    t_plain = t_spec = 0.0
+    same = True
+    for p in prompts:
+        tp, a = plain.run(torch.tensor([p]), decode_tokens)
+        ts, b = spec.run(torch.tensor([p]), decode_tokens)
+        t_plain, t_spec, same = t_plain + tp, t_spec + ts, same and bool(torch.equal(a, b))
     m = spec.llm.spec_metrics()
     row = dict(model=f"trained: {model_dir}", prompts=n, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
-               spec_tokens=spec_tokens, acceptance_length=m["acceptance_length"], acceptance_rate=m["acceptance_rate"])
+               spec_tokens=spec_tokens, acceptance_length=m["acceptance_length"], acceptance_rate=m["acceptance_rate"],
+               speedup=t_plain / t_spec, greedy_identical=same)
     print(json.dumps(row), flush=True)
     return row
 
