@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command -> module defining add_parser(subparsers)
@@ -49,7 +50,19 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    result = args.func(args)
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        print(f"glm5 {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError) as e:
+        # Bad input met at the edge (a missing file, a malformed config or checkpoint, an invalid option) gets
+        # one readable line, not a traceback; GLM5_DEBUG=1 re-raises for a full one.
+        if os.environ.get("GLM5_DEBUG"):
+            raise
+        print(f"glm5 {args.command}: error: {e} ({type(e).__name__}; GLM5_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

@@ -87,6 +87,8 @@ class GLM5Tokenizer:
         when the vocabulary has them, plus the config's ``eos_token``.
         """
         path = Path(path)
+        if not (path / TOKENIZER_FILE).is_file():
+            raise FileNotFoundError(f"no {TOKENIZER_FILE} in {str(path)!r}")
         backend = Tokenizer.from_file(str(path / TOKENIZER_FILE))
         config: dict[str, Any] = {}
         if (path / CONFIG_FILE).exists():
