@@ -32,8 +32,10 @@ def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
         tp = torch.tensor(top_p, device=dev)
         sorted_x, order = x.sort(dim=-1, descending=True)
         sp = sorted_x.softmax(-1)
-        # drop a token when the mass strictly before it already reaches top_p (the top token always stays)
+        # drop a token when the mass strictly before it already reaches top_p. The top token always stays, also
+        # when top_p underflows to 0 in fp32 (e.g. 5e-324, a valid request value): then it is greedy.
         drop_sorted = (sp.cumsum(-1) - sp) >= tp[:, None]
+        drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         x = x.masked_fill(drop, float("-inf"))
     probs = x.softmax(-1)

@@ -100,6 +100,18 @@ def test_invalid_chat_parameters_are_400(http, body, param):
 
 
 @pytest.mark.parametrize("body", [
+    {"messages": HI, "temperature": 0.7, "top_p": 5e-324},  # underflows to 0.0 in fp32: keeps the top token
+    {"messages": HI, "temperature": 1e-5, "top_p": 1e-45},
+    {"messages": HI, "temperature": 2.0, "top_k": 1},
+])
+def test_extreme_but_valid_sampling_parameters_are_served(http, body):
+    # found by the schema fuzz test: a valid top_p of 5e-324 used to drop every token and answer 500
+    r = http.post("/v1/chat/completions", json={"model": MODEL_NAME, "max_tokens": 4, **body})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+@pytest.mark.parametrize("body", [
     {"prompt": ""}, {"prompt": []}, {"prompt": [[]]}, {"prompt": [1, 10**6]}, {"prompt": "x", "suffix": "y"},
     {"prompt": "x", "best_of": 3}, {"prompt": "x", "echo": True, "logprobs": 1}, {"prompt": "x", "logprobs": 99},
     {"prompt": {"a": 1}}, {"prompt": [-1]},

@@ -1,0 +1,48 @@
+"""The sampler's distributions: temperature / top-k / top-p against direct definitions, edge values included."""
+
+import pytest
+import torch
+
+from glm5.engine.sampler import processed_probs
+from glm5.engine.sampling_params import SamplingParams
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Reference: the smallest set of most likely tokens whose mass reaches top_p, renormalised."""
+    p = logits.double().softmax(-1)
+    order = p.argsort(descending=True)
+    keep, mass = [], 0.0
+    for j in order.tolist():
+        keep.append(j)
+        mass += float(p[j])
+        if mass >= top_p:
+            break
+    out = torch.zeros_like(p)
+    out[keep] = p[keep] / p[keep].sum()
+    return out.float()
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.95, 0.5, 0.1])
+def test_top_p_matches_the_nucleus_definition(top_p):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g) * 3
+    probs = processed_probs(logits, [SamplingParams(temperature=1.0, top_p=top_p)] * 4)
+    for i in range(4):
+        torch.testing.assert_close(probs[i], _nucleus(logits[i], top_p), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_p", [5e-324, 1e-45, 1e-12])
+def test_a_vanishing_top_p_keeps_the_top_token(top_p):
+    # 5e-324 is a valid request value that becomes 0.0 in fp32; it must mean "most likely token", not "none"
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.9]])
+    probs = processed_probs(logits, [SamplingParams(temperature=0.7, top_p=top_p)])
+    assert torch.isfinite(probs).all()
+    assert probs[0].tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_top_k_and_temperature():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    probs = processed_probs(logits, [SamplingParams(temperature=2.0, top_k=2)])
+    expect = torch.zeros(4)
+    expect[[1, 2]] = torch.tensor([1.5, 1.0]).softmax(-1)
+    torch.testing.assert_close(probs[0], expect)
