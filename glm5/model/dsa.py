@@ -12,7 +12,6 @@ For T ≤ index_topk the selection keeps every visible key, so DSA equals dense 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from glm5.model.rope import apply_rope
@@ -51,17 +50,20 @@ class LightningIndexer(nn.Module):
         T = keys.shape[1]
         q = self.wq_b(q_resid).view(B, S, self.n_heads, self.head_dim)  # [B,S,Hi,D]
         q = self._rope_first(q, cos.unsqueeze(2), sin.unsqueeze(2)).float()
-        w = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.n_heads ** -0.5  # [B,S,Hi]
+        # The positive 1/√d commutes with the ReLU, so it is folded into the per-head weights: one pass over the
+        # [B,c,Hi,T] score block (and its gradient) fewer, the largest tensors the indexer makes.
+        w = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * (self.n_heads * self.head_dim) ** -0.5
         kT = keys.float().transpose(1, 2)  # [B,D,T]
-        scale = self.head_dim ** -0.5
         chunk = max(1, _SCORE_BLOCK_ELEMS // max(1, B * self.n_heads * T))
         out = []
         for s0 in range(0, S, chunk):
             s1 = min(S, s0 + chunk)
             c = s1 - s0
             # one bmm over (query, head) rows: broadcasting a [B,1,D,T] key tensor would copy it per query
-            per_head = torch.bmm(q[:, s0:s1].reshape(B, c * self.n_heads, self.head_dim), kT)
-            per_head = F.relu(per_head.view(B, c, self.n_heads, T) * scale)  # [B,c,Hi,T]
+            # ReLU in place on the bmm output (bmm's backward does not need it), before the view: an in-place op
+            # on a view would make autograd rebuild the base's gradient through as_strided
+            per_head = torch.bmm(q[:, s0:s1].reshape(B, c * self.n_heads, self.head_dim), kT).relu_()
+            per_head = per_head.view(B, c, self.n_heads, T)  # [B,c,Hi,T]
             out.append(torch.matmul(w[:, s0:s1].unsqueeze(-2), per_head).squeeze(-2))  # [B,c,T]
         index_scores = torch.cat(out, dim=1) if len(out) > 1 else out[0]
         return index_scores.masked_fill(~visible, float("-inf"))
