@@ -4,7 +4,8 @@ The indexer scores every visible key for every query with a cheap multi-head ReL
 ``I[t,s] = Σ_h w[t,h] · ReLU(q[t,h]·k[s] / √d)``, and attention is then restricted to the top-k keys
 per query. It matches transformers 5.23.0: interleaved RoPE on the *first* ``qk_rope_head_dim`` dims
 (split [rope | nope], the reverse of main attention), LayerNorm (eps 1e-6, with bias) on the key,
-fp32 scoring, ``weights_proj`` scaled by n_heads^-0.5, masked keys at -inf, ``topk(min(k, T))``.
+fp32 scoring, ``weights_proj`` scaled by n_heads^-0.5 (here with the 1/√d folded in, which commutes with
+the ReLU: equal up to fp32 rounding), masked keys at -inf, ``topk(min(k, T))``.
 
 For T ≤ index_topk the selection keeps every visible key, so DSA equals dense causal attention.
 """
