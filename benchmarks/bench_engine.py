@@ -342,13 +342,14 @@ def bench_dsa(args, results):
 
     @torch.inference_mode()
     def sparse():
-        scores = attn.indexer.scores(x, q_resid, cos, sin, gather_rows(kv.index[0], kv_slots), visible)
+        keys = gather_rows(kv.index[0], kv_slots, kv.scratch, "index_keys")
+        scores = attn.indexer.scores(x, q_resid, cos, sin, keys, visible)
         topk = attn.indexer.select(scores)
-        return attn._absorbed_attention(qn, qp, lat, kv_slots, visible, topk)
+        return attn._absorbed_attention(qn, qp, lat, kv_slots, visible, topk, kv.scratch)
 
     @torch.inference_mode()
     def dense():
-        return attn._absorbed_attention(qn, qp, lat, kv_slots, visible, None)
+        return attn._absorbed_attention(qn, qp, lat, kv_slots, visible, None, kv.scratch)
 
     def timeit(fn, n):
         fn()

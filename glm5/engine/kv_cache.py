@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from glm5.config import GLM5Config
-from glm5.model.cache import PagedBatch
+from glm5.model.cache import GatherScratch, PagedBatch
 
 
 def bytes_per_block(cfg: GLM5Config, block_size: int, num_layers: int, dtype: torch.dtype) -> int:
@@ -37,6 +37,8 @@ class PagedKVCache:
         self.index: list[torch.Tensor | None] = [
             torch.zeros(slots, cfg.index_head_dim, dtype=dtype, device=device) if types[i] == "full" else None
             for i in range(num_layers)]
+        # CPU only: CUDA's caching allocator already reuses memory (and CUDA graphs capture their own buffers)
+        self.scratch = GatherScratch() if torch.device(device).type == "cpu" else None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.latent + self.index if t is not None)
@@ -53,6 +55,7 @@ class PagedCacheView:
     def __init__(self, store: PagedKVCache, batch: PagedBatch):
         self.store = store
         self.batch = batch
+        self.scratch = store.scratch
 
     def write(self, layer: int, slot_mapping: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
               k_idx: torch.Tensor | None) -> None:

@@ -91,14 +91,40 @@ def build_attention_mask(batch: int, q_len: int, past_len: int, device: torch.de
 #   * stores per layer the latent rows [c_kv ‖ k_pe] ([num_slots, kv_lora_rank + qk_rope_head_dim]) and
 #     the indexer keys ([num_slots, index_head_dim]) in fixed-size blocks (a slot = block * block_size + i),
 #   * exposes ``write(layer, slot_mapping, c_kv, k_pe, k_idx)``, ``latents(layer)``, ``index_keys(layer)``,
-#   * carries the step's ``batch: PagedBatch``.
+#   * carries the step's ``batch: PagedBatch``,
+#   * may carry ``scratch: GatherScratch`` (CPU), reusable buffers for the rows attention gathers.
 # MLAttention then writes the new latents to their slots and attends per group (see mla.py).
 
 
-def gather_rows(store: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+class GatherScratch:
+    """Named, growing 1-D buffers for gathered cache rows, reused from layer to layer and step to step.
+
+    Why: a gather of a long context is a large fresh tensor every layer (GLM-5 at 32K tokens: 72 MB of fp32
+    latents). glibc serves allocations above 32 MB with a new mmap, so each one pays a page fault per 4 KB
+    page on first touch; measured, that was a third of the dense decode attention's CPU time. A buffer
+    handed out by name is valid until the next request for the same name: callers use it within one
+    attention call and keep nothing from it."""
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel]
+
+
+def gather_rows(store: torch.Tensor, idx: torch.Tensor, scratch: GatherScratch | None = None,
+                name: str = "rows") -> torch.Tensor:
     """``store[idx]`` for a 2-D cache store [slots, D] and an integer index of any shape -> [*idx.shape, D].
-    ``index_select`` on the flattened index: a plain copy, several times faster on CPU than advanced indexing."""
-    return store.index_select(0, idx.reshape(-1)).view(*idx.shape, store.shape[-1])
+    ``index_select`` on the flattened index: a plain copy, several times faster on CPU than advanced indexing.
+    With ``scratch``, the rows land in its buffer ``name`` (see :class:`GatherScratch` for the lifetime)."""
+    flat, D = idx.reshape(-1), store.shape[-1]
+    if scratch is None:
+        return store.index_select(0, flat).view(*idx.shape, D)
+    out = scratch.get(name, flat.numel() * D, store).view(flat.numel(), D)
+    return torch.index_select(store, 0, flat, out=out).view(*idx.shape, D)
 
 
 @dataclass

@@ -139,6 +139,7 @@ class MLAttention(nn.Module):
         those of ``forward`` (q_pe and k_pe are rotated in one call: same elementwise math), on token-major
         tensors [N, ...]; attention runs per group of sequences (see glm5.model.cache.AttnGroup)."""
         cache, batch = ctx.cache, ctx.cache.batch
+        scratch = getattr(cache, "scratch", None)
         h, dn, dr, r = self.n_heads, self.d_nope, self.d_rope, self.kv_rank
         xf = x[0]
         N = xf.shape[0]
@@ -173,7 +174,8 @@ class MLAttention(nn.Module):
                             args = (xf[:, None], q_resid[:, None], cos[:, None], sin[:, None])
                         else:
                             args = (xf[qi], q_resid[qi], cos[qi], sin[qi])
-                        keys = gather_rows(cache.index_keys(self.layer_idx), g.kv_slots)  # [B,T,di]
+                        keys = gather_rows(cache.index_keys(self.layer_idx), g.kv_slots, scratch,
+                                           "index_keys")  # [B,T,di]
                         scores = self.indexer.scores(*args, keys, g.visible)
                         topk = self.indexer.select(scores)  # [B,S,k]
                     ctx.topk_indices[gi] = topk
@@ -181,9 +183,9 @@ class MLAttention(nn.Module):
                     topk = ctx.topk_indices[gi]
             qn_g, qp_g = (qn[:, None], qp[:, None]) if ident else (qn[qi], qp[qi])
             if g.absorbed:
-                o = self._absorbed_attention(qn_g, qp_g, latents, g.kv_slots, g.visible, topk)
+                o = self._absorbed_attention(qn_g, qp_g, latents, g.kv_slots, g.visible, topk, scratch)
             else:
-                o = self._expanded_attention(qn_g, qp_g, latents, g.kv_slots, g.visible, topk)
+                o = self._expanded_attention(qn_g, qp_g, latents, g.kv_slots, g.visible, topk, scratch)
             o = o.reshape(-1, o.shape[-1])
             if single and g.q_rows.shape[0] == o.shape[0]:
                 out = o.index_select(0, _inverse_order(g)) if not ident else o
@@ -193,7 +195,7 @@ class MLAttention(nn.Module):
                 out.index_copy_(0, g.q_flat, o[g.q_rows].to(out.dtype))
         return self.o_proj(out[None])
 
-    def _absorbed_attention(self, qn, qp, latents, kv_slots, visible, topk):
+    def _absorbed_attention(self, qn, qp, latents, kv_slots, visible, topk, scratch=None):
         """qn [B,S,h,dn], qp [B,S,h,dr] -> [B,S,h*dv], attending in latent space (one shared KV "head")."""
         B, S, h, _ = qn.shape
         r = self.kv_rank
@@ -201,7 +203,7 @@ class MLAttention(nn.Module):
         q_lat = torch.bmm(qn.reshape(B * S, h, self.d_nope).transpose(0, 1), w_uk).transpose(0, 1)  # [B*S,h,r]
         q = torch.cat([q_lat, qp.reshape(B * S, h, self.d_rope)], dim=-1)  # [B*S,h,r+dr]
         if topk is None:  # every key of the sequence (dense, or T ≤ index_topk)
-            rows = gather_rows(latents, kv_slots)  # [B,T,r+dr]
+            rows = gather_rows(latents, kv_slots, scratch, "latents")  # [B,T,r+dr]
             scores = torch.matmul(q.view(B, S * h, -1), rows.transpose(1, 2)).view(B, S, h, -1)
             ok = _safe(visible)[:, :, None]  # [B,S,1,T]
             probs = torch.softmax((scores * self.scale).masked_fill(~ok, float("-inf")).float(), dim=-1)
@@ -210,17 +212,17 @@ class MLAttention(nn.Module):
             k = topk.shape[-1]
             sel = kv_slots.gather(1, topk.reshape(B, S * k)).view(B * S, k)
             ok = _safe(visible.gather(-1, topk)).view(B * S, 1, k)
-            rows = gather_rows(latents, sel)  # [B*S,k,r+dr]
+            rows = gather_rows(latents, sel, scratch, "latents")  # [B*S,k,r+dr]
             scores = torch.matmul(q, rows.transpose(1, 2))  # [B*S,h,k]
             probs = torch.softmax((scores * self.scale).masked_fill(~ok, float("-inf")).float(), dim=-1)
             o_lat = torch.matmul(probs.to(rows.dtype), rows[..., :r])  # [B*S,h,r]
         o = torch.bmm(o_lat.reshape(B * S, h, r).transpose(0, 1), w_uv.transpose(1, 2))  # [h,B*S,dv] = o_lat · W_UVᵀ
         return o.transpose(0, 1).reshape(B, S, h * self.d_v)
 
-    def _expanded_attention(self, qn, qp, latents, kv_slots, visible, topk):
+    def _expanded_attention(self, qn, qp, latents, kv_slots, visible, topk, scratch=None):
         """Prefill: decompress the sequence's latents to per-head K/V (the same math as ``forward``)."""
         B, S = qn.shape[:2]
-        c_kv, k_pe = gather_rows(latents, kv_slots).split([self.kv_rank, self.d_rope], dim=-1)
+        c_kv, k_pe = gather_rows(latents, kv_slots, scratch, "latents").split([self.kv_rank, self.d_rope], dim=-1)
         k, v = self.expand_kv(c_kv, k_pe)
         q = torch.cat([qn, qp], dim=-1).transpose(1, 2)  # [B,h,S,dqk]
         allowed = visible if topk is None else visible & selection_mask(topk, visible.shape[-1])

@@ -141,3 +141,23 @@ def test_cuda_graph_static_layout_matches_eager_decode(nano):
     static = CudaGraphRunner(runner, max_num_seqs=4, max_model_len=72, capture=False).run(chunks)  # bucket 4: 1 pad row
     torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-5)
     assert static.argmax(-1).tolist() == eager.argmax(-1).tolist()
+
+
+def test_gathers_reuse_one_scratch_buffer_per_name(nano):
+    from glm5.model.cache import GatherScratch, gather_rows
+
+    store = torch.randn(50, 6)
+    sc = GatherScratch()
+    idx = torch.randint(0, 50, (3, 7))
+    a = gather_rows(store, idx, sc, "latents")
+    torch.testing.assert_close(a, store[idx], rtol=0, atol=0)
+    ptr = a.data_ptr()
+    b = gather_rows(store, idx[:2], sc, "latents")  # smaller: same memory
+    assert b.data_ptr() == ptr and torch.equal(b, store[idx[:2]])
+    c = gather_rows(store, torch.randint(0, 50, (5, 9)), sc, "latents")  # larger: the buffer grows
+    assert c.shape == (5, 9, 6)
+    assert gather_rows(store, idx, sc, "index_keys").data_ptr() != gather_rows(store, idx, sc, "latents").data_ptr()
+    # the engine's attention gathers through its cache's scratch on CPU, and still equals the no-cache model
+    llm = LLM(nano, max_num_seqs=4, block_size=4)
+    _check(llm, nano, prompts([TOPK + 9, 5]))
+    assert set(llm.engine.kv_cache.scratch._buffers) >= {"latents", "index_keys"}
