@@ -314,6 +314,8 @@ class LLMEngine:
                 outs.append(self._finish_request(req, delta))
             else:
                 outs.append(self._make_output(req, delta))
+        if self.kv_cache.scratch is not None and not self.scheduler.has_unfinished():
+            self.kv_cache.scratch.clear()  # idle: give the gather buffers back (see GatherScratch)
         return outs
 
     def _mask_min_tokens(self, logits, items, row_of, nrows):

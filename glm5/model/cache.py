@@ -103,10 +103,14 @@ class GatherScratch:
     latents). glibc serves allocations above 32 MB with a new mmap, so each one pays a page fault per 4 KB
     page on first touch; measured, that was a third of the dense decode attention's CPU time. A buffer
     handed out by name is valid until the next request for the same name: callers use it within one
-    attention call and keep nothing from it."""
+    attention call and keep nothing from it. The largest gather stays allocated until :meth:`clear`."""
 
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
+
+    def clear(self) -> None:
+        """Release every buffer (the engine calls this when it goes idle, so they do not outlive the work)."""
+        self._buffers.clear()
 
     def get(self, name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
         buf = self._buffers.get(name)

@@ -159,5 +159,14 @@ def test_gathers_reuse_one_scratch_buffer_per_name(nano):
     assert gather_rows(store, idx, sc, "index_keys").data_ptr() != gather_rows(store, idx, sc, "latents").data_ptr()
     # the engine's attention gathers through its cache's scratch on CPU, and still equals the no-cache model
     llm = LLM(nano, max_num_seqs=4, block_size=4)
-    _check(llm, nano, prompts([TOPK + 9, 5]))
-    assert set(llm.engine.kv_cache.scratch._buffers) >= {"latents", "index_keys"}
+    eng = llm.engine
+    ps = prompts([TOPK + 9, 5])
+    for p in ps:
+        eng.add_request(p, GREEDY)
+    eng.step()  # prefill
+    eng.step()  # decode: the long prompt's indexer keys and its top-k latent rows
+    assert set(eng.kv_cache.scratch._buffers) >= {"latents", "index_keys"}
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert not eng.kv_cache.scratch._buffers  # idle: buffers released
+    _check(llm, nano, ps)
