@@ -83,10 +83,12 @@ def main() -> int:
                     torch.testing.assert_close(f(), ref, rtol=1e-4, atol=1e-5)
                 ms = {k: timed(f, args.repeats) for k, f in fns.items()}
             rows.append(dict(preset=name, tokens=n, experts=cfg.n_routed_experts, top_k=cfg.num_experts_per_tok, **ms))
-            print(f"| {name} | {n} | {ms['grouped']:.3f} | {ms['gather_bmm']:.3f} | {ms['loop_unique']:.3f} |", flush=True)
+            cells = " | ".join(f"{ms[k]:.3f}" for k in ("grouped", "gather_bmm", "loop_unique"))
+            print(f"| {name} | {n} | {cells} |", flush=True)
     if args.out:
         meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=" ".join(sys.argv),
-                    machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
+                    machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                            f"torch {torch.__version__}")
         Path(args.out).write_text(json.dumps(dict(meta, rows=rows), indent=2) + "\n")
     return 0
 

@@ -139,9 +139,9 @@ def make_client(cfg: RLConfig, policy, tokenizer, rollout_threads: int):
 
 def soft_policy_warning(greedy_accuracy: float | None, sampled_accuracy: float | None) -> str | None:
     """A warning when the policy's samples are far worse than its greedy answers (the rollout accuracy of the
-    first RL steps, >= 64 answerable samples, against the greedy held-out accuracy before RL). Outcome-reward RL from such a soft policy
-    mostly pushes down broken samples and lowered glm5-tiny's accuracy (benchmarks/speedrun.md); train SFT
-    longer first, or lower the RL learning rate."""
+    first RL steps, >= 64 answerable samples, against the greedy held-out accuracy before RL). Outcome-reward
+    RL from such a soft policy mostly pushes down broken samples and lowered glm5-tiny's accuracy
+    (benchmarks/speedrun.md); train SFT longer first, or lower the RL learning rate."""
     if greedy_accuracy is None or sampled_accuracy is None or greedy_accuracy < 0.2:
         return None
     if sampled_accuracy >= 0.5 * greedy_accuracy:
