@@ -43,14 +43,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += ((lse - target_logit) * valid).sum()
             if need_h or need_w:
                 # d(sum of losses)/d logits = softmax - onehot(target), zero on ignored rows
-                g = torch.exp(logits - lse[:, None])
+                g = logits.sub_(lse[:, None]).exp_()  # in place: the logits are not needed any more
                 g[torch.arange(b - a, device=g.device), safe_y] -= 1.0
                 g *= valid[:, None]
                 g = g.to(hidden.dtype)
                 if need_h:
                     grad_h[a:b] = g @ w
                 if need_w:
-                    grad_w += (g.t() @ h).float()
+                    if g.dtype == grad_w.dtype:
+                        grad_w.addmm_(g.t(), h)  # no [V, D] temporary per chunk
+                    else:
+                        grad_w += (g.t() @ h).float()
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
         ctx.weight_dtype = weight.dtype
         return total
