@@ -300,8 +300,12 @@ THROUGHPUT_PLAN = [
     # too (3 threads on 2 cores; OMP_WAIT_POLICY=PASSIVE keeps the idle trainer thread from spinning)
     ("async/process/rollout2t", "async", "process", 1, {"rollout_threads": 2}),
     ("sync/process/rollout2t", "sync", "process", 1, {"rollout_threads": 2}),
+    # rollout data parallelism: two rollout engines (processes), 1 thread each, beside the 1-thread trainer
+    ("sync/process/2workers/oversample", "sync", "process", 1, {"rollout_workers": 2, "over_sampling": 8}),
+    ("async/process/2workers", "async", "process", 1, {"rollout_workers": 2}),
+    ("async/process/2workers/inflight32", "async", "process", 1, {"rollout_workers": 2, "max_inflight_groups": 32}),
 ]
-RUN_LEVEL_KEYS = ("rollout_threads", "train_threads")  # overrides that set RLConfig fields, not manager fields
+RUN_LEVEL_KEYS = ("rollout_threads", "train_threads", "rollout_workers")  # overrides that set RLConfig fields, not manager fields
 
 
 def stage_throughput(a) -> dict:

@@ -82,8 +82,10 @@ def add_parser(sub) -> None:
     g.add_argument("--dist-backend", choices=["gloo", "nccl"], default="gloo")
     g.add_argument("--device", default="cpu")
     g.add_argument("--rollout-device", default="cpu")
+    g.add_argument("--rollout-workers", type=int, default=1,
+                   help="rollout engines, each its own process (or Ray actor); groups go to the least-loaded one")
     g.add_argument("--train-threads", type=int, default=None)
-    g.add_argument("--rollout-threads", type=int, default=None)
+    g.add_argument("--rollout-threads", type=int, default=None, help="threads per rollout worker")
     g.add_argument("--ray-address", default=None)
     g.add_argument("--ray-num-gpus", type=float, default=0.0)
     g = p.add_argument_group("evaluation and output")
@@ -127,7 +129,7 @@ def config_from_args(a):
                     n_eval=a.n_eval, seed=a.seed, group_size=a.group_size, manager=manager, rollout=rollout,
                     trainer=trainer, dynamic_sampling=a.dynamic_sampling, partial_rollout=a.partial_rollout,
                     placement=a.placement, weight_sync=a.weight_sync, dist_backend=a.dist_backend,
-                    rollout_threads=a.rollout_threads, train_threads=a.train_threads, device=a.device,
+                    rollout_workers=a.rollout_workers, rollout_threads=a.rollout_threads, train_threads=a.train_threads, device=a.device,
                     rollout_device=a.rollout_device, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
                     max_num_batched_tokens=a.max_num_batched_tokens, eval_before=not a.no_eval, eval_after=not a.no_eval, eval_every=a.eval_every, eval_sampled=a.eval_sampled,
                     save=not a.no_save,

@@ -407,10 +407,15 @@ class LocalRolloutClient:
 
 
 class ProcessRolloutClient:
-    """Starts the rollout worker process and talks to it (manager side)."""
+    """Starts the rollout worker process and talks to it (manager side).
+
+    Alone, a client owns its weight transport (a shared-memory copy of the weights, or a two-rank
+    torch.distributed group). In a ``RolloutPool`` the pool owns one transport for all workers: it passes the
+    shared ``shm`` (or ``wait=False`` to create one broadcast group after every worker has started) and pushes
+    weights once for all of them."""
 
     def __init__(self, spec: WorkerSpec, policy_model=None, make_prompt: Callable | None = None,
-                 start_timeout: float = 300.0):
+                 start_timeout: float = 300.0, *, shm=None, wait: bool = True):
         import torch.multiprocessing as mp
 
         from glm5.rl.weight_sync import SharedMemoryWeightSync
@@ -418,27 +423,31 @@ class ProcessRolloutClient:
         ctx = mp.get_context("spawn")
         self.spec = spec
         self.in_q, self.out_q = ctx.Queue(), ctx.Queue()
-        self.shm = None
+        self.shm = shm
         self.sender = None
-        if spec.weight_transport == "shm":
+        if spec.weight_transport == "shm" and self.shm is None:
             if policy_model is None:
                 raise ValueError("shared-memory weight sync needs the policy model")
             self.shm = SharedMemoryWeightSync(policy_model, 0, ctx)
         self.proc = ctx.Process(target=rollout_worker_main, args=(spec, self.in_q, self.out_q, self.shm), daemon=True,
                                 name="glm5-rollout")
         self.proc.start()
-        if spec.weight_transport == "dist":
-            from glm5.rl.weight_sync import DistWeightSender
-
-            d = spec.dist
-            self.sender = DistWeightSender(d["host"], d["port"], d["world_size"], d.get("backend", "gloo"))
         self._events: list[tuple] = []
-        first = self._get(start_timeout)
-        if first[0] != "ready":
-            raise RuntimeError(f"rollout worker failed to start: {first}")
         self.version = 0
         self._make_prompt = make_prompt
         self.last_stats: dict = {}
+        if wait:
+            if spec.weight_transport == "dist":
+                from glm5.rl.weight_sync import DistWeightSender
+
+                d = spec.dist
+                self.sender = DistWeightSender(d["host"], d["port"], d["world_size"], d.get("backend", "gloo"))
+            self.wait_ready(start_timeout)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        first = self._get(timeout)
+        if first[0] != "ready":
+            raise RuntimeError(f"rollout worker failed to start: {first}")
 
     def _get(self, timeout: float | None):
         """Next event within ``timeout`` seconds (queue.Empty otherwise); fails fast if the worker died."""
@@ -501,17 +510,30 @@ class ProcessRolloutClient:
             self._events.append(ev)
 
     def abort(self) -> list[Sample]:
+        self.request_abort()
+        return self.await_abort()
+
+    def request_abort(self) -> None:
         self.in_q.put(("abort",))
+
+    def await_abort(self) -> list[Sample]:
         return self._wait_for("aborted")[1]
 
     def update_weights(self, model, version: int, abort: bool = True) -> list[Sample]:
         """Push weights with a version stamp; returns samples interrupted by the update."""
         if self.shm is not None:
             self.shm.push(model, version)
-            self.in_q.put(("weights", version, abort))
-        else:
-            self.in_q.put(("weights", version, abort))
+            self.request_weights(version, abort)
+        else:  # the worker must be inside its receive before the broadcast starts
+            self.request_weights(version, abort)
             self.sender.push(model, version)
+        return self.await_weights(version)
+
+    def request_weights(self, version: int, abort: bool = True) -> None:
+        """Tell the worker to load ``version`` from the transport (pushed before, for shared memory)."""
+        self.in_q.put(("weights", version, abort))
+
+    def await_weights(self, version: int) -> list[Sample]:
         ev = self._wait_for("weights_loaded")
         if ev[1] != version:
             raise RuntimeError(f"rollout loaded version {ev[1]}, expected {version}")

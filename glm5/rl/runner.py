@@ -27,6 +27,7 @@ from glm5.rl.losses import LossConfig
 from glm5.rl.manager import ManagerConfig, RolloutManager
 from glm5.rl.metrics import MetricsLogger, plot_metrics
 from glm5.rl.rollout import LocalRolloutClient, ProcessRolloutClient, RolloutConfig, WorkerSpec, build_rollout_engine
+from glm5.rl.rollout_pool import RolloutPool, launch_process_pool
 from glm5.rl.tasks import build_messages, load_tasks, save_tasks, train_eval_split
 from glm5.rl.trainer import RLTrainer, TrainerConfig
 from glm5.rl.weight_sync import clone_model
@@ -58,7 +59,8 @@ class RLConfig:
     placement: str = "process"  # "process" | "colocate" | "ray"
     weight_sync: str = "shm"  # "shm" | "dist" (process / ray placement)
     dist_backend: str = "gloo"
-    rollout_threads: int | None = None
+    rollout_workers: int = 1  # rollout engines (own processes / Ray actors), slime's rollout data parallelism
+    rollout_threads: int | None = None  # per rollout worker
     train_threads: int | None = None
     device: str = "cpu"
     rollout_device: str = "cpu"
@@ -85,6 +87,11 @@ class RLConfig:
             raise ValueError("placement must be process, colocate or ray")
         if self.weight_sync not in ("shm", "dist"):
             raise ValueError("weight_sync must be shm or dist")
+        if self.rollout_workers < 1:
+            raise ValueError(f"rollout_workers must be >= 1, got {self.rollout_workers}")
+        if self.rollout_workers > 1 and self.placement == "colocate":
+            raise ValueError("placement 'colocate' runs one engine in the trainer's process; "
+                             "several rollout workers need placement 'process' or 'ray'")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -122,19 +129,28 @@ def make_client(cfg: RLConfig, policy, tokenizer, rollout_threads: int):
         ro = build_rollout_engine(cfg.model, tokenizer=tokenizer, device=cfg.rollout_device, engine_kwargs=ek,
                                   cfg=copy.deepcopy(cfg.rollout), model=clone_model(policy))
         return LocalRolloutClient(ro)
-    dist = {}
     transport = cfg.weight_sync if cfg.placement == "process" else "dist"
-    if transport == "dist":
-        from glm5.rl.weight_sync import free_port
 
-        dist = {"host": "127.0.0.1", "port": free_port(), "rank": 1, "world_size": 2, "backend": cfg.dist_backend}
-    spec = WorkerSpec(cfg.model, cfg.rollout.to_dict(), ek, device=cfg.rollout_device, threads=rollout_threads,
-                      weight_transport=transport, dist=dist)
+    def spec():
+        dist = {}
+        if transport == "dist":
+            from glm5.rl.weight_sync import free_port
+
+            dist = {"host": "127.0.0.1", "port": free_port(), "rank": 1, "world_size": 2, "backend": cfg.dist_backend}
+        return WorkerSpec(cfg.model, cfg.rollout.to_dict(), ek, device=cfg.rollout_device, threads=rollout_threads,
+                          weight_transport=transport, dist=dist)
+
     if cfg.placement == "ray":
         from glm5.rl.ray_launcher import RayRolloutClient
 
-        return RayRolloutClient(spec, make_prompt=make_prompt, address=cfg.ray_address, num_gpus=cfg.ray_num_gpus)
-    return ProcessRolloutClient(spec, policy, make_prompt=make_prompt)
+        def actor():  # each actor has its own two-rank weight group
+            return RayRolloutClient(spec(), make_prompt=make_prompt, address=cfg.ray_address,
+                                    num_gpus=cfg.ray_num_gpus)
+
+        return actor() if cfg.rollout_workers == 1 else RolloutPool([actor() for _ in range(cfg.rollout_workers)])
+    if cfg.rollout_workers > 1:
+        return launch_process_pool(spec(), cfg.rollout_workers, policy, make_prompt=make_prompt)
+    return ProcessRolloutClient(spec(), policy, make_prompt=make_prompt)
 
 
 def soft_policy_warning(greedy_accuracy: float | None, sampled_accuracy: float | None) -> str | None:

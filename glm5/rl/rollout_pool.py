@@ -1,0 +1,180 @@
+"""Rollout data parallelism: several rollout engines behind the one client interface the manager drives.
+
+slime scales generation by running several SGLang engines behind a router and broadcasting each new policy
+to all of them. ``RolloutPool`` does the same with our rollout workers: each is its own process with its own
+engine; whole groups go to the least-loaded worker (a group's samples share a prompt, so they share its
+prefix-cache blocks on one engine); events from every worker are merged; a weight push is written once (one
+shared-memory copy, or one torch.distributed broadcast group of rank 0 = trainer and ranks 1..N = workers)
+and every worker acknowledges it before the next push, so no worker reads a half-written version.
+
+The manager cannot tell a pool from a single client: ``submit``, ``poll``, ``abort``, ``update_weights``,
+``stats``, ``close``, ``make_prompt`` and ``version`` behave the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+from typing import Callable
+
+from glm5.rl.sample import Sample
+
+__all__ = ["RolloutPool", "launch_process_pool"]
+
+
+class RolloutPool:
+    """N rollout clients used as one. ``shm`` / ``sender``: the pool-wide weight transport when the clients
+    share one (process workers from ``launch_process_pool``); without one each client pushes its own weights."""
+
+    def __init__(self, clients: list, *, shm=None, sender=None):
+        if not clients:
+            raise ValueError("a rollout pool needs at least one client")
+        self.clients = list(clients)
+        self.shm = shm
+        self.sender = sender
+        self.load = [0] * len(self.clients)  # samples submitted to each worker and not yet back
+        self.version = getattr(self.clients[0], "version", 0)
+
+    def __len__(self) -> int:
+        return len(self.clients)
+
+    def make_prompt(self, task: dict) -> list[int]:
+        return self.clients[0].make_prompt(task)
+
+    # --------------------------------------------------------------------------------------- work
+    def submit(self, samples: list[Sample]) -> None:
+        groups: dict = defaultdict(list)
+        for s in samples:
+            groups[s.group_id].append(s)
+        per_client: dict[int, list[Sample]] = defaultdict(list)
+        for group in groups.values():
+            i = min(range(len(self.clients)), key=lambda j: self.load[j])
+            per_client[i].extend(group)
+            self.load[i] += len(group)
+        for i, work in per_client.items():
+            self.clients[i].submit(work)
+
+    def _account(self, i: int, events: list[tuple]) -> None:
+        for ev in events:
+            if ev[0] == "finished":
+                self.load[i] -= len(ev[1])
+            elif ev[0] == "aborted":
+                self.load[i] -= len(ev[1])
+            elif ev[0] == "weights_loaded":
+                self.load[i] -= len(ev[2])
+
+    def poll(self, timeout: float = 0.0) -> list[tuple]:
+        """Events of every worker; waits up to ``timeout`` seconds for the first one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out: list[tuple] = []
+            for i, c in enumerate(self.clients):
+                evs = c.poll(0)
+                self._account(i, evs)
+                out.extend(evs)
+            remaining = deadline - time.monotonic()
+            if out or remaining <= 0:
+                return out
+            time.sleep(min(remaining, 0.002))
+
+    @property
+    def has_work(self) -> bool:
+        return any(n > 0 for n in self.load)
+
+    def abort(self) -> list[Sample]:
+        if not all(hasattr(c, "request_abort") for c in self.clients):
+            out = []
+            for i, c in enumerate(self.clients):
+                got = c.abort()
+                self._account(i, [("aborted", got)])
+                out.extend(got)
+            return out
+        for c in self.clients:  # all workers stop at once, then collect
+            c.request_abort()
+        out = []
+        for i, c in enumerate(self.clients):
+            got = c.await_abort()
+            self._account(i, [("aborted", got)])
+            out.extend(got)
+        return out
+
+    # ------------------------------------------------------------------------------------ weights
+    def update_weights(self, model, version: int, abort: bool = True) -> list[Sample]:
+        """Push ``version`` to every worker; returns the samples the update interrupted (partial rollouts)."""
+        partial: list[Sample] = []
+        if self.shm is None and self.sender is None:  # each client owns its transport
+            for i, c in enumerate(self.clients):
+                got = c.update_weights(model, version, abort=abort)
+                self._account(i, [("weights_loaded", version, got)])
+                partial.extend(got)
+        else:
+            if self.shm is not None:
+                self.shm.push(model, version)  # written once, read by every worker
+            for c in self.clients:
+                c.request_weights(version, abort)
+            if self.sender is not None:  # every worker is now inside its receive
+                self.sender.push(model, version)
+            for i, c in enumerate(self.clients):
+                got = c.await_weights(version)
+                self._account(i, [("weights_loaded", version, got)])
+                partial.extend(got)
+        self.version = version
+        return partial
+
+    # ----------------------------------------------------------------------------------- the rest
+    def stats(self) -> dict:
+        per = [c.stats() for c in self.clients]
+        merged: dict = {"workers": per, "num_workers": len(per)}
+        for d in per:
+            for k, v in d.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    merged[k] = merged.get(k, 0) + v
+        return merged
+
+    def close(self) -> None:
+        errors = []
+        for c in self.clients:
+            try:
+                c.close()
+            except Exception as e:  # close every worker even if one fails
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+
+def launch_process_pool(spec, n: int, policy_model=None, make_prompt: Callable | None = None,
+                        start_timeout: float = 300.0) -> RolloutPool:
+    """Start ``n`` rollout worker processes from one ``WorkerSpec`` with a pool-wide weight transport. For
+    ``spec.weight_transport == "dist"``, ``spec.dist`` names the trainer's host/port; worker i gets rank i + 1
+    of an (n + 1)-rank group."""
+    import torch.multiprocessing as mp
+
+    from glm5.rl.rollout import ProcessRolloutClient
+    from glm5.rl.weight_sync import DistWeightSender, SharedMemoryWeightSync
+
+    if n < 1:
+        raise ValueError(f"rollout workers must be >= 1, got {n}")
+    shm = None
+    if spec.weight_transport == "shm":
+        if policy_model is None:
+            raise ValueError("shared-memory weight sync needs the policy model")
+        shm = SharedMemoryWeightSync(policy_model, 0, mp.get_context("spawn"))
+    clients = []
+    try:
+        for i in range(n):
+            s = spec
+            if spec.weight_transport == "dist":
+                s = dataclasses.replace(spec, dist={**spec.dist, "rank": i + 1, "world_size": n + 1})
+            clients.append(ProcessRolloutClient(s, make_prompt=make_prompt, shm=shm, wait=False))
+        sender = None
+        if spec.weight_transport == "dist":
+            d = spec.dist
+            sender = DistWeightSender(d["host"], d["port"], n + 1, d.get("backend", "gloo"))
+        for c in clients:
+            c.wait_ready(start_timeout)
+    except BaseException:
+        for c in clients:
+            c.close(timeout=5)
+        raise
+    return RolloutPool(clients, shm=shm, sender=sender)
