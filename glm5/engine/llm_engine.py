@@ -26,6 +26,8 @@ from glm5.engine.spec_decode import MTPProposer, rejection_sample, target_probs
 
 log = logging.getLogger(__name__)
 
+PROMPT_SCORE_ROWS = 256  # prompt positions scored per LM-head call (bounds the [rows, vocab] logits)
+
 
 @dataclass
 class EngineConfig:
@@ -54,6 +56,7 @@ class _Request:
     arrival: float
     finished: bool = False
     metrics: dict = field(default_factory=dict)
+    prompt_logprobs_sent: bool = False
 
 
 class LLMEngine:
@@ -226,6 +229,7 @@ class LLMEngine:
                 off += len(toks)
             ids, pos, batch = self.runner.build(chunks)
             hidden = self.runner.forward(ids, pos, batch)
+            self._score_prompt(items, hidden)
             logits = self.runner.logits(hidden[torch.tensor(row_idx, dtype=torch.long, device=self.device)]) \
                 if row_idx else None
         # ---- sample / verify
@@ -332,6 +336,24 @@ class LLMEngine:
                     logits[row_of[i] + j, banned] = float("-inf")
         return logits
 
+    def _score_prompt(self, items, hidden: torch.Tensor) -> None:
+        """SamplingParams.prompt_logprobs: the final hidden state at prompt position p scores prompt token p + 1.
+        Positions already scored are skipped (a recompute after preemption repeats none), and the logits are
+        formed PROMPT_SCORE_ROWS rows at a time, so a long prompt never materialises [prompt, vocab] at once."""
+        off = 0
+        for s in items:
+            seq, width = s.seq, s.num_new_tokens + len(s.draft_ids)
+            lps = seq.prompt_logprobs
+            if lps is not None and seq.needs_prompt_logprobs:
+                c = seq.num_computed_tokens
+                end = min(c + s.num_new_tokens, seq.num_prompt_tokens - 1)
+                for a in range(max(c, len(lps) - 1), end, PROMPT_SCORE_ROWS):
+                    b = min(end, a + PROMPT_SCORE_ROWS)
+                    logits = self.runner.logits(hidden[off + a - c: off + b - c])
+                    k = [seq.params.prompt_logprobs] * (b - a)
+                    lps.extend(token_logprobs(logits, seq.token_ids[a + 1: b + 1], k))
+            off += width
+
     def _max_drafts(self, seq: Sequence) -> int:
         p = seq.params
         if p.logits_processors:  # processors see one position at a time; verification would bypass them
@@ -395,9 +417,16 @@ class LLMEngine:
                                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
 
     def _make_output(self, req: _Request, delta: bool) -> RequestOutput:
+        plp = req.seqs[0].prompt_logprobs
+        if plp is not None and (req.seqs[0].needs_prompt_logprobs or (delta and req.prompt_logprobs_sent)):
+            plp = None  # not complete yet, or already streamed
+        elif plp is not None:
+            req.prompt_logprobs_sent = True
+            plp = list(plp)
         return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
                              outputs=[self._completion(s, delta) for s in req.seqs], finished=req.finished,
-                             num_cached_tokens=max(s.num_cached_tokens for s in req.seqs), metrics=req.metrics)
+                             num_cached_tokens=max(s.num_cached_tokens for s in req.seqs), metrics=req.metrics,
+                             prompt_logprobs=plp)
 
     def _finish_request(self, req: _Request, delta: bool) -> RequestOutput:
         req.finished = True

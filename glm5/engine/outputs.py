@@ -31,4 +31,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # SamplingParams.prompt_logprobs: per prompt token, {token: logprob, alternatives...}; None for the first.
+    # Delta (streaming) outputs carry them once, in the first output after the prefill.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     metrics: dict = field(default_factory=dict)

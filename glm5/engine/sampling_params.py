@@ -26,6 +26,9 @@ class SamplingParams:
         With n > 1, completion i uses seed + i.
     logprobs: return the log-probabilities (of the raw model distribution) of each sampled token plus the
         ``logprobs`` most likely alternatives (0 = only the sampled token, None = none).
+    prompt_logprobs: also return, for every prompt token after the first, its log-probability given the tokens
+        before it plus the ``prompt_logprobs`` most likely alternatives (vLLM's field; what scoring harnesses use).
+        Such a request does not reuse cached prefix blocks: every prompt position must be computed.
     n: completions per prompt.
     skip_special_tokens: drop special added tokens from the text (GLM-5's think/tool tags are not special).
     logits_processors: callables ``(output_token_ids, logits[V]) -> logits[V]`` (vLLM v0's signature) applied in
@@ -46,6 +49,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logits_processors: list[LogitsProcessor] | None = None
     stop_list: list[str] = field(init=False, repr=False)
@@ -75,6 +79,8 @@ class SamplingParams:
             raise ValueError("logits_processors must be callables (output_token_ids, logits) -> logits")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError(f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
 
     @property
     def greedy(self) -> bool:

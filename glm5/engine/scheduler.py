@@ -110,7 +110,7 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
             if not seq.block_table:
-                cached = self.bm.match_prefix(seq)
+                cached = 0 if seq.needs_prompt_logprobs else self.bm.match_prefix(seq)
                 seq.num_computed_tokens = cached
                 seq.num_cached_tokens = cached
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)

@@ -53,6 +53,10 @@ class Sequence:
         # output
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
+        # prompt_logprobs[t]: log-prob of prompt token t given tokens < t (None for t = 0); the request's first
+        # completion computes them, the others may share its prefix blocks
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] if params.prompt_logprobs is not None and index == 0 else None)
         self.output_text = ""
         self.detokenizer = None  # set by the engine when a tokenizer is available
         self.sent_tokens = 0  # streaming bookkeeping: tokens / chars already handed out as deltas
@@ -74,6 +78,11 @@ class Sequence:
     @property
     def prompt_token_ids(self) -> list[int]:
         return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt positions are still to be scored (so its prefill must not skip them via the prefix cache)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:
