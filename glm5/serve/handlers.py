@@ -150,18 +150,28 @@ def chat_stream(state: ServerState, request: Request, gen: Generation, include_u
 
 
 # ========================================================================================= completions
-def _completion_logprobs(gen: Generation, ids: list[int], lps: list[dict] | None, offset: int) -> tuple[dict, int]:
+def _lp_entry(gen: Generation, t: int, d: dict | None, k: int) -> tuple[str, float | None, dict | None]:
+    """(token text, its logprob, top alternatives) in the legacy completions format; None where not scored."""
+    s, _ = gen.state.token_text(t)
+    if d is None:
+        return s, None, None
+    lp = d.get(t)
+    top = sorted(d.items(), key=lambda kv: -kv[1])[:k]
+    return (s, lp if lp is not None and lp > -1e30 else -9999.0,
+            {gen.state.token_text(j)[0]: (v if v > -1e30 else -9999.0) for j, v in top})
+
+
+def _completion_logprobs(gen: Generation, ids: list[int], lps: list | None, offset: int) -> tuple[dict, int]:
+    """Legacy ``logprobs`` object for ``ids``; ``lps`` entries may be None (the first prompt token with echo)."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     if lps is None:
         return out, offset
     k = gen.prep.top_logprobs or 0
     for t, d in zip(ids, lps):
-        s, _ = gen.state.token_text(t)
+        s, lp, top = _lp_entry(gen, t, d, k)
         out["tokens"].append(s)
-        lp = d.get(t)
-        out["token_logprobs"].append(lp if lp is not None and lp > -1e30 else -9999.0)
-        top = sorted(d.items(), key=lambda kv: -kv[1])[:k]
-        out["top_logprobs"].append({gen.state.token_text(j)[0]: (v if v > -1e30 else -9999.0) for j, v in top})
+        out["token_logprobs"].append(lp)
+        out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(s)
     return out, offset
@@ -172,8 +182,15 @@ def _echo_prefix(gen: Generation, p: int) -> str:
     return text if text is not None else gen.state.tokenizer.decode(gen.prep.prompts[p])
 
 
+def _echo_logprobs(gen: Generation, p: int, prompt_logprobs: list) -> dict:
+    """With echo and logprobs the choice's logprobs open with the prompt's tokens (the first one unscored)."""
+    part, _ = _completion_logprobs(gen, gen.prep.prompts[p], prompt_logprobs, 0)
+    return part
+
+
 async def completion(state: ServerState, request: Request, gen: Generation) -> JSONResponse:
-    offsets: dict[int, int] = {}
+    echo = gen.prep.extra.get("echo")
+    offsets: dict[int, int] = {}  # text_offset of the next token: the completion follows the echoed prompt
     lp_acc: dict[int, dict] = {}
 
     def on_output(p, out):
@@ -181,15 +198,18 @@ async def completion(state: ServerState, request: Request, gen: Generation) -> J
             c = gen.choices[p * gen.n + comp.index]
             c.text.append(comp.text)
             if gen.prep.top_logprobs is not None:
-                part, offsets[c.index] = _completion_logprobs(gen, comp.token_ids, comp.logprobs,
-                                                              offsets.get(c.index, 0))
-                acc = lp_acc.setdefault(c.index, {"tokens": [], "token_logprobs": [], "top_logprobs": [],
-                                                  "text_offset": []})
+                acc = lp_acc.get(c.index)
+                if acc is None:
+                    acc = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+                    if echo and out.prompt_logprobs is not None:
+                        acc = _echo_logprobs(gen, p, out.prompt_logprobs)
+                    lp_acc[c.index] = acc
+                start = offsets.get(c.index, len(_echo_prefix(gen, p)) if echo else 0)
+                part, offsets[c.index] = _completion_logprobs(gen, comp.token_ids, comp.logprobs, start)
                 for key in acc:
                     acc[key].extend(part[key])
 
     await _collect(request, gen, on_output)
-    echo = gen.prep.extra.get("echo")
     choices = []
     for c in gen.choices.values():
         p = c.index // gen.n
@@ -218,11 +238,19 @@ async def _completion_stream(state: ServerState, request: Request, gen: Generati
 
     watcher = asyncio.create_task(_watch_disconnect(request, gen))
     try:
-        if gen.prep.extra.get("echo"):
+        echo = gen.prep.extra.get("echo")
+        scored = echo and gen.prep.top_logprobs is not None  # the echo chunk waits for the prompt's logprobs
+        if echo and not scored:
             for c in gen.choices.values():
                 yield chunk([{"index": c.index, "text": _echo_prefix(gen, c.index // gen.n), "logprobs": None,
                               "finish_reason": None}])
         async for p, out in gen.events():
+            if scored and out.prompt_logprobs is not None:
+                for c in gen.choices.values():
+                    if c.index // gen.n == p:
+                        yield chunk([{"index": c.index, "text": _echo_prefix(gen, p),
+                                      "logprobs": _echo_logprobs(gen, p, out.prompt_logprobs), "finish_reason": None}])
+                        offsets[c.index] = len(_echo_prefix(gen, p))
             for comp in out.outputs:
                 c = gen.choices[p * gen.n + comp.index]
                 lps = None

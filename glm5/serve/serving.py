@@ -328,11 +328,10 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Prepared:
         if not ids:
             raise bad_request("prompt must not be empty", param="prompt")
         prompts.append(ids)
-    if req.echo and req.logprobs is not None:
-        raise bad_request("echo with logprobs is not supported (no prompt log-probabilities)", param="echo",
-                          code="unsupported_value")
     max_tokens = min(_check_context(state, len(ids), req.max_tokens, "prompt") for ids in prompts)
     params = _sampling(state, req, max_tokens=max_tokens, logprobs=req.logprobs, stop_ids=[])
+    if req.echo and req.logprobs is not None:  # scoring (lm-eval's loglikelihood): the prompt's logprobs too
+        params.prompt_logprobs = req.logprobs
     procs = _common_processors(state, req, params.temperature)
     return Prepared(request_id=req.request_id or f"cmpl-{uuid.uuid4().hex}", model=model, prompts=prompts,
                     prompt_texts=texts, params=params, processors=procs, top_logprobs=req.logprobs,

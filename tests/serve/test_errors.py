@@ -113,7 +113,7 @@ def test_extreme_but_valid_sampling_parameters_are_served(http, body):
 
 @pytest.mark.parametrize("body", [
     {"prompt": ""}, {"prompt": []}, {"prompt": [[]]}, {"prompt": [1, 10**6]}, {"prompt": "x", "suffix": "y"},
-    {"prompt": "x", "best_of": 3}, {"prompt": "x", "echo": True, "logprobs": 1}, {"prompt": "x", "logprobs": 99},
+    {"prompt": "x", "best_of": 3}, {"prompt": "x", "echo": True, "logprobs": 21}, {"prompt": "x", "logprobs": 99},
     {"prompt": {"a": 1}}, {"prompt": [-1]},
 ])
 def test_invalid_completion_parameters_are_400(http, body):

@@ -245,3 +245,33 @@ def test_prefix_cache_shows_in_usage_and_cost(client):
     p = second.usage.prompt_tokens
     assert second.usage.cost == pytest.approx(((p - cached) * 1.0 + cached * 0.2 + 2 * 3.2) / 1e6)
     assert second.usage.cost < first.usage.cost or first.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_completions_echo_with_logprobs_scores_the_prompt(client, model_dir):
+    """lm-eval's loglikelihood request (echo + logprobs): the prompt's tokens come back scored, the first one
+    unscored, equal to the model's own log-softmax; streaming sends the same in its echo chunk."""
+    import torch
+
+    from glm5.model.transformer import GLM5ForCausalLM
+
+    prompt = [11, 57, 203, 9, 140, 77, 31]
+    r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=2, echo=True, logprobs=2,
+                                  temperature=0, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(prompt) + 2
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    model = GLM5ForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0], dim=-1)
+    for t in range(1, len(prompt)):
+        assert abs(lp.token_logprobs[t] - float(ref[t - 1, prompt[t]])) < 1e-4
+        assert len(lp.top_logprobs[t]) <= 2
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    text = r.choices[0].text
+    assert lp.text_offset[len(prompt)] == len(text) - len("".join(lp.tokens[len(prompt):]))
+    chunks = list(client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=2, echo=True, logprobs=2,
+                                            temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    first = chunks[0].choices[0]
+    assert first.logprobs.token_logprobs == lp.token_logprobs[: len(prompt)]
+    streamed = [t for c in chunks for t in (c.choices[0].logprobs.tokens if c.choices and c.choices[0].logprobs else [])]
+    assert streamed == lp.tokens
