@@ -146,6 +146,12 @@ def _best(fn, repeats):
 def bench_decode(args, path, cfg, results):
     hf, eng = HF(path), Engine(path, max(args.contexts) + args.decode_tokens + 8)
     results["transformers"] = hf.version
+    # Memory roofline of a decode step on this machine: the fewest bytes a step must read (weights the batch
+    # activates + the latent cache it attends to) at the measured copy bandwidth. No implementation decodes
+    # faster than this in fp32, so roofline / transformers bounds the speed-up any engine can show here.
+    bw = _copy_bandwidth(torch.device("cpu"))
+    model = eng.llm.engine.runner.model
+    results["copy_bandwidth_gb_s"] = bw / 1e9
     rows = []
     warm = _prompts(1, 16, cfg.vocab_size, 0)
     hf.timed(warm, 3)
@@ -170,6 +176,10 @@ def bench_decode(args, path, cfg, results):
                        hf_prefill_tok_s=res["hf"]["prefill_tok_s"], engine_prefill_tok_s=res["engine"]["prefill_tok_s"],
                        prefill_speedup=res["engine"]["prefill_tok_s"] / res["hf"]["prefill_tok_s"],
                        greedy_identical=f"{same}/{B}")
+            step_bytes = _activated_weight_bytes(model, B) + _cache_bytes_read(cfg, B, P + D // 2, 4)
+            row["roofline_decode_tok_s"] = B * bw / step_bytes
+            row["engine_fraction_of_roofline"] = row["engine_decode_tok_s"] / row["roofline_decode_tok_s"]
+            row["max_speedup_at_roofline"] = row["roofline_decode_tok_s"] / row["hf_decode_tok_s"]
             rows.append(row)
             print(json.dumps(row), flush=True)
     results["decode"] = rows
@@ -382,20 +392,49 @@ def bench_dsa(args, results):
     results["dsa"] = row
 
 
-def _activated_weight_bytes(model) -> int:
-    """Bytes of the weights one decoded token reads (routed experts: only the top-k of each MoE layer)."""
+def _activated_weight_bytes(model, batch: int = 1) -> int:
+    """Bytes of the weights one decode step of ``batch`` sequences reads at the least. Routed experts: the
+    expected number of distinct experts that ``batch`` tokens pick under uniform routing, n·(1 − (1 − k/n)^batch)
+    of n (exactly top-k at batch 1); everything else once per step."""
     cfg = model.config
+    n, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    expert_share = (1.0 - (1.0 - k / n) ** batch) if n else 0.0
     total = 0
     for name, p in model.named_parameters():
         if name.startswith(f"model.layers.{cfg.num_hidden_layers}."):
             continue  # the MTP layer is not part of a plain decode step
-        n = p.numel()
+        size = p.numel() * p.element_size()
         if name == "model.embed_tokens.weight":
-            n = cfg.hidden_size
+            size = batch * cfg.hidden_size * p.element_size()
         elif ".mlp.experts." in name:
-            n = n * cfg.num_experts_per_tok // cfg.n_routed_experts
-        total += n * p.element_size()
-    return total
+            size = size * expert_share
+        total += size
+    return int(total)
+
+
+def _cache_bytes_read(cfg, batch: int, context: int, elem: int) -> int:
+    """Latent-cache bytes a decode step reads: every latent row [c_kv ‖ k_pe] of the context (only the top-k
+    with DSA once the context is longer), and every indexer key when the indexer scores."""
+    sparse = context > cfg.index_topk
+    rows = min(context, cfg.index_topk) if sparse else context
+    per_layer = rows * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + (context * cfg.index_head_dim if sparse else 0)
+    return batch * cfg.num_hidden_layers * per_layer * elem
+
+
+def _copy_bandwidth(device) -> float:
+    """Bytes/s of a large device copy (read + write), the roofline's memory speed."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    x = torch.empty(1 << 28, dtype=torch.uint8, device=device)  # 256 MiB
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    sync()
+    reps = 20 if device.type == "cuda" else 5
+    t = time.perf_counter()
+    for _ in range(reps):
+        y.copy_(x)
+    sync()
+    return 2 * x.numel() * reps / (time.perf_counter() - t)
 
 
 def bench_gpu(args, results):
@@ -404,17 +443,7 @@ def bench_gpu(args, results):
         results["gpu"] = "skipped: no CUDA device"
         return
     dev = torch.device("cuda")
-    x = torch.empty(1 << 28, dtype=torch.uint8, device=dev)  # 256 MiB
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(20):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    bw = 2 * x.numel() * 20 / (time.perf_counter() - t)  # read + write
-    del x, y
+    bw = _copy_bandwidth(dev)
     cfg = preset(args.gpu_preset)
     model = GLM5ForCausalLM(cfg).to(device=dev, dtype=torch.bfloat16).init_weights(0).eval()
     llm = LLM(model, max_num_seqs=1, max_model_len=args.gpu_context + 256, enable_prefix_caching=False)
@@ -430,9 +459,7 @@ def bench_gpu(args, results):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     tok_s = args.decode_tokens * 8 / (times[1] - times[0])
-    elem = 2
-    cache = args.gpu_context * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim + cfg.index_head_dim)
-    per_token = _activated_weight_bytes(model) + cache * elem
+    per_token = _activated_weight_bytes(model) + _cache_bytes_read(cfg, 1, args.gpu_context, 2)
     roofline = bw / per_token
     row = dict(device=torch.cuda.get_device_name(dev), preset=args.gpu_preset, dtype="bfloat16", context=args.gpu_context,
                measured_bandwidth_gb_s=bw / 1e9, bytes_per_token_mb=per_token / 2**20, roofline_tok_s=roofline,
@@ -494,8 +521,10 @@ def main() -> int:
         bench_dsa(args, results)
     if "gpu" in args.only:
         bench_gpu(args, results)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out = Path(args.out)  # a list of runs: each invocation appends its own
+    runs = json.loads(out.read_text()).get("runs", []) if out.exists() else []
+    out.write_text(json.dumps({"runs": runs + [results]}, indent=2) + "\n")
+    print(f"appended this run to {out}")
     return 0
 
 
