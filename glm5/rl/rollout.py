@@ -469,6 +469,14 @@ class ProcessRolloutClient:
             raise RuntimeError("rollout worker failed:\n" + ev[1])
         return ev
 
+    def check_alive(self) -> None:
+        """Raise if the worker process has died (its last words, if any, are in the next event)."""
+        if not self.proc.is_alive():
+            try:
+                self._events.append(self._get_nowait())
+            except queue.Empty:
+                raise RuntimeError(f"rollout worker died (exit code {self.proc.exitcode})") from None
+
     def make_prompt(self, task: dict) -> list[int]:
         if self._make_prompt is None:
             raise RuntimeError("no prompt builder")

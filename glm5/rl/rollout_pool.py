@@ -73,6 +73,13 @@ class RolloutPool:
                 evs = c.poll(0)
                 self._account(i, evs)
                 out.extend(evs)
+            if not out:  # a silent pool may be a dead worker: fail now, not after the manager's long timeout
+                for i, c in enumerate(self.clients):
+                    if hasattr(c, "check_alive"):
+                        try:
+                            c.check_alive()
+                        except RuntimeError as e:
+                            raise RuntimeError(f"rollout worker {i} of {len(self.clients)}: {e}") from None
             remaining = deadline - time.monotonic()
             if out or remaining <= 0:
                 return out

@@ -156,3 +156,28 @@ def test_cli_async_with_two_rollout_workers(model_dir, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     workers = s["rollout_stats"]["workers"]
     assert len(workers) == 2 and all(w["requests"] > 0 for w in workers)
+
+
+def test_a_killed_worker_fails_the_pool_fast(model_dir, tok, tasks):
+    """Fault injection: SIGKILL one of two rollout workers mid-generation; the pool's next polls raise a clear
+    error within seconds (not after the manager's hour-long no-progress timeout), and close() still works."""
+    import os
+    import signal
+
+    policy = GLM5ForCausalLM.from_pretrained(model_dir)
+    rcfg = RolloutConfig(max_new_tokens=200, temperature=1.0)
+    spec = WorkerSpec(str(model_dir), rcfg.to_dict(), {"max_num_seqs": 16, "max_model_len": 256}, threads=1)
+    ref = RolloutEngine(build_engine(clone_model(policy), tok, max_num_seqs=1, max_model_len=256), tok, rcfg)
+    pool = launch_process_pool(spec, 2, policy, make_prompt=ref.make_prompt)
+    try:
+        pool.submit([Sample(prompt_ids=ref.make_prompt(t), task=t, group_id=i, index=0, max_new_tokens=200)
+                     for i, t in enumerate(tasks[:4])])
+        os.kill(pool.clients[1].proc.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="rollout worker 1 of 2.*died"):
+            while time.monotonic() - t0 < 60:
+                pool.poll(0.05)
+        assert time.monotonic() - t0 < 30
+    finally:
+        pool.close()
+    assert all(not c.proc.is_alive() for c in pool.clients)
