@@ -297,14 +297,17 @@ class LLMEngine:
                     touched.append(req)
             else:
                 seq.num_computed_tokens = c_old + s.num_new_tokens
-            seq.draft_token_ids, seq.draft_probs = [], None
+            if s.draft_ids or i in sampled or i in failed:  # consumed; a recompute chunk keeps pending drafts
+                seq.draft_token_ids, seq.draft_probs = [], None
             if seq.is_finished:
                 self.scheduler.finish(seq)
             else:
                 if self.proposer is not None:
                     committed = seq.num_computed_tokens - c_old
                     spec_items.append((seq, hidden[off:off + committed], c_old))
-                    spec_kmax.append(self._max_drafts(seq) if seq.in_decode else 0)
+                    # draft only right after a sampled token: a prefill chunk that stops one token short
+                    # must not turn the next sample into a verification (see glm5.engine.scheduler)
+                    spec_kmax.append(self._max_drafts(seq) if seq.in_decode and i in sampled else 0)
                 self.block_manager.register_full_blocks(
                     seq, self.proposer.committed(seq) if self.proposer else seq.num_computed_tokens)
             off += width

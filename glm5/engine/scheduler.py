@@ -1,14 +1,21 @@
 """Continuous batching: who runs this step and with how many tokens.
 
-Each step has a token budget (``max_num_batched_tokens``). Running sequences go first, in admission
-order: a decoding sequence feeds its last token plus its MTP drafts, a sequence still prefilling feeds the
-next chunk of its prompt (chunked prefill). Then waiting sequences are admitted, front first, while there
-are sequence slots, budget and cache blocks (after reusing any cached prefix blocks); a prompt longer than
-the remaining budget starts with a chunk. Requests therefore join and leave the batch at step boundaries.
+Each step has a token budget (``max_num_batched_tokens``). Running sequences go first: the decoding ones,
+each feeding its last token plus all its MTP drafts (the budget is at least max_num_seqs × (1 + k), so
+drafts are never cut), then those still prefilling, each with the next chunk of its prompt (chunked
+prefill), in admission order. Then waiting sequences are admitted, front first, while there are sequence
+slots, budget and cache blocks (after reusing any cached prefix blocks); a prompt longer than the remaining
+budget starts with a chunk. Requests therefore join and leave the batch at step boundaries.
 
-When the cache runs out of blocks, the most recently admitted running sequence is preempted: its blocks
-are freed and it goes back to the front of the waiting queue, to be recomputed later from its tokens
-(prompt + outputs so far), as vLLM's "recompute" preemption.
+When the cache runs out of blocks, the most recently admitted running sequence not yet scheduled this step
+is preempted: its blocks are freed and it goes back to the front of the waiting queue, to be recomputed
+later from its tokens (prompt + outputs so far), as vLLM's "recompute" preemption. Its pending MTP drafts
+are kept: the recompute stops one token short and the next step verifies them, as it would have.
+
+Why drafts are never cut and survive preemption: a seeded sampled request draws its random numbers in a
+fixed order (a token, its drafts, their verification, ...). If batch mates could change how many drafts
+are verified, or turn a verification into a plain sample, the same seed would give different tokens
+depending on what else runs.
 """
 
 from __future__ import annotations
@@ -70,9 +77,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
         self.bm.free_seq(seq)
-        seq.num_computed_tokens = 0
-        seq.draft_token_ids = []
-        seq.draft_probs = None
+        seq.num_computed_tokens = 0  # drafts stay: verified after the recompute
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -81,30 +86,42 @@ class Scheduler:
         if self.on_preempt:
             self.on_preempt(seq)
 
+    def _chunk(self, seq: Sequence, budget: int) -> tuple[int, list[int]]:
+        """(new tokens, drafts) for ``seq`` this step. A sequence holding drafts verifies them right after its
+        last token; one still (re)computing its tokens stops one short of that."""
+        n = seq.num_tokens - seq.num_computed_tokens
+        if seq.draft_token_ids:
+            if n == 1:
+                return 1, list(seq.draft_token_ids)
+            n -= 1
+        return min(n, budget), []
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = seq.num_tokens - seq.num_computed_tokens
-            drafts = list(seq.draft_token_ids) if seq.in_decode else []
-            if n + len(drafts) > budget:
-                drafts = drafts[: max(0, budget - n)]
-                n = min(n, budget)
+        done: set[int] = set()
+        order = [s for s in self.running if s.in_decode] + [s for s in self.running if not s.in_decode]
+        for seq in order:
+            if budget <= 0:
+                break
+            if seq.status != SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n, drafts = self._chunk(seq, budget)
+            if n + len(drafts) > budget:  # cannot happen for decodes (budget floor); defer rather than cut
+                continue
             ok = True
             while not self.bm.can_allocate(seq, self._slots_needed(seq, n, len(drafts))):
-                victim = self.running[-1]
+                victim = next((v for v in reversed(self.running) if v.seq_id not in done), seq)
                 self._preempt(victim, out)
                 if victim is seq:
                     ok = False
                     break
             if not ok:
-                continue  # seq itself was preempted; running[i] is now the next one
+                continue
             self.bm.allocate(seq, self._slots_needed(seq, n, len(drafts)))
             out.scheduled.append(Scheduled(seq, n, drafts))
+            done.add(seq.seq_id)
             budget -= n + len(drafts)
-            i += 1
         if out.preempted:
             return out  # memory is tight: do not admit anything new this step
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
@@ -113,8 +130,8 @@ class Scheduler:
                 cached = 0 if seq.needs_prompt_logprobs else self.bm.match_prefix(seq)
                 seq.num_computed_tokens = cached
                 seq.num_cached_tokens = cached
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.bm.allocate(seq, self._slots_needed(seq, n, 0)):
+            n, drafts = self._chunk(seq, budget)
+            if n + len(drafts) > budget or not self.bm.allocate(seq, self._slots_needed(seq, n, len(drafts))):
                 self.bm.free_seq(seq)  # give back any prefix blocks; retry on a later step
                 seq.num_computed_tokens = 0
                 break
@@ -123,8 +140,8 @@ class Scheduler:
             self.running.append(seq)
             if self.on_admit:
                 self.on_admit(seq)
-            out.scheduled.append(Scheduled(seq, n, []))
-            budget -= n
+            out.scheduled.append(Scheduled(seq, n, drafts))
+            budget -= n + len(drafts)
         return out
 
     def finish(self, seq: Sequence) -> None:

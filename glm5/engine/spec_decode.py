@@ -102,12 +102,14 @@ class MTPProposer:
             assert st.mtp_len[1] + (0 if prev is None else prev.shape[0]) == p0, "MTP catch-up out of sync"
             w = _Work(seq, st, h_new if prev is None else torch.cat([prev, h_new]), kmax)
             st.mtp_len[0] = seq.num_computed_tokens
-            seq.draft_token_ids = []
+            if kmax:  # a catch-up only (kmax 0) leaves pending drafts alone: a recompute verifies them next
+                seq.draft_token_ids, seq.draft_probs = [], None
             works.append(w)
         for d in range(1, self.k + 1):
             self._depth(works, d)
         for w in works:
-            w.seq.draft_probs = torch.stack(w.dists) if w.dists else None
+            if w.dists:
+                w.seq.draft_probs = torch.stack(w.dists)
 
     def _depth(self, works: list["_Work"], d: int) -> None:
         """Run depth d for every sequence: its committed catch-up plus, when drafting, the tentative tail."""

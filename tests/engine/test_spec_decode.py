@@ -128,3 +128,30 @@ def test_spec_respects_stop_ids_and_min_tokens(nano):
         assert plain.token_ids == spec.token_ids and plain.finish_reason == spec.finish_reason
     assert LLM(nano).generate([p], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop]))[0] \
         .outputs[0].token_ids == ref[: ref.index(stop) + 1]
+
+
+def test_seeded_spec_sampling_ignores_chunking_budget_and_preemption(nano):
+    """The random numbers of a seeded request are drawn in a fixed order (token, drafts, their verification, ...),
+    so its tokens must not depend on where prefill chunks end, on batch mates taking the step budget, or on
+    preemption. Found by tests/engine/test_engine_fuzz.py: a chunk ending one token short of the prompt used to
+    let the proposer draft before the first token was sampled, turning that sample into a verification."""
+    p = prompts([17], seed=31)[0]
+    sp = SamplingParams(temperature=0.9, seed=11, n=2, max_tokens=12, ignore_eos=True)
+
+    def run(prompt_list, params, **kw):
+        llm = LLM(nano, block_size=4, num_speculative_tokens=2, max_model_len=48, **kw)
+        outs = llm.generate(prompt_list, params)
+        return outs, llm
+
+    (alone,), _ = run([p], sp, max_num_batched_tokens=256)
+    want = [c.token_ids for c in alone.outputs]
+    (short,), _ = run([p], sp, max_num_batched_tokens=8, max_num_seqs=1)  # chunks 8 + 8 stop one token short
+    assert [c.token_ids for c in short.outputs] == want
+    mates = prompts([30, 25], seed=32)
+    outs, _ = run(mates + [p], [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * 2 + [sp],
+                  max_num_batched_tokens=8)
+    assert [c.token_ids for c in outs[2].outputs] == want
+    outs, llm = run(mates + [p], [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * 2 + [sp],
+                    num_blocks=20, enable_prefix_caching=False)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert [c.token_ids for c in outs[2].outputs] == want

@@ -1,0 +1,128 @@
+"""Property test of the engine's scheduling machinery: random request scripts (shared prefixes, n > 1, aborts
+mid-prefill and mid-decode, prompt scoring, seeds) on random configurations (block sizes, cache budgets small
+enough to preempt, chunked prefill, prefix caching, MTP drafts, sparse or dense DSA). Whatever happens:
+every block comes back, every surviving request runs to its length, greedy output equals the model's
+no-cache recompute, prompt log-probabilities equal the full forward's, and a seeded sampled request
+gets the tokens it gets when it runs alone."""
+
+import math
+
+import torch
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+
+from glm5.engine import LLM, SamplingParams
+
+from .conftest import make_model, ref_greedy
+
+MAX_LEN = 48
+# 16 indexer heads: with glm5-nano's 8, a key scores exactly 0 after the ReLU often enough that ties at the top-k
+# boundary appear, and torch.topk breaks them differently for different key counts (engine: keys so far; full
+# forward: the whole sequence). README "Numerical notes" documents that; here it would hide real bugs.
+MODEL = make_model(seed=3, index_n_heads=16)
+BASE = torch.Generator().manual_seed(42)
+PREFIXES = [torch.randint(1, 2048, (24,), generator=BASE).tolist() for _ in range(2)]
+
+configs = st.fixed_dictionaries({
+    "block_size": st.sampled_from([2, 4, 8]),
+    "extra_blocks": st.integers(1, 24),  # beyond one full-length sequence: small values force preemption
+    "max_num_batched_tokens": st.sampled_from([8, 16, 64]),
+    "max_num_seqs": st.integers(1, 4),
+    "enable_prefix_caching": st.booleans(),
+    "num_speculative_tokens": st.sampled_from([0, 2]),
+    "dsa": st.sampled_from(["sparse", "dense"]),
+})
+requests = st.fixed_dictionaries({
+    "prefix": st.sampled_from([0, 1, None]),
+    "prefix_len": st.integers(1, 24),
+    "tail": st.lists(st.integers(1, 2047), min_size=0, max_size=10),
+    "max_tokens": st.integers(1, 10),
+    "greedy": st.booleans(),
+    "seed": st.integers(0, 3),
+    "n": st.integers(1, 2),
+    "prompt_logprobs": st.sampled_from([None, None, 0, 2]),
+})
+ops = st.lists(st.one_of(st.tuples(st.just("add"), requests), st.tuples(st.just("step"), st.integers(1, 4)),
+                         st.tuples(st.just("abort"), st.integers(0, 20))), min_size=1, max_size=14)
+
+
+def prompt_of(r) -> list[int]:
+    head = PREFIXES[r["prefix"]][: r["prefix_len"]] if r["prefix"] is not None else [7] * min(r["prefix_len"], 3)
+    return (head + r["tail"])[: MAX_LEN - 12] or [1]
+
+
+def params_of(r) -> SamplingParams:
+    return SamplingParams(temperature=0.0 if r["greedy"] else 0.9, seed=None if r["greedy"] else r["seed"],
+                          n=1 if r["greedy"] else r["n"], max_tokens=r["max_tokens"], ignore_eos=True,
+                          prompt_logprobs=r["prompt_logprobs"])
+
+
+def make_llm(model, cfg) -> LLM:
+    c = dict(cfg)
+    extra = c.pop("extra_blocks")  # the engine's floor: one full sequence (+ draft slots) and the null block
+    num_blocks = 2 + math.ceil((MAX_LEN + 2 * c["num_speculative_tokens"]) / c["block_size"]) + extra - 1
+    return LLM(model, max_model_len=MAX_LEN, num_blocks=num_blocks, **c)
+
+
+def drain(eng, done: dict, limit: int = 3000) -> None:
+    for _ in range(limit):
+        if not eng.has_unfinished_requests():
+            return
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o
+    raise AssertionError("the engine did not finish its requests")
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=configs, script=ops)
+def test_random_request_scripts_keep_every_invariant(cfg, script):
+    nano = MODEL
+    note(f"config {cfg}\nscript {script}")
+    llm = make_llm(nano, cfg)
+    eng = llm.engine
+    added, aborted, done = [], set(), {}
+    for op, arg in script:
+        if op == "add":
+            rid = eng.add_request(prompt_of(arg), params_of(arg))
+            added.append((rid, arg))
+        elif op == "step":
+            for _ in range(arg):
+                for o in eng.step():
+                    if o.finished:
+                        done[o.request_id] = o
+        elif added:
+            rid = added[arg % len(added)][0]
+            if rid not in done:
+                out = eng.abort(rid)
+                if out is not None:
+                    aborted.add(rid)
+                    done[rid] = out
+    drain(eng, done)
+    bm = eng.block_manager
+    assert bm.num_free_blocks == bm.num_blocks - 1, "cache blocks leaked"
+    seeded = None
+    for rid, r in added:
+        out = done[rid]
+        if rid in aborted:
+            assert all(c.finish_reason in ("abort", "length") for c in out.outputs)
+            continue
+        p, sp = prompt_of(r), params_of(r)
+        assert len(out.outputs) == sp.n
+        for c in out.outputs:
+            assert c.finish_reason == "length" and len(c.token_ids) == sp.max_tokens
+        if sp.greedy:
+            assert out.outputs[0].token_ids == ref_greedy(nano, p, sp.max_tokens, dsa=cfg["dsa"])
+        elif seeded is None:
+            seeded = (p, sp, [c.token_ids for c in out.outputs])
+        if sp.prompt_logprobs is not None:
+            with torch.no_grad():
+                ref = torch.log_softmax(nano(torch.tensor([p]), dsa=cfg["dsa"]).logits[0].float(), dim=-1)
+            plp = out.prompt_logprobs
+            assert plp is not None and len(plp) == len(p) and plp[0] is None
+            for t in range(1, len(p)):
+                assert abs(plp[t][p[t]] - float(ref[t - 1, p[t]])) < 1e-3
+    if seeded is not None:  # the same seed gives the same tokens with no batch mates, preemption or prefix hits
+        p, sp, toks = seeded
+        alone = make_llm(nano, {**cfg, "extra_blocks": 24, "enable_prefix_caching": False}).generate([p], sp)[0]
+        assert [c.token_ids for c in alone.outputs] == toks
