@@ -74,7 +74,7 @@ def drain(eng, done: dict, limit: int = 3000) -> None:
     raise AssertionError("the engine did not finish its requests")
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=configs, script=ops)
 def test_random_request_scripts_keep_every_invariant(cfg, script):
     nano = MODEL
