@@ -36,7 +36,8 @@ def test_actor_body_without_ray(model_dir):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not ray_available(), reason="ray not installed (optional extra)")
-def test_ray_placement_end_to_end(model_dir, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ray_placement_end_to_end(model_dir, tmp_path, workers):
     import json
 
     from glm5.cli import main
@@ -48,7 +49,8 @@ def test_ray_placement_end_to_end(model_dir, tmp_path):
         rc = main(["rl", "--model", str(model_dir), "--out", str(out), "--task", "arith", "--n-train", "16",
                    "--steps", "2", "--groups", "2", "--group-size", "2", "--max-new-tokens", "8",
                    "--max-model-len", "128", "--mode", "async", "--placement", "ray", "--no-eval", "--no-save",
-                   "--no-progress", "--train-threads", "1", "--rollout-threads", "1"])
+                   "--no-progress", "--train-threads", "1", "--rollout-threads", "1",
+                   "--rollout-workers", str(workers)])
     finally:
         import ray
 
@@ -56,3 +58,6 @@ def test_ray_placement_end_to_end(model_dir, tmp_path):
     assert rc == 0
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["rollout_version"] for r in recs] == [1, 2]
+    if workers > 1:  # one actor per engine, each with its own weight group
+        stats = json.loads((out / "summary.json").read_text())["rollout_stats"]
+        assert stats["num_workers"] == 2 and all(w["requests"] > 0 for w in stats["workers"])
