@@ -301,6 +301,7 @@ THROUGHPUT_PLAN = [
     ("async/process/rollout2t", "async", "process", 1, {"rollout_threads": 2}),
     ("sync/process/rollout2t", "sync", "process", 1, {"rollout_threads": 2}),
     # rollout data parallelism: two rollout engines (processes), 1 thread each, beside the 1-thread trainer
+    ("sync/process/2workers", "sync", "process", 1, {"rollout_workers": 2}),
     ("sync/process/2workers/oversample", "sync", "process", 1, {"rollout_workers": 2, "over_sampling": 8}),
     ("async/process/2workers", "async", "process", 1, {"rollout_workers": 2}),
     ("async/process/2workers/inflight32", "async", "process", 1, {"rollout_workers": 2, "max_inflight_groups": 32}),
