@@ -41,6 +41,7 @@ requests = st.fixed_dictionaries({
     "seed": st.integers(0, 3),
     "n": st.integers(1, 2),
     "prompt_logprobs": st.sampled_from([None, None, 0, 2]),
+    "stop_at": st.sampled_from([None, None, 0, 1, 3, 6]),  # greedy: stop on the id the reference emits there
 })
 ops = st.lists(st.one_of(st.tuples(st.just("add"), requests), st.tuples(st.just("step"), st.integers(1, 4)),
                          st.tuples(st.just("abort"), st.integers(0, 20))), min_size=1, max_size=14)
@@ -51,10 +52,17 @@ def prompt_of(r) -> list[int]:
     return (head + r["tail"])[: MAX_LEN - 12] or [1]
 
 
-def params_of(r) -> SamplingParams:
+def params_of(r, stop_id=None) -> SamplingParams:
     return SamplingParams(temperature=0.0 if r["greedy"] else 0.9, seed=None if r["greedy"] else r["seed"],
                           n=1 if r["greedy"] else r["n"], max_tokens=r["max_tokens"], ignore_eos=True,
-                          prompt_logprobs=r["prompt_logprobs"])
+                          prompt_logprobs=r["prompt_logprobs"], stop_token_ids=[stop_id] if stop_id else None)
+
+
+def stop_id_of(model, r, dsa) -> int | None:
+    """For a greedy request with ``stop_at``: the token the no-cache reference emits at that output position."""
+    if not r["greedy"] or r["stop_at"] is None or r["stop_at"] >= r["max_tokens"]:
+        return None
+    return ref_greedy(model, prompt_of(r), r["stop_at"] + 1, dsa=dsa)[-1]
 
 
 def make_llm(model, cfg) -> LLM:
@@ -84,8 +92,9 @@ def test_random_request_scripts_keep_every_invariant(cfg, script):
     added, aborted, done = [], set(), {}
     for op, arg in script:
         if op == "add":
-            rid = eng.add_request(prompt_of(arg), params_of(arg))
-            added.append((rid, arg))
+            stop = stop_id_of(nano, arg, cfg["dsa"])
+            rid = eng.add_request(prompt_of(arg), params_of(arg, stop))
+            added.append((rid, arg, stop))
         elif op == "step":
             for _ in range(arg):
                 for o in eng.step():
@@ -102,13 +111,19 @@ def test_random_request_scripts_keep_every_invariant(cfg, script):
     bm = eng.block_manager
     assert bm.num_free_blocks == bm.num_blocks - 1, "cache blocks leaked"
     seeded = None
-    for rid, r in added:
+    for rid, r, stop in added:
         out = done[rid]
         if rid in aborted:
-            assert all(c.finish_reason in ("abort", "length") for c in out.outputs)
+            assert all(c.finish_reason in ("abort", "length", "stop") for c in out.outputs)
             continue
-        p, sp = prompt_of(r), params_of(r)
+        p, sp = prompt_of(r), params_of(r, stop)
         assert len(out.outputs) == sp.n
+        if stop is not None:  # ends at the first occurrence of the stop id, which it keeps (also mid-draft)
+            ref = ref_greedy(nano, p, sp.max_tokens, dsa=cfg["dsa"])
+            c = out.outputs[0]
+            assert c.token_ids == ref[: ref.index(stop) + 1]
+            assert c.finish_reason == "stop" and c.stop_reason == stop
+            continue
         for c in out.outputs:
             assert c.finish_reason == "length" and len(c.token_ids) == sp.max_tokens
         if sp.greedy:
