@@ -100,11 +100,13 @@ class RLConfig:
 
 
 def _threads(cfg: RLConfig) -> tuple[int, int]:
+    """(trainer threads, threads per rollout worker): the rollout workers share their side's cores."""
     n = os.cpu_count() or 1
+    w = cfg.rollout_workers
     if cfg.placement == "colocate" or cfg.manager.mode == "sync":
-        return cfg.train_threads or n, cfg.rollout_threads or n  # the two sides take turns
+        return cfg.train_threads or n, cfg.rollout_threads or max(1, n // w)  # the two sides take turns
     half = max(1, n // 2)
-    return cfg.train_threads or half, cfg.rollout_threads or max(1, n - half)
+    return cfg.train_threads or half, cfg.rollout_threads or max(1, (n - half) // w)
 
 
 def _engine_kwargs(cfg: RLConfig) -> dict:
@@ -153,6 +155,22 @@ def make_client(cfg: RLConfig, policy, tokenizer, rollout_threads: int):
     return ProcessRolloutClient(spec(), policy, make_prompt=make_prompt)
 
 
+def oversubscription_warning(cfg: RLConfig, train_threads: int, rollout_threads: int) -> str | None:
+    """Rollout workers and the trainer that run at once on the CPU need more threads than it has cores: each
+    gets a slice, and OpenMP threads that spin while descheduled make that much worse."""
+    cores = os.cpu_count() or 1
+    if cfg.placement == "colocate" or "cpu" not in (cfg.device, cfg.rollout_device):
+        return None
+    need = cfg.rollout_workers * rollout_threads * (cfg.rollout_device == "cpu")
+    if cfg.manager.mode != "sync":  # sync: the trainer runs while the rollout side waits
+        need += train_threads * (cfg.device == "cpu")
+    if need <= cores:
+        return None
+    return (f"{cfg.rollout_workers} rollout worker(s) × {rollout_threads} thread(s) and a trainer with "
+            f"{train_threads} want {need} threads on {cores} CPU cores; expect contention (set "
+            "OMP_WAIT_POLICY=PASSIVE, or lower --rollout-workers / --rollout-threads / --train-threads)")
+
+
 def soft_policy_warning(greedy_accuracy: float | None, sampled_accuracy: float | None) -> str | None:
     """A warning when the policy's samples are far worse than its greedy answers (the rollout accuracy of the
     first RL steps, >= 64 answerable samples, against the greedy held-out accuracy before RL). Outcome-reward
@@ -173,6 +191,9 @@ def run_rl(cfg: RLConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     train_threads, rollout_threads = _threads(cfg)
+    warn = oversubscription_warning(cfg, train_threads, rollout_threads)
+    if warn:
+        warnings.warn(warn, stacklevel=2)
     torch.set_num_threads(train_threads)
     torch.manual_seed(cfg.seed)
     tok = GLM5Tokenizer.from_pretrained(cfg.model)

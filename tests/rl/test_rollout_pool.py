@@ -181,3 +181,17 @@ def test_a_killed_worker_fails_the_pool_fast(model_dir, tok, tasks):
     finally:
         pool.close()
     assert all(not c.proc.is_alive() for c in pool.clients)
+
+
+def test_oversubscribed_cpu_placement_is_warned_about(monkeypatch):
+    from glm5.rl import runner
+
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)
+    cfg = RLConfig(model="m", rollout_workers=2, manager={"mode": "async"})
+    assert runner.oversubscription_warning(cfg, 1, 1) is not None  # 2 × 1 + 1 threads on 2 cores
+    assert runner.oversubscription_warning(cfg, 1, 1).startswith("2 rollout worker(s)")
+    assert runner.oversubscription_warning(RLConfig(model="m", manager={"mode": "async"}), 1, 1) is None
+    sync = RLConfig(model="m", rollout_workers=2, manager={"mode": "sync"})
+    assert runner.oversubscription_warning(sync, 2, 1) is None  # sync: the two sides take turns
+    assert runner._threads(sync) == (2, 1)  # the rollout workers share the cores
+    assert runner._threads(cfg) == (1, 1)
