@@ -18,7 +18,7 @@ from glm5.engine.block_manager import BlockManager
 from glm5.engine.kv_cache import PagedKVCache, bytes_per_block
 from glm5.engine.model_runner import Chunk, ModelRunner
 from glm5.engine.outputs import CompletionOutput, RequestOutput
-from glm5.engine.sampler import Sampler, token_logprobs, unusable_rows
+from glm5.engine.sampler import Sampler, token_logprobs, token_ranks, unusable_rows
 from glm5.engine.sampling_params import SamplingParams
 from glm5.engine.scheduler import Scheduler
 from glm5.engine.sequence import Sequence, SequenceStatus
@@ -353,8 +353,9 @@ class LLMEngine:
                 for a in range(max(c, len(lps) - 1), end, PROMPT_SCORE_ROWS):
                     b = min(end, a + PROMPT_SCORE_ROWS)
                     logits = self.runner.logits(hidden[off + a - c: off + b - c])
-                    k = [seq.params.prompt_logprobs] * (b - a)
-                    lps.extend(token_logprobs(logits, seq.token_ids[a + 1: b + 1], k))
+                    targets = seq.token_ids[a + 1: b + 1]
+                    lps.extend(token_logprobs(logits, targets, [seq.params.prompt_logprobs] * (b - a)))
+                    seq.prompt_ranks.extend(token_ranks(logits, targets))
             off += width
 
     def _max_drafts(self, seq: Sequence) -> int:
@@ -420,16 +421,16 @@ class LLMEngine:
                                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
 
     def _make_output(self, req: _Request, delta: bool) -> RequestOutput:
-        plp = req.seqs[0].prompt_logprobs
+        plp = ranks = req.seqs[0].prompt_logprobs
         if plp is not None and (req.seqs[0].needs_prompt_logprobs or (delta and req.prompt_logprobs_sent)):
-            plp = None  # not complete yet, or already streamed
+            plp = ranks = None  # not complete yet, or already streamed
         elif plp is not None:
             req.prompt_logprobs_sent = True
-            plp = list(plp)
+            plp, ranks = list(plp), list(req.seqs[0].prompt_ranks)
         return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
                              outputs=[self._completion(s, delta) for s in req.seqs], finished=req.finished,
                              num_cached_tokens=max(s.num_cached_tokens for s in req.seqs), metrics=req.metrics,
-                             prompt_logprobs=plp)
+                             prompt_logprobs=plp, prompt_token_ranks=ranks)
 
     def _finish_request(self, req: _Request, delta: bool) -> RequestOutput:
         req.finished = True

@@ -34,4 +34,5 @@ class RequestOutput:
     # SamplingParams.prompt_logprobs: per prompt token, {token: logprob, alternatives...}; None for the first.
     # Delta (streaming) outputs carry them once, in the first output after the prefill.
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_token_ranks: list[int | None] | None = None  # vocabulary rank of each prompt token (1 = argmax)
     metrics: dict = field(default_factory=dict)

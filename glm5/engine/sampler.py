@@ -76,6 +76,12 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], num_top: list[int | 
     return out
 
 
+def token_ranks(logits: torch.Tensor, tokens: list[int]) -> list[int]:
+    """Vocabulary rank (1 = most likely) of ``tokens[i]`` in row i: one plus the ids with a larger logit."""
+    idx = torch.tensor(tokens, dtype=torch.long, device=logits.device)[:, None]
+    return ((logits > logits.gather(1, idx)).sum(-1) + 1).tolist()
+
+
 def apply_logits_processors(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]],
                             errors: list[str | None]) -> torch.Tensor:
     """Row i's ``params[i].logits_processors`` applied in order to ``logits[i]`` given that sequence's output ids

@@ -57,6 +57,7 @@ class Sequence:
         # completion computes them, the others may share its prefix blocks
         self.prompt_logprobs: list[dict[int, float] | None] | None = (
             [None] if params.prompt_logprobs is not None and index == 0 else None)
+        self.prompt_ranks: list[int | None] | None = [None] if self.prompt_logprobs is not None else None
         self.output_text = ""
         self.detokenizer = None  # set by the engine when a tokenizer is available
         self.sent_tokens = 0  # streaming bookkeeping: tokens / chars already handed out as deltas

@@ -88,6 +88,8 @@ async def chat_completion(state: ServerState, request: Request, gen: Generation)
         })
     body = {"id": gen.prep.request_id, "object": "chat.completion", "created": gen.created, "model": gen.prep.model,
             "choices": choices, "usage": gen.usage()}
+    if gen.prep.extra.get("prompt_logprobs") is not None:  # vLLM extension: scores of the rendered prompt
+        body["prompt_logprobs"] = gen.vllm_prompt_logprobs(0)
     return JSONResponse(body)
 
 
@@ -218,6 +220,8 @@ async def completion(state: ServerState, request: Request, gen: Generation) -> J
             text = _echo_prefix(gen, p) + text
         choices.append({"index": c.index, "text": text, "logprobs": lp_acc.get(c.index) if gen.prep.top_logprobs
                         is not None else None, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        if gen.prep.extra.get("prompt_logprobs") is not None:  # vLLM extension
+            choices[-1]["prompt_logprobs"] = gen.vllm_prompt_logprobs(p)
     body = {"id": gen.prep.request_id, "object": "text_completion", "created": gen.created, "model": gen.prep.model,
             "choices": choices, "usage": gen.usage()}
     return JSONResponse(body)

@@ -162,6 +162,9 @@ class _Sampling(_Open):
     include_stop_str_in_output: bool = False
     user: str | None = None
     request_id: str | None = Field(None, max_length=256)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                        description="vLLM extension: score every prompt token (with this many "
+                                                    "alternatives); not with stream")
 
     @field_validator("stop")
     @classmethod
@@ -191,6 +194,8 @@ class _Sampling(_Open):
     def _stream_options(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options can only be set when stream is true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs is not available when stream is true")
         return self
 
     @property

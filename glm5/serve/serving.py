@@ -280,6 +280,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
     # a turn that starts another role has left the assistant's turn (not EOS ids, so ignore_eos skips them too)
     stop_ids = [] if req.ignore_eos else [i for i in (state.ids[st.ASSISTANT], state.ids[st.SYSTEM]) if i is not None]
     params = _sampling(state, req, max_tokens=max_tokens, logprobs=logprobs, stop_ids=stop_ids)
+    params.prompt_logprobs = req.prompt_logprobs
     opens = prompt_opens_reasoning(prompt)
     choice = req.effective_tool_choice
     procs = _common_processors(state, req, params.temperature)
@@ -308,7 +309,8 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
     return Prepared(
         request_id=req.request_id or f"chatcmpl-{uuid.uuid4().hex}", model=model, prompts=[ids],
         prompt_texts=[prompt], params=params, processors=procs, opens_reasoning=opens, tools=tools,
-        parse_tool_calls=parse_tool_calls, include_reasoning=req.include_reasoning, top_logprobs=logprobs)
+        parse_tool_calls=parse_tool_calls, include_reasoning=req.include_reasoning, top_logprobs=logprobs,
+        extra={"prompt_logprobs": req.prompt_logprobs})
 
 
 def prepare_completion(state: ServerState, req: CompletionRequest) -> Prepared:
@@ -330,12 +332,13 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Prepared:
         prompts.append(ids)
     max_tokens = min(_check_context(state, len(ids), req.max_tokens, "prompt") for ids in prompts)
     params = _sampling(state, req, max_tokens=max_tokens, logprobs=req.logprobs, stop_ids=[])
-    if req.echo and req.logprobs is not None:  # scoring (lm-eval's loglikelihood): the prompt's logprobs too
-        params.prompt_logprobs = req.logprobs
+    wanted = [k for k in (req.prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
+    if wanted:  # echo + logprobs (lm-eval's loglikelihood) or vLLM's prompt_logprobs: score the prompt
+        params.prompt_logprobs = max(wanted)
     procs = _common_processors(state, req, params.temperature)
     return Prepared(request_id=req.request_id or f"cmpl-{uuid.uuid4().hex}", model=model, prompts=prompts,
                     prompt_texts=texts, params=params, processors=procs, top_logprobs=req.logprobs,
-                    extra={"echo": req.echo})
+                    extra={"echo": req.echo, "prompt_logprobs": req.prompt_logprobs})
 
 
 # ============================================================================================ generating
@@ -381,6 +384,7 @@ class Generation:
         self.finished = False
         self.outcome = "ok"
         self._cached: dict[int, int] = {}
+        self.prompt_scores: dict[int, tuple] = {}  # prompt index -> (prompt logprobs, prompt token ranks)
 
     @property
     def prompt_tokens(self) -> int:
@@ -431,8 +435,29 @@ class Generation:
             m.in_flight -= 1
             self._finish_metrics()
 
+    def vllm_prompt_logprobs(self, p: int) -> list | None:
+        """vLLM's ``prompt_logprobs`` for prompt p: None for the first token, then {token id: {logprob, rank,
+        decoded_token}} for the prompt token and the requested number of most likely alternatives."""
+        got = self.prompt_scores.get(p)
+        k = self.prep.extra.get("prompt_logprobs")
+        if got is None or k is None:
+            return None
+        lps, ranks = got
+        ids, out = self.prep.prompts[p], [None]
+        for t in range(1, len(ids)):
+            d = lps[t]
+            entry = {str(ids[t]): {"logprob": _finite(d[ids[t]]), "rank": ranks[t],
+                                   "decoded_token": self.state.token_text(ids[t])[0]}}
+            for r, (j, v) in enumerate(sorted(d.items(), key=lambda kv: -kv[1])[:k], start=1):
+                entry.setdefault(str(j), {"logprob": _finite(v), "rank": r,
+                                          "decoded_token": self.state.token_text(j)[0]})
+            out.append(entry)
+        return out
+
     def _record(self, p: int, out) -> None:
         now = time.monotonic()
+        if getattr(out, "prompt_logprobs", None) is not None:
+            self.prompt_scores[p] = (out.prompt_logprobs, out.prompt_token_ranks)
         if getattr(out, "num_cached_tokens", 0):
             self._cached[p] = out.num_cached_tokens
             self.cached_tokens = sum(self._cached.values())

@@ -29,6 +29,8 @@ def check(out, model, prompt, k, atol=1e-4, dsa="sparse"):
         for v, j in zip(top.values.tolist(), top.indices.tolist()):
             assert j in d and abs(d[j] - v) < atol
         assert len(d) <= k + 1
+        assert out.prompt_token_ranks[t] == 1 + int((ref[t - 1] > ref[t - 1, prompt[t]]).sum())
+    assert out.prompt_token_ranks[0] is None and len(out.prompt_token_ranks) == len(prompt)
 
 
 def test_prompt_logprobs_match_the_full_forward_chunked_and_batched(nano, monkeypatch):

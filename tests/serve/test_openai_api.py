@@ -275,3 +275,33 @@ def test_completions_echo_with_logprobs_scores_the_prompt(client, model_dir):
     assert first.logprobs.token_logprobs == lp.token_logprobs[: len(prompt)]
     streamed = [t for c in chunks for t in (c.choices[0].logprobs.tokens if c.choices and c.choices[0].logprobs else [])]
     assert streamed == lp.tokens
+
+
+def test_vllm_prompt_logprobs_field(client, http, model_dir):
+    """vLLM's prompt_logprobs extension: per prompt token {id: {logprob, rank, decoded_token}} (first None),
+    in each completions choice and at the top of a chat response; refused with stream, as vLLM does."""
+    import torch
+
+    from glm5.model.transformer import GLM5ForCausalLM
+
+    prompt = [11, 57, 203, 9, 140, 77]
+    r = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": 2,
+                                           "prompt_logprobs": 2, "temperature": 0}).json()
+    plp = r["choices"][0]["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(prompt)
+    model = GLM5ForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0], dim=-1)
+    for t in range(1, len(prompt)):
+        e = plp[t][str(prompt[t])]
+        assert abs(e["logprob"] - float(ref[t - 1, prompt[t]])) < 1e-4
+        assert e["rank"] == 1 + int((ref[t - 1] > ref[t - 1, prompt[t]]).sum())
+        assert isinstance(e["decoded_token"], str)
+        top = ref[t - 1].topk(2).indices.tolist()
+        assert plp[t][str(top[0])]["rank"] == 1 and str(top[1]) in plp[t]
+    chat = http.post("/v1/chat/completions", json={"model": MODEL_NAME, "messages": HI, "max_tokens": 2,
+                                                   "prompt_logprobs": 0}).json()
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"] and chat["prompt_logprobs"][0] is None
+    bad = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "prompt_logprobs": 1,
+                                             "stream": True})
+    assert bad.status_code == 400 and "prompt_logprobs" in bad.json()["error"]["message"]
