@@ -42,6 +42,7 @@ requests = st.fixed_dictionaries({
     "n": st.integers(1, 2),
     "prompt_logprobs": st.sampled_from([None, None, 0, 2]),
     "stop_at": st.sampled_from([None, None, 0, 1, 3, 6]),  # greedy: stop on the id the reference emits there
+    "min_tokens": st.sampled_from([0, 0, 2, 5]),  # with a stop id: it cannot end the output before this many
 })
 ops = st.lists(st.one_of(st.tuples(st.just("add"), requests), st.tuples(st.just("step"), st.integers(1, 4)),
                          st.tuples(st.just("abort"), st.integers(0, 20))), min_size=1, max_size=14)
@@ -55,7 +56,26 @@ def prompt_of(r) -> list[int]:
 def params_of(r, stop_id=None) -> SamplingParams:
     return SamplingParams(temperature=0.0 if r["greedy"] else 0.9, seed=None if r["greedy"] else r["seed"],
                           n=1 if r["greedy"] else r["n"], max_tokens=r["max_tokens"], ignore_eos=True,
-                          prompt_logprobs=r["prompt_logprobs"], stop_token_ids=[stop_id] if stop_id else None)
+                          prompt_logprobs=r["prompt_logprobs"], stop_token_ids=[stop_id] if stop_id else None,
+                          min_tokens=min(r["min_tokens"], r["max_tokens"]) if stop_id else 0)
+
+
+@torch.no_grad()
+def ref_greedy_until_stop(model, prompt, sp: SamplingParams, dsa: str) -> list[int]:
+    """No-cache greedy reference of a request with a stop id and min_tokens: the stop id is masked while the
+    output is shorter than min_tokens, and the output ends with its first occurrence after that."""
+    toks, out = list(prompt), []
+    stop = sp.stop_token_ids[0]
+    while len(out) < sp.max_tokens:
+        logits = model(torch.tensor([toks]), dsa=dsa).logits[0, -1]
+        if len(out) < sp.min_tokens:
+            logits[stop] = float("-inf")
+        t = int(logits.argmax())
+        out.append(t)
+        toks.append(t)
+        if t == stop:
+            break
+    return out
 
 
 def stop_id_of(model, r, dsa) -> int | None:
@@ -118,11 +138,14 @@ def test_random_request_scripts_keep_every_invariant(cfg, script):
             continue
         p, sp = prompt_of(r), params_of(r, stop)
         assert len(out.outputs) == sp.n
-        if stop is not None:  # ends at the first occurrence of the stop id, which it keeps (also mid-draft)
-            ref = ref_greedy(nano, p, sp.max_tokens, dsa=cfg["dsa"])
+        if stop is not None:  # ends at the first allowed occurrence of the stop id, kept (also mid-draft)
+            ref = ref_greedy_until_stop(nano, p, sp, cfg["dsa"])
             c = out.outputs[0]
-            assert c.token_ids == ref[: ref.index(stop) + 1]
-            assert c.finish_reason == "stop" and c.stop_reason == stop
+            assert c.token_ids == ref
+            if ref[-1] == stop:
+                assert c.finish_reason == "stop" and c.stop_reason == stop
+            else:  # min_tokens pushed the stop id out of reach within max_tokens
+                assert c.finish_reason == "length"
             continue
         for c in out.outputs:
             assert c.finish_reason == "length" and len(c.token_ids) == sp.max_tokens
