@@ -6,6 +6,8 @@ import types
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from glm5.engine import build_engine
 from glm5.model.transformer import GLM5ForCausalLM
@@ -218,3 +220,31 @@ def test_multi_turn_tool_rollout_masks_tool_outputs(tok, make_config):
     p = len(s.prompt_ids)
     assert b["mask"][0, p - 1 + len(turn): p - 1 + len(turn) + len(obs)].sum() == 0
     assert b["mask"][0].sum() == 2 * len(turn)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # the policy is only cloned
+@given(cuts=st.lists(st.integers(1, 9), min_size=1, max_size=4), n_tasks=st.integers(1, 3))
+def test_any_interruption_schedule_resumes_to_the_uninterrupted_result(policy, tok, tasks, cuts, n_tasks):
+    """Partial rollouts, property form: interrupt after any numbers of engine steps, any number of times; greedy
+    resumption ends with the uninterrupted tokens and log-probs, and one weight version per engine call."""
+    ro = rollout_for(clone_model(policy), tok, max_new_tokens=24, temperature=0.0)
+    full = {s.group_id: s for s in ro.generate(samples_for(ro, tasks[:n_tasks], max_new=24))}
+    work, done, calls = samples_for(ro, tasks[:n_tasks], max_new=24), [], 1
+    for steps in cuts:
+        ro.submit(work)
+        for _ in range(steps):
+            done += ro.step()
+        work = ro.abort_all()
+        for s in work:
+            s.resumed += 1
+        calls += 1
+        if not work:
+            break
+    done += ro.generate(work) if work else []
+    assert sorted(s.group_id for s in done) == sorted(full)
+    for s in done:
+        f = full[s.group_id]
+        assert s.response_ids == f.response_ids and s.status == f.status and s.reward == f.reward
+        assert torch.allclose(torch.tensor(s.rollout_logprobs), torch.tensor(f.rollout_logprobs), atol=1e-5)
+        assert len(s.weight_versions) <= calls and set(s.weight_versions) == {0}
