@@ -41,8 +41,16 @@ def ref_greedy(model, prompt, n):
     return toks[len(prompt):]
 
 
-def test_engine_greedy_equals_the_model_and_decodes_through_cuda_graphs():
-    torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 on both sides
+@pytest.fixture
+def exact_fp32():
+    """No TF32 in fp32 matmuls while a test compares the engine with the model token for token."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_engine_greedy_equals_the_model_and_decodes_through_cuda_graphs(exact_fp32):
     model = GLM5ForCausalLM(preset("glm5-nano", index_topk=8)).init_weights(3).to(DEVICE).eval()
     g = torch.Generator().manual_seed(0)
     ps = [torch.randint(1, 2048, (n,), generator=g).tolist() for n in (5, 13, 40)]
