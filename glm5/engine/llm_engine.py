@@ -421,12 +421,12 @@ class LLMEngine:
                                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
 
     def _make_output(self, req: _Request, delta: bool) -> RequestOutput:
-        plp = ranks = req.seqs[0].prompt_logprobs
-        if plp is not None and (req.seqs[0].needs_prompt_logprobs or (delta and req.prompt_logprobs_sent)):
-            plp = ranks = None  # not complete yet, or already streamed
-        elif plp is not None:
+        first, plp, ranks = req.seqs[0], None, None
+        # complete ones only, and in a stream once
+        if first.prompt_logprobs is not None and not first.needs_prompt_logprobs and not (
+                delta and req.prompt_logprobs_sent):
             req.prompt_logprobs_sent = True
-            plp, ranks = list(plp), list(req.seqs[0].prompt_ranks)
+            plp, ranks = list(first.prompt_logprobs), list(first.prompt_ranks)
         return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
                              outputs=[self._completion(s, delta) for s in req.seqs], finished=req.finished,
                              num_cached_tokens=max(s.num_cached_tokens for s in req.seqs), metrics=req.metrics,

@@ -36,9 +36,6 @@ class RolloutPool:
         self.load = [0] * len(self.clients)  # samples submitted to each worker and not yet back
         self.version = getattr(self.clients[0], "version", 0)
 
-    def __len__(self) -> int:
-        return len(self.clients)
-
     def make_prompt(self, task: dict) -> list[int]:
         return self.clients[0].make_prompt(task)
 
@@ -55,14 +52,22 @@ class RolloutPool:
         for i, work in per_client.items():
             self.clients[i].submit(work)
 
+    # where each event that hands samples back carries them (see glm5.rl.rollout.rollout_worker_main)
+    _SAMPLES_AT = {"finished": 1, "aborted": 1, "weights_loaded": 2}
+
     def _account(self, i: int, events: list[tuple]) -> None:
         for ev in events:
-            if ev[0] == "finished":
-                self.load[i] -= len(ev[1])
-            elif ev[0] == "aborted":
-                self.load[i] -= len(ev[1])
-            elif ev[0] == "weights_loaded":
-                self.load[i] -= len(ev[2])
+            if ev[0] in self._SAMPLES_AT:
+                self.load[i] -= len(ev[self._SAMPLES_AT[ev[0]]])
+
+    def _collect(self, get) -> list[Sample]:
+        """``get(client)`` -> the samples it hands back (aborted or interrupted by a weight update), pooled."""
+        out: list[Sample] = []
+        for i, c in enumerate(self.clients):
+            got = get(c)
+            self.load[i] -= len(got)
+            out.extend(got)
+        return out
 
     def poll(self, timeout: float = 0.0) -> list[tuple]:
         """Events of every worker; waits up to ``timeout`` seconds for the first one."""
@@ -90,31 +95,16 @@ class RolloutPool:
         return any(n > 0 for n in self.load)
 
     def abort(self) -> list[Sample]:
-        if not all(hasattr(c, "request_abort") for c in self.clients):
-            out = []
-            for i, c in enumerate(self.clients):
-                got = c.abort()
-                self._account(i, [("aborted", got)])
-                out.extend(got)
-            return out
-        for c in self.clients:  # all workers stop at once, then collect
-            c.request_abort()
-        out = []
-        for i, c in enumerate(self.clients):
-            got = c.await_abort()
-            self._account(i, [("aborted", got)])
-            out.extend(got)
-        return out
+        for c in self.clients:
+            if hasattr(c, "request_abort"):
+                c.request_abort()  # every worker stops at once, then their samples are collected
+        return self._collect(lambda c: c.await_abort() if hasattr(c, "request_abort") else c.abort())
 
     # ------------------------------------------------------------------------------------ weights
     def update_weights(self, model, version: int, abort: bool = True) -> list[Sample]:
         """Push ``version`` to every worker; returns the samples the update interrupted (partial rollouts)."""
-        partial: list[Sample] = []
         if self.shm is None and self.sender is None:  # each client owns its transport
-            for i, c in enumerate(self.clients):
-                got = c.update_weights(model, version, abort=abort)
-                self._account(i, [("weights_loaded", version, got)])
-                partial.extend(got)
+            partial = self._collect(lambda c: c.update_weights(model, version, abort=abort))
         else:
             if self.shm is not None:
                 self.shm.push(model, version)  # written once, read by every worker
@@ -122,10 +112,7 @@ class RolloutPool:
                 c.request_weights(version, abort)
             if self.sender is not None:  # every worker is now inside its receive
                 self.sender.push(model, version)
-            for i, c in enumerate(self.clients):
-                got = c.await_weights(version)
-                self._account(i, [("weights_loaded", version, got)])
-                partial.extend(got)
+            partial = self._collect(lambda c: c.await_weights(version))
         self.version = version
         return partial
 

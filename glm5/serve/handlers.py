@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from .errors import APIError
-from .serving import Generation, ServerState
+from .serving import Generation, ServerState, finite_logprob
 
 log = logging.getLogger("glm5.serve")
 
@@ -157,10 +158,9 @@ def _lp_entry(gen: Generation, t: int, d: dict | None, k: int) -> tuple[str, flo
     s, _ = gen.state.token_text(t)
     if d is None:
         return s, None, None
-    lp = d.get(t)
     top = sorted(d.items(), key=lambda kv: -kv[1])[:k]
-    return (s, lp if lp is not None and lp > -1e30 else -9999.0,
-            {gen.state.token_text(j)[0]: (v if v > -1e30 else -9999.0) for j, v in top})
+    return (s, finite_logprob(d.get(t, -math.inf)),
+            {gen.state.token_text(j)[0]: finite_logprob(v) for j, v in top})
 
 
 def _completion_logprobs(gen: Generation, ids: list[int], lps: list | None, offset: int) -> tuple[dict, int]:
@@ -206,7 +206,7 @@ async def completion(state: ServerState, request: Request, gen: Generation) -> J
                     if echo and out.prompt_logprobs is not None:
                         acc = _echo_logprobs(gen, p, out.prompt_logprobs)
                     lp_acc[c.index] = acc
-                start = offsets.get(c.index, len(_echo_prefix(gen, p)) if echo else 0)
+                start = offsets[c.index] if c.index in offsets else len(_echo_prefix(gen, p)) if echo else 0
                 part, offsets[c.index] = _completion_logprobs(gen, comp.token_ids, comp.logprobs, start)
                 for key in acc:
                     acc[key].extend(part[key])

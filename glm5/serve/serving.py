@@ -446,10 +446,10 @@ class Generation:
         ids, out = self.prep.prompts[p], [None]
         for t in range(1, len(ids)):
             d = lps[t]
-            entry = {str(ids[t]): {"logprob": _finite(d[ids[t]]), "rank": ranks[t],
+            entry = {str(ids[t]): {"logprob": finite_logprob(d[ids[t]]), "rank": ranks[t],
                                    "decoded_token": self.state.token_text(ids[t])[0]}}
             for r, (j, v) in enumerate(sorted(d.items(), key=lambda kv: -kv[1])[:k], start=1):
-                entry.setdefault(str(j), {"logprob": _finite(v), "rank": r,
+                entry.setdefault(str(j), {"logprob": finite_logprob(v), "rank": r,
                                           "decoded_token": self.state.token_text(j)[0]})
             out.append(entry)
         return out
@@ -525,13 +525,14 @@ class Generation:
         for t, d in zip(ids, lps):
             s, b = self.state.token_text(t)
             top = sorted(d.items(), key=lambda kv: -kv[1])[:k] if k else []
-            out.append({"token": s, "logprob": _finite(d.get(t, -9999.0)), "bytes": list(b),
-                        "top_logprobs": [{"token": self.state.token_text(j)[0], "logprob": _finite(v),
+            out.append({"token": s, "logprob": finite_logprob(d.get(t, -9999.0)), "bytes": list(b),
+                        "top_logprobs": [{"token": self.state.token_text(j)[0], "logprob": finite_logprob(v),
                                           "bytes": list(self.state.token_text(j)[1])} for j, v in top]})
         return out
 
 
-def _finite(x: float) -> float:
+def finite_logprob(x: float) -> float:
+    """OpenAI's stand-in for a log-probability of -inf (a token masked out): -9999.0."""
     return x if math.isfinite(x) else -9999.0
 
 
