@@ -33,6 +33,8 @@ _HELP = {
     "max_minutes": "time budget in minutes: the LR schedule runs on elapsed time and the run ends (checkpointed) at it",
     "dsa": "DSA stage: dense | indexer-warmup (only the indexer trains) | sparse",
     "mtp_depth": "MTP steps sharing the one MTP layer (GLM-5 trains 3)",
+    "mtp_target": "MTP targets: data (the corpus's next tokens) | self (distil the main model's own distribution)",
+    "mtp_only": "train only the MTP block on the MTP loss; the main model stays exactly as loaded (use with --init-from)",
     "bias_update_rate": "aux-loss-free router bias step γ per optimiser step (default 0.01; DeepSeek-V3: 0.001; 0 = off)",
     "seq_balance_alpha": "sequence-level balance loss weight (0 = off)",
     "optimizer": "muon | adamw",
@@ -42,7 +44,7 @@ _HELP = {
 }
 
 
-_CHOICES = {"dsa": ["dense", "indexer-warmup", "sparse"], "optimizer": ["muon", "adamw"],
+_CHOICES = {"dsa": ["dense", "indexer-warmup", "sparse"], "mtp_target": ["data", "self"], "optimizer": ["muon", "adamw"],
             "schedule": ["cosine", "wsd", "constant"], "muon_impl": ["auto", "glm5", "torch"],
             "device": ["auto", "cpu", "cuda"]}
 

@@ -73,6 +73,8 @@ class TrainConfig:
     # ---- objective ---------------------------------------------------------------------------------
     mtp_weight: float = 0.3
     mtp_depth: int = 1  # MTP steps sharing the one MTP layer (GLM-5 trains 3)
+    mtp_target: str = "data"  # "data": the corpus's next tokens | "self": distil the main model's distribution
+    mtp_only: bool = False  # train only the MTP block; the main model (and its outputs) stays exactly as loaded
     bias_update_rate: float = 1e-2  # aux-loss-free balancing γ (0 disables). DeepSeek-V3 used 1e-3 over ~10^5
     # steps; runs of a few hundred steps need a faster rate to undo early routing collapse (see benchmarks/train.md)
     seq_balance_alpha: float = 0.0  # sequence-level balance loss weight (DeepSeek-V3: 1e-4); 0 = off
@@ -108,6 +110,10 @@ class TrainConfig:
         need(self.schedule in ("cosine", "wsd", "constant"), f"schedule must be cosine|wsd|constant, got {self.schedule!r}")
         need(self.seq_len > 1 and self.batch_size > 0 and self.max_steps > 0, "seq_len > 1, batch_size > 0, max_steps > 0")
         need(self.mtp_depth >= 0 and self.mtp_weight >= 0, "mtp_depth and mtp_weight must be >= 0")
+        need(self.mtp_target in ("data", "self"), f"mtp_target must be 'data' or 'self', got {self.mtp_target!r}")
+        need(not self.mtp_only or self.mtp_depth >= 1, "mtp_only needs mtp_depth >= 1")
+        need(not self.mtp_only or self.dsa != "indexer-warmup",
+             "mtp_only cannot be combined with dsa=indexer-warmup (the warm-up trains only the indexers)")
         need(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]")
         need(0.0 < self.decay_fraction <= 1.0, "decay_fraction must be in (0, 1]")
         need(self.grad_accum is None or self.grad_accum > 0, "grad_accum must be > 0")

@@ -11,6 +11,12 @@ one. The work is the same three matmuls as the unfused head; only the memory tra
 
 The result is the *sum* of the per-token losses over targets != ``ignore_index`` (the trainer normalises by
 its global target count). Logits are accumulated in fp32 whatever the input dtype (bf16 under autocast).
+
+**Soft targets (self-distillation).** Given ``target_hidden``, each row's target is the distribution the same
+head gives that row of ``target_hidden`` (the teacher), and the loss is KL(teacher ‖ model) instead of the
+cross-entropy with a label. The teacher is a constant (no gradient flows into it, nor into the weight through
+it); ``labels`` then only say which rows count. The gradient with respect to the logits is softmax − p_teacher,
+so the chunked scheme is unchanged: one more [chunk, V] matmul for the teacher's logits.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ DEFAULT_CHUNK_ROWS = 256
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index: int, chunk: int):
+    def forward(ctx, hidden, weight, labels, ignore_index: int, chunk: int, target_hidden):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         N = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -39,12 +45,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
             valid = y != ignore_index
             safe_y = torch.where(valid, y, torch.zeros_like(y))
             lse = torch.logsumexp(logits, dim=-1)  # [c]
-            target_logit = logits.gather(1, safe_y[:, None])[:, 0]
-            total += ((lse - target_logit) * valid).sum()
+            if target_hidden is None:
+                target_logit = logits.gather(1, safe_y[:, None])[:, 0]
+                total += ((lse - target_logit) * valid).sum()
+                p_target = None
+            else:
+                with torch.no_grad():
+                    log_p = torch.log_softmax((target_hidden[a:b] @ w.t()).float(), dim=-1)  # [c,V] teacher
+                    p_target = log_p.exp()
+                # KL(p ‖ q) = Σ p·(log p − log q), log q = logits − lse
+                row_kl = (p_target * (log_p - logits)).sum(-1) + lse
+                total += (row_kl * valid).sum()
             if need_h or need_w:
-                # d(sum of losses)/d logits = softmax - onehot(target), zero on ignored rows
+                # d(sum of losses)/d logits = softmax - target (one-hot or teacher), zero on ignored rows
                 g = logits.sub_(lse[:, None]).exp_()  # in place: the logits are not needed any more
-                g[torch.arange(b - a, device=g.device), safe_y] -= 1.0
+                if p_target is None:
+                    g[torch.arange(b - a, device=g.device), safe_y] -= 1.0
+                else:
+                    g -= p_target
                 g *= valid[:, None]
                 g = g.to(hidden.dtype)
                 if need_h:
@@ -63,16 +81,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                         ignore_index: int = -100, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+                         ignore_index: int = -100, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                         target_hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over valid targets of ``cross_entropy(hidden @ weight.T, labels)``.
 
     hidden [..., H], weight [V, H], labels [...] (``ignore_index`` = no target). Equal to
     ``F.cross_entropy(F.linear(hidden, weight).float(), labels, reduction="sum")`` up to fp32 rounding, in
     value and in both gradients.
+
+    With ``target_hidden`` [..., H] (same shape as ``hidden``): the sum over rows with a valid label of
+    KL(softmax(target_hidden @ weight.T) ‖ softmax(hidden @ weight.T)), the teacher held constant.
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be ≥ 1, got {chunk_rows}")
@@ -80,6 +102,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     y = labels.reshape(-1)
     if h.shape[0] != y.shape[0]:
         raise ValueError(f"{h.shape[0]} hidden rows but {y.shape[0]} labels")
+    t = None
+    if target_hidden is not None:
+        if target_hidden.shape != hidden.shape:
+            raise ValueError(f"target_hidden {tuple(target_hidden.shape)} must match hidden {tuple(hidden.shape)}")
+        t = target_hidden.detach().reshape(-1, hidden.shape[-1]).to(h.dtype)
     if weight.dtype != h.dtype:  # autocast: bf16 activations, fp32 master weight
         weight = weight.to(h.dtype)
-    return _LinearCrossEntropy.apply(h, weight, y, ignore_index, chunk_rows)
+    return _LinearCrossEntropy.apply(h, weight, y, ignore_index, chunk_rows, t)

@@ -6,6 +6,13 @@
   previous hidden state h^{d-1}_t (h^0 = the main model's final normed hidden state) with the embedding of
   token x_{t+d} and predicts x_{t+d+1}. Targets that fall outside the row, outside the document (position
   ids must advance by exactly d) or on masked labels are ignored.
+  ``mtp_target="self"`` (self-distillation) replaces the label x_{t+d+1} by the main model's own next-token
+  distribution at position t+d (the teacher, held constant), and the step's loss is KL(teacher ‖ MTP). What a
+  speculative draft needs is to agree with the main model, which is not the same as predicting the corpus:
+  a small model's greedy text loops, and an MTP head trained on real text disagrees with it exactly there.
+* **MTP only** (``mtp_only``): the main model runs without gradient and only the MTP block learns, on the
+  MTP loss alone. The main model's outputs cannot change, so a trained checkpoint gains better drafts at
+  no risk to its quality (the post-hoc draft-head recipe of Medusa and EAGLE, applied to GLM-5's MTP layer).
 * **DSA stages** (DeepSeek-V3.2's recipe, adopted by GLM-5):
   ``dense``: dense attention, the indexer idle; LM loss only.
   ``indexer-warmup``: dense attention, main model frozen; loss = KL(head-summed attention ‖ indexer) over
@@ -20,6 +27,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +37,7 @@ from glm5.model.cache import build_attention_mask
 from glm5.train.balance import sequence_balance_loss
 from glm5.train.linear_ce import linear_cross_entropy
 
-__all__ = ["LossConfig", "stage_modes", "mtp_inputs", "count_targets", "compute_loss"]
+__all__ = ["LossConfig", "stage_modes", "mtp_inputs", "count_targets", "compute_loss", "mtp_agreement"]
 
 
 @dataclass
@@ -39,6 +47,8 @@ class LossConfig:
     mtp_weight: float = 0.3
     seq_balance_alpha: float = 0.0
     indexer_loss_weight: float = 1.0
+    mtp_only: bool = False
+    mtp_target: str = "data"  # "data" (the corpus's next token) | "self" (the main model's distribution)
 
 
 def stage_modes(stage: str, indexer_loss_weight: float = 1.0) -> tuple[str, str | None]:
@@ -72,9 +82,18 @@ def count_targets(batch: Batch, mtp_depth: int) -> torch.Tensor:
     return torch.tensor(counts, dtype=torch.float64)
 
 
-def _ce_sum(model, head_input: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed CE of the LM head applied to ``head_input`` [B,S,H], fused and chunked (no [B,S,V] logits)."""
-    return linear_cross_entropy(head_input, model.lm_head.weight, labels, ignore_index=IGNORE_INDEX)
+def _ce_sum(model, head_input: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed CE of the LM head applied to ``head_input`` [B,S,H], fused and chunked (no [B,S,V] logits); with
+    ``teacher`` [B,S,H] the summed KL(head(teacher) ‖ head(head_input)) over the rows with a label."""
+    return linear_cross_entropy(head_input, model.lm_head.weight, labels, ignore_index=IGNORE_INDEX,
+                                target_hidden=teacher)
+
+
+def _shift_left(h: torch.Tensor, d: int) -> torch.Tensor:
+    """h [B,S,H] → [B,S,H] with row t holding h[t+d]; the last d rows are zeros (their labels are ignored)."""
+    out = torch.zeros_like(h)
+    out[:, : max(h.shape[1] - d, 0)] = h[:, d:]
+    return out
 
 
 def compute_loss(model, batch: Batch, lc: LossConfig, norm: torch.Tensor, *, grad_scale: float = 1.0,
@@ -95,9 +114,11 @@ def compute_loss(model, batch: Batch, lc: LossConfig, norm: torch.Tensor, *, gra
     if tracker is not None:
         tracker.record_scores = lc.seq_balance_alpha > 0 and not warmup
 
-    out = model(batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, dsa=dsa,
-                indexer_loss=indexer_loss, compute_logits=False)
-    ce_sum = _ce_sum(model, out.hidden_states, batch.labels)
+    # MTP only: the frozen main model needs no graph and no indexer loss (its CE is still reported).
+    with torch.no_grad() if lc.mtp_only else contextlib.nullcontext():
+        out = model(batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, dsa=dsa,
+                    indexer_loss=None if lc.mtp_only else indexer_loss, compute_logits=False)
+        ce_sum = _ce_sum(model, out.hidden_states, batch.labels)
     aux = list(out.aux_losses)
     depth = lc.mtp_depth if getattr(model.model, "mtp", None) is not None else 0
     mtp_sums = []
@@ -106,7 +127,8 @@ def compute_loss(model, batch: Batch, lc: LossConfig, norm: torch.Tensor, *, gra
         nxt, lab = mtp_inputs(batch, d, pad_id)
         head_in, h = model.mtp_forward(h, nxt, batch.position_ids, mask, dsa=dsa, indexer_loss=indexer_loss,
                                        aux_losses=aux, compute_logits=False)
-        mtp_sums.append(_ce_sum(model, head_in, lab))
+        teacher = _shift_left(out.hidden_states.detach(), d) if lc.mtp_target == "self" else None
+        mtp_sums.append(_ce_sum(model, head_in, lab, teacher))
     kl = torch.stack(aux).mean() if aux else None
 
     balance = None
@@ -121,10 +143,15 @@ def compute_loss(model, batch: Batch, lc: LossConfig, norm: torch.Tensor, *, gra
             raise ValueError("indexer warm-up needs layers with an indexer")
         loss = kl / n_micro
     else:
-        main = ce_sum / max(float(norm[0]), 1.0)
-        if mtp_sums and lc.mtp_weight > 0:
-            mtp = torch.stack([s / max(float(norm[d + 1]), 1.0) for d, s in enumerate(mtp_sums)]).mean()
-            main = main + lc.mtp_weight * mtp
+        mtp = torch.stack([s / max(float(norm[d + 1]), 1.0) for d, s in enumerate(mtp_sums)]).mean() if mtp_sums else None
+        if lc.mtp_only:
+            if mtp is None:
+                raise ValueError("MTP-only training needs a model with an MTP layer and mtp_depth >= 1")
+            main = mtp
+        else:
+            main = ce_sum / max(float(norm[0]), 1.0)
+            if mtp is not None and lc.mtp_weight > 0:
+                main = main + lc.mtp_weight * mtp
         loss = main * grad_scale
         extra = 0.0
         if balance is not None:
@@ -140,3 +167,32 @@ def compute_loss(model, batch: Batch, lc: LossConfig, norm: torch.Tensor, *, gra
         "balance": float(balance.detach()) if balance is not None else None,
     }
     return loss, stats
+
+
+@torch.no_grad()
+def mtp_agreement(model, batch: Batch, hidden: torch.Tensor, main_logits: torch.Tensor, depth: int, mask,
+                  dsa: str, pad_id: int = 0) -> tuple[list[int], list[int], int]:
+    """How often MTP step d's top-1 equals the main model's top-1 for the same token (x_{t+d+1}), teacher-forced
+    on ``batch``: returns (matches per step, chained matches per step, positions). A draft chain survives step d
+    only if steps 1..d all matched, so 1 + Σ_d chained_d / positions estimates the acceptance length of greedy
+    speculative decoding with ``depth`` drafts (an estimate: at inference the drafts follow the model's own
+    tokens, here the corpus's)."""
+    main_top = main_logits.argmax(-1)  # [B,S]
+    h = hidden
+    alive = None
+    matches, chained = [], []
+    positions = 0
+    for d in range(1, depth + 1):
+        nxt, lab = mtp_inputs(batch, d, pad_id)
+        logits, h = model.mtp_forward(h, nxt, batch.position_ids, mask, dsa=dsa)
+        valid = lab != IGNORE_INDEX
+        if d == 1:
+            first_valid = valid
+            positions = int(valid.sum())
+        same = torch.zeros_like(valid)
+        same[:, : max(main_top.shape[1] - d, 0)] = logits.argmax(-1)[:, : main_top.shape[1] - d] == main_top[:, d:]
+        same &= valid
+        alive = same if alive is None else alive & same
+        matches.append(int(same.sum()))
+        chained.append(int((alive & first_valid).sum()))
+    return matches, chained, positions

@@ -31,13 +31,14 @@ import torch
 
 from glm5.config import GLM5Config, preset
 from glm5.data.loader import BatchLoader, ConversationRows, PackedRows
+from glm5.model.cache import build_attention_mask
 from glm5.model.transformer import GLM5ForCausalLM
 from glm5.train.balance import ExpertLoadTracker, load_stats, update_router_biases
 from glm5.train.checkpoint import Checkpointer, export_hf, latest_checkpoint
 from glm5.train.config import TrainConfig
 from glm5.train.distributed import (all_reduce, apply_activation_checkpointing, apply_compile, apply_fsdp, barrier,
                                     init_distributed, is_fsdp)
-from glm5.train.losses import LossConfig, compute_loss, count_targets, stage_modes
+from glm5.train.losses import LossConfig, compute_loss, count_targets, mtp_agreement, stage_modes
 from glm5.train.optim import build_optimizers, lr_factor, set_lr
 
 __all__ = ["Trainer", "train"]
@@ -52,13 +53,18 @@ def trains(name: str, cfg: TrainConfig, model_cfg: GLM5Config) -> bool:
     * ``dense``: everything but the lightning indexers (attention ignores them);
     * ``indexer-warmup``: only the indexers (stage (a): main model, router biases included, stays fixed);
     * ``sparse``: everything (the indexers only if their KL weight is > 0);
-    * the MTP block only when MTP steps run (``mtp_depth`` > 0, and ``mtp_weight`` > 0 outside the warm-up).
+    * the MTP block only when MTP steps run (``mtp_depth`` > 0, and ``mtp_weight`` > 0 outside the warm-up);
+    * ``mtp_only``: the MTP block alone, by the same stage rules (embeddings and LM head stay fixed: the main
+      model shares them).
     """
     indexer = ".indexer." in name
-    if name.startswith(f"model.layers.{model_cfg.num_hidden_layers}."):
+    mtp_block = name.startswith(f"model.layers.{model_cfg.num_hidden_layers}.")
+    if mtp_block and not cfg.mtp_only:
         warm = cfg.dsa == "indexer-warmup"
         if cfg.mtp_depth == 0 or (cfg.mtp_weight == 0 and not warm):
             return False
+    if cfg.mtp_only and not mtp_block:
+        return False
     if cfg.dsa == "dense":
         return not indexer
     if cfg.dsa == "indexer-warmup":
@@ -90,7 +96,8 @@ class Trainer:
                                       betas=cfg.adam_betas, momentum=cfg.muon_momentum, muon_split=cfg.muon_split,
                                       muon_impl=cfg.muon_impl, distributed=self.dist.use_fsdp)
         self.loss_cfg = LossConfig(stage=cfg.dsa, mtp_depth=cfg.mtp_depth, mtp_weight=cfg.mtp_weight,
-                                   seq_balance_alpha=cfg.seq_balance_alpha, indexer_loss_weight=cfg.indexer_loss_weight)
+                                   seq_balance_alpha=cfg.seq_balance_alpha, indexer_loss_weight=cfg.indexer_loss_weight,
+                                   mtp_only=cfg.mtp_only, mtp_target=cfg.mtp_target)
         self.ckpt = Checkpointer(self.out, self.dist.rank, cfg.keep_checkpoints)
         self.metrics_path = self.out / "metrics.jsonl"
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
@@ -284,6 +291,8 @@ class Trainer:
         self.optim.step()
         self.optim.zero_grad(set_to_none=True)
         loads = self.tracker.take_loads()
+        if cfg.mtp_only:  # the main model's router biases stay as loaded; only the MTP block balances
+            loads = {i: load for i, load in loads.items() if i == self.model_cfg.num_hidden_layers}
         rate = 0.0 if cfg.dsa == "indexer-warmup" else cfg.bias_update_rate
         global_loads = update_router_biases(model, loads, rate)
         acc = all_reduce(acc.to(self.device)).cpu()
@@ -298,6 +307,8 @@ class Trainer:
         bal = float(acc[3 + D] / acc[4 + D]) if acc[4 + D] > 0 else None
         if cfg.dsa == "indexer-warmup":
             total = kl
+        elif cfg.mtp_only:
+            total = mtp
         else:
             total = ce + (cfg.mtp_weight * mtp if mtp is not None else 0.0)
             total += cfg.seq_balance_alpha * bal if bal is not None else 0.0
@@ -319,12 +330,23 @@ class Trainer:
         want_kl = cfg.dsa in ("indexer-warmup", "sparse")
         model.eval()
         self.tracker.active = False
-        acc = torch.zeros(4, dtype=torch.float64)  # ce_sum, n, kl_sum, kl_n
+        D = self.loss_cfg.mtp_depth if getattr(model.model, "mtp", None) is not None else 0
+        # ce_sum, n, kl_sum, kl_n, MTP positions, then per MTP step: top-1 matches, chained matches
+        acc = torch.zeros(5 + 2 * D, dtype=torch.float64)
         for b in self.val_loader.eval_batches(cfg.eval_batches):
             b = b.to(self.device)
             with self.autocast():
                 out = model(b.input_ids, position_ids=b.position_ids, attention_mask=b.attention_mask, dsa=dsa,
                             indexer_loss=("dense" if cfg.dsa == "indexer-warmup" else "sparse") if want_kl else None)
+                if D:
+                    mask = b.attention_mask
+                    if mask is None:
+                        mask = build_attention_mask(*b.input_ids.shape, 0, b.input_ids.device)
+                    matches, chained, n_pos = mtp_agreement(model, b, out.hidden_states, out.logits, D, mask, dsa,
+                                                            self.pad_id)
+                    acc[4] += n_pos
+                    acc[5:5 + D] += torch.tensor(matches, dtype=torch.float64)
+                    acc[5 + D:] += torch.tensor(chained, dtype=torch.float64)
             acc[0] += float(torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), b.labels.flatten(),
                                                               ignore_index=-100, reduction="sum"))
             acc[1] += b.n_tokens
@@ -341,6 +363,10 @@ class Trainer:
                "val_tokens": int(acc[1])}
         if acc[3] > 0:
             rec["val_indexer_kl"] = float(acc[2] / acc[3])
+        if D and acc[4] > 0:
+            # MTP step d's top-1 = the main model's top-1, and the teacher-forced acceptance-length estimate
+            rec["val_mtp_agreement"] = [round(float(m / acc[4]), 4) for m in acc[5:5 + D]]
+            rec["val_mtp_accept_len"] = round(1.0 + float(acc[5 + D:].sum() / acc[4]), 4)
         if self.unigram_baseline is not None:
             rec["unigram_baseline"] = self.unigram_baseline
         self.last_val = rec

@@ -42,3 +42,32 @@ def test_only_requested_gradients_and_bad_input():
     with pytest.raises(ValueError, match="chunk_rows"):
         linear_cross_entropy(h, W, y, chunk_rows=0)
     assert float(linear_cross_entropy(h, W, torch.full((5,), -100)).detach()) == 0.0  # nothing to predict
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1000])
+def test_soft_targets_give_the_kl_to_a_constant_teacher(chunk):
+    """With ``target_hidden`` the loss is KL(softmax(t·Wᵀ) ‖ softmax(h·Wᵀ)) over rows with a label, and the
+    gradients are those of that KL with the teacher detached (nothing flows into t, nor into W through t)."""
+    g = torch.Generator().manual_seed(1)
+    B, S, H, V = 2, 9, 8, 40
+    h = torch.randn(B, S, H, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(B, S, H, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, V, (B, S), generator=g)
+    y[1, -3:] = -100
+    valid = (y != -100).flatten()
+    log_q = F.log_softmax(F.linear(h, W).flatten(0, 1), -1)[valid]
+    log_p = F.log_softmax(F.linear(t, W.detach()).detach().flatten(0, 1), -1)[valid]
+    ref = F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+    rh, rw = torch.autograd.grad(ref * 1.7, (h, W))
+    out = linear_cross_entropy(h, W, y, chunk_rows=chunk, target_hidden=t)
+    gh, gw = torch.autograd.grad(out * 1.7, (h, W))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gh, rh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-6)
+    assert gh[1, -3:].abs().max() == 0
+    # A student equal to its teacher has zero loss (up to the fp32 logits).
+    same = linear_cross_entropy(t.detach(), W.detach(), y, target_hidden=t)
+    assert abs(float(same)) < 1e-4
+    with pytest.raises(ValueError, match="target_hidden"):
+        linear_cross_entropy(h, W, y, target_hidden=t[:, :3])

@@ -178,3 +178,44 @@ def test_activation_checkpointing_gives_the_same_steps(tmp_path, corpus_file, sm
     for a, b in zip(*runs):
         assert a[0] == pytest.approx(b[0], rel=1e-6) and a[1] == pytest.approx(b[1], rel=1e-5)
         assert a[2] == b[2]  # recomputation in backward is not counted as extra expert load
+
+
+def test_mtp_only_self_distillation_trains_the_drafts_and_nothing_else(pretrained, corpus_file, small_tokenizer_dir):
+    """``mtp_only`` + ``mtp_target=self``: every main-model tensor (embeddings, LM head, router biases) stays
+    bit-identical, the MTP block learns to agree with the main model, and the validation loss is unchanged."""
+    hf = pretrained["out"] / "hf"
+    cfg = _config(pretrained["tmp"], corpus_file, small_tokenizer_dir, "mtp_only", init_from=str(hf), tokenizer=None,
+                  mtp_only=True, mtp_target="self", mtp_depth=2, max_steps=30, lr=3e-3, eval_every=30, plot=False)
+    t = Trainer(cfg)
+    n = t.model_cfg.num_hidden_layers
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    first = t.evaluate()
+    t.fit()
+    after = t.model.state_dict()
+    last = t.last_val
+    t.close()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(f"model.layers.{n}.") for k in changed)
+    assert f"model.layers.{n}.eh_proj.weight" in changed
+    assert f"model.layers.{n}.mlp.gate.e_score_correction_bias" in changed  # the MTP block still balances
+    assert last["val_loss"] == pytest.approx(first["val_loss"], abs=1e-6)  # the main model is untouched
+    assert len(first["val_mtp_agreement"]) == 2
+    assert last["val_mtp_agreement"][0] > first["val_mtp_agreement"][0] + 0.05
+    assert last["val_mtp_accept_len"] > first["val_mtp_accept_len"]
+    assert 1.0 <= last["val_mtp_accept_len"] <= 3.0
+    recs = [json.loads(l) for l in (pretrained["tmp"] / "mtp_only" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"]
+    assert train[-1]["loss"] == pytest.approx(train[-1]["mtp"])  # the MTP loss alone (a KL: ≥ 0)
+    assert 0 <= train[-1]["mtp"] < train[0]["mtp"]
+    assert len({round(r["ce"], 6) for r in train}) > 1  # the main CE is still reported per batch
+    exported = GLM5ForCausalLM.from_pretrained(pretrained["tmp"] / "mtp_only" / "hf")
+    assert torch.equal(exported.state_dict()[f"model.layers.{n}.eh_proj.weight"], after[f"model.layers.{n}.eh_proj.weight"])
+
+
+def test_mtp_options_are_validated():
+    with pytest.raises(ValueError, match="mtp_target"):
+        TrainConfig(mtp_target="teacher").resolve()
+    with pytest.raises(ValueError, match="mtp_depth"):
+        TrainConfig(mtp_only=True, mtp_depth=0).resolve()
+    with pytest.raises(ValueError, match="indexer-warmup"):
+        TrainConfig(mtp_only=True, dsa="indexer-warmup").resolve()
