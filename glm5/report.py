@@ -156,7 +156,7 @@ def write_report(out: str | Path) -> Path:
     meta = json.loads((out / "speedrun.json").read_text()) if (out / "speedrun.json").exists() else {}
     lines += [f"Preset: `{meta.get('preset', '?')}`; model preset `{meta.get('settings', {}).get('model', '?')}`.", ""]
     lines += ["## Stages", "", "| stage | wall time | notes |", "|---|---:|---|"]
-    for stage in ("tokenizer", *TRAIN_STAGES, "rl", "eval", "fp8"):
+    for stage in ("tokenizer", *TRAIN_STAGES, "rl", "mtp", "eval", "fp8"):
         f = out / stage / "DONE.json"
         if not f.exists():
             lines.append(f"| {stage} | — | not run |")
@@ -174,6 +174,13 @@ def write_report(out: str | Path) -> Path:
             if isinstance(res.get("unigram_baseline"), (int, float)):
                 parts.append(f"unigram baseline {res['unigram_baseline']:.3f}")
             note = ", ".join(parts)
+        elif stage == "mtp":
+            fv = res.get("final_val") or {}
+            note = "skipped (mtp_distill_steps = 0)" if res.get("skipped") else f"{res.get('steps', '?')} steps, policy frozen"
+            if isinstance(fv.get("val_mtp_accept_len"), (int, float)):
+                agree = ", ".join(f"{a:.0%}" for a in fv.get("val_mtp_agreement") or [])
+                note += (f"; drafts agree with the policy's top-1 {agree} (steps 1…), teacher-forced acceptance "
+                         f"estimate {fv['val_mtp_accept_len']:.2f}")
         elif stage == "fp8" and res.get("fp8_bytes"):
             note = f"FP8 {res['fp8_bytes']:,} B = {res['fp8_bytes'] / max(1, res['bf16_or_fp32_bytes']):.2f}× the exported checkpoint"
         elif stage == "tokenizer":

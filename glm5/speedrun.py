@@ -1,7 +1,7 @@
 """``glm5 speedrun``: the whole GLM-5 pipeline in one command.
 
     tokenizer -> pretrain (dense) -> DSA indexer warm-up -> sparse training -> SFT
-              -> async RL with the abstention reward -> eval -> FP8 export -> report
+              -> async RL with the abstention reward -> MTP self-distillation -> eval -> FP8 export -> report
 
 Each stage writes into ``OUT/<stage>/`` and, when it has finished, an atomic ``OUT/<stage>/DONE.json``
 (results + wall time). Re-running skips finished stages; a stage that was killed continues from its last
@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STAGES = ("tokenizer", "pretrain", "indexer_warmup", "sparse", "sft", "rl", "eval", "fp8", "report")
+STAGES = ("tokenizer", "pretrain", "indexer_warmup", "sparse", "sft", "rl", "mtp", "eval", "fp8", "report")
 
 
 @dataclass
@@ -58,6 +58,12 @@ class SpeedrunPreset:
     sft_text_fraction: float = 0.0
     sft_text_tokens: int = 64  # tokens per passage
     sparse_mtp_depth: int = 1  # MTP steps trained in the sparse stage (the one layer reused per step, as GLM-5)
+    # The mtp stage: the final policy frozen, its MTP layer distilled towards the policy's own next-token
+    # distribution over this many steps (0 = skip), on the SFT conversations. On the cpu preset's Shakespeare
+    # base, 6 minutes of it took greedy acceptance with 3 drafts from 2.2 to 3.7 (benchmarks/engine.md §2).
+    mtp_distill_steps: int = 0
+    mtp_distill_minutes: float = 1.0
+    mtp_distill_depth: int = 3
     lr: float | None = None
     extra: dict = field(default_factory=dict)
 
@@ -68,7 +74,7 @@ PRESETS = {
                             sft_minutes=0.3, sft_examples=120, rl_steps=2, rl_group_size=4, rl_groups_per_step=2,
                             rl_train_tasks=24, rl_eval_tasks=12, rl_max_new_tokens=24, eval_tasks=12,
                             eval_ppl_batches=2, eval_decode_tokens=16, warmup_minutes=0.3, sparse_mtp_depth=2,
-                            sft_text_fraction=0.2),
+                            sft_text_fraction=0.2, mtp_distill_steps=8, mtp_distill_minutes=0.2, mtp_distill_depth=2),
     # cpu: SFT gets 8 minutes because RL needs a sharp policy to start from: after 5 minutes (113 steps) the
     # SFT model's T=1 samples were 16% correct against 43% greedy, and RL from there lowered accuracy
     # (benchmarks/speedrun.md). RL's lr is 3e-6: one AdamW step at 1e-5 moves glm5-tiny's sequence
@@ -82,13 +88,13 @@ PRESETS = {
                           sft_minutes=8.0, sft_examples=4000, sft_lr=1e-3, rl_steps=30, rl_group_size=8,
                           rl_groups_per_step=4, rl_train_tasks=600, rl_eval_tasks=200, rl_max_new_tokens=40,
                           rl_lr=3e-6, eval_tasks=200, eval_ppl_batches=16, eval_decode_tokens=64,
-                          sft_text_fraction=0.003),
+                          sft_text_fraction=0.003, mtp_distill_steps=300, mtp_distill_minutes=1.5),
     "h100": SpeedrunPreset(model="glm5-small", device="cuda", seq_len=1024, batch_size=32, pretrain_steps=6000,
                            pretrain_minutes=30.0, warmup_steps=200, sparse_steps=1500, sparse_minutes=8.0,
                            sft_steps=1500, sft_minutes=8.0, sft_examples=20000, rl_steps=40, rl_group_size=16,
                            rl_groups_per_step=16, rl_train_tasks=4000, rl_eval_tasks=400, rl_max_new_tokens=256,
                            eval_tasks=400, eval_ppl_batches=64, eval_decode_tokens=256, sparse_mtp_depth=3,
-                           rl_lr=2e-6, sft_text_fraction=0.003),  # RL lr: a larger model, no larger step (untested)
+                           rl_lr=2e-6, sft_text_fraction=0.003, mtp_distill_steps=500, mtp_distill_minutes=3.0),  # RL lr: a larger model, no larger step (untested)
 }
 
 
@@ -308,12 +314,26 @@ class Speedrun:
                        rollout={"max_new_tokens": p.rl_max_new_tokens, "reward": "abstention"},
                        trainer={"lr": p.rl_lr}, progress=sys.stderr.isatty())
         summary = run_rl(cfg)
+        keep = ("before", "after", "delta", "run")
+        return {k: summary.get(k) for k in keep}
+
+    def stage_mtp(self) -> dict:
+        """Self-distil the RL policy's MTP layer: the policy is frozen (bit-identical) and its MTP layer learns the
+        policy's own next-token distribution on the SFT conversations, so speculative drafts agree with the model
+        that is served. The result is ``OUT/final``."""
+        p = self.p
+        src, res = self.stage_dir("rl") / "hf", {"skipped": True}
+        if p.mtp_distill_steps > 0:
+            res = self._train(mode="sft", out=str(self.stage_dir("mtp")), dsa="sparse", init_from=str(src),
+                              data=[str(self.stage_dir("sft") / "sft_data.jsonl")], seq_len=max(p.seq_len, 256),
+                              mtp_only=True, mtp_target="self", mtp_depth=p.mtp_distill_depth,
+                              max_steps=p.mtp_distill_steps, max_minutes=p.mtp_distill_minutes)
+            src = self.stage_dir("mtp") / "hf"
         final = self.out / "final"
         if final.exists():
             shutil.rmtree(final)
-        shutil.copytree(self.stage_dir("rl") / "hf", final)
-        keep = ("before", "after", "delta", "run")
-        return {k: summary.get(k) for k in keep}
+        shutil.copytree(src, final)
+        return res
 
     def stage_eval(self) -> dict:
         from glm5.eval.evaluate import EvalConfig, evaluate

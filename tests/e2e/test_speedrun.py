@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("matplotlib")
 
@@ -104,6 +105,20 @@ def test_smoke_speedrun_kill_resume_and_skip(tmp_path):
     sft_recs = [json.loads(line) for line in (out / "sft" / "sft_data.jsonl").read_text().splitlines()]
     n_text = sum("text" in r for r in sft_recs)
     assert n_text == 30 and len(sft_recs) - n_text == 120  # smoke: 120 conversations, text fraction 0.2
+    # the mtp stage distils the RL policy's MTP layer and nothing else: final = the policy + new drafts
+    mtp_cfg = json.loads((out / "mtp" / "train_config.json").read_text())
+    assert (mtp_cfg["mtp_only"], mtp_cfg["mtp_target"], mtp_cfg["mtp_depth"]) == (True, "self", 2)
+    from safetensors.torch import load_file
+
+    def weights(d):
+        return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    policy, final = weights(out / "rl" / "hf"), weights(out / "final")
+    mtp_prefix = f"model.layers.{json.loads((out / 'final' / 'config.json').read_text())['num_hidden_layers']}."
+    assert policy.keys() == final.keys()
+    changed = {k for k in policy if not torch.equal(policy[k], final[k])}
+    assert changed and all(k.startswith(mtp_prefix) for k in changed)
+    assert "| mtp |" in report and "policy frozen" in report
     fp8 = json.loads((out / "fp8" / "DONE.json").read_text())["result"]
     assert fp8["fp8_bytes"] < 0.51 * fp8["bf16_or_fp32_bytes"]
     ev = json.loads((out / "eval" / "eval.json").read_text())[1]
@@ -113,7 +128,7 @@ def test_smoke_speedrun_kill_resume_and_skip(tmp_path):
     # 4) a third run does nothing but skip
     r = subprocess.run(_speedrun(out), env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0
-    assert r.stdout.count("done earlier") == 9
+    assert r.stdout.count("done earlier") == 10
     # the result serves: the final model loads in the engine and generates
     from glm5.engine import LLM, SamplingParams
 
@@ -125,7 +140,7 @@ def test_smoke_speedrun_kill_resume_and_skip(tmp_path):
 H100_ON_CPU = ["device=cpu", "model=glm5-nano", "pretrain_steps=6", "pretrain_minutes=0.5", "warmup_steps=3",
                "warmup_minutes=0.3", "sparse_steps=3", "sparse_minutes=0.3", "sft_steps=3", "sft_minutes=0.3",
                "sft_examples=1200", "rl_steps=1", "rl_train_tasks=64", "rl_eval_tasks=16", "eval_tasks=16",
-               "eval_ppl_batches=1"]
+               "eval_ppl_batches=1", "mtp_distill_steps=3", "mtp_distill_minutes=0.3"]
 
 
 @pytest.mark.slow
