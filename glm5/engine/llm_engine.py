@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from glm5.engine.block_manager import BlockManager
+from glm5.engine.cpu_layout import tune_linear_layouts
 from glm5.engine.kv_cache import PagedKVCache, bytes_per_block
 from glm5.engine.model_runner import Chunk, ModelRunner
 from glm5.engine.outputs import CompletionOutput, RequestOutput
@@ -44,6 +45,8 @@ class EngineConfig:
     dsa: str = "sparse"  # "sparse" (the model's DSA) or "dense"
     seed: int = 0  # engine RNG for requests without a seed
     use_cuda_graph: bool = True  # CUDA only; ignored on CPU
+    cpu_weight_layout: str = "auto"  # CPU only: "auto" stores linear weights column-major where that decodes
+    # faster on this machine (glm5/engine/cpu_layout.py; values unchanged, the model is edited in place); "row" keeps them
 
 
 @dataclass
@@ -73,6 +76,10 @@ class LLMEngine:
             raise ValueError("num_speculative_tokens > 0 needs a model with an MTP layer")
         if cfg.dsa not in ("sparse", "dense"):
             raise ValueError(f"dsa must be 'sparse' or 'dense', got {cfg.dsa!r}")
+        if cfg.cpu_weight_layout not in ("auto", "row"):
+            raise ValueError(f"cpu_weight_layout must be 'auto' or 'row', got {cfg.cpu_weight_layout!r}")
+        if cfg.cpu_weight_layout == "auto" and self.device.type == "cpu":
+            tune_linear_layouts(model)
         num_layers = mcfg.num_hidden_layers + self.k  # + one cache layer per MTP draft depth
         self.eos_ids = set(mcfg.eos_token_ids)
         if tokenizer is not None:
