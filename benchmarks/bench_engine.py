@@ -145,6 +145,9 @@ def _best(fn, repeats):
 
 def bench_decode(args, path, cfg, results):
     hf, eng = HF(path), Engine(path, max(args.contexts) + args.decode_tokens + 8)
+    systems = [("hf", hf), ("engine", eng)]
+    if args.compare_row_layout:  # the same engine with the CPU weight-layout tuning off (glm5/engine/cpu_layout.py)
+        systems.append(("engine_row", Engine(path, max(args.contexts) + args.decode_tokens + 8, cpu_weight_layout="row")))
     results["transformers"] = hf.version
     # Memory roofline of a decode step on this machine: the fewest bytes a step must read (weights the batch
     # activates + the latent cache it attends to) at the measured copy bandwidth. No implementation decodes
@@ -154,14 +157,14 @@ def bench_decode(args, path, cfg, results):
     results["copy_bandwidth_gb_s"] = bw / 1e9
     rows = []
     warm = _prompts(1, 16, cfg.vocab_size, 0)
-    hf.timed(warm, 3)
-    eng.timed(warm, 3)
+    for _, sysm in systems:
+        sysm.timed(warm, 3)
     for P in args.contexts:
         for B in args.batches:
             D = args.decode_tokens
             ids = _prompts(B, P, cfg.vocab_size, seed=P * 100 + B)
             res = {}
-            for name, sysm in (("hf", hf), ("engine", eng)):
+            for name, sysm in systems:
                 best = None
                 for _ in range(args.repeats):
                     pre, dec, toks = sysm.timed(ids, 1 + D)
@@ -176,6 +179,9 @@ def bench_decode(args, path, cfg, results):
                        hf_prefill_tok_s=res["hf"]["prefill_tok_s"], engine_prefill_tok_s=res["engine"]["prefill_tok_s"],
                        prefill_speedup=res["engine"]["prefill_tok_s"] / res["hf"]["prefill_tok_s"],
                        greedy_identical=f"{same}/{B}")
+            if "engine_row" in res:
+                row["engine_row_layout_decode_tok_s"] = res["engine_row"]["decode_tok_s"]
+                row["layout_tuning_gain"] = res["engine"]["decode_tok_s"] / res["engine_row"]["decode_tok_s"]
             step_bytes = _activated_weight_bytes(model, B) + _cache_bytes_read(cfg, B, P + D // 2, 4)
             row["roofline_decode_tok_s"] = B * bw / step_bytes
             row["engine_fraction_of_roofline"] = row["engine_decode_tok_s"] / row["roofline_decode_tok_s"]
@@ -479,6 +485,8 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 16])
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--compare-row-layout", action="store_true",
+                    help="decode: also time the engine with cpu_weight_layout='row' (tuning off), interleaved")
     ap.add_argument("--max-batched-tokens", type=int, default=4096,
                     help="engine per-step token budget (prompts longer than this are prefilled in chunks)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
