@@ -89,6 +89,8 @@ class Trainer:
         self.tokenizer = self._setup_tokenizer()
         self.model_cfg = self._finish_model_config(self.model_cfg)
         self._setup_data()
+        if cfg.mtp_only and self.model_cfg.num_nextn_predict_layers == 0:
+            raise ValueError("mtp_only: this model has no MTP layer (num_nextn_predict_layers = 0)")
         self.model = self._build_model()
         self.tracker = ExpertLoadTracker(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]

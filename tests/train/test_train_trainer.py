@@ -212,7 +212,11 @@ def test_mtp_only_self_distillation_trains_the_drafts_and_nothing_else(pretraine
     assert torch.equal(exported.state_dict()[f"model.layers.{n}.eh_proj.weight"], after[f"model.layers.{n}.eh_proj.weight"])
 
 
-def test_mtp_options_are_validated():
+def test_mtp_options_are_validated(tmp_path, corpus_file, small_tokenizer_dir):
+    cfg = _config(tmp_path, corpus_file, small_tokenizer_dir, "no_mtp", mtp_only=True,
+                  model_overrides={"num_nextn_predict_layers": 0})
+    with pytest.raises(ValueError, match="no MTP layer"):
+        Trainer(cfg)
     with pytest.raises(ValueError, match="mtp_target"):
         TrainConfig(mtp_target="teacher").resolve()
     with pytest.raises(ValueError, match="mtp_depth"):
