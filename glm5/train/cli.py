@@ -3,6 +3,8 @@
     glm5 train --preset glm5-tiny --data default --out runs/tiny --max-steps 600
     glm5 train --config my_run.toml --lr 1e-3            # flags override the file
     glm5 sft --init-from runs/tiny/hf --out runs/tiny-sft  # default SFT set (reasoning-gym + "I don't know")
+    glm5 train --init-from runs/tiny/hf --mtp-only --mtp-target self --mtp-depth 3 --out runs/tiny-drafts
+                                                           # distil better MTP drafts; the model itself is unchanged
     torchrun --nproc_per_node 8 -m glm5.cli train --preset glm5-small --data /data/corpus/ --out runs/small
 
 Every TrainConfig field is a flag (``--max-steps``, ``--batch-size``, ``--dsa indexer-warmup``, ...); boolean
