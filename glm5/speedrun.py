@@ -94,7 +94,8 @@ PRESETS = {
                            sft_steps=1500, sft_minutes=8.0, sft_examples=20000, rl_steps=40, rl_group_size=16,
                            rl_groups_per_step=16, rl_train_tasks=4000, rl_eval_tasks=400, rl_max_new_tokens=256,
                            eval_tasks=400, eval_ppl_batches=64, eval_decode_tokens=256, sparse_mtp_depth=3,
-                           rl_lr=2e-6, sft_text_fraction=0.003, mtp_distill_steps=500, mtp_distill_minutes=3.0),  # RL lr: a larger model, no larger step (untested)
+                           # RL lr: a larger model, no larger step (untested)
+                           rl_lr=2e-6, sft_text_fraction=0.003, mtp_distill_steps=500, mtp_distill_minutes=3.0),
 }
 
 
