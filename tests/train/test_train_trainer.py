@@ -200,8 +200,10 @@ def test_mtp_only_self_distillation_trains_the_drafts_and_nothing_else(pretraine
     assert f"model.layers.{n}.mlp.gate.e_score_correction_bias" in changed  # the MTP block still balances
     assert last["val_loss"] == pytest.approx(first["val_loss"], abs=1e-6)  # the main model is untouched
     assert len(first["val_mtp_agreement"]) == 2
-    assert last["val_mtp_agreement"][0] > first["val_mtp_agreement"][0] + 0.05
-    assert last["val_mtp_accept_len"] > first["val_mtp_accept_len"]
+    # measured: step 1 0.79 -> 0.89, step 2 0.54 -> 0.87, acceptance estimate 2.23 -> 2.66
+    assert last["val_mtp_agreement"][0] > first["val_mtp_agreement"][0]
+    assert last["val_mtp_agreement"][1] > first["val_mtp_agreement"][1] + 0.1
+    assert last["val_mtp_accept_len"] > first["val_mtp_accept_len"] + 0.2
     assert 1.0 <= last["val_mtp_accept_len"] <= 3.0
     recs = [json.loads(l) for l in (pretrained["tmp"] / "mtp_only" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r["kind"] == "train"]
