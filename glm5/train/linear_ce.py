@@ -50,9 +50,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 total += ((lse - target_logit) * valid).sum()
                 p_target = None
             else:
-                with torch.no_grad():
-                    log_p = torch.log_softmax((target_hidden[a:b] @ w.t()).float(), dim=-1)  # [c,V] teacher
-                    p_target = log_p.exp()
+                log_p = torch.log_softmax((target_hidden[a:b] @ w.t()).float(), dim=-1)  # [c,V] teacher (forward
+                p_target = log_p.exp()  # of an autograd.Function: no graph is recorded)
                 # KL(p ‖ q) = Σ p·(log p − log q), log q = logits − lse
                 row_kl = (p_target * (log_p - logits)).sum(-1) + lse
                 total += (row_kl * valid).sum()

@@ -37,7 +37,8 @@ from glm5.model.cache import build_attention_mask
 from glm5.train.balance import sequence_balance_loss
 from glm5.train.linear_ce import linear_cross_entropy
 
-__all__ = ["LossConfig", "stage_modes", "mtp_inputs", "count_targets", "compute_loss", "mtp_agreement"]
+__all__ = ["LossConfig", "stage_modes", "mtp_inputs", "count_targets", "compute_loss", "mtp_agreement", "mtp_steps",
+           "batch_mask"]
 
 
 @dataclass
@@ -89,6 +90,19 @@ def _ce_sum(model, head_input: torch.Tensor, labels: torch.Tensor, teacher: torc
                                 target_hidden=teacher)
 
 
+def batch_mask(batch: Batch) -> torch.Tensor:
+    """The batch's attention mask: its document mask, or plain causal when it has none."""
+    if batch.attention_mask is not None:
+        return batch.attention_mask
+    B, S = batch.input_ids.shape
+    return build_attention_mask(B, S, 0, batch.input_ids.device)
+
+
+def mtp_steps(model, depth: int) -> int:
+    """MTP steps that run: ``depth``, or 0 for a model without an MTP layer."""
+    return depth if getattr(model.model, "mtp", None) is not None else 0
+
+
 def _shift_left(h: torch.Tensor, d: int) -> torch.Tensor:
     """h [B,S,H] → [B,S,H] with row t holding h[t+d]; the last d rows are zeros (their labels are ignored)."""
     out = torch.zeros_like(h)
@@ -107,10 +121,7 @@ def compute_loss(model, batch: Batch, lc: LossConfig, norm: torch.Tensor, *, gra
     dsa, indexer_loss = stage_modes(lc.stage, lc.indexer_loss_weight)
     warmup = lc.stage == "indexer-warmup"
     cfg = model.config
-    B, S = batch.input_ids.shape
-    mask = batch.attention_mask
-    if mask is None:
-        mask = build_attention_mask(B, S, 0, batch.input_ids.device)
+    mask = batch_mask(batch)
     if tracker is not None:
         tracker.record_scores = lc.seq_balance_alpha > 0 and not warmup
 
@@ -120,7 +131,7 @@ def compute_loss(model, batch: Batch, lc: LossConfig, norm: torch.Tensor, *, gra
                     indexer_loss=None if lc.mtp_only else indexer_loss, compute_logits=False)
         ce_sum = _ce_sum(model, out.hidden_states, batch.labels)
     aux = list(out.aux_losses)
-    depth = lc.mtp_depth if getattr(model.model, "mtp", None) is not None else 0
+    depth = mtp_steps(model, lc.mtp_depth)
     mtp_sums = []
     h = out.hidden_states
     for d in range(1, depth + 1):
@@ -170,29 +181,26 @@ def compute_loss(model, batch: Batch, lc: LossConfig, norm: torch.Tensor, *, gra
 
 
 @torch.no_grad()
-def mtp_agreement(model, batch: Batch, hidden: torch.Tensor, main_logits: torch.Tensor, depth: int, mask,
-                  dsa: str, pad_id: int = 0) -> tuple[list[int], list[int], int]:
+def mtp_agreement(model, batch: Batch, hidden: torch.Tensor, main_logits: torch.Tensor, depth: int, dsa: str,
+                  pad_id: int = 0) -> tuple[list[int], list[int], int]:
     """How often MTP step d's top-1 equals the main model's top-1 for the same token (x_{t+d+1}), teacher-forced
     on ``batch``: returns (matches per step, chained matches per step, positions). A draft chain survives step d
     only if steps 1..d all matched, so 1 + Σ_d chained_d / positions estimates the acceptance length of greedy
     speculative decoding with ``depth`` drafts (an estimate: at inference the drafts follow the model's own
     tokens, here the corpus's)."""
     main_top = main_logits.argmax(-1)  # [B,S]
-    h = hidden
-    alive = None
-    matches, chained = [], []
-    positions = 0
+    S = main_top.shape[1]
+    mask, h, alive = batch_mask(batch), hidden, None
+    matches, chained, positions = [], [], 0
     for d in range(1, depth + 1):
         nxt, lab = mtp_inputs(batch, d, pad_id)
         logits, h = model.mtp_forward(h, nxt, batch.position_ids, mask, dsa=dsa)
         valid = lab != IGNORE_INDEX
-        if d == 1:
-            first_valid = valid
-            positions = int(valid.sum())
+        positions = positions or int(valid.sum())  # step 1's targets: the positions a draft chain starts at
         same = torch.zeros_like(valid)
-        same[:, : max(main_top.shape[1] - d, 0)] = logits.argmax(-1)[:, : main_top.shape[1] - d] == main_top[:, d:]
+        same[:, : max(S - d, 0)] = logits.argmax(-1)[:, : S - d] == main_top[:, d:]
         same &= valid
-        alive = same if alive is None else alive & same
+        alive = same if alive is None else alive & same  # ⊂ step 1's valid positions
         matches.append(int(same.sum()))
-        chained.append(int((alive & first_valid).sum()))
+        chained.append(int(alive.sum()))
     return matches, chained, positions

@@ -31,14 +31,13 @@ import torch
 
 from glm5.config import GLM5Config, preset
 from glm5.data.loader import BatchLoader, ConversationRows, PackedRows
-from glm5.model.cache import build_attention_mask
 from glm5.model.transformer import GLM5ForCausalLM
 from glm5.train.balance import ExpertLoadTracker, load_stats, update_router_biases
 from glm5.train.checkpoint import Checkpointer, export_hf, latest_checkpoint
 from glm5.train.config import TrainConfig
 from glm5.train.distributed import (all_reduce, apply_activation_checkpointing, apply_compile, apply_fsdp, barrier,
                                     init_distributed, is_fsdp)
-from glm5.train.losses import LossConfig, compute_loss, count_targets, mtp_agreement, stage_modes
+from glm5.train.losses import LossConfig, compute_loss, count_targets, mtp_agreement, mtp_steps, stage_modes
 from glm5.train.optim import build_optimizers, lr_factor, set_lr
 
 __all__ = ["Trainer", "train"]
@@ -332,7 +331,7 @@ class Trainer:
         want_kl = cfg.dsa in ("indexer-warmup", "sparse")
         model.eval()
         self.tracker.active = False
-        D = self.loss_cfg.mtp_depth if getattr(model.model, "mtp", None) is not None else 0
+        D = mtp_steps(model, self.loss_cfg.mtp_depth)
         # ce_sum, n, kl_sum, kl_n, MTP positions, then per MTP step: top-1 matches, chained matches
         acc = torch.zeros(5 + 2 * D, dtype=torch.float64)
         for b in self.val_loader.eval_batches(cfg.eval_batches):
@@ -341,11 +340,7 @@ class Trainer:
                 out = model(b.input_ids, position_ids=b.position_ids, attention_mask=b.attention_mask, dsa=dsa,
                             indexer_loss=("dense" if cfg.dsa == "indexer-warmup" else "sparse") if want_kl else None)
                 if D:
-                    mask = b.attention_mask
-                    if mask is None:
-                        mask = build_attention_mask(*b.input_ids.shape, 0, b.input_ids.device)
-                    matches, chained, n_pos = mtp_agreement(model, b, out.hidden_states, out.logits, D, mask, dsa,
-                                                            self.pad_id)
+                    matches, chained, n_pos = mtp_agreement(model, b, out.hidden_states, out.logits, D, dsa, self.pad_id)
                     acc[4] += n_pos
                     acc[5:5 + D] += torch.tensor(matches, dtype=torch.float64)
                     acc[5 + D:] += torch.tensor(chained, dtype=torch.float64)

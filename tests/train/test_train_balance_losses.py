@@ -181,7 +181,6 @@ def test_mtp_agreement_aligns_step_d_with_the_main_prediction_d_positions_later(
     """Main logits built so that the main model's top-1 at t+1 is exactly MTP step 1's top-1 at t: step 1 then
     agrees at every counted position, and the same logits one position off agree far less. Positions across a
     document boundary are not counted."""
-    from glm5.model.cache import build_attention_mask
     from glm5.train.losses import mtp_agreement
 
     model = GLM5ForCausalLM(preset("glm5-nano")).init_weights(0).eval()
@@ -195,9 +194,8 @@ def test_mtp_agreement_aligns_step_d_with_the_main_prediction_d_positions_later(
     aligned[:, 1:] = F.one_hot(top[:, :-1], V).float()  # main top-1 at t+1 := step 1's top-1 at t
     off = torch.zeros(2, 16, V)
     off[:, :] = F.one_hot(top, V).float()  # main top-1 at t := step 1's top-1 at t (one position off)
-    mask = build_attention_mask(2, 16, 0, b.input_ids.device) if b.attention_mask is None else b.attention_mask
-    m_al, ch_al, n = mtp_agreement(model, b, out.hidden_states, aligned, 2, mask, "sparse")
-    m_off, _, n_off = mtp_agreement(model, b, out.hidden_states, off, 2, mask, "sparse")
+    m_al, ch_al, n = mtp_agreement(model, b, out.hidden_states, aligned, 2, "sparse")
+    m_off, _, n_off = mtp_agreement(model, b, out.hidden_states, off, 2, "sparse")
     assert n == n_off == int((lab != IGNORE_INDEX).sum()) == 2 * (16 - 2)  # 2 positions lost per row at the break
     assert m_al[0] == ch_al[0] == n
     assert m_off[0] < n // 2
