@@ -45,8 +45,9 @@ class EngineConfig:
     dsa: str = "sparse"  # "sparse" (the model's DSA) or "dense"
     seed: int = 0  # engine RNG for requests without a seed
     use_cuda_graph: bool = True  # CUDA only; ignored on CPU
-    cpu_weight_layout: str = "auto"  # CPU only: "auto" stores linear weights column-major where that decodes
-    # faster on this machine (glm5/engine/cpu_layout.py; values unchanged, the model is edited in place); "row" keeps them
+    # CPU only: "auto" stores linear weights column-major where that decodes faster on this machine
+    # (glm5/engine/cpu_layout.py; values unchanged, the model's parameters are re-strided in place); "row" keeps them
+    cpu_weight_layout: str = "auto"
 
 
 @dataclass
