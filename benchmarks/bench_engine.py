@@ -328,7 +328,6 @@ def bench_dsa(args, results):
     """One MLA + DSA layer at GLM-5's attention shapes; cost of the attention over a T-token latent cache for a
     single decoded token (projections excluded: they are identical in both modes)."""
     from glm5.engine.kv_cache import PagedKVCache
-    from glm5.model.cache import gather_rows
     from glm5.model.mla import MLAttention
 
     full = preset("glm5")
@@ -358,8 +357,7 @@ def bench_dsa(args, results):
 
     @torch.inference_mode()
     def sparse():
-        keys = gather_rows(kv.index[0], kv_slots, kv.scratch, "index_keys")
-        scores = attn.indexer.scores(x, q_resid, cos, sin, keys, visible)
+        scores = attn.indexer.paged_scores(x, q_resid, cos, sin, kv.index[0], kv_slots, visible, kv.scratch)
         topk = attn.indexer.select(scores)
         return attn._absorbed_attention(qn, qp, lat, kv_slots, visible, topk, kv.scratch)
 

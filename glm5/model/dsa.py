@@ -15,11 +15,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from glm5.model.cache import GatherScratch, gather_rows
 from glm5.model.rope import apply_rope
 
 # Upper bound on the fp32 elements of one [B, chunk, H, T] score block; prefill is chunked over queries
 # so a long prompt never materialises the whole [B, S, H, T] tensor.
 _SCORE_BLOCK_ELEMS = 1 << 26
+# Keys scored per gather in the paged (engine) path: ~2 MB of fp32 keys, which stay in a CPU's L2/L3 cache
+# between their gather and the score GEMM (see LightningIndexer.paged_scores).
+_KEY_CHUNK_BYTES = 2 << 20
+_MIN_KEY_CHUNK = 512  # fewer keys per chunk would cost more in per-chunk dispatch than the cache saves
 
 
 class LightningIndexer(nn.Module):
@@ -41,38 +46,76 @@ class LightningIndexer(nn.Module):
         """Indexer keys for new tokens (what the cache stores): x [B,S,H] -> [B,S,head_dim]."""
         return self._rope_first(self.k_norm(self.wk(x)), cos, sin)
 
+    def query(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indexer queries q [B,S,Hi,D] and per-head weights w [B,S,Hi], both fp32, from x [B,S,hidden] and
+        q_resid [B,S,q_lora]."""
+        B, S, _ = x.shape
+        q = self.wq_b(q_resid).view(B, S, self.n_heads, self.head_dim)  # [B,S,Hi,D]
+        q = self._rope_first(q, cos.unsqueeze(2), sin.unsqueeze(2)).float()
+        # The positive 1/√d commutes with the ReLU, so it is folded into the per-head weights: one pass over the
+        # [B,c,Hi,T] score block (and its gradient) fewer, the largest tensors the indexer makes.
+        w = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * (self.n_heads * self.head_dim) ** -0.5
+        return q, w
+
     def scores(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """Index scores I [B,S,T] in fp32, -inf where ``visible`` ([B,S,T] bool) is False.
 
         x: [B,S,hidden], q_resid: [B,S,q_lora], keys: [B,T,head_dim] (cached + new).
         """
-        B, S, _ = x.shape
-        T = keys.shape[1]
-        q = self.wq_b(q_resid).view(B, S, self.n_heads, self.head_dim)  # [B,S,Hi,D]
-        q = self._rope_first(q, cos.unsqueeze(2), sin.unsqueeze(2)).float()
-        # The positive 1/√d commutes with the ReLU, so it is folded into the per-head weights: one pass over the
-        # [B,c,Hi,T] score block (and its gradient) fewer, the largest tensors the indexer makes.
-        w = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * (self.n_heads * self.head_dim) ** -0.5
-        kT = keys.float().transpose(1, 2)  # [B,D,T]
-        chunk = max(1, _SCORE_BLOCK_ELEMS // max(1, B * self.n_heads * T))
-        out = []
-        for s0 in range(0, S, chunk):
-            s1 = min(S, s0 + chunk)
-            c = s1 - s0
-            # one bmm over (query, head) rows: broadcasting a [B,1,D,T] key tensor would copy it per query
-            # ReLU in place on the bmm output (bmm's backward does not need it), before the view: an in-place op
-            # on a view would make autograd rebuild the base's gradient through as_strided
-            per_head = torch.bmm(q[:, s0:s1].reshape(B, c * self.n_heads, self.head_dim), kT).relu_()
-            per_head = per_head.view(B, c, self.n_heads, T)  # [B,c,Hi,T]
-            out.append(torch.matmul(w[:, s0:s1].unsqueeze(-2), per_head).squeeze(-2))  # [B,c,T]
-        index_scores = torch.cat(out, dim=1) if len(out) > 1 else out[0]
-        return index_scores.masked_fill(~visible, float("-inf"))
+        q, w = self.query(x, q_resid, cos, sin)
+        return score_keys(q, w, keys).masked_fill(~visible, float("-inf"))
+
+    def paged_scores(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     store: torch.Tensor, kv_slots: torch.Tensor, visible: torch.Tensor,
+                     scratch: GatherScratch | None = None) -> torch.Tensor:
+        """:meth:`scores` for keys held in a paged cache: ``store`` [slots, head_dim] and ``kv_slots`` [B,T], the
+        slot of each key. Equal bit for bit to gathering every key and calling :meth:`scores`.
+
+        Why chunks on CPU: gathering a whole long context first writes and then rereads it from memory (16 MB of
+        fp32 keys per layer at 32K), which left GLM-5's indexer decode memory-bound. Scoring each ~2 MB chunk
+        right after its gather, while it is still in cache, took it from 9 to 6 ms per layer. A key's score does
+        not depend on the other keys, so chunking over keys changes no sum (the test checks MKL's products agree
+        bit for bit). On a GPU one gather is better."""
+        q, w = self.query(x, q_resid, cos, sin)
+        B, S = q.shape[:2]
+        T = kv_slots.shape[1]
+        chunk = T if q.device.type != "cpu" else max(_MIN_KEY_CHUNK, _KEY_CHUNK_BYTES // (4 * B * self.head_dim))
+        # Equal chunks (none of a few keys): BLAS may sum a product with very few columns in another order.
+        chunk = -(-T // -(-T // chunk))
+        if chunk >= T:
+            return score_keys(q, w, gather_rows(store, kv_slots, scratch, "index_keys")).masked_fill_(
+                ~visible, float("-inf"))
+        out = torch.empty(B, S, T, dtype=torch.float32, device=q.device)
+        for t0 in range(0, T, chunk):
+            t1 = min(T, t0 + chunk)
+            out[..., t0:t1] = score_keys(q, w, gather_rows(store, kv_slots[:, t0:t1], scratch, "index_keys"))
+        return out.masked_fill_(~visible, float("-inf"))
 
     def select(self, index_scores: torch.Tensor) -> torch.Tensor:
         """Top-k key indices per query: [B,S,T] -> [B,S,min(topk,T)] (int64). Deterministic torch.topk."""
         k = min(self.topk, index_scores.shape[-1])
         return index_scores.topk(k, dim=-1).indices
+
+
+def score_keys(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Σ_h w[b,s,h] · ReLU(q[b,s,h]·k[b,t]): q [B,S,Hi,D] and w [B,S,Hi] fp32, keys [B,T,D] -> [B,S,T] fp32."""
+    B, S, Hi, D = q.shape
+    T = keys.shape[1]
+    kT = keys.float().transpose(1, 2)  # [B,D,T]
+    chunk = max(1, _SCORE_BLOCK_ELEMS // max(1, B * Hi * T))
+    out = []
+    for s0 in range(0, S, chunk):
+        s1 = min(S, s0 + chunk)
+        c = s1 - s0
+        # one bmm over (query, head) rows: broadcasting a [B,1,D,T] key tensor would copy it per query
+        # ReLU in place on the bmm output (bmm's backward does not need it), before the view: an in-place op
+        # on a view would make autograd rebuild the base's gradient through as_strided
+        per_head = torch.bmm(q[:, s0:s1].reshape(B, c * Hi, D), kT).relu_()
+        per_head = per_head.view(B, c, Hi, T)  # [B,c,Hi,T]
+        out.append(torch.matmul(w[:, s0:s1].unsqueeze(-2), per_head).squeeze(-2))  # [B,c,T]
+    return torch.cat(out, dim=1) if len(out) > 1 else out[0]
 
 
 def selection_mask(topk_indices: torch.Tensor, num_keys: int) -> torch.Tensor:

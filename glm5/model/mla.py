@@ -174,9 +174,8 @@ class MLAttention(nn.Module):
                             args = (xf[:, None], q_resid[:, None], cos[:, None], sin[:, None])
                         else:
                             args = (xf[qi], q_resid[qi], cos[qi], sin[qi])
-                        keys = gather_rows(cache.index_keys(self.layer_idx), g.kv_slots, scratch,
-                                           "index_keys")  # [B,T,di]
-                        scores = self.indexer.scores(*args, keys, g.visible)
+                        scores = self.indexer.paged_scores(*args, cache.index_keys(self.layer_idx), g.kv_slots,
+                                                           g.visible, scratch)  # [B,S,T]
                         topk = self.indexer.select(scores)  # [B,S,k]
                     ctx.topk_indices[gi] = topk
                 else:
@@ -206,7 +205,8 @@ class MLAttention(nn.Module):
             rows = gather_rows(latents, kv_slots, scratch, "latents")  # [B,T,r+dr]
             scores = torch.matmul(q.view(B, S * h, -1), rows.transpose(1, 2)).view(B, S, h, -1)
             ok = _safe(visible)[:, :, None]  # [B,S,1,T]
-            probs = torch.softmax((scores * self.scale).masked_fill(~ok, float("-inf")).float(), dim=-1)
+            # in place on the fresh product: two [B,S,h,T] temporaries fewer (8 MB each at 32K, 64 heads)
+            probs = torch.softmax(scores.mul_(self.scale).masked_fill_(~ok, float("-inf")).float(), dim=-1)
             o_lat = torch.matmul(probs.to(rows.dtype).view(B, S * h, -1), rows[..., :r])  # [B,S*h,r]
         else:  # DSA: gather only the selected latent rows
             k = topk.shape[-1]
@@ -214,7 +214,7 @@ class MLAttention(nn.Module):
             ok = _safe(visible.gather(-1, topk)).view(B * S, 1, k)
             rows = gather_rows(latents, sel, scratch, "latents")  # [B*S,k,r+dr]
             scores = torch.matmul(q, rows.transpose(1, 2))  # [B*S,h,k]
-            probs = torch.softmax((scores * self.scale).masked_fill(~ok, float("-inf")).float(), dim=-1)
+            probs = torch.softmax(scores.mul_(self.scale).masked_fill_(~ok, float("-inf")).float(), dim=-1)
             o_lat = torch.matmul(probs.to(rows.dtype), rows[..., :r])  # [B*S,h,r]
         o = torch.bmm(o_lat.reshape(B * S, h, r).transpose(0, 1), w_uv.transpose(1, 2))  # [h,B*S,dv] = o_lat · W_UVᵀ
         return o.transpose(0, 1).reshape(B, S, h * self.d_v)
