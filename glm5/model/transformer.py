@@ -133,16 +133,19 @@ class GLM5ForCausalLM(nn.Module):
 
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, position_ids: torch.Tensor,
                     mask: torch.Tensor, cache=None, dsa: str = "sparse", indexer_loss: str | None = None,
-                    aux_losses: list | None = None, compute_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                    aux_losses: list | None = None, compute_logits: bool = True,
+                    detach_embeddings: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP step. hidden [B,S,H] = h^{d-1} at positions t; next_ids [B,S] = tokens x_{t+d}.
         Returns (logits [B,S,V] predicting x_{t+d+1}, h^d [B,S,H]); with ``compute_logits=False`` the first
         is the LM head's input (``shared_head.norm(h^d)``) instead. With ``indexer_loss`` (training), the MTP
-        layer's indexer KL is appended to ``aux_losses``."""
+        layer's indexer KL is appended to ``aux_losses``. ``detach_embeddings``: no gradient to the shared
+        embedding table through this step."""
         mtp = self.model.mtp
         if mtp is None:
             raise ValueError("this model has no MTP layer (num_nextn_predict_layers = 0)")
         ctx = AttentionContext(mask=mask, cache=cache, dsa=dsa, indexer_loss=indexer_loss)
         emb = self.model.embed_tokens(next_ids)
+        emb = emb.detach() if detach_embeddings else emb
         rope = self.model.rotary(position_ids, emb.dtype)
         h = mtp.step(emb, hidden, rope, ctx)
         if aux_losses is not None:

@@ -75,6 +75,11 @@ def add_parser(sub) -> None:
     g.add_argument("--old-logp", choices=["recompute", "rollout"], default="recompute")
     g.add_argument("--micro-batch-tokens", type=int, default=8192)
     g.add_argument("--reset-optimizer", action="store_true", help="reset optimiser state after every weight push")
+    g.add_argument("--mtp-weight", type=float, default=0.0,
+                   help="> 0: train the MTP layer online, by self-distillation towards the policy (fresh drafts for "
+                        "speculative rollouts); the policy's update is unchanged")
+    g.add_argument("--mtp-depth", type=int, default=1, help="MTP steps trained with --mtp-weight")
+    g.add_argument("--mtp-lr", type=float, default=None, help="the MTP layer's learning rate (default: --lr)")
     g = p.add_argument_group("placement")
     g.add_argument("--placement", choices=["process", "colocate", "ray"], default="process",
                    help="rollout engine in its own process (default), in the trainer process, or a Ray actor")
@@ -84,6 +89,8 @@ def add_parser(sub) -> None:
     g.add_argument("--rollout-device", default="cpu")
     g.add_argument("--rollout-workers", type=int, default=1,
                    help="rollout engines, each its own process (or Ray actor); groups go to the least-loaded one")
+    g.add_argument("--rollout-spec-tokens", type=int, default=0,
+                   help="MTP speculative decoding in the rollout engine: drafts per step (0 = off)")
     g.add_argument("--train-threads", type=int, default=None)
     g.add_argument("--rollout-threads", type=int, default=None, help="threads per rollout worker")
     g.add_argument("--ray-address", default=None)
@@ -114,8 +121,8 @@ def config_from_args(a):
     trainer = TrainerConfig(lr=a.lr, optimizer=a.optimizer, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
                             advantage=a.advantage, loss=loss, micro_batch_tokens=a.micro_batch_tokens,
                             updates_per_batch=a.updates_per_batch, old_logp=a.old_logp,
-                            freeze_router=a.freeze_router,
-                            reset_optimizer=a.reset_optimizer)
+                            freeze_router=a.freeze_router, reset_optimizer=a.reset_optimizer,
+                            mtp_weight=a.mtp_weight, mtp_depth=a.mtp_depth, mtp_lr=a.mtp_lr)
     tools = [t for t in a.tools.split(",") if t]
     rollout = RolloutConfig(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
                             max_turns=a.max_turns or (4 if tools else 1), tools=tools, reward=a.reward, seed=a.seed,
@@ -132,7 +139,8 @@ def config_from_args(a):
                     rollout_workers=a.rollout_workers, rollout_threads=a.rollout_threads,
                     train_threads=a.train_threads, device=a.device,
                     rollout_device=a.rollout_device, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
-                    max_num_batched_tokens=a.max_num_batched_tokens, eval_before=not a.no_eval, eval_after=not a.no_eval, eval_every=a.eval_every, eval_sampled=a.eval_sampled,
+                    max_num_batched_tokens=a.max_num_batched_tokens, rollout_spec_tokens=a.rollout_spec_tokens,
+                    eval_before=not a.no_eval, eval_after=not a.no_eval, eval_every=a.eval_every, eval_sampled=a.eval_sampled,
                     save=not a.no_save,
                     progress=not a.no_progress, ray_address=a.ray_address, ray_num_gpus=a.ray_num_gpus)
 

@@ -57,6 +57,9 @@ def rollout_metrics(samples, prefix: str = "") -> dict:
         "response_tokens": sum(s.response_length for s in samples) / n,
         "tool_calls": sum(s.tool_calls for s in samples) / n,
     }
+    steps = sum(s.spec_verify_steps for s in samples)
+    if steps:  # MTP speculative rollouts: tokens per verification step, the bonus token included
+        out["spec_acceptance_length"] = (sum(s.spec_accepted_tokens for s in samples) + steps) / steps
     lo, hi = wilson_ci(correct, len(ans))
     out["accuracy_ci"] = [lo, hi]
     lo, hi = wilson_ci(wrong_answered, len(answered))

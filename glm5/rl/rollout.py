@@ -165,6 +165,7 @@ class RolloutEngine:
             for out in outs:
                 if out.finished and out.request_id in self._running:
                     run = self._running.pop(out.request_id)
+                    _count_spec(run.sample, out.metrics)
                     self._turn_done(run.sample, out.outputs[0])
         return self.take_done()
 
@@ -235,6 +236,8 @@ class RolloutEngine:
         for rid, run in list(self._running.items()):
             res = self.engine.abort(rid)
             s = run.sample
+            if res is not None:
+                _count_spec(s, res.metrics)
             if res is not None and res.outputs:
                 comp = res.outputs[0]
                 if comp.token_ids:
@@ -252,6 +255,11 @@ class RolloutEngine:
         while self._running:
             done.extend(self.step())
         return done
+
+
+def _count_spec(s: Sample, metrics: dict) -> None:
+    s.spec_verify_steps += int(metrics.get("spec_verify_steps", 0))
+    s.spec_accepted_tokens += int(metrics.get("spec_accepted_tokens", 0))
 
 
 # ------------------------------------------------------------------------------------ engine building

@@ -67,6 +67,7 @@ class RLConfig:
     max_num_seqs: int = 64
     max_model_len: int = 1024
     max_num_batched_tokens: int = 4096  # engine prefill budget per step (RL re-prefills after every weight push)
+    rollout_spec_tokens: int = 0  # MTP drafts per rollout engine step (speculative rollouts; 0 = off)
     eval_sampled: int = 0  # also evaluate sampled (T = rollout temperature) accuracy with this many samples per task
     eval_before: bool = True
     eval_after: bool = True
@@ -89,6 +90,8 @@ class RLConfig:
             raise ValueError("weight_sync must be shm or dist")
         if self.rollout_workers < 1:
             raise ValueError(f"rollout_workers must be >= 1, got {self.rollout_workers}")
+        if self.rollout_spec_tokens < 0:
+            raise ValueError(f"rollout_spec_tokens must be >= 0, got {self.rollout_spec_tokens}")
         if self.rollout_workers > 1 and self.placement == "colocate":
             raise ValueError("placement 'colocate' runs one engine in the trainer's process; "
                              "several rollout workers need placement 'process' or 'ray'")
@@ -111,7 +114,7 @@ def _threads(cfg: RLConfig) -> tuple[int, int]:
 
 def _engine_kwargs(cfg: RLConfig) -> dict:
     return {"max_num_seqs": cfg.max_num_seqs, "max_model_len": cfg.max_model_len,
-            "max_num_batched_tokens": cfg.max_num_batched_tokens}
+            "max_num_batched_tokens": cfg.max_num_batched_tokens, "num_speculative_tokens": cfg.rollout_spec_tokens}
 
 
 def make_client(cfg: RLConfig, policy, tokenizer, rollout_threads: int):
@@ -198,6 +201,8 @@ def run_rl(cfg: RLConfig) -> dict:
     torch.manual_seed(cfg.seed)
     tok = GLM5Tokenizer.from_pretrained(cfg.model)
     policy = GLM5ForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, device=cfg.device)
+    if cfg.rollout_spec_tokens and policy.model.mtp is None:
+        raise ValueError("rollout_spec_tokens > 0 drafts with the MTP layer, and this model has none")
     if cfg.tasks_file:
         train_tasks = load_tasks(cfg.tasks_file)
         held = load_tasks(cfg.eval_tasks_file) if cfg.eval_tasks_file else []

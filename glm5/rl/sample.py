@@ -56,6 +56,10 @@ class Sample:
     rollout_id: int = -1  # manager step that first submitted it
     resumed: int = 0  # how many times an interrupted generation was resumed
     extra: dict = field(default_factory=dict)  # e.g. multi-turn state while a tool call is pending
+    # speculative decoding in the rollout engine (MTP drafts): verification steps and drafts accepted, summed over
+    # the engine calls that generated this sample
+    spec_verify_steps: int = 0
+    spec_accepted_tokens: int = 0
 
     # ------------------------------------------------------------------------------------------- views
     @property
@@ -115,6 +119,7 @@ class Sample:
         self.response_ids, self.rollout_logprobs, self.loss_mask = [], [], []
         self.weight_versions, self.status, self.reward, self.reward_info = [], Status.PENDING, None, {}
         self.response_text, self.num_turns, self.tool_calls, self.extra = "", 0, 0, {}
+        self.spec_verify_steps = self.spec_accepted_tokens = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -19,6 +19,14 @@ GLM-5 practice kept here: the DSA indexer is frozen during RL (report §3.2), th
 the RL objective (frozen), and the optimiser can be reset after every weight push (``reset_optimizer``,
 report §4.1.1). Router correction biases are left as they are (no aux-loss-free updates during RL).
 
+Online MTP training (``mtp_weight`` > 0, what slime and AReaL offer for speculative rollouts): as the policy
+moves, a frozen MTP layer's drafts go stale and speculative decoding accepts fewer of them. The MTP layer then
+learns beside the policy, from the same forward, by self-distillation: each of its ``mtp_depth`` steps is pulled
+towards the policy's own next-token distribution on the batch's response tokens
+(``glm5.train.losses.mtp_loss_sums`` with ``target="self"``). Hidden states, embedding and LM head are detached
+for it, and the MTP layer's gradient is clipped on its own, so the policy's update is exactly the one it would
+be without (a test checks this bit for bit). The weight push carries the new MTP weights to the rollout engine.
+
 Metrics of every step include the train-vs-rollout log-prob gap (mean and max |log π_θ − log μ| over model
 tokens, before the update), the importance ratio exp(log π_θ − log μ), clip fractions, entropy, KL, grad norm.
 """
@@ -59,6 +67,9 @@ class TrainerConfig:
     use_ref_model: bool | None = None  # None: when loss.kl_coef > 0
     temperature: float = 1.0  # log-probs of softmax(logits / T), T = the rollout temperature (slime does the same);
     # the engine reports log-probs of the untempered distribution, so rollout-log-prob corrections are exact at T = 1
+    mtp_weight: float = 0.0  # > 0: train the MTP layer online by self-distillation (see the module docstring)
+    mtp_depth: int = 1  # MTP steps trained (the one layer reused per step), e.g. the rollout's number of drafts
+    mtp_lr: float | None = None  # the MTP layer's learning rate (None: the policy's ``lr``)
 
     def __post_init__(self):
         if isinstance(self.loss, dict):
@@ -67,6 +78,9 @@ class TrainerConfig:
             raise ValueError("old_logp must be 'recompute' or 'rollout'")
         if self.updates_per_batch < 1:
             raise ValueError("updates_per_batch must be >= 1")
+        if self.mtp_weight < 0 or self.mtp_depth < 1 or (self.mtp_lr is not None and self.mtp_lr <= 0):
+            raise ValueError(f"need mtp_weight >= 0, mtp_depth >= 1 and mtp_lr > 0, got {self.mtp_weight}, "
+                             f"{self.mtp_depth}, {self.mtp_lr}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -110,23 +124,37 @@ def _micro_batches(samples: list[Sample], budget: int) -> list[list[Sample]]:
 
 class RLTrainer:
     def __init__(self, model, cfg: TrainerConfig | None = None, ref_model=None, total_steps: int = 1000):
-        from glm5.train.optim import build_optimizers
+        from glm5.train.optim import OptimizerList, build_optimizers
 
         self.cfg = cfg = cfg or TrainerConfig()
         self.model = model
         self.device = next(model.parameters()).device
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         n_main = model.config.num_hidden_layers
+        is_mtp = lambda name: name.startswith(f"model.layers.{n_main}.")  # noqa: E731
+        self.train_mtp = cfg.mtp_weight > 0
+        if self.train_mtp and getattr(model.model, "mtp", None) is None:
+            raise ValueError("mtp_weight > 0 needs a model with an MTP layer (num_nextn_predict_layers >= 1)")
         for name, p in model.named_parameters():
             if cfg.freeze_indexer and ".indexer." in name:
                 p.requires_grad_(False)
-            if cfg.freeze_mtp and name.startswith(f"model.layers.{n_main}."):
+            if is_mtp(name) and cfg.freeze_mtp and not self.train_mtp:
                 p.requires_grad_(False)
             if cfg.freeze_router and name.endswith(".mlp.gate.weight"):
                 p.requires_grad_(False)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self._build_optim = lambda: build_optimizers(model, kind=cfg.optimizer, lr=cfg.lr,
-                                                     weight_decay=cfg.weight_decay, betas=cfg.betas)
+        # the policy's parameters and the MTP layer's, clipped separately (see the module docstring)
+        self.params = [p for n, p in model.named_parameters() if p.requires_grad and not is_mtp(n)]
+        self.mtp_params = [p for n, p in model.named_parameters() if p.requires_grad and is_mtp(n)]
+
+        def build():
+            kw = dict(kind=cfg.optimizer, weight_decay=cfg.weight_decay, betas=cfg.betas)
+            opts = build_optimizers(model, lr=cfg.lr, only=lambda n: not is_mtp(n), **kw)
+            if self.mtp_params:  # its own learning rate: the schedule scales each group's base_lr
+                mtp_lr = cfg.mtp_lr if cfg.mtp_lr is not None else cfg.lr
+                opts = OptimizerList(opts.optimizers + build_optimizers(model, lr=mtp_lr, only=is_mtp, **kw).optimizers)
+            return opts
+
+        self._build_optim = build
         self.optim = self._build_optim()
         use_ref = cfg.use_ref_model if cfg.use_ref_model is not None else cfg.loss.kl_coef > 0
         if use_ref and ref_model is None:
@@ -139,9 +167,22 @@ class RLTrainer:
         self.step_times: list[float] = []
 
     # ---------------------------------------------------------------------------------------- log-probs
-    def _forward(self, model, batch, with_entropy: bool):
+    def _forward(self, model, batch, with_entropy: bool, with_hidden: bool = False):
         out = model(batch["input_ids"], dsa="sparse")
-        return token_logprobs_and_entropy(out.logits, batch["targets"], self.cfg.temperature, with_entropy)
+        lp, ent = token_logprobs_and_entropy(out.logits, batch["targets"], self.cfg.temperature, with_entropy)
+        return (lp, ent, out.hidden_states) if with_hidden else (lp, ent)
+
+    def _mtp_loss_sums(self, batch, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Summed self-distillation loss of each MTP step over the response tokens of a micro-batch: step d at
+        position t predicts token t+d+1, counted where that token is a trained response token."""
+        from glm5.data.loader import IGNORE_INDEX, Batch
+        from glm5.train.losses import mtp_loss_sums
+
+        ids = batch["input_ids"]
+        labels = torch.where(batch["mask"] > 0, batch["targets"], IGNORE_INDEX)
+        pos = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
+        return mtp_loss_sums(self.model, Batch(ids, labels, pos, None), hidden, self.cfg.mtp_depth, "sparse",
+                             target="self", pad_id=self.pad_id, detach_shared=True)
 
     @torch.no_grad()
     def logprobs(self, samples: list[Sample], model=None) -> list[torch.Tensor]:
@@ -192,14 +233,14 @@ class RLTrainer:
         weight_sum = 0.0
         gap_sum = gap_max = 0.0
         gap_n = 0
-        grad_norms = []
+        grad_norms, mtp_norms = [], []
         for mini in minis:
             num_tokens = float(sum(sum(s.loss_mask) for s in mini))
             num_seqs = float(len(mini))
             self.optim.zero_grad(set_to_none=True)
             for mb in _micro_batches(mini, cfg.micro_batch_tokens):
                 b = response_batch(mb, self.pad_id, self.device)
-                logp, ent = self._forward(self.model, b, True)
+                logp, ent, hidden = self._forward(self.model, b, True, with_hidden=True)
                 m = b["mask"]
                 if cfg.old_logp == "rollout":
                     old_lp = b["rollout_logp"]
@@ -217,6 +258,12 @@ class RLTrainer:
                 a = torch.tensor([s.advantage for s in mb], device=logp.device)
                 loss, met = policy_loss(logp, old_lp, a, m, rollout_logp=b["rollout_logp"], ref_logp=ref_lp,
                                         entropy=ent, cfg=cfg.loss, num_tokens=num_tokens, num_seqs=num_seqs)
+                if self.train_mtp:
+                    # per trained response token of the mini-batch, averaged over steps (as the pretraining MTP loss)
+                    sums = self._mtp_loss_sums(b, hidden)
+                    mtp = torch.stack(sums).mean() / max(num_tokens, 1.0)
+                    loss = loss + cfg.mtp_weight * mtp
+                    shares["mtp_kl"] = shares.get("mtp_kl", 0.0) + float(mtp.detach()) / n_mini
                 loss.backward()
                 w = float(m.sum())
                 weight_sum += w
@@ -230,9 +277,15 @@ class RLTrainer:
                     gap_sum += float(d.sum())
                     gap_max = max(gap_max, float(d.max()) if d.numel() else 0.0)
                     gap_n += int(m.sum())
-            gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            gn = torch.nn.utils.clip_grad_norm_(self.params, clip)
             grad_norms.append(float(gn))
-            if math.isfinite(float(gn)):
+            ok = math.isfinite(float(gn))
+            if self.mtp_params:
+                mtp_gn = float(torch.nn.utils.clip_grad_norm_(self.mtp_params, clip))
+                mtp_norms.append(mtp_gn)
+                ok = ok and math.isfinite(mtp_gn)
+            if ok:
                 self.optim.step()
             self.optim.zero_grad(set_to_none=True)
         self.version += 1
@@ -246,6 +299,8 @@ class RLTrainer:
             "advantage_abs_mean": float(adv.abs().mean()), "reward_mean_batch": sum(rewards) / len(rewards),
             "train_time_s": time.perf_counter() - t0,
         })
+        if mtp_norms:
+            metrics["mtp_grad_norm"] = sum(mtp_norms) / len(mtp_norms)
         self.step_times.append(metrics["train_time_s"])
         return metrics
 

@@ -37,8 +37,8 @@ from glm5.model.cache import build_attention_mask
 from glm5.train.balance import sequence_balance_loss
 from glm5.train.linear_ce import linear_cross_entropy
 
-__all__ = ["LossConfig", "stage_modes", "mtp_inputs", "count_targets", "compute_loss", "mtp_agreement", "mtp_steps",
-           "batch_mask"]
+__all__ = ["LossConfig", "stage_modes", "mtp_inputs", "count_targets", "compute_loss", "mtp_loss_sums",
+           "mtp_agreement", "mtp_steps", "batch_mask"]
 
 
 @dataclass
@@ -83,10 +83,12 @@ def count_targets(batch: Batch, mtp_depth: int) -> torch.Tensor:
     return torch.tensor(counts, dtype=torch.float64)
 
 
-def _ce_sum(model, head_input: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None) -> torch.Tensor:
+def _ce_sum(model, head_input: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None,
+            detach_head: bool = False) -> torch.Tensor:
     """Summed CE of the LM head applied to ``head_input`` [B,S,H], fused and chunked (no [B,S,V] logits); with
     ``teacher`` [B,S,H] the summed KL(head(teacher) ‖ head(head_input)) over the rows with a label."""
-    return linear_cross_entropy(head_input, model.lm_head.weight, labels, ignore_index=IGNORE_INDEX,
+    w = model.lm_head.weight
+    return linear_cross_entropy(head_input, w.detach() if detach_head else w, labels, ignore_index=IGNORE_INDEX,
                                 target_hidden=teacher)
 
 
@@ -131,15 +133,8 @@ def compute_loss(model, batch: Batch, lc: LossConfig, norm: torch.Tensor, *, gra
                     indexer_loss=None if lc.mtp_only else indexer_loss, compute_logits=False)
         ce_sum = _ce_sum(model, out.hidden_states, batch.labels)
     aux = list(out.aux_losses)
-    depth = mtp_steps(model, lc.mtp_depth)
-    mtp_sums = []
-    h = out.hidden_states
-    for d in range(1, depth + 1):
-        nxt, lab = mtp_inputs(batch, d, pad_id)
-        head_in, h = model.mtp_forward(h, nxt, batch.position_ids, mask, dsa=dsa, indexer_loss=indexer_loss,
-                                       aux_losses=aux, compute_logits=False)
-        teacher = _shift_left(out.hidden_states.detach(), d) if lc.mtp_target == "self" else None
-        mtp_sums.append(_ce_sum(model, head_in, lab, teacher))
+    mtp_sums = mtp_loss_sums(model, batch, out.hidden_states, mtp_steps(model, lc.mtp_depth), dsa,
+                             target=lc.mtp_target, pad_id=pad_id, mask=mask, indexer_loss=indexer_loss, aux_losses=aux)
     kl = torch.stack(aux).mean() if aux else None
 
     balance = None
@@ -178,6 +173,27 @@ def compute_loss(model, batch: Batch, lc: LossConfig, norm: torch.Tensor, *, gra
         "balance": float(balance.detach()) if balance is not None else None,
     }
     return loss, stats
+
+
+def mtp_loss_sums(model, batch: Batch, hidden: torch.Tensor, depth: int, dsa: str, *, target: str = "data",
+                  pad_id: int = 0, mask: torch.Tensor | None = None, indexer_loss: str | None = None,
+                  aux_losses: list | None = None, detach_shared: bool = False) -> list[torch.Tensor]:
+    """Summed loss of MTP steps 1..``depth`` over ``batch`` (see the module docstring), chained from the main
+    model's final hidden states ``hidden`` [B,S,H]; ``target`` "data" or "self".
+
+    ``detach_shared``: the MTP losses give no gradient to anything the main model owns: the hidden states, the
+    shared embedding and the LM head are detached, so only the MTP block learns from them (RL trains the MTP
+    layer beside the policy without changing the policy's gradient)."""
+    mask = batch_mask(batch) if mask is None else mask
+    sums = []
+    h = hidden.detach() if detach_shared else hidden
+    for d in range(1, depth + 1):
+        nxt, lab = mtp_inputs(batch, d, pad_id)
+        head_in, h = model.mtp_forward(h, nxt, batch.position_ids, mask, dsa=dsa, indexer_loss=indexer_loss,
+                                       aux_losses=aux_losses, compute_logits=False, detach_embeddings=detach_shared)
+        teacher = _shift_left(hidden.detach(), d) if target == "self" else None
+        sums.append(_ce_sum(model, head_in, lab, teacher, detach_head=detach_shared))
+    return sums
 
 
 @torch.no_grad()

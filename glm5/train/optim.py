@@ -177,14 +177,15 @@ def _is_adamw_param(name: str, p: torch.Tensor) -> bool:
 
 def build_optimizers(model: nn.Module, *, kind: str = "muon", lr: float = 2e-3, weight_decay: float = 0.1,
                      betas=(0.9, 0.95), momentum: float = 0.95, muon_split: bool = True, muon_impl: str = "auto",
-                     distributed: bool = False) -> OptimizerList:
-    """Optimisers over the trainable (requires_grad) parameters of a GLM5ForCausalLM.
+                     distributed: bool = False, only=None) -> OptimizerList:
+    """Optimisers over the trainable (requires_grad) parameters of a GLM5ForCausalLM; with ``only`` (a predicate
+    on parameter names), over those it accepts.
 
     AdamW groups: ``decay`` (LM head, router) and ``no_decay`` (embeddings, norms, biases). Muon groups: one
     per layout. Every group records ``base_lr`` (the schedule scales it) and ``name``.
     """
     cfg = model.config
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and (only is None or only(n))]
     adam_decay, adam_plain, muon_params = [], [], []
     for n, p in named:
         if kind == "adamw" or _is_adamw_param(n, p):

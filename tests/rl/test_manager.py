@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from glm5.engine import build_engine
 from glm5.model.transformer import GLM5ForCausalLM
@@ -120,6 +121,28 @@ def test_cli_end_to_end(model_dir, tmp_path):
     assert len(lines) == 2 and json.loads(lines[-1])["step"] == 1
     assert (out / "rl.png").stat().st_size > 1000
     GLM5ForCausalLM.from_pretrained(out / "hf")  # the trained policy is a normal checkpoint
+
+
+def test_cli_speculative_rollouts_with_online_mtp_training(model_dir, tmp_path):
+    # slime's speculative rollouts: the rollout engine drafts with the MTP layer, which the trainer keeps training
+    # online; acceptance is reported per step, and the pushed / saved weights carry the trained MTP layer.
+    from glm5.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["rl", "--model", str(model_dir), "--out", str(out), "--task", "arith", "--n-train", "32",
+               "--n-eval", "4", "--steps", "2", "--groups", "2", "--group-size", "2", "--max-new-tokens", "12",
+               "--max-model-len", "256", "--placement", "colocate", "--mode", "sync", "--lr", "1e-3",
+               "--no-progress", "--train-threads", "1", "--rollout-threads", "1", "--rollout-spec-tokens", "2",
+               "--mtp-weight", "0.5", "--mtp-depth", "2"])
+    assert rc == 0
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in recs:
+        assert 1.0 <= r["spec_acceptance_length"] <= 3.0 and r["mtp_kl"] > 0 and r["mtp_grad_norm"] > 0
+    n_main = GLM5ForCausalLM.from_pretrained(model_dir).config.num_hidden_layers
+    before = GLM5ForCausalLM.from_pretrained(model_dir).state_dict()
+    after = GLM5ForCausalLM.from_pretrained(out / "hf").state_dict()
+    mtp = [k for k in before if k.startswith(f"model.layers.{n_main}.") and ".indexer." not in k]
+    assert any(not torch.equal(before[k], after[k]) for k in mtp)
 
 
 def test_cli_process_placement_with_distributed_weight_sync(model_dir, tmp_path):

@@ -107,3 +107,51 @@ def test_freeze_router_keeps_expert_choice_fixed(policy):
     tr.train_step(make_groups(tr, m.config.vocab_size))
     assert all(torch.equal(gates[n], p.detach()) for n, p in m.named_parameters() if n in gates)
     assert any(p.requires_grad for n, p in m.named_parameters() if ".experts." in n)
+
+
+def test_online_mtp_training_leaves_the_policy_update_unchanged(policy):
+    # slime-style online MTP training: the MTP layer learns beside the policy by self-distillation, with the main
+    # model's hidden states, embedding and head detached and its own gradient clip, so every policy parameter
+    # must end the step exactly where it would without it, while the MTP layer moves and its KL falls.
+    n_main = policy.config.num_hidden_layers
+    is_mtp = lambda n: n.startswith(f"model.layers.{n_main}.")  # noqa: E731
+    a, b = clone_model(policy), clone_model(policy)
+    ta = RLTrainer(a, TrainerConfig(lr=1e-3, grad_clip=0.5))
+    tb = RLTrainer(b, TrainerConfig(lr=1e-3, grad_clip=0.5, mtp_weight=1.0, mtp_depth=2))
+    groups = make_groups(ta, a.config.vocab_size)
+    ma = ta.train_step(groups)
+    mb = tb.train_step(groups)
+    assert mb["pg_loss"] == ma["pg_loss"] and mb["grad_norm"] == ma["grad_norm"]
+    assert "mtp_kl" not in ma and mb["mtp_kl"] > 0 and mb["mtp_grad_norm"] > 0
+    before = dict(policy.named_parameters())
+    moved = []
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        if is_mtp(n):
+            assert torch.equal(pa, before[n]), n  # frozen without mtp_weight
+            moved.append(not torch.equal(pb, before[n]))
+        else:
+            assert torch.equal(pa, pb), n  # the policy's update is bit-identical
+    assert sum(moved) > len(moved) // 2
+    # With equal rewards (zero advantages) the policy, the teacher, stands still: the MTP KL must then fall.
+    c = clone_model(policy)
+    tc = RLTrainer(c, TrainerConfig(lr=1e-3, mtp_weight=1.0, mtp_depth=2, mtp_lr=2e-3))
+    for s in (s for g in groups for s in g):
+        s.reward = 1.0
+    kls = [tc.train_step(groups)["mtp_kl"] for _ in range(8)]
+    assert all(x > y for x, y in zip(kls, kls[1:])) and kls[-1] < 0.7 * kls[0], kls
+    assert all(torch.equal(p, before[n]) for n, p in c.named_parameters() if not is_mtp(n))
+    mtp_ids = {id(p) for n, p in c.named_parameters() if is_mtp(n)}
+    lrs = {(all(id(p) in mtp_ids for p in g["params"]), g["lr"]) for g in tc.optim.param_groups}
+    assert lrs == {(False, 1e-3), (True, 2e-3)}  # the MTP layer has its own learning rate
+
+
+def test_online_mtp_training_needs_an_mtp_layer(make_config):
+    from glm5.model.transformer import GLM5ForCausalLM
+
+    no_mtp = GLM5ForCausalLM(make_config(num_nextn_predict_layers=0)).init_weights(0)
+    with pytest.raises(ValueError, match="MTP layer"):
+        RLTrainer(no_mtp, TrainerConfig(mtp_weight=0.5))
+    with pytest.raises(ValueError, match="mtp_depth"):
+        TrainerConfig(mtp_weight=0.5, mtp_depth=0)
+    with pytest.raises(ValueError, match="mtp_lr"):
+        TrainerConfig(mtp_weight=0.5, mtp_lr=0.0)
