@@ -42,6 +42,10 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill size)
     enable_prefix_caching: bool = True
     num_speculative_tokens: int = 0  # MTP drafts per step (0 = off)
+    # Pause drafting while more than this many sequences run (0 = never), as vLLM's ``disable_by_batch_size``:
+    # verifying k drafts multiplies a step's rows by k + 1, which pays off only while decode is memory-bound
+    # (small batches). The MTP caches then catch up in one pass when the batch shrinks again.
+    spec_disable_batch_size: int = 0
     dsa: str = "sparse"  # "sparse" (the model's DSA) or "dense"
     seed: int = 0  # engine RNG for requests without a seed
     use_cuda_graph: bool = True  # CUDA only; ignored on CPU
@@ -75,6 +79,8 @@ class LLMEngine:
         self.k = cfg.num_speculative_tokens
         if self.k and model.model.mtp is None:
             raise ValueError("num_speculative_tokens > 0 needs a model with an MTP layer")
+        if cfg.spec_disable_batch_size < 0:
+            raise ValueError(f"spec_disable_batch_size must be >= 0, got {cfg.spec_disable_batch_size}")
         if cfg.dsa not in ("sparse", "dense"):
             raise ValueError(f"dsa must be 'sparse' or 'dense', got {cfg.dsa!r}")
         if cfg.cpu_weight_layout not in ("auto", "row"):
@@ -115,6 +121,7 @@ class LLMEngine:
         self._seq_req: dict[int, _Request] = {}
         self._next_id = 0
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "spec_verify_steps": 0,
+                      "spec_paused_steps": 0,
                       "spec_draft_tokens": 0, "spec_accepted_tokens": 0}
         if cfg.use_cuda_graph and self.device.type == "cuda" and not self.k:
             from glm5.engine.cuda_graphs import CudaGraphRunner
@@ -320,7 +327,11 @@ class LLMEngine:
                     seq, self.proposer.committed(seq) if self.proposer else seq.num_computed_tokens)
             off += width
         if spec_items:
-            self.proposer.propose(spec_items, spec_kmax)
+            pause = 0 < self.config.spec_disable_batch_size < len(self.scheduler.running)
+            if pause:
+                spec_kmax = [0] * len(spec_kmax)
+                self.stats["spec_paused_steps"] += 1
+            self.proposer.propose(spec_items, spec_kmax, defer=pause)
             for seq, _, _ in spec_items:
                 self.block_manager.register_full_blocks(seq, self.proposer.committed(seq))
         outs = []
@@ -464,6 +475,7 @@ class LLMEngine:
             "acceptance_rate": s["spec_accepted_tokens"] / s["spec_draft_tokens"] if s["spec_draft_tokens"] else 0.0,
             # tokens emitted per verification step, the bonus token included (vLLM's "mean acceptance length")
             "acceptance_length": (s["spec_accepted_tokens"] + n) / n if n else 0.0,
+            "paused_steps": s["spec_paused_steps"],  # steps without drafts because of spec_disable_batch_size
         }
 
 

@@ -62,14 +62,22 @@ def rejection_sample(target_probs: torch.Tensor, draft_ids: list[int], draft_pro
     return out, k
 
 
+# Most main-model hidden rows a sequence may hold back while drafting is paused (``propose(defer=True)``); past
+# this its MTP caches catch up anyway, so the held rows stay bounded (GLM-5, bf16: 512 × 6144 × 2 B = 6 MB).
+MAX_DEFERRED_ROWS = 512
+
+
 class SpecState:
     """Per-sequence MTP bookkeeping. mtp_len[d] (d = 1..k): positions with committed depth-d cache entries;
     hbuf[d] (d = 0..k-1): committed h^d rows for positions [mtp_len[d+1], end_d) not yet consumed by depth
-    d+1 (end_0 = the main cache length, end_d = mtp_len[d])."""
+    d+1 (end_0 = the main cache length, end_d = mtp_len[d]). ``deferred``: h^0 rows that follow hbuf[0], held
+    back while drafting is paused (a list: appending must not copy the backlog every step)."""
 
     def __init__(self, k: int, start: int = 0):
         self.mtp_len = [start] * (k + 1)
         self.hbuf: list[torch.Tensor | None] = [None] * (k + 1)
+        self.deferred: list[torch.Tensor] = []
+        self.num_deferred = 0
 
 
 class MTPProposer:
@@ -88,19 +96,31 @@ class MTPProposer:
         return min([seq.num_computed_tokens] + (st.mtp_len[1:] if st else [0]))
 
     @torch.inference_mode()
-    def propose(self, items: list[tuple[Sequence, torch.Tensor, int]], max_drafts: list[int]) -> None:
+    def propose(self, items: list[tuple[Sequence, torch.Tensor, int]], max_drafts: list[int],
+                defer: bool = False) -> None:
         """Bring the MTP caches up to date and draft for decoding sequences.
 
         items: (sequence, hidden rows [m,H] of its newly committed main positions, first such position).
         max_drafts[i]: drafts wanted for item i (0 = none: still prefilling, or about to finish).
+        defer: drafting is paused (a large batch): items that want no drafts only keep their new rows, and their
+        MTP caches catch up in one batched pass when drafting resumes (or at ``MAX_DEFERRED_ROWS``).
         Sets ``seq.draft_token_ids`` and ``seq.draft_probs``.
         """
         works = []
         for (seq, h_new, p0), kmax in zip(items, max_drafts):
             st = seq.spec
             prev = st.hbuf[0]
-            assert st.mtp_len[1] + (0 if prev is None else prev.shape[0]) == p0, "MTP catch-up out of sync"
-            w = _Work(seq, st, h_new if prev is None else torch.cat([prev, h_new]), kmax)
+            assert st.mtp_len[1] + (0 if prev is None else prev.shape[0]) + st.num_deferred == p0, \
+                "MTP catch-up out of sync"
+            if defer and not kmax and st.num_deferred + h_new.shape[0] <= MAX_DEFERRED_ROWS:
+                if h_new.shape[0]:
+                    st.deferred.append(h_new.clone())  # a copy: a view would pin the whole step's hidden states
+                    st.num_deferred += h_new.shape[0]
+                st.mtp_len[0] = seq.num_computed_tokens
+                continue
+            rows = [t for t in [prev, *st.deferred, h_new] if t is not None]
+            st.deferred, st.num_deferred = [], 0
+            w = _Work(seq, st, torch.cat(rows) if len(rows) > 1 else rows[0], kmax)
             st.mtp_len[0] = seq.num_computed_tokens
             if kmax:  # a catch-up only (kmax 0) leaves pending drafts alone: a recompute verifies them next
                 seq.draft_token_ids, seq.draft_probs = [], None

@@ -30,6 +30,8 @@ def add_parser(sub) -> None:
     g.add_argument("--max-num-seqs", type=int, default=32, help="sequences per engine batch")
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
     g.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP drafts per step (0 = off)")
+    g.add_argument("--spec-disable-batch-size", type=int, default=0,
+                   help="pause MTP drafting while more sequences than this run (0 = never; vLLM's disable_by_batch_size)")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     g.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
@@ -73,7 +75,8 @@ def run(args) -> int:
     settings = settings_from_args(args)
     app = build_app(args.model, settings, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=args.max_num_batched_tokens,
-                    num_speculative_tokens=args.num_speculative_tokens, dtype=args.dtype, device=args.device,
+                    num_speculative_tokens=args.num_speculative_tokens,
+                    spec_disable_batch_size=args.spec_disable_batch_size, dtype=args.dtype, device=args.device,
                     kv_cache_memory=args.kv_cache_memory, seed=args.seed)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         logging.getLogger("glm5.serve").warning("listening on %s without an API key", args.host)

@@ -33,8 +33,8 @@ def test_drafts_follow_mtp_recursion_and_accepted_drafts_commit(nano):
     orig = proposer.propose
     checked = []
 
-    def propose(items, kmax):
-        orig(items, kmax)
+    def propose(items, kmax, defer=False):
+        orig(items, kmax, defer)
         for (seq, _, _), k in zip(items, kmax):
             if not k:
                 continue
@@ -53,6 +53,41 @@ def test_drafts_follow_mtp_recursion_and_accepted_drafts_commit(nano):
     m = llm.spec_metrics()
     assert m["acceptance_length"] > 2.5  # two of three oracle drafts are right
     assert all(o.metrics["spec_acceptance_length"] > 2.5 for o in outs)
+
+
+def test_drafting_pauses_for_large_batches_and_resumes_with_caught_up_mtp_caches(nano, monkeypatch):
+    """spec_disable_batch_size: while more sequences run than the limit, no drafts (the MTP caches only hold back
+    their rows); as requests finish and the batch shrinks, drafting resumes, and every draft must again equal the
+    model's own MTP recursion over the whole sequence: the deferred catch-up filled the MTP caches exactly."""
+    import glm5.engine.spec_decode as spec_decode
+
+    ps = prompts([6, 19, 27, 9], seed=23)
+    lens = [4, 6, 30, 25]  # two requests end early: the batch shrinks from 4 to 2
+    llm = LLM(nano, block_size=4, num_speculative_tokens=3, spec_disable_batch_size=2, max_num_batched_tokens=64)
+    proposer = llm.engine.proposer
+    orig = proposer.propose
+    log = []
+
+    def propose(items, kmax, defer=False):
+        orig(items, kmax, defer)
+        log.append((defer, max(kmax)))
+        for (seq, _, _), k in zip(items, kmax):
+            if k and seq.draft_token_ids:
+                assert seq.draft_token_ids == ref_mtp_drafts(nano, seq.token_ids, len(seq.draft_token_ids))
+                log.append("checked")
+
+    proposer.propose = propose
+    monkeypatch.setattr(spec_decode, "MAX_DEFERRED_ROWS", 8)  # one sequence also hits the backlog bound
+    outs = llm.generate(ps, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lens])
+    for o, p, n in zip(outs, ps, lens):
+        assert o.outputs[0].token_ids == ref_greedy(nano, p, n)
+    deferred = [e for e in log if isinstance(e, tuple) and e[0]]
+    assert deferred and all(k == 0 for _, k in deferred)  # paused steps draft nothing
+    first_resumed = next(i for i, e in enumerate(log) if e == "checked")
+    assert any(isinstance(e, tuple) and e[0] for e in log[:first_resumed])  # drafting came back after a pause
+    assert log.count("checked") > 5
+    m = llm.spec_metrics()
+    assert m["paused_steps"] == len(deferred) and m["verify_steps"] > 0
 
 
 def test_spec_decode_with_preemption_and_prefix_cache(nano):
