@@ -24,6 +24,8 @@ Sections
            bandwidth (measured with a large device copy) / bytes read per decoded token (activated weights:
            attention, dense MLP or shared + top-k experts, final norm, lm_head, one embedding row; plus the latent
            and indexer cache of the context).
+  specbatch  MTP speculation as a batch shrinks (staggered lengths): plain, always drafting, and drafting paused
+           above --spec-disable-batch-size sequences (EngineConfig.spec_disable_batch_size); needs --mtp-model.
   dsa      attention cost per decoded token at a long context, GLM-5's real attention shapes (64 heads,
            kv_lora 512, rope 64, indexer 32x128, top-k 2048): DSA (indexer over all keys + top-k + latent
            attention over 2048 gathered rows) vs dense latent attention over every key. Reports time and FLOPs.
@@ -261,10 +263,8 @@ def _spec_point(name, p, ids, D, spec_tokens, repeats, dsa="sparse"):
     return row
 
 
-def _corpus_acceptance(model_dir, n: int, spec_tokens: int, prompt_tokens: int = 32, decode_tokens: int = 48):
-    """Acceptance length and speed-up over n greedy continuations of n corpus snippets, one at a time (batch 1;
-    one prompt is a noisy measure). The speed-up is total plain time / total speculative time, the two engines
-    alternating prompt by prompt."""
+def _corpus_prompts(model_dir, n: int, prompt_tokens: int) -> list[list[int]]:
+    """n snippets of the default corpus, prompt_tokens ids each (fixed seed)."""
     import random
 
     from glm5.data.corpus import default_corpus_files
@@ -278,6 +278,46 @@ def _corpus_acceptance(model_dir, n: int, spec_tokens: int, prompt_tokens: int =
         ids = tok.encode(text[start:start + 8 * prompt_tokens])[:prompt_tokens]
         if len(ids) == prompt_tokens:
             prompts.append(ids)
+    return prompts
+
+
+def bench_spec_batch(args, results):
+    """MTP speculation under a shrinking batch: n corpus prompts submitted together, greedy, with staggered lengths
+    (8, 16, ..., 8n tokens), so the batch runs from n sequences down to 1. Plain decoding, drafting at every step,
+    and drafting paused while more than --spec-disable-batch-size sequences run; total process time each,
+    alternating, best of --repeats; outputs must be identical."""
+    if not args.mtp_model:
+        raise SystemExit("--only specbatch needs --mtp-model (a checkpoint with a trained MTP layer)")
+    ps = _corpus_prompts(args.mtp_model, args.spec_batch_prompts, 32)
+    sps = [SamplingParams(temperature=0, max_tokens=8 * (i + 1), ignore_eos=True) for i in range(len(ps))]
+    kw = dict(device="cpu", dtype=torch.float32, max_num_seqs=len(ps), max_model_len=32 + 8 * len(ps) + 8,
+              enable_prefix_caching=False)
+    modes = {"plain": {}, "spec": {"num_speculative_tokens": args.spec_tokens},
+             f"spec, paused above {args.spec_disable_batch_size}": {
+                 "num_speculative_tokens": args.spec_tokens, "spec_disable_batch_size": args.spec_disable_batch_size}}
+    engines = {m: LLM(args.mtp_model, **kw, **extra) for m, extra in modes.items()}
+    best, outs = {m: float("inf") for m in modes}, {}
+    for _ in range(args.repeats):
+        for m, llm in engines.items():
+            t = clock()
+            o = llm.generate(ps, sps)
+            best[m] = min(best[m], clock() - t)
+            outs[m] = [x.outputs[0].token_ids for x in o]
+    tokens = sum(len(t) for t in outs["plain"])
+    row = dict(model=args.mtp_model, prompts=len(ps), tokens=tokens, spec_tokens=args.spec_tokens,
+               identical=all(o == outs["plain"] for o in outs.values()),
+               tok_per_s={m: tokens / t for m, t in best.items()},
+               speedup={m: best["plain"] / t for m, t in best.items()},
+               metrics={m: e.spec_metrics() for m, e in engines.items() if m != "plain"})
+    print(json.dumps(row), flush=True)
+    results["spec_batch"] = row
+
+
+def _corpus_acceptance(model_dir, n: int, spec_tokens: int, prompt_tokens: int = 32, decode_tokens: int = 48):
+    """Acceptance length and speed-up over n greedy continuations of n corpus snippets, one at a time (batch 1;
+    one prompt is a noisy measure). The speed-up is total plain time / total speculative time, the two engines
+    alternating prompt by prompt."""
+    prompts = _corpus_prompts(model_dir, n, prompt_tokens)
     plain = Engine(model_dir, prompt_tokens + decode_tokens + 16)
     spec = Engine(model_dir, prompt_tokens + decode_tokens + 16, spec=spec_tokens)
     plain.run(torch.tensor(prompts[:1]), 2)
@@ -477,7 +517,7 @@ def bench_gpu(args, results):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", default=["decode", "mtp", "dsa", "gpu"],
-                    choices=["decode", "mtp", "dsa", "gpu"])
+                    choices=["decode", "mtp", "specbatch", "dsa", "gpu"])
     ap.add_argument("--preset", default="glm5-small")
     ap.add_argument("--contexts", type=int, nargs="*", default=[128, 1024])
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 16])
@@ -499,6 +539,8 @@ def main() -> int:
     ap.add_argument("--mtp-prompt", default=None, help="text prompt for the trained model (needs its tokenizer)")
     ap.add_argument("--mtp-corpus-prompts", type=int, default=0,
                     help="also measure the trained model's acceptance over N prompts drawn from the default corpus")
+    ap.add_argument("--spec-batch-prompts", type=int, default=16, help="specbatch: prompts submitted together")
+    ap.add_argument("--spec-disable-batch-size", type=int, default=2, help="specbatch: the pause threshold")
     ap.add_argument("--dsa-context", type=int, default=32768)
     ap.add_argument("--gpu-preset", default="glm5-small")
     ap.add_argument("--gpu-context", type=int, default=1024)
@@ -523,6 +565,8 @@ def main() -> int:
         bench_decode(args, path, cfg, results)
     if "mtp" in args.only:
         bench_mtp(args, path, cfg, results)
+    if "specbatch" in args.only:
+        bench_spec_batch(args, results)
     if "dsa" in args.only:
         bench_dsa(args, results)
     if "gpu" in args.only:
