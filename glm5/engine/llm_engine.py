@@ -44,7 +44,8 @@ class EngineConfig:
     num_speculative_tokens: int = 0  # MTP drafts per step (0 = off)
     # Pause drafting while more than this many sequences run (0 = never), as vLLM's ``disable_by_batch_size``:
     # verifying k drafts multiplies a step's rows by k + 1, which pays off only while decode is memory-bound
-    # (small batches). The MTP caches then catch up in one pass when the batch shrinks again.
+    # (small batches). The MTP caches then catch up in one pass when the batch shrinks again. Seeded sampled
+    # requests keep drafting, so their tokens stay independent of the batch.
     spec_disable_batch_size: int = 0
     dsa: str = "sparse"  # "sparse" (the model's DSA) or "dense"
     seed: int = 0  # engine RNG for requests without a seed
@@ -329,7 +330,11 @@ class LLMEngine:
         if spec_items:
             pause = 0 < self.config.spec_disable_batch_size < len(self.scheduler.running)
             if pause:
-                spec_kmax = [0] * len(spec_kmax)
+                # Seeded sampled requests keep drafting: whether drafts were verified changes which random numbers
+                # their tokens use, and a seed must give the same tokens whatever else is in the batch. Greedy
+                # output is the same either way, and unseeded requests promise nothing.
+                spec_kmax = [k if (seq.params.seed is not None and not seq.params.greedy) else 0
+                             for (seq, _, _), k in zip(spec_items, spec_kmax)]
                 self.stats["spec_paused_steps"] += 1
             self.proposer.propose(spec_items, spec_kmax, defer=pause)
             for seq, _, _ in spec_items:

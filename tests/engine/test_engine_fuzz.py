@@ -1,6 +1,6 @@
 """Property test of the engine's scheduling machinery: random request scripts (shared prefixes, n > 1, aborts
 mid-prefill and mid-decode, prompt scoring, seeds) on random configurations (block sizes, cache budgets small
-enough to preempt, chunked prefill, prefix caching, MTP drafts, sparse or dense DSA). Whatever happens:
+enough to preempt, chunked prefill, prefix caching, MTP drafts paused for large batches or not, sparse or dense DSA). Whatever happens:
 every block comes back, every surviving request runs to its length, greedy output equals the model's
 no-cache recompute, prompt log-probabilities equal the full forward's, and a seeded sampled request
 gets the tokens it gets when it runs alone."""
@@ -30,6 +30,7 @@ configs = st.fixed_dictionaries({
     "max_num_seqs": st.integers(1, 4),
     "enable_prefix_caching": st.booleans(),
     "num_speculative_tokens": st.sampled_from([0, 2]),
+    "spec_disable_batch_size": st.sampled_from([0, 0, 1, 2]),  # with drafts: pauses and deferred MTP catch-ups
     "dsa": st.sampled_from(["sparse", "dense"]),
 })
 requests = st.fixed_dictionaries({
