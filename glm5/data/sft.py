@@ -207,7 +207,7 @@ def _solve(name: str, e: dict) -> str | None:
         return "\n".join(lines) if str(total) == str(e["answer"]) else None
     if name == "gcd":
         nums = md["numbers"]
-        g, lines = nums[0], [f"I use the Euclidean algorithm."]
+        g, lines = nums[0], ["I use the Euclidean algorithm."]
         for n in nums[1:]:
             lines += [s + "." for s in _gcd_steps(max(g, n), min(g, n))]
             g = math.gcd(g, n)
@@ -224,7 +224,7 @@ def _solve(name: str, e: dict) -> str | None:
     if name == "fraction_simplification":
         a, b = md["numerator"], md["denominator"]
         g = math.gcd(a, b)
-        lines = [f"I divide numerator and denominator by their greatest common divisor."]
+        lines = ["I divide numerator and denominator by their greatest common divisor."]
         lines += [s + "." for s in _gcd_steps(max(a, b), min(a, b))]
         lines.append(f"gcd({a}, {b}) = {g}; {a} / {g} = {a // g} and {b} / {g} = {b // g}.")
         lines.append(f"The simplified fraction is {a // g}/{b // g}.")

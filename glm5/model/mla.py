@@ -140,7 +140,7 @@ class MLAttention(nn.Module):
         tensors [N, ...]; attention runs per group of sequences (see glm5.model.cache.AttnGroup)."""
         cache, batch = ctx.cache, ctx.cache.batch
         scratch = getattr(cache, "scratch", None)
-        h, dn, dr, r = self.n_heads, self.d_nope, self.d_rope, self.kv_rank
+        h, dn, r = self.n_heads, self.d_nope, self.kv_rank
         xf = x[0]
         N = xf.shape[0]
         cos, sin = rope[0][0], rope[1][0]  # [N,dr/2]

@@ -23,7 +23,6 @@ import torch
 
 from glm5.rl.buffer import DataBuffer
 from glm5.rl.evaluate import compare, evaluate_model
-from glm5.rl.losses import LossConfig
 from glm5.rl.manager import ManagerConfig, RolloutManager
 from glm5.rl.metrics import MetricsLogger, plot_metrics
 from glm5.rl.rollout import LocalRolloutClient, ProcessRolloutClient, RolloutConfig, WorkerSpec, build_rollout_engine

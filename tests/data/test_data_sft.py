@@ -2,7 +2,6 @@ import collections
 import json
 import random
 
-import numpy as np
 import pytest
 
 from glm5.data.loader import BatchLoader, ConversationRows

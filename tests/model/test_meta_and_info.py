@@ -1,7 +1,6 @@
 """The full 744B config builds on the meta device, and glm5 info reports the published numbers."""
 
 import json
-import resource
 import subprocess
 import sys
 

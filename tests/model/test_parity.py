@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM  # noqa: E402
 
-from glm5 import GLM5Config, GLM5ForCausalLM, preset  # noqa: E402
+from glm5 import GLM5ForCausalLM, preset  # noqa: E402
 
 TOL = 1e-4
 
