@@ -52,7 +52,8 @@ def main() -> None:
         text = f.read_text().strip()
         # demote the area file's headings one level so they nest under this document's title
         lines = [("#" + ln) if ln.startswith("#") else ln for ln in text.splitlines()]
-        parts.append("\n".join(lines) + "\n\n")
+        # images are linked relative to benchmarks/; BENCHMARKS.md sits one level up
+        parts.append("\n".join(lines).replace("](img/", "](benchmarks/img/") + "\n\n")
     (ROOT.parent / "BENCHMARKS.md").write_text("".join(parts).rstrip() + "\n")
 
 

@@ -145,10 +145,16 @@ def plot_metrics(jsonl_path, png_path, title: str = "") -> Path | None:
     recs = [r for r in read_jsonl(jsonl_path) if "step" in r]
     if not recs:
         return None
-    fig, axes = plt.subplots(3, 3, figsize=(13, 10))
+    panels = list(_PANELS)
+    if any("spec_acceptance_length" in r for r in recs):  # speculative rollouts
+        panels.append(("spec_acceptance_length", "MTP acceptance length (rollouts)"))
+    rows = -(-(len(panels) + 1) // 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(13, 3.4 * rows))
     axes = axes.ravel()
+    for ax in axes[len(panels) + 1:]:
+        ax.axis("off")
     steps = [r["step"] for r in recs]
-    for ax, (key, label) in zip(axes, _PANELS):
+    for ax, (key, label) in zip(axes, panels):
         ys = [(s, r[key]) for s, r in zip(steps, recs) if isinstance(r.get(key), (int, float))]
         if ys:
             ax.plot([a for a, _ in ys], [b for _, b in ys], marker=".", lw=1)
@@ -156,7 +162,7 @@ def plot_metrics(jsonl_path, png_path, title: str = "") -> Path | None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     hist = recs[-1].get("staleness_hist") or {}
-    ax = axes[len(_PANELS)]
+    ax = axes[len(panels)]
     if hist:
         ks = sorted(int(k) for k in hist)
         ax.bar(ks, [hist[str(k)] if str(k) in hist else hist[k] for k in ks])
