@@ -167,10 +167,11 @@ class RLTrainer:
         self.step_times: list[float] = []
 
     # ---------------------------------------------------------------------------------------- log-probs
-    def _forward(self, model, batch, with_entropy: bool, with_hidden: bool = False):
+    def _forward(self, model, batch, with_entropy: bool):
+        """-> (token log-probs, entropy or None, final hidden states [B,S,H] for the MTP loss)."""
         out = model(batch["input_ids"], dsa="sparse")
         lp, ent = token_logprobs_and_entropy(out.logits, batch["targets"], self.cfg.temperature, with_entropy)
-        return (lp, ent, out.hidden_states) if with_hidden else (lp, ent)
+        return lp, ent, out.hidden_states
 
     def _mtp_loss_sums(self, batch, hidden: torch.Tensor) -> list[torch.Tensor]:
         """Summed self-distillation loss of each MTP step over the response tokens of a micro-batch: step d at
@@ -194,7 +195,7 @@ class RLTrainer:
         try:
             for mb in _micro_batches(samples, self.cfg.micro_batch_tokens):
                 b = response_batch(mb, self.pad_id, self.device)
-                lp, _ = self._forward(model, b, False)
+                lp, _, _ = self._forward(model, b, False)
                 for i, s in enumerate(mb):
                     p, r = len(s.prompt_ids), len(s.response_ids)
                     out.append((s, lp[i, p - 1: p - 1 + r].cpu()))
@@ -240,7 +241,7 @@ class RLTrainer:
             self.optim.zero_grad(set_to_none=True)
             for mb in _micro_batches(mini, cfg.micro_batch_tokens):
                 b = response_batch(mb, self.pad_id, self.device)
-                logp, ent, hidden = self._forward(self.model, b, True, with_hidden=True)
+                logp, ent, hidden = self._forward(self.model, b, True)
                 m = b["mask"]
                 if cfg.old_logp == "rollout":
                     old_lp = b["rollout_logp"]
@@ -254,7 +255,7 @@ class RLTrainer:
                 ref_lp = None
                 if self.ref_model is not None:
                     with torch.no_grad():
-                        ref_lp, _ = self._forward(self.ref_model, b, False)
+                        ref_lp, _, _ = self._forward(self.ref_model, b, False)
                 a = torch.tensor([s.advantage for s in mb], device=logp.device)
                 loss, met = policy_loss(logp, old_lp, a, m, rollout_logp=b["rollout_logp"], ref_logp=ref_lp,
                                         entropy=ent, cfg=cfg.loss, num_tokens=num_tokens, num_seqs=num_seqs)

@@ -102,15 +102,19 @@ def test_async_mode_with_rollout_process(model_dir, tok, tasks, plugin):
     assert stats["finished"] >= 32 and stats["requests"] >= 32
 
 
-def test_cli_end_to_end(model_dir, tmp_path):
+def run_cli(model_dir, out, *extra: str) -> int:
+    """``glm5 rl`` on the test policy: 2 steps of 2 groups × 2 arithmetic rollouts, one thread a side."""
     from glm5.cli import main
 
+    return main(["rl", "--model", str(model_dir), "--out", str(out), "--task", "arith", "--n-train", "32",
+                 "--steps", "2", "--groups", "2", "--group-size", "2", "--max-new-tokens", "12",
+                 "--max-model-len", "256", "--no-progress", "--train-threads", "1", "--rollout-threads", "1", *extra])
+
+
+def test_cli_end_to_end(model_dir, tmp_path):
     out = tmp_path / "run"
-    rc = main(["rl", "--model", str(model_dir), "--out", str(out), "--task", "arith", "--n-train", "32",
-               "--n-eval", "8", "--steps", "2", "--groups", "2", "--group-size", "2", "--max-new-tokens", "12",
-               "--max-model-len", "256", "--placement", "colocate", "--mode", "async", "--lr", "1e-3",
-               "--loss", "ddis", "--no-progress", "--train-threads", "1", "--rollout-threads", "1",
-               "--eval-sampled", "2"])
+    rc = run_cli(model_dir, out, "--n-eval", "8", "--placement", "colocate", "--mode", "async", "--lr", "1e-3",
+                 "--loss", "ddis", "--eval-sampled", "2")
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["run"]["steps"] == 2 and "before" in s and "after" in s and "delta" in s
@@ -126,14 +130,9 @@ def test_cli_end_to_end(model_dir, tmp_path):
 def test_cli_speculative_rollouts_with_online_mtp_training(model_dir, tmp_path):
     # slime's speculative rollouts: the rollout engine drafts with the MTP layer, which the trainer keeps training
     # online; acceptance is reported per step, and the pushed / saved weights carry the trained MTP layer.
-    from glm5.cli import main
-
     out = tmp_path / "run"
-    rc = main(["rl", "--model", str(model_dir), "--out", str(out), "--task", "arith", "--n-train", "32",
-               "--n-eval", "4", "--steps", "2", "--groups", "2", "--group-size", "2", "--max-new-tokens", "12",
-               "--max-model-len", "256", "--placement", "colocate", "--mode", "sync", "--lr", "1e-3",
-               "--no-progress", "--train-threads", "1", "--rollout-threads", "1", "--rollout-spec-tokens", "2",
-               "--mtp-weight", "0.5", "--mtp-depth", "2"])
+    rc = run_cli(model_dir, out, "--n-eval", "4", "--placement", "colocate", "--mode", "sync", "--lr", "1e-3",
+                 "--rollout-spec-tokens", "2", "--mtp-weight", "0.5", "--mtp-depth", "2")
     assert rc == 0
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     for r in recs:
@@ -146,13 +145,8 @@ def test_cli_speculative_rollouts_with_online_mtp_training(model_dir, tmp_path):
 
 
 def test_cli_process_placement_with_distributed_weight_sync(model_dir, tmp_path):
-    from glm5.cli import main
-
     out = tmp_path / "run"
-    rc = main(["rl", "--model", str(model_dir), "--out", str(out), "--task", "arith", "--n-train", "32",
-               "--steps", "2", "--groups", "2", "--group-size", "2", "--max-new-tokens", "12", "--max-model-len",
-               "256", "--mode", "one-step-off", "--weight-sync", "dist", "--no-eval", "--no-save", "--no-progress",
-               "--train-threads", "1", "--rollout-threads", "1"])
+    rc = run_cli(model_dir, out, "--mode", "one-step-off", "--weight-sync", "dist", "--no-eval", "--no-save")
     assert rc == 0
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["rollout_version"] for r in recs] == [1, 2]
