@@ -25,6 +25,8 @@ _SCORE_BLOCK_ELEMS = 1 << 26
 # between their gather and the score GEMM (see LightningIndexer.paged_scores).
 _KEY_CHUNK_BYTES = 2 << 20
 _MIN_KEY_CHUNK = 512  # fewer keys per chunk would cost more in per-chunk dispatch than the cache saves
+# Queries per block when score_keys skips the keys no query of the block sees (CPU, causal masks)
+_MIN_CAUSAL_BLOCK = 64
 
 
 class LightningIndexer(nn.Module):
@@ -65,7 +67,7 @@ class LightningIndexer(nn.Module):
         x: [B,S,hidden], q_resid: [B,S,q_lora], keys: [B,T,head_dim] (cached + new).
         """
         q, w = self.query(x, q_resid, cos, sin)
-        return score_keys(q, w, keys).masked_fill(~visible, float("-inf"))
+        return score_keys(q, w, keys, visible)
 
     def paged_scores(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      store: torch.Tensor, kv_slots: torch.Tensor, visible: torch.Tensor,
@@ -99,23 +101,41 @@ class LightningIndexer(nn.Module):
         return index_scores.topk(k, dim=-1).indices
 
 
-def score_keys(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Σ_h w[b,s,h] · ReLU(q[b,s,h]·k[b,t]): q [B,S,Hi,D] and w [B,S,Hi] fp32, keys [B,T,D] -> [B,S,T] fp32."""
+def score_keys(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """Σ_h w[b,s,h] · ReLU(q[b,s,h]·k[b,t]): q [B,S,Hi,D] and w [B,S,Hi] fp32, keys [B,T,D] -> [B,S,T] fp32.
+
+    With ``visible`` ([B,S,T] bool) the scores are -inf where it is False, and on CPU each block of queries is
+    scored only up to the last key any of them sees: under a causal mask that skips nearly half the product
+    (a training step or a long prefill). The skipped scores would be masked anyway, and each kept score is
+    the same dot product, so the result is unchanged."""
     B, S, Hi, D = q.shape
     T = keys.shape[1]
     kT = keys.float().transpose(1, 2)  # [B,D,T]
     chunk = max(1, _SCORE_BLOCK_ELEMS // max(1, B * Hi * T))
+    causal_blocks = visible is not None and q.device.type == "cpu" and S >= 2 * _MIN_CAUSAL_BLOCK
+    if causal_blocks:
+        chunk = min(chunk, max(_MIN_CAUSAL_BLOCK, -(-S // 8)))
     out = []
     for s0 in range(0, S, chunk):
         s1 = min(S, s0 + chunk)
         c = s1 - s0
+        t1 = T
+        if causal_blocks:
+            seen = visible[:, s0:s1].reshape(-1, T).any(0).nonzero()
+            # at least a few keys: BLAS may sum a product with very few columns in another order
+            t1 = min(T, max(int(seen[-1]) + 1 if len(seen) else 1, _MIN_CAUSAL_BLOCK))
         # one bmm over (query, head) rows: broadcasting a [B,1,D,T] key tensor would copy it per query
         # ReLU in place on the bmm output (bmm's backward does not need it), before the view: an in-place op
         # on a view would make autograd rebuild the base's gradient through as_strided
-        per_head = torch.bmm(q[:, s0:s1].reshape(B, c * Hi, D), kT).relu_()
-        per_head = per_head.view(B, c, Hi, T)  # [B,c,Hi,T]
-        out.append(torch.matmul(w[:, s0:s1].unsqueeze(-2), per_head).squeeze(-2))  # [B,c,T]
-    return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+        per_head = torch.bmm(q[:, s0:s1].reshape(B, c * Hi, D), kT[..., :t1]).relu_()
+        per_head = per_head.view(B, c, Hi, t1)  # [B,c,Hi,t1]
+        block = torch.matmul(w[:, s0:s1].unsqueeze(-2), per_head).squeeze(-2)  # [B,c,t1]
+        if t1 < T:
+            block = torch.nn.functional.pad(block, (0, T - t1), value=float("-inf"))
+        out.append(block)
+    scores = torch.cat(out, dim=1) if len(out) > 1 else out[0]
+    return scores if visible is None else scores.masked_fill(~visible, float("-inf"))
 
 
 def selection_mask(topk_indices: torch.Tensor, num_keys: int) -> torch.Tensor:

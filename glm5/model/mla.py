@@ -21,6 +21,15 @@ from glm5.model.dsa import LightningIndexer, indexer_kl_loss, selection_mask
 from glm5.model.norm import RMSNorm
 from glm5.model.rope import apply_rope
 
+# Cap on the gathered rows of one layer in the sparse-attention path (see MLAttention.gathered_sparse_pays):
+# glibc's largest mmap threshold. Above it every fresh [B·S, k, r+dr] tensor is new mmapped memory that page-faults
+# on first touch; glm5-small at 2,048 tokens (168 MB per layer) measured 30% slower that way, at par without.
+_GATHER_BUDGET_BYTES = 32 << 20
+# FLOP-equivalents per gathered latent element (the gather, the backward's scatter-add, the per-query small
+# GEMMs), measured on glm5-tiny, fp32, the 2-core CPU: forward + backward of the gathered path cost 6.8× the
+# masked SDPA's per (query, key) pair there.
+_GATHERED_ELEM_COST = 64
+
 
 class MLAttention(nn.Module):
     def __init__(self, cfg: GLM5Config, layer_idx: int):
@@ -97,6 +106,20 @@ class MLAttention(nn.Module):
             allowed = visible & selected[:, None]
             if ctx.record_topk is not None:
                 ctx.record_topk.append(ctx.topk_indices)
+
+        topk = ctx.topk_indices if ctx.dsa == "sparse" and not all_kept else None
+        if topk is not None and self.gathered_sparse_pays(B, S, T, topk.shape[-1], x):
+            # latent rows of the whole batch, [B*T, r+dr]; key t of sequence b is row b*T + t
+            latents = torch.cat([c_kv, k_pe], dim=-1).reshape(B * T, self.kv_rank + self.d_rope)
+            slots = torch.arange(B * T, device=x.device).view(B, T)
+            keep = visible[:, 0].gather(-1, topk)  # [B,S,k]
+            out, probs = self._absorbed_attention(q_nope.transpose(1, 2), q_pe.transpose(1, 2), latents, slots,
+                                                  visible[:, 0], topk, return_probs=True)
+            if ctx.indexer_loss is not None and index_scores is not None:
+                # the KL over the selected keys, on the [B,S,k] entries it ranges over (equal to masking [B,S,T])
+                probs = probs.view(B, S, self.n_heads, -1).transpose(1, 2)  # [B,h,S,k]
+                ctx.aux_losses.append(indexer_kl_loss(index_scores.gather(-1, topk), probs, keep))
+            return self.o_proj(out)
 
         k, v = self.expand_kv(c_kv, k_pe)
         q = torch.cat([q_nope, q_pe], dim=-1)
@@ -194,8 +217,27 @@ class MLAttention(nn.Module):
                 out.index_copy_(0, g.q_flat, o[g.q_rows].to(out.dtype))
         return self.o_proj(out[None])
 
-    def _absorbed_attention(self, qn, qp, latents, kv_slots, visible, topk, scratch=None):
-        """qn [B,S,h,dn], qp [B,S,h,dr] -> [B,S,h*dv], attending in latent space (one shared KV "head")."""
+    def gathered_sparse_pays(self, B: int, S: int, T: int, k: int, x: torch.Tensor) -> bool:
+        """Sparse attention for S queries over T keys, k selected each: gather each query's k latent rows and
+        attend in latent space (``SelectedLatentAttention``), or decompress all T keys and mask all but k (dense
+        FLOPs, what transformers does)? Per (query, key) pair the gathered path does h·(2r+dr) FLOPs, plus the
+        gather, its scatter-add in the backward and small per-query products, ~``_GATHERED_ELEM_COST`` FLOPs
+        per latent element; masked SDPA does h·(d_qk+d_v) FLOPs per pair, over all T keys. So gathering wins
+        once T/k exceeds ~6.6 for glm5-tiny and ~3 at GLM-5's shapes. The gathered rows [B·S, k, r+dr] must
+        also stay under ``_GATHER_BUDGET_BYTES`` (see there), which rules out glm5-small's k = 256 and GLM-5's
+        k = 2048 at training lengths. CPU only, where it was measured; GPUs keep the masked SDPA kernels."""
+        if x.device.type != "cpu":
+            return False
+        h, r, dr = self.n_heads, self.kv_rank, self.d_rope
+        gathered = S * k * (h * (2 * r + dr) + _GATHERED_ELEM_COST * (r + dr)) + S * h * r * (self.d_nope + self.d_v)
+        masked = S * T * h * (self.d_qk + self.d_v) + T * h * r * (self.d_nope + self.d_v)
+        rows_bytes = B * S * k * (r + dr) * x.element_size()
+        return gathered < masked and rows_bytes <= _GATHER_BUDGET_BYTES
+
+    def _absorbed_attention(self, qn, qp, latents, kv_slots, visible, topk, scratch=None, return_probs=False):
+        """qn [B,S,h,dn], qp [B,S,h,dr] -> [B,S,h*dv], attending in latent space (one shared KV "head").
+        With ``return_probs`` (only with ``topk``) also the attention probabilities over the selected keys,
+        [B*S,h,k] fp32."""
         B, S, h, _ = qn.shape
         r = self.kv_rank
         w_uk, w_uv = self.absorbed_weights(qn.dtype)
@@ -212,12 +254,10 @@ class MLAttention(nn.Module):
             k = topk.shape[-1]
             sel = kv_slots.gather(1, topk.reshape(B, S * k)).view(B * S, k)
             ok = _safe(visible.gather(-1, topk)).view(B * S, 1, k)
-            rows = gather_rows(latents, sel, scratch, "latents")  # [B*S,k,r+dr]
-            scores = torch.matmul(q, rows.transpose(1, 2))  # [B*S,h,k]
-            probs = torch.softmax(scores.mul_(self.scale).masked_fill_(~ok, float("-inf")).float(), dim=-1)
-            o_lat = torch.matmul(probs.to(rows.dtype), rows[..., :r])  # [B*S,h,r]
+            o_lat, probs = SelectedLatentAttention.apply(q, latents, sel, ok, self.scale, r, scratch)  # [B*S,h,r]
         o = torch.bmm(o_lat.reshape(B * S, h, r).transpose(0, 1), w_uv.transpose(1, 2))  # [h,B*S,dv] = o_lat · W_UVᵀ
-        return o.transpose(0, 1).reshape(B, S, h * self.d_v)
+        o = o.transpose(0, 1).reshape(B, S, h * self.d_v)
+        return (o, probs) if return_probs else o
 
     def _expanded_attention(self, qn, qp, latents, kv_slots, visible, topk, scratch=None):
         """Prefill: decompress the sequence's latents to per-head K/V (the same math as ``forward``)."""
@@ -228,6 +268,51 @@ class MLAttention(nn.Module):
         allowed = visible if topk is None else visible & selection_mask(topk, visible.shape[-1])
         out = _sdpa(q, k, v, allowed[:, None], self.scale)  # [B,h,S,dv]
         return out.transpose(1, 2).reshape(B, S, self.n_heads * self.d_v)
+
+
+class SelectedLatentAttention(torch.autograd.Function):
+    """Attention of N queries over their own k selected latent rows (DSA in latent space):
+    q [N,h,D] (D = r+dr, the query folded through W_UK ‖ its rope part), latents [M,D], sel [N,k] row ids,
+    ok [N,1,k] bool -> o_lat [N,h,r] and the probabilities [N,h,k] (fp32 or wider; no gradient).
+
+    Written out because autograd's version of these five ops is slow where it matters, training on a CPU: the
+    slice ``rows[..., :r]`` and the two uses of the gathered rows make it zero-fill and then add a second
+    [N,k,D] gradient. Here the rows' gradient is one product, [dS | P]ᵀ·[q | dO], added straight into the
+    latents' gradient."""
+
+    @staticmethod
+    def forward(ctx, q, latents, sel, ok, scale: float, r: int, scratch=None):
+        rows = gather_rows(latents, sel, scratch, "latents")  # [N,k,D]
+        scores = torch.matmul(q, rows.transpose(1, 2))  # [N,h,k]
+        # in place on the fresh product (matmul's backward needs its inputs, not its output)
+        acc = torch.promote_types(scores.dtype, torch.float32)  # fp32 softmax for bf16 (fp64 stays fp64)
+        probs = torch.softmax(scores.mul_(scale).masked_fill_(~ok, float("-inf")).to(acc), dim=-1)
+        o_lat = torch.matmul(probs.to(rows.dtype), rows[..., :r])  # [N,h,r]
+        if any(ctx.needs_input_grad[:2]):
+            if scratch is not None:
+                raise ValueError("SelectedLatentAttention: a scratch buffer cannot be kept for the backward pass")
+            ctx.save_for_backward(q, rows, probs, sel)
+            ctx.scale, ctx.r, ctx.num_latents = scale, r, latents.shape[0]
+        ctx.mark_non_differentiable(probs)
+        return o_lat, probs
+
+    @staticmethod
+    def backward(ctx, grad_o, _grad_probs):
+        q, rows, probs, sel = ctx.saved_tensors
+        r, dt = ctx.r, rows.dtype
+        grad_o = grad_o.to(dt)
+        dp = torch.matmul(grad_o, rows[..., :r].transpose(1, 2)).to(probs.dtype)  # [N,h,k]
+        ds = probs * (dp - (dp * probs).sum(-1, keepdim=True))  # softmax backward; masked keys have p = 0
+        ds = (ds * ctx.scale).to(dt)
+        grad_q = torch.matmul(ds, rows) if ctx.needs_input_grad[0] else None  # [N,h,D]
+        grad_latents = None
+        if ctx.needs_input_grad[1]:
+            lhs = torch.cat([ds, probs.to(dt)], dim=1).transpose(1, 2)  # [N,k,2h]
+            rhs = torch.cat([q, torch.nn.functional.pad(grad_o, (0, q.shape[-1] - r))], dim=1)  # [N,2h,D]
+            grad_rows = torch.bmm(lhs, rhs)  # [N,k,D]: from the scores and from the output, one product
+            grad_latents = rows.new_zeros(ctx.num_latents, rows.shape[-1])
+            grad_latents.index_add_(0, sel.reshape(-1), grad_rows.view(-1, rows.shape[-1]))
+        return grad_q, grad_latents, None, None, None, None, None
 
 
 def _inverse_order(g) -> torch.Tensor:

@@ -80,3 +80,88 @@ def test_paged_scores_equal_gathered_scores_bit_for_bit(monkeypatch, chunk_keys)
         whole = ix.scores(x, q_resid, ang.cos(), ang.sin(), store[kv_slots], visible)
         paged = ix.paged_scores(x, q_resid, ang.cos(), ang.sin(), store, kv_slots, visible)
     assert torch.equal(paged, whole)
+
+
+@pytest.mark.parametrize("layout", ["causal", "left_padded", "packed_documents"])
+def test_causal_blocks_skip_unseen_keys_without_changing_a_score(layout):
+    # On CPU, score_keys scores each block of queries only up to the last key the block sees. Every kept score is
+    # the same dot product, so the scores must be bit-identical to scoring all keys and masking.
+    from glm5.model.dsa import score_keys
+
+    torch.manual_seed(3)
+    B, S, Hi, D = 2, 300, 4, 32
+    q, w = torch.randn(B, S, Hi, D, requires_grad=True), torch.randn(B, S, Hi, requires_grad=True)
+    keys = torch.randn(B, S, D, requires_grad=True)
+    visible = torch.ones(S, S, dtype=torch.bool).tril().expand(B, S, S).clone()
+    if layout == "left_padded":
+        visible[1, :, :70] = False  # the second sequence starts at position 70
+        visible[1, :70] = False
+    elif layout == "packed_documents":
+        visible[:, 150:, :150] = False  # a second document from position 150
+    got = score_keys(q, w, keys, visible)
+    ref = score_keys(q, w, keys).masked_fill(~visible, float("-inf"))
+    assert torch.equal(got, ref)
+    g = torch.randn(B, S, S).masked_fill(~visible, 0.0)
+    ours = torch.autograd.grad((got.masked_fill(~visible, 0.0) * g).sum(), [q, w, keys])
+    theirs = torch.autograd.grad((ref.masked_fill(~visible, 0.0) * g).sum(), [q, w, keys])
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # sums over other key widths: rounding only
+
+
+def test_selected_latent_attention_gradients():
+    # The hand-written backward of DSA's gathered latent attention against finite differences (float64), with
+    # masked selections, a query whose selection is masked all but once, and rows chosen by several queries.
+    from glm5.model.mla import SelectedLatentAttention
+
+    torch.manual_seed(4)
+    N, h, r, dr, M, k = 6, 3, 5, 2, 9, 4
+    q = torch.randn(N, h, r + dr, dtype=torch.float64, requires_grad=True)
+    latents = torch.randn(M, r + dr, dtype=torch.float64, requires_grad=True)
+    sel = torch.stack([torch.randperm(M)[:k] for _ in range(N)])
+    ok = torch.rand(N, 1, k) > 0.3
+    ok[:, :, 0] = True
+    ok[2, :, 1:] = False
+
+    def f(q, latents):
+        return SelectedLatentAttention.apply(q, latents, sel, ok, 0.7, r)[0]
+
+    assert torch.autograd.gradcheck(f, (q, latents))
+    o, probs = SelectedLatentAttention.apply(q, latents, sel, ok, 0.7, r)
+    rows = latents[sel]  # [N,k,r+dr]
+    scores = (torch.einsum("nhd,nkd->nhk", q, rows) * 0.7).masked_fill(~ok, float("-inf"))
+    torch.testing.assert_close(probs, scores.softmax(-1))
+    torch.testing.assert_close(o, torch.einsum("nhk,nkr->nhr", scores.softmax(-1), rows[..., :r]))
+
+
+@pytest.mark.parametrize("indexer_loss", [None, "sparse"])
+def test_gathered_sparse_attention_equals_the_masked_dense_path(monkeypatch, indexer_loss):
+    # Training-time DSA attends either over the k gathered latent rows per query or over every key with all but k
+    # masked (what transformers computes); which one is a cost decision. Same logits, indexer KL and gradients.
+    from glm5.config import preset
+    from glm5.model import mla
+    from glm5.model.transformer import GLM5ForCausalLM
+
+    cfg = preset("glm5-nano", index_topk=8)
+    model = GLM5ForCausalLM(cfg).init_weights(0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 128), generator=torch.Generator().manual_seed(5))
+    attn = model.model.layers[0].self_attn
+    assert attn.gathered_sparse_pays(2, 128, 128, 8, torch.zeros(1))  # this shape takes the gathered path
+    assert not attn.gathered_sparse_pays(2, 128, 128, 64, torch.zeros(1))  # T/k = 2: masked SDPA is cheaper
+
+    def run():
+        model.zero_grad()
+        out = model(ids, dsa="sparse", indexer_loss=indexer_loss)
+        loss = out.logits.logsumexp(-1).mean() + sum(out.aux_losses, torch.zeros(()))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.logits.detach(), [float(a.detach()) for a in out.aux_losses], grads
+
+    gathered = run()
+    monkeypatch.setattr(mla.MLAttention, "gathered_sparse_pays", lambda *a: False)
+    masked = run()
+    torch.testing.assert_close(gathered[0], masked[0], rtol=1e-5, atol=1e-5)
+    assert len(gathered[1]) == len(masked[1]) == (cfg.num_hidden_layers if indexer_loss else 0)
+    torch.testing.assert_close(gathered[1], masked[1], rtol=1e-5, atol=1e-6)
+    assert gathered[2].keys() == masked[2].keys()
+    for name in masked[2]:
+        torch.testing.assert_close(gathered[2][name], masked[2][name], rtol=1e-4, atol=1e-6, msg=name)
