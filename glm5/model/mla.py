@@ -3,7 +3,9 @@
 Queries go through a low-rank bottleneck (q_a_proj → RMSNorm → q_b_proj); keys and values share one
 compressed latent c_kv (kv_a_proj_with_mqa → RMSNorm) plus a single rope key k_pe shared by all heads.
 Only (c_kv, k_pe, indexer key) are cached; this module re-expands the history through kv_b_proj, as
-transformers 5.23 does. Softmax scale is qk_head_dim^-0.5 (no YaRN mscale).
+transformers 5.23 does. Softmax scale is qk_head_dim^-0.5 (no YaRN mscale). Under DSA, when it costs less
+(``gathered_sparse_pays``: long sequences, small latents, CPU), the forward instead gathers each query's top-k
+latent rows and attends in latent space, as decode does: the same function, fewer FLOPs.
 
 The inference engine runs the same module with a paged cache (``_paged_forward``): decode attends in the
 latent space with absorbed projections and, under DSA, over the indexer's top-k latent rows only.
