@@ -225,15 +225,17 @@ class MLAttention(nn.Module):
         FLOPs, what transformers does)? Per (query, key) pair the gathered path does h·(2r+dr) FLOPs, plus the
         gather, its scatter-add in the backward and small per-query products, ~``_GATHERED_ELEM_COST`` FLOPs
         per latent element; masked SDPA does h·(d_qk+d_v) FLOPs per pair, over all T keys. So gathering wins
-        once T/k exceeds ~6.6 for glm5-tiny and ~3 at GLM-5's shapes. The gathered rows [B·S, k, r+dr] must
-        also stay under ``_GATHER_BUDGET_BYTES`` (see there), which rules out glm5-small's k = 256 and GLM-5's
-        k = 2048 at training lengths. CPU only, where it was measured; GPUs keep the masked SDPA kernels."""
+        once T/k exceeds ~6.6 for glm5-tiny and ~3 at GLM-5's shapes. Under autograd, which keeps every layer's
+        gathered rows [B·S, k, r+dr], they must also stay under ``_GATHER_BUDGET_BYTES`` (see there): that rules
+        out glm5-small's k = 256 and GLM-5's k = 2048 at training lengths. Without autograd (prefill) the queries
+        are gathered in blocks under the budget. CPU only, where it was measured; GPUs keep masked SDPA."""
         if x.device.type != "cpu":
             return False
         h, r, dr = self.n_heads, self.kv_rank, self.d_rope
         gathered = S * k * (h * (2 * r + dr) + _GATHERED_ELEM_COST * (r + dr)) + S * h * r * (self.d_nope + self.d_v)
         masked = S * T * h * (self.d_qk + self.d_v) + T * h * r * (self.d_nope + self.d_v)
-        rows_bytes = B * S * k * (r + dr) * x.element_size()
+        # autograd keeps every layer's rows; without it they are gathered in blocks of queries under the budget
+        rows_bytes = B * S * k * (r + dr) * x.element_size() if torch.is_grad_enabled() else 0
         return gathered < masked and rows_bytes <= _GATHER_BUDGET_BYTES
 
     def _absorbed_attention(self, qn, qp, latents, kv_slots, visible, topk, scratch=None, return_probs=False):
@@ -256,14 +258,23 @@ class MLAttention(nn.Module):
             k = topk.shape[-1]
             sel = kv_slots.gather(1, topk.reshape(B, S * k)).view(B * S, k)
             ok = _safe(visible.gather(-1, topk)).view(B * S, 1, k)
-            o_lat, probs = SelectedLatentAttention.apply(q, latents, sel, ok, self.scale, r, scratch)  # [B*S,h,r]
+            # without autograd, blocks of queries keep each gather under the budget (a long prefill)
+            n = B * S if torch.is_grad_enabled() else max(1, _GATHER_BUDGET_BYTES // (k * latents.shape[-1] *
+                                                                                   latents.element_size()))
+            outs = [SelectedLatentAttention.apply(q[i:i + n], latents, sel[i:i + n], ok[i:i + n], self.scale, r,
+                                                  scratch) for i in range(0, B * S, n)]
+            o_lat = torch.cat([o for o, _ in outs]) if len(outs) > 1 else outs[0][0]  # [B*S,h,r]
+            probs = torch.cat([p for _, p in outs]) if len(outs) > 1 else outs[0][1]
         o = torch.bmm(o_lat.reshape(B * S, h, r).transpose(0, 1), w_uv.transpose(1, 2))  # [h,B*S,dv] = o_lat · W_UVᵀ
         o = o.transpose(0, 1).reshape(B, S, h * self.d_v)
         return (o, probs) if return_probs else o
 
     def _expanded_attention(self, qn, qp, latents, kv_slots, visible, topk, scratch=None):
-        """Prefill: decompress the sequence's latents to per-head K/V (the same math as ``forward``)."""
+        """Prefill: decompress the sequence's latents to per-head K/V (the same math as ``forward``). Under DSA,
+        when it costs less (a long context), attend over the top-k latent rows instead, as ``forward`` does."""
         B, S = qn.shape[:2]
+        if topk is not None and self.gathered_sparse_pays(B, S, kv_slots.shape[1], topk.shape[-1], qn):
+            return self._absorbed_attention(qn, qp, latents, kv_slots, visible, topk, scratch)
         c_kv, k_pe = gather_rows(latents, kv_slots, scratch, "latents").split([self.kv_rank, self.d_rope], dim=-1)
         k, v = self.expand_kv(c_kv, k_pe)
         q = torch.cat([qn, qp], dim=-1).transpose(1, 2)  # [B,h,S,dqk]

@@ -170,3 +170,31 @@ def test_gathers_reuse_one_scratch_buffer_per_name(nano):
         eng.step()
     assert not eng.kv_cache.scratch._buffers  # idle: buffers released
     _check(llm, nano, ps)
+
+
+def test_long_prefill_attends_over_the_gathered_top_k(nano, monkeypatch):
+    # With T/k large, sparse prefill gathers each query's top-k latent rows (in blocks of queries under the
+    # gather budget) instead of masking dense attention. Greedy output still equals the no-cache model, and the
+    # first token's log-probability equals the masked path's.
+    from glm5.model import mla
+
+    calls = []
+    orig = mla.MLAttention._absorbed_attention
+
+    def spy(self, qn, *a, **kw):
+        calls.append(qn.shape[1])
+        return orig(self, qn, *a, **kw)
+
+    monkeypatch.setattr(mla.MLAttention, "_absorbed_attention", spy)
+    monkeypatch.setattr(mla, "_GATHER_BUDGET_BYTES", 16 * TOPK * 40 * 4)  # 16 queries per block
+    ps = prompts([150, 120], seed=7)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=0)
+    outs = LLM(nano, block_size=8, max_num_seqs=2).generate(ps, params)
+    assert max(calls) >= 120  # prefill queries went through the gathered path
+    for p, o in zip(ps, outs):
+        assert o.outputs[0].token_ids == ref_greedy(nano, p, 4)
+    monkeypatch.setattr(mla.MLAttention, "gathered_sparse_pays", lambda *a: False)
+    masked = LLM(nano, block_size=8, max_num_seqs=2).generate(ps, params)
+    for o, m in zip(outs, masked):
+        a, b = o.outputs[0].logprobs[0], m.outputs[0].logprobs[0]
+        assert a.keys() == b.keys() and abs(list(a.values())[0] - list(b.values())[0]) < 1e-4
