@@ -114,12 +114,12 @@ class MLAttention(nn.Module):
             # latent rows of the whole batch, [B*T, r+dr]; key t of sequence b is row b*T + t
             latents = torch.cat([c_kv, k_pe], dim=-1).reshape(B * T, self.kv_rank + self.d_rope)
             slots = torch.arange(B * T, device=x.device).view(B, T)
-            keep = visible[:, 0].gather(-1, topk)  # [B,S,k]
             out, probs = self._absorbed_attention(q_nope.transpose(1, 2), q_pe.transpose(1, 2), latents, slots,
                                                   visible[:, 0], topk, return_probs=True)
             if ctx.indexer_loss is not None and index_scores is not None:
                 # the KL over the selected keys, on the [B,S,k] entries it ranges over (equal to masking [B,S,T])
                 probs = probs.view(B, S, self.n_heads, -1).transpose(1, 2)  # [B,h,S,k]
+                keep = visible[:, 0].gather(-1, topk)  # [B,S,k]
                 ctx.aux_losses.append(indexer_kl_loss(index_scores.gather(-1, topk), probs, keep))
             return self.o_proj(out)
 
@@ -258,9 +258,10 @@ class MLAttention(nn.Module):
             k = topk.shape[-1]
             sel = kv_slots.gather(1, topk.reshape(B, S * k)).view(B * S, k)
             ok = _safe(visible.gather(-1, topk)).view(B * S, 1, k)
-            # without autograd, blocks of queries keep each gather under the budget (a long prefill)
-            n = B * S if torch.is_grad_enabled() else max(1, _GATHER_BUDGET_BYTES // (k * latents.shape[-1] *
-                                                                                   latents.element_size()))
+            # on CPU without autograd, blocks of queries keep each gather under the budget (a long prefill)
+            n = B * S
+            if latents.device.type == "cpu" and not torch.is_grad_enabled():
+                n = max(1, _GATHER_BUDGET_BYTES // (k * latents.shape[-1] * latents.element_size()))
             outs = [SelectedLatentAttention.apply(q[i:i + n], latents, sel[i:i + n], ok[i:i + n], self.scale, r,
                                                   scratch) for i in range(0, B * S, n)]
             o_lat = torch.cat([o for o, _ in outs]) if len(outs) > 1 else outs[0][0]  # [B*S,h,r]
