@@ -116,6 +116,9 @@ def score_keys(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, visible: to
     causal_blocks = visible is not None and q.device.type == "cpu" and S >= 2 * _MIN_CAUSAL_BLOCK
     if causal_blocks:
         chunk = min(chunk, max(_MIN_CAUSAL_BLOCK, -(-S // 8)))
+    # without autograd the blocks are written into one buffer (no pad, cat or out-of-place mask copies of [B,S,T])
+    grad = torch.is_grad_enabled() and (q.requires_grad or w.requires_grad or keys.requires_grad)
+    buf = None if grad or visible is None else torch.empty(B, S, T, dtype=torch.float32, device=q.device)
     out = []
     for s0 in range(0, S, chunk):
         s1 = min(S, s0 + chunk)
@@ -131,9 +134,15 @@ def score_keys(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, visible: to
         per_head = torch.bmm(q[:, s0:s1].reshape(B, c * Hi, D), kT[..., :t1]).relu_()
         per_head = per_head.view(B, c, Hi, t1)  # [B,c,Hi,t1]
         block = torch.matmul(w[:, s0:s1].unsqueeze(-2), per_head).squeeze(-2)  # [B,c,t1]
+        if buf is not None:
+            buf[:, s0:s1, :t1] = block
+            buf[:, s0:s1, t1:] = float("-inf")
+            continue
         if t1 < T:
             block = torch.nn.functional.pad(block, (0, T - t1), value=float("-inf"))
         out.append(block)
+    if buf is not None:
+        return buf.masked_fill_(~visible, float("-inf"))
     scores = torch.cat(out, dim=1) if len(out) > 1 else out[0]
     return scores if visible is None else scores.masked_fill(~visible, float("-inf"))
 
