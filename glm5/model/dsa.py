@@ -87,12 +87,19 @@ class LightningIndexer(nn.Module):
         # Equal chunks (none of a few keys): BLAS may sum a product with very few columns in another order.
         chunk = -(-T // -(-T // chunk))
         if chunk >= T:
-            return score_keys(q, w, gather_rows(store, kv_slots, scratch, "index_keys")).masked_fill_(
-                ~visible, float("-inf"))
+            return score_keys(q, w, gather_rows(store, kv_slots, scratch, "index_keys"), visible)
         out = torch.empty(B, S, T, dtype=torch.float32, device=q.device)
         for t0 in range(0, T, chunk):
             t1 = min(T, t0 + chunk)
-            out[..., t0:t1] = score_keys(q, w, gather_rows(store, kv_slots[:, t0:t1], scratch, "index_keys"))
+            # a prefill's early queries see none of a late chunk's keys (causal): score only from the first that does
+            seen = visible[..., t0:t1].any(-1).any(0).nonzero() if S > 1 else None  # [S] -> first query index
+            s0 = int(seen[0]) if seen is not None and len(seen) else 0
+            out[:, :s0, t0:t1] = float("-inf")
+            if seen is not None and not len(seen):
+                out[..., t0:t1] = float("-inf")
+                continue
+            keys = gather_rows(store, kv_slots[:, t0:t1], scratch, "index_keys")
+            out[:, s0:, t0:t1] = score_keys(q[:, s0:], w[:, s0:], keys)
         return out.masked_fill_(~visible, float("-inf"))
 
     def select(self, index_scores: torch.Tensor) -> torch.Tensor:

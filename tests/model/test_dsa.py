@@ -59,8 +59,9 @@ def test_chunked_scoring_equals_one_block(monkeypatch):
     torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("visibility", ["random", "causal_prefill"])
 @pytest.mark.parametrize("chunk_keys", [128, 256, 10_000])
-def test_paged_scores_equal_gathered_scores_bit_for_bit(monkeypatch, chunk_keys):
+def test_paged_scores_equal_gathered_scores_bit_for_bit(monkeypatch, chunk_keys, visibility):
     # The engine scores cached keys chunk by chunk straight from the paged store (gather, score, next chunk);
     # that must give exactly the scores of gathering every key first, or top-k could flip on a near-tie.
     # Shapes near the engine's (chunks of hundreds of keys, head_dim 64+): BLAS may sum tiny products differently.
@@ -70,10 +71,14 @@ def test_paged_scores_equal_gathered_scores_bit_for_bit(monkeypatch, chunk_keys)
     D = 64
     ix = LightningIndexer(hidden_size=32, q_lora_rank=24, n_heads=8, head_dim=D, rope_dim=8, topk=4)
     B, S, T, slots = 2, 3, 600, 1500
+    if visibility == "causal_prefill":  # queries at positions 300..599: late key chunks are seen by late queries only
+        S = 300
     store = torch.randn(slots, D)
     kv_slots = torch.stack([torch.randperm(slots)[:T] for _ in range(B)])  # scattered, as in a paged cache
     x, q_resid, ang = torch.randn(B, S, 32), torch.randn(B, S, 24), torch.randn(B, S, 4)
     visible = torch.rand(B, S, T) > 0.2
+    if visibility == "causal_prefill":
+        visible = torch.arange(T)[None, None] <= (T - S + torch.arange(S))[None, :, None].expand(B, S, T)
     monkeypatch.setattr(dsa, "_MIN_KEY_CHUNK", 1)
     monkeypatch.setattr(dsa, "_KEY_CHUNK_BYTES", 4 * B * D * chunk_keys)
     with torch.no_grad():
