@@ -91,13 +91,12 @@ class LightningIndexer(nn.Module):
         out = torch.empty(B, S, T, dtype=torch.float32, device=q.device)
         for t0 in range(0, T, chunk):
             t1 = min(T, t0 + chunk)
-            # a prefill's early queries see none of a late chunk's keys (causal): score only from the first that does
-            seen = visible[..., t0:t1].any(-1).any(0).nonzero() if S > 1 else None  # [S] -> first query index
-            s0 = int(seen[0]) if seen is not None and len(seen) else 0
-            out[:, :s0, t0:t1] = float("-inf")
-            if seen is not None and not len(seen):
-                out[..., t0:t1] = float("-inf")
-                continue
+            s0 = 0
+            if S > 1:  # a causal prefill's early queries see none of a late chunk's keys: start at the first that does
+                seen = visible[..., t0:t1].any(-1).any(0).nonzero()  # queries (of any sequence) seeing the chunk
+                if not len(seen):
+                    continue  # left unscored: every entry is invisible, so the mask below fills it
+                s0 = int(seen[0])
             keys = gather_rows(store, kv_slots[:, t0:t1], scratch, "index_keys")
             out[:, s0:, t0:t1] = score_keys(q[:, s0:], w[:, s0:], keys)
         return out.masked_fill_(~visible, float("-inf"))
