@@ -105,6 +105,44 @@ def hf_step(model, opt, x, y, autocast=None):
     return float(loss.detach())
 
 
+def plot_sweep(paths: list[str], png: str) -> None:
+    """Tokens/s of ours and transformers' best, and their ratio, against sequence length: every run as a point,
+    the median per length as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_seq: dict[int, list[tuple[float, float]]] = {}
+    for path in paths:
+        r = json.loads(Path(path).read_text())
+        ours = max(v["tok_per_s"] for k, v in r["results"].items() if k.startswith("glm5["))
+        hf = max(v["tok_per_s"] for k, v in r["results"].items() if k.startswith("transformers["))
+        by_seq.setdefault(int(r["seq"]), []).append((ours, hf))
+    seqs = sorted(by_seq)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, (name, color) in enumerate([("glm5", "tab:blue"), ("transformers", "tab:orange")]):
+        for s_ in seqs:
+            a.scatter([s_] * len(by_seq[s_]), [p[i] for p in by_seq[s_]], color=color, s=12, alpha=0.6)
+        a.plot(seqs, [statistics.median(p[i] for p in by_seq[s_]) for s_ in seqs], color=color, label=name)
+    for s_ in seqs:
+        b.scatter([s_] * len(by_seq[s_]), [o / h for o, h in by_seq[s_]], color="tab:green", s=12, alpha=0.6)
+    b.plot(seqs, [statistics.median(o / h for o, h in by_seq[s_]) for s_ in seqs], color="tab:green")
+    b.axhline(2.0, color="gray", ls="--", label="target 2×")
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(seqs, [str(s_) for s_ in seqs])
+        ax.set_xlabel("tokens per sequence (same tokens per step)")
+        ax.legend()
+    a.set_ylabel("training tokens/s")
+    b.set_ylabel("glm5 / transformers")
+    fig.suptitle("glm5-tiny training step, CPU fp32 (DSA sparse, same config, weights and batch)")
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="glm5-tiny", help="glm5-nano | glm5-tiny | glm5-small | glm5-1b")
@@ -121,7 +159,13 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="torch.compile our decoder layers")
     ap.add_argument("--mfu", action="store_true")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--plot-sweep", nargs="+", metavar="JSON",
+                    help="plot earlier --json results (runs at several --seq) as tokens/s and speed-up against "
+                         "sequence length into --png, then exit")
+    ap.add_argument("--png", default="benchmarks/img/train_seq_sweep.png")
     args = ap.parse_args(argv)
+    if args.plot_sweep:
+        return plot_sweep(args.plot_sweep, args.png)
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
