@@ -262,8 +262,8 @@ class MLAttention(nn.Module):
             n = B * S
             if latents.device.type == "cpu" and not torch.is_grad_enabled():
                 n = max(1, _GATHER_BUDGET_BYTES // (k * latents.shape[-1] * latents.element_size()))
-            outs = [SelectedLatentAttention.apply(q[i:i + n], latents, sel[i:i + n], ok[i:i + n], self.scale, r,
-                                                  scratch) for i in range(0, B * S, n)]
+            outs = [SelectedLatentAttention.run(q[i:i + n], latents, sel[i:i + n], ok[i:i + n], self.scale, r,
+                                                scratch) for i in range(0, B * S, n)]
             o_lat = torch.cat([o for o, _ in outs]) if len(outs) > 1 else outs[0][0]  # [B*S,h,r]
             probs = torch.cat([p for _, p in outs]) if len(outs) > 1 else outs[0][1]
         o = torch.bmm(o_lat.reshape(B * S, h, r).transpose(0, 1), w_uv.transpose(1, 2))  # [h,B*S,dv] = o_lat · W_UVᵀ
@@ -295,13 +295,16 @@ class SelectedLatentAttention(torch.autograd.Function):
     latents' gradient."""
 
     @staticmethod
+    def run(q, latents, sel, ok, scale: float, r: int, scratch=None):
+        """(o_lat, probs): without autograd the math runs directly (``apply`` costs ~40 µs a call, per layer
+        and decode step); with it, through the hand-written backward."""
+        if torch.is_grad_enabled() and (q.requires_grad or latents.requires_grad):
+            return SelectedLatentAttention.apply(q, latents, sel, ok, scale, r, scratch)
+        return _selected_latent_attention(q, latents, sel, ok, scale, r, scratch)[:2]
+
+    @staticmethod
     def forward(ctx, q, latents, sel, ok, scale: float, r: int, scratch=None):
-        rows = gather_rows(latents, sel, scratch, "latents")  # [N,k,D]
-        scores = torch.matmul(q, rows.transpose(1, 2))  # [N,h,k]
-        # in place on the fresh product (matmul's backward needs its inputs, not its output)
-        acc = torch.promote_types(scores.dtype, torch.float32)  # fp32 softmax for bf16 (fp64 stays fp64)
-        probs = torch.softmax(scores.mul_(scale).masked_fill_(~ok, float("-inf")).to(acc), dim=-1)
-        o_lat = torch.matmul(probs.to(rows.dtype), rows[..., :r])  # [N,h,r]
+        o_lat, probs, rows = _selected_latent_attention(q, latents, sel, ok, scale, r, scratch)
         if any(ctx.needs_input_grad[:2]):
             if scratch is not None:
                 raise ValueError("SelectedLatentAttention: a scratch buffer cannot be kept for the backward pass")
@@ -327,6 +330,17 @@ class SelectedLatentAttention(torch.autograd.Function):
             grad_latents = rows.new_zeros(ctx.num_latents, rows.shape[-1])
             grad_latents.index_add_(0, sel.reshape(-1), grad_rows.view(-1, rows.shape[-1]))
         return grad_q, grad_latents, None, None, None, None, None
+
+
+def _selected_latent_attention(q, latents, sel, ok, scale: float, r: int, scratch=None):
+    """The forward math of :class:`SelectedLatentAttention`; also returns the gathered rows [N,k,D]."""
+    rows = gather_rows(latents, sel, scratch, "latents")  # [N,k,D]
+    scores = torch.matmul(q, rows.transpose(1, 2))  # [N,h,k]
+    # in place on the fresh product (matmul's backward needs its inputs, not its output)
+    acc = torch.promote_types(scores.dtype, torch.float32)  # fp32 softmax for bf16 (fp64 stays fp64)
+    probs = torch.softmax(scores.mul_(scale).masked_fill_(~ok, float("-inf")).to(acc), dim=-1)
+    o_lat = torch.matmul(probs.to(rows.dtype), rows[..., :r])  # [N,h,r]
+    return o_lat, probs, rows
 
 
 def _inverse_order(g) -> torch.Tensor:

@@ -134,6 +134,9 @@ def test_selected_latent_attention_gradients():
 
     assert torch.autograd.gradcheck(f, (q, latents))
     o, probs = SelectedLatentAttention.apply(q, latents, sel, ok, 0.7, r)
+    with torch.no_grad():  # inference skips the autograd.Function (its call overhead), same numbers
+        o2, probs2 = SelectedLatentAttention.run(q, latents, sel, ok, 0.7, r)
+    assert torch.equal(o2, o.detach()) and torch.equal(probs2, probs)
     rows = latents[sel]  # [N,k,r+dr]
     scores = (torch.einsum("nhd,nkd->nhk", q, rows) * 0.7).masked_fill(~ok, float("-inf"))
     torch.testing.assert_close(probs, scores.softmax(-1))
