@@ -325,7 +325,7 @@ class SelectedLatentAttention(torch.autograd.Function):
         grad_latents = None
         if ctx.needs_input_grad[1]:
             lhs = torch.cat([ds, probs.to(dt)], dim=1).transpose(1, 2)  # [N,k,2h]
-            rhs = torch.cat([q, torch.nn.functional.pad(grad_o, (0, q.shape[-1] - r))], dim=1)  # [N,2h,D]
+            rhs = torch.cat([q, F.pad(grad_o, (0, q.shape[-1] - r))], dim=1)  # [N,2h,D]
             grad_rows = torch.bmm(lhs, rhs)  # [N,k,D]: from the scores and from the output, one product
             grad_latents = rows.new_zeros(ctx.num_latents, rows.shape[-1])
             grad_latents.index_add_(0, sel.reshape(-1), grad_rows.view(-1, rows.shape[-1]))
@@ -336,7 +336,8 @@ def _selected_latent_attention(q, latents, sel, ok, scale: float, r: int, scratc
     """The forward math of :class:`SelectedLatentAttention`; also returns the gathered rows [N,k,D]."""
     rows = gather_rows(latents, sel, scratch, "latents")  # [N,k,D]
     scores = torch.matmul(q, rows.transpose(1, 2))  # [N,h,k]
-    # in place on the fresh product (matmul's backward needs its inputs, not its output)
+    # scaled and masked in place on the fresh product: two [N,h,k] temporaries fewer (autograd never sees these
+    # ops: they run inside the Function's forward or without grad)
     acc = torch.promote_types(scores.dtype, torch.float32)  # fp32 softmax for bf16 (fp64 stays fp64)
     probs = torch.softmax(scores.mul_(scale).masked_fill_(~ok, float("-inf")).to(acc), dim=-1)
     o_lat = torch.matmul(probs.to(rows.dtype), rows[..., :r])  # [N,h,r]
