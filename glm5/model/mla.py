@@ -110,14 +110,16 @@ class MLAttention(nn.Module):
                 ctx.record_topk.append(ctx.topk_indices)
 
         topk = ctx.topk_indices if ctx.dsa == "sparse" and not all_kept else None
+        kl = ctx.indexer_loss is not None and index_scores is not None  # this layer adds the indexer's loss
         if topk is not None and self.gathered_sparse_pays(B, S, T, topk.shape[-1], x):
             # latent rows of the whole batch, [B*T, r+dr]; key t of sequence b is row b*T + t
             latents = torch.cat([c_kv, k_pe], dim=-1).reshape(B * T, self.kv_rank + self.d_rope)
             slots = torch.arange(B * T, device=x.device).view(B, T)
-            out, probs = self._absorbed_attention(q_nope.transpose(1, 2), q_pe.transpose(1, 2), latents, slots,
-                                                  visible[:, 0], topk, return_probs=True)
-            if ctx.indexer_loss is not None and index_scores is not None:
+            out = self._absorbed_attention(q_nope.transpose(1, 2), q_pe.transpose(1, 2), latents, slots,
+                                           visible[:, 0], topk, return_probs=kl)
+            if kl:
                 # the KL over the selected keys, on the [B,S,k] entries it ranges over (equal to masking [B,S,T])
+                out, probs = out
                 probs = probs.view(B, S, self.n_heads, -1).transpose(1, 2)  # [B,h,S,k]
                 keep = visible[:, 0].gather(-1, topk)  # [B,S,k]
                 ctx.aux_losses.append(indexer_kl_loss(index_scores.gather(-1, topk), probs, keep))
@@ -125,7 +127,7 @@ class MLAttention(nn.Module):
 
         k, v = self.expand_kv(c_kv, k_pe)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        if ctx.indexer_loss is not None and index_scores is not None:
+        if kl:
             out, probs = _eager_attention(q, k, v, allowed, self.scale)
             keep = visible[:, 0] if ctx.indexer_loss == "dense" else allowed[:, 0]
             ctx.aux_losses.append(indexer_kl_loss(index_scores, probs, keep))
@@ -265,7 +267,8 @@ class MLAttention(nn.Module):
             outs = [SelectedLatentAttention.run(q[i:i + n], latents, sel[i:i + n], ok[i:i + n], self.scale, r,
                                                 scratch) for i in range(0, B * S, n)]
             o_lat = torch.cat([o for o, _ in outs]) if len(outs) > 1 else outs[0][0]  # [B*S,h,r]
-            probs = torch.cat([p for _, p in outs]) if len(outs) > 1 else outs[0][1]
+            if return_probs:
+                probs = torch.cat([p for _, p in outs]) if len(outs) > 1 else outs[0][1]
         o = torch.bmm(o_lat.reshape(B * S, h, r).transpose(0, 1), w_uv.transpose(1, 2))  # [h,B*S,dv] = o_lat · W_UVᵀ
         o = o.transpose(0, 1).reshape(B, S, h * self.d_v)
         return (o, probs) if return_probs else o
