@@ -138,7 +138,9 @@ class MTPProposer:
             seq, st = w.seq, w.st
             L = seq.num_tokens
             w.start = st.mtp_len[d]  # ``w.avail`` (h^{d-1}) starts at this position
-            w.commit_end = min(st.mtp_len[d - 1], L - d)
+            # committed depth-d rows need h^{d-1} committed and their token x_{t+d} sampled (t + d ≤ L - 1); a
+            # sequence shorter than the depth (a 1-token prompt, 3 drafts) commits none yet, never fewer than before
+            w.commit_end = max(w.start, min(st.mtp_len[d - 1], L - d))
             w.run_end = L - 1 if d <= w.kmax else w.commit_end
             w.h = None
             if w.run_end > w.start:

@@ -29,7 +29,7 @@ configs = st.fixed_dictionaries({
     "max_num_batched_tokens": st.sampled_from([8, 16, 64]),
     "max_num_seqs": st.integers(1, 4),
     "enable_prefix_caching": st.booleans(),
-    "num_speculative_tokens": st.sampled_from([0, 2]),
+    "num_speculative_tokens": st.sampled_from([0, 2, 4]),  # 4 > a 1-token prompt + 1: depths without a committed row
     "spec_disable_batch_size": st.sampled_from([0, 0, 1, 2]),  # with drafts: pauses and deferred MTP catch-ups
     "dsa": st.sampled_from(["sparse", "dense"]),
 })

@@ -55,6 +55,30 @@ def test_drafts_follow_mtp_recursion_and_accepted_drafts_commit(nano):
     assert all(o.metrics["spec_acceptance_length"] > 2.5 for o in outs)
 
 
+def test_prompts_shorter_than_the_draft_depth(nano):
+    """A 1- or 2-token prompt with 5 drafts: the deepest MTP depths have no committed position yet at the first
+    steps (their token lies beyond the sequence). Used to drive a depth's committed length negative and crash
+    the next step (found with ``glm5 generate --prompt hi --spec-tokens 3``)."""
+    ps = prompts([1, 2, 3], seed=27)
+    n = 10
+    llm = LLM(nano, block_size=4, num_speculative_tokens=5)
+    proposer = llm.engine.proposer
+    orig, checked = proposer.propose, []
+
+    def propose(items, kmax, defer=False):
+        orig(items, kmax, defer)
+        for (seq, _, _), k in zip(items, kmax):
+            if k:
+                checked.append(seq.draft_token_ids == ref_mtp_drafts(nano, seq.token_ids, k))
+            assert all(m >= 0 for m in seq.spec.mtp_len)
+
+    proposer.propose = propose
+    outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    for o, p in zip(outs, ps):
+        assert o.outputs[0].token_ids == ref_greedy(nano, p, n)
+    assert len(checked) >= 3 and all(checked)
+
+
 def test_drafting_pauses_for_large_batches_and_resumes_with_caught_up_mtp_caches(nano, monkeypatch):
     """spec_disable_batch_size: while more sequences run than the limit, no drafts (the MTP caches only hold back
     their rows); as requests finish and the batch shrinks, drafting resumes, and every draft must again equal the
