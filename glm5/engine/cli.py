@@ -20,7 +20,7 @@ def _engine_args(p) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--spec-tokens", type=int, default=0, help="MTP speculative draft tokens per step (0 = off)")
+    p.add_argument("--spec-tokens", "--num-speculative-tokens", type=int, default=0, help="MTP speculative draft tokens per step (0 = off)")
     p.add_argument("--dsa", default="sparse", choices=["sparse", "dense"])
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=None, help="default: 0 for generate, 1.0 for chat")

@@ -86,6 +86,12 @@ def test_cli_parser_registered():
 
     s = settings_from_args(args)
     assert s.api_key == "k" and s.served_model_names == ["a", "b"] and s.price_output_per_million == 4.0
+    # generate, chat and serve take the same spelling of the draft count (vLLM's long name or the short one)
+    for flag in ("--spec-tokens", "--num-speculative-tokens"):
+        assert build_parser("serve").parse_args(["serve", "--model", "/x", flag, "3"]).num_speculative_tokens == 3
+        for cmd in ("generate", "chat"):
+            extra = ["--prompt", "p"] if cmd == "generate" else []
+            assert build_parser(cmd).parse_args([cmd, "--model", "/x", flag, "3", *extra]).spec_tokens == 3
 
 
 def test_glm5_serve_command_end_to_end(model_dir):
