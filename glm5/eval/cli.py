@@ -21,6 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--price-per-hour", type=float, default=0.10, help="machine price (USD/h) for the cost column")
     p.add_argument("--skip", nargs="*", default=[], choices=["ppl", "tasks", "mtp", "speed"])
+    p.add_argument("--cache-dir", default=None, help="tokenised-corpus cache (default: $GLM5_CACHE or ~/.cache/glm5)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
     p.set_defaults(func=_run)
@@ -31,7 +32,8 @@ def _run(a) -> int:
 
     cfg = EvalConfig(data=a.data, tasks=a.tasks, n_tasks=a.n_tasks, unanswerable_frac=a.unanswerable_frac,
                      max_new_tokens=a.max_new_tokens, ppl_batches=a.ppl_batches, spec_tokens=a.spec_tokens,
-                     decode_tokens=a.decode_tokens, price_per_hour=a.price_per_hour, skip=a.skip)
+                     decode_tokens=a.decode_tokens, price_per_hour=a.price_per_hour, skip=a.skip,
+                     cache_dir=a.cache_dir)
     rows = []
     for m in a.model:
         if not (Path(m) / "config.json").exists():

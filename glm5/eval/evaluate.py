@@ -154,6 +154,13 @@ def _fmt(v, pct=False):
     return f"{v:,.3g}" if isinstance(v, float) else f"{v:,}"
 
 
+def _model_label(path: str) -> str:
+    """A short name for a checkpoint directory. ``glm5 train``/``sft`` export to ``OUT/hf``, so a directory called
+    ``hf`` is named with its parent (``sft/hf``): two such models would otherwise share one name."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.name == "hf" and p.parent.name else (p.name or str(path))
+
+
 def format_table(rows: list[dict]) -> str:
     """Markdown table in the spirit of the GLM-5 article's: one row per model."""
     head = ["model", "params (total / active)", "val ppl", "accuracy", "abstention", "hallucination",
@@ -163,7 +170,7 @@ def format_table(rows: list[dict]) -> str:
         ci = r.get("accuracy_ci")
         acc = _fmt(r.get("accuracy"), pct=True) + (f" [{100 * ci[0]:.0f}–{100 * ci[1]:.0f}]" if ci else "")
         lines.append("| " + " | ".join([
-            r.get("label") or Path(r["model"]).name or r["model"], f"{r['params_total'] / 1e6:.1f}M / {r['params_activated'] / 1e6:.1f}M",
+            r.get("label") or _model_label(r["model"]), f"{r['params_total'] / 1e6:.1f}M / {r['params_activated'] / 1e6:.1f}M",
             _fmt(r.get("val_perplexity")), acc, _fmt(r.get("abstention_rate"), pct=True),
             _fmt(r.get("hallucination_rate"), pct=True), _fmt(r.get("mtp_acceptance_length")),
             _fmt(r.get("decode_tokens_per_s")), _fmt(r.get("cost_per_million_output_tokens_usd")),
