@@ -48,6 +48,7 @@ class BufferStats:
     dropped_stale_groups: int = 0
     dropped_stale_samples: int = 0
     dropped_failed_groups: int = 0
+    dropped_at_resume_groups: int = 0  # open when the checkpoint was written (see load_state_dict)
     padded_groups: int = 0
     staleness_hist: collections.Counter = field(default_factory=collections.Counter)
 
@@ -224,4 +225,25 @@ class DataBuffer:
 
     def state_dict(self) -> dict:
         return {"order": self._order, "cursor": self._cursor, "next_gid": self._next_gid,
-                "rng": self._rng.getstate(), "stats": self.stats.to_dict()}
+                "rng": self._rng.getstate(), "stats": self.stats.to_dict(),
+                "open_groups": len(self._outstanding) + len(self._ready)}  # submitted, neither trained nor dropped
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict` (also after a JSON round trip). Open groups are not part of it: a
+        resumed buffer starts empty, at the saved prompt position and group counter (rollout seeds follow it), and
+        the groups open at the save count as ``dropped_at_resume_groups``."""
+        if any(not 0 <= i < len(self.tasks) for i in state["order"]):
+            raise ValueError("buffer state refers to tasks this buffer does not have")
+        self._order, self._cursor, self._next_gid = list(state["order"]), int(state["cursor"]), int(state["next_gid"])
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        stats = dict(state["stats"])
+        hist = collections.Counter({int(k): int(v) for k, v in stats.pop("staleness_hist", {}).items()})
+        self.stats = BufferStats(**stats, staleness_hist=hist)
+        # the groups that were open are gone: counted as dropped, so that submitted - dropped stays the number of
+        # groups trained or open (the asynchronous admission budget depends on it)
+        self.stats.dropped_at_resume_groups += int(state.get("open_groups", 0))
+        self._resume.clear()
+        self._pending.clear()
+        self._outstanding.clear()
+        self._ready.clear()

@@ -100,7 +100,12 @@ def add_parser(sub) -> None:
     g.add_argument("--eval-every", type=int, default=0)
     g.add_argument("--eval-sampled", type=int, default=0,
                    help="also evaluate sampled accuracy (rollout temperature) with this many samples per task")
-    g.add_argument("--no-save", action="store_true")
+    g.add_argument("--no-save", action="store_true", help="do not export the final policy to OUT/hf")
+    g.add_argument("--save-every", type=int, default=0,
+                   help="steps between resumable checkpoints in OUT/checkpoints (default 0: none)")
+    g.add_argument("--keep-checkpoints", type=int, default=2)
+    g.add_argument("--no-resume", action="store_true",
+                   help="start over even if OUT/checkpoints holds a checkpoint (it is removed)")
     g.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
 
@@ -141,8 +146,8 @@ def config_from_args(a):
                     rollout_device=a.rollout_device, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
                     max_num_batched_tokens=a.max_num_batched_tokens, rollout_spec_tokens=a.rollout_spec_tokens,
                     eval_before=not a.no_eval, eval_after=not a.no_eval, eval_every=a.eval_every, eval_sampled=a.eval_sampled,
-                    save=not a.no_save,
-                    progress=not a.no_progress, ray_address=a.ray_address, ray_num_gpus=a.ray_num_gpus)
+                    save=not a.no_save, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints,
+                    resume=not a.no_resume, progress=not a.no_progress, ray_address=a.ray_address, ray_num_gpus=a.ray_num_gpus)
 
 
 def _fmt(m: dict | None) -> str:

@@ -107,7 +107,8 @@ class RolloutManager:
 
     def _dropped_groups(self) -> int:
         st = self.buffer.stats
-        return st.dropped_zero_std_groups + st.dropped_stale_groups + st.dropped_failed_groups
+        return (st.dropped_zero_std_groups + st.dropped_stale_groups + st.dropped_failed_groups
+                + st.dropped_at_resume_groups)
 
     # ------------------------------------------------------------------------------------- collect
     def _collect(self, B: int, keep_generating: bool) -> list:
@@ -194,6 +195,7 @@ class RolloutManager:
             "inflight": self.inflight, "staleness_hist": st["staleness_hist"],
             "dropped_stale_groups": st["dropped_stale_groups"], "dropped_stale_samples": st["dropped_stale_samples"],
             "dropped_zero_std_groups": st["dropped_zero_std_groups"], "dropped_failed_groups": st["dropped_failed_groups"],
+            "dropped_at_resume_groups": st["dropped_at_resume_groups"],
             "resumed_samples": st["samples_resumed"], "restarted_samples": st["samples_restarted"],
             "rollout_version": getattr(self.client, "version", None),
         })
@@ -204,12 +206,16 @@ class RolloutManager:
             self.on_step(rec["step"], rec)
         return rec
 
-    def run(self) -> dict:
+    def run(self, start_step: int = 0) -> dict:
+        """Steps ``start_step`` .. ``num_steps - 1`` (a resumed run starts past 0)."""
         cfg = self.cfg
         B = cfg.groups_per_step
         self._t0 = time.perf_counter()
+        steps = range(start_step, cfg.num_steps)
+        if not steps:
+            return self.summary()
         if cfg.mode == "sync":
-            for step in range(cfg.num_steps):
+            for step in steps:
                 t = time.perf_counter()
                 batch = self._collect(B, keep_generating=False)
                 rec = self._train(step, batch, t)
@@ -218,7 +224,7 @@ class RolloutManager:
                 self._finish_record(rec, t)
         elif cfg.mode == "one-step-off":
             batch = self._collect(B, keep_generating=False)
-            for step in range(cfg.num_steps):
+            for step in steps:
                 t = time.perf_counter()
                 last = step + 1 == cfg.num_steps
                 if not last:  # generate batch k+1 with v_k while training on batch k
@@ -230,7 +236,7 @@ class RolloutManager:
                     self._push()
                 self._finish_record(rec, t)
         else:
-            for step in range(cfg.num_steps):
+            for step in steps:
                 t = time.perf_counter()
                 batch = self._collect_async(B)
                 self._async_admit()  # keep the rollout side busy while training

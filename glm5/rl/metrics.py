@@ -75,19 +75,26 @@ def read_jsonl(path) -> list[dict]:
 class MetricsLogger:
     """Appends one JSON object per step to ``out/metrics.jsonl``; optional tqdm progress bar."""
 
-    def __init__(self, out_dir: str | os.PathLike | None, total_steps: int = 0, progress: bool = True):
+    def __init__(self, out_dir: str | os.PathLike | None, total_steps: int = 0, progress: bool = True,
+                 start_step: int = 0):
+        """``start_step`` > 0: a resumed run; the records of its first ``start_step`` steps are kept in the file."""
         self.out = Path(out_dir) if out_dir else None
         self.path = None
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
             self.path = self.out / "metrics.jsonl"
-            self.path.write_text("")
+            if start_step and self.path.exists():  # drop any steps logged after the checkpoint, keep the rest
+                kept = [ln for ln in self.path.read_text().splitlines() if ln.strip()
+                        and json.loads(ln).get("step", 0) < start_step]
+                self.path.write_text("".join(ln + "\n" for ln in kept))
+            else:
+                self.path.write_text("")
         self.bar = None
         if progress and total_steps:
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total_steps, desc="rl", unit="step", dynamic_ncols=True)
+                self.bar = tqdm(total=total_steps, initial=start_step, desc="rl", unit="step", dynamic_ncols=True)
             except ImportError:
                 self.bar = None
         self.t0 = time.perf_counter()

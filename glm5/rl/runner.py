@@ -4,7 +4,9 @@
 2. evaluate the policy on the held-out set (greedy; accuracy, abstention, hallucination with 95% intervals);
 3. start the rollout side: its own process on our engine (default; weights through shared memory, or
    torch.distributed with ``weight_sync="dist"``), in-process (``colocate``), or a Ray actor (``ray``);
-4. run the manager in the chosen mode for ``steps`` train steps; metrics stream to ``out/metrics.jsonl``;
+4. run the manager in the chosen mode for ``steps`` train steps; metrics stream to ``out/metrics.jsonl``; with
+   ``save_every`` a resumable checkpoint every N steps in ``out/checkpoints``, from which a rerun continues
+   (``glm5.rl.checkpoint``; the evaluation before RL is then taken from the checkpoint);
 5. evaluate again, write ``out/summary.json`` (before, after, deltas with intervals, throughput), ``out/rl.png``
    and the trained policy to ``out/hf`` (loadable by ``GLM5ForCausalLM.from_pretrained`` and our engine).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 
 from glm5.rl.buffer import DataBuffer
+from glm5.rl.checkpoint import RLCheckpointer
 from glm5.rl.evaluate import compare, evaluate_model
 from glm5.rl.manager import ManagerConfig, RolloutManager
 from glm5.rl.metrics import MetricsLogger, plot_metrics
@@ -30,6 +34,7 @@ from glm5.rl.rollout_pool import RolloutPool, launch_process_pool
 from glm5.rl.tasks import build_messages, load_tasks, save_tasks, train_eval_split
 from glm5.rl.trainer import RLTrainer, TrainerConfig
 from glm5.rl.weight_sync import clone_model
+from glm5.train.checkpoint import latest_checkpoint
 
 __all__ = ["RLConfig", "run_rl", "DEFAULT_TASKS"]
 
@@ -71,7 +76,10 @@ class RLConfig:
     eval_before: bool = True
     eval_after: bool = True
     eval_every: int = 0
-    save: bool = True
+    save: bool = True  # export the final policy to out/hf
+    save_every: int = 0  # steps between resumable checkpoints in out/checkpoints (0: none; see glm5.rl.checkpoint)
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the newest checkpoint in out/checkpoints when there is one
     progress: bool = True
     ray_address: str | None = None
     ray_num_gpus: float = 0.0
@@ -89,6 +97,8 @@ class RLConfig:
             raise ValueError("weight_sync must be shm or dist")
         if self.rollout_workers < 1:
             raise ValueError(f"rollout_workers must be >= 1, got {self.rollout_workers}")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0, got {self.save_every}")
         if self.rollout_spec_tokens < 0:
             raise ValueError(f"rollout_spec_tokens must be >= 0, got {self.rollout_spec_tokens}")
         if self.rollout_workers > 1 and self.placement == "colocate":
@@ -221,19 +231,35 @@ def run_rl(cfg: RLConfig) -> dict:
                                                        temperature=cfg.rollout.temperature or 1.0,
                                                        samples=cfg.eval_sampled, seed=cfg.seed + 99)
 
-    if cfg.eval_before and held:
+    ckpt_dir = out / "checkpoints"
+    resuming = cfg.resume and latest_checkpoint(ckpt_dir) is not None
+    if not cfg.resume and ckpt_dir.exists():
+        warnings.warn(f"--no-resume: removing the earlier run's checkpoints in {ckpt_dir}", stacklevel=2)
+        shutil.rmtree(ckpt_dir)
+    if cfg.eval_before and held and not resuming:  # a resumed run takes the starting policy's from its checkpoint
         evaluate_all("before")
+    if cfg.rollout.temperature > 0:
+        cfg.trainer.temperature = cfg.rollout.temperature
+    # before any checkpoint is loaded: the KL reference is a copy of the starting policy
+    trainer = RLTrainer(policy, cfg.trainer, total_steps=cfg.manager.num_steps)
     client = make_client(cfg, policy, tok, rollout_threads)
     partial = cfg.partial_rollout if cfg.partial_rollout is not None else cfg.manager.mode == "async"
     buffer = DataBuffer(train_tasks, client.make_prompt, cfg.group_size, cfg.rollout.max_new_tokens, seed=cfg.seed,
                         tau=cfg.manager.tau, dynamic_sampling=cfg.dynamic_sampling, partial_rollout=partial)
-    if cfg.rollout.temperature > 0:
-        cfg.trainer.temperature = cfg.rollout.temperature
-    trainer = RLTrainer(policy, cfg.trainer, total_steps=cfg.manager.num_steps)
-    logger = MetricsLogger(out, cfg.manager.num_steps, progress=cfg.progress)
-    evals = []
-
+    ckpt = RLCheckpointer(cfg, trainer, buffer)
+    evals, start = [], 0
     early = {"correct": 0, "answerable": 0, "checked": False}  # sampled accuracy over the first steps
+    if resuming:
+        try:
+            state = ckpt.maybe_resume()
+        except BaseException:
+            client.close()
+            raise
+        start, evals = state["step"], state.get("evals") or []
+        summary.update({k: state[k] for k in ("before", "before_sampled") if state.get(k) is not None})
+        summary["resumed_from"], early["checked"] = state["path"], True
+        client.update_weights(policy, trainer.version)  # the rollout side starts from the checkpoint's policy
+    logger = MetricsLogger(out, cfg.manager.num_steps, progress=cfg.progress, start_step=start)
 
     def on_step(step, rec):
         # one step holds only a few prompts (4 groups in the cpu speedrun), so judge the policy's softness on
@@ -254,10 +280,13 @@ def run_rl(cfg: RLConfig) -> dict:
             evals.append(m)
             with open(out / "eval.jsonl", "a") as f:
                 f.write(json.dumps(m) + "\n")
+        if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.manager.num_steps):
+            ckpt.save(step + 1, {"before": summary.get("before"), "before_sampled": summary.get("before_sampled"),
+                                 "evals": evals})
 
     mgr = RolloutManager(client, trainer, buffer, cfg.manager, logger, on_step=on_step)
     try:
-        summary["run"] = mgr.run()
+        summary["run"] = mgr.run(start_step=start)
         try:
             summary["rollout_stats"] = client.stats()
         except Exception:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -72,7 +73,10 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
 
 
 def _rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # tensors, tuples and numbers only, so the file loads with ``torch.load(weights_only=True)`` (no pickle code)
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    s = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+         "python": random.getstate()}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
@@ -80,7 +84,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(s["python"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -149,7 +154,13 @@ class Checkpointer:
         set_state_dict(model, list(optimizers), model_state_dict=state["model"], optim_state_dict=state["optim"])
         rng_file = path / f"rank{self.rank}.pt"
         if rng_file.exists():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+            try:
+                rng = torch.load(rng_file, weights_only=True)
+            except pickle.UnpicklingError:  # written before the RNG file held only tensors and numbers
+                warnings.warn(f"{rng_file}: an older RNG-state format that would need unpickling; RNG not restored",
+                              stacklevel=2)
+            else:
+                _set_rng_state(rng)
         return json.loads((path / "trainer_state.json").read_text())
 
 

@@ -1,0 +1,66 @@
+"""RL checkpoints: save every N steps, resume a killed or extended run where it stopped.
+
+A checkpoint is the trainer's (``glm5.train.checkpoint.Checkpointer``: atomic ``out/checkpoints/step_*``, DCP model
+and optimiser state, RNG) with the RL state in its ``trainer_state.json``:
+
+* ``step`` (steps done) and the policy ``version`` (weight pushes are stamped with it, staleness counts from it);
+* the data buffer's prompt order, cursor, group counter, shuffle RNG and counters: rollout seeds derive from the
+  group ids, so a synchronous run resumed from step k reproduces the uninterrupted run's samples and weights;
+* the evaluation before RL, so the final before/after comparison is still against the starting policy.
+
+What is *not* kept, as in slime: groups open at the checkpoint (in flight, interrupted, or complete but not yet
+trained; only asynchronous and one-step-off runs, or over-sampling, leave any). Their prompts were consumed and
+are not revisited. The reference model of the KL term is the starting checkpoint (``--model``), not a
+checkpoint's policy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from glm5.train.checkpoint import Checkpointer, latest_checkpoint
+
+# RLConfig fields a resumed run must share with the run that wrote the checkpoint: they decide which prompts and
+# seeds the buffer's saved position refers to. Steps, learning rate, evaluation etc. may change (extending a run).
+_SAME_ON_RESUME = ("model", "tasks", "tasks_file", "n_train", "unanswerable_frac", "seed", "group_size")
+
+
+def _identity(cfg) -> dict:
+    return {k: getattr(cfg, k) for k in _SAME_ON_RESUME}
+
+
+class RLCheckpointer:
+    def __init__(self, cfg, trainer, buffer):
+        self.cfg, self.trainer, self.buffer = cfg, trainer, buffer
+        self.ckpt = Checkpointer(cfg.out, keep=cfg.keep_checkpoints)
+
+    def save(self, steps_done: int, extra: dict) -> Path:
+        state = {"step": steps_done, "version": self.trainer.version, "buffer": self.buffer.state_dict(),
+                 "identity": _identity(self.cfg), **extra}
+        return self.ckpt.save(steps_done, self.trainer.model, self.trainer.optim, state)
+
+    def maybe_resume(self) -> dict | None:
+        """Restore the newest complete checkpoint under ``out/checkpoints`` (policy, optimiser, RNG, version,
+        buffer position); returns its state, or None when there is none."""
+        path = latest_checkpoint(self.ckpt.dir)
+        if path is None:
+            return None
+        import json
+
+        state = json.loads((path / "trainer_state.json").read_text())
+        want, have = _identity(self.cfg), state.get("identity", {})
+        diff = {k: (have.get(k), want[k]) for k in want if _norm(have.get(k)) != _norm(want[k])}
+        if diff:
+            detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+            raise ValueError(f"{path} was written by a different run ({detail}); "
+                             f"use another --out, or --no-resume to start over")
+        state = self.ckpt.load(path, self.trainer.model, self.trainer.optim)
+        self.trainer.version = int(state["version"])
+        self.buffer.load_state_dict(state["buffer"])
+        state["path"] = str(path)
+        return state
+
+
+def _norm(v):
+    # JSON turns tuples into lists
+    return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v
