@@ -148,7 +148,7 @@ def run_chat(args) -> int:
     thinking = not args.no_thinking
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     params = _params(args, 1.0, tok.stop_token_ids)
-    print("glm5 chat: /reset clears the conversation, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    print("glm5 chat: /reset clears the conversation, /exit (or Ctrl-D) quits, /help repeats this.", file=sys.stderr)
     while True:
         try:
             line = input("\n>>> ")
@@ -159,6 +159,10 @@ def run_chat(args) -> int:
             return 0
         if line.strip() == "/reset":
             history = history[:1] if args.system else []
+            continue
+        if line.strip() in ("/help", "/?"):
+            print("/reset clears the conversation, /exit (or Ctrl-D) quits; anything else is your message.",
+                  file=sys.stderr)
             continue
         if not line.strip():
             continue

@@ -26,7 +26,7 @@ def test_generate_text_streams(nano_dir, capsys):
 
 
 def test_chat_uses_the_chat_format(nano_dir, capsys, monkeypatch):
-    lines = iter(["hi there", "/reset", "second question", "/exit"])
+    lines = iter(["hi there", "/reset", "/help", "second question", "/exit"])
     prompts = []
     from glm5.engine.llm_engine import LLMEngine
 
@@ -41,4 +41,6 @@ def test_chat_uses_the_chat_format(nano_dir, capsys, monkeypatch):
     assert main(["chat", "--model", str(nano_dir), "--max-tokens", "5", "--temperature", "0", "--system", "Be brief."]) == 0
     assert prompts[0] == "[gMASK]<sop><|system|>Be brief.<|user|>hi there<|assistant|><think>"
     assert prompts[1] == "[gMASK]<sop><|system|>Be brief.<|user|>second question<|assistant|><think>"  # after /reset
-    assert capsys.readouterr().out.count("\n") >= 2  # one streamed answer per turn
+    assert len(prompts) == 2  # /help is answered by the CLI, not sent to the model
+    cap = capsys.readouterr()
+    assert cap.out.count("\n") >= 2 and "anything else is your message" in cap.err  # one streamed answer per turn
