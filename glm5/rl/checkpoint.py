@@ -16,6 +16,8 @@ checkpoint's policy.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from glm5.train.checkpoint import Checkpointer, latest_checkpoint
@@ -26,7 +28,9 @@ _SAME_ON_RESUME = ("model", "tasks", "tasks_file", "n_train", "unanswerable_frac
 
 
 def _identity(cfg) -> dict:
-    return {k: getattr(cfg, k) for k in _SAME_ON_RESUME}
+    out = {k: getattr(cfg, k) for k in _SAME_ON_RESUME}
+    out["model"] = os.path.realpath(out["model"])  # the same directory however it is spelled
+    return out
 
 
 class RLCheckpointer:
@@ -45,8 +49,6 @@ class RLCheckpointer:
         path = latest_checkpoint(self.ckpt.dir)
         if path is None:
             return None
-        import json
-
         state = json.loads((path / "trainer_state.json").read_text())
         want, have = _identity(self.cfg), state.get("identity", {})
         diff = {k: (have.get(k), want[k]) for k in want if _norm(have.get(k)) != _norm(want[k])}

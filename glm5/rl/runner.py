@@ -260,6 +260,8 @@ def run_rl(cfg: RLConfig) -> dict:
         summary["resumed_from"], early["checked"] = state["path"], True
         client.update_weights(policy, trainer.version)  # the rollout side starts from the checkpoint's policy
     logger = MetricsLogger(out, cfg.manager.num_steps, progress=cfg.progress, start_step=start)
+    # the evaluations so far: none, or the checkpoint's (not any made after it by the run that was stopped)
+    (out / "eval.jsonl").write_text("".join(json.dumps(m) + "\n" for m in evals))
 
     def on_step(step, rec):
         # one step holds only a few prompts (4 groups in the cpu speedrun), so judge the policy's softness on
