@@ -166,6 +166,8 @@ def _run(a) -> int:
     cfg = config_from_args(a)
     s = run_rl(cfg)
     r = s["run"]
+    if s.get("resumed_from"):
+        print(f"resumed from {s['resumed_from']}")
     print(f"mode {r['mode']}: {r['steps']} steps in {r['elapsed_s']:.1f}s, {r['samples_per_s']:.2f} trained samples/s, "
           f"trainer idle {100 * r['trainer_idle_frac']:.0f}%, dropped stale groups "
           f"{r['buffer']['dropped_stale_groups']}, staleness {r['buffer']['staleness_hist']}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 import time
@@ -37,6 +38,8 @@ from glm5.rl.weight_sync import clone_model
 from glm5.train.checkpoint import latest_checkpoint
 
 __all__ = ["RLConfig", "run_rl", "DEFAULT_TASKS"]
+
+log = logging.getLogger("glm5.rl")
 
 # single-digit a op b; no "/" (reasoning-gym's single-digit quotients are mostly unverifiable, see rl.tasks)
 DEFAULT_TASKS = ("basic_arithmetic:min_terms=2,max_terms=2,min_digits=1,max_digits=1,operators=+|-|*,"
@@ -252,13 +255,15 @@ def run_rl(cfg: RLConfig) -> dict:
     if resuming:
         try:
             state = ckpt.maybe_resume()
+            client.update_weights(policy, trainer.version)  # the rollout side starts from the checkpoint's policy
         except BaseException:
             client.close()
             raise
         start, evals = state["step"], state.get("evals") or []
         summary.update({k: state[k] for k in ("before", "before_sampled") if state.get(k) is not None})
         summary["resumed_from"], early["checked"] = state["path"], True
-        client.update_weights(policy, trainer.version)  # the rollout side starts from the checkpoint's policy
+        log.info("resuming from %s: step %d of %d, policy version %d", state["path"], start, cfg.manager.num_steps,
+                 trainer.version)
     logger = MetricsLogger(out, cfg.manager.num_steps, progress=cfg.progress, start_step=start)
     # the evaluations so far: none, or the checkpoint's (not any made after it by the run that was stopped)
     (out / "eval.jsonl").write_text("".join(json.dumps(m) + "\n" for m in evals))
