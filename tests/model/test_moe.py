@@ -92,3 +92,26 @@ def test_expert_counts_match_bincount():
         c = expert_counts(ids, e)
         assert c.shape == (e,) and c.dtype == torch.long
         assert torch.equal(c, torch.bincount(ids.reshape(-1), minlength=e))
+
+
+def test_decode_loops_over_the_active_experts_only(monkeypatch):
+    """Without autograd on CPU, a step whose tokens reach at most a quarter of the experts multiplies only those
+    (torch._grouped_mm would visit all of them): the same products, so the same bits as the grouped GEMM."""
+    torch.manual_seed(0)
+    ex = Experts(32, 64, 48)
+    torch.nn.init.normal_(ex.gate_up_proj, std=0.05)
+    torch.nn.init.normal_(ex.down_proj, std=0.05)
+    for n in (1, 2, 6):
+        x = torch.randn(n, 64)
+        ids = torch.stack([torch.randperm(32)[:4] for _ in range(n)])
+        w = torch.rand(n, 4)
+        grouped = ex(x, ids, w)  # autograd on (the parameters require grad): torch._grouped_mm
+        with torch.inference_mode():
+            calls = []
+            real = torch._grouped_mm
+            monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+            loop = ex(x, ids, w)
+            monkeypatch.setattr(torch, "_grouped_mm", real)
+        active = int(ids.unique().numel())
+        assert bool(calls) == (4 * active > 32), (n, active)  # 1-2 tokens: 4-8 experts of 32 take the loop
+        assert torch.equal(loop, grouped.detach())
