@@ -30,9 +30,8 @@ def _same_run(a, b):
     ra, rb = _records(a), _records(b)
     assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(len(ra)))
     for x, y in zip(ra, rb):
-        for k in ("reward", "loss", "response_len_mean", "kl_rollout_mean"):
-            if k in x:
-                assert x[k] == y[k], (k, x["step"])
+        for k in ("reward", "loss", "grad_norm", "entropy", "response_tokens", "logprob_gap_mean"):
+            assert x[k] == y[k], (k, x["step"])
 
 
 def test_resumed_sync_run_equals_the_uninterrupted_run(model_dir, tmp_path):
