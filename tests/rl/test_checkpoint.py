@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,7 +58,8 @@ def test_sigkill_while_checkpointing_resumes_from_the_last_complete_one(model_di
     code = ("import sys; from tests.rl.test_manager import run_cli; "
             f"sys.exit(run_cli({str(model_dir)!r}, {str(killed)!r}, *{SYNC!r}, '--steps', '4', '--save-every', '1'))")
     env = {**os.environ, "GLM5_CKPT_PAUSE_AT_STEP": "3", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=os.getcwd())
+    repo = Path(__file__).resolve().parents[2]  # so that ``tests.rl.test_manager`` imports in the child
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=repo)
     marker = killed / "checkpoints" / ".paused_00000003"
     deadline = time.monotonic() + 240
     while not marker.exists():
