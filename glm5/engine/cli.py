@@ -20,7 +20,8 @@ def _engine_args(p) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--spec-tokens", "--num-speculative-tokens", type=int, default=0, help="MTP speculative draft tokens per step (0 = off)")
+    p.add_argument("--spec-tokens", "--num-speculative-tokens", type=int, default=0,
+                   help="MTP speculative draft tokens per step (0 = off)")
     p.add_argument("--dsa", default="sparse", choices=["sparse", "dense"])
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=None, help="default: 0 for generate, 1.0 for chat")
@@ -137,6 +138,10 @@ def run_generate(args) -> int:
     return 0
 
 
+_CHAT_HELP = ("/reset clears the conversation, /exit (or Ctrl-D) quits, /help shows this; "
+              "anything else is your message.")
+
+
 def run_chat(args) -> int:
     from glm5.tokenizer import StreamingParser
 
@@ -148,7 +153,7 @@ def run_chat(args) -> int:
     thinking = not args.no_thinking
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     params = _params(args, 1.0, tok.stop_token_ids)
-    print("glm5 chat: /reset clears the conversation, /exit (or Ctrl-D) quits, /help repeats this.", file=sys.stderr)
+    print("glm5 chat: " + _CHAT_HELP, file=sys.stderr)
     while True:
         try:
             line = input("\n>>> ")
@@ -161,8 +166,7 @@ def run_chat(args) -> int:
             history = history[:1] if args.system else []
             continue
         if line.strip() in ("/help", "/?"):
-            print("/reset clears the conversation, /exit (or Ctrl-D) quits; anything else is your message.",
-                  file=sys.stderr)
+            print(_CHAT_HELP, file=sys.stderr)
             continue
         if not line.strip():
             continue

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from glm5.train.checkpoint import Checkpointer, latest_checkpoint
@@ -34,21 +35,30 @@ def _identity(cfg) -> dict:
 
 
 class RLCheckpointer:
-    def __init__(self, cfg, trainer, buffer):
-        self.cfg, self.trainer, self.buffer = cfg, trainer, buffer
+    def __init__(self, cfg):
+        self.cfg = cfg
         self.ckpt = Checkpointer(cfg.out, keep=cfg.keep_checkpoints)
+        self.dir = self.ckpt.dir  # out/checkpoints
 
-    def save(self, steps_done: int, extra: dict) -> Path:
-        state = {"step": steps_done, "version": self.trainer.version, "buffer": self.buffer.state_dict(),
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint of this output directory, or None."""
+        return latest_checkpoint(self.dir)
+
+    def clear(self) -> bool:
+        """Remove every checkpoint (a run that starts over); True when there were any."""
+        if not self.dir.exists():
+            return False
+        shutil.rmtree(self.dir)
+        return True
+
+    def save(self, steps_done: int, trainer, buffer, extra: dict) -> Path:
+        state = {"step": steps_done, "version": trainer.version, "buffer": buffer.state_dict(),
                  "identity": _identity(self.cfg), **extra}
-        return self.ckpt.save(steps_done, self.trainer.model, self.trainer.optim, state)
+        return self.ckpt.save(steps_done, trainer.model, trainer.optim, state)
 
-    def maybe_resume(self) -> dict | None:
-        """Restore the newest complete checkpoint under ``out/checkpoints`` (policy, optimiser, RNG, version,
-        buffer position); returns its state, or None when there is none."""
-        path = latest_checkpoint(self.ckpt.dir)
-        if path is None:
-            return None
+    def resume(self, path: Path, trainer, buffer) -> dict:
+        """Restore the checkpoint at ``path`` (policy, optimiser, RNG, version, buffer position) into ``trainer``
+        and ``buffer``; returns its state. A checkpoint of another run is refused before anything is loaded."""
         state = json.loads((path / "trainer_state.json").read_text())
         want, have = _identity(self.cfg), state.get("identity", {})
         diff = {k: (have.get(k), want[k]) for k in want if _norm(have.get(k)) != _norm(want[k])}
@@ -56,9 +66,9 @@ class RLCheckpointer:
             detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
             raise ValueError(f"{path} was written by a different run ({detail}); "
                              f"use another --out, or --no-resume to start over")
-        state = self.ckpt.load(path, self.trainer.model, self.trainer.optim)
-        self.trainer.version = int(state["version"])
-        self.buffer.load_state_dict(state["buffer"])
+        state = self.ckpt.load(path, trainer.model, trainer.optim)
+        trainer.version = int(state["version"])
+        buffer.load_state_dict(state["buffer"])
         state["path"] = str(path)
         return state
 

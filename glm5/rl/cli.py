@@ -147,7 +147,8 @@ def config_from_args(a):
                     max_num_batched_tokens=a.max_num_batched_tokens, rollout_spec_tokens=a.rollout_spec_tokens,
                     eval_before=not a.no_eval, eval_after=not a.no_eval, eval_every=a.eval_every, eval_sampled=a.eval_sampled,
                     save=not a.no_save, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints,
-                    resume=not a.no_resume, progress=not a.no_progress, ray_address=a.ray_address, ray_num_gpus=a.ray_num_gpus)
+                    resume=not a.no_resume, progress=not a.no_progress, ray_address=a.ray_address,
+                    ray_num_gpus=a.ray_num_gpus)
 
 
 def _fmt(m: dict | None) -> str:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
-import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -35,11 +33,8 @@ from glm5.rl.rollout_pool import RolloutPool, launch_process_pool
 from glm5.rl.tasks import build_messages, load_tasks, save_tasks, train_eval_split
 from glm5.rl.trainer import RLTrainer, TrainerConfig
 from glm5.rl.weight_sync import clone_model
-from glm5.train.checkpoint import latest_checkpoint
 
 __all__ = ["RLConfig", "run_rl", "DEFAULT_TASKS"]
-
-log = logging.getLogger("glm5.rl")
 
 # single-digit a op b; no "/" (reasoning-gym's single-digit quotients are mostly unverifiable, see rl.tasks)
 DEFAULT_TASKS = ("basic_arithmetic:min_terms=2,max_terms=2,min_digits=1,max_digits=1,operators=+|-|*,"
@@ -234,12 +229,11 @@ def run_rl(cfg: RLConfig) -> dict:
                                                        temperature=cfg.rollout.temperature or 1.0,
                                                        samples=cfg.eval_sampled, seed=cfg.seed + 99)
 
-    ckpt_dir = out / "checkpoints"
-    resuming = cfg.resume and latest_checkpoint(ckpt_dir) is not None
-    if not cfg.resume and ckpt_dir.exists():
-        warnings.warn(f"--no-resume: removing the earlier run's checkpoints in {ckpt_dir}", stacklevel=2)
-        shutil.rmtree(ckpt_dir)
-    if cfg.eval_before and held and not resuming:  # a resumed run takes the starting policy's from its checkpoint
+    ckpt = RLCheckpointer(cfg)
+    resume_from = ckpt.latest() if cfg.resume else None
+    if not cfg.resume and ckpt.clear():
+        warnings.warn(f"--no-resume: removing the earlier run's checkpoints in {ckpt.dir}", stacklevel=2)
+    if cfg.eval_before and held and resume_from is None:  # when resuming, the checkpoint holds the starting policy's
         evaluate_all("before")
     if cfg.rollout.temperature > 0:
         cfg.trainer.temperature = cfg.rollout.temperature
@@ -249,12 +243,11 @@ def run_rl(cfg: RLConfig) -> dict:
     partial = cfg.partial_rollout if cfg.partial_rollout is not None else cfg.manager.mode == "async"
     buffer = DataBuffer(train_tasks, client.make_prompt, cfg.group_size, cfg.rollout.max_new_tokens, seed=cfg.seed,
                         tau=cfg.manager.tau, dynamic_sampling=cfg.dynamic_sampling, partial_rollout=partial)
-    ckpt = RLCheckpointer(cfg, trainer, buffer)
     evals, start = [], 0
     early = {"correct": 0, "answerable": 0, "checked": False}  # sampled accuracy over the first steps
-    if resuming:
+    if resume_from is not None:
         try:
-            state = ckpt.maybe_resume()
+            state = ckpt.resume(resume_from, trainer, buffer)
             client.update_weights(policy, trainer.version)  # the rollout side starts from the checkpoint's policy
         except BaseException:
             client.close()
@@ -262,8 +255,6 @@ def run_rl(cfg: RLConfig) -> dict:
         start, evals = state["step"], state.get("evals") or []
         summary.update({k: state[k] for k in ("before", "before_sampled") if state.get(k) is not None})
         summary["resumed_from"], early["checked"] = state["path"], True
-        log.info("resuming from %s: step %d of %d, policy version %d", state["path"], start, cfg.manager.num_steps,
-                 trainer.version)
     logger = MetricsLogger(out, cfg.manager.num_steps, progress=cfg.progress, start_step=start)
     # the evaluations so far: none, or the checkpoint's (not any made after it by the run that was stopped)
     (out / "eval.jsonl").write_text("".join(json.dumps(m) + "\n" for m in evals))
@@ -288,8 +279,8 @@ def run_rl(cfg: RLConfig) -> dict:
             with open(out / "eval.jsonl", "a") as f:
                 f.write(json.dumps(m) + "\n")
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.manager.num_steps):
-            ckpt.save(step + 1, {"before": summary.get("before"), "before_sampled": summary.get("before_sampled"),
-                                 "evals": evals})
+            ckpt.save(step + 1, trainer, buffer, {"before": summary.get("before"),
+                                                  "before_sampled": summary.get("before_sampled"), "evals": evals})
 
     mgr = RolloutManager(client, trainer, buffer, cfg.manager, logger, on_step=on_step)
     try:

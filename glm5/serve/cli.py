@@ -29,7 +29,8 @@ def add_parser(sub) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=32, help="sequences per engine batch")
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
-    g.add_argument("--num-speculative-tokens", "--spec-tokens", type=int, default=0, help="MTP drafts per step (0 = off)")
+    g.add_argument("--num-speculative-tokens", "--spec-tokens", type=int, default=0,
+                   help="MTP drafts per step (0 = off)")
     g.add_argument("--spec-disable-batch-size", type=int, default=0,
                    help="pause MTP drafting while more sequences than this run (0 = never; vLLM's disable_by_batch_size)")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")

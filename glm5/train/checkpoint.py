@@ -75,8 +75,8 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
 def _rng_state() -> dict:
     # tensors, tuples and numbers only, so the file loads with ``torch.load(weights_only=True)`` (no pickle code)
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    s = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-         "python": random.getstate()}
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(),
+         "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
