@@ -111,13 +111,15 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs:
     """Rows of x sorted by group; group g (counts[g] rows) multiplies w[g]^T. x [M,in], w [G,out,in] -> [M,out]."""
     if w.dtype != x.dtype:  # under autocast the activations arrive in bf16 while parameters stay fp32
         w = w.to(x.dtype)
-    if x.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
-        # Decode of one or two tokens: torch._grouped_mm's CPU kernel visits every expert, ~2 µs per empty one
-        # (GLM-5: ~250 of 256 at batch 1); a loop over the few non-empty ones makes the same products (the same
-        # bits) and wins while at most a quarter of the experts have rows (measured on glm5-tiny / glm5-small).
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+    if x.device.type == "cpu" and not needs_grad:
+        # Decode of one token: torch._grouped_mm's CPU kernel visits every expert, ~1 µs per empty one (GLM-5:
+        # ~250 of 256 at batch 1). A loop over the non-empty ones makes the same products (the same bits) at ~25 µs
+        # each; it wins while at most an eighth of the experts have rows (benchmarks/bench_moe.py: 470 -> 196 µs
+        # at 256 experts, 119 -> 112 µs at glm5-small's 32; slower at 32 experts with 7 active).
         cl = counts.tolist()
         active = [(g, c) for g, c in enumerate(cl) if c]
-        if 4 * len(active) <= len(cl):
+        if 8 * len(active) <= len(cl):
             out = x.new_empty(x.shape[0], w.shape[1])
             s = 0
             for g, c in active:
@@ -125,7 +127,9 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs:
                 s += c
             return out
     if _grouped_mm_ok(x):
-        return _ContiguousGrad.apply(torch._grouped_mm(x, w.transpose(-2, -1), offs=offs))
+        y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+        # the Function only mends the backward; applying it costs ~15 µs a call, so not without autograd
+        return _ContiguousGrad.apply(y) if needs_grad else y
     # Sort-and-batch fallback: scatter rows into a [G, cap, in] buffer, one bmm, gather back.
     G = w.shape[0]
     cap = int(counts.max().item()) if counts.numel() else 0
