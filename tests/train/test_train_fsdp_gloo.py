@@ -56,12 +56,13 @@ def test_fsdp2_two_processes_match_one(tmp_path, corpus_file, small_tokenizer_di
         # with every loss equal to 1e-4 (not reproduced in 5 isolated runs). A sharding or reduction bug (a
         # missing average, a shard counted twice) moves it by a factor, far outside 2e-3.
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=2e-3), (ra["step"], "grad_norm")
-        # Loads are all-reduced before the bias update, so both runs see the same global imbalance. Two reduction
-        # orders can still flip one near-tied routing choice (CI saw 0.6562 vs 0.6719 at one layer once): one
-        # assignment moves max_vio by 1/mean_load. Rank-local loads (a missing all-reduce) have half the mean
-        # and a different maximum, and miss by far more at most layers.
+        # Loads are all-reduced before the bias update (tests/train/test_train_balance_gloo.py checks that
+        # directly), so both runs see the same global imbalance. Two reduction orders can still flip a near-tied
+        # routing choice: one assignment moves max_vio by 1/mean_load (CI saw 0.6562 vs 0.6719 at step 3). Each
+        # flip then nudges a bias the other way, so later steps drift further (CI saw two assignments at step 6).
+        slack = ONE_ASSIGNMENT * (1 if ra["step"] == 1 else 4) + 1e-4
         for layer, vio in rb["balance"]["layers"].items():
-            assert abs(ra["balance"]["layers"][layer] - vio) <= ONE_ASSIGNMENT + 1e-4, (ra["step"], layer)
+            assert abs(ra["balance"]["layers"][layer] - vio) <= slack, (ra["step"], layer)
     for va, vb in zip(_records(fsdp, "val"), _records(single, "val")):
         assert va["val_loss"] == pytest.approx(vb["val_loss"], rel=1e-4)
     assert b[-1]["loss"] < b[0]["loss"]
