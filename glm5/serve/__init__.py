@@ -5,7 +5,7 @@
 
 Files: protocol (request/response models), errors (OpenAI error shape), backend (what the server needs from
 the engine + the AsyncLLM adapter), serving (request -> prompt/params/processors; generation state and
-metrics), handlers (JSON and SSE responses), constrained (json_object / tool_choice grammars), metrics
+metrics), handlers (JSON and SSE responses), constrained (json_object / json_schema / tool_choice grammars), metrics
 (Prometheus), app (routes, auth, body limit), webchat.html (the page at /), cli (``glm5 serve``).
 """
 

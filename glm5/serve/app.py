@@ -241,6 +241,8 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
               responses={**_stream_doc, **_ERRORS})
     async def completions(req: CompletionRequest, request: Request):
         arrival = time.monotonic()
+        if _needs_grammar(req):
+            await asyncio.to_thread(lambda: state.vocab)
         prep = prepare_completion(state, req)
         state.admit()
         gen = Generation(state, prep, "completions", chat=False, arrival=arrival)
@@ -251,9 +253,9 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
     return app
 
 
-def _needs_grammar(req: ChatCompletionRequest) -> bool:
-    rf, tc = req.response_format, req.tool_choice
-    return (rf is not None and rf.type == "json_object") or tc == "required" or (tc is not None and not isinstance(tc, str))
+def _needs_grammar(req: ChatCompletionRequest | CompletionRequest) -> bool:
+    rf, tc = req.response_format, getattr(req, "tool_choice", None)
+    return (rf is not None and rf.type != "text") or tc == "required" or (tc is not None and not isinstance(tc, str))
 
 
 async def _run(coro) -> JSONResponse:

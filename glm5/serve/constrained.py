@@ -1,6 +1,7 @@
 """Constrained decoding: logits processors that make the engine's output valid by construction.
 
-Used for ``response_format: {"type": "json_object"}`` (the content is one JSON object) and for
+Used for ``response_format`` ``{"type": "json_object"}`` (the content is one JSON object) and ``{"type":
+"json_schema"}`` (a document the schema accepts: :mod:`glm5.serve.json_schema`), and for
 ``tool_choice: "required"`` / a named tool (the output is one or more well-formed GLM-5 tool calls of the
 allowed tools, with known argument names, the required ones present, and JSON values for non-string
 arguments). ``tool_choice: "none"`` bans the ``<tool_call>`` token (:func:`ban_tokens`).
@@ -24,7 +25,8 @@ How it works
   state per output prefix, so per-token cost is one ``allowed()`` (cached per state when the budget is
   not binding).
 
-Limits (documented): JSON *schemas* (``json_schema``) are not enforced; tool argument values are typed
+Limits (documented): which JSON Schema keywords are enforced is listed in :mod:`glm5.serve.json_schema` (others
+are refused); tool argument values are typed
 only at the top level (``integer``/``number`` -> a JSON number, ``boolean``, ``null``, ``object``,
 ``array``); string and union-typed values are free text; ``enum``/``const`` are not enforced. Cost per
 step is a trie walk (fine for test vocabularies; with GLM-5's 154k vocabulary expect tens of ms per token
@@ -42,8 +44,9 @@ from glm5.tokenizer import special_tokens as st
 from glm5.tokenizer.detokenize import byte_level_char_to_byte
 from glm5.tokenizer.tool_schema import ToolSchemas, ValueKind
 
-from .json_automaton import (DONE, START, TYPE_MIN, TYPE_STARTS, VALUE, json_accepts, json_complete,
-                             json_min_close, json_step, value_start)
+from .json_automaton import (START, TYPE_MIN, TYPE_STARTS, VALUE, json_accepts, json_complete, json_min_close,
+                             json_step, value_start)
+from .json_schema import SchemaAutomaton
 
 __all__ = [
     "ConstrainedLogitsProcessor",
@@ -150,34 +153,49 @@ class _Grammar:
         return 1 << 30
 
 
-class JsonGrammar(_Grammar):
-    """One JSON object, then EOS. With ``thinking``, free reasoning text and ``</think>`` come first."""
+class _JsonObjectAutomaton:
+    """``json_object``: any one JSON object (the interface of :class:`glm5.serve.json_schema.SchemaAutomaton`)."""
 
-    def __init__(self, vocab: TokenVocab, thinking: bool = False):
+    @staticmethod
+    def start():
+        return (START, "", None, False)
+
+    step = staticmethod(json_step)
+    min_close = staticmethod(json_min_close)
+    complete = staticmethod(json_complete)
+
+
+class JsonGrammar(_Grammar):
+    """One JSON document, then EOS: any object (``json_object``) or, given ``schema`` (a compiled
+    :class:`~glm5.serve.json_schema.SchemaAutomaton`), a document that schema accepts. With ``thinking``, free
+    reasoning text and ``</think>`` come first."""
+
+    def __init__(self, vocab: TokenVocab, thinking: bool = False, schema: SchemaAutomaton | None = None):
         super().__init__(vocab)
+        self.doc = schema if schema is not None else _JsonObjectAutomaton()
         self.thinking = thinking
         self.think_end = vocab.id(st.THINK_END)
         if self.think_end is None:
             self.thinking = False
 
     def start(self):
-        return ("think",) if self.thinking else ("json", (START, "", None, False))
+        return ("think",) if self.thinking else ("json", self.doc.start())
 
     def advance(self, state, tok: int):
         if state[0] == "think":
             if tok == self.think_end:
-                return ("json", (START, "", None, False))
+                return ("json", self.doc.start())
             return state if tok in self.vocab.token_bytes else None
         if state[0] == "end":
             return None
         s = state[1]
-        if json_complete(s) and tok in self.vocab.eos_ids:
+        if self.doc.complete(s) and tok in self.vocab.eos_ids:
             return ("end",)
         data = self.vocab.token_bytes.get(tok)
         if data is None:
             return None
         for b in data:
-            s = json_step(s, b)
+            s = self.doc.step(s, b)
             if s is None:
                 return None
         return ("json", s)
@@ -185,10 +203,10 @@ class JsonGrammar(_Grammar):
     def min_close(self, state) -> int:
         """Tokens to finish from ``state``, EOS included."""
         if state[0] == "think":
-            return 1 + 2 + 1
+            return 1 + self.doc.min_close(self.doc.start()) + 1
         if state[0] == "end":
             return 0
-        return json_min_close(state[1]) + 1
+        return self.doc.min_close(state[1]) + 1
 
     def slack(self, state) -> int:
         return self.min_close(state) + 2 * self.vocab.max_token_len + 2
@@ -202,19 +220,20 @@ class JsonGrammar(_Grammar):
                 out.extend(self.vocab.token_bytes)
             return out
         s = state[1]
-        if s[0] == DONE:
-            return list(self.vocab.eos_ids)
         left = budget - 1  # after this token
-        ids = self.vocab.walk(s, json_step, lambda s2: json_min_close(s2) + 1 <= left)
+        ids = self.vocab.walk(s, self.doc.step, lambda s2: self.doc.min_close(s2) + 1 <= left)
+        if self.doc.complete(s):
+            ids = list(self.vocab.eos_ids) + ids
         if not ids:  # the budget is gone: take the shortest way out, byte by byte
             ids = self._forced(s)
         return ids
 
     def _forced(self, s) -> list[int]:
+        here = self.doc.min_close(s)
         for b in range(256):
             tok = self.vocab.single_byte.get(b)
-            s2 = json_step(s, b) if tok is not None else None
-            if s2 is not None and json_min_close(s2) < json_min_close(s):
+            s2 = self.doc.step(s, b) if tok is not None else None
+            if s2 is not None and self.doc.min_close(s2) < here:
                 return [tok]
         return list(self.vocab.eos_ids)
 

@@ -120,8 +120,20 @@ ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
 
 
 class ResponseFormat(_Closed):
+    """OpenAI's ``response_format``: ``json_schema`` carries ``{"name", "schema", "strict", "description"}``."""
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.type == "json_schema":
+            spec = self.json_schema
+            if spec is None or not isinstance(spec.get("schema"), (dict, bool)):
+                raise ValueError("response_format json_schema needs json_schema.schema (a JSON Schema object)")
+        elif self.json_schema is not None:
+            raise ValueError(f"json_schema is only allowed with type json_schema, not {self.type}")
+        return self
 
 
 class StreamOptions(_Closed):
@@ -255,8 +267,8 @@ class ChatCompletionRequest(_Sampling):
         if isinstance(tc, NamedToolChoice) and tc.function.name not in names:
             raise ValueError(f"tool_choice names tool {tc.function.name!r}, which is not in tools")
         rf = self.response_format
-        if rf is not None and rf.type == "json_object" and (tc == "required" or isinstance(tc, NamedToolChoice)):
-            raise ValueError("response_format json_object cannot be combined with a required or named tool_choice")
+        if rf is not None and rf.type != "text" and (tc == "required" or isinstance(tc, NamedToolChoice)):
+            raise ValueError(f"response_format {rf.type} cannot be combined with a required or named tool_choice")
         return self
 
     @property
@@ -287,6 +299,7 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_N)
+    response_format: ResponseFormat | None = None  # vLLM's extension: constrain the completion like chat's
 
     @model_validator(mode="after")
     def _checks(self):

@@ -11,8 +11,9 @@ streamed and non-streamed results cannot disagree.
 tool_choice: ``auto`` parses whatever calls the model writes; ``none`` renders the tools but bans the
 ``<tool_call>`` token and does not parse; ``required`` and a named tool constrain decoding with
 :class:`~glm5.serve.constrained.ToolCallGrammar` (the model may think first, then must write well-formed
-calls of the allowed tools). ``response_format: json_object`` constrains the content with
-:class:`~glm5.serve.constrained.JsonGrammar` (reasoning first when thinking is on).
+calls of the allowed tools). ``response_format`` ``json_object`` / ``json_schema`` constrains the content with
+:class:`~glm5.serve.constrained.JsonGrammar` (reasoning first when thinking is on); the schema is compiled by
+:mod:`glm5.serve.json_schema`.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ from glm5.tokenizer.detokenize import byte_level_char_to_byte
 from .backend import Backend, LogitsProcessor
 from .constrained import ConstrainedLogitsProcessor, JsonGrammar, TokenVocab, ToolCallGrammar, ban_tokens, bias_processor
 from .errors import APIError, bad_request
+from .json_schema import SchemaError, compile_schema
 from .metrics import ServerMetrics
-from .protocol import ChatCompletionRequest, CompletionRequest, ImagePart, NamedToolChoice, TextPart, _Sampling
+from .protocol import (ChatCompletionRequest, CompletionRequest, ImagePart, NamedToolChoice, ResponseFormat, TextPart,
+                       _Sampling)
 from .settings import ServeSettings
 
 # chat_template_kwargs that are passed to the renderer as named arguments; the rest go to the template
@@ -53,6 +56,7 @@ class ServerState:
         self.tokenizer = backend.tokenizer
         self._vocab: TokenVocab | None = None
         self._token_str: dict[int, tuple[str, bytes]] = {}
+        self._grammars: dict[tuple[str, bool], JsonGrammar] = {}
         added = self.tokenizer.backend.get_added_tokens_decoder()
         self._added = {i: t.content for i, t in added.items()}
         self.ids = {name: self.tokenizer.token_to_id(name) for name in
@@ -63,6 +67,28 @@ class ServerState:
         if self._vocab is None:
             self._vocab = TokenVocab(self.tokenizer, self.backend.vocab_size)
         return self._vocab
+
+    def json_grammar(self, fmt: ResponseFormat, thinking: bool) -> JsonGrammar:
+        """The grammar of a ``json_object`` / ``json_schema`` response format. Compiled grammars (and the allowed
+        tokens they cache per state) are kept for the most recent schemas: clients send the same one repeatedly."""
+        schema = None
+        if fmt.type == "json_schema":
+            spec = fmt.json_schema or {}
+            schema = spec.get("schema")
+            if schema is None:
+                raise bad_request("response_format json_schema needs json_schema.schema", param="response_format")
+        key = (json.dumps(schema, sort_keys=True), thinking)
+        grammar = self._grammars.pop(key, None)
+        if grammar is None:
+            try:
+                compiled = compile_schema(schema) if schema is not None else None
+            except SchemaError as e:
+                raise bad_request(f"unsupported json_schema: {e}", param="response_format.json_schema.schema") from None
+            grammar = JsonGrammar(self.vocab, thinking=thinking, schema=compiled)
+        self._grammars[key] = grammar  # most recent last
+        while len(self._grammars) > 32:
+            self._grammars.pop(next(iter(self._grammars)))
+        return grammar
 
     def token_text(self, token_id: int) -> tuple[str, bytes]:
         hit = self._token_str.get(token_id)
@@ -212,6 +238,14 @@ def _common_processors(state: ServerState, req: _Sampling, temperature: float) -
     return procs
 
 
+def _constrained(grammar, max_tokens: int) -> ConstrainedLogitsProcessor:
+    need = grammar.min_close(grammar.start())
+    if need > max_tokens:
+        raise bad_request(f"max_tokens={max_tokens} is too small for the constrained output (needs at least {need})",
+                          param="max_tokens")
+    return ConstrainedLogitsProcessor(grammar, max_tokens)
+
+
 def _min_p_processor(min_p: float, temperature: float) -> LogitsProcessor:
     t = max(temperature, 1e-5)
     cut = math.log(min_p)
@@ -288,11 +322,8 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
     parse_tool_calls = bool(tools) and choice != "none"
     if tools and choice == "none" and state.ids[st.TOOL_CALL_START] is not None:
         procs.append(ban_tokens([state.ids[st.TOOL_CALL_START]]))
-    if req.response_format is not None and req.response_format.type == "json_schema":
-        raise bad_request("response_format json_schema is not supported; use json_object",
-                          param="response_format.type", code="unsupported_value")
-    if req.response_format is not None and req.response_format.type == "json_object":
-        grammar = JsonGrammar(state.vocab, thinking=opens)
+    if req.response_format is not None and req.response_format.type != "text":
+        grammar = state.json_grammar(req.response_format, thinking=opens)
         parse_tool_calls = False
     elif tools and (choice == "required" or isinstance(choice, NamedToolChoice)):
         names = [choice.function.name] if isinstance(choice, NamedToolChoice) else None
@@ -302,10 +333,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
         except ValueError as e:
             raise bad_request(str(e), param="tool_choice") from None
     if grammar is not None:
-        if grammar.min_close(grammar.start()) > max_tokens:
-            raise bad_request(f"max_tokens={max_tokens} is too small for the constrained output "
-                              f"(needs at least {grammar.min_close(grammar.start())})", param="max_tokens")
-        procs.append(ConstrainedLogitsProcessor(grammar, max_tokens))
+        procs.append(_constrained(grammar, max_tokens))
     return Prepared(
         request_id=req.request_id or f"chatcmpl-{uuid.uuid4().hex}", model=model, prompts=[ids],
         prompt_texts=[prompt], params=params, processors=procs, opens_reasoning=opens, tools=tools,
@@ -336,6 +364,8 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Prepared:
     if wanted:  # echo + logprobs (lm-eval's loglikelihood) or vLLM's prompt_logprobs: score the prompt
         params.prompt_logprobs = max(wanted)
     procs = _common_processors(state, req, params.temperature)
+    if req.response_format is not None and req.response_format.type != "text":
+        procs.append(_constrained(state.json_grammar(req.response_format, thinking=False), max_tokens))
     return Prepared(request_id=req.request_id or f"cmpl-{uuid.uuid4().hex}", model=model, prompts=prompts,
                     prompt_texts=texts, params=params, processors=procs, top_logprobs=req.logprobs,
                     extra={"echo": req.echo, "prompt_logprobs": req.prompt_logprobs})

@@ -77,7 +77,19 @@ def test_unknown_model_is_404(client, http):
     ({"messages": HI, "stream_options": {"include_usage": True}}, None),
     ({"messages": HI, "stop": [""]}, "stop"),
     ({"messages": HI, "response_format": {"type": "xml"}}, None),
-    ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.type"),
+    ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"messages": HI, "response_format": {"type": "json_object", "json_schema": {"schema": {}}}}, "response_format"),
+    ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "string", "pattern": "^a+$"}}}}, "response_format.json_schema.schema"),
+    ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "$ref": "https://example.com/s.json"}}}}, "response_format.json_schema.schema"),
+    ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "integer", "minimum": 5, "maximum": 1}}}}, "response_format.json_schema.schema"),
+    ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "string", "maxLength": 3}}, "required": ["a"]}}},
+      "max_tokens": 5}, "max_tokens"),
+    ({"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+      "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}, None),
     ({"messages": HI, "logit_bias": {"abc": 1}}, "logit_bias"),
     ({"messages": HI, "logit_bias": {"999999": 1}}, "logit_bias"),
     ({"messages": HI, "stop_token_ids": [10**9]}, "stop_token_ids"),
