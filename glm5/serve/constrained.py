@@ -26,11 +26,11 @@ How it works
   not binding).
 
 Limits (documented): which JSON Schema keywords are enforced is listed in :mod:`glm5.serve.json_schema` (others
-are refused); tool argument values are typed
-only at the top level (``integer``/``number`` -> a JSON number, ``boolean``, ``null``, ``object``,
-``array``); string and union-typed values are free text; ``enum``/``const`` are not enforced. Cost per
-step is a trie walk (fine for test vocabularies; with GLM-5's 154k vocabulary expect tens of ms per token
-inside long strings).
+are refused). Tool argument values: a non-string value whose schema compiles there is checked against its whole
+schema, otherwise only its top-level type (``integer``/``number`` -> a JSON number, ``boolean``, ``null``,
+``object``, ``array``); string values are free text unless they have ``enum``/``const`` strings; union-typed
+values (e.g. string or null) are free text. Cost per step is a trie walk (fine for test vocabularies; with
+GLM-5's 154k vocabulary expect tens of ms per token inside long strings).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from glm5.tokenizer.tool_schema import ToolSchemas, ValueKind
 
 from .json_automaton import (START, TYPE_MIN, TYPE_STARTS, VALUE, json_accepts, json_complete, json_min_close,
                              json_step, value_start)
-from .json_schema import SchemaAutomaton
+from .json_schema import SchemaAutomaton, SchemaError, compile_schema
 
 __all__ = [
     "ConstrainedLogitsProcessor",
@@ -243,8 +243,8 @@ class ToolCallGrammar(_Grammar):
 
     NAME is one of ``names`` (a named tool_choice gives one); KEY one of the tool's declared properties,
     each at most once, and ``</tool_call>`` only once the required ones are there; VALUE free text for
-    string/union/unknown-typed arguments, a JSON value (of the declared type) otherwise. ``parallel``
-    allows several calls. With ``thinking``, reasoning text and ``</think>`` may come first.
+    string/union/unknown-typed arguments (one of the ``enum`` strings when there are some), a JSON value of the
+    declared schema otherwise. ``parallel`` allows several calls. With ``thinking``, reasoning text and ``</think>`` may come first.
     """
 
     def __init__(self, vocab: TokenVocab, tools: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None,
@@ -264,8 +264,10 @@ class ToolCallGrammar(_Grammar):
         self.thinking = thinking and self.think_end is not None
         self.props: dict[str, dict[str, Any]] = {}
         self.required: dict[str, frozenset[str]] = {}
+        self.params: dict[str, Any] = {}
         for name in self.names:
-            self.props[name], self.required[name] = self._params(tools, name)
+            self.props[name], self.required[name], self.params[name] = self._params(tools, name)
+        self._value_schemas: dict[tuple[str, str], Any] = {}
         self.name_bytes = {n: n.encode("utf-8") for n in self.names}
 
     @staticmethod
@@ -278,11 +280,39 @@ class ToolCallGrammar(_Grammar):
                 props = dict(props) if isinstance(props, Mapping) else {}
                 req = params.get("required") if isinstance(params, Mapping) else None
                 req = frozenset(r for r in (req or []) if isinstance(r, str) and r in props)
-                return props, req
-        return {}, frozenset()
+                return props, req, params
+        return {}, frozenset(), {}
 
     # ---- value typing
+    def _value_schema(self, tool: str, key: str) -> SchemaAutomaton | frozenset[bytes] | None:
+        """How an argument's value is constrained beyond its top-level type: a non-string value whose schema
+        compiles (glm5.serve.json_schema) is checked in full; a string with ``enum``/``const`` strings must be
+        one of them (GLM-5 writes string values raw). Anything else (a schema using keywords the compiler refuses
+        included) keeps the top-level typing below."""
+        ck = (tool, key)
+        if ck not in self._value_schemas:
+            prop, out = self.props[tool].get(key), None
+            kind = self.schemas.kind_of(tool, key)
+            if kind is ValueKind.TYPED:
+                try:
+                    out = compile_schema(prop, root=self.params[tool])
+                except SchemaError:
+                    out = None
+            elif kind is ValueKind.STRING and isinstance(prop, Mapping):
+                values = [prop["const"]] if "const" in prop else prop.get("enum")
+                if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
+                    lits = frozenset(v.encode("utf-8") for v in values)
+                    if all(st.ARG_VALUE_END not in v and st.TOOL_CALL_END not in v for v in values):
+                        out = lits
+            self._value_schemas[ck] = out
+        return self._value_schemas[ck]
+
     def _value_mode(self, tool: str, key: str):
+        vs = self._value_schema(tool, key)
+        if isinstance(vs, SchemaAutomaton):
+            return ("schema", vs.start())
+        if vs is not None:
+            return ("enum", b"")
         kind = self.schemas.kind_of(tool, key)
         if kind is not ValueKind.TYPED:
             return ("text", "")
@@ -291,7 +321,20 @@ class ToolCallGrammar(_Grammar):
         int_only = types <= {"integer"}
         return ("json", (VALUE, "", None, False), starts, int_only)
 
+    def _value_cost(self, tool: str, key: str, mode) -> int:
+        """Bytes that complete a value in ``mode`` (a value token ends it)."""
+        if mode[0] == "text":
+            return 0
+        if mode[0] == "schema":
+            return self._value_schema(tool, key).min_close(mode[1])
+        if mode[0] == "enum":
+            return min(len(v) - len(mode[1]) for v in self._value_schema(tool, key) if v.startswith(mode[1]))
+        return self._min_value(tool, key) if mode[1][0] == VALUE and not mode[1][1] else json_min_close(mode[1])
+
     def _min_value(self, tool: str, key: str) -> int:
+        vs = self._value_schema(tool, key)
+        if vs is not None:
+            return self._value_cost(tool, key, self._value_mode(tool, key))
         kind = self.schemas.kind_of(tool, key)
         if kind is not ValueKind.TYPED:
             return 0
@@ -332,9 +375,7 @@ class ToolCallGrammar(_Grammar):
             return 1 + self._min_value(tool, key) + 1 + self._rest_cost(tool, used)
         if k == "val":
             _, tool, used, key, mode = state
-            inner = 0 if mode[0] == "text" else (
-                self._min_value(tool, key) if mode[1][0] == VALUE and not mode[1][1] else json_min_close(mode[1]))
-            return inner + 1 + self._rest_cost(tool, used)
+            return self._value_cost(tool, key, mode) + 1 + self._rest_cost(tool, used)
         if k == "between":
             return self._rest_cost(state[1], state[2])
         if k == "after":
@@ -390,12 +431,21 @@ class ToolCallGrammar(_Grammar):
         if k == "val":
             _, tool, used, key, mode = state
             if tok == T[st.ARG_VALUE_END]:
-                if mode[0] == "json" and not json_complete(mode[1]):
-                    return None
-                return ("between", tool, used | {key})
+                done = {"json": lambda: json_complete(mode[1]), "text": lambda: True,
+                        "schema": lambda: self._value_schema(tool, key).complete(mode[1]),
+                        "enum": lambda: mode[1] in self._value_schema(tool, key)}[mode[0]]()
+                return ("between", tool, used | {key}) if done else None
             data = self.vocab.token_bytes.get(tok)
             if data is None:
                 return None
+            if mode[0] in ("schema", "enum"):
+                s = mode[1]
+                step = self._value_step(tool, key, mode[0])
+                for b in data:
+                    s = step(s, b)
+                    if s is None:
+                        return None
+                return ("val", tool, used, key, (mode[0], s))
             if mode[0] == "text":
                 text = mode[1] + data.decode("utf-8", "replace")
                 if st.ARG_VALUE_END in text or st.TOOL_CALL_END in text:
@@ -417,6 +467,16 @@ class ToolCallGrammar(_Grammar):
                 return ("after",)
             return None
         return None
+
+    def _value_step(self, tool: str, key: str, kind: str):
+        vs = self._value_schema(tool, key)
+        if kind == "schema":
+            return vs.step
+
+        def step(typed: bytes, b: int):
+            t = typed + bytes([b])
+            return t if any(v.startswith(t) for v in vs) else None
+        return step
 
     def _free_keys(self, tool: str, used: frozenset[str]) -> list[str]:
         return [p for p in self.props[tool] if p not in used]
@@ -472,6 +532,9 @@ class ToolCallGrammar(_Grammar):
         if k == "val":
             _, tool, used, key, mode = state
             rest = 1 + self._rest_cost(tool, used | {key})
+            if mode[0] in ("schema", "enum"):
+                return self.vocab.walk(mode[1], self._value_step(tool, key, mode[0]),
+                                       lambda s: self._value_cost(tool, key, (mode[0], s)) + rest <= left)
             if mode[0] == "text":
                 if rest > left:
                     return []

@@ -53,7 +53,8 @@ _KEYWORDS = {
 }
 _GENERIC = {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref"}
 MAX_EXTRA_KEY = 64
-MAX_NODES = 4096
+MAX_NODES = 1024
+MAX_DEPTH = 64
 
 
 class SchemaError(ValueError):
@@ -63,7 +64,7 @@ class SchemaError(ValueError):
 
 
 def _dump(value) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 class _Node:
@@ -114,6 +115,8 @@ class _Compiler:
         return nid
 
     def compile(self, s: Any, path: str) -> int:
+        if path.count("/") > MAX_DEPTH:
+            raise SchemaError(f"schema nested deeper than {MAX_DEPTH} levels", path[:200])
         if s is True:
             return self.add(_Node("any"))
         if s is False:
@@ -158,7 +161,7 @@ class _Compiler:
             implied = [t for t, kws in _KEYWORDS.items() if kws & set(s) and t != "number"]
             types = implied or list(_KEYWORDS)
         types = [types] if isinstance(types, str) else types
-        if not isinstance(types, list) or not types or any(t not in _KEYWORDS for t in types):
+        if not isinstance(types, list) or not types or any(not isinstance(t, str) or t not in _KEYWORDS for t in types):
             raise SchemaError(f"type must be one of {sorted(_KEYWORDS)} or a list of them", path)
         for key in set(s) - _ANNOTATIONS - _GENERIC:
             if not any(key in _KEYWORDS[t] for t in types):
@@ -240,12 +243,19 @@ def _count(s: dict, key: str, path: str):
     return v
 
 
-def compile_schema(schema: Any) -> "SchemaAutomaton":
+def compile_schema(schema: Any, root: Any = None) -> "SchemaAutomaton":
     """Compile ``schema`` (a JSON Schema as parsed JSON); raises :class:`SchemaError` for what is not supported
-    or cannot be satisfied."""
-    c = _Compiler(schema)
-    root = c.compile(schema, "#")
-    return SchemaAutomaton(c.nodes, root)
+    or cannot be satisfied. ``root``: the document its ``$ref`` pointers resolve in (default: ``schema``; a tool's
+    ``parameters`` for one of its properties)."""
+    c = _Compiler(schema if root is None else root)
+    try:
+        root = c.compile(schema, "#")
+        return SchemaAutomaton(c.nodes, root)
+    except SchemaError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError, RecursionError) as e:
+        # malformed values the checks above do not name (a NaN in an enum, a list where a name belongs, ...)
+        raise SchemaError(f"invalid schema: {type(e).__name__}: {e}") from None
 
 
 # ============================================================================================== integers

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 
+import jsonschema
 import pytest
 import torch
 
@@ -15,13 +16,17 @@ from glm5.tokenizer import parse_output
 from glm5.tokenizer import special_tokens as st
 
 from .conftest import make_corpus
+from .test_json_schema import strict
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "weather", "parameters": {
         "type": "object", "properties": {"location": {"type": "string"}, "days": {"type": "integer"},
                                          "unit": {"type": "string", "enum": ["c", "f"]}, "detailed": {"type": "boolean"},
-                                         "tags": {"type": "array"}},
-        "required": ["location", "days"]}}},
+                                         "tags": {"type": "array"},
+                                         "range": {"$ref": "#/$defs/range"}},
+        "required": ["location", "days"],
+        "$defs": {"range": {"type": "object", "properties": {"lo": {"type": "integer", "minimum": 0, "maximum": 99},
+                                                               "hi": {"type": "integer"}}, "required": ["lo"]}}}}},
     {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}},
 ]
 
@@ -114,6 +119,8 @@ def test_tool_grammar_always_parses(tok, vocab, budget, names):
                     assert isinstance(args["detailed"], bool)
                 if "tags" in args:
                     assert isinstance(args["tags"], list)
+                # nested values are checked against their whole schema, string enums included
+                jsonschema.validate(args, strict(TOOLS[0]["function"]["parameters"]))
             else:
                 assert args == {}
         assert not [e for e in parsed.errors if "unknown tool" in e or "malformed" in e], parsed.errors

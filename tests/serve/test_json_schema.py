@@ -132,6 +132,11 @@ def test_accepts_exactly_the_valid_documents(schema, text, ok):
     ({"type": "date"}, "type must be"),
     ({"$defs": {"loop": {"$ref": "#/$defs/loop"}}, "$ref": "#/$defs/loop"}, "no JSON value"),
     ({"enum": []}, "no JSON value"),
+    ({"type": [["string"]]}, "type must be"),
+    ({"enum": [float("inf")]}, "invalid schema"),
+    ({"properties": {"a": []}}, "must be an object or a boolean"),
+    ({"minLength": -1}, "non-negative integer"),
+    (json.loads('{"items":' * 100 + "{}" + "}" * 100), "nested deeper"),
 ])
 def test_unsupported_or_unsatisfiable_schemas_are_refused_with_their_place(schema, words):
     with pytest.raises(SchemaError) as e:
