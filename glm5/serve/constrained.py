@@ -44,7 +44,7 @@ from glm5.tokenizer import special_tokens as st
 from glm5.tokenizer.detokenize import byte_level_char_to_byte
 from glm5.tokenizer.tool_schema import ToolSchemas, ValueKind
 
-from .json_automaton import (START, TYPE_MIN, TYPE_STARTS, VALUE, json_accepts, json_complete, json_min_close,
+from .json_automaton import (_STR, START, TYPE_MIN, TYPE_STARTS, VALUE, json_accepts, json_complete, json_min_close,
                              json_step, value_start)
 from .json_schema import SchemaAutomaton, SchemaError, compile_schema
 
@@ -82,6 +82,7 @@ class TokenVocab:
         table = byte_level_char_to_byte()
         self.token_bytes: dict[int, bytes] = {}
         self.root = _Node()
+        self.string_special_root = _Node()
         self.single_byte: dict[int, int] = {}
         for i in range(n):
             if i in added:
@@ -96,23 +97,38 @@ class TokenVocab:
             if not data:
                 continue
             self.token_bytes[i] = data
-            node = self.root
-            for b in data:
-                node = node.children.setdefault(b, _Node())
-            node.ids.append(i)
+            for root in (self.root, self.string_special_root) if _string_chars(data) is None else (self.root,):
+                node = root
+                for b in data:
+                    node = node.children.setdefault(b, _Node())
+                node.ids.append(i)
             if len(data) == 1:
                 self.single_byte.setdefault(data[0], i)
         self.max_token_len = max((len(b) for b in self.token_bytes.values()), default=1)
+        # Inside a JSON string most tokens are plain text that only lengthens it; they are listed by character count
+        # (the string_special_root trie holds the rest), so that a string state is not a walk over the whole trie.
+        by_chars: dict[int, list[int]] = {}
+        for i, data in self.token_bytes.items():
+            c = _string_chars(data)
+            if c is not None:
+                by_chars.setdefault(c, []).append(i)
+        self.plain_by_chars = [by_chars.get(c, []) for c in range(max(by_chars, default=0) + 1)]
         self.eos_ids = [self.added[t] for t in st.EOS_TOKENS if t in self.added]
 
     def id(self, content: str) -> int | None:
         return self.added.get(content)
 
-    def walk(self, state: Any, step: Callable[[Any, int], Any], accept: Callable[[Any], bool]) -> list[int]:
-        """Ids of ordinary tokens whose bytes take ``state`` through ``step`` (None = dead) to a state that
-        ``accept`` admits."""
+    def plain_string_tokens(self, room: int | None) -> list[int]:
+        """Tokens of at most ``room`` characters (None: any) that continue a JSON string without ending it."""
+        lists = self.plain_by_chars if room is None else self.plain_by_chars[: room + 1]
+        return [i for ids in lists for i in ids]
+
+    def walk(self, state: Any, step: Callable[[Any, int], Any], accept: Callable[[Any], bool],
+             root: _Node | None = None) -> list[int]:
+        """Ids of ordinary tokens (those under ``root``, default all) whose bytes take ``state`` through ``step``
+        (None = dead) to a state that ``accept`` admits."""
         out: list[int] = []
-        stack = [(self.root, state)]
+        stack = [(root or self.root, state)]
         while stack:
             node, s = stack.pop()
             for b, child in node.children.items():
@@ -124,6 +140,17 @@ class TokenVocab:
                 if child.children:
                     stack.append((child, s2))
         return out
+
+
+def _string_chars(data: bytes) -> int | None:
+    """Characters ``data`` adds inside a JSON string when it neither ends it nor leaves an escape or a UTF-8
+    sequence open; None for any other token (quote, backslash, control byte, partial or invalid UTF-8)."""
+    if b'"' in data or b"\\" in data or any(b < 0x20 or b == 0x7F for b in data):
+        return None
+    try:
+        return len(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None
 
 
 # ============================================================================================== grammars
@@ -163,6 +190,11 @@ class _JsonObjectAutomaton:
     step = staticmethod(json_step)
     min_close = staticmethod(json_min_close)
     complete = staticmethod(json_complete)
+
+    @staticmethod
+    def string_room(s) -> int | None | bool:
+        """Inside a string with no escape or UTF-8 sequence open: None (any length); else False."""
+        return None if s[0] == _STR and s[2][1] == 0 else False
 
 
 class JsonGrammar(_Grammar):
@@ -221,7 +253,15 @@ class JsonGrammar(_Grammar):
             return out
         s = state[1]
         left = budget - 1  # after this token
-        ids = self.vocab.walk(s, self.doc.step, lambda s2: self.doc.min_close(s2) + 1 <= left)
+        room = self.doc.string_room(s)
+        if room is not False and self.doc.min_close(s) + 1 <= left:
+            # inside a string with the budget to spare: plain text tokens only lengthen it (never raising the
+            # shortest completion), the few others go through the trie walk
+            plain = self.vocab.plain_string_tokens(room)
+            ids = plain + self.vocab.walk(s, self.doc.step, lambda s2: self.doc.min_close(s2) + 1 <= left,
+                                          root=self.vocab.string_special_root)
+        else:
+            ids = self.vocab.walk(s, self.doc.step, lambda s2: self.doc.min_close(s2) + 1 <= left)
         if self.doc.complete(s):
             ids = list(self.vocab.eos_ids) + ids
         if not ids:  # the budget is gone: take the shortest way out, byte by byte

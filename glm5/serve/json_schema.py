@@ -416,6 +416,18 @@ class SchemaAutomaton:
             return json_complete(f[1])
         return False
 
+    def string_room(self, state) -> int | None | bool:
+        """When every alternative is inside a string with no escape or UTF-8 sequence open and the same room:
+        the characters that may still be added (None: unlimited). Otherwise False. Plain text tokens of at most
+        that many characters are then allowed without walking them (JsonGrammar)."""
+        rooms = set()
+        for s in state:
+            if not s or s[-1][0] != "S" or s[-1][2] != 0:
+                return False
+            n = self.nodes[s[-1][1]]
+            rooms.add(None if n.max_len is None else n.max_len - s[-1][3])
+        return rooms.pop() if len(rooms) == 1 else False
+
     def min_close(self, state) -> float:
         return min((self._stack_cost(s) for s in state), default=INF)
 

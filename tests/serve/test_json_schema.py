@@ -290,3 +290,31 @@ def test_person_schema_with_thinking_first(vocab):
         body = ids[ids.index(think_end) + 1:-1]
         doc = json.loads(b"".join(vocab.token_bytes[i] for i in body).decode("utf-8"))
         assert valid(PERSON, doc) and set(doc) >= {"name", "age"}
+
+
+@pytest.mark.parametrize("schema", [None, PERSON, {"type": "object", "properties": {"s": {"type": "string", "minLength": 3},
+                                                                               "t": {"anyOf": [{"type": "string", "maxLength": 2},
+                                                                                               {"type": "string"}]}}}])
+def test_string_fast_path_allows_exactly_what_the_trie_walk_allows(vocab, schema):
+    """Inside a string, plain-text tokens are listed by character count instead of walked: the allowed set must
+    be the one the full walk gives, at every state of some random walks and with a binding budget too."""
+    grammar = JsonGrammar(vocab, schema=compile_schema(schema) if schema is not None else None)
+    slow = JsonGrammar(vocab, schema=grammar.doc if schema is not None else None)
+    slow.doc = type("NoFastPath", (), {k: staticmethod(getattr(grammar.doc, k))
+                                       for k in ("start", "step", "min_close", "complete")})()
+    slow.doc.string_room = staticmethod(lambda s: False)
+    seen_string = 0
+    for seed in range(4):
+        gen = torch.Generator().manual_seed(seed)
+        state, budget = grammar.start(), 40
+        for _ in range(budget):
+            if state[0] == "json" and grammar.doc.string_room(state[1]) is not False:
+                seen_string += 1
+            for b in (budget, grammar.min_close(state) + 1):
+                assert sorted(grammar.allowed(state, b)) == sorted(slow.allowed(state, b))
+            allowed = grammar.allowed(state, budget)
+            tok = allowed[int(torch.randint(len(allowed), (1,), generator=gen))]
+            if tok in vocab.eos_ids:
+                break
+            state, budget = grammar.advance(state, tok), budget - 1
+    assert seen_string > 5
