@@ -62,6 +62,7 @@ def main() -> int:
             for cache in ("cold", "warm"):
                 if cache == "cold":
                     grammar._cache.clear()
+                    grammar._index_cache.clear()
                 times = [t for s in range(args.seeds) for t in run(grammar, vocab, args.max_tokens, s)]
                 print(f"| {V:,} | {label} | {cache} | {len(times)} | {1e3 * statistics.mean(times):.2f} | "
                       f"{1e3 * statistics.median(times):.2f} | {1e3 * max(times):.1f} |", flush=True)

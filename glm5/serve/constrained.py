@@ -162,6 +162,7 @@ class _Grammar:
     def __init__(self, vocab: TokenVocab):
         self.vocab = vocab
         self._cache: dict[Any, list[int]] = {}
+        self._index_cache: dict[Any, torch.Tensor] = {}
 
     def allowed_cached(self, state, budget: int) -> list[int]:
         if budget >= self.slack(state):
@@ -174,6 +175,21 @@ class _Grammar:
                 self._cache[key] = hit
             return hit
         return self.allowed(state, budget)
+
+    def allowed_index(self, state, budget: int, size: int, device) -> torch.Tensor:
+        """``allowed_cached`` as a tensor of the ids below ``size`` on ``device``; cached alongside it, since turning
+        tens of thousands of ids into a tensor costs more than the lookup (inside a string, every step)."""
+        cacheable = budget >= self.slack(state)
+        key = (state, size, str(device))
+        hit = self._index_cache.get(key) if cacheable else None
+        if hit is None:
+            ids = [i for i in self.allowed_cached(state, budget) if i < size]
+            hit = torch.tensor(ids, dtype=torch.long, device=device)
+            if cacheable:
+                if len(self._index_cache) > 1024:
+                    self._index_cache.clear()
+                self._index_cache[key] = hit
+        return hit
 
     def slack(self, state) -> int:
         """A budget at and above which allowed() no longer depends on the budget."""
@@ -634,16 +650,15 @@ class ConstrainedLogitsProcessor:
 
     def __call__(self, output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
         s = self.state_for(output_ids)
+        size = logits.shape[-1]
         if s is None:  # left the grammar (should not happen); stop as soon as possible
-            allowed = list(self.grammar.vocab.eos_ids)
+            idx = torch.tensor([i for i in self.grammar.vocab.eos_ids if i < size], dtype=torch.long,
+                               device=logits.device)
         else:
-            budget = max(1, self.max_tokens - len(output_ids))
-            allowed = self.grammar.allowed_cached(s, budget)
-        allowed = [i for i in allowed if i < logits.shape[-1]]
-        if not allowed:
+            idx = self.grammar.allowed_index(s, max(1, self.max_tokens - len(output_ids)), size, logits.device)
+        if not idx.numel():
             return logits
         out = torch.full_like(logits, NEG_INF)
-        idx = torch.tensor(allowed, dtype=torch.long, device=logits.device)
         out[..., idx] = logits[..., idx]
         return out
 
