@@ -10,7 +10,7 @@ streamed and non-streamed results cannot disagree.
 
 tool_choice: ``auto`` parses whatever calls the model writes; ``none`` renders the tools but bans the
 ``<tool_call>`` token and does not parse; ``required`` and a named tool constrain decoding with
-:class:`~glm5.serve.constrained.ToolCallGrammar` (the model may think first, then must write well-formed
+:class:`~glm5.serve.tool_grammar.ToolCallGrammar` (the model may think first, then must write well-formed
 calls of the allowed tools). ``response_format`` ``json_object`` / ``json_schema`` constrains the content with
 :class:`~glm5.serve.constrained.JsonGrammar` (reasoning first when thinking is on); the schema is compiled by
 :mod:`glm5.serve.json_schema`.
@@ -33,13 +33,14 @@ from glm5.tokenizer import special_tokens as st
 from glm5.tokenizer.detokenize import byte_level_char_to_byte
 
 from .backend import Backend, LogitsProcessor
-from .constrained import ConstrainedLogitsProcessor, JsonGrammar, TokenVocab, ToolCallGrammar, ban_tokens, bias_processor
+from .constrained import ConstrainedLogitsProcessor, JsonGrammar, TokenVocab, ban_tokens, bias_processor
 from .errors import APIError, bad_request
 from .json_schema import SchemaError, compile_schema
 from .metrics import ServerMetrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, ImagePart, NamedToolChoice, ResponseFormat, TextPart,
                        _Sampling)
 from .settings import ServeSettings
+from .tool_grammar import ToolCallGrammar
 
 # chat_template_kwargs that are passed to the renderer as named arguments; the rest go to the template
 _TEMPLATE_RESERVED = {"messages", "tools", "add_generation_prompt", "tokenize", "enable_thinking", "clear_thinking"}

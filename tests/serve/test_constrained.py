@@ -10,8 +10,9 @@ import jsonschema
 import pytest
 import torch
 
-from glm5.serve.constrained import (ConstrainedLogitsProcessor, JsonGrammar, TokenVocab, ToolCallGrammar, ban_tokens,
-                                    bias_processor, json_accepts)
+from glm5.serve.constrained import (ConstrainedLogitsProcessor, JsonGrammar, TokenVocab, ban_tokens, bias_processor,
+                                    json_accepts)
+from glm5.serve.tool_grammar import ToolCallGrammar
 from glm5.tokenizer import parse_output
 from glm5.tokenizer import special_tokens as st
 
