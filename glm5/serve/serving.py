@@ -78,7 +78,7 @@ class ServerState:
             schema = spec.get("schema")
             if schema is None:
                 raise bad_request("response_format json_schema needs json_schema.schema", param="response_format")
-        key = (json.dumps(schema, sort_keys=True), thinking)
+        key = (json.dumps(schema), thinking)  # key order kept: properties are generated in schema order
         grammar = self._grammars.pop(key, None)
         if grammar is None:
             try:

@@ -172,6 +172,18 @@ def test_json_schema_streamed_and_on_completions(client):
         jsonschema.validate(json.loads(c.text), schema)
 
 
+def test_json_schema_property_order_is_the_schemas(client):
+    """Compiled grammars are reused for repeated schemas; two schemas that differ only in property order are
+    different grammars (the output follows each one's order)."""
+    for order in (["a", "b"], ["b", "a"], ["a", "b"]):
+        schema = {"type": "object", "properties": {k: {"type": "integer"} for k in order}, "required": ["a", "b"]}
+        r = client.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=20, seed=1,
+                                           response_format={"type": "json_schema",
+                                                            "json_schema": {"name": "o", "schema": schema}},
+                                           extra_body={"thinking": {"type": "disabled"}})
+        assert list(json.loads(r.choices[0].message.content)) == order
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_tool_choice_required(client, seed):
     r = client.chat.completions.create(model=MODEL_NAME, messages=HI, tools=TOOLS, tool_choice="required",
