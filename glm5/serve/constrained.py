@@ -54,6 +54,7 @@ __all__ = [
     "ban_tokens",
     "bias_processor",
     "json_accepts",
+    "json_logits_processor",
 ]
 
 NEG_INF = float("-inf")
@@ -336,6 +337,27 @@ class ConstrainedLogitsProcessor:
         out = torch.full_like(logits, NEG_INF)
         out[..., idx] = logits[..., idx]
         return out
+
+
+def json_logits_processor(tokenizer: Any, max_tokens: int, schema: Any = None, thinking: bool = False,
+                          logits_size: int | None = None) -> ConstrainedLogitsProcessor:
+    """Structured output for the engine's offline API (what vLLM's guided decoding gives ``LLM.generate``)::
+
+        proc = json_logits_processor(tok, max_tokens=64, schema={"type": "object", ...})
+        llm.generate(prompts, SamplingParams(max_tokens=64, logits_processors=[proc]))
+
+    The output is one JSON object (``schema`` None) or a document ``schema`` accepts, then EOS, within
+    ``max_tokens`` (pass the request's). ``thinking``: the prompt opened ``<think>``, so reasoning comes first.
+    Raises :class:`~glm5.serve.json_schema.SchemaError` for a schema it cannot enforce, ``ValueError`` when
+    ``max_tokens`` cannot fit the shortest valid output."""
+    from .json_schema import compile_schema
+
+    grammar = JsonGrammar(TokenVocab(tokenizer, logits_size), thinking=thinking,
+                          schema=compile_schema(schema) if schema is not None else None)
+    need = grammar.min_close(grammar.start())
+    if need > max_tokens:
+        raise ValueError(f"max_tokens={max_tokens} is too small for the constrained output (needs at least {need})")
+    return ConstrainedLogitsProcessor(grammar, max_tokens)
 
 
 def ban_tokens(token_ids: Sequence[int]) -> Callable[[Sequence[int], torch.Tensor], torch.Tensor]:

@@ -318,3 +318,24 @@ def test_string_fast_path_allows_exactly_what_the_trie_walk_allows(vocab, schema
                 break
             state, budget = grammar.advance(state, tok), budget - 1
     assert seen_string > 5
+
+
+def test_offline_engine_with_the_json_logits_processor():
+    """vLLM-style offline structured output: LLM.generate with the processor in SamplingParams.logits_processors,
+    n > 1 sharing one processor, on a random-init model whose vocabulary is the tokenizer's."""
+    from glm5 import GLM5ForCausalLM, preset
+    from glm5.engine import LLM, SamplingParams
+    from glm5.serve.constrained import json_logits_processor
+    from glm5.tokenizer import train_bpe
+
+    tok = train_bpe(make_corpus(), vocab_size=800)
+    model = GLM5ForCausalLM(preset("glm5-nano", vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_ids)).init_weights(0)
+    llm = LLM(model, tokenizer=tok, max_model_len=256)
+    proc = json_logits_processor(tok, max_tokens=60, schema=PERSON)
+    out = llm.generate(["Describe a person:"], SamplingParams(n=3, max_tokens=60, temperature=1.0, seed=5,
+                                                                 logits_processors=[proc]))[0]
+    for c in out.outputs:
+        assert c.finish_reason == "stop", c
+        assert valid(PERSON, json.loads(c.text)), c.text
+    with pytest.raises(ValueError, match="too small"):
+        json_logits_processor(tok, max_tokens=5, schema=PERSON)
