@@ -117,11 +117,6 @@ class TokenVocab:
     def id(self, content: str) -> int | None:
         return self.added.get(content)
 
-    def plain_string_tokens(self, room: int | None) -> list[int]:
-        """Tokens of at most ``room`` characters (None: any) that continue a JSON string without ending it."""
-        lists = self.plain_by_chars if room is None else self.plain_by_chars[: room + 1]
-        return [i for ids in lists for i in ids]
-
     def walk(self, state: Any, step: Callable[[Any, int], Any], accept: Callable[[Any], bool],
              root: _Node | None = None) -> list[int]:
         """Ids of ordinary tokens (those under ``root``, default all) whose bytes take ``state`` through ``step``
@@ -208,7 +203,8 @@ class _JsonObjectAutomaton:
 
     @staticmethod
     def string_room(s) -> int | None | bool:
-        """Inside a string with no escape or UTF-8 sequence open: None (any length); else False."""
+        """Inside a string with no escape or UTF-8 sequence open: None (any length; plain text leaves the state
+        as it is); else False."""
         return None if s[0] == _STR and s[2][1] == 0 else False
 
 
@@ -269,12 +265,19 @@ class JsonGrammar(_Grammar):
         s = state[1]
         left = budget - 1  # after this token
         room = self.doc.string_room(s)
-        if room is not False and self.doc.min_close(s) + 1 <= left:
-            # inside a string with the budget to spare: plain text tokens only lengthen it (never raising the
-            # shortest completion), the few others go through the trie walk
-            plain = self.vocab.plain_string_tokens(room)
-            ids = plain + self.vocab.walk(s, self.doc.step, lambda s2: self.doc.min_close(s2) + 1 <= left,
-                                          root=self.vocab.string_special_root)
+        if room is not False:
+            # Inside a string, a plain-text token of c characters leads to a state that depends on c alone, so one
+            # token decides for all of them (within the string's room); the few other tokens are walked.
+            ids = []
+            for bucket in self.vocab.plain_by_chars[: None if room is None else room + 1]:
+                if bucket:
+                    s2 = s
+                    for b in self.vocab.token_bytes[bucket[0]]:
+                        s2 = self.doc.step(s2, b)
+                    if s2 is not None and self.doc.min_close(s2) + 1 <= left:
+                        ids.extend(bucket)
+            ids += self.vocab.walk(s, self.doc.step, lambda s2: self.doc.min_close(s2) + 1 <= left,
+                                   root=self.vocab.string_special_root)
         else:
             ids = self.vocab.walk(s, self.doc.step, lambda s2: self.doc.min_close(s2) + 1 <= left)
         if self.doc.complete(s):

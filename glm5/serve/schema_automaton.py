@@ -208,8 +208,9 @@ class SchemaAutomaton:
 
     def string_room(self, state) -> int | None | bool:
         """When every alternative is inside a string with no escape or UTF-8 sequence open and the same room:
-        the characters that may still be added (None: unlimited). Otherwise False. Plain text tokens of at most
-        that many characters are then allowed without walking them (JsonGrammar)."""
+        the characters that may still be added (None: unlimited). Otherwise False. JsonGrammar then decides for
+        all plain-text tokens of c characters with one of them, which relies on the state they lead to depending
+        on c alone (it does: the string frame's character count)."""
         rooms = set()
         for s in state:
             if not s or s[-1][0] != "S" or s[-1][2] != 0:
