@@ -13,8 +13,8 @@ The server makes exactly these calls (:class:`Backend`):
 * ``healthy`` (False once the engine loop died).
 
 ``logits_processors`` are ``(output_token_ids, logits[V]) -> logits`` callables (vLLM v0's signature),
-used for ``json_object`` / ``json_schema``, required/named ``tool_choice``, ``tool_choice: none``, ``logit_bias`` and the
-penalties. They travel in ``SamplingParams.logits_processors``; the engine's sampler applies them per
+used for ``json_object`` / ``json_schema``, required/named ``tool_choice``, ``tool_choice: none``, ``logit_bias``
+and the penalties. They travel in ``SamplingParams.logits_processors``; the engine's sampler applies them per
 sequence (each of the n completions sees its own output ids) and reports log-probabilities of the raw model
 distribution, as vLLM does. With MTP speculation on, such sequences simply decode without drafts.
 """

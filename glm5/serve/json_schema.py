@@ -114,7 +114,8 @@ class _Compiler:
                 if set(s) - _ANNOTATIONS - {key}:
                     raise SchemaError(f"{key} next to other keywords is not supported; move them into each branch",
                                       path)
-                return self.add(SchemaNode("union", alts=[self.compile(a, f"{path}/{key}/{i}") for i, a in enumerate(alts)]))
+                alt_ids = [self.compile(a, f"{path}/{key}/{i}") for i, a in enumerate(alts)]
+                return self.add(SchemaNode("union", alts=alt_ids))
         if "const" in s or "enum" in s:
             values = [s["const"]] if "const" in s else s["enum"]
             if not isinstance(values, list):
@@ -156,7 +157,9 @@ class _Compiler:
             return self.add(SchemaNode("int", lo=lo, hi=hi))
         if t == "string":
             lo, hi = _count(s, "minLength", path), _count(s, "maxLength", path)
-            return self.add(SchemaNode("str", min_len=lo or 0, max_len=hi) if hi is None or (lo or 0) <= hi else SchemaNode("never"))
+            if hi is not None and (lo or 0) > hi:
+                return self.add(SchemaNode("never"))
+            return self.add(SchemaNode("str", min_len=lo or 0, max_len=hi))
         if t == "array":
             prefix = s.get("prefixItems", [])
             if not isinstance(prefix, list):

@@ -25,7 +25,8 @@ class ToolCallGrammar(_Grammar):
     NAME is one of ``names`` (a named tool_choice gives one); KEY one of the tool's declared properties,
     each at most once, and ``</tool_call>`` only once the required ones are there; VALUE free text for
     string/union/unknown-typed arguments (one of the ``enum`` strings when there are some), a JSON value of the
-    declared schema otherwise. ``parallel`` allows several calls. With ``thinking``, reasoning text and ``</think>`` may come first.
+    declared schema otherwise. ``parallel`` allows several calls. With ``thinking``, reasoning text and
+    ``</think>`` may come first.
     """
 
     def __init__(self, vocab: TokenVocab, tools: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None,
@@ -81,10 +82,9 @@ class ToolCallGrammar(_Grammar):
                     out = None
             elif kind is ValueKind.STRING and isinstance(prop, Mapping):
                 values = [prop["const"]] if "const" in prop else prop.get("enum")
-                if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
-                    lits = frozenset(v.encode("utf-8") for v in values)
-                    if all(st.ARG_VALUE_END not in v and st.TOOL_CALL_END not in v for v in values):
-                        out = lits
+                if (isinstance(values, list) and values and all(isinstance(v, str) for v in values)
+                        and not any(st.ARG_VALUE_END in v or st.TOOL_CALL_END in v for v in values)):
+                    out = frozenset(v.encode("utf-8") for v in values)
             self._value_schemas[ck] = out
         return self._value_schemas[ck]
 
@@ -212,9 +212,14 @@ class ToolCallGrammar(_Grammar):
         if k == "val":
             _, tool, used, key, mode = state
             if tok == T[st.ARG_VALUE_END]:
-                done = {"json": lambda: json_complete(mode[1]), "text": lambda: True,
-                        "schema": lambda: self._value_schema(tool, key).complete(mode[1]),
-                        "enum": lambda: mode[1] in self._value_schema(tool, key)}[mode[0]]()
+                if mode[0] == "json":
+                    done = json_complete(mode[1])
+                elif mode[0] == "schema":
+                    done = self._value_schema(tool, key).complete(mode[1])
+                elif mode[0] == "enum":
+                    done = mode[1] in self._value_schema(tool, key)
+                else:  # free text
+                    done = True
                 return ("between", tool, used | {key}) if done else None
             data = self.vocab.token_bytes.get(tok)
             if data is None:

@@ -87,7 +87,8 @@ TREE = {"$defs": {"node": {"type": "object", "properties": {"v": {"type": "integ
      True),
     ({"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": True}, '{"a":"x","a":"y"}',
      False),
-    ({"type": "object", "properties": {'q"u\\o': {"type": "null"}}, "required": ['q"u\\o']}, '{"q\\"u\\\\o":null}', True),
+    ({"type": "object", "properties": {'q"u\\o': {"type": "null"}}, "required": ['q"u\\o']},
+     '{"q\\"u\\\\o":null}', True),
     ({"type": "integer", "minimum": -5, "exclusiveMaximum": 10}, "-5", True),
     ({"type": "integer", "minimum": -5, "exclusiveMaximum": 10}, "10", False),
     ({"type": "integer", "minimum": -5, "exclusiveMaximum": 10}, "-6", False),
@@ -105,7 +106,8 @@ TREE = {"$defs": {"node": {"type": "object", "properties": {"v": {"type": "integ
     ({"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}]}, '[1,"a",2]', False),
     ({"type": "array", "prefixItems": [{"type": "integer"}], "items": {"type": "boolean"}, "minItems": 2},
      "[1,true,false]", True),
-    ({"type": "array", "prefixItems": [{"type": "integer"}], "items": {"type": "boolean"}, "minItems": 2}, "[1]", False),
+    ({"type": "array", "prefixItems": [{"type": "integer"}], "items": {"type": "boolean"}, "minItems": 2},
+     "[1]", False),
     ({"type": "array"}, '[1,"a",{"b":[null]}]', True),
     (TREE, '{"v":1,"kids":[{"v":2},{"v":3,"kids":[]}]}', True),
     (TREE, '{"v":1,"kids":[{"kids":[]}]}', False),
@@ -292,9 +294,12 @@ def test_person_schema_with_thinking_first(vocab):
         assert valid(PERSON, doc) and set(doc) >= {"name", "age"}
 
 
-@pytest.mark.parametrize("schema", [None, PERSON, {"type": "object", "properties": {"s": {"type": "string", "minLength": 3},
-                                                                               "t": {"anyOf": [{"type": "string", "maxLength": 2},
-                                                                                               {"type": "string"}]}}}])
+STRINGS = {"type": "object", "properties": {
+    "s": {"type": "string", "minLength": 3},
+    "t": {"anyOf": [{"type": "string", "maxLength": 2}, {"type": "string"}]}}}
+
+
+@pytest.mark.parametrize("schema", [None, PERSON, STRINGS])
 def test_string_fast_path_allows_exactly_what_the_trie_walk_allows(vocab, schema):
     """Inside a string, plain-text tokens are listed by character count instead of walked: the allowed set must
     be the one the full walk gives, at every state of some random walks and with a binding budget too."""
@@ -329,7 +334,8 @@ def test_offline_engine_with_the_json_logits_processor():
     from glm5.tokenizer import train_bpe
 
     tok = train_bpe(make_corpus(), vocab_size=800)
-    model = GLM5ForCausalLM(preset("glm5-nano", vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_ids)).init_weights(0)
+    cfg = preset("glm5-nano", vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_ids)
+    model = GLM5ForCausalLM(cfg).init_weights(0)
     llm = LLM(model, tokenizer=tok, max_model_len=256)
     proc = json_logits_processor(tok, max_tokens=60, schema=PERSON)
     out = llm.generate(["Describe a person:"], SamplingParams(n=3, max_tokens=60, temperature=1.0, seed=5,
