@@ -300,11 +300,15 @@ class JsonGrammar(_Grammar):
 class ConstrainedLogitsProcessor:
     """``(output_token_ids, logits[V]) -> logits``: everything the grammar forbids is set to ``-inf``.
 
-    ``max_tokens`` is the request's generation budget. State is remembered per output prefix (several
-    completions of one request can share the processor); an unknown prefix is replayed from the start.
+    ``max_tokens`` is the request's generation budget (``ValueError`` if the shortest valid output does not fit).
+    State is remembered per output prefix (several completions of one request can share the processor); an
+    unknown prefix is replayed from the start.
     """
 
     def __init__(self, grammar: _Grammar, max_tokens: int):
+        need = grammar.min_close(grammar.start())
+        if need > max_tokens:
+            raise ValueError(f"max_tokens={max_tokens} is too small for the constrained output (needs at least {need})")
         self.grammar = grammar
         self.max_tokens = max_tokens
         self._states: dict[tuple[int, ...], Any] = {(): grammar.start()}
@@ -357,9 +361,6 @@ def json_logits_processor(tokenizer: Any, max_tokens: int, schema: Any = None, t
 
     grammar = JsonGrammar(TokenVocab(tokenizer, logits_size), thinking=thinking,
                           schema=compile_schema(schema) if schema is not None else None)
-    need = grammar.min_close(grammar.start())
-    if need > max_tokens:
-        raise ValueError(f"max_tokens={max_tokens} is too small for the constrained output (needs at least {need})")
     return ConstrainedLogitsProcessor(grammar, max_tokens)
 
 

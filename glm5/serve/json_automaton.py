@@ -12,9 +12,9 @@ from __future__ import annotations
 START, VALUE, _ARR_FIRST, _OBJ_FIRST, _KEY, _COLON, _AFTER, _STR, _NUM, _LIT, DONE = range(11)
 # _STR aux = (is_key, pending): pending 0 | "esc" | ("u", n) | ("utf", n)
 # _NUM aux = (sub, integer_only): sub in "minus", "zero", "int", "dot", "frac", "e", "esign", "exp"
-_NUM_FINAL = frozenset({"zero", "int", "frac", "exp"})
-_WS = frozenset(b" \t\n\r")
-_DIGITS = frozenset(b"0123456789")
+NUM_FINAL = frozenset({"zero", "int", "frac", "exp"})  # number sub-states that may end the number
+WHITESPACE = frozenset(b" \t\n\r")
+DIGITS = frozenset(b"0123456789")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _ESCAPES = frozenset(b'"\\/bfnrtu')
 _LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
@@ -48,7 +48,7 @@ def value_start(stack: str, b: int, integer_only: bool = False):
         return (_NUM, stack, ("minus", integer_only), False)
     if b == ord("0"):
         return (_NUM, stack, ("zero", integer_only), False)
-    if b in _DIGITS:
+    if b in DIGITS:
         return (_NUM, stack, ("int", integer_only), False)
     if b in _LITERALS:
         return (_LIT, stack, _LITERALS[b], False)
@@ -61,53 +61,59 @@ def _close(stack: str, b: int):
     return None
 
 
+def string_next(pend, b: int):
+    """Byte ``b`` inside a string that is not its closing quote: ``(pending, a character completed)``, or None.
+    ``pending``: 0 | "esc" | ("u", hex digits left) | ("utf", continuation bytes left)."""
+    if pend == 0:
+        if b == ord("\\"):
+            return "esc", False
+        if b < 0x20 or b == 0x7F:
+            return None
+        if b < 0x80:
+            return 0, True
+        for lo, hi, more in ((0xC2, 0xDF, 1), (0xE0, 0xEF, 2), (0xF0, 0xF4, 3)):
+            if lo <= b <= hi:
+                return ("utf", more), False
+        return None
+    if pend == "esc":
+        if b not in _ESCAPES:
+            return None
+        return (("u", 4), False) if b == ord("u") else (0, True)
+    kind, n = pend
+    if (kind == "u" and b not in _HEX) or (kind == "utf" and not 0x80 <= b <= 0xBF):
+        return None
+    return ((kind, n - 1), False) if n > 1 else (0, True)
+
+
+def number_next(sub: str, b: int, integer_only: bool) -> str | None:
+    """The number sub-state after byte ``b`` (None: ``b`` does not continue the number)."""
+    if b in DIGITS:
+        return {"minus": "zero" if b == ord("0") else "int", "int": "int", "dot": "frac", "frac": "frac",
+                "e": "exp", "esign": "exp", "exp": "exp"}.get(sub)
+    if b == ord(".") and sub in ("zero", "int") and not integer_only:
+        return "dot"
+    if b in b"eE" and sub in ("zero", "int", "frac") and not integer_only:
+        return "e"
+    if b in b"+-" and sub == "e":
+        return "esign"
+    return None
+
+
 def json_step(s, b: int):
     """One byte through the JSON automaton; None if ``b`` cannot follow."""
     mode, stack, aux, ws = s
     if mode == _STR:
         is_key, pend = aux
-        if pend == 0:
-            if b == ord('"'):
-                return (_COLON, stack, None, False) if is_key else _after_value(stack)
-            if b == ord("\\"):
-                return (_STR, stack, (is_key, "esc"), False)
-            if b < 0x20 or b == 0x7F:
-                return None
-            if b < 0x80:
-                return s
-            if 0xC2 <= b <= 0xDF:
-                return (_STR, stack, (is_key, ("utf", 1)), False)
-            if 0xE0 <= b <= 0xEF:
-                return (_STR, stack, (is_key, ("utf", 2)), False)
-            if 0xF0 <= b <= 0xF4:
-                return (_STR, stack, (is_key, ("utf", 3)), False)
-            return None
-        if pend == "esc":
-            if b not in _ESCAPES:
-                return None
-            return (_STR, stack, (is_key, ("u", 4) if b == ord("u") else 0), False)
-        kind, n = pend
-        if kind == "u":
-            if b not in _HEX:
-                return None
-        elif not 0x80 <= b <= 0xBF:
-            return None
-        return (_STR, stack, (is_key, (kind, n - 1) if n > 1 else 0), False)
+        if pend == 0 and b == ord('"'):
+            return (_COLON, stack, None, False) if is_key else _after_value(stack)
+        nxt = string_next(pend, b)
+        return None if nxt is None else (_STR, stack, (is_key, nxt[0]), False)
     if mode == _NUM:
         sub, int_only = aux
-        nxt = None
-        if b in _DIGITS:
-            nxt = {"minus": "zero" if b == ord("0") else "int", "int": "int", "dot": "frac", "frac": "frac",
-                   "e": "exp", "esign": "exp", "exp": "exp"}.get(sub)
-        elif b == ord(".") and sub in ("zero", "int") and not int_only:
-            nxt = "dot"
-        elif b in b"eE" and sub in ("zero", "int", "frac") and not int_only:
-            nxt = "e"
-        elif b in b"+-" and sub == "e":
-            nxt = "esign"
+        nxt = number_next(sub, b, int_only)
         if nxt is not None:
             return (_NUM, stack, (nxt, int_only), False)
-        if sub not in _NUM_FINAL or not stack:  # a top-level number only ends with the value
+        if sub not in NUM_FINAL or not stack:  # a top-level number only ends with the value
             return None
         return json_step((_AFTER, stack, None, False), b)  # the number ended; b belongs to what follows
     if mode == _LIT:
@@ -116,7 +122,7 @@ def json_step(s, b: int):
         return (_LIT, stack, aux[1:], False) if len(aux) > 1 else _after_value(stack)
     if mode == DONE:
         return None
-    if b in _WS:
+    if b in WHITESPACE:
         if ws or mode == START:
             return None
         return (mode, stack, aux, True)
@@ -151,7 +157,7 @@ def json_min_close(s) -> int:
         return extra + 1 + (2 if is_key else 0) + n  # closing quote (+ ":0" for a key) + closers
     if mode == _NUM:
         sub = aux[0]
-        return (0 if sub in _NUM_FINAL else 1) + n
+        return (0 if sub in NUM_FINAL else 1) + n
     if mode == _LIT:
         return len(aux) + n
     return {START: 2, VALUE: 1 + n, _ARR_FIRST: n, _OBJ_FIRST: n, _KEY: 4 + n, _COLON: 2 + n, _AFTER: n,
@@ -160,7 +166,7 @@ def json_min_close(s) -> int:
 
 def json_complete(s) -> bool:
     mode, stack, aux, _ = s
-    return mode == DONE or (mode == _NUM and not stack and aux[0] in _NUM_FINAL)
+    return mode == DONE or (mode == _NUM and not stack and aux[0] in NUM_FINAL)
 
 
 def json_accepts(text: str | bytes, top_level_object: bool = True) -> bool:

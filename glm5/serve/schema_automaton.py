@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import math
 
-from .json_automaton import DONE, json_complete, json_min_close, json_step, value_start
+from .json_automaton import (DIGITS, DONE, NUM_FINAL, WHITESPACE, json_complete, json_min_close, json_step,
+                             number_next, string_next, value_start)
 
 __all__ = ["SchemaError", "SchemaNode", "SchemaAutomaton", "MAX_EXTRA_KEY"]
 
 INF = math.inf
-_WS = frozenset(b" \t\n\r")
-_DIGITS = frozenset(b"0123456789")
-_HEX = frozenset(b"0123456789abcdefABCDEF")
-_ESCAPES = frozenset(b'"\\/bfnrtu')
-_NUM_FINAL = frozenset({"zero", "int", "frac", "exp"})
 MAX_EXTRA_KEY = 64
 
 
@@ -267,7 +263,7 @@ class SchemaAutomaton:
 
     def _num_final(self, f) -> bool:
         _, nid, sub, neg, digits = f
-        if sub not in _NUM_FINAL:
+        if sub not in NUM_FINAL:
             return False
         n = self.nodes[nid]
         return n.kind != "int" or _int_extra_digits(neg, digits, n.lo, n.hi) == 0
@@ -277,7 +273,7 @@ class SchemaAutomaton:
         n = self.nodes[nid]
         if n.kind == "int":
             return _int_extra_digits(neg, digits, n.lo, n.hi)
-        return 0 if sub in _NUM_FINAL else 1
+        return 0 if sub in NUM_FINAL else 1
 
     def _key_cost(self, k, o) -> float:
         _, nid, typed = k
@@ -301,7 +297,7 @@ class SchemaAutomaton:
         f, rest = s[-1], s[:-1]
         kind = f[0]
         if kind == "V":
-            if b in _WS:
+            if b in WHITESPACE:
                 return [] if f[2] else [rest + (("V", f[1], True),)]
             return self._begin(rest, f[1], b)
         if kind == "J":
@@ -351,7 +347,7 @@ class SchemaAutomaton:
         if k in ("num", "int"):
             if b == ord("-"):
                 f = ("N", nid, "minus", True, "")
-            elif b in _DIGITS:
+            elif b in DIGITS:
                 f = ("N", nid, "zero" if b == ord("0") else "int", False, chr(b) if k == "int" else "")
             else:
                 return []
@@ -365,49 +361,24 @@ class SchemaAutomaton:
     def _string(self, f, rest, b: int) -> list:
         _, nid, pend, chars = f
         n = self.nodes[nid]
-        cap = max(n.min_len, n.max_len if n.max_len is not None else 0)
-
-        def char_done():
-            c = chars + 1
-            return [rest + (("S", nid, 0, min(c, cap)),)]
-
-        room = n.max_len is None or chars < n.max_len
         if pend == 0:
             if b == ord('"'):
                 return [rest] if chars >= n.min_len else []
-            if not room or b < 0x20 or b == 0x7F:
+            if n.max_len is not None and chars >= n.max_len:  # no room for another character
                 return []
-            if b == ord("\\"):
-                return [rest + (("S", nid, "esc", chars),)]
-            if b < 0x80:
-                return char_done()
-            for lo, hi, more in ((0xC2, 0xDF, 1), (0xE0, 0xEF, 2), (0xF0, 0xF4, 3)):
-                if lo <= b <= hi:
-                    return [rest + (("S", nid, ("utf", more), chars),)]
+        nxt = string_next(pend, b)
+        if nxt is None:
             return []
-        if pend == "esc":
-            if b not in _ESCAPES:
-                return []
-            return [rest + (("S", nid, ("u", 4), chars),)] if b == ord("u") else char_done()
-        kind, left = pend
-        if (kind == "u" and b not in _HEX) or (kind == "utf" and not 0x80 <= b <= 0xBF):
-            return []
-        return char_done() if left == 1 else [rest + (("S", nid, (kind, left - 1), chars),)]
+        pend, done = nxt
+        if done:  # counted up to the larger bound only, so that long unbounded strings share one state
+            chars = min(chars + 1, max(n.min_len, n.max_len or 0))
+        return [rest + (("S", nid, pend, chars),)]
 
     def _number(self, f, rest, b: int) -> list:
         _, nid, sub, neg, digits = f
         n = self.nodes[nid]
         is_int = n.kind == "int"
-        nxt = None
-        if b in _DIGITS:
-            nxt = {"minus": "zero" if b == ord("0") else "int", "int": "int", "dot": "frac", "frac": "frac",
-                   "e": "exp", "esign": "exp", "exp": "exp"}.get(sub)
-        elif b == ord(".") and sub in ("zero", "int") and not is_int:
-            nxt = "dot"
-        elif b in b"eE" and sub in ("zero", "int", "frac") and not is_int:
-            nxt = "e"
-        elif b in b"+-" and sub == "e":
-            nxt = "esign"
+        nxt = number_next(sub, b, is_int)
         if nxt is not None:
             g = ("N", nid, nxt, neg, digits + chr(b) if is_int else "")
             return [rest + (g,)] if not is_int or self._num_cost(g) < INF else []
@@ -418,7 +389,7 @@ class SchemaAutomaton:
     def _object(self, f, rest, b: int) -> list:
         _, nid, idx, phase, prop, ws = f
         n = self.nodes[nid]
-        if b in _WS:
+        if b in WHITESPACE:
             return [] if ws else [rest + (("O", nid, idx, phase, prop, True),)]
         if phase == "colon":
             return [rest + (("O", nid, idx, "after", None, False), ("V", prop, False))] if b == ord(":") else []
@@ -454,7 +425,7 @@ class SchemaAutomaton:
     def _array(self, f, rest, b: int) -> list:
         _, nid, count, phase, ws = f
         n = self.nodes[nid]
-        if b in _WS:
+        if b in WHITESPACE:
             return [] if ws else [rest + (("A", nid, count, phase, True),)]
         if b == ord("]") and phase in ("first", "after"):
             return [rest] if count >= n.min_items else []

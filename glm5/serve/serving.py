@@ -72,12 +72,7 @@ class ServerState:
     def json_grammar(self, fmt: ResponseFormat, thinking: bool) -> JsonGrammar:
         """The grammar of a ``json_object`` / ``json_schema`` response format. Compiled grammars (and the allowed
         tokens they cache per state) are kept for the most recent schemas: clients send the same one repeatedly."""
-        schema = None
-        if fmt.type == "json_schema":
-            spec = fmt.json_schema or {}
-            schema = spec.get("schema")
-            if schema is None:
-                raise bad_request("response_format json_schema needs json_schema.schema", param="response_format")
+        schema = fmt.json_schema["schema"] if fmt.type == "json_schema" else None  # present: ResponseFormat checks
         key = (json.dumps(schema), thinking)  # key order kept: properties are generated in schema order
         grammar = self._grammars.pop(key, None)
         if grammar is None:
@@ -240,11 +235,10 @@ def _common_processors(state: ServerState, req: _Sampling, temperature: float) -
 
 
 def _constrained(grammar, max_tokens: int) -> ConstrainedLogitsProcessor:
-    need = grammar.min_close(grammar.start())
-    if need > max_tokens:
-        raise bad_request(f"max_tokens={max_tokens} is too small for the constrained output (needs at least {need})",
-                          param="max_tokens")
-    return ConstrainedLogitsProcessor(grammar, max_tokens)
+    try:
+        return ConstrainedLogitsProcessor(grammar, max_tokens)
+    except ValueError as e:  # max_tokens cannot fit the shortest valid output
+        raise bad_request(str(e), param="max_tokens") from None
 
 
 def _min_p_processor(min_p: float, temperature: float) -> LogitsProcessor:
