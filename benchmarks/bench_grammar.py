@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from glm5.data.corpus import default_corpus_files  # noqa: E402
-from glm5.serve.constrained import ConstrainedLogitsProcessor, JsonGrammar, TokenVocab  # noqa: E402
-from glm5.serve.json_schema import compile_schema  # noqa: E402
+from glm5.structured.constrained import ConstrainedLogitsProcessor, JsonGrammar, TokenVocab  # noqa: E402
+from glm5.structured.json_schema import compile_schema  # noqa: E402
 from glm5.tokenizer import train_bpe  # noqa: E402
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "mood", "tags"], "properties": {

@@ -2,11 +2,12 @@
 
     from glm5.engine import LLM, SamplingParams          # offline / batch
     from glm5.engine import AsyncLLM                     # asyncio streaming (the server's engine)
+    from glm5.engine import StructuredOutputsParams      # SamplingParams(structured_outputs=...): JSON / schema
 
 Files, one idea each: sampling_params, sequence, block_manager (paged blocks, ref counts, prefix reuse),
 kv_cache (latent + indexer-key storage), scheduler (continuous batching, chunked prefill, preemption),
 model_runner (flattened varlen batches through the model's own modules), sampler, spec_decode (MTP
-drafting, verification, rejection sampling), cuda_graphs (decode graphs on CUDA), llm_engine, llm,
+drafting, verification, rejection sampling; structured-output grammars come from glm5.structured), cuda_graphs (decode graphs on CUDA), llm_engine, llm,
 async_engine, cli.
 """
 
@@ -14,7 +15,7 @@ from glm5.engine.async_engine import AsyncLLM
 from glm5.engine.llm import LLM, build_engine
 from glm5.engine.llm_engine import EngineConfig, LLMEngine
 from glm5.engine.outputs import CompletionOutput, RequestOutput
-from glm5.engine.sampling_params import SamplingParams
+from glm5.engine.sampling_params import SamplingParams, StructuredOutputsParams
 
 __all__ = ["AsyncLLM", "CompletionOutput", "EngineConfig", "LLM", "LLMEngine", "RequestOutput", "SamplingParams",
-           "build_engine"]
+           "StructuredOutputsParams", "build_engine"]

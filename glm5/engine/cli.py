@@ -3,6 +3,7 @@
     glm5 generate --model ckpt --prompt "Once upon a time" --max-tokens 64 --temperature 0.8
     glm5 generate --model ckpt --prompt-ids 1,2,3 --max-tokens 16          # no tokenizer needed
     glm5 chat --model ckpt --system "You are terse." --no-thinking
+    glm5 generate --model ckpt --chat --prompt "A person, as JSON" --json-schema person.json   # structured output
 
 Both run the inference engine (paged latent cache, DSA, optional MTP speculation with --spec-tokens).
 """
@@ -30,6 +31,11 @@ def _engine_args(p) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json-schema", default=None, metavar="FILE_OR_JSON",
+                     help="structured output: the answer is a JSON document this schema accepts (a .json file or "
+                          "the schema's text)")
+    fmt.add_argument("--json-object", action="store_true", help="structured output: the answer is one JSON object")
     p.add_argument("--stats", action="store_true", help="print tokens/s (and MTP acceptance) to stderr")
 
 
@@ -60,13 +66,28 @@ def _build(args):
                         num_speculative_tokens=args.spec_tokens, dsa=args.dsa, **kw)
 
 
+def _structured(args):
+    from pathlib import Path
+
+    from glm5.engine.sampling_params import StructuredOutputsParams
+
+    if args.json_object:
+        return StructuredOutputsParams(json_object=True)
+    if args.json_schema is None:
+        return None
+    text = args.json_schema
+    if not text.lstrip().startswith("{"):  # a path (a schema's text is an object)
+        text = Path(text).read_text(encoding="utf-8")  # OSError: one line from glm5's main
+    return StructuredOutputsParams(json=text)  # ValueError for text that is not JSON
+
+
 def _params(args, default_temperature: float, stop_ids=None):
     from glm5.engine.sampling_params import SamplingParams
 
     t = default_temperature if args.temperature is None else args.temperature
     return SamplingParams(temperature=t, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
                           seed=args.seed, stop=args.stop, stop_token_ids=stop_ids, ignore_eos=args.ignore_eos,
-                          skip_special_tokens=False)
+                          skip_special_tokens=False, structured_outputs=_structured(args))
 
 
 def _stream(engine, prompt, params, on_text, out=sys.stdout):
@@ -198,7 +219,12 @@ def run_chat(args) -> int:
             state["n"] += len(ids)
             show(parser.feed(text))
 
-        final, t0, first = _stream(engine, prompt, params, on_text)
+        try:
+            final, t0, first = _stream(engine, prompt, params, on_text)
+        except ValueError as e:  # e.g. the conversation no longer leaves room for the answer: say so, keep chatting
+            print(f"glm5 chat: {e} (/reset starts over)", file=sys.stderr)
+            history.pop()
+            continue
         show(parser.finish())
         sys.stdout.write("\n")
         result = parser.result()

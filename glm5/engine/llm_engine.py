@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -73,6 +73,7 @@ class LLMEngine:
         self.config = cfg = config or EngineConfig()
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self._grammars = None  # GrammarCache for structured outputs, built on first use
         mcfg = model.config
         self.device = model.device
         self.dtype = model.dtype
@@ -143,6 +144,23 @@ class LLMEngine:
         return cls(model, tokenizer, config)
 
     # -------------------------------------------------------------------------------------- requests
+    def _with_grammar(self, params: SamplingParams, ids: list[int]) -> SamplingParams:
+        """A copy of ``params`` whose processors end with the structured-output grammar (compiled once per schema,
+        shared by the request's n sequences: it keys its state by each one's output)."""
+        from glm5.structured import ConstrainedLogitsProcessor, GrammarCache
+        from glm5.tokenizer import special_tokens as st
+
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need a tokenizer")
+        if self._grammars is None:
+            self._grammars = GrammarCache(self.tokenizer, self.model.config.vocab_size)
+        so = params.structured_outputs
+        thinking = ids[-1] == self.tokenizer.token_to_id(st.THINK_START)  # the chat template opened reasoning
+        grammar = self._grammars.json(so.schema, thinking)  # SchemaError (a ValueError) for what it cannot enforce
+        budget = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))
+        proc = ConstrainedLogitsProcessor(grammar, budget)  # ValueError when the budget cannot fit the output
+        return replace(params, logits_processors=[*(params.logits_processors or []), proc])
+
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         params = params or SamplingParams()
@@ -169,6 +187,8 @@ class LLMEngine:
                              f"{self.max_model_len})")
         if params.stop_list and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
+        if params.structured_outputs is not None:
+            params = self._with_grammar(params, ids)
         seqs = []
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self.rng))

@@ -11,6 +11,40 @@ import torch
 LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Constrain a request's output (vLLM's ``StructuredOutputsParams``): exactly one of
+
+    json: a JSON Schema (dict, or its JSON text); the output is a document it accepts. Keywords the grammar cannot
+        enforce are refused when the request is added (see :mod:`glm5.structured.json_schema`).
+    json_object: True; the output is one JSON object.
+
+    Either way the output ends with EOS within ``max_tokens`` (the grammar closes strings and containers in
+    time). When the prompt opened ``<think>`` (the chat template with thinking on), reasoning comes first.
+    """
+
+    json: dict | str | None = None
+    json_object: bool = False
+
+    def __post_init__(self):
+        if (self.json is not None) == bool(self.json_object):
+            raise ValueError("structured_outputs: give exactly one of json (a schema) and json_object=True")
+        if isinstance(self.json, str):
+            import json
+
+            try:
+                object.__setattr__(self, "json", json.loads(self.json))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            raise ValueError(f"structured_outputs.json must be a JSON Schema object, got {type(self.json).__name__}")
+
+    @property
+    def schema(self) -> dict | bool | None:
+        """The schema to compile (None: any JSON object)."""
+        return self.json
+
+
 @dataclass
 class SamplingParams:
     """How to sample one request.
@@ -35,6 +69,8 @@ class SamplingParams:
         order to the sequence's next-token logits before temperature/top-k/top-p; logprobs stay those of the raw
         model distribution. Used for grammars (JSON mode, forced tool calls), logit_bias and penalties. A
         sequence with processors is decoded one token per step (MTP drafts are never proposed for it).
+    structured_outputs: :class:`StructuredOutputsParams`; the engine compiles the grammar (cached per schema) and
+        applies it after ``logits_processors``. Needs the engine's tokenizer.
     """
 
     n: int = 1
@@ -52,6 +88,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logits_processors: list[LogitsProcessor] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -77,6 +114,8 @@ class SamplingParams:
         self.logits_processors = list(self.logits_processors or []) or None
         if self.logits_processors and not all(callable(f) for f in self.logits_processors):
             raise ValueError("logits_processors must be callables (output_token_ids, logits) -> logits")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:

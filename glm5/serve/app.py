@@ -229,7 +229,7 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         arrival = time.monotonic()
         if _needs_grammar(req):  # the vocabulary trie is built once, off the event loop
-            await asyncio.to_thread(lambda: state.vocab)
+            await asyncio.to_thread(lambda: state.grammars.vocab)
         prep = prepare_chat(state, req)
         state.admit()
         gen = Generation(state, prep, "chat", chat=True, arrival=arrival)
@@ -242,7 +242,7 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
     async def completions(req: CompletionRequest, request: Request):
         arrival = time.monotonic()
         if _needs_grammar(req):
-            await asyncio.to_thread(lambda: state.vocab)
+            await asyncio.to_thread(lambda: state.grammars.vocab)
         prep = prepare_completion(state, req)
         state.admit()
         gen = Generation(state, prep, "completions", chat=False, arrival=arrival)

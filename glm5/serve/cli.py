@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
     p.add_argument("--api-key", default=os.environ.get("GLM5_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $GLM5_API_KEY, else open)")
     p.add_argument("--served-model-name", nargs="+", default=None,
-                   help="model name(s) clients use (default: the directory name)")
+                   help="model name(s) clients use (default: the --model argument as given, as in vLLM)")
     g = p.add_argument_group("engine")
     g.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=32, help="sequences per engine batch")
@@ -52,7 +52,9 @@ def add_parser(sub) -> None:
 
 
 def settings_from_args(args) -> ServeSettings:
-    names = args.served_model_name or [os.path.basename(os.path.normpath(args.model)) or "glm-5"]
+    # vLLM's rule: without --served-model-name the API name is the --model argument as given (a basename would
+    # call every ``OUT/hf`` checkpoint "hf")
+    names = args.served_model_name or [args.model]
     return ServeSettings(
         served_model_names=names, api_key=args.api_key or None, price_input_per_million=args.price_input,
         price_output_per_million=args.price_output, price_cached_input_per_million=args.price_cached_input,

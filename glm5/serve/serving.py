@@ -10,10 +10,10 @@ streamed and non-streamed results cannot disagree.
 
 tool_choice: ``auto`` parses whatever calls the model writes; ``none`` renders the tools but bans the
 ``<tool_call>`` token and does not parse; ``required`` and a named tool constrain decoding with
-:class:`~glm5.serve.tool_grammar.ToolCallGrammar` (the model may think first, then must write well-formed
+:class:`~glm5.structured.tool_grammar.ToolCallGrammar` (the model may think first, then must write well-formed
 calls of the allowed tools). ``response_format`` ``json_object`` / ``json_schema`` constrains the content with
-:class:`~glm5.serve.constrained.JsonGrammar` (reasoning first when thinking is on); the schema is compiled by
-:mod:`glm5.serve.json_schema`.
+:class:`~glm5.structured.constrained.JsonGrammar` (reasoning first when thinking is on); the schema is compiled by
+:mod:`glm5.structured.json_schema`.
 """
 
 from __future__ import annotations
@@ -30,17 +30,16 @@ from typing import Any
 from glm5.engine.sampling_params import SamplingParams
 from glm5.tokenizer import StreamingParser, prompt_opens_reasoning
 from glm5.tokenizer import special_tokens as st
+from glm5.structured import ConstrainedLogitsProcessor, GrammarCache, JsonGrammar, SchemaError, ToolCallGrammar
 from glm5.tokenizer.detokenize import byte_level_char_to_byte
 
 from .backend import Backend, LogitsProcessor
-from .constrained import ConstrainedLogitsProcessor, JsonGrammar, TokenVocab, ban_tokens, bias_processor
 from .errors import APIError, bad_request
-from .json_schema import SchemaError, compile_schema
 from .metrics import ServerMetrics
+from .processors import ban_tokens, bias_processor, min_p_processor
 from .protocol import (ChatCompletionRequest, CompletionRequest, ImagePart, NamedToolChoice, ResponseFormat, TextPart,
                        _Sampling)
 from .settings import ServeSettings
-from .tool_grammar import ToolCallGrammar
 
 # chat_template_kwargs that are passed to the renderer as named arguments; the rest go to the template
 _TEMPLATE_RESERVED = {"messages", "tools", "add_generation_prompt", "tokenize", "enable_thinking", "clear_thinking"}
@@ -55,36 +54,20 @@ class ServerState:
         self.settings = settings
         self.metrics = ServerMetrics(settings.model_name)
         self.tokenizer = backend.tokenizer
-        self._vocab: TokenVocab | None = None
+        self.grammars = GrammarCache(self.tokenizer, backend.vocab_size)
         self._token_str: dict[int, tuple[str, bytes]] = {}
-        self._grammars: dict[tuple[str, bool], JsonGrammar] = {}
         added = self.tokenizer.backend.get_added_tokens_decoder()
         self._added = {i: t.content for i, t in added.items()}
         self.ids = {name: self.tokenizer.token_to_id(name) for name in
                     (st.THINK_START, st.THINK_END, st.TOOL_CALL_START, st.ASSISTANT, st.SYSTEM)}
 
-    @property
-    def vocab(self) -> TokenVocab:
-        if self._vocab is None:
-            self._vocab = TokenVocab(self.tokenizer, self.backend.vocab_size)
-        return self._vocab
-
     def json_grammar(self, fmt: ResponseFormat, thinking: bool) -> JsonGrammar:
-        """The grammar of a ``json_object`` / ``json_schema`` response format. Compiled grammars (and the allowed
-        tokens they cache per state) are kept for the most recent schemas: clients send the same one repeatedly."""
+        """The grammar of a ``json_object`` / ``json_schema`` response format (compiled ones are cached)."""
         schema = fmt.json_schema["schema"] if fmt.type == "json_schema" else None  # present: ResponseFormat checks
-        key = (json.dumps(schema), thinking)  # key order kept: properties are generated in schema order
-        grammar = self._grammars.pop(key, None)
-        if grammar is None:
-            try:
-                compiled = compile_schema(schema) if schema is not None else None
-            except SchemaError as e:
-                raise bad_request(f"unsupported json_schema: {e}", param="response_format.json_schema.schema") from None
-            grammar = JsonGrammar(self.vocab, thinking=thinking, schema=compiled)
-        self._grammars[key] = grammar  # most recent last
-        while len(self._grammars) > 32:
-            self._grammars.pop(next(iter(self._grammars)))
-        return grammar
+        try:
+            return self.grammars.json(schema, thinking)
+        except SchemaError as e:
+            raise bad_request(f"unsupported json_schema: {e}", param="response_format.json_schema.schema") from None
 
     def token_text(self, token_id: int) -> tuple[str, bytes]:
         hit = self._token_str.get(token_id)
@@ -230,7 +213,7 @@ def _common_processors(state: ServerState, req: _Sampling, temperature: float) -
     if p is not None:
         procs.append(p)
     if req.min_p and req.min_p > 0:
-        procs.append(_min_p_processor(req.min_p, temperature))
+        procs.append(min_p_processor(req.min_p, temperature))
     return procs
 
 
@@ -239,17 +222,6 @@ def _constrained(grammar, max_tokens: int) -> ConstrainedLogitsProcessor:
         return ConstrainedLogitsProcessor(grammar, max_tokens)
     except ValueError as e:  # max_tokens cannot fit the shortest valid output
         raise bad_request(str(e), param="max_tokens") from None
-
-
-def _min_p_processor(min_p: float, temperature: float) -> LogitsProcessor:
-    t = max(temperature, 1e-5)
-    cut = math.log(min_p)
-
-    def proc(_ids, logits):
-        keep = (logits - logits.max()) / t >= cut
-        return logits.masked_fill(~keep, float("-inf"))
-
-    return proc
 
 
 def _check_context(state: ServerState, n_prompt: int, max_tokens: int | None, prompt_param: str) -> int:
@@ -323,7 +295,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
     elif tools and (choice == "required" or isinstance(choice, NamedToolChoice)):
         names = [choice.function.name] if isinstance(choice, NamedToolChoice) else None
         try:
-            grammar = ToolCallGrammar(state.vocab, tools, names=names,
+            grammar = ToolCallGrammar(state.grammars.vocab, tools, names=names,
                                       parallel=req.parallel_tool_calls and names is None, thinking=opens)
         except ValueError as e:
             raise bad_request(str(e), param="tool_choice") from None

@@ -86,6 +86,8 @@ def test_cli_parser_registered():
 
     s = settings_from_args(args)
     assert s.api_key == "k" and s.served_model_names == ["a", "b"] and s.price_output_per_million == 4.0
+    unnamed = build_parser("serve").parse_args(["serve", "--model", "runs/x/hf"])
+    assert settings_from_args(unnamed).served_model_names == ["runs/x/hf"]  # as vLLM: the --model argument
     # generate, chat and serve take the same spelling of the draft count (vLLM's long name or the short one)
     for flag in ("--spec-tokens", "--num-speculative-tokens"):
         assert build_parser("serve").parse_args(["serve", "--model", "/x", flag, "3"]).num_speculative_tokens == 3

@@ -1,4 +1,4 @@
-"""Structured outputs: the JSON Schema automaton (glm5/serve/json_schema.py) and the grammar built on it.
+"""Structured outputs: the JSON Schema automaton (glm5/structured/json_schema.py) and the grammar built on it.
 
 Checked against the ``jsonschema`` validator: every document the automaton accepts is valid, the documents a
 constrained walk with random logits produces are valid at every budget, and ``min_close`` is exactly the length
@@ -16,10 +16,10 @@ import torch
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from glm5.serve.constrained import ConstrainedLogitsProcessor, JsonGrammar, TokenVocab
-from glm5.serve.json_schema import SchemaError, compile_schema
+from glm5.structured.constrained import ConstrainedLogitsProcessor, JsonGrammar, TokenVocab
+from glm5.structured.json_schema import SchemaError, compile_schema
 
-from .conftest import make_corpus
+from serve.conftest import make_corpus
 
 
 def strict(schema):
@@ -330,7 +330,7 @@ def test_offline_engine_with_the_json_logits_processor():
     n > 1 sharing one processor, on a random-init model whose vocabulary is the tokenizer's."""
     from glm5 import GLM5ForCausalLM, preset
     from glm5.engine import LLM, SamplingParams
-    from glm5.serve.constrained import json_logits_processor
+    from glm5.structured.constrained import json_logits_processor
     from glm5.tokenizer import train_bpe
 
     tok = train_bpe(make_corpus(), vocab_size=800)

@@ -10,13 +10,12 @@ import jsonschema
 import pytest
 import torch
 
-from glm5.serve.constrained import (ConstrainedLogitsProcessor, JsonGrammar, TokenVocab, ban_tokens, bias_processor,
-                                    json_accepts)
-from glm5.serve.tool_grammar import ToolCallGrammar
+from glm5.structured.constrained import ConstrainedLogitsProcessor, JsonGrammar, TokenVocab, json_accepts
+from glm5.structured.tool_grammar import ToolCallGrammar
 from glm5.tokenizer import parse_output
 from glm5.tokenizer import special_tokens as st
 
-from .conftest import make_corpus
+from serve.conftest import make_corpus
 from .test_json_schema import strict
 
 TOOLS = [
@@ -133,10 +132,3 @@ def test_tool_grammar_too_small_budget_is_reported(vocab):
     assert g.min_close(g.start()) > 20
 
 
-def test_ban_and_bias():
-    logits = torch.zeros(10)
-    assert torch.isinf(ban_tokens([3, 99])([], logits)[3])
-    p = bias_processor({2: 5.0}, presence=1.0, frequency=0.5)
-    out = p([4, 4, 7], logits)
-    assert out[2] == 5.0 and out[4] == pytest.approx(-2.0) and out[7] == pytest.approx(-1.5) and out[0] == 0
-    assert bias_processor(None) is None

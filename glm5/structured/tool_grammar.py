@@ -1,7 +1,7 @@
 """The grammar of GLM-5 tool calls, for ``tool_choice: "required"`` or a named tool: the output is one or more
 well-formed calls of the allowed tools, with known argument names, the required ones present, and values checked
 against their schemas (:class:`ToolCallGrammar`; the machinery it shares with the JSON grammars is
-:mod:`glm5.serve.constrained`).
+:mod:`glm5.structured.constrained`).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class ToolCallGrammar(_Grammar):
     # ---- value typing
     def _value_schema(self, tool: str, key: str) -> SchemaAutomaton | frozenset[bytes] | None:
         """How an argument's value is constrained beyond its top-level type: a non-string value whose schema
-        compiles (glm5.serve.json_schema) is checked in full; a string with ``enum``/``const`` strings must be
+        compiles (glm5.structured.json_schema) is checked in full; a string with ``enum``/``const`` strings must be
         one of them (GLM-5 writes string values raw). Anything else (a schema using keywords the compiler refuses
         included) keeps the top-level typing below."""
         ck = (tool, key)

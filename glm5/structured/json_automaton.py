@@ -2,7 +2,7 @@
 
 A state is ``(mode, stack, aux, ws)``; :func:`json_step` advances it by one byte (``None`` = the byte cannot
 continue any valid JSON), :func:`json_min_close` is the fewest bytes that complete it, and
-:func:`json_complete` says whether the text so far is a whole value. :mod:`glm5.serve.constrained` walks the
+:func:`json_complete` says whether the text so far is a whole value. :mod:`glm5.structured.constrained` walks the
 token trie with it, so one walk prunes every token whose bytes leave JSON.
 """
 

@@ -1,11 +1,11 @@
 """Constrained decoding: logits processors that make the engine's output valid by construction.
 
-Used for ``response_format`` ``{"type": "json_object"}`` (the content is one JSON object) and ``{"type":
-"json_schema"}`` (a document the schema accepts: :mod:`glm5.serve.json_schema`), and for
-``tool_choice: "required"`` / a named tool (the output is one or more well-formed GLM-5 tool calls of the
-allowed tools, with known argument names, the required ones present, and values checked against their schemas:
-:class:`glm5.serve.tool_grammar.ToolCallGrammar`, built on this module). ``tool_choice: "none"`` bans the
-``<tool_call>`` token (:func:`ban_tokens`).
+Used for the engine's ``SamplingParams(structured_outputs=...)`` and the server's ``response_format``
+``{"type": "json_object"}`` (the content is one JSON object) and ``{"type": "json_schema"}`` (a document the
+schema accepts: :mod:`glm5.structured.json_schema`), and for ``tool_choice: "required"`` / a named tool (the
+output is one or more well-formed GLM-5 tool calls of the allowed tools, with known argument names, the required
+ones present, and values checked against their schemas: :class:`glm5.structured.tool_grammar.ToolCallGrammar`,
+built on this module).
 
 How it works
 ------------
@@ -14,7 +14,7 @@ How it works
 * A *grammar* is a deterministic automaton: ``start()`` state, ``advance(state, token_id)`` and
   ``allowed(state, budget)`` (the ids that keep the output completable). Byte-level parts (JSON values,
   names, keys) are checked by walking the trie with the byte automaton of
-  :mod:`glm5.serve.json_automaton`, so one walk prunes whole subtrees.
+  :mod:`glm5.structured.json_automaton`, so one walk prunes whole subtrees.
 * Budget: with ``budget`` tokens left, a token is allowed only if the shortest completion from the state
   it leads to still fits (each closing byte is one single-byte token, always in a byte-level vocab), so
   the output is valid even when ``max_tokens`` cuts it short - the grammar closes strings, containers
@@ -26,7 +26,7 @@ How it works
   state per output prefix, so per-token cost is one ``allowed()`` (cached per state when the budget is
   not binding).
 
-Limits (documented): which JSON Schema keywords are enforced is listed in :mod:`glm5.serve.json_schema` (others
+Limits (documented): which JSON Schema keywords are enforced is listed in :mod:`glm5.structured.json_schema` (others
 are refused). Tool argument values: a non-string value whose schema compiles there is checked against its whole
 schema, otherwise only its top-level type (``integer``/``number`` -> a JSON number, ``boolean``, ``null``,
 ``object``, ``array``); string values are free text unless they have ``enum``/``const`` strings; union-typed
@@ -36,7 +36,8 @@ GLM-5's 154k vocabulary expect tens of ms per token inside long strings).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import json
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -45,14 +46,13 @@ from glm5.tokenizer import special_tokens as st
 from glm5.tokenizer.detokenize import byte_level_char_to_byte
 
 from .json_automaton import _STR, START, json_accepts, json_complete, json_min_close, json_step
-from .json_schema import SchemaAutomaton
+from .json_schema import SchemaAutomaton, compile_schema
 
 __all__ = [
     "ConstrainedLogitsProcessor",
+    "GrammarCache",
     "JsonGrammar",
     "TokenVocab",
-    "ban_tokens",
-    "bias_processor",
     "json_accepts",
     "json_logits_processor",
 ]
@@ -191,7 +191,7 @@ class _Grammar:
 
 
 class _JsonObjectAutomaton:
-    """``json_object``: any one JSON object (the interface of :class:`glm5.serve.json_schema.SchemaAutomaton`)."""
+    """``json_object``: any one JSON object (the interface of :class:`glm5.structured.json_schema.SchemaAutomaton`)."""
 
     @staticmethod
     def start():
@@ -210,7 +210,7 @@ class _JsonObjectAutomaton:
 
 class JsonGrammar(_Grammar):
     """One JSON document, then EOS: any object (``json_object``) or, given ``schema`` (a compiled
-    :class:`~glm5.serve.json_schema.SchemaAutomaton`), a document that schema accepts. With ``thinking``, free
+    :class:`~glm5.structured.json_schema.SchemaAutomaton`), a document that schema accepts. With ``thinking``, free
     reasoning text and ``</think>`` come first."""
 
     def __init__(self, vocab: TokenVocab, thinking: bool = False, schema: SchemaAutomaton | None = None):
@@ -346,57 +346,45 @@ class ConstrainedLogitsProcessor:
         return out
 
 
+class GrammarCache:
+    """Compiled JSON grammars by schema, for one tokenizer. A grammar caches the allowed tokens per state, so a
+    schema sent again (clients repeat theirs) costs nothing to set up; the ``capacity`` most recent are kept.
+    The vocabulary trie is built on first use. Keys keep the schema's key order: properties are generated in
+    schema order, so two schemas differing only in order are different grammars."""
+
+    def __init__(self, tokenizer: Any, logits_size: int | None = None, capacity: int = 32):
+        self.tokenizer, self.logits_size, self.capacity = tokenizer, logits_size, capacity
+        self._vocab: TokenVocab | None = None
+        self._grammars: dict[tuple[str, bool], JsonGrammar] = {}
+
+    @property
+    def vocab(self) -> TokenVocab:
+        if self._vocab is None:
+            self._vocab = TokenVocab(self.tokenizer, self.logits_size)
+        return self._vocab
+
+    def json(self, schema: Any = None, thinking: bool = False) -> JsonGrammar:
+        """The grammar of one JSON object (``schema`` None) or of the documents ``schema`` accepts; reasoning
+        first when ``thinking``. Raises :class:`~glm5.structured.json_schema.SchemaError` (a ValueError) for
+        a schema it cannot enforce."""
+        key = (json.dumps(schema), thinking)
+        grammar = self._grammars.pop(key, None)
+        if grammar is None:
+            grammar = JsonGrammar(self.vocab, thinking=thinking,
+                                  schema=compile_schema(schema) if schema is not None else None)
+        self._grammars[key] = grammar  # most recent last
+        while len(self._grammars) > self.capacity:
+            self._grammars.pop(next(iter(self._grammars)))
+        return grammar
+
+
 def json_logits_processor(tokenizer: Any, max_tokens: int, schema: Any = None, thinking: bool = False,
                           logits_size: int | None = None) -> ConstrainedLogitsProcessor:
-    """Structured output for the engine's offline API (what vLLM's guided decoding gives ``LLM.generate``)::
-
-        proc = json_logits_processor(tok, max_tokens=64, schema={"type": "object", ...})
-        llm.generate(prompts, SamplingParams(max_tokens=64, logits_processors=[proc]))
-
-    The output is one JSON object (``schema`` None) or a document ``schema`` accepts, then EOS, within
-    ``max_tokens`` (pass the request's). ``thinking``: the prompt opened ``<think>``, so reasoning comes first.
-    Raises :class:`~glm5.serve.json_schema.SchemaError` for a schema it cannot enforce, ``ValueError`` when
+    """A logits processor for one JSON object (``schema`` None) or a document ``schema`` accepts, then EOS,
+    within ``max_tokens`` (pass the request's). ``thinking``: the prompt opened ``<think>``, so reasoning comes
+    first. The engine builds these itself for ``SamplingParams(structured_outputs=...)``; this is for callers
+    who manage processors directly.
+    Raises :class:`~glm5.structured.json_schema.SchemaError` for a schema it cannot enforce, ``ValueError`` when
     ``max_tokens`` cannot fit the shortest valid output."""
-    from .json_schema import compile_schema
-
-    grammar = JsonGrammar(TokenVocab(tokenizer, logits_size), thinking=thinking,
-                          schema=compile_schema(schema) if schema is not None else None)
+    grammar = GrammarCache(tokenizer, logits_size, capacity=1).json(schema, thinking)
     return ConstrainedLogitsProcessor(grammar, max_tokens)
-
-
-def ban_tokens(token_ids: Sequence[int]) -> Callable[[Sequence[int], torch.Tensor], torch.Tensor]:
-    ids = [int(i) for i in token_ids]
-
-    def proc(_output_ids, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.clone()
-        logits[..., [i for i in ids if i < logits.shape[-1]]] = NEG_INF
-        return logits
-
-    return proc
-
-
-def bias_processor(bias: Mapping[int, float] | None, presence: float = 0.0, frequency: float = 0.0,
-                   repetition: float = 1.0) -> Callable[[Sequence[int], torch.Tensor], torch.Tensor] | None:
-    """OpenAI ``logit_bias``, ``presence_penalty``, ``frequency_penalty`` and vLLM's ``repetition_penalty``
-    (over the generated tokens)."""
-    if not bias and presence == 0.0 and frequency == 0.0 and repetition == 1.0:
-        return None
-    bias = {int(k): float(v) for k, v in (bias or {}).items()}
-
-    def proc(output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.clone().float()
-        V = logits.shape[-1]
-        for t, v in bias.items():
-            if t < V:
-                logits[..., t] += v
-        if output_ids and (presence or frequency or repetition != 1.0):
-            ids = torch.tensor([t for t in output_ids if t < V], dtype=torch.long, device=logits.device)
-            counts = torch.bincount(ids, minlength=V).to(logits.dtype)
-            seen = counts > 0
-            if repetition != 1.0:
-                logits = torch.where(seen & (logits > 0), logits / repetition, logits)
-                logits = torch.where(seen & (logits <= 0), logits * repetition, logits)
-            logits = logits - frequency * counts - presence * seen.to(logits.dtype)
-        return logits
-
-    return proc

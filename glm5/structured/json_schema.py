@@ -1,7 +1,7 @@
 """JSON Schema -> a byte automaton, for ``response_format: {"type": "json_schema", ...}`` (structured outputs).
 
 :func:`compile_schema` checks a schema against the subset below and returns a :class:`SchemaAutomaton` with the
-interface :class:`glm5.serve.constrained.JsonGrammar` walks the token trie with: ``start()``, ``step(state, byte)``
+interface :class:`glm5.structured.constrained.JsonGrammar` walks the token trie with: ``start()``, ``step(state, byte)``
 (``None`` = the byte leaves every document the schema accepts), ``min_close(state)`` (bytes of the shortest
 valid completion, each a single-byte token of a byte-level vocabulary) and ``complete(state)``.
 
@@ -20,7 +20,7 @@ silently not enforced):
 * annotations are ignored: ``title``, ``description``, ``default``, ``examples``, ``$schema``, ``$id``, ``$comment``,
   ``deprecated``, ``readOnly``, ``writeOnly``, ``strict``.
 
-The automaton itself is :mod:`glm5.serve.schema_automaton`.
+The automaton itself is :mod:`glm5.structured.schema_automaton`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The byte automaton of a compiled JSON Schema (:func:`glm5.serve.json_schema.compile_schema` builds it).
+"""The byte automaton of a compiled JSON Schema (:func:`glm5.structured.json_schema.compile_schema` builds it).
 
-Its interface is the one :class:`glm5.serve.constrained.JsonGrammar` walks the token trie with: ``start()``,
+Its interface is the one :class:`glm5.structured.constrained.JsonGrammar` walks the token trie with: ``start()``,
 ``step(state, byte)`` (``None`` = the byte leaves every document the schema accepts), ``min_close(state)`` (bytes
 of the shortest valid completion, each a single-byte token of a byte-level vocabulary), ``complete(state)`` and
 ``string_room(state)``.
@@ -69,7 +69,7 @@ def _int_extra_digits(neg: bool, digits: str, lo, hi) -> float:
 class SchemaAutomaton:
     """Frames (hashable tuples):
     ("V", nid, ws)                 a value of node nid is expected (ws: one whitespace byte was just taken)
-    ("J", json_state)              inside an unconstrained value (glm5.serve.json_automaton)
+    ("J", json_state)              inside an unconstrained value (glm5.structured.json_automaton)
     ("L", nid, typed)              inside one of node nid's literals (enum, const, true/false/null)
     ("S", nid, pending, chars)     inside a string after its opening quote
     ("N", nid, sub, neg, digits)   inside a number (digits: the integer part, kept for bounded integers)

@@ -1,0 +1,63 @@
+"""Request-level logits processors of the OpenAI API: ``logit_bias``, presence / frequency / repetition
+penalties, ``min_p``, and banning ids (``tool_choice: "none"`` bans ``<tool_call>``). Each has the engine's
+signature ``(output_token_ids, logits[V]) -> logits[V]``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from glm5.engine.sampling_params import LogitsProcessor
+
+NEG_INF = float("-inf")
+
+
+def ban_tokens(token_ids: Sequence[int]) -> LogitsProcessor:
+    ids = [int(i) for i in token_ids]
+
+    def proc(_output_ids, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[..., [i for i in ids if i < logits.shape[-1]]] = NEG_INF
+        return logits
+
+    return proc
+
+
+def bias_processor(bias: Mapping[int, float] | None, presence: float = 0.0, frequency: float = 0.0,
+                   repetition: float = 1.0) -> LogitsProcessor | None:
+    """OpenAI ``logit_bias``, ``presence_penalty``, ``frequency_penalty`` and vLLM's ``repetition_penalty``
+    (over the generated tokens)."""
+    if not bias and presence == 0.0 and frequency == 0.0 and repetition == 1.0:
+        return None
+    bias = {int(k): float(v) for k, v in (bias or {}).items()}
+
+    def proc(output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone().float()
+        V = logits.shape[-1]
+        for t, v in bias.items():
+            if t < V:
+                logits[..., t] += v
+        if output_ids and (presence or frequency or repetition != 1.0):
+            ids = torch.tensor([t for t in output_ids if t < V], dtype=torch.long, device=logits.device)
+            counts = torch.bincount(ids, minlength=V).to(logits.dtype)
+            seen = counts > 0
+            if repetition != 1.0:
+                logits = torch.where(seen & (logits > 0), logits / repetition, logits)
+                logits = torch.where(seen & (logits <= 0), logits * repetition, logits)
+            logits = logits - frequency * counts - presence * seen.to(logits.dtype)
+        return logits
+
+    return proc
+
+
+def min_p_processor(min_p: float, temperature: float) -> LogitsProcessor:
+    t = max(temperature, 1e-5)
+    cut = math.log(min_p)
+
+    def proc(_ids, logits):
+        keep = (logits - logits.max()) / t >= cut
+        return logits.masked_fill(~keep, float("-inf"))
+
+    return proc

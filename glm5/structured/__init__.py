@@ -1,0 +1,29 @@
+"""Structured outputs: grammars that make generated text valid by construction.
+
+A grammar walks the tokenizer's byte-level vocabulary with a byte automaton and masks, at each step, the tokens
+that could not lead to a valid output within the remaining token budget. The engine applies one per sequence
+through :class:`ConstrainedLogitsProcessor`:
+
+* one JSON object, or a document a JSON Schema accepts (:class:`JsonGrammar`, schemas compiled by
+  :func:`compile_schema`): ``SamplingParams(structured_outputs=StructuredOutputsParams(json=schema))`` offline,
+  ``response_format`` on the server;
+* GLM-5 tool calls of given tools with schema-checked arguments (:class:`ToolCallGrammar`): the server's
+  ``tool_choice: "required"`` / a named tool.
+
+It depends on the tokenizer only; the engine and the server build on it.
+"""
+
+from .constrained import ConstrainedLogitsProcessor, GrammarCache, JsonGrammar, TokenVocab, json_logits_processor
+from .json_schema import SchemaError, compile_schema
+from .tool_grammar import ToolCallGrammar
+
+__all__ = [
+    "ConstrainedLogitsProcessor",
+    "GrammarCache",
+    "JsonGrammar",
+    "SchemaError",
+    "TokenVocab",
+    "ToolCallGrammar",
+    "compile_schema",
+    "json_logits_processor",
+]
