@@ -112,7 +112,7 @@ class Engine:
     def run(self, ids: torch.Tensor, n: int) -> tuple[float, torch.Tensor]:
         sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
         t = clock()
-        outs = self.llm.generate(ids.tolist(), sp)
+        outs = self.llm.generate(ids.tolist(), sp, use_tqdm=False)
         return clock() - t, torch.tensor([o.outputs[0].token_ids for o in outs])
 
     def timed(self, ids: torch.Tensor, n: int) -> tuple[float, float, torch.Tensor]:
@@ -300,7 +300,7 @@ def bench_spec_batch(args, results):
     for _ in range(args.repeats):
         for m, llm in engines.items():
             t = clock()
-            o = llm.generate(ps, sps)
+            o = llm.generate(ps, sps, use_tqdm=False)
             best[m] = min(best[m], clock() - t)
             outs[m] = [x.outputs[0].token_ids for x in o]
     tokens = sum(len(t) for t in outs["plain"])
@@ -493,13 +493,13 @@ def bench_gpu(args, results):
     llm = LLM(model, max_num_seqs=1, max_model_len=args.gpu_context + 256, enable_prefix_caching=False)
     ids = _prompts(1, args.gpu_context, cfg.vocab_size, 0).tolist()
     sp = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)  # noqa: E731
-    llm.generate(ids, sp(8))
+    llm.generate(ids, sp(8), use_tqdm=False)
     torch.cuda.synchronize()
     times = []
     for n in (1, 1 + args.decode_tokens * 8):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        llm.generate(ids, sp(n))
+        llm.generate(ids, sp(n), use_tqdm=False)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     tok_s = args.decode_tokens * 8 / (times[1] - times[0])

@@ -357,13 +357,14 @@ class Speedrun:
         base = LLM(str(self.stage_dir("sparse") / "hf"), device=self.p.device, max_model_len=512)
         prompts = ["ROMEO.\n", "To be, or not to be", "KING HENRY.\nMy lords,"]
         sp = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=60, seed=0)
-        base_out = [p + o.outputs[0].text for p, o in zip(prompts, base.generate(prompts, sp))]
+        base_out = [p + o.outputs[0].text for p, o in zip(prompts, base.generate(prompts, sp, use_tqdm=False))]
         chat = LLM(str(self.out / "final"), device=self.p.device, max_model_len=512)
         questions = ["Calculate 7 * 8.", "Calculate 9 - 4.", "Calculate 6 + 7.",
                      "Nora has some marbles. She gives 3 away. How many marbles does Nora have now?"]
         ids = [chat.tokenizer.apply_chat_template(build_messages({"question": q}), tokenize=True,
                                                   add_generation_prompt=True) for q in questions]
-        outs = chat.generate(ids, SamplingParams(temperature=0.0, max_tokens=self.p.rl_max_new_tokens))
+        outs = chat.generate(ids, SamplingParams(temperature=0.0, max_tokens=self.p.rl_max_new_tokens),
+                             use_tqdm=False)
         return {"base": base_out, "chat": [{"question": q, "answer": o.outputs[0].text} for q, o in zip(questions, outs)]}
 
     def stage_fp8(self) -> dict:

@@ -4,13 +4,19 @@
     llm = LLM("path/to/checkpoint", max_num_seqs=16, max_model_len=4096)
     outs = llm.generate(["Hello", [1, 2, 3]], SamplingParams(temperature=0, max_tokens=32))
     outs[0].outputs[0].text, outs[0].outputs[0].token_ids, outs[0].outputs[0].finish_reason
+    outs = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=64),
+                    chat_template_kwargs={"enable_thinking": False})     # the GLM-5 chat format
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from glm5.engine.llm_engine import EngineConfig, LLMEngine
 from glm5.engine.outputs import RequestOutput
@@ -63,9 +69,10 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = True) -> list[RequestOutput]:
         """prompts: a string, a token-id list, or a list of either. Returns one RequestOutput per prompt, in
-        order, each with ``n`` completions (text, token_ids, finish_reason, logprobs)."""
+        order, each with ``n`` completions (text, token_ids, finish_reason, logprobs). ``use_tqdm``: a progress
+        bar over finished prompts with the output tokens/s (stderr), as vLLM shows."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
@@ -73,6 +80,9 @@ class LLM:
             raise ValueError("one SamplingParams per prompt, or a single one for all")
         ids: list[str] = []
         done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(prompts), desc="Processed prompts", unit="prompt", dynamic_ncols=True,
+                   disable=not use_tqdm)
+        t0, out_tokens = time.perf_counter(), 0
         try:
             for p, sp in zip(prompts, params):
                 ids.append(self.engine.add_request(p, sp))
@@ -80,11 +90,35 @@ class LLM:
                 for out in self.engine.step():
                     if out.finished:
                         done[out.request_id] = out
+                        out_tokens += sum(len(c.token_ids) for c in out.outputs)
+                        bar.set_postfix_str(f"output: {out_tokens / (time.perf_counter() - t0):.1f} tok/s",
+                                            refresh=False)
+                        bar.update(1)
         finally:
+            bar.close()
             for rid in ids:  # on an error (or KeyboardInterrupt) leave the engine clean
                 if rid not in done:
                     self.engine.abort(rid)
         return [done[r] for r in ids]
+
+    def chat(self, messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
+             chat_template_kwargs: Mapping[str, Any] | None = None, add_generation_prompt: bool = True,
+             tools: Sequence[Mapping[str, Any]] | None = None) -> list[RequestOutput]:
+        """One conversation (a list of ``{"role", "content", ...}`` messages) or a list of them, rendered with the
+        GLM-5 chat template (``chat_template_kwargs``: e.g. ``{"enable_thinking": False}``; ``tools``: OpenAI
+        tool definitions) and generated like :meth:`generate`. The text is the raw assistant turn (reasoning,
+        ``</think>``, answer, tool calls); ``glm5.tokenizer.parse_output`` splits it."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer (tokenizer.json in the model directory or tokenizer=...)")
+        if not messages:
+            raise ValueError("chat: no messages")
+        conversations = [messages] if isinstance(messages[0], Mapping) else list(messages)
+        prompts = [self.tokenizer.apply_chat_template(list(conv), tools=tools,
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      **dict(chat_template_kwargs or {}))
+                   for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def spec_metrics(self) -> dict:
         return self.engine.spec_metrics()

@@ -106,7 +106,7 @@ def mtp_acceptance(model, tokenizer, cfg: EvalConfig) -> dict:
     llm = LLM(model, tokenizer, max_num_seqs=4, max_model_len=min(1024, model.config.max_position_embeddings),
               num_speculative_tokens=cfg.spec_tokens)
     outs = llm.generate(_prompts(tokenizer, cfg.spec_prompts),
-                        SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens))
+                        SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens), use_tqdm=False)
     m = llm.spec_metrics()
     return {"mtp_acceptance_length": m["acceptance_length"], "mtp_draft_tokens": cfg.spec_tokens,
             "mtp_acceptance_rate": m["acceptance_rate"],
@@ -119,9 +119,9 @@ def decode_speed(model, tokenizer, cfg: EvalConfig) -> dict:
     llm = LLM(model, tokenizer, max_num_seqs=1, max_model_len=min(1024, model.config.max_position_embeddings))
     prompt = _prompts(tokenizer, 1)
     sp = SamplingParams(temperature=0.0, max_tokens=cfg.decode_tokens, ignore_eos=True)
-    llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
+    llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
     t0 = time.perf_counter()
-    out = llm.generate(prompt, sp)
+    out = llm.generate(prompt, sp, use_tqdm=False)
     dt = time.perf_counter() - t0
     n = len(out[0].outputs[0].token_ids)
     tps = n / dt

@@ -109,3 +109,33 @@ def test_async_streaming_abort_and_concurrency(nano_dir):
         llm.shutdown()
 
     asyncio.run(main())
+
+
+def test_chat_renders_the_glm5_template_and_batches_conversations(llm):
+    tok = llm.tokenizer
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, skip_special_tokens=False)
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"}]
+    one = llm.chat(conv, sp, use_tqdm=False, chat_template_kwargs={"enable_thinking": False})
+    rendered = tok.apply_chat_template(conv, add_generation_prompt=True, enable_thinking=False)
+    assert one[0].prompt == rendered and rendered.endswith("</think>")
+    assert one[0].outputs[0].token_ids == llm.generate(rendered, sp, use_tqdm=False)[0].outputs[0].token_ids
+    two = llm.chat([conv, [{"role": "user", "content": "Hi"}]], sp, use_tqdm=False)  # thinking on by default
+    assert [o.prompt for o in two] == [tok.apply_chat_template(c, add_generation_prompt=True)
+                                       for c in (conv, [{"role": "user", "content": "Hi"}])]
+    assert two[0].outputs[0].token_ids != [] and two[1].prompt.endswith("<think>")
+    with pytest.raises(ValueError, match="no messages"):
+        llm.chat([], sp)
+
+
+def test_chat_without_a_tokenizer_is_refused(text_model):
+    with pytest.raises(ValueError, match="tokenizer"):
+        LLM(text_model[0], max_model_len=64).chat([{"role": "user", "content": "hi"}])
+
+
+def test_generate_shows_a_progress_bar_unless_told_not_to(llm, capsys):
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    llm.generate(["a", "b", "c"], sp)
+    err = capsys.readouterr().err
+    assert "Processed prompts" in err and "3/3" in err and "tok/s" in err
+    llm.generate(["a", "b"], sp, use_tqdm=False)
+    assert capsys.readouterr().err == ""
