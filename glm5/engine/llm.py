@@ -52,6 +52,15 @@ def build_engine(model, tokenizer=None, device: str | torch.device | None = None
     return LLMEngine(model, tokenizer, EngineConfig(**engine_kwargs))
 
 
+def _unwrap(prompt):
+    if not isinstance(prompt, Mapping):
+        return prompt
+    keys = set(prompt) & {"prompt", "prompt_token_ids"}
+    if len(keys) != 1:
+        raise ValueError(f"a prompt dict needs exactly one of 'prompt' and 'prompt_token_ids', got {sorted(prompt)}")
+    return prompt[keys.pop()]
+
+
 class LLM:
     """Synchronous engine front end.
 
@@ -68,13 +77,18 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """prompts: a string, a token-id list, or a list of either. Returns one RequestOutput per prompt, in
+        """prompts: a string, a token-id list, a ``{"prompt": str}`` / ``{"prompt_token_ids": [...]}`` dict
+        (vLLM's TextPrompt / TokensPrompt), or a list of these. Returns one RequestOutput per prompt, in
         order, each with ``n`` completions (text, token_ids, finish_reason, logprobs). ``use_tqdm``: a progress
         bar over finished prompts with the output tokens/s (stderr), as vLLM shows."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, Mapping)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        prompts = [_unwrap(p) for p in prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("one SamplingParams per prompt, or a single one for all")

@@ -139,3 +139,14 @@ def test_generate_shows_a_progress_bar_unless_told_not_to(llm, capsys):
     assert "Processed prompts" in err and "3/3" in err and "tok/s" in err
     llm.generate(["a", "b"], sp, use_tqdm=False)
     assert capsys.readouterr().err == ""
+
+
+def test_generate_takes_vllm_prompt_dicts(llm):
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    ids = llm.get_tokenizer().encode("Hello world")
+    outs = llm.generate([{"prompt": "Hello world"}, {"prompt_token_ids": ids}, ids], sp, use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids == outs[2].outputs[0].token_ids
+    assert outs[0].prompt == "Hello world" and outs[1].prompt_token_ids == ids
+    assert llm.generate({"prompt_token_ids": ids}, sp, use_tqdm=False)[0].prompt_token_ids == ids
+    with pytest.raises(ValueError, match="exactly one"):
+        llm.generate([{"text": "Hello"}], sp)
