@@ -6,7 +6,9 @@ A *source* is a path (a file or a directory, searched recursively) or the name `
 
 * ``.txt`` / ``.md`` / ``.rst``: one document per file;
 * ``.jsonl`` / ``.json``: one JSON object per line, the document is its ``text`` field (``text_field``);
-* ``.parquet``: the ``text`` column, one document per row (needs ``pyarrow``).
+* ``.parquet``: the ``text`` column (a string column), one document per row (needs ``pyarrow``).
+
+Bytes that are not valid UTF-8 become U+FFFD in every format rather than stopping the run.
 
 Everything is read in a fixed, sorted order so that tokenisation is reproducible.
 """
@@ -75,7 +77,7 @@ def resolve_sources(sources: str | os.PathLike | Iterable[str | os.PathLike]) ->
 
 
 def _jsonl_docs(path: Path, text_field: str) -> Iterator[Document]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for i, line in enumerate(f):
             line = line.strip()
             if not line:
@@ -84,9 +86,13 @@ def _jsonl_docs(path: Path, text_field: str) -> Iterator[Document]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i + 1}: invalid JSON: {e}") from e
-            text = rec.get(text_field) if isinstance(rec, dict) else None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{i + 1}: expected a JSON object, got {type(rec).__name__}")
+            text = rec.get(text_field)
             if not isinstance(text, str):
-                raise ValueError(f"{path}:{i + 1}: no string field {text_field!r}")
+                what = "no field" if text_field not in rec else f"a {type(text).__name__}, not a string, in field"
+                raise ValueError(f"{path}:{i + 1}: {what} {text_field!r} (fields: {', '.join(map(str, rec)) or 'none'}; "
+                                 f"--text-field picks another)")
             if text:
                 yield Document(f"{path}:{i}", text)
 
@@ -96,9 +102,19 @@ def _parquet_docs(path: Path, text_field: str) -> Iterator[Document]:
         import pyarrow.parquet as pq
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from e
+    import pyarrow as pa
+
     pf = pq.ParquetFile(path)
-    if text_field not in pf.schema_arrow.names:
-        raise ValueError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names})")
+    schema = pf.schema_arrow
+    if text_field not in schema.names:
+        raise ValueError(f"{path}: no column {text_field!r} (columns: {', '.join(schema.names)}; "
+                         f"--text-field picks another)")
+    kind = schema.field(text_field).type
+    base = kind.value_type if pa.types.is_dictionary(kind) else kind
+    is_view = getattr(pa.types, "is_string_view", lambda t: False)
+    if not (pa.types.is_string(base) or pa.types.is_large_string(base) or is_view(base)):
+        raise ValueError(f"{path}: column {text_field!r} holds {kind}, not text (columns: {', '.join(schema.names)}; "
+                         f"--text-field picks another)")
     row = 0
     for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
         for text in batch.column(0).to_pylist():

@@ -40,7 +40,7 @@ import numpy as np
 from glm5.data.corpus import resolve_sources, sources_fingerprint
 from glm5.data.tokenize import _write_json_atomic, token_dtype
 
-__all__ = ["render_conversation", "render_record", "default_sft_conversations", "build_sft_dataset", "prepare_sft_dataset",
+__all__ = ["render_conversation", "render_record", "check_messages", "default_sft_conversations", "build_sft_dataset", "prepare_sft_dataset",
            "load_sft_split", "read_conversations", "IDK", "SFT_FORMAT"]
 
 SFT_FORMAT = "glm5-sft-v1"
@@ -49,14 +49,29 @@ ASSISTANT, USER, OBSERVATION = "<|assistant|>", "<|user|>", "<|observation|>"
 
 
 # ------------------------------------------------------------------------------------------ rendering
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def check_messages(messages) -> list[dict]:
+    """The normalised messages of a training conversation; ValueError if they cannot make one (not a list of
+    objects, an unknown role, tool-call arguments that are not JSON, no assistant message)."""
+    from glm5.tokenizer.chat_template import normalize_messages
+
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list")
+    msgs = normalize_messages(messages)
+    for i, m in enumerate(msgs):
+        if m.get("role") not in ROLES:
+            raise ValueError(f"message {i}: unsupported role {m.get('role')!r} (use {', '.join(ROLES)})")
+    if not any(m.get("role") == "assistant" for m in msgs):
+        raise ValueError("a training conversation needs at least one assistant message")
+    return msgs
+
+
 def render_conversation(tokenizer, messages: Sequence[dict], tools: Sequence[dict] | None = None
                         ) -> tuple[list[int], list[int]]:
     """(ids, loss_mask) for one conversation; loss_mask[i] = 1 where ids[i] is produced by the assistant."""
-    from glm5.tokenizer.chat_template import normalize_messages
-
-    msgs = normalize_messages(messages)
-    if not any(m.get("role") == "assistant" for m in msgs):
-        raise ValueError("a training conversation needs at least one assistant message")
+    msgs = check_messages(messages)
 
     def render(ms):
         return tokenizer.apply_chat_template(ms, tools, add_generation_prompt=False, enable_thinking=True,
@@ -341,17 +356,32 @@ def default_sft_conversations(n: int = 2000, seed: int = 0, idk_fraction: float 
 
 # ------------------------------------------------------------------------------------- storage
 def read_conversations(files: Iterable[Path]) -> list[dict]:
-    """SFT records from .jsonl files: one {"messages": [...], "tools": [...]?} or {"text": "..."} per line."""
+    """SFT records from .jsonl files: one {"messages": [...], "tools": [...]?} or {"text": "..."} per line.
+    A record that cannot be trained on is a ValueError naming its file and line; bytes that are not valid
+    UTF-8 become U+FFFD (as in pretraining text)."""
     out = []
     for f in files:
-        with open(f, encoding="utf-8") as fh:
+        if Path(f).suffix.lower() not in (".jsonl", ".json"):
+            raise ValueError(f"{f}: SFT data must be .jsonl files of {{\"messages\": [...]}} or {{\"text\": ...}} "
+                             f"records (use glm5 train for plain text)")
+        with open(f, encoding="utf-8", errors="replace") as fh:
             for i, line in enumerate(fh):
                 if not line.strip():
                     continue
-                rec = json.loads(line)
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{f}:{i + 1}: invalid JSON: {e}") from None
                 if not isinstance(rec, dict) or not (isinstance(rec.get("messages"), list)
                                                      or isinstance(rec.get("text"), str) and rec["text"].strip()):
                     raise ValueError(f"{f}:{i + 1}: expected an object with a 'messages' list or a non-empty 'text'")
+                if "messages" in rec:
+                    try:
+                        check_messages(rec["messages"])
+                        if rec.get("tools") is not None and not isinstance(rec["tools"], list):
+                            raise ValueError("'tools' must be a list")
+                    except ValueError as e:
+                        raise ValueError(f"{f}:{i + 1}: {e}") from None
                 out.append(rec)
     return out
 
@@ -366,6 +396,12 @@ def build_sft_dataset(conversations: Sequence[dict], tokenizer, out_dir: str | o
     n_val = min(n - 1, max(1, round(val_fraction * n))) if val_fraction > 0 and n > 1 else 0
     order = np.random.default_rng(seed).permutation(n)
     val_idx = set(order[:n_val].tolist())
+    rendered = []
+    for i, conv in enumerate(conversations):  # all of it before anything is written: a bad record leaves no debris
+        try:
+            rendered.append(render_record(tokenizer, conv))
+        except ValueError as e:
+            raise ValueError(f"SFT record {i}: {e}") from None
     tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -373,10 +409,9 @@ def build_sft_dataset(conversations: Sequence[dict], tokenizer, out_dir: str | o
     splits = {}
     for split in ("train", "val"):
         ids_all, mask_all, offsets = [], [], [0]
-        for i, conv in enumerate(conversations):
+        for i, (ids, mask) in enumerate(rendered):
             if (i in val_idx) != (split == "val"):
                 continue
-            ids, mask = render_record(tokenizer, conv)
             ids_all.extend(ids)
             mask_all.extend(mask)
             offsets.append(len(ids_all))

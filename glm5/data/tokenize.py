@@ -89,13 +89,14 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 def unigram_baseline(train: np.ndarray, val: np.ndarray, vocab_size: int) -> dict:
     """Entropy (nats/token) of the train unigram distribution and the cross-entropy of val under it
-    (add-one smoothed): the loss a model that ignores context would get."""
+    (add-one smoothed): the loss a model that ignores context would get. ``val_cross_entropy`` is None when
+    there is no validation text (None, not NaN: the manifest and the run's JSON files stay valid JSON)."""
     counts = np.bincount(np.asarray(train, dtype=np.int64), minlength=vocab_size).astype(np.float64)
     p = counts / max(1.0, counts.sum())
     nz = p > 0
     entropy = float(-(p[nz] * np.log(p[nz])).sum())
     q = (counts + 1.0) / (counts.sum() + vocab_size)
-    val_ce = float(-np.log(q[np.asarray(val, dtype=np.int64)]).mean()) if len(val) else float("nan")
+    val_ce = float(-np.log(q[np.asarray(val, dtype=np.int64)]).mean()) if len(val) else None
     return {"train_entropy": entropy, "val_cross_entropy": val_ce}
 
 
