@@ -95,10 +95,29 @@ def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _dcp(fn, *args, **kwargs):
+    """Run a ``torch.distributed.checkpoint`` call; its ``CheckpointException`` (a BaseException that wraps
+    each rank's error, so neither ``except Exception`` nor the CLI's error line sees it) is re-raised as the
+    underlying error: a KeyboardInterrupt stays an interrupt, a full disk an OSError, a missing key an error."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        return fn(*args, **kwargs)
+    except CheckpointException as e:
+        errors = [exc for exc, _ in e.failures.values()] if isinstance(e.failures, dict) else []
+        if any(isinstance(x, KeyboardInterrupt) for x in errors):
+            raise KeyboardInterrupt from e
+        first = next((x for x in errors if isinstance(x, Exception)), None)
+        if first is None:
+            raise RuntimeError(str(e)) from e
+        raise first from e
+
+
 class Checkpointer:
     def __init__(self, out_dir: str | os.PathLike, rank: int = 0, keep: int = 2):
         self.dir = Path(out_dir) / "checkpoints"
         self.rank, self.keep = rank, keep
+        self.replaces: list[Path] = []  # an earlier run's checkpoints, deleted once this run has saved one
 
     def save(self, step: int, model, optimizers, trainer_state: dict) -> Path:
         import torch.distributed.checkpoint as dcp
@@ -117,7 +136,7 @@ class Checkpointer:
         model_sd, optim_sd = get_state_dict(model, list(optimizers))
         with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"), no_dist=not _dist_on())
+            _dcp(dcp.save, {"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"), no_dist=not _dist_on())
         torch.save(_rng_state(), tmp / f"rank{self.rank}.pt")
         barrier()
         if self.rank == 0:
@@ -130,7 +149,11 @@ class Checkpointer:
                 time.sleep(600)
             os.rename(tmp, final)
             _fsync_dir(self.dir)
+            for old in self.replaces:
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
             self._prune()
+        self.replaces = []
         barrier()
         return final
 
@@ -150,7 +173,7 @@ class Checkpointer:
         state = {"model": model_sd, "optim": optim_sd}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=not _dist_on())
+            _dcp(dcp.load, state, checkpoint_id=str(path / "dcp"), no_dist=not _dist_on())
         set_state_dict(model, list(optimizers), model_state_dict=state["model"], optim_state_dict=state["optim"])
         rng_file = path / f"rank{self.rank}.pt"
         if rng_file.exists():

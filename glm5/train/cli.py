@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import types
 import typing
 
@@ -110,7 +111,19 @@ def _run(args, mode: str) -> int:
     from glm5.train.trainer import train
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    summary = train(config_from_args(args, mode))
+    cfg = config_from_args(args, mode)
+    try:
+        summary = train(cfg)
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) == 0:
+            from pathlib import Path
+
+            from glm5.train.checkpoint import latest_checkpoint
+
+            last = latest_checkpoint(Path(cfg.out) / "checkpoints")
+            print(f"stopped; the same command resumes from {last}" if last else
+                  "stopped before the first checkpoint (--ckpt-every); nothing to resume from", file=sys.stderr)
+        raise
     if summary and int(os.environ.get("RANK", "0")) == 0:
         fv = summary.get("final_val") or {}
         msg = f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['elapsed_s']:.0f}s"

@@ -14,9 +14,11 @@ file), or build it in Python. A few values are derived when left unset (``resolv
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,20 +147,57 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """A config from plain values (a config file's, or flags'); unknown names and values of the wrong type
+        are a ValueError naming the option, ints are accepted where floats are expected."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
-        return cls(**d)
+            hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, names, n=1)) else u
+                     for u in unknown]
+            raise ValueError(f"unknown training option(s): {', '.join(hints)}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _checked(k, v, hints[k]) for k, v in d.items()})
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides) -> "TrainConfig":
         p = Path(path)
-        if p.suffix == ".toml":
-            d = tomllib.loads(p.read_text())
-        elif p.suffix == ".json":
-            d = json.loads(p.read_text())
-        else:
+        if p.suffix not in (".toml", ".json"):
             raise ValueError(f"{p}: config files must be .toml or .json")
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such config file")
+        try:
+            d = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{p}: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{p}: expected a table of training options, got {type(d).__name__}")
         d.update(overrides)
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{p}: {e}") from None
+
+
+def _checked(name: str, value, hint):
+    """``value`` if it fits the field's type hint (ints widen to float, a list or tuple fits either); else
+    ValueError."""
+    if value is None:
+        if type(None) in typing.get_args(hint):
+            return None
+        raise ValueError(f"option {name} cannot be empty")
+    kinds = [typing.get_origin(a) or a for a in typing.get_args(hint) if a is not type(None)] or [typing.get_origin(hint) or hint]
+    kind = kinds[0]
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind in (bool, str, dict) and isinstance(value, kind):
+        return value
+    if kind in (list, tuple):
+        if name == "data" and isinstance(value, str):
+            return [value]
+        if isinstance(value, (list, tuple)):
+            return value
+    shown = "a list" if kind in (list, tuple) else {bool: "true or false", int: "an integer", float: "a number",
+                                                      str: "a string", dict: "a table"}.get(kind, kind.__name__)
+    raise ValueError(f"option {name} must be {shown}, got {value!r}")

@@ -107,6 +107,10 @@ class Trainer:
         self.resumed_from = None
         if cfg.resume:
             self._maybe_resume()
+        else:
+            self._start_over()
+        if self.main and self.resumed_from is None and self.metrics_path.exists():
+            self.metrics_path.unlink()  # lines of an earlier attempt that left no checkpoint: this run starts at 0
         if self.main:
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
@@ -123,6 +127,16 @@ class Trainer:
     def _base_model_config(self) -> GLM5Config:
         cfg = self.cfg
         if cfg.init_from:
+            src = Path(cfg.init_from)
+            if not (src / "config.json").is_file():
+                if (src / "hf" / "config.json").is_file():
+                    hint = f"it looks like a training run; its exported model is {src / 'hf'}"
+                elif (src / "trainer_state.json").is_file():
+                    hint = (f"it is a training checkpoint: rerun with --out {src.parent.parent} to resume that run, "
+                            f"or start from its export ({src.parent.parent / 'hf'})")
+                else:
+                    hint = "expected an HF-layout model directory (config.json + *.safetensors)"
+                raise FileNotFoundError(f"--init-from {src}: no config.json there; {hint}")
             mc = GLM5Config.from_pretrained(cfg.init_from)
         elif cfg.model_config:
             mc = GLM5Config.from_pretrained(cfg.model_config)
@@ -160,18 +174,28 @@ class Trainer:
         pad = self.tokenizer.pad_token_id or 0
         self.pad_id = pad
         self.unigram_baseline = None
+        no_val = ""
         if cfg.mode == "pretrain":
             from glm5.data.tokenize import load_tokens, prepare_dataset, read_manifest
 
             ds = self._rank0_first(lambda: prepare_dataset(cfg.data, self.tokenizer, cfg.cache_dir,
                                                            val_fraction=cfg.val_fraction, text_field=cfg.text_field))
             manifest = read_manifest(ds)
-            self.unigram_baseline = manifest["unigram"]["val_cross_entropy"]
+            ub = manifest["unigram"]["val_cross_entropy"]  # NaN (older manifests) or None without validation text
+            self.unigram_baseline = ub if ub is not None and math.isfinite(ub) else None
             eos = manifest["eos_token_id"]
-            train_rows = PackedRows(load_tokens(ds, "train"), cfg.seq_len, eos_id=eos, doc_mask=cfg.doc_mask)
+            train_tokens = load_tokens(ds, "train")
+            if len(train_tokens) < cfg.seq_len + 1:
+                raise ValueError(f"the training data ({' '.join(map(str, cfg.data))}) has {len(train_tokens)} tokens, "
+                                 f"not enough for one row of --seq-len {cfg.seq_len}: add text or lower --seq-len")
+            train_rows = PackedRows(train_tokens, cfg.seq_len, eos_id=eos, doc_mask=cfg.doc_mask)
             val_tokens = load_tokens(ds, "val")
             val_rows = PackedRows(val_tokens, cfg.seq_len, eos_id=eos, doc_mask=cfg.doc_mask) \
                 if len(val_tokens) > cfg.seq_len else None
+            if val_rows is None and cfg.val_fraction > 0:
+                no_val = (f"the held-out split has {len(val_tokens)} tokens, less than one row of --seq-len "
+                          f"{cfg.seq_len} (the data is cut into ~8K-character sections and val_fraction of them "
+                          f"are held out; more text gives a validation split)")
         else:
             from glm5.data.sft import load_sft_split, prepare_sft_dataset
 
@@ -182,16 +206,27 @@ class Trainer:
             train_rows = ConversationRows(t, m, o, cfg.seq_len, pad)
             vt, vm, vo, _ = load_sft_split(ds, "val")
             val_rows = ConversationRows(vt, vm, vo, cfg.seq_len, pad) if len(vo) > 1 else None
+            if val_rows is None and cfg.val_fraction > 0:
+                no_val = "no conversation is held out (too few records for val_fraction)"
         self.dataset_dir = ds
         self.dataset_manifest = manifest
-        self.train_loader = BatchLoader(train_rows, cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size)
+        try:
+            self.train_loader = BatchLoader(train_rows, cfg.batch_size, seed=cfg.seed, rank=d.rank,
+                                            world_size=d.world_size)
+        except ValueError as e:
+            raise ValueError(f"the training data ({' '.join(map(str, cfg.data))}) is too small: {e}; "
+                             f"lower --batch-size or --seq-len, or add data") from None
         self.val_loader = None
         if val_rows is not None:
-            try:
-                self.val_loader = BatchLoader(val_rows, cfg.batch_size, seed=cfg.seed, rank=d.rank,
-                                              world_size=d.world_size, shuffle=False)
-            except ValueError as e:
-                log.warning("validation disabled: %s", e)
+            # A small validation split still validates: the eval batch shrinks to what the split can fill.
+            eval_bs = min(cfg.batch_size, len(val_rows) // d.world_size)
+            if eval_bs >= 1:
+                self.val_loader = BatchLoader(val_rows, eval_bs, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
+                                              shuffle=False)
+            else:
+                no_val = f"the held-out split makes {len(val_rows)} rows, fewer than the {d.world_size} processes"
+        if self.val_loader is None and cfg.val_fraction > 0 and self.main:
+            log.warning("no validation loss in this run: %s", no_val)
 
     def _build_model(self) -> GLM5ForCausalLM:
         cfg = self.cfg
@@ -218,16 +253,38 @@ class Trainer:
         return contextlib.nullcontext()
 
     # ----------------------------------------------------------------------------------- resume
+    # options that shape the model's parameters or the optimiser's state: a checkpoint saved under other values
+    # may not load, and the error then names them
+    _STATE_OPTIONS = ("preset", "model_config", "model_overrides", "init_from", "optimizer", "muon_split", "muon_impl",
+                      "mtp_depth", "mtp_weight", "mtp_only", "indexer_loss_weight")
+
     def _maybe_resume(self) -> None:
         path = latest_checkpoint(self.ckpt.dir)
         if path is None:
             return
-        state = self.ckpt.load(path, self.model, self.optim)
-        saved = state.get("config", {})
+        saved = json.loads((path / "trainer_state.json").read_text()).get("config", {})
+        now = self.cfg.to_dict()
         for key in ("mode", "dsa", "seq_len"):
-            if key in saved and saved[key] != getattr(self.cfg, key):
-                raise ValueError(f"{path}: checkpoint has {key}={saved[key]!r}, this run {getattr(self.cfg, key)!r}; "
+            if key in saved and saved[key] != now[key]:
+                raise ValueError(f"{path}: checkpoint has {key}={saved[key]!r}, this run {now[key]!r}; "
                                  f"use a new --out (or --init-from an export) to change it")
+        def groups():
+            return [(g.get("name"), g.get("base_lr") is not None, len(g["params"])) for g in self.optim.param_groups]
+
+        expected = groups()
+        try:
+            state = self.ckpt.load(path, self.model, self.optim)
+            if groups() != expected:  # e.g. another Muon layout: the state loads, into the wrong groups
+                raise RuntimeError("the optimiser's parameter groups differ from the checkpoint's")
+        except Exception as e:  # a missing or mis-shaped key, or mismatched optimiser groups
+            changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in self._STATE_OPTIONS if k in saved and saved[k] != now[k]]
+            why = f"changed since it was saved: {'; '.join(changed)}" if changed else f"{type(e).__name__}: {e}"
+            raise ValueError(f"cannot resume from {path}: its model/optimiser state does not fit this run ({why}); "
+                             f"keep the run's options to resume, or use a new --out "
+                             f"(--init-from {self.out / 'hf'} starts from the exported weights)") from e
+        if self.main and saved.get("data") not in (None, now["data"]):
+            log.warning("resuming with --data %s, the checkpoint was trained on %s: the data order continues from "
+                        "the saved position, in the new data", " ".join(now["data"]), " ".join(saved["data"]))
         self.step = state["step"]
         self.tokens_seen = state["tokens"]
         self.elapsed_before = state["elapsed"]
@@ -241,7 +298,17 @@ class Trainer:
             tmp = self.metrics_path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, self.metrics_path)
+            print(f"resuming from {path} (step {self.step}); --no-resume starts over", file=sys.stderr)
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _start_over(self) -> None:
+        """``resume=False`` where an earlier run left checkpoints: they are replaced by this run's first
+        checkpoint (not before, so nothing is lost if this run stops early), never mixed with it."""
+        stale = sorted(p for p in self.ckpt.dir.glob("step_*") if p.is_dir()) if self.ckpt.dir.is_dir() else []
+        if stale and self.main:
+            log.warning("--no-resume: starting from scratch; the earlier run's checkpoints in %s (newest %s) are "
+                        "deleted when this run saves its first one", self.ckpt.dir, stale[-1].name)
+        self.ckpt.replaces = stale
 
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "tokens": self.tokens_seen, "elapsed": self._elapsed(),
@@ -397,15 +464,19 @@ class Trainer:
                        "unigram_baseline": self.unigram_baseline, "config": cfg.to_dict()})
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.main and cfg.progress), dynamic_ncols=True,
                    file=sys.stderr, desc=f"{cfg.mode}[{cfg.dsa}]", unit="step")
-        saved_at = evaluated_at = None
+        # a resumed run was checkpointed (and maybe validated) at its current step: not again, if it is already done
+        saved_at = self.step if self.resumed_from else None
+        evaluated_at = self.step if (self.last_val or {}).get("step") == self.step else None
         tok_rate = None
-        while not self._done():
+        done = self._done()
+        while not done:
             rec = self.train_step()
+            done = self._done()
             if cfg.max_minutes is not None:  # the bar counts steps; its total is the steps the budget allows
                 frac = self.time_progress()
                 bar.total = min(cfg.max_steps, max(self.step, round(self.step / max(frac, 1e-9)))) if frac else bar.total
             tok_rate = rec["tok_per_s"] if tok_rate is None else 0.9 * tok_rate + 0.1 * rec["tok_per_s"]
-            if self.step % cfg.log_every == 0 or self._done():
+            if self.step % cfg.log_every == 0 or done:
                 self._log(rec)
             post = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{tok_rate:,.0f}", "lr": f"{rec['lr']:.2e}"}
             if self.last_val:
@@ -417,8 +488,8 @@ class Trainer:
                 evaluated_at = self.step
                 if v:
                     self._log(v)
-            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
-                self.save_checkpoint()
+            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and not done:  # the last one follows the final
+                self.save_checkpoint()                                           # validation, which it records
                 saved_at = self.step
         bar.close()
         if evaluated_at != self.step:
