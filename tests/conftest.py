@@ -1,7 +1,12 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# pytest runs in importlib mode: make the helper modules in tests/ (mixed_text) importable from any test package
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Two cores on CI: keep torch from oversubscribing when tests run alongside subprocesses.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

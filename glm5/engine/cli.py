@@ -36,6 +36,8 @@ def _engine_args(p) -> None:
                      help="structured output: the answer is a JSON document this schema accepts (a .json file or "
                           "the schema's text)")
     fmt.add_argument("--json-object", action="store_true", help="structured output: the answer is one JSON object")
+    fmt.add_argument("--choice", action="append", default=None, metavar="TEXT",
+                     help="structured output: the answer is exactly one of these strings (repeatable)")
     p.add_argument("--stats", action="store_true", help="print tokens/s (and MTP acceptance) to stderr")
 
 
@@ -73,6 +75,8 @@ def _structured(args):
 
     if args.json_object:
         return StructuredOutputsParams(json_object=True)
+    if args.choice:
+        return StructuredOutputsParams(choice=args.choice)
     if args.json_schema is None:
         return None
     text = args.json_schema

@@ -156,7 +156,10 @@ class LLMEngine:
             self._grammars = GrammarCache(self.tokenizer, self.model.config.vocab_size)
         so = params.structured_outputs
         thinking = ids[-1] == self.tokenizer.token_to_id(st.THINK_START)  # the chat template opened reasoning
-        grammar = self._grammars.json(so.schema, thinking)  # SchemaError (a ValueError) for what it cannot enforce
+        if so.choice is not None:
+            grammar = self._grammars.choice(so.choice, thinking)
+        else:  # SchemaError (a ValueError) for what it cannot enforce
+            grammar = self._grammars.json(so.json, thinking)
         budget = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))
         proc = ConstrainedLogitsProcessor(grammar, budget)  # ValueError when the budget cannot fit the output
         return replace(params, logits_processors=[*(params.logits_processors or []), proc])

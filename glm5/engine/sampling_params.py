@@ -18,6 +18,7 @@ class StructuredOutputsParams:
     json: a JSON Schema (dict, or its JSON text); the output is a document it accepts. Keywords the grammar cannot
         enforce are refused when the request is added (see :mod:`glm5.structured.json_schema`).
     json_object: True; the output is one JSON object.
+    choice: a list of strings; the output is exactly one of them.
 
     Either way the output ends with EOS within ``max_tokens`` (the grammar closes strings and containers in
     time). When the prompt opened ``<think>`` (the chat template with thinking on), reasoning comes first.
@@ -25,10 +26,12 @@ class StructuredOutputsParams:
 
     json: dict | str | None = None
     json_object: bool = False
+    choice: list[str] | None = None
 
     def __post_init__(self):
-        if (self.json is not None) == bool(self.json_object):
-            raise ValueError("structured_outputs: give exactly one of json (a schema) and json_object=True")
+        given = [self.json is not None, bool(self.json_object), self.choice is not None]
+        if sum(given) != 1:
+            raise ValueError("structured_outputs: give exactly one of json (a schema), json_object=True and choice")
         if isinstance(self.json, str):
             import json
 
@@ -38,11 +41,10 @@ class StructuredOutputsParams:
                 raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
         if self.json is not None and not isinstance(self.json, (dict, bool)):
             raise ValueError(f"structured_outputs.json must be a JSON Schema object, got {type(self.json).__name__}")
-
-    @property
-    def schema(self) -> dict | bool | None:
-        """The schema to compile (None: any JSON object)."""
-        return self.json
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
+            object.__setattr__(self, "choice", list(self.choice))
 
 
 @dataclass

@@ -45,6 +45,7 @@ import torch
 from glm5.tokenizer import special_tokens as st
 from glm5.tokenizer.detokenize import byte_level_char_to_byte
 
+from .choice import ChoiceAutomaton
 from .json_automaton import _STR, START, json_accepts, json_complete, json_min_close, json_step
 from .json_schema import SchemaAutomaton, compile_schema
 
@@ -211,7 +212,8 @@ class _JsonObjectAutomaton:
 class JsonGrammar(_Grammar):
     """One JSON document, then EOS: any object (``json_object``) or, given ``schema`` (a compiled
     :class:`~glm5.structured.json_schema.SchemaAutomaton`), a document that schema accepts. With ``thinking``, free
-    reasoning text and ``</think>`` come first."""
+    reasoning text and ``</think>`` come first. ``schema`` may be any byte automaton with that interface: a
+    :class:`~glm5.structured.choice.ChoiceAutomaton` makes it "one of these strings"."""
 
     def __init__(self, vocab: TokenVocab, thinking: bool = False, schema: SchemaAutomaton | None = None):
         super().__init__(vocab)
@@ -355,7 +357,7 @@ class GrammarCache:
     def __init__(self, tokenizer: Any, logits_size: int | None = None, capacity: int = 32):
         self.tokenizer, self.logits_size, self.capacity = tokenizer, logits_size, capacity
         self._vocab: TokenVocab | None = None
-        self._grammars: dict[tuple[str, bool], JsonGrammar] = {}
+        self._grammars: dict[tuple[str, str, bool], JsonGrammar] = {}
 
     @property
     def vocab(self) -> TokenVocab:
@@ -367,11 +369,19 @@ class GrammarCache:
         """The grammar of one JSON object (``schema`` None) or of the documents ``schema`` accepts; reasoning
         first when ``thinking``. Raises :class:`~glm5.structured.json_schema.SchemaError` (a ValueError) for
         a schema it cannot enforce."""
-        key = (json.dumps(schema), thinking)
+        return self._get(("json", json.dumps(schema), thinking),
+                         lambda: JsonGrammar(self.vocab, thinking=thinking,
+                                             schema=compile_schema(schema) if schema is not None else None))
+
+    def choice(self, choices: Sequence[str], thinking: bool = False) -> JsonGrammar:
+        """The grammar of "exactly one of ``choices``" (ValueError for an empty list or a non-string)."""
+        return self._get(("choice", json.dumps(list(choices)), thinking),
+                         lambda: JsonGrammar(self.vocab, thinking=thinking, schema=ChoiceAutomaton(choices)))
+
+    def _get(self, key: tuple[str, str, bool], build: Callable[[], JsonGrammar]) -> JsonGrammar:
         grammar = self._grammars.pop(key, None)
         if grammar is None:
-            grammar = JsonGrammar(self.vocab, thinking=thinking,
-                                  schema=compile_schema(schema) if schema is not None else None)
+            grammar = build()
         self._grammars[key] = grammar  # most recent last
         while len(self._grammars) > self.capacity:
             self._grammars.pop(next(iter(self._grammars)))

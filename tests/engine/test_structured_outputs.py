@@ -101,3 +101,22 @@ def test_cli_generate_json_schema(nano_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(nano_dir), "--prompt", "x", "--json-schema",
                  str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_choice_output_is_one_of_the_strings(llm, nano_dir, capsys):
+    labels = ["positive", "negative", "neutral", "négatif 🙂", "pos"]  # "pos" is a prefix of another choice
+    params = SamplingParams(n=8, temperature=1.5, seed=0, max_tokens=40,
+                            structured_outputs=StructuredOutputsParams(choice=labels))
+    outs = llm.generate(["Sentiment of 'great movie':"], params, use_tqdm=False)[0].outputs
+    assert all(c.text in labels and c.finish_reason == "stop" for c in outs), [c.text for c in outs]
+    assert len({c.text for c in outs}) > 1  # sampled among them, not one forced string
+    with pytest.raises(ValueError, match="too small"):  # "pos" needs 3 bytes at worst (+ EOS)
+        llm.generate("x", SamplingParams(max_tokens=1, structured_outputs=StructuredOutputsParams(choice=["pos"])))
+    for bad in ([], "yes", ["yes", ""], ["yes", 3]):
+        with pytest.raises(ValueError, match="choice"):
+            StructuredOutputsParams(choice=bad)
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams(choice=["a"], json_object=True)
+    assert main(["generate", "--model", str(nano_dir), "--prompt", "Yes or no?", "--temperature", "1", "--seed", "4",
+                 "--choice", "yes", "--choice", "no"]) == 0
+    assert capsys.readouterr().out.strip() in ("yes", "no")

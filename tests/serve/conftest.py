@@ -9,7 +9,6 @@ known text).
 
 from __future__ import annotations
 
-import random
 import re
 import socket
 import threading
@@ -22,28 +21,10 @@ import torch
 from glm5.config import preset
 from glm5.model.transformer import GLM5ForCausalLM
 from glm5.tokenizer import train_bpe
+from mixed_text import make_corpus  # tests/mixed_text.py (tests/ is on sys.path: tests/conftest.py)
 
 API_KEY = "test-key-0123456789"
 MODEL_NAME = "glm5-nano-test"
-
-_WORDS = ("the of and to in is that for it as with was on be by this are from at or weather city "
-          "Beijing Paris location unit celsius get_weather get_time search query think answer sure "
-          "model token attention expert router layer sparse latent cache hello world json value "
-          "你好 世界 天气 北京 café naïve 🙂 🚀").split()
-_PUNCT = list(".,!?:;(){}[]=+-*/\"'<>|_") + ["{\"", "\":", "\"}", "\": \"", "\", \""]
-
-
-def make_corpus(n_docs: int = 150, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(n_docs):
-        parts = []
-        for _ in range(rng.randint(20, 60)):
-            r = rng.random()
-            parts.append(rng.choice(_WORDS) if r < 0.7 else str(rng.randint(0, 999)) if r < 0.85 else rng.choice(_PUNCT))
-        docs.append(" ".join(parts))
-    return docs
-
 
 def build_model_dir(path: Path, seed: int = 0) -> Path:
     tok = train_bpe(make_corpus(), vocab_size=800)

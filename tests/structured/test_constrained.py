@@ -15,7 +15,7 @@ from glm5.structured.tool_grammar import ToolCallGrammar
 from glm5.tokenizer import parse_output
 from glm5.tokenizer import special_tokens as st
 
-from serve.conftest import make_corpus
+from mixed_text import make_corpus
 from .test_json_schema import strict
 
 TOOLS = [
@@ -132,3 +132,33 @@ def test_tool_grammar_too_small_budget_is_reported(vocab):
     assert g.min_close(g.start()) > 20
 
 
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_choice_grammar_random_walks_end_in_a_choice(tok, vocab, thinking):
+    from glm5.structured import GrammarCache
+
+    choices = ["yes", "no", "yes, definitely", "maybe not", "天气", "🙂 fine"]
+    cache = GrammarCache(tok, logits_size=832)
+    grammar = cache.choice(choices, thinking=thinking)
+    assert cache.choice(list(choices), thinking=thinking) is grammar  # compiled once
+    seen = set()
+    for seed in range(60):
+        gen = torch.Generator().manual_seed(seed)
+        budget = 24 if seed % 2 else 6  # a tight budget must still end in a choice
+        proc = ConstrainedLogitsProcessor(grammar, budget)
+        out: list[int] = []
+        for _ in range(budget):
+            logits = proc(out, torch.randn(832, generator=gen))
+            tok_id = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+            out.append(tok_id)
+            if tok_id in vocab.eos_ids:
+                break
+        assert out[-1] in vocab.eos_ids, out
+        text = tok.decode(out[:-1], skip_special_tokens=False)
+        if thinking:
+            assert st.THINK_END in text
+            text = text.split(st.THINK_END, 1)[1]
+        assert text in choices, text
+        seen.add(text)
+    assert len(seen) >= (3 if thinking else 4), seen  # reasoning spends budgets; tight ones force the shortest

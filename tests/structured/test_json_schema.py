@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from glm5.structured.constrained import ConstrainedLogitsProcessor, JsonGrammar, TokenVocab
 from glm5.structured.json_schema import SchemaError, compile_schema
 
-from serve.conftest import make_corpus
+from mixed_text import make_corpus
 
 
 def strict(schema):
