@@ -254,8 +254,8 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
 
 
 def _needs_grammar(req: ChatCompletionRequest | CompletionRequest) -> bool:
-    rf, tc = req.response_format, getattr(req, "tool_choice", None)
-    return (rf is not None and rf.type != "text") or tc == "required" or (tc is not None and not isinstance(tc, str))
+    tc = getattr(req, "tool_choice", None)
+    return req.output_constraint is not None or tc == "required" or (tc is not None and not isinstance(tc, str))
 
 
 async def _run(coro) -> JSONResponse:

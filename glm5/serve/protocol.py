@@ -9,6 +9,7 @@ without limit; context-length checks need the tokenizer and live in :mod:`glm5.s
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal, Union
 
@@ -136,6 +137,37 @@ class ResponseFormat(_Closed):
         return self
 
 
+class StructuredOutputs(_Closed):
+    """vLLM's ``structured_outputs`` request field (sent through the OpenAI client's ``extra_body``): exactly one
+    of ``json`` (a JSON Schema), ``json_object: true`` and ``choice`` (the text is one of these strings).
+    ``regex`` / ``grammar`` / ``structural_tag`` are refused, not ignored: an unconstrained answer would look
+    like a constrained one."""
+
+    json_schema: dict[str, Any] | bool | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    choice: list[Annotated[str, Field(min_length=1, max_length=1024)]] | None = Field(None, min_length=1,
+                                                                                      max_length=1024)
+    regex: Any = None
+    grammar: Any = None
+    structural_tag: Any = None
+
+    @model_validator(mode="after")
+    def _checks(self):
+        for name in ("regex", "grammar", "structural_tag"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"structured_outputs.{name} is not supported (json, json_object and choice are)")
+        if isinstance(self.json_schema, str):
+            try:
+                self.json_schema = json.loads(self.json_schema)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+            if not isinstance(self.json_schema, (dict, bool)):
+                raise ValueError("structured_outputs.json must be a JSON Schema object")
+        if [self.json_schema is not None, bool(self.json_object), self.choice is not None].count(True) != 1:
+            raise ValueError("structured_outputs needs exactly one of json, json_object (true) and choice")
+        return self
+
+
 class StreamOptions(_Closed):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False
@@ -177,6 +209,14 @@ class _Sampling(_Open):
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                         description="vLLM extension: score every prompt token (with this many "
                                                     "alternatives); not with stream")
+    response_format: ResponseFormat | None = None  # chat's field; on completions vLLM's extension
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM extension: json / json_object / "
+                                                                           "choice")
+    guided_json: dict[str, Any] | bool | str | None = Field(None, description="vLLM's older name for "
+                                                                              "structured_outputs.json")
+    guided_choice: list[str] | None = Field(None, description="vLLM's older name for structured_outputs.choice")
+    guided_regex: Any = None
+    guided_grammar: Any = None
 
     @field_validator("stop")
     @classmethod
@@ -204,11 +244,35 @@ class _Sampling(_Open):
 
     @model_validator(mode="after")
     def _stream_options(self):
+        for name in ("guided_regex", "guided_grammar"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} is not supported (structured outputs: json, json_object and choice)")
+        legacy = {}
+        if self.guided_json is not None:
+            legacy["json"] = self.guided_json
+        if self.guided_choice is not None:
+            legacy["choice"] = self.guided_choice
+        rf = self.response_format is not None and self.response_format.type != "text"
+        if rf + (self.structured_outputs is not None) + len(legacy) > 1:
+            raise ValueError("give one output constraint: response_format, structured_outputs, guided_json or "
+                             "guided_choice")
+        if legacy:
+            self.structured_outputs = StructuredOutputs(**legacy)
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options can only be set when stream is true")
         if self.prompt_logprobs is not None and self.stream:
             raise ValueError("prompt_logprobs is not available when stream is true")
         return self
+
+    @property
+    def output_constraint(self) -> tuple[str, Any] | None:
+        """("json", schema or None for any object) or ("choice", strings), from whichever field set it."""
+        rf, so = self.response_format, self.structured_outputs
+        if rf is not None and rf.type != "text":
+            return "json", rf.json_schema["schema"] if rf.type == "json_schema" else None
+        if so is not None:
+            return ("choice", so.choice) if so.choice is not None else ("json", so.json_schema)
+        return None
 
     @property
     def stop_list(self) -> list[str]:
@@ -246,7 +310,6 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = Field(None, max_length=256)
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
-    response_format: ResponseFormat | None = None
     thinking: Thinking | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     include_reasoning: bool = True
@@ -266,9 +329,9 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("tool_choice requires tools")
         if isinstance(tc, NamedToolChoice) and tc.function.name not in names:
             raise ValueError(f"tool_choice names tool {tc.function.name!r}, which is not in tools")
-        rf = self.response_format
-        if rf is not None and rf.type != "text" and (tc == "required" or isinstance(tc, NamedToolChoice)):
-            raise ValueError(f"response_format {rf.type} cannot be combined with a required or named tool_choice")
+        if self.output_constraint is not None and (tc == "required" or isinstance(tc, NamedToolChoice)):
+            raise ValueError("response_format / structured_outputs cannot be combined with a required or named "
+                             "tool_choice")
         return self
 
     @property
@@ -299,7 +362,6 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_N)
-    response_format: ResponseFormat | None = None  # vLLM's extension: constrain the completion like chat's
 
     @model_validator(mode="after")
     def _checks(self):

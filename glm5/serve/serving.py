@@ -11,9 +11,10 @@ streamed and non-streamed results cannot disagree.
 tool_choice: ``auto`` parses whatever calls the model writes; ``none`` renders the tools but bans the
 ``<tool_call>`` token and does not parse; ``required`` and a named tool constrain decoding with
 :class:`~glm5.structured.tool_grammar.ToolCallGrammar` (the model may think first, then must write well-formed
-calls of the allowed tools). ``response_format`` ``json_object`` / ``json_schema`` constrains the content with
-:class:`~glm5.structured.constrained.JsonGrammar` (reasoning first when thinking is on); the schema is compiled by
-:mod:`glm5.structured.json_schema`.
+calls of the allowed tools). ``response_format`` ``json_object`` / ``json_schema``, or vLLM's ``structured_outputs``
+(``json`` / ``json_object`` / ``choice``; older names ``guided_json`` / ``guided_choice``), constrains the content
+with :class:`~glm5.structured.constrained.JsonGrammar` (reasoning first when thinking is on); the schema is compiled
+by :mod:`glm5.structured.json_schema`.
 """
 
 from __future__ import annotations
@@ -37,8 +38,7 @@ from .backend import Backend, LogitsProcessor
 from .errors import APIError, bad_request
 from .metrics import ServerMetrics
 from .processors import ban_tokens, bias_processor, min_p_processor
-from .protocol import (ChatCompletionRequest, CompletionRequest, ImagePart, NamedToolChoice, ResponseFormat, TextPart,
-                       _Sampling)
+from .protocol import ChatCompletionRequest, CompletionRequest, ImagePart, NamedToolChoice, TextPart, _Sampling
 from .settings import ServeSettings
 
 # chat_template_kwargs that are passed to the renderer as named arguments; the rest go to the template
@@ -61,13 +61,21 @@ class ServerState:
         self.ids = {name: self.tokenizer.token_to_id(name) for name in
                     (st.THINK_START, st.THINK_END, st.TOOL_CALL_START, st.ASSISTANT, st.SYSTEM)}
 
-    def json_grammar(self, fmt: ResponseFormat, thinking: bool) -> JsonGrammar:
-        """The grammar of a ``json_object`` / ``json_schema`` response format (compiled ones are cached)."""
-        schema = fmt.json_schema["schema"] if fmt.type == "json_schema" else None  # present: ResponseFormat checks
+    def output_grammar(self, req: _Sampling, thinking: bool) -> JsonGrammar | None:
+        """The grammar of the request's output constraint (``response_format`` json_object / json_schema, or
+        vLLM's ``structured_outputs`` / ``guided_*``), None without one; compiled grammars are cached."""
+        constraint = req.output_constraint
+        if constraint is None:
+            return None
+        kind, value = constraint
+        if kind == "choice":
+            return self.grammars.choice(value, thinking)
         try:
-            return self.grammars.json(schema, thinking)
+            return self.grammars.json(value, thinking)
         except SchemaError as e:
-            raise bad_request(f"unsupported json_schema: {e}", param="response_format.json_schema.schema") from None
+            param = ("response_format.json_schema.schema" if req.response_format is not None
+                     and req.response_format.type != "text" else "structured_outputs.json")
+            raise bad_request(f"unsupported json_schema: {e}", param=param) from None
 
     def token_text(self, token_id: int) -> tuple[str, bytes]:
         hit = self._token_str.get(token_id)
@@ -285,12 +293,11 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
     opens = prompt_opens_reasoning(prompt)
     choice = req.effective_tool_choice
     procs = _common_processors(state, req, params.temperature)
-    grammar = None
     parse_tool_calls = bool(tools) and choice != "none"
     if tools and choice == "none" and state.ids[st.TOOL_CALL_START] is not None:
         procs.append(ban_tokens([state.ids[st.TOOL_CALL_START]]))
-    if req.response_format is not None and req.response_format.type != "text":
-        grammar = state.json_grammar(req.response_format, thinking=opens)
+    grammar = state.output_grammar(req, thinking=opens)
+    if grammar is not None:
         parse_tool_calls = False
     elif tools and (choice == "required" or isinstance(choice, NamedToolChoice)):
         names = [choice.function.name] if isinstance(choice, NamedToolChoice) else None
@@ -331,8 +338,9 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Prepared:
     if wanted:  # echo + logprobs (lm-eval's loglikelihood) or vLLM's prompt_logprobs: score the prompt
         params.prompt_logprobs = max(wanted)
     procs = _common_processors(state, req, params.temperature)
-    if req.response_format is not None and req.response_format.type != "text":
-        procs.append(_constrained(state.json_grammar(req.response_format, thinking=False), max_tokens))
+    grammar = state.output_grammar(req, thinking=False)
+    if grammar is not None:
+        procs.append(_constrained(grammar, max_tokens))
     return Prepared(request_id=req.request_id or f"cmpl-{uuid.uuid4().hex}", model=model, prompts=prompts,
                     prompt_texts=texts, params=params, processors=procs, top_logprobs=req.logprobs,
                     extra={"echo": req.echo, "prompt_logprobs": req.prompt_logprobs})

@@ -105,6 +105,18 @@ def test_unknown_model_is_404(client, http):
     ({"messages": HI, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"k": {"type": "string"}}, "required": ["k"]}}}], "tool_choice": "required",
       "max_tokens": 2}, "max_tokens"),
+    # vLLM's structured_outputs / guided_*: what the grammar cannot enforce is refused, never silently ignored
+    ({"messages": HI, "structured_outputs": {"regex": "a+"}}, "structured_outputs"),
+    ({"messages": HI, "structured_outputs": {}}, "structured_outputs"),
+    ({"messages": HI, "structured_outputs": {"choice": []}}, "structured_outputs.choice"),
+    ({"messages": HI, "structured_outputs": {"choice": ["a", ""]}}, "structured_outputs.choice.1"),
+    ({"messages": HI, "structured_outputs": {"json": "{nope"}}, "structured_outputs"),
+    ({"messages": HI, "structured_outputs": {"json": {"type": "string", "format": "email"}}},
+     "structured_outputs.json"),
+    ({"messages": HI, "guided_regex": "a+"}, None),
+    ({"messages": HI, "guided_grammar": "root ::= 'a'"}, None),
+    ({"messages": HI, "guided_choice": ["a"], "response_format": {"type": "json_object"}}, None),
+    ({"messages": HI, "structured_outputs": {"choice": ["abcdef"]}, "max_tokens": 3}, "max_tokens"),
 ])
 def test_invalid_chat_parameters_are_400(http, body, param):
     err = assert_error(http.post("/v1/chat/completions", json={"model": MODEL_NAME, **body}), 400, param=param)

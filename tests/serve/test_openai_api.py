@@ -172,6 +172,30 @@ def test_json_schema_streamed_and_on_completions(client):
         jsonschema.validate(json.loads(c.text), schema)
 
 
+def test_vllm_structured_outputs_choice_and_json(client):
+    """vLLM's request field (``extra_body``), its older ``guided_*`` names, on chat and completions."""
+    import jsonschema
+
+    labels = ["positive", "negative", "neutral"]
+    for seed in range(4):
+        r = client.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=40, seed=seed, temperature=1.5,
+                                           extra_body={"structured_outputs": {"choice": labels}})
+        assert r.choices[0].message.content in labels and r.choices[0].finish_reason == "stop"
+        assert r.choices[0].message.tool_calls is None
+    r = client.completions.create(model=MODEL_NAME, prompt="Label:", max_tokens=10, n=3, seed=5, temperature=1.5,
+                                  extra_body={"guided_choice": ["yes", "no"]})
+    assert all(c.text in ("yes", "no") for c in r.choices)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    for body in ({"structured_outputs": {"json": schema}}, {"guided_json": json.dumps(schema)}):
+        r = client.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=24, seed=2,
+                                           extra_body={**body, "thinking": {"type": "disabled"}})
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    r = client.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=24, seed=2, stream=False,
+                                       extra_body={"structured_outputs": {"json_object": True},
+                                                   "thinking": {"type": "disabled"}})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
 def test_json_schema_property_order_is_the_schemas(client):
     """Compiled grammars are reused for repeated schemas; two schemas that differ only in property order are
     different grammars (the output follows each one's order)."""
