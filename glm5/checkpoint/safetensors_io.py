@@ -102,6 +102,13 @@ def tensor_nbytes(shape, dtype: torch.dtype) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
+def _file_mode() -> int:
+    """What ``open(path, "w")`` would give a new file under the current umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_sharded(path: str | os.PathLike, tensors: list[tuple[str, tuple, torch.dtype, callable]],
                   max_shard_size: int | str = "5GB", metadata: dict | None = None) -> dict:
     """Write tensors into HF-style shards.
@@ -137,6 +144,7 @@ def write_sharded(path: str | os.PathLike, tensors: list[tuple[str, tuple, torch
             total += tensor_nbytes(shape, dtype)
         tmp = path / (name + ".tmp")
         save_file(data, str(tmp), metadata={"format": "pt", **(metadata or {})})
+        os.chmod(tmp, _file_mode())  # safetensors creates 0600 files; a checkpoint is shared like any other file
         os.replace(tmp, path / name)
         del data
     for old in path.glob("model-*-of-*.safetensors"):

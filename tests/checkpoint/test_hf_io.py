@@ -162,6 +162,21 @@ def test_single_file_and_resave_removes_stale_shards(saved, tmp_path):
     GLM5ForCausalLM.from_pretrained(tmp_path)
 
 
+def test_weight_files_get_the_umask_mode_like_any_new_file(saved, tmp_path):
+    """safetensors writes 0600 files; exported checkpoints must be readable by whoever reads the other files."""
+    import os
+    import stat
+
+    m, _ = saved
+    old = os.umask(0o022)
+    try:
+        m.save_pretrained(tmp_path, max_shard_size="300KB")
+    finally:
+        os.umask(old)
+    for f in [*tmp_path.glob("*.safetensors"), tmp_path / "config.json"]:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(17) == 17
     with pytest.raises(ValueError):
