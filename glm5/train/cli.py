@@ -60,14 +60,41 @@ def _base_type(tp):
     return tp
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    hints = typing.get_type_hints(__import__("glm5.train.config", fromlist=["TrainConfig"]).TrainConfig)
-    for f in dataclasses.fields(__import__("glm5.train.config", fromlist=["TrainConfig"]).TrainConfig):
+# glm5 sft's defaults where they differ from TrainConfig's (without --config)
+SFT_DEFAULTS = {"max_steps": 300, "seq_len": 512, "eval_every": 50, "ckpt_every": 100}
+
+
+def _default_text(f, mode: str) -> str:
+    if mode == "sft" and f.name in SFT_DEFAULTS:
+        return str(SFT_DEFAULTS[f.name])
+    if mode == "sft" and f.name == "lr":
+        return "5e-4 with --init-from, else derived"
+    if f.default is not dataclasses.MISSING:
+        v = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        v = f.default_factory()
+    else:
+        return ""
+    if v is None:
+        return "derived" if f.name in ("lr", "grad_accum", "warmup_steps") else ""
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def _add_config_flags(p: argparse.ArgumentParser, mode: str = "pretrain") -> None:
+    from glm5.train.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
         if f.name in ("mode", "model_overrides"):
             continue
         flag = "--" + f.name.replace("_", "-")
         tp = _base_type(hints[f.name])
         h = _HELP.get(f.name, "")
+        d = _default_text(f, mode)
+        if d:
+            h = f"{h} (default: {d})" if h else f"default: {d}"
         if tp is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
         elif tp in (list, tuple) or typing.get_origin(tp) in (list, tuple):
@@ -87,7 +114,7 @@ def config_from_args(args, mode: str):
 
     base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
     if not args.config and mode == "sft":
-        base.update({"lr": None, "max_steps": 300, "seq_len": 512, "eval_every": 50, "ckpt_every": 100})
+        base.update({"lr": None, **SFT_DEFAULTS})
     base["mode"] = mode
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name, None)
@@ -102,6 +129,10 @@ def config_from_args(args, mode: str):
             overrides[k] = v
     base["model_overrides"] = overrides
     cfg = TrainConfig.from_dict(base)
+    if args.preset is not None and (cfg.init_from or cfg.model_config):
+        src = "--init-from" if cfg.init_from else "--model-config"
+        raise ValueError(f"--preset {args.preset} and {src} both choose the model; the model comes from {src}, "
+                         f"so drop --preset (or --set KEY=VALUE to change a field)")
     if mode == "sft" and cfg.lr is None and cfg.init_from:
         cfg.lr = 5e-4  # fine-tuning a trained model: a gentler peak than from scratch
     return cfg
@@ -142,5 +173,5 @@ def add_parser(sub) -> None:
     p.set_defaults(func=lambda a: _run(a, "pretrain"))
     s = sub.add_parser("sft", help="supervised fine-tuning on chat conversations (assistant-only loss)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_config_flags(s)
+    _add_config_flags(s, "sft")
     s.set_defaults(func=lambda a: _run(a, "sft"))

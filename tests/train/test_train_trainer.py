@@ -147,10 +147,23 @@ def test_config_file_and_flags(tmp_path):
     args = build_parser().parse_args(["sft", "--init-from", "x"])
     s = config_from_args(args, "sft")
     assert s.mode == "sft" and s.lr == 5e-4 and s.resolve().doc_mask
+    with pytest.raises(ValueError, match="drop --preset"):  # the preset would be silently ignored
+        config_from_args(build_parser().parse_args(["sft", "--init-from", "x", "--preset", "glm5-nano"]), "sft")
     with pytest.raises(ValueError, match="unknown training option"):
         TrainConfig.from_dict({"lr": 1, "nope": 2})
     with pytest.raises(ValueError, match="dsa"):
         TrainConfig(dsa="half").resolve()
+
+
+def test_help_shows_each_commands_defaults(capsys):
+    from glm5.cli import build_parser
+
+    for cmd, seq_len, steps in (("train", 256, 1000), ("sft", 512, 300)):
+        with pytest.raises(SystemExit):
+            build_parser(cmd).parse_args([cmd, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        assert f"--seq-len SEQ_LEN default: {seq_len}" in text and f"--max-steps MAX_STEPS default: {steps}" in text
+        assert "(default: glm5-tiny)" in text and "--muon-split, --no-muon-split" in text
 
 
 def test_time_budget_drives_the_schedule(tmp_path, corpus_file, small_tokenizer_dir):
