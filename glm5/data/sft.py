@@ -41,7 +41,7 @@ from glm5.data.corpus import resolve_sources, sources_fingerprint
 from glm5.data.tokenize import _write_json_atomic, token_dtype
 
 __all__ = ["render_conversation", "render_record", "check_messages", "default_sft_conversations", "build_sft_dataset", "prepare_sft_dataset",
-           "load_sft_split", "read_conversations", "IDK", "SFT_FORMAT"]
+           "load_sft_split", "normalize_record", "read_conversations", "IDK", "SFT_FORMAT"]
 
 SFT_FORMAT = "glm5-sft-v1"
 IDK = "I don't know."
@@ -355,34 +355,103 @@ def default_sft_conversations(n: int = 2000, seed: int = 0, idk_fraction: float 
 
 
 # ------------------------------------------------------------------------------------- storage
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
+                   "observation": "tool", "tool": "tool", "function_response": "tool"}
+
+
+def normalize_record(rec) -> dict:
+    """One SFT record in our form ({"messages", "tools"?} or {"text"}) from the common dataset layouts:
+    OpenAI messages as they are; ShareGPT ``{"conversations": [{"from": "human"|"gpt"|"system"|"observation",
+    "value"}], "system"?, "tools"?}`` (a ``function_call`` turn's value is the call's JSON, ``tools`` may be a JSON
+    string, as LLaMA-Factory writes them); Alpaca ``{"instruction", "input"?, "output", "system"?}``. ValueError for
+    anything else."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+    if "messages" in rec or "text" in rec:
+        return rec
+    tools = rec.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"'tools' is a string but not JSON: {e}") from None
+    msgs: list[dict] = []
+    if isinstance(rec.get("system"), str) and rec["system"].strip():
+        msgs.append({"role": "system", "content": rec["system"]})
+    if isinstance(rec.get("conversations"), list):  # ShareGPT
+        for k, turn in enumerate(rec["conversations"]):
+            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+                raise ValueError(f"conversations[{k}] needs a string 'value'")
+            who = turn.get("from")
+            if who == "function_call":
+                try:
+                    calls = json.loads(turn["value"])
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"conversations[{k}]: a function_call value must be JSON: {e}") from None
+                calls = calls if isinstance(calls, list) else [calls]
+                msgs.append({"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": c.get("name"), "arguments": c.get("arguments", {})}}
+                    for c in calls if isinstance(c, dict)]})
+            elif who in _SHAREGPT_ROLES:
+                msgs.append({"role": _SHAREGPT_ROLES[who], "content": turn["value"]})
+            else:
+                raise ValueError(f"conversations[{k}]: unknown speaker {who!r} (known: "
+                                 f"{', '.join(sorted(_SHAREGPT_ROLES))}, function_call)")
+    elif isinstance(rec.get("instruction"), str) and isinstance(rec.get("output"), str):  # Alpaca
+        prompt = rec["instruction"]
+        if isinstance(rec.get("input"), str) and rec["input"].strip():
+            prompt = f"{prompt}\n\n{rec['input']}"
+        msgs += [{"role": "user", "content": prompt}, {"role": "assistant", "content": rec["output"]}]
+    else:
+        raise ValueError(f"expected 'messages', ShareGPT 'conversations', Alpaca 'instruction'/'output' or 'text'; "
+                         f"got fields {sorted(rec)[:8]}")
+    return {"messages": msgs, **({"tools": tools} if tools else {})}
+
+
+def _records(f: Path):
+    """(line number, record) of a .jsonl file (one per line) or a .json file (one array of records, or one)."""
+    with open(f, encoding="utf-8", errors="replace") as fh:
+        if f.suffix.lower() == ".json":
+            try:
+                data = json.load(fh)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}: invalid JSON: {e}") from None
+            # a .json file has no per-record lines: number the records instead
+            yield from ((f"record {k + 1}", r) for k, r in enumerate(data if isinstance(data, list) else [data]))
+            return
+        for i, line in enumerate(fh):
+            if not line.strip():
+                continue
+            try:
+                yield f"{i + 1}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}:{i + 1}: invalid JSON: {e}") from None
+
+
 def read_conversations(files: Iterable[Path]) -> list[dict]:
-    """SFT records from .jsonl files: one {"messages": [...], "tools": [...]?} or {"text": "..."} per line.
+    """SFT records from .jsonl files (one record per line) or .json files (an array of records): OpenAI
+    ``{"messages": [...], "tools": [...]?}``, ShareGPT, Alpaca (see :func:`normalize_record`) or ``{"text": "..."}``.
     A record that cannot be trained on is a ValueError naming its file and line; bytes that are not valid
     UTF-8 become U+FFFD (as in pretraining text)."""
     out = []
     for f in files:
-        if Path(f).suffix.lower() not in (".jsonl", ".json"):
-            raise ValueError(f"{f}: SFT data must be .jsonl files of {{\"messages\": [...]}} or {{\"text\": ...}} "
-                             f"records (use glm5 train for plain text)")
-        with open(f, encoding="utf-8", errors="replace") as fh:
-            for i, line in enumerate(fh):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{f}:{i + 1}: invalid JSON: {e}") from None
-                if not isinstance(rec, dict) or not (isinstance(rec.get("messages"), list)
-                                                     or isinstance(rec.get("text"), str) and rec["text"].strip()):
-                    raise ValueError(f"{f}:{i + 1}: expected an object with a 'messages' list or a non-empty 'text'")
+        f = Path(f)
+        if f.suffix.lower() not in (".jsonl", ".json"):
+            raise ValueError(f"{f}: SFT data must be .jsonl or .json files of {{\"messages\": [...]}} (or ShareGPT / "
+                             f"Alpaca) records or {{\"text\": ...}} (use glm5 train for plain text)")
+        for where, rec in _records(f):
+            try:
+                rec = normalize_record(rec)
                 if "messages" in rec:
-                    try:
-                        check_messages(rec["messages"])
-                        if rec.get("tools") is not None and not isinstance(rec["tools"], list):
-                            raise ValueError("'tools' must be a list")
-                    except ValueError as e:
-                        raise ValueError(f"{f}:{i + 1}: {e}") from None
-                out.append(rec)
+                    check_messages(rec["messages"])
+                    if rec.get("tools") is not None and not isinstance(rec["tools"], list):
+                        raise ValueError("'tools' must be a list")
+                elif not (isinstance(rec.get("text"), str) and rec["text"].strip()):
+                    raise ValueError("expected an object with a 'messages' list or a non-empty 'text'")
+            except ValueError as e:
+                raise ValueError(f"{f}:{where}: {e}") from None
+            out.append(rec)
     return out
 
 

@@ -29,7 +29,8 @@ _HELP = {
     "preset": "model preset (glm5-nano, glm5-tiny, glm5-small, ...)",
     "model_config": "config.json (or directory) of the model to train",
     "init_from": "HF-layout checkpoint directory to start from (weights, config, tokenizer)",
-    "data": "'default' or files / directories (.txt, .jsonl, .parquet); several allowed",
+    "data": "'default' or files / directories (.txt, .jsonl, .parquet; for sft .jsonl / .json of OpenAI "
+            "'messages', ShareGPT 'conversations' or Alpaca records); several allowed",
     "tokenizer": "tokenizer directory (default: init_from's, else a BPE trained on the data)",
     "out": "run directory: metrics.jsonl, checkpoints/, hf/, train.png",
     "batch_tokens": "global tokens per optimiser step (derives grad_accum)",

@@ -78,3 +78,40 @@ def test_build_sft_dataset_bad_record_leaves_no_debris(tmp_path, small_tokenizer
     with pytest.raises(ValueError, match="SFT record 1: .*assistant"):
         build_sft_dataset([CONV, bad], small_tokenizer, tmp_path / "sft")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sharegpt_alpaca_and_json_array_files_become_conversations(tmp_path, small_tokenizer):
+    from glm5.data.sft import render_record
+
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}]
+    sharegpt = {"system": "Be terse.", "tools": json.dumps(tools), "conversations": [
+        {"from": "human", "value": "2+3?"},
+        {"from": "function_call", "value": json.dumps({"name": "add", "arguments": {"a": 2, "b": 3}})},
+        {"from": "observation", "value": "5"},
+        {"from": "gpt", "value": "5"}]}
+    alpaca = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+    f = tmp_path / "mixed.json"  # a JSON array, as ShareGPT / Alpaca dumps usually are
+    f.write_text(json.dumps([sharegpt, alpaca, CONV]))
+    a, b, c = read_conversations([f])
+    assert [m["role"] for m in a["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
+    assert a["tools"] == tools and a["messages"][2]["tool_calls"][0]["function"]["name"] == "add"
+    assert b["messages"] == [{"role": "user", "content": "Add the numbers.\n\n2 and 3"},
+                             {"role": "assistant", "content": "5"}]
+    assert c == CONV
+    # they render like the equivalent OpenAI-style conversation, with the loss on the assistant's turns only
+    ids, mask = render_record(small_tokenizer, a)
+    text = small_tokenizer.decode(ids, skip_special_tokens=False)
+    assert any(mask) and not all(mask) and "<tool_call>add<arg_key>a</arg_key><arg_value>2</arg_value>" in text
+    build_sft_dataset([a, b, c], small_tokenizer, tmp_path / "sft", val_fraction=0)
+    # mistakes name the record
+    g = tmp_path / "bad.json"
+    g.write_text(json.dumps([alpaca, {"conversations": [{"from": "narrator", "value": "x"}]}]))
+    with pytest.raises(ValueError, match=r"bad.json:record 2: conversations\[0\]: unknown speaker 'narrator'"):
+        read_conversations([g])
+    g.write_text(json.dumps([{"prompt": "x", "completion": "y"}]))
+    with pytest.raises(ValueError, match=r"record 1: expected 'messages', ShareGPT"):
+        read_conversations([g])
+    g.write_text("[1, 2")
+    with pytest.raises(ValueError, match=r"bad.json: invalid JSON"):
+        read_conversations([g])
