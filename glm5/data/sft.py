@@ -410,23 +410,26 @@ def normalize_record(rec) -> dict:
 
 
 def _records(f: Path):
-    """(line number, record) of a .jsonl file (one per line) or a .json file (one array of records, or one)."""
+    """(where, record) of a .jsonl file (one per line) or a .json file (one array of records, or one record; JSON
+    Lines named .json are read as such)."""
     with open(f, encoding="utf-8", errors="replace") as fh:
-        if f.suffix.lower() == ".json":
-            try:
-                data = json.load(fh)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{f}: invalid JSON: {e}") from None
+        text = fh.read()
+    if f.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None  # perhaps JSON Lines: the line reader below names the bad line
+        if data is not None:
             # a .json file has no per-record lines: number the records instead
             yield from ((f"record {k + 1}", r) for k, r in enumerate(data if isinstance(data, list) else [data]))
             return
-        for i, line in enumerate(fh):
-            if not line.strip():
-                continue
-            try:
-                yield f"{i + 1}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{f}:{i + 1}: invalid JSON: {e}") from None
+    for i, line in enumerate(text.split("\n")):  # not splitlines(): U+2028 may sit raw inside a JSON string
+        if not line.strip():
+            continue
+        try:
+            yield f"{i + 1}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}:{i + 1}: invalid JSON: {e}") from None
 
 
 def read_conversations(files: Iterable[Path]) -> list[dict]:

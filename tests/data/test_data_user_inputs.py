@@ -113,5 +113,10 @@ def test_sharegpt_alpaca_and_json_array_files_become_conversations(tmp_path, sma
     with pytest.raises(ValueError, match=r"record 1: expected 'messages', ShareGPT"):
         read_conversations([g])
     g.write_text("[1, 2")
-    with pytest.raises(ValueError, match=r"bad.json: invalid JSON"):
+    with pytest.raises(ValueError, match=r"bad.json:1: invalid JSON"):
         read_conversations([g])
+    g.write_text(json.dumps(alpaca) + "\n" + json.dumps(CONV) + "\n")  # JSON Lines named .json
+    assert read_conversations([g])[1] == CONV
+    sep = {"instruction": "a\u2028b", "output": "c\x85d"}  # raw line separators inside strings are not line ends
+    (tmp_path / "sep.jsonl").write_text(json.dumps(sep, ensure_ascii=False) + "\r\n" + json.dumps(CONV) + "\r\n")
+    assert read_conversations([tmp_path / "sep.jsonl"])[0]["messages"][0]["content"] == "a\u2028b"
