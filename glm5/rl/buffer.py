@@ -91,6 +91,25 @@ class DataBuffer:
         self._outstanding: dict[int, int] = {}  # gid -> samples not yet finished
         self._ready: collections.deque[list[Sample]] = collections.deque()
         self.stats = BufferStats()
+        self._reset_streak()
+
+    # ---------------------------------------------------------------------------------- drop streak
+    def _reset_streak(self) -> None:
+        """Groups dropped since a group was last kept, by reason (the manager stops a run that can never fill a
+        batch, see RolloutManager._check_stalled)."""
+        self.dropped_in_a_row = 0
+        self.drop_streak: dict[str, int] = {}
+        self.last_failure: str | None = None
+        self.zero_variance_rewards: set[float] = set()
+
+    def _dropped(self, why: str, group: list[Sample]) -> None:
+        self.dropped_in_a_row += 1
+        self.drop_streak[why] = self.drop_streak.get(why, 0) + 1
+        if why == "failed":
+            reasons = [s.failure_reason for s in group if s.status == Status.FAILED and s.failure_reason]
+            self.last_failure = reasons[-1] if reasons else self.last_failure
+        elif why == "zero reward variance" and len(self.zero_variance_rewards) < 8:
+            self.zero_variance_rewards.add(float(group[0].reward or 0.0))
 
     # ------------------------------------------------------------------------------------- prompts
     def _next_task(self) -> tuple[int, dict]:
@@ -188,10 +207,13 @@ class DataBuffer:
                 self.stats.padded_groups += 1
             else:
                 self.stats.dropped_failed_groups += 1
+                self._dropped("failed", group)
                 return None
         if self.dynamic_sampling and len(group) > 1 and zero_variance(group):
             self.stats.dropped_zero_std_groups += 1
+            self._dropped("zero reward variance", group)
             return None
+        self._reset_streak()
         return group
 
     # ------------------------------------------------------------------------------------- batches
@@ -206,6 +228,7 @@ class DataBuffer:
                 dropped += 1
                 self.stats.dropped_stale_groups += 1
                 self.stats.dropped_stale_samples += sum(1 for s in g if s.staleness(current_version) > self.tau)
+                self._dropped("stale", g)
             else:
                 kept.append(g)
         self._ready = kept
@@ -247,3 +270,4 @@ class DataBuffer:
         self._pending.clear()
         self._outstanding.clear()
         self._ready.clear()
+        self._reset_streak()

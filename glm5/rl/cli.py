@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
     g.add_argument("--over-sampling", type=int, default=0)
     g.add_argument("--push-interval", type=int, default=1)
     g.add_argument("--dynamic-sampling", action="store_true", help="drop groups with zero reward variance")
+    g.add_argument("--max-dropped-in-a-row", type=int, default=None,
+                   help="stop with an error after this many finished groups in a row were dropped (failed, zero "
+                        "reward variance or stale) and none kept (default: 10 batches' worth, at least 64; 0: never)")
     g.add_argument("--partial-rollout", dest="partial_rollout", action="store_true", default=None)
     g.add_argument("--no-partial-rollout", dest="partial_rollout", action="store_false")
     g = p.add_argument_group("rollout")
@@ -135,7 +138,7 @@ def config_from_args(a):
     tau = a.tau if a.tau is not None else (2 if a.mode == "async" else None)
     manager = ManagerConfig(mode=a.mode, num_steps=a.steps, groups_per_step=a.groups, tau=tau,
                             max_inflight_groups=a.max_inflight_groups or 2 * a.groups, over_sampling=a.over_sampling,
-                            push_interval=a.push_interval)
+                            push_interval=a.push_interval, max_dropped_in_a_row=a.max_dropped_in_a_row)
     return RLConfig(model=a.model, out=a.out, tasks=a.task or list(DEFAULT_TASKS), tasks_file=a.tasks_file,
                     eval_tasks_file=a.eval_tasks_file, unanswerable_frac=a.unanswerable_frac, n_train=a.n_train,
                     n_eval=a.n_eval, seed=a.seed, group_size=a.group_size, manager=manager, rollout=rollout,
@@ -162,10 +165,20 @@ def _fmt(m: dict | None) -> str:
 
 
 def _run(a) -> int:
+    import os
+    import sys
+
+    from glm5.rl.manager import RolloutStalledError
     from glm5.rl.runner import run_rl
 
     cfg = config_from_args(a)
-    s = run_rl(cfg)
+    try:
+        s = run_rl(cfg)
+    except RolloutStalledError as e:  # the run's data went bad (see the message), not a bug: one line
+        if os.environ.get("GLM5_DEBUG"):
+            raise
+        print(f"glm5 rl: error: {e}", file=sys.stderr)
+        return 2
     r = s["run"]
     if s.get("resumed_from"):
         print(f"resumed from {s['resumed_from']}")

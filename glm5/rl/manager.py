@@ -22,12 +22,19 @@ histogram, drops by reason.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 from glm5.rl.buffer import DataBuffer
 from glm5.rl.metrics import MetricsLogger, rollout_metrics
+from glm5.rl.sample import Status
 
-__all__ = ["ManagerConfig", "RolloutManager", "MODES"]
+__all__ = ["ManagerConfig", "RolloutManager", "MODES", "RolloutStalledError"]
+
+
+class RolloutStalledError(RuntimeError):
+    """Groups keep coming back unusable (every sample failed, all rewards equal under dynamic sampling, or too
+    stale), so no training batch can ever fill: the run stops instead of generating forever."""
 
 MODES = ("sync", "one-step-off", "async")
 
@@ -43,12 +50,31 @@ class ManagerConfig:
     push_interval: int = 1  # push weights every this many train steps
     poll_timeout: float = 0.02
     max_wait_s: float = 3600.0  # give up if no batch arrives for this long
+    # stop (RolloutStalledError) after this many finished groups in a row were all dropped (None: 10 batches'
+    # worth, at least 64; 0: never). Groups whose every sample failed stop the run sooner: after 2 batches' worth
+    # (at least 8), since a reward function or environment that fails that consistently is broken.
+    max_dropped_in_a_row: int | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.tau is not None and self.tau < 0:
             raise ValueError("tau must be >= 0")
+        if self.num_steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.num_steps}")
+        if self.groups_per_step < 1:
+            raise ValueError(f"groups per step must be >= 1, got {self.groups_per_step}")
+        if self.push_interval < 1:
+            raise ValueError(f"push_interval must be >= 1, got {self.push_interval}")
+        if self.max_inflight_groups < 1:
+            raise ValueError(f"max_inflight_groups must be >= 1, got {self.max_inflight_groups}")
+        if self.over_sampling < 0:
+            raise ValueError(f"over_sampling must be >= 0, got {self.over_sampling}")
+        if self.max_dropped_in_a_row is not None and self.max_dropped_in_a_row < 0:
+            raise ValueError(f"max_dropped_in_a_row must be >= 0, got {self.max_dropped_in_a_row}")
+        if self.mode == "one-step-off" and self.tau == 0:
+            raise ValueError("one-step-off trains every batch one version behind (staleness 1): tau 0 would drop "
+                             "them all; use tau >= 1 (or no bound), or mode sync")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,6 +99,7 @@ class RolloutManager:
         self.sync_s = 0.0
         self.records: list[dict] = []
         self._t0 = None
+        self._failure_reasons: set[str] = set()  # warned about once each
 
     # ------------------------------------------------------------------------------------- events
     def _handle(self, events) -> None:
@@ -83,11 +110,47 @@ class RolloutManager:
                     self.inflight -= 1
                     self.generated += 1
                     self.generated_tokens += s.response_length
+                    if s.status == Status.FAILED:
+                        self._warn_failure(s)
                     self.buffer.add_finished(s)
             elif kind == "aborted":
                 self._return_partial(ev[1])
             elif kind == "weights_loaded":
                 self._return_partial(ev[2])
+        self._check_stalled()
+
+    def _warn_failure(self, s) -> None:
+        reason = s.failure_reason or "unknown failure"
+        if reason not in self._failure_reasons and len(self._failure_reasons) < 5:
+            self._failure_reasons.add(reason)
+            warnings.warn(f"a rollout sample failed ({reason}); failed samples are never trained on (their group is "
+                          "padded or dropped, see dropped_failed_groups)", stacklevel=3)
+
+    def _check_stalled(self) -> None:
+        b = self.buffer
+        B = self.cfg.groups_per_step
+        limit = self.cfg.max_dropped_in_a_row
+        if limit is None:
+            limit = max(64, 10 * B)
+        streak = b.dropped_in_a_row
+        failed = b.drop_streak.get("failed", 0)
+        if failed == streak and failed >= max(8, 2 * B) and limit:
+            limit = min(limit, failed)
+        if not limit or streak < limit:
+            return
+        parts = [f"{n} {why}" for why, n in sorted(b.drop_streak.items()) if n]
+        hints = []
+        if b.drop_streak.get("failed"):
+            hints.append(f"last failure: {b.last_failure}")
+        if b.drop_streak.get("zero reward variance"):
+            vals = sorted(b.zero_variance_rewards)
+            hints.append(f"every sample of those groups got the same reward ({', '.join(f'{v:g}' for v in vals)}): "
+                         "the tasks are too hard or too easy for this policy, or the reward is constant; "
+                         "try other tasks or run without --dynamic-sampling")
+        if b.drop_streak.get("stale"):
+            hints.append("raise --tau or lower --max-inflight-groups")
+        raise RolloutStalledError(f"{streak} groups in a row were dropped ({', '.join(parts)}) and none was kept, so "
+                                  f"no training batch can fill; " + "; ".join(hints))
 
     def _return_partial(self, samples) -> None:
         for s in samples:

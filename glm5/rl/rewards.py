@@ -185,7 +185,10 @@ REWARD_FUNCTIONS: dict[str, Callable] = {"abstention": abstention_reward, "binar
 
 
 def load_reward_fn(spec: str | Callable) -> Callable:
-    """A reward function from a built-in name, ``module:function``, ``module.function`` or ``file.py:function``."""
+    """A reward function from a built-in name, ``module:function``, ``module.function`` or ``file.py:function``.
+
+    Every way the spec can fail (unknown name, missing module or file, a module that raises on import, no such
+    function) is a ``ValueError`` naming the spec, so ``glm5 rl`` reports it in one line before starting."""
     if callable(spec):
         return spec
     if spec in REWARD_FUNCTIONS:
@@ -196,35 +199,68 @@ def load_reward_fn(spec: str | Callable) -> Callable:
         mod_name, fn_name = spec.rsplit(".", 1)
     else:
         raise ValueError(f"reward {spec!r}: not a built-in ({', '.join(REWARD_FUNCTIONS)}) nor 'module:function'")
-    if mod_name.endswith(".py") or "/" in mod_name:
-        path = Path(mod_name)
-        s = importlib.util.spec_from_file_location(f"glm5_rl_reward_{abs(hash(str(path)))}", path)
-        if s is None or s.loader is None:
-            raise ImportError(f"cannot load reward module from {path}")
-        mod = importlib.util.module_from_spec(s)
-        s.loader.exec_module(mod)
-    else:
-        mod = importlib.import_module(mod_name)
+    if not mod_name or not fn_name:
+        raise ValueError(f"reward {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
+    try:
+        if mod_name.endswith(".py") or "/" in mod_name:
+            path = Path(mod_name)
+            if not path.is_file():
+                raise ValueError(f"reward {spec!r}: no such file {str(path)!r}")
+            s = importlib.util.spec_from_file_location(f"glm5_rl_reward_{abs(hash(str(path)))}", path)
+            if s is None or s.loader is None:
+                raise ValueError(f"reward {spec!r}: cannot load a Python module from {str(path)!r}")
+            mod = importlib.util.module_from_spec(s)
+            s.loader.exec_module(mod)
+        else:
+            mod = importlib.import_module(mod_name)
+    except ValueError:
+        raise
+    except ModuleNotFoundError as e:
+        if e.name and (mod_name == e.name or mod_name.startswith(e.name + ".")):  # the module itself is missing
+            raise ValueError(f"reward {spec!r}: no module named {mod_name!r} (is it on PYTHONPATH?)") from e
+        raise ValueError(f"reward {spec!r}: importing {mod_name!r} failed: {type(e).__name__}: {e}") from e
+    except Exception as e:  # the plugin module itself failed (syntax error, failing import, ...)
+        raise ValueError(f"reward {spec!r}: importing {mod_name!r} failed: {type(e).__name__}: {e}") from e
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
-        raise AttributeError(f"{mod_name} has no callable {fn_name!r}")
+        raise ValueError(f"reward {spec!r}: {mod_name} has no function {fn_name!r}")
     return fn
 
 
+def _as_reward(value) -> float:
+    """A plugin's reward as a finite float; anything else (None, a string, NaN, ...) is an error, so that a broken
+    reward function fails its samples loudly instead of training on garbage."""
+    if value is None or isinstance(value, (str, bytes)):
+        raise TypeError(f"the reward function returned {value!r} ({type(value).__name__}); expected a number, a "
+                        "dict with a 'reward' number, or a RewardResult")
+    try:
+        r = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"the reward function returned {value!r} ({type(value).__name__}); expected a number, a "
+                        "dict with a 'reward' number, or a RewardResult") from None
+    if not math.isfinite(r):
+        raise ValueError(f"the reward function returned a non-finite reward ({r})")
+    return r
+
+
 def as_reward_result(value, response: str, task: dict) -> RewardResult:
-    """Normalise a plugin's return value (RewardResult, number or dict with a ``reward`` key)."""
+    """Normalise a plugin's return value (RewardResult, number or dict with a ``reward`` key). A value that is not a
+    finite number raises (``TypeError`` / ``ValueError``): the rollout marks the sample failed."""
     if isinstance(value, RewardResult):
+        value.reward = _as_reward(value.reward)
         return value
     if isinstance(value, dict):
         d = dict(value)
         if "reward" not in d:
             raise ValueError("a reward dict needs a 'reward' key")
+        reward = _as_reward(d["reward"])
         base = _judge(response, task)
         for k, v in d.items():
             if hasattr(base, k):
                 setattr(base, k, v)
-        base.reward = float(d["reward"])
+        base.reward = reward
         return base
+    reward = _as_reward(value)
     base = _judge(response, task)
-    base.reward = float(value)
+    base.reward = reward
     return base

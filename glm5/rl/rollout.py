@@ -140,7 +140,12 @@ class RolloutEngine:
     def _submit_one(self, s: Sample) -> None:
         budget = min(s.remaining_tokens, self.max_model_len - len(s.tokens) - 1)
         if budget <= 0:
-            s.status = Status.TRUNCATED
+            if not s.response_ids:  # not one token fits: nothing to train on; a data/config problem, not a truncation
+                s.status = Status.FAILED
+                s.failure_reason = (f"the prompt is {len(s.prompt_ids)} tokens, which leaves no room to generate "
+                                    f"under max_model_len {self.max_model_len}")
+            else:
+                s.status = Status.TRUNCATED
             self._finalize(s)
             self._done.append(s)
             return
@@ -315,6 +320,7 @@ def rollout_worker_main(spec: WorkerSpec, in_q, out_q, shm_sync=None) -> None:
             shm_sync.local_version = 0
         out_q.put(("ready", {"pid": os.getpid(), "version": rollout.version}))
         busy = idle = 0.0
+        last_check = time.perf_counter()
         while True:
             msgs = []
             t0 = time.perf_counter()
@@ -324,8 +330,20 @@ def rollout_worker_main(spec: WorkerSpec, in_q, out_q, shm_sync=None) -> None:
                         msgs.append(in_q.get_nowait())
                 except queue.Empty:
                     pass
+                if time.perf_counter() - last_check > 1.0:
+                    last_check = time.perf_counter()
+                    if not _parent_alive():
+                        return _orphaned(out_q)
             else:
-                msgs.append(in_q.get())
+                while True:  # idle: wait for work, but not past the trainer's death (SIGKILL leaves no "stop")
+                    try:
+                        msgs.append(in_q.get(timeout=1.0))
+                        break
+                    except queue.Empty:
+                        if not _parent_alive():
+                            break
+                if not msgs:
+                    return _orphaned(out_q)
                 try:
                     while True:
                         msgs.append(in_q.get_nowait())
@@ -366,6 +384,20 @@ def rollout_worker_main(spec: WorkerSpec, in_q, out_q, shm_sync=None) -> None:
     except BaseException:
         out_q.put(("error", traceback.format_exc()))
         raise
+
+
+def _orphaned(out_q) -> None:
+    """The trainer is gone: exit without waiting to flush anything to it."""
+    out_q.cancel_join_thread()
+
+
+def _parent_alive() -> bool:
+    """False once the process that started this one has exited (killed trainers must not leave rollout workers
+    holding a model and its KV cache). True where there is no parent to watch (not a multiprocessing child)."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    return parent is None or parent.is_alive()
 
 
 # ---------------------------------------------------------------------------------------- clients

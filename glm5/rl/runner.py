@@ -29,8 +29,10 @@ from glm5.rl.evaluate import compare, evaluate_model
 from glm5.rl.manager import ManagerConfig, RolloutManager
 from glm5.rl.metrics import MetricsLogger, plot_metrics
 from glm5.rl.rollout import LocalRolloutClient, ProcessRolloutClient, RolloutConfig, WorkerSpec, build_rollout_engine
+from glm5.rl.rewards import load_reward_fn
 from glm5.rl.rollout_pool import RolloutPool, launch_process_pool
 from glm5.rl.tasks import build_messages, load_tasks, save_tasks, train_eval_split
+from glm5.rl.tools import get_tools
 from glm5.rl.trainer import RLTrainer, TrainerConfig
 from glm5.rl.weight_sync import clone_model
 
@@ -102,6 +104,34 @@ class RLConfig:
         if self.rollout_workers > 1 and self.placement == "colocate":
             raise ValueError("placement 'colocate' runs one engine in the trainer's process; "
                              "several rollout workers need placement 'process' or 'ray'")
+        if not 0.0 <= self.unanswerable_frac <= 1.0:
+            raise ValueError(f"unanswerable_frac must be in [0, 1], got {self.unanswerable_frac}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if not self.tasks_file and self.n_train < 1:
+            raise ValueError(f"n_train must be >= 1, got {self.n_train}")
+        if self.n_eval < 0 or self.eval_every < 0 or self.eval_sampled < 0:
+            raise ValueError(f"n_eval, eval_every and eval_sampled must be >= 0, got {self.n_eval}, "
+                             f"{self.eval_every}, {self.eval_sampled}")
+        ro = self.rollout
+        if ro.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {ro.max_new_tokens}")
+        if ro.max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1, got {ro.max_turns}")
+        if ro.temperature < 0 or not 0.0 < ro.top_p <= 1.0:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {ro.temperature}, {ro.top_p}")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        uses_rollout_logp = [name for name, on in (("--old-logp rollout", self.trainer.old_logp == "rollout"),
+                                                   ("--loss ddis", self.trainer.loss.loss_type == "ddis"),
+                                                   (f"--tis {self.trainer.loss.tis}", self.trainer.loss.tis is not None),
+                                                   ("--is-mask", self.trainer.loss.is_mask)) if on]
+        if ro.temperature not in (0.0, 1.0) and uses_rollout_logp:
+            # the engine reports log-probs of the untempered distribution and the trainer those of softmax(z / T):
+            # the two agree only at T = 1, so every ratio against rollout log-probs would be off by the temperature
+            raise ValueError(f"{', '.join(uses_rollout_logp)} compare the trainer's log-probs with the rollout "
+                             f"engine's, which are of the untempered (T = 1) distribution; with temperature "
+                             f"{ro.temperature} they differ everywhere. Use temperature 1 with these options")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -198,6 +228,16 @@ def run_rl(cfg: RLConfig) -> dict:
     from glm5.model.transformer import GLM5ForCausalLM
     from glm5.tokenizer import GLM5Tokenizer
 
+    # what the rollout side would only find out after it started (in its own process): check it here, first
+    if not Path(cfg.model).is_dir():
+        raise ValueError(f"model {cfg.model!r}: no such directory (a checkpoint: config.json, safetensors, tokenizer)")
+    load_reward_fn(cfg.rollout.reward)
+    get_tools(cfg.rollout.tools)
+    if cfg.tasks_file:
+        train_tasks = load_tasks(cfg.tasks_file)
+        held = load_tasks(cfg.eval_tasks_file) if cfg.eval_tasks_file else []
+    else:
+        train_tasks, held = train_eval_split(cfg.tasks, cfg.n_train, cfg.n_eval, cfg.seed, cfg.unanswerable_frac)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     train_threads, rollout_threads = _threads(cfg)
@@ -210,11 +250,6 @@ def run_rl(cfg: RLConfig) -> dict:
     policy = GLM5ForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, device=cfg.device)
     if cfg.rollout_spec_tokens and policy.model.mtp is None:
         raise ValueError("rollout_spec_tokens > 0 drafts with the MTP layer, and this model has none")
-    if cfg.tasks_file:
-        train_tasks = load_tasks(cfg.tasks_file)
-        held = load_tasks(cfg.eval_tasks_file) if cfg.eval_tasks_file else []
-    else:
-        train_tasks, held = train_eval_split(cfg.tasks, cfg.n_train, cfg.n_eval, cfg.seed, cfg.unanswerable_frac)
     save_tasks(train_tasks, out / "train_tasks.jsonl")
     save_tasks(held, out / "eval_tasks.jsonl")
     (out / "rl_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")

@@ -242,5 +242,26 @@ def save_tasks(tasks: list[dict], path: str | Path) -> None:
 
 
 def load_tasks(path: str | Path) -> list[dict]:
+    """Tasks from a JSONL file, one JSON object a line: ``question`` (the user message) is required, ``answer``
+    too unless ``"answerable": false``; the other fields default (``answerable`` true). A malformed line is a
+    ``ValueError`` naming the file and line."""
+    tasks = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                t = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(t, dict):
+                raise ValueError(f"{path}:{n}: a task must be a JSON object, got {type(t).__name__}")
+            if not isinstance(t.get("question"), str) or not t["question"].strip():
+                raise ValueError(f"{path}:{n}: a task needs a non-empty string 'question' (the user message); "
+                                 f"it has keys {sorted(t)}")
+            if t.get("answerable", True) and t.get("answer") is None:
+                raise ValueError(f"{path}:{n}: an answerable task needs an 'answer' (or set \"answerable\": false)")
+            tasks.append(t)
+    if not tasks:
+        raise ValueError(f"{path}: no tasks")
+    return tasks

@@ -273,11 +273,15 @@ class RLTrainer:
                         shares[k] = shares.get(k, 0.0) + v / n_mini
                     else:  # masked means over this micro-batch: token-weighted average
                         agg[k] = agg.get(k, 0.0) + v * w
-                with torch.no_grad():
-                    d = (logp.detach() - b["rollout_logp"]).abs() * m
-                    gap_sum += float(d.sum())
-                    gap_max = max(gap_max, float(d.max()) if d.numel() else 0.0)
-                    gap_n += int(m.sum())
+                if mini is minis[0] or old is not None:  # the gap of the policy *before* this step's update:
+                    # later mini-batches see updated weights, so take theirs from the pre-update pass when there
+                    # is one (old), else count only the first mini-batch
+                    with torch.no_grad():
+                        before = old_lp if old is not None else logp.detach()
+                        d = (before - b["rollout_logp"]).abs() * m
+                        gap_sum += float(d.sum())
+                        gap_max = max(gap_max, float(d.max()) if d.numel() else 0.0)
+                        gap_n += int(m.sum())
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             gn = torch.nn.utils.clip_grad_norm_(self.params, clip)
             grad_norms.append(float(gn))

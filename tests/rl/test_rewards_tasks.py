@@ -80,10 +80,36 @@ def test_reward_plugin_by_import_path(tmp_path, monkeypatch):
     res = as_reward_result(load_reward_fn("my_rewards:dict_reward")("x", ANS), "x", ANS)
     assert res.reward == 0.5 and res.correct is True
     assert load_reward_fn("abstention") is abstention_reward
-    with pytest.raises((ImportError, ModuleNotFoundError)):
+    with pytest.raises(ValueError, match="no module named 'no_such_module_xyz'"):
         load_reward_fn("no_such_module_xyz:f")
     with pytest.raises(ValueError):
         load_reward_fn("notbuiltin")
+
+
+def test_bad_reward_specs_are_one_value_error_each(tmp_path, monkeypatch):
+    # `glm5 rl` reports a ValueError in one line; before, these were ImportError / AttributeError /
+    # FileNotFoundError tracebacks from inside the rollout process
+    (tmp_path / "rw_ok.py").write_text("def f(response, task):\n    return 1.0\nnot_callable = 3\n")
+    (tmp_path / "rw_broken.py").write_text("import no_such_dependency_xyz\ndef f(response, task):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spec, msg in [("rw_ok:missing", "has no function 'missing'"), ("rw_ok:not_callable", "no function"),
+                      (str(tmp_path / "nofile.py") + ":f", "no such file"),
+                      ("rw_broken:f", "importing 'rw_broken' failed: ModuleNotFoundError"),
+                      ("rw_ok:", "expected 'module:function'")]:
+        with pytest.raises(ValueError, match=msg):
+            load_reward_fn(spec)
+    assert load_reward_fn("rw_ok:f")("x", {}) == 1.0
+
+
+@pytest.mark.parametrize("value", [None, "yes", "1.0", float("nan"), float("inf"), [1.0], {"reward": None},
+                                   {"reward": float("nan")}])
+def test_a_reward_that_is_not_a_finite_number_is_refused(value):
+    # the rollout marks such a sample FAILED (it was trained on: NaN rewards made NaN losses, strings crashed
+    # nothing but were silently dropped)
+    with pytest.raises((TypeError, ValueError)):
+        as_reward_result(value, "x</think>7", ANS)
+    assert as_reward_result(True, "x</think>7", ANS).reward == 1.0  # numbers of any kind are fine
+    assert as_reward_result({"reward": 2}, "x</think>7", ANS).reward == 2.0
 
 
 def test_task_generation(tmp_path):

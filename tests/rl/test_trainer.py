@@ -62,7 +62,8 @@ def test_minibatches_recompute_old_logprobs(policy):
     m = tr.train_step(make_groups(tr, policy.config.vocab_size, n_groups=3))
     assert tr.version == 1  # one rollout batch = one weight version, whatever the number of optimiser steps
     assert m["ratio_mean"] != 1.0  # later mini-batches see the policy moved away from π_old
-    assert m["logprob_gap_mean"] > 0
+    assert m["rollout_ratio_mean"] != 1.0  # ... and from the rollout policy
+    assert m["logprob_gap_mean"] < 1e-5  # the gap is the policy's before the update (test_first_use)
 
 
 @pytest.mark.parametrize("loss", [LossConfig(loss_type="gspo", eps_low=3e-4, eps_high=4e-4),
