@@ -17,66 +17,83 @@ def add_parser(sub) -> None:
     p = sub.add_parser("rl", help="RL post-training (GRPO/GSPO/PPO/DDIS; sync, one-step-off or async rollouts)")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", required=True, help="checkpoint directory (config, safetensors, tokenizer)")
-    g.add_argument("--out", default="runs/rl")
+    g.add_argument("--out", default="runs/rl", help="output directory (metrics.jsonl, rl.png, summary.json, hf/)")
     g.add_argument("--task", action="append", default=None,
                    help="task generator, repeatable: a reasoning-gym name with optional config "
                         "('basic_arithmetic:max_terms=2,max_digits=1', 'gsm_symbolic', 'countdown') or 'arith'")
     g.add_argument("--tasks-file", default=None, help="JSONL of tasks instead of generating them")
-    g.add_argument("--eval-tasks-file", default=None)
-    g.add_argument("--unanswerable-frac", type=float, default=0.2)
-    g.add_argument("--n-train", type=int, default=2000)
-    g.add_argument("--n-eval", type=int, default=200)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--eval-tasks-file", default=None,
+                   help="JSONL of held-out tasks for the before/after evaluation (with --tasks-file; none: no evaluation)")
+    g.add_argument("--unanswerable-frac", type=float, default=0.2,
+                   help="share of unanswerable questions (right answer: \"I don't know\") in generated task sets")
+    g.add_argument("--n-train", type=int, default=2000, help="generated training tasks")
+    g.add_argument("--n-eval", type=int, default=200, help="generated held-out tasks (disjoint from training)")
+    g.add_argument("--seed", type=int, default=0, help="task generation, prompt order and rollout sampling")
     g = p.add_argument_group("schedule")
-    g.add_argument("--mode", choices=["sync", "one-step-off", "async"], default="sync")
-    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--mode", choices=["sync", "one-step-off", "async"], default="sync",
+                   help="sync: on-policy; one-step-off: generate batch k+1 while training on k; async: continuous "
+                        "generation, samples at most --tau versions stale")
+    g.add_argument("--steps", type=int, default=20, help="train steps (one rollout batch and weight version each)")
     g.add_argument("--groups", type=int, default=8, help="prompts per train step (B)")
     g.add_argument("--group-size", type=int, default=8, help="samples per prompt (G)")
     g.add_argument("--tau", type=int, default=None, help="staleness bound in versions (async default 2)")
     g.add_argument("--max-inflight-groups", type=int, default=None, help="async: open groups (default 2×groups)")
-    g.add_argument("--over-sampling", type=int, default=0)
-    g.add_argument("--push-interval", type=int, default=1)
+    g.add_argument("--over-sampling", type=int, default=0,
+                   help="sync / one-step-off: extra groups generated per batch, the slowest aborted")
+    g.add_argument("--push-interval", type=int, default=1, help="push weights to the rollout side every N steps")
     g.add_argument("--dynamic-sampling", action="store_true", help="drop groups with zero reward variance")
     g.add_argument("--max-dropped-in-a-row", type=int, default=None,
                    help="stop with an error after this many finished groups in a row were dropped (failed, zero "
                         "reward variance or stale) and none kept (default: 10 batches' worth, at least 64; 0: never)")
-    g.add_argument("--partial-rollout", dest="partial_rollout", action="store_true", default=None)
-    g.add_argument("--no-partial-rollout", dest="partial_rollout", action="store_false")
+    g.add_argument("--partial-rollout", dest="partial_rollout", action="store_true", default=None,
+                   help="generations interrupted by a weight push resume where they stopped (default in async mode)")
+    g.add_argument("--no-partial-rollout", dest="partial_rollout", action="store_false",
+                   help="interrupted generations restart from scratch")
     g = p.add_argument_group("rollout")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=int, default=128, help="response budget per trajectory")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="rollout temperature; keep 1 with --tis/--is-mask/--loss ddis/--old-logp rollout (the engine's "
+                        "log-probs are of the T = 1 distribution)")
+    g.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling")
     g.add_argument("--reward", default="abstention", help="abstention | binary | module:function")
     g.add_argument("--tools", default="", help="comma list: calculator,python")
     g.add_argument("--max-turns", type=int, default=None, help="model turns per trajectory (default 4 with tools)")
-    g.add_argument("--system", default=None)
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-model-len", type=int, default=1024)
+    g.add_argument("--system", default=None, help="system prompt for every task (default none)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="engine: sequences decoded at once")
+    g.add_argument("--max-model-len", type=int, default=1024, help="engine: prompt + response tokens at most")
     g.add_argument("--max-num-batched-tokens", type=int, default=4096, help="engine prefill tokens per step")
     g = p.add_argument_group("loss")
-    g.add_argument("--loss", choices=["ppo", "gspo", "ddis", "cispo", "reinforce"], default="ppo")
-    g.add_argument("--advantage", choices=["grpo", "mean", "rloo", "none"], default="grpo")
+    g.add_argument("--loss", choices=["ppo", "gspo", "ddis", "cispo", "reinforce"], default="ppo",
+                   help="ppo: token-ratio clip; gspo: sequence-level ratio; ddis: GLM-5's double-sided IS against the "
+                        "rollout log-probs; cispo: clipped-weight REINFORCE; reinforce")
+    g.add_argument("--advantage", choices=["grpo", "mean", "rloo", "none"], default="grpo",
+                   help="grpo: (r - group mean) / group std; mean: r - group mean; rloo: leave-one-out baseline")
     g.add_argument("--eps-low", type=float, default=None, help="default 0.2 (GSPO 3e-4)")
     g.add_argument("--eps-high", type=float, default=None, help="default 0.28 (GSPO 4e-4)")
-    g.add_argument("--dual-clip", type=float, default=None)
-    g.add_argument("--agg", choices=["token", "seq"], default="token")
-    g.add_argument("--tis", choices=["tis", "icepop"], default=None)
-    g.add_argument("--tis-clip", type=float, default=2.0)
+    g.add_argument("--dual-clip", type=float, default=None, help="dual-clip c > 1 bounding negative-advantage loss")
+    g.add_argument("--agg", choices=["token", "seq"], default="token",
+                   help="loss averaging: over all tokens of the batch (DAPO) or per sequence, then over sequences")
+    g.add_argument("--tis", choices=["tis", "icepop"], default=None,
+                   help="train/inference mismatch weight exp(old - rollout log-prob): truncated (tis) or masked "
+                        "outside [1/c, c] (icepop)")
+    g.add_argument("--tis-clip", type=float, default=2.0, help="c of --tis")
     g.add_argument("--is-mask", action="store_true", help="GLM-5 double-sided IS mask vs rollout log-probs")
-    g.add_argument("--is-eps-low", type=float, default=0.2)
-    g.add_argument("--is-eps-high", type=float, default=0.28)
-    g.add_argument("--kl-coef", type=float, default=0.0)
-    g.add_argument("--kl-type", choices=["k1", "k2", "k3"], default="k3")
-    g.add_argument("--entropy-coef", type=float, default=0.0)
+    g.add_argument("--is-eps-low", type=float, default=0.2, help="--is-mask band: ratio >= 1 - this")
+    g.add_argument("--is-eps-high", type=float, default=0.28, help="--is-mask band: ratio <= 1 + this")
+    g.add_argument("--kl-coef", type=float, default=0.0, help="KL penalty to the starting policy (0: none)")
+    g.add_argument("--kl-type", choices=["k1", "k2", "k3"], default="k3", help="KL estimator")
+    g.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus")
     g = p.add_argument_group("optimiser")
-    g.add_argument("--lr", type=float, default=1e-5)
-    g.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--updates-per-batch", type=int, default=1)
+    g.add_argument("--lr", type=float, default=1e-5, help="learning rate (constant)")
+    g.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw", help="optimiser")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: none)")
+    g.add_argument("--updates-per-batch", type=int, default=1,
+                   help="optimiser steps per rollout batch (mini-batches of whole groups)")
     g.add_argument("--freeze-router", action="store_true", help="keep the MoE router (gate) weights fixed during RL")
-    g.add_argument("--old-logp", choices=["recompute", "rollout"], default="recompute")
-    g.add_argument("--micro-batch-tokens", type=int, default=8192)
+    g.add_argument("--old-logp", choices=["recompute", "rollout"], default="recompute",
+                   help="π_old of the PPO ratio: the trainer's own log-probs, or the rollout engine's (bypass)")
+    g.add_argument("--micro-batch-tokens", type=int, default=8192, help="padded tokens per trainer forward")
     g.add_argument("--reset-optimizer", action="store_true", help="reset optimiser state after every weight push")
     g.add_argument("--mtp-weight", type=float, default=0.0,
                    help="> 0: train the MTP layer online, by self-distillation towards the policy (fresh drafts for "
@@ -86,30 +103,31 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("placement")
     g.add_argument("--placement", choices=["process", "colocate", "ray"], default="process",
                    help="rollout engine in its own process (default), in the trainer process, or a Ray actor")
-    g.add_argument("--weight-sync", choices=["shm", "dist"], default="shm")
-    g.add_argument("--dist-backend", choices=["gloo", "nccl"], default="gloo")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--rollout-device", default="cpu")
+    g.add_argument("--weight-sync", choices=["shm", "dist"], default="shm",
+                   help="trainer -> rollout weights: shared memory, or a torch.distributed broadcast")
+    g.add_argument("--dist-backend", choices=["gloo", "nccl"], default="gloo", help="backend of --weight-sync dist")
+    g.add_argument("--device", default="cpu", help="trainer device")
+    g.add_argument("--rollout-device", default="cpu", help="rollout engine device")
     g.add_argument("--rollout-workers", type=int, default=1,
                    help="rollout engines, each its own process (or Ray actor); groups go to the least-loaded one")
     g.add_argument("--rollout-spec-tokens", type=int, default=0,
                    help="MTP speculative decoding in the rollout engine: drafts per step (0 = off)")
-    g.add_argument("--train-threads", type=int, default=None)
+    g.add_argument("--train-threads", type=int, default=None, help="trainer threads (default: its share of the cores)")
     g.add_argument("--rollout-threads", type=int, default=None, help="threads per rollout worker")
-    g.add_argument("--ray-address", default=None)
-    g.add_argument("--ray-num-gpus", type=float, default=0.0)
+    g.add_argument("--ray-address", default=None, help="--placement ray: cluster address (default: a local Ray)")
+    g.add_argument("--ray-num-gpus", type=float, default=0.0, help="--placement ray: GPUs per rollout actor")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation before and after")
-    g.add_argument("--eval-every", type=int, default=0)
+    g.add_argument("--eval-every", type=int, default=0, help="also evaluate on the held-out set every N steps")
     g.add_argument("--eval-sampled", type=int, default=0,
                    help="also evaluate sampled accuracy (rollout temperature) with this many samples per task")
     g.add_argument("--no-save", action="store_true", help="do not export the final policy to OUT/hf")
     g.add_argument("--save-every", type=int, default=0,
                    help="steps between resumable checkpoints in OUT/checkpoints (default 0: none)")
-    g.add_argument("--keep-checkpoints", type=int, default=2)
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0: all)")
     g.add_argument("--no-resume", action="store_true",
                    help="start over even if OUT/checkpoints holds a checkpoint (it is removed)")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
 
 
@@ -155,13 +173,20 @@ def config_from_args(a):
 
 
 def _fmt(m: dict | None) -> str:
+    """One evaluation in a line; a rate with nothing to count (no answered / unanswerable questions) is "n/a", not a
+    0 that reads like a perfect score."""
     if not m:
         return "-"
     lo, hi = m["accuracy_ci"]
     hlo, hhi = m["hallucination_rate_ci"]
+    if m.get("n_answered", 1):
+        hall = f"hallucination {m['hallucination_rate']:.3f} [{hlo:.3f}, {hhi:.3f}]"
+    else:
+        hall = "hallucination n/a (nothing answered)"
+    una = (f"unanswerable→IDK {m['unanswerable_abstention_rate']:.3f}  " if m.get("n_unanswerable", 1)
+           else "")
     return (f"accuracy {m['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]  abstention {m['abstention_rate']:.3f}  "
-            f"hallucination {m['hallucination_rate']:.3f} [{hlo:.3f}, {hhi:.3f}]  "
-            f"unanswerable→IDK {m['unanswerable_abstention_rate']:.3f}  reward {m['reward']:.3f}")
+            f"{hall}  {una}reward {m['reward']:.3f}")
 
 
 def _run(a) -> int:

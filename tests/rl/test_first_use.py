@@ -177,3 +177,23 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_help_documents_every_option():
+    from glm5.cli import build_parser
+
+    sub = build_parser("rl")._subparsers._group_actions[0].choices["rl"]
+    assert [a.option_strings for a in sub._actions if not a.help] == []
+
+
+def test_eval_line_says_na_for_rates_with_nothing_to_count():
+    from glm5.rl.cli import _fmt
+
+    m = {"accuracy": 0.0, "accuracy_ci": [0.0, 0.4], "abstention_rate": 0.0, "hallucination_rate": 0.0,
+         "hallucination_rate_ci": [0.0, 0.0], "unanswerable_abstention_rate": 0.0, "reward": -1.0,
+         "n_answered": 0, "n_unanswerable": 0}
+    line = _fmt(m)
+    assert "hallucination n/a" in line and "unanswerable" not in line
+    line = _fmt({**m, "n_answered": 3, "hallucination_rate": 1.0, "hallucination_rate_ci": [0.4, 1.0],
+                 "n_unanswerable": 2})
+    assert "hallucination 1.000 [0.400, 1.000]" in line and "unanswerable→IDK 0.000" in line
