@@ -23,7 +23,8 @@ def add_parser(sub) -> None:
                         "('basic_arithmetic:max_terms=2,max_digits=1', 'gsm_symbolic', 'countdown') or 'arith'")
     g.add_argument("--tasks-file", default=None, help="JSONL of tasks instead of generating them")
     g.add_argument("--eval-tasks-file", default=None,
-                   help="JSONL of held-out tasks for the before/after evaluation (with --tasks-file; none: no evaluation)")
+                   help="JSONL of held-out tasks for the before/after evaluation (default: generated ones; with --tasks-file "
+                        "and without this, no evaluation)")
     g.add_argument("--unanswerable-frac", type=float, default=0.2,
                    help="share of unanswerable questions (right answer: \"I don't know\") in generated task sets")
     g.add_argument("--n-train", type=int, default=2000, help="generated training tasks")

@@ -49,7 +49,7 @@ class RLConfig:
     out: str = "runs/rl"
     tasks: list = field(default_factory=lambda: list(DEFAULT_TASKS))
     tasks_file: str | None = None  # JSONL of tasks (overrides generation); eval set from eval_tasks_file
-    eval_tasks_file: str | None = None
+    eval_tasks_file: str | None = None  # JSONL of held-out tasks (with generated training tasks too)
     unanswerable_frac: float = 0.2
     n_train: int = 2000
     n_eval: int = 200
@@ -238,6 +238,8 @@ def run_rl(cfg: RLConfig) -> dict:
         held = load_tasks(cfg.eval_tasks_file) if cfg.eval_tasks_file else []
     else:
         train_tasks, held = train_eval_split(cfg.tasks, cfg.n_train, cfg.n_eval, cfg.seed, cfg.unanswerable_frac)
+        if cfg.eval_tasks_file:  # the user's held-out set replaces the generated one (it was silently ignored)
+            held = load_tasks(cfg.eval_tasks_file)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     train_threads, rollout_threads = _threads(cfg)

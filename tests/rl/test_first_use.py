@@ -197,3 +197,14 @@ def test_eval_line_says_na_for_rates_with_nothing_to_count():
     line = _fmt({**m, "n_answered": 3, "hallucination_rate": 1.0, "hallucination_rate_ci": [0.4, 1.0],
                  "n_unanswerable": 2})
     assert "hallucination 1.000 [0.400, 1.000]" in line and "unanswerable→IDK 0.000" in line
+
+
+def test_eval_tasks_file_is_used_with_generated_training_tasks(model_dir, tmp_path):
+    # before: --eval-tasks-file without --tasks-file was silently ignored (the generated held-out set was used)
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text('{"question": "Calculate 2 + 2.", "answer": "4"}\n{"question": "Who am I?", "answerable": false}\n')
+    out = tmp_path / "run"
+    assert run_cli(model_dir, out, "--placement", "colocate", "--steps", "1", "--no-save", "--n-eval", "8",
+                   "--eval-tasks-file", str(ev)) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["before"]["n"] == 2 and s["before"]["n_unanswerable"] == 1
