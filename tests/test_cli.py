@@ -7,7 +7,7 @@ from glm5.cli import main
 
 @pytest.mark.parametrize("argv, expect", [
     (["generate", "--model", "{tmp}/missing", "--prompt", "hi"], "no config.json"),
-    (["rl", "--model", "{tmp}/missing"], "no tokenizer.json"),
+    (["rl", "--model", "{tmp}/missing"], "no such directory"),
     (["train", "--preset", "bogus", "--out", "{tmp}/out"], "unknown preset 'bogus'"),
     (["sft", "--preset", "glm5-nano", "--data", "{tmp}/missing.jsonl", "--out", "{tmp}/out"], "neither 'default'"),
 ])

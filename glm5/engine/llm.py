@@ -67,7 +67,8 @@ class LLM:
     model: a checkpoint directory (config.json + safetensors; tokenizer.json used when present) or a
     GLM5ForCausalLM. Keyword arguments are EngineConfig fields (max_num_seqs, max_model_len, block_size,
     num_blocks / kv_cache_memory, max_num_batched_tokens, enable_prefix_caching, num_speculative_tokens,
-    spec_disable_batch_size, dsa, seed, use_cuda_graph, cpu_weight_layout) plus device, dtype and tokenizer.
+    spec_disable_batch_size, dsa, seed, use_cuda_graph, cpu_weight_layout, logprobs_mode) plus device, dtype and
+    tokenizer.
     """
 
     def __init__(self, model, tokenizer=None, device: str | torch.device | None = None, dtype=None, **engine_kwargs):

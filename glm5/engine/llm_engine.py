@@ -53,6 +53,9 @@ class EngineConfig:
     # CPU only: "auto" stores linear weights column-major where that decodes faster on this machine
     # (glm5/engine/cpu_layout.py; values unchanged, the model's parameters are re-strided in place); "row" keeps them
     cpu_weight_layout: str = "auto"
+    # "raw_logprobs": SamplingParams.logprobs report the model's distribution (vLLM's default); "processed_logprobs":
+    # the distribution each token was sampled from (temperature, top-k/top-p, logits processors), as RL needs
+    logprobs_mode: str = "raw_logprobs"
 
 
 @dataclass
@@ -117,7 +120,7 @@ class LLMEngine:
         self.proposer = MTPProposer(self.runner, self.k) if self.k else None
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.k,
                                    on_admit=self._on_admit)
-        self.sampler = Sampler()
+        self.sampler = Sampler(cfg.logprobs_mode)
         self.rng = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.requests: dict[str, _Request] = {}
         self._seq_req: dict[int, _Request] = {}
@@ -299,7 +302,9 @@ class LLMEngine:
                 else:
                     emitted, accepted = rejection_sample(target_probs(lg, seq.params), s.draft_ids, seq.draft_probs,
                                                          seq.generator)
-                lps = token_logprobs(lg[: len(emitted)], emitted, [seq.params.logprobs] * len(emitted))
+                rows = lg[: len(emitted)]  # verified sequences have no logits processors
+                lps = token_logprobs(self.sampler.logprob_source(rows, rows, [seq.params] * len(emitted)), emitted,
+                                     [seq.params.logprobs] * len(emitted))
                 sampled[i] = (emitted, lps)
                 self.stats["spec_verify_steps"] += 1
                 self.stats["spec_draft_tokens"] += len(s.draft_ids)

@@ -13,13 +13,14 @@ import torch
 from glm5.engine.sampling_params import SamplingParams
 
 
-def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Sampling distribution per row after temperature, top-k and top-p: logits [M,V] -> probs [M,V] fp32.
-    Greedy rows get a one-hot on the argmax."""
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
+
+
+def processed_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Logits per row after temperature (not for greedy rows), top-k and top-p (masked to -inf): [M,V] -> fp32."""
     logits = logits.float()
     V = logits.shape[-1]
     dev = logits.device
-    greedy = torch.tensor([p.greedy for p in params], device=dev)
     temp = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)
     x = logits / temp[:, None]
     top_k = [p.top_k if 0 < p.top_k < V else 0 for p in params]
@@ -38,7 +39,14 @@ def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
         drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         x = x.masked_fill(drop, float("-inf"))
-    probs = x.softmax(-1)
+    return x
+
+
+def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Sampling distribution per row after temperature, top-k and top-p: logits [M,V] -> probs [M,V] fp32.
+    Greedy rows get a one-hot on the argmax."""
+    probs = processed_logits(logits, params).softmax(-1)
+    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     if bool(greedy.any()):
         onehot = torch.zeros_like(probs).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
         probs = torch.where(greedy[:, None], onehot, probs)
@@ -57,7 +65,8 @@ def sample_rows(probs: torch.Tensor, params: list[SamplingParams], generators: l
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], num_top: list[int | None]) -> list[dict[int, float] | None]:
-    """Raw-distribution log-probabilities: per row the chosen token and the ``num_top`` most likely ones."""
+    """Log-probabilities of ``logits``' distribution (raw, or processed by the caller): per row the chosen token and
+    the ``num_top`` most likely ones."""
     if all(n is None for n in num_top):
         return [None] * len(tokens)
     lp = torch.log_softmax(logits.float(), dim=-1)
@@ -113,12 +122,28 @@ def unusable_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler:
+    """``logprobs_mode`` (vLLM's engine option): "raw_logprobs" reports the model's own distribution;
+    "processed_logprobs" the one each token was sampled from (after logits processors, temperature, top-k and
+    top-p), which is what RL's importance ratios against the rollout need when the temperature is not 1."""
+
+    def __init__(self, logprobs_mode: str = "raw_logprobs"):
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
+        self.logprobs_mode = logprobs_mode
+
+    def logprob_source(self, raw: torch.Tensor, processed: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """The logits whose log-softmax is reported: ``raw``, or ``processed`` (processors applied) after
+        temperature / top-k / top-p."""
+        if self.logprobs_mode == "raw_logprobs" or all(p.logprobs is None for p in params):
+            return raw
+        return processed_logits(processed, params)
+
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], generators: list,
                  outputs: list[list[int]]):
         """logits [M,V] -> (tokens list[int | None], logprobs list[dict | None], errors list[str | None]).
 
-        ``outputs`` (each row's output ids so far) is what logits processors see; logprobs are taken from the
-        unprocessed logits. A row that cannot be sampled (non-finite logits from the model, a failing logits
+        ``outputs`` (each row's output ids so far) is what logits processors see; logprobs follow
+        ``logprobs_mode``. A row that cannot be sampled (non-finite logits from the model, a failing logits
         processor, a distribution that is all zeros or NaN after temperature/top-k/top-p) gets token None and
         its reason in ``errors``, so that one bad request fails alone instead of stopping the engine."""
         M = logits.shape[0]
@@ -147,5 +172,6 @@ class Sampler:
                         picked.append(sample_rows(probs[j:j + 1], sub_params[j:j + 1], [generators[i]])[0])
             for j, i in enumerate(ok):
                 tokens[i] = picked[j]
-        lps = token_logprobs(raw, [t if t is not None else 0 for t in tokens], [p.logprobs for p in params])
+        src = self.logprob_source(raw, logits, params)
+        lps = token_logprobs(src, [t if t is not None else 0 for t in tokens], [p.logprobs for p in params])
         return tokens, [lp if t is not None else None for t, lp in zip(tokens, lps)], errors

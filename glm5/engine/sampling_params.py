@@ -60,7 +60,8 @@ class SamplingParams:
     ignore_eos: do not stop on the model's EOS ids.
     seed: per-request RNG seed; the same seed gives the same tokens whatever else is in the batch.
         With n > 1, completion i uses seed + i.
-    logprobs: return the log-probabilities (of the raw model distribution) of each sampled token plus the
+    logprobs: return the log-probabilities (of the raw model distribution, or with the engine's
+        ``logprobs_mode="processed_logprobs"`` of the distribution it was sampled from) of each sampled token plus the
         ``logprobs`` most likely alternatives (0 = only the sampled token, None = none).
     prompt_logprobs: also return, for every prompt token after the first, its log-probability given the tokens
         before it plus the ``prompt_logprobs`` most likely alternatives (vLLM's field; what scoring harnesses use).

@@ -53,9 +53,9 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("rollout")
     g.add_argument("--max-new-tokens", type=int, default=128, help="response budget per trajectory")
     g.add_argument("--temperature", type=float, default=1.0,
-                   help="rollout temperature; keep 1 with --tis/--is-mask/--loss ddis/--old-logp rollout (the engine's "
-                        "log-probs are of the T = 1 distribution)")
-    g.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling")
+                   help="rollout temperature (the trainer's log-probs use the same T)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="rollout nucleus sampling; keep 1 with --tis/--is-mask/--loss ddis/--old-logp rollout")
     g.add_argument("--reward", default="abstention", help="abstention | binary | module:function")
     g.add_argument("--tools", default="", help="comma list: calculator,python")
     g.add_argument("--max-turns", type=int, default=None, help="model turns per trajectory (default 4 with tools)")

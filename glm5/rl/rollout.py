@@ -49,7 +49,7 @@ __all__ = ["RolloutConfig", "RolloutEngine", "WorkerSpec", "rollout_worker_main"
 
 @dataclass
 class RolloutConfig:
-    temperature: float = 1.0  # the trainer's log-probs are of the untempered distribution: keep 1.0 for RL
+    temperature: float = 1.0  # the trainer takes log-probs of softmax(z / T) with the same T
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 128  # response budget per trajectory (model + tool tokens)
@@ -276,7 +276,8 @@ def build_rollout_engine(model_dir: str, *, tokenizer=None, device: str = "cpu",
     from glm5.tokenizer import GLM5Tokenizer
 
     tok = tokenizer if tokenizer is not None else GLM5Tokenizer.from_pretrained(model_dir)
-    kw = dict(engine_kwargs or {})
+    # the trainer's log-probs are of softmax(logits / T): the rollout reports the distribution it sampled from
+    kw = {"logprobs_mode": "processed_logprobs", **(engine_kwargs or {})}
     engine = build_engine(model if model is not None else model_dir, tok, device=device,
                           dtype=None if model is not None else dtype, **kw)
     engine.weight_version = 0

@@ -126,12 +126,12 @@ class RLConfig:
                                                    ("--loss ddis", self.trainer.loss.loss_type == "ddis"),
                                                    (f"--tis {self.trainer.loss.tis}", self.trainer.loss.tis is not None),
                                                    ("--is-mask", self.trainer.loss.is_mask)) if on]
-        if ro.temperature not in (0.0, 1.0) and uses_rollout_logp:
-            # the engine reports log-probs of the untempered distribution and the trainer those of softmax(z / T):
-            # the two agree only at T = 1, so every ratio against rollout log-probs would be off by the temperature
+        if ro.top_p < 1.0 and uses_rollout_logp:
+            # the rollout reports log-probs of the nucleus-truncated, renormalised distribution it sampled from, the
+            # trainer those of the whole softmax(z / T): every ratio against rollout log-probs would be off
             raise ValueError(f"{', '.join(uses_rollout_logp)} compare the trainer's log-probs with the rollout "
-                             f"engine's, which are of the untempered (T = 1) distribution; with temperature "
-                             f"{ro.temperature} they differ everywhere. Use temperature 1 with these options")
+                             f"engine's, which with top_p {ro.top_p} are of the truncated distribution; use top_p 1 "
+                             f"with these options")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -8,7 +8,8 @@ One call of :meth:`RLTrainer.train_step` consumes one rollout batch (a list of g
    denominators (masked tokens / sequences) counted over the whole mini-batch so gradient accumulation equals
    the full-batch gradient;
 3. log-probs of the response tokens under the policy (one forward per micro-batch, DSA sparse attention as in
-   the engine, softmax(logits / T) with T the rollout temperature — at T = 1 exactly what the engine reports):
+   the engine, softmax(logits / T) with T the rollout temperature — what the rollout engine reports, its
+   ``logprobs_mode`` being "processed_logprobs"):
    π_old is these log-probs detached when there is a
    single optimiser step (exact), a separate no-grad pass when there are several, or the rollout log-probs
    (``old_logp="rollout"``: slime's bypass mode);
@@ -66,7 +67,7 @@ class TrainerConfig:
     reset_optimizer: bool = False
     use_ref_model: bool | None = None  # None: when loss.kl_coef > 0
     temperature: float = 1.0  # log-probs of softmax(logits / T), T = the rollout temperature (slime does the same);
-    # the engine reports log-probs of the untempered distribution, so rollout-log-prob corrections are exact at T = 1
+    # the rollout engine reports the same distribution (logprobs_mode "processed_logprobs")
     mtp_weight: float = 0.0  # > 0: train the MTP layer online by self-distillation (see the module docstring)
     mtp_depth: int = 1  # MTP steps trained (the one layer reused per step), e.g. the rollout's number of drafts
     mtp_lr: float | None = None  # the MTP layer's learning rate (None: the policy's ``lr``)

@@ -46,3 +46,28 @@ def test_top_k_and_temperature():
     expect = torch.zeros(4)
     expect[[1, 2]] = torch.tensor([1.5, 1.0]).softmax(-1)
     torch.testing.assert_close(probs[0], expect)
+
+
+def test_logprobs_modes_report_the_raw_or_the_sampled_distribution():
+    from glm5.engine.sampler import Sampler
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 40, generator=g) * 2
+    params = [SamplingParams(temperature=0.6, logprobs=2, seed=0), SamplingParams(temperature=1.3, top_k=5, logprobs=0),
+              SamplingParams(temperature=0, logprobs=1)]
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    raw_toks, raw_lps, _ = Sampler("raw_logprobs")(logits, params, gens, [[], [], []])
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    toks, lps, _ = Sampler("processed_logprobs")(logits, params, gens, [[], [], []])
+    assert toks == raw_toks  # the mode changes what is reported, not what is sampled
+    raw = logits.log_softmax(-1)
+    for i, t in enumerate(toks):
+        assert raw_lps[i][t] == pytest.approx(float(raw[i, t]), abs=1e-5)
+    # processed: the tempered (and top-k-truncated) distribution the token was drawn from
+    assert lps[0][toks[0]] == pytest.approx(float((logits[0] / 0.6).log_softmax(-1)[toks[0]]), abs=1e-5)
+    x = logits[1] / 1.3
+    x = x.masked_fill(x < x.topk(5).values[-1], float("-inf"))
+    assert lps[1][toks[1]] == pytest.approx(float(x.log_softmax(-1)[toks[1]]), abs=1e-5)
+    assert lps[2] == raw_lps[2]  # greedy: no temperature to apply
+    with pytest.raises(ValueError, match="logprobs_mode"):
+        Sampler("processed_logits")

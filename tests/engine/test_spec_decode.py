@@ -1,6 +1,7 @@
 """MTP speculative decoding: drafts follow the model's MTP recursion, greedy output is unchanged, rejection
 sampling keeps the target distribution."""
 
+import pytest
 import torch
 
 from glm5.engine import LLM, SamplingParams
@@ -214,3 +215,18 @@ def test_seeded_spec_sampling_ignores_chunking_budget_and_preemption(nano):
                     num_blocks=20, enable_prefix_caching=False)
     assert llm.engine.scheduler.num_preemptions > 0
     assert [c.token_ids for c in outs[2].outputs] == want
+
+
+@torch.no_grad()
+def test_processed_logprobs_with_and_without_speculation_are_the_tempered_model_distribution(nano):
+    """RL's rollout log-probs at temperature != 1: plain and speculative (verified) tokens both report
+    log_softmax(logits / T) of the full no-cache model."""
+    p = prompts([7])[0]
+    sp = SamplingParams(temperature=0.7, seed=11, max_tokens=10, ignore_eos=True, logprobs=0)
+    for k in (0, 2):
+        out = LLM(nano, block_size=4, num_speculative_tokens=k, logprobs_mode="processed_logprobs").generate(
+            [p], sp, use_tqdm=False)[0].outputs[0]
+        full = nano(torch.tensor([p + out.token_ids])).logits[0, len(p) - 1:-1]
+        ref = (full / 0.7).log_softmax(-1)
+        for j, (tok, d) in enumerate(zip(out.token_ids, out.logprobs)):
+            assert d[tok] == pytest.approx(float(ref[j, tok]), abs=2e-4), (k, j)

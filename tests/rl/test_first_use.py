@@ -123,8 +123,8 @@ def test_task_files_are_checked_line_by_line(tmp_path):
     (["--unanswerable-frac", "1.5"], "unanswerable_frac"),
     (["--max-new-tokens", "0"], "max_new_tokens"),
     (["--mode", "one-step-off", "--tau", "0"], "tau 0"),
-    (["--temperature", "0.7", "--is-mask"], "--is-mask compare the trainer's log-probs"),
-    (["--temperature", "0.7", "--loss", "ddis"], "--loss ddis"),
+    (["--top-p", "0.9", "--is-mask"], "--is-mask compare the trainer's log-probs"),
+    (["--top-p", "0.9", "--loss", "ddis"], "--loss ddis"),
 ])
 def test_cli_bad_inputs_are_one_line_errors(model_dir, tmp_path, capsys, args, msg):
     out = tmp_path / "run"

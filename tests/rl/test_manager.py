@@ -57,6 +57,20 @@ def test_sync_mode_is_on_policy(policy, tok, tasks, plugin):
     assert summary["trainer_idle_s"] > 0 and summary["samples_per_s"] > 0
 
 
+@pytest.mark.parametrize("mode", ["processed_logprobs", "raw_logprobs"])
+def test_rollout_log_probs_match_the_trainer_at_temperature_0_7(policy, tok, tasks, plugin, mode):
+    """The rollout engine reports the distribution it sampled from (processed_logprobs, what build_rollout_engine
+    sets), so at T != 1 the first step is on-policy to rounding; the model's raw distribution would not be."""
+    ro = RolloutEngine(build_engine(clone_model(policy), tok, max_num_seqs=32, max_model_len=256, logprobs_mode=mode),
+                       tok, RolloutConfig(max_new_tokens=16, reward=plugin + ":parity_reward", temperature=0.7))
+    buf = DataBuffer(tasks, ro.make_prompt, 4, 16)
+    tr = RLTrainer(policy, TrainerConfig(lr=1e-3, temperature=0.7))
+    mgr = RolloutManager(LocalRolloutClient(ro), tr, buf, ManagerConfig(mode="sync", num_steps=1, groups_per_step=2))
+    mgr.run()
+    gap = mgr.records[0]["logprob_gap_mean"]
+    assert gap < 1e-4 if mode == "processed_logprobs" else gap > 1e-2, gap
+
+
 def test_one_step_off_trains_one_version_behind(policy, tok, tasks, plugin):
     client, buf, tr = local_setup(policy, tok, tasks, plugin + ":parity_reward")
     mgr = RolloutManager(client, tr, buf, ManagerConfig(mode="one-step-off", num_steps=3, groups_per_step=2))
