@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     g.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--logprobs-mode", default="raw_logprobs", choices=["raw_logprobs", "processed_logprobs"],
+                   help="logprobs of the model's distribution, or of the one each token was sampled from "
+                        "(temperature, top-k/top-p, processors), as RL rollouts need")
     s = p.add_argument_group("serving")
     s.add_argument("--price-input", type=float, default=PRICE_INPUT, help="USD per million input tokens")
     s.add_argument("--price-output", type=float, default=PRICE_OUTPUT, help="USD per million output tokens")
@@ -80,7 +83,7 @@ def run(args) -> int:
                     max_num_batched_tokens=args.max_num_batched_tokens,
                     num_speculative_tokens=args.num_speculative_tokens,
                     spec_disable_batch_size=args.spec_disable_batch_size, dtype=args.dtype, device=args.device,
-                    kv_cache_memory=args.kv_cache_memory, seed=args.seed)
+                    kv_cache_memory=args.kv_cache_memory, seed=args.seed, logprobs_mode=args.logprobs_mode)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         logging.getLogger("glm5.serve").warning("listening on %s without an API key", args.host)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)

@@ -155,3 +155,28 @@ def test_speculative_decoding_metrics_and_constrained_requests(model_dir):
         r = c.chat.completions.create(model="zai-org/GLM-5", messages=[{"role": "user", "content": "hi"}],
                                       max_tokens=60, response_format={"type": "json_object"})
         assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_processed_logprobs_mode_reports_the_sampled_distribution(model_dir):
+    """``glm5 serve --logprobs-mode processed_logprobs``: completion logprobs at temperature 0.5 are those of
+    softmax(logits / 0.5), what an RL trainer recomputes (slime reads rollout log-probs from its server)."""
+    import torch
+
+    from glm5.cli import build_parser
+    from glm5.model.transformer import GLM5ForCausalLM
+
+    from .conftest import ServerThread, make_app
+
+    assert build_parser("serve").parse_args(["serve", "--model", "/x"]).logprobs_mode == "raw_logprobs"
+    model = GLM5ForCausalLM.from_pretrained(model_dir).eval()
+    for mode, temperature in (("processed_logprobs", 0.5), ("raw_logprobs", 1.0)):
+        app, _ = make_app(model_dir, engine_kwargs={"logprobs_mode": mode})
+        with ServerThread(app) as srv:
+            r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL_NAME, "prompt": [5, 6, 7], "max_tokens": 1,
+                                                              "temperature": 0.5, "top_p": 1.0, "seed": 3,
+                                                              "logprobs": 5},  # (the server's default top_p is 0.95)
+                           timeout=60).json()
+        top = sorted(r["choices"][0]["logprobs"]["top_logprobs"][0].values(), reverse=True)
+        with torch.no_grad():
+            ref = (model(torch.tensor([[5, 6, 7]])).logits[0, -1] / temperature).log_softmax(-1)
+        assert top == pytest.approx(ref.topk(len(top)).values.tolist(), abs=1e-4), mode
