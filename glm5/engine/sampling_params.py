@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -33,8 +34,6 @@ class StructuredOutputsParams:
         if sum(given) != 1:
             raise ValueError("structured_outputs: give exactly one of json (a schema), json_object=True and choice")
         if isinstance(self.json, str):
-            import json
-
             try:
                 object.__setattr__(self, "json", json.loads(self.json))
             except json.JSONDecodeError as e:

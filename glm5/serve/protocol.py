@@ -243,7 +243,7 @@ class _Sampling(_Open):
         return v
 
     @model_validator(mode="after")
-    def _stream_options(self):
+    def _sampling_checks(self):  # not `_checks`: the request classes' own validators have that name
         for name in ("guided_regex", "guided_grammar"):
             if getattr(self, name) is not None:
                 raise ValueError(f"{name} is not supported (structured outputs: json, json_object and choice)")

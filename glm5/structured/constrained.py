@@ -2,7 +2,8 @@
 
 Used for the engine's ``SamplingParams(structured_outputs=...)`` and the server's ``response_format``
 ``{"type": "json_object"}`` (the content is one JSON object) and ``{"type": "json_schema"}`` (a document the
-schema accepts: :mod:`glm5.structured.json_schema`), and for ``tool_choice: "required"`` / a named tool (the
+schema accepts: :mod:`glm5.structured.json_schema`), for ``choice`` (one of given strings:
+:mod:`glm5.structured.choice`), and for ``tool_choice: "required"`` / a named tool (the
 output is one or more well-formed GLM-5 tool calls of the allowed tools, with known argument names, the required
 ones present, and values checked against their schemas: :class:`glm5.structured.tool_grammar.ToolCallGrammar`,
 built on this module).
