@@ -147,25 +147,34 @@ class LLMEngine:
         return cls(model, tokenizer, config)
 
     # -------------------------------------------------------------------------------------- requests
-    def _with_grammar(self, params: SamplingParams, ids: list[int]) -> SamplingParams:
-        """A copy of ``params`` whose processors end with the structured-output grammar (compiled once per schema,
-        shared by the request's n sequences: it keys its state by each one's output)."""
-        from glm5.structured import ConstrainedLogitsProcessor, GrammarCache
-        from glm5.tokenizer import special_tokens as st
+    def _with_processors(self, params: SamplingParams, ids: list[int]) -> SamplingParams:
+        """A copy of ``params`` whose processors end with those its fields ask for: penalties / bias / allowed ids /
+        min_p, then the structured-output grammar (compiled once per schema, shared by the request's n sequences:
+        it keys its state by each one's output)."""
+        from glm5.engine.processors import request_processors
 
-        if self.tokenizer is None:
-            raise ValueError("structured outputs need a tokenizer")
-        if self._grammars is None:
-            self._grammars = GrammarCache(self.tokenizer, self.model.config.vocab_size)
+        V = self.model.config.vocab_size
+        for name in ("logit_bias", "allowed_token_ids"):
+            if max(getattr(params, name) or [0]) >= V:
+                raise ValueError(f"{name}: token ids must be below the vocabulary size {V}")
+        procs = request_processors(params)
         so = params.structured_outputs
-        thinking = ids[-1] == self.tokenizer.token_to_id(st.THINK_START)  # the chat template opened reasoning
-        if so.choice is not None:
-            grammar = self._grammars.choice(so.choice, thinking)
-        else:  # SchemaError (a ValueError) for what it cannot enforce
-            grammar = self._grammars.json(so.json, thinking)
-        budget = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))
-        proc = ConstrainedLogitsProcessor(grammar, budget)  # ValueError when the budget cannot fit the output
-        return replace(params, logits_processors=[*(params.logits_processors or []), proc])
+        if so is not None:
+            from glm5.structured import ConstrainedLogitsProcessor, GrammarCache
+            from glm5.tokenizer import special_tokens as st
+
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need a tokenizer")
+            if self._grammars is None:
+                self._grammars = GrammarCache(self.tokenizer, V)
+            thinking = ids[-1] == self.tokenizer.token_to_id(st.THINK_START)  # the chat template opened reasoning
+            if so.choice is not None:
+                grammar = self._grammars.choice(so.choice, thinking)
+            else:  # SchemaError (a ValueError) for what it cannot enforce
+                grammar = self._grammars.json(so.json, thinking)
+            budget = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))
+            procs.append(ConstrainedLogitsProcessor(grammar, budget))  # ValueError when the budget cannot fit it
+        return replace(params, logits_processors=[*(params.logits_processors or []), *procs])
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
@@ -193,8 +202,8 @@ class LLMEngine:
                              f"{self.max_model_len})")
         if params.stop_list and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
-        if params.structured_outputs is not None:
-            params = self._with_grammar(params, ids)
+        if params.needs_processors:
+            params = self._with_processors(params, ids)
         seqs = []
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self.rng))

@@ -73,6 +73,10 @@ class SamplingParams:
         sequence with processors is decoded one token per step (MTP drafts are never proposed for it).
     structured_outputs: :class:`StructuredOutputsParams`; the engine compiles the grammar (cached per schema) and
         applies it after ``logits_processors``. Needs the engine's tokenizer.
+    presence_penalty, frequency_penalty (OpenAI's, over the generated tokens), repetition_penalty (vLLM's: > 1
+        discourages repeats), logit_bias ({token id: bias}), allowed_token_ids (only these may be sampled), min_p
+        (drop tokens below min_p × the top token's probability, after temperature): vLLM's fields. Like
+        ``logits_processors``, any of them decodes the sequence without MTP drafts.
     """
 
     n: int = 1
@@ -91,6 +95,12 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logits_processors: list[LogitsProcessor] | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    min_p: float = 0.0
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -118,10 +128,31 @@ class SamplingParams:
             raise ValueError("logits_processors must be callables (output_token_ids, logits) -> logits")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise ValueError("structured_outputs must be a StructuredOutputsParams")
+        if not (-2.0 <= self.presence_penalty <= 2.0 and -2.0 <= self.frequency_penalty <= 2.0):
+            raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.logit_bias is not None:
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()} or None
+            if self.logit_bias and min(self.logit_bias) < 0:
+                raise ValueError("logit_bias keys must be token ids (>= 0)")
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = [int(t) for t in self.allowed_token_ids]
+            if not self.allowed_token_ids or min(self.allowed_token_ids) < 0:
+                raise ValueError("allowed_token_ids must be a non-empty list of token ids")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise ValueError(f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
+
+    @property
+    def needs_processors(self) -> bool:
+        """Whether the engine adds processors of its own (penalties, bias, allowed ids, min_p, a grammar)."""
+        return (self.structured_outputs is not None or self.logit_bias is not None or self.allowed_token_ids is not None
+                or self.min_p > 0 or self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:

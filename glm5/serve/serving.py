@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from glm5.engine.processors import ban_tokens
 from glm5.engine.sampling_params import SamplingParams
 from glm5.tokenizer import StreamingParser, prompt_opens_reasoning
 from glm5.tokenizer import special_tokens as st
@@ -37,7 +38,6 @@ from glm5.tokenizer.detokenize import byte_level_char_to_byte
 from .backend import Backend, LogitsProcessor
 from .errors import APIError, bad_request
 from .metrics import ServerMetrics
-from .processors import ban_tokens, bias_processor, min_p_processor
 from .protocol import ChatCompletionRequest, CompletionRequest, ImagePart, NamedToolChoice, TextPart, _Sampling
 from .settings import ServeSettings
 
@@ -200,29 +200,19 @@ def _sampling(state: ServerState, req: _Sampling, *, max_tokens: int, logprobs: 
     if bad:
         raise bad_request(f"stop_token_ids must be below the vocabulary size {state.backend.vocab_size}",
                           param="stop_token_ids")
-    try:
+    bias = {int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None
+    if bias and max(bias) >= state.backend.vocab_size:
+        raise bad_request(f"logit_bias token ids must be below {state.backend.vocab_size}", param="logit_bias")
+    try:  # the penalties, logit_bias and min_p become logits processors in the engine
         return SamplingParams(
             n=req.n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
             min_tokens=min(req.min_tokens, max_tokens), stop=req.stop_list or None, stop_token_ids=stop_token_ids,
             ignore_eos=req.ignore_eos, include_stop_str_in_output=req.include_stop_str_in_output, seed=seed,
-            logprobs=logprobs, skip_special_tokens=req.skip_special_tokens)
+            logprobs=logprobs, skip_special_tokens=req.skip_special_tokens, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty, logit_bias=bias,
+            min_p=req.min_p or 0.0)
     except (ValueError, TypeError) as e:
         raise bad_request(str(e)) from None
-
-
-def _common_processors(state: ServerState, req: _Sampling, temperature: float) -> list[LogitsProcessor]:
-    procs: list[LogitsProcessor] = []
-    bias = None
-    if req.logit_bias:
-        bias = {int(k): v for k, v in req.logit_bias.items()}
-        if any(k >= state.backend.vocab_size for k in bias):
-            raise bad_request(f"logit_bias token ids must be below {state.backend.vocab_size}", param="logit_bias")
-    p = bias_processor(bias, req.presence_penalty, req.frequency_penalty, req.repetition_penalty)
-    if p is not None:
-        procs.append(p)
-    if req.min_p and req.min_p > 0:
-        procs.append(min_p_processor(req.min_p, temperature))
-    return procs
 
 
 def _constrained(grammar, max_tokens: int) -> ConstrainedLogitsProcessor:
@@ -292,7 +282,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
     params.prompt_logprobs = req.prompt_logprobs
     opens = prompt_opens_reasoning(prompt)
     choice = req.effective_tool_choice
-    procs = _common_processors(state, req, params.temperature)
+    procs: list[LogitsProcessor] = []
     parse_tool_calls = bool(tools) and choice != "none"
     if tools and choice == "none" and state.ids[st.TOOL_CALL_START] is not None:
         procs.append(ban_tokens([state.ids[st.TOOL_CALL_START]]))
@@ -337,7 +327,7 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Prepared:
     wanted = [k for k in (req.prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
     if wanted:  # echo + logprobs (lm-eval's loglikelihood) or vLLM's prompt_logprobs: score the prompt
         params.prompt_logprobs = max(wanted)
-    procs = _common_processors(state, req, params.temperature)
+    procs: list[LogitsProcessor] = []
     grammar = state.output_grammar(req, thinking=False)
     if grammar is not None:
         procs.append(_constrained(grammar, max_tokens))

@@ -1,6 +1,7 @@
-"""Request-level logits processors of the OpenAI API: ``logit_bias``, presence / frequency / repetition
-penalties, ``min_p``, and banning ids (``tool_choice: "none"`` bans ``<tool_call>``). Each has the engine's
-signature ``(output_token_ids, logits[V]) -> logits[V]``."""
+"""The logits processors behind SamplingParams' ``logit_bias``, presence / frequency / repetition penalties,
+``min_p`` and ``allowed_token_ids`` (vLLM's fields), and banning ids (the server's ``tool_choice: "none"`` bans
+``<tool_call>``). Each has the engine's signature ``(output_token_ids, logits[V]) -> logits[V]``; the engine
+builds them per request (:func:`request_processors`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,32 @@ import torch
 from glm5.engine.sampling_params import LogitsProcessor
 
 NEG_INF = float("-inf")
+
+
+def request_processors(params) -> list[LogitsProcessor]:
+    """The processors a SamplingParams' penalty / bias / min_p / allowed-ids fields ask for, in vLLM's order
+    (penalties and bias on the logits, then the allowed set, then min_p on the tempered distribution)."""
+    procs = []
+    p = bias_processor(params.logit_bias, params.presence_penalty, params.frequency_penalty, params.repetition_penalty)
+    if p is not None:
+        procs.append(p)
+    if params.allowed_token_ids is not None:
+        procs.append(allow_only(params.allowed_token_ids))
+    if params.min_p > 0:
+        procs.append(min_p_processor(params.min_p, params.temperature))
+    return procs
+
+
+def allow_only(token_ids: Sequence[int]) -> LogitsProcessor:
+    keep = sorted({int(i) for i in token_ids})
+
+    def proc(_output_ids, logits: torch.Tensor) -> torch.Tensor:
+        idx = torch.tensor([i for i in keep if i < logits.shape[-1]], dtype=torch.long, device=logits.device)
+        out = torch.full_like(logits, NEG_INF)
+        out[..., idx] = logits[..., idx]
+        return out
+
+    return proc
 
 
 def ban_tokens(token_ids: Sequence[int]) -> LogitsProcessor:
