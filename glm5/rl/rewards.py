@@ -230,14 +230,14 @@ def load_reward_fn(spec: str | Callable) -> Callable:
 def _as_reward(value) -> float:
     """A plugin's reward as a finite float; anything else (None, a string, NaN, ...) is an error, so that a broken
     reward function fails its samples loudly instead of training on garbage."""
+    not_a_number = TypeError(f"the reward function returned {value!r} ({type(value).__name__}); expected a number, "
+                             "a dict with a 'reward' number, or a RewardResult")
     if value is None or isinstance(value, (str, bytes)):
-        raise TypeError(f"the reward function returned {value!r} ({type(value).__name__}); expected a number, a "
-                        "dict with a 'reward' number, or a RewardResult")
+        raise not_a_number
     try:
         r = float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"the reward function returned {value!r} ({type(value).__name__}); expected a number, a "
-                        "dict with a 'reward' number, or a RewardResult") from None
+        raise not_a_number from None
     if not math.isfinite(r):
         raise ValueError(f"the reward function returned a non-finite reward ({r})")
     return r
