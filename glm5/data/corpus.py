@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["Document", "DEFAULT_CORPUS", "TEXT_SUFFIXES", "default_corpus_files", "resolve_sources",
-           "iter_documents", "sources_fingerprint"]
+           "iter_documents", "read_jsonl", "sources_fingerprint"]
 
 DEFAULT_CORPUS = ("default", "shakespeare")
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
@@ -76,25 +76,32 @@ def resolve_sources(sources: str | os.PathLike | Iterable[str | os.PathLike]) ->
     return list(dict.fromkeys(p.resolve() for p in out))
 
 
-def _jsonl_docs(path: Path, text_field: str) -> Iterator[Document]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f):
-            line = line.strip()
-            if not line:
+def read_jsonl(path: str | os.PathLike, errors: str = "strict") -> Iterator[tuple[int, object]]:
+    """(line number, value) of each non-blank line of a JSON Lines file; a line that is not JSON is a ValueError
+    naming ``path:line``. ``errors``: how undecodable UTF-8 is read (``"replace"``: as U+FFFD). Lines end at
+    newlines only, not at U+2028 / U+0085, which may sit raw inside a JSON string."""
+    with open(path, encoding="utf-8", errors=errors) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i + 1}: invalid JSON: {e}") from e
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{i + 1}: expected a JSON object, got {type(rec).__name__}")
-            text = rec.get(text_field)
-            if not isinstance(text, str):
-                what = "no field" if text_field not in rec else f"a {type(text).__name__}, not a string, in field"
-                raise ValueError(f"{path}:{i + 1}: {what} {text_field!r} (fields: {', '.join(map(str, rec)) or 'none'}; "
-                                 f"--text-field picks another)")
-            if text:
-                yield Document(f"{path}:{i}", text)
+                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg}, column {e.colno})") from None
+            yield n, value
+
+
+def _jsonl_docs(path: Path, text_field: str) -> Iterator[Document]:
+    for n, rec in read_jsonl(path, errors="replace"):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+        text = rec.get(text_field)
+        if not isinstance(text, str):
+            what = "no field" if text_field not in rec else f"a {type(text).__name__}, not a string, in field"
+            raise ValueError(f"{path}:{n}: {what} {text_field!r} (fields: {', '.join(map(str, rec)) or 'none'}; "
+                             f"--text-field picks another)")
+        if text:
+            yield Document(f"{path}:{n - 1}", text)
 
 
 def _parquet_docs(path: Path, text_field: str) -> Iterator[Document]:

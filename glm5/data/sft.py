@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from glm5.data.corpus import resolve_sources, sources_fingerprint
+from glm5.data.corpus import read_jsonl, resolve_sources, sources_fingerprint
 from glm5.data.tokenize import _write_json_atomic, token_dtype
 
 __all__ = ["render_conversation", "render_record", "check_messages", "default_sft_conversations", "build_sft_dataset", "prepare_sft_dataset",
@@ -412,24 +412,16 @@ def normalize_record(rec) -> dict:
 def _records(f: Path):
     """(where, record) of a .jsonl file (one per line) or a .json file (one array of records, or one record; JSON
     Lines named .json are read as such)."""
-    with open(f, encoding="utf-8", errors="replace") as fh:
-        text = fh.read()
     if f.suffix.lower() == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(f.read_text(encoding="utf-8", errors="replace"))
         except json.JSONDecodeError:
             data = None  # perhaps JSON Lines: the line reader below names the bad line
         if data is not None:
             # a .json file has no per-record lines: number the records instead
             yield from ((f"record {k + 1}", r) for k, r in enumerate(data if isinstance(data, list) else [data]))
             return
-    for i, line in enumerate(text.split("\n")):  # not splitlines(): U+2028 may sit raw inside a JSON string
-        if not line.strip():
-            continue
-        try:
-            yield f"{i + 1}", json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{f}:{i + 1}: invalid JSON: {e}") from None
+    yield from ((str(n), rec) for n, rec in read_jsonl(f, errors="replace"))
 
 
 def read_conversations(files: Iterable[Path]) -> list[dict]:

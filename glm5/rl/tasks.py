@@ -27,6 +27,8 @@ import random
 from collections.abc import Iterable
 from pathlib import Path
 
+from glm5.data.corpus import read_jsonl
+
 __all__ = ["parse_task_spec", "generate_tasks", "unanswerable_questions", "make_task_set", "train_eval_split",
            "build_messages", "save_tasks", "load_tasks", "reasoning_gym_available"]
 
@@ -246,22 +248,15 @@ def load_tasks(path: str | Path) -> list[dict]:
     too unless ``"answerable": false``; the other fields default (``answerable`` true). A malformed line is a
     ``ValueError`` naming the file and line."""
     tasks = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                t = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(t, dict):
-                raise ValueError(f"{path}:{n}: a task must be a JSON object, got {type(t).__name__}")
-            if not isinstance(t.get("question"), str) or not t["question"].strip():
-                raise ValueError(f"{path}:{n}: a task needs a non-empty string 'question' (the user message); "
-                                 f"it has keys {sorted(t)}")
-            if t.get("answerable", True) and t.get("answer") is None:
-                raise ValueError(f"{path}:{n}: an answerable task needs an 'answer' (or set \"answerable\": false)")
-            tasks.append(t)
+    for n, t in read_jsonl(path):
+        if not isinstance(t, dict):
+            raise ValueError(f"{path}:{n}: a task must be a JSON object, got {type(t).__name__}")
+        if not isinstance(t.get("question"), str) or not t["question"].strip():
+            raise ValueError(f"{path}:{n}: a task needs a non-empty string 'question' (the user message); "
+                             f"it has keys {sorted(t)}")
+        if t.get("answerable", True) and t.get("answer") is None:
+            raise ValueError(f"{path}:{n}: an answerable task needs an 'answer' (or set \"answerable\": false)")
+        tasks.append(t)
     if not tasks:
         raise ValueError(f"{path}: no tasks")
     return tasks

@@ -104,7 +104,7 @@ def test_task_files_are_checked_line_by_line(tmp_path):
     p = tmp_path / "t.jsonl"
     cases = [('{"question": "1 + 1?", "answer": 2}\n{"prompt": "2 + 2?", "answer": 4}\n', r"t.jsonl:2: .*'question'"),
              ('{"question": "1 + 1?"}\n', r"t.jsonl:1: an answerable task needs an 'answer'"),
-             ('{"question": "1 + 1?", "answer": 2}\n{bad\n', r"t.jsonl:2: not valid JSON"),
+             ('{"question": "1 + 1?", "answer": 2}\n{bad\n', r"t.jsonl:2: invalid JSON"),
              ('[1, 2]\n', "must be a JSON object"), ("\n", "no tasks")]
     for text, msg in cases:
         p.write_text(text)

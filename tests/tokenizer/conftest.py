@@ -1,6 +1,5 @@
 """Shared fixtures for the tokenizer tests: a small corpus and a trained tokenizer."""
 
-import random
 import sys
 from pathlib import Path
 
@@ -9,6 +8,8 @@ import pytest
 # pytest runs in importlib mode: make the helper modules next to this file importable
 # (glm5_chat_strategies, glm5_parser_tools).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mixed_text  # tests/mixed_text.py (tests/ is on sys.path: tests/conftest.py)
 
 from glm5.tokenizer import train_bpe
 
@@ -25,22 +26,8 @@ _PUNCT = [".", ",", "!", "?", ":", ";", "(", ")", "{", "}", "[", "]", "=", "+", 
 
 def make_corpus(n_docs: int = 120, seed: int = 0) -> list[str]:
     """A few KB of mixed-script, code-like and numeric text."""
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(n_docs):
-        parts = []
-        for _ in range(rng.randint(20, 60)):
-            r = rng.random()
-            if r < 0.75:
-                parts.append(rng.choice(_WORDS))
-            elif r < 0.9:
-                parts.append(str(rng.randint(0, 99999)))
-            else:
-                parts.append(rng.choice(_PUNCT))
-            if rng.random() < 0.05:
-                parts.append("\n" * rng.randint(1, 2) + "    " * rng.randint(0, 2))
-        docs.append(" ".join(parts))
-    return docs
+    return mixed_text.make_corpus(n_docs, seed, words=_WORDS, punct=_PUNCT, p_word=0.75, p_number=0.15,
+                                  max_number=99999, p_newline=0.05)
 
 
 @pytest.fixture(scope="session")
