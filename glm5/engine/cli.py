@@ -38,6 +38,9 @@ def _engine_args(p) -> None:
     fmt.add_argument("--json-object", action="store_true", help="structured output: the answer is one JSON object")
     fmt.add_argument("--choice", action="append", default=None, metavar="TEXT",
                      help="structured output: the answer is exactly one of these strings (repeatable)")
+    fmt.add_argument("--regex", default=None, metavar="PATTERN",
+                     help="structured output: the whole answer matches this regular expression (Python syntax, "
+                          "ASCII \\d \\w \\s)")
     p.add_argument("--stats", action="store_true", help="print tokens/s (and MTP acceptance) to stderr")
 
 
@@ -77,6 +80,8 @@ def _structured(args):
         return StructuredOutputsParams(json_object=True)
     if args.choice:
         return StructuredOutputsParams(choice=args.choice)
+    if args.regex is not None:
+        return StructuredOutputsParams(regex=args.regex)  # an unsupported pattern: ValueError when added
     if args.json_schema is None:
         return None
     text = args.json_schema

@@ -168,10 +168,7 @@ class LLMEngine:
             if self._grammars is None:
                 self._grammars = GrammarCache(self.tokenizer, V)
             thinking = ids[-1] == self.tokenizer.token_to_id(st.THINK_START)  # the chat template opened reasoning
-            if so.choice is not None:
-                grammar = self._grammars.choice(so.choice, thinking)
-            else:  # SchemaError (a ValueError) for what it cannot enforce
-                grammar = self._grammars.json(so.json, thinking)
+            grammar = self._grammars.get(*so.constraint, thinking)  # ValueError for what it cannot enforce
             budget = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))
             procs.append(ConstrainedLogitsProcessor(grammar, budget))  # ValueError when the budget cannot fit it
         return replace(params, logits_processors=[*(params.logits_processors or []), *procs])

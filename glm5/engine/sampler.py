@@ -115,6 +115,12 @@ def apply_logits_processors(logits: torch.Tensor, params: list[SamplingParams], 
     return out
 
 
+# A row whose processors masked every token: the request's own constraints contradict each other (e.g. a grammar
+# that must end now and min_tokens that forbids ending), so servers report it as the request's error.
+NO_TOKEN_ALLOWED = ("the request's constraints exclude every token (min_tokens, logit_bias, allowed_token_ids "
+                    "and structured outputs together leave nothing to sample)")
+
+
 def unusable_rows(x: torch.Tensor) -> torch.Tensor:
     """[M, V] logits or probabilities -> [M] bool: rows with a NaN or +inf, or with no finite entry (nothing can
     be sampled from them). -inf entries are fine (masked tokens)."""
@@ -151,8 +157,13 @@ class Sampler:
         raw = logits
         logits = apply_logits_processors(logits, params, outputs, errors)
         for i in unusable_rows(logits).nonzero().flatten().tolist():
-            errors[i] = errors[i] or ("the model produced non-finite logits" if bool(unusable_rows(raw[i:i + 1]))
-                                      else "the logits processors returned no usable logits")
+            if bool(unusable_rows(raw[i:i + 1])):
+                reason = "the model produced non-finite logits"
+            elif bool(torch.isneginf(logits[i]).all()):
+                reason = NO_TOKEN_ALLOWED
+            else:
+                reason = "the logits processors returned no usable logits"
+            errors[i] = errors[i] or reason
         tokens: list[int | None] = [None] * M
         ok = [i for i in range(M) if errors[i] is None]
         if ok:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -20,6 +21,8 @@ class StructuredOutputsParams:
         enforce are refused when the request is added (see :mod:`glm5.structured.json_schema`).
     json_object: True; the output is one JSON object.
     choice: a list of strings; the output is exactly one of them.
+    regex: a regular expression the whole output matches (Python syntax, ASCII classes; see
+        :mod:`glm5.structured.regex` for what is supported).
 
     Either way the output ends with EOS within ``max_tokens`` (the grammar closes strings and containers in
     time). When the prompt opened ``<think>`` (the chat template with thinking on), reasoning comes first.
@@ -28,11 +31,13 @@ class StructuredOutputsParams:
     json: dict | str | None = None
     json_object: bool = False
     choice: list[str] | None = None
+    regex: str | None = None
 
     def __post_init__(self):
-        given = [self.json is not None, bool(self.json_object), self.choice is not None]
+        given = [self.json is not None, bool(self.json_object), self.choice is not None, self.regex is not None]
         if sum(given) != 1:
-            raise ValueError("structured_outputs: give exactly one of json (a schema), json_object=True and choice")
+            raise ValueError("structured_outputs: give exactly one of json (a schema), json_object=True, choice and "
+                             "regex")
         if isinstance(self.json, str):
             try:
                 object.__setattr__(self, "json", json.loads(self.json))
@@ -44,6 +49,18 @@ class StructuredOutputsParams:
             if isinstance(self.choice, str) or not self.choice or not all(isinstance(c, str) and c for c in self.choice):
                 raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
             object.__setattr__(self, "choice", list(self.choice))
+        if self.regex is not None and not isinstance(self.regex, str):
+            raise ValueError(f"structured_outputs.regex must be a string, got {type(self.regex).__name__}")
+
+    @property
+    def constraint(self) -> tuple[str, Any]:
+        """(kind, value) for :meth:`glm5.structured.GrammarCache.get`: ("json", schema or None for any object),
+        ("choice", strings) or ("regex", pattern)."""
+        if self.choice is not None:
+            return "choice", self.choice
+        if self.regex is not None:
+            return "regex", self.regex
+        return "json", self.json
 
 
 @dataclass

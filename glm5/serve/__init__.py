@@ -5,10 +5,9 @@
 
 Files: protocol (request/response models), errors (OpenAI error shape), backend (what the server needs from
 the engine + the AsyncLLM adapter), serving (request -> prompt/params/processors; generation state and
-metrics), handlers (JSON and SSE responses), constrained (the vocabulary trie, the json_object / json_schema
-grammar and the logits processor), json_automaton, json_schema + schema_automaton (a schema compiled to a byte
-automaton), tool_grammar (required / named tool_choice), metrics (Prometheus), app (routes, auth, body limit),
-webchat.html (the page at /), cli (``glm5 serve``).
+metrics), handlers (JSON and SSE responses), metrics (Prometheus), app (routes, auth, body limit),
+webchat.html (the page at /), cli (``glm5 serve``). The grammars behind structured outputs and tool_choice live in
+:mod:`glm5.structured`.
 """
 
 from .settings import ServeSettings

@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from glm5.engine.processors import ban_tokens
+from glm5.engine.sampler import NO_TOKEN_ALLOWED
 from glm5.engine.sampling_params import SamplingParams
 from glm5.tokenizer import StreamingParser, prompt_opens_reasoning
 from glm5.tokenizer import special_tokens as st
-from glm5.structured import ConstrainedLogitsProcessor, GrammarCache, JsonGrammar, SchemaError, ToolCallGrammar
+from glm5.structured import ConstrainedLogitsProcessor, GrammarCache, JsonGrammar, ToolCallGrammar
 from glm5.tokenizer.detokenize import byte_level_char_to_byte
 
 from .backend import Backend, LogitsProcessor
@@ -68,14 +69,13 @@ class ServerState:
         if constraint is None:
             return None
         kind, value = constraint
-        if kind == "choice":
-            return self.grammars.choice(value, thinking)
         try:
-            return self.grammars.json(value, thinking)
-        except SchemaError as e:
-            param = ("response_format.json_schema.schema" if req.response_format is not None
-                     and req.response_format.type != "text" else "structured_outputs.json")
-            raise bad_request(f"unsupported json_schema: {e}", param=param) from None
+            return self.grammars.get(kind, value, thinking)
+        except ValueError as e:
+            if req.response_format is not None and req.response_format.type != "text":
+                raise bad_request(f"unsupported json_schema: {e}", param="response_format.json_schema.schema") from None
+            what = "json_schema" if kind == "json" else kind
+            raise bad_request(f"unsupported {what}: {e}", param=f"structured_outputs.{kind}") from None
 
     def token_text(self, token_id: int) -> tuple[str, bytes]:
         hit = self._token_str.get(token_id)
@@ -470,6 +470,9 @@ class Generation:
                 self._count_reasoning(c, comp.token_ids)
                 c.token_ids.extend(comp.token_ids)
             if comp.finish_reason == "error":  # this request's sampling failed; the engine serves on
+                if comp.stop_reason == NO_TOKEN_ALLOWED:  # its parameters contradict each other
+                    raise APIError(400, f"Generation stopped after {len(c.token_ids)} tokens: {comp.stop_reason}",
+                                   code="conflicting_constraints")
                 raise APIError(500, f"Generation failed: {comp.stop_reason}", code="generation_failed")
             if comp.finish_reason is not None:
                 c.finish_reason = comp.finish_reason

@@ -7,6 +7,8 @@ through :class:`ConstrainedLogitsProcessor`:
 * one JSON object, or a document a JSON Schema accepts (:class:`JsonGrammar`, schemas compiled by
   :func:`compile_schema`): ``SamplingParams(structured_outputs=StructuredOutputsParams(json=schema))`` offline,
   ``response_format`` on the server;
+* exactly one of a few strings (:mod:`glm5.structured.choice`) or a full match of a regular expression
+  (:mod:`glm5.structured.regex`): ``StructuredOutputsParams(choice=...)`` / ``(regex=...)``;
 * GLM-5 tool calls of given tools with schema-checked arguments (:class:`ToolCallGrammar`): the server's
   ``tool_choice: "required"`` / a named tool.
 

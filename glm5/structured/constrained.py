@@ -49,6 +49,7 @@ from glm5.tokenizer.detokenize import byte_level_char_to_byte
 from .choice import ChoiceAutomaton
 from .json_automaton import _STR, START, json_accepts, json_complete, json_min_close, json_step
 from .json_schema import SchemaAutomaton, compile_schema
+from .regex import RegexAutomaton
 
 __all__ = [
     "ConstrainedLogitsProcessor",
@@ -378,6 +379,20 @@ class GrammarCache:
         """The grammar of "exactly one of ``choices``" (ValueError for an empty list or a non-string)."""
         return self._get(("choice", json.dumps(list(choices)), thinking),
                          lambda: JsonGrammar(self.vocab, thinking=thinking, schema=ChoiceAutomaton(choices)))
+
+    def regex(self, pattern: str, thinking: bool = False) -> JsonGrammar:
+        """The grammar of "the text fully matches ``pattern``" (ValueError for what :mod:`glm5.structured.regex`
+        does not support)."""
+        return self._get(("regex", pattern, thinking),
+                         lambda: JsonGrammar(self.vocab, thinking=thinking, schema=RegexAutomaton(pattern)))
+
+    def get(self, kind: str, value: Any, thinking: bool = False) -> JsonGrammar:
+        """The grammar of a constraint given as (kind, value): ("json", schema or None for any object), ("choice",
+        strings) or ("regex", pattern)."""
+        build = {"json": self.json, "choice": self.choice, "regex": self.regex}.get(kind)
+        if build is None:
+            raise ValueError(f"unknown structured output kind {kind!r}")
+        return build(value, thinking)
 
     def _get(self, key: tuple[str, str, bool], build: Callable[[], JsonGrammar]) -> JsonGrammar:
         grammar = self._grammars.pop(key, None)

@@ -214,7 +214,7 @@ def _raises(ids, lg):
     (lambda ids, lg: lg[:5], "expected a tensor of shape"),
     (_raises, "KeyError: 'boom'"),
     (lambda ids, lg: lg * float("nan"), "no usable logits"),
-    (lambda ids, lg: torch.full_like(lg, float("-inf")), "no usable logits"),
+    (lambda ids, lg: torch.full_like(lg, float("-inf")), "exclude every token"),
 ])
 def test_a_failing_request_ends_alone(nano, bad, why):
     """A request whose processor raises, returns the wrong shape or leaves nothing to sample finishes with

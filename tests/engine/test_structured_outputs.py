@@ -5,6 +5,7 @@ vocabulary is the test tokenizer's (its unconstrained text is noise, so every va
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import pytest
@@ -120,3 +121,25 @@ def test_choice_output_is_one_of_the_strings(llm, nano_dir, capsys):
     assert main(["generate", "--model", str(nano_dir), "--prompt", "Yes or no?", "--temperature", "1", "--seed", "4",
                  "--choice", "yes", "--choice", "no"]) == 0
     assert capsys.readouterr().out.strip() in ("yes", "no")
+
+
+def test_regex_output_fully_matches(llm, nano_dir, capsys):
+    pattern = r"(\d{1,3}\.){3}\d{1,3}|[a-z]+@[a-z]+\.(com|org)"
+    params = SamplingParams(n=6, temperature=1.5, seed=0, max_tokens=24,
+                            structured_outputs=StructuredOutputsParams(regex=pattern))
+    outs = llm.generate(["An address:"], params, use_tqdm=False)[0].outputs
+    assert all(re.fullmatch(pattern, c.text, re.ASCII) and c.finish_reason == "stop" for c in outs), \
+        [c.text for c in outs]
+    assert len({c.text for c in outs}) > 1
+    with pytest.raises(ValueError, match="lookaround"):
+        llm.generate("x", SamplingParams(structured_outputs=StructuredOutputsParams(regex="a(?=b)")))
+    with pytest.raises(ValueError, match="too small"):  # the shortest match, 7 bytes, then EOS
+        llm.generate("x", SamplingParams(max_tokens=5, structured_outputs=StructuredOutputsParams(regex=pattern)))
+    with pytest.raises(ValueError, match="string"):
+        StructuredOutputsParams(regex=3)
+    assert not llm.engine.has_unfinished_requests()
+    assert main(["generate", "--model", str(nano_dir), "--prompt", "Code:", "--temperature", "1", "--seed", "4",
+                 "--max-tokens", "12", "--regex", "[A-Z]{2}-[0-9]{3}"]) == 0
+    assert re.fullmatch("[A-Z]{2}-[0-9]{3}", capsys.readouterr().out.strip())
+    assert main(["generate", "--model", str(nano_dir), "--prompt", "x", "--regex", "(a"]) == 2
+    assert "missing ')'" in capsys.readouterr().err

@@ -106,14 +106,20 @@ def test_unknown_model_is_404(client, http):
         "type": "object", "properties": {"k": {"type": "string"}}, "required": ["k"]}}}], "tool_choice": "required",
       "max_tokens": 2}, "max_tokens"),
     # vLLM's structured_outputs / guided_*: what the grammar cannot enforce is refused, never silently ignored
-    ({"messages": HI, "structured_outputs": {"regex": "a+"}}, "structured_outputs"),
+    ({"messages": HI, "structured_outputs": {"grammar": "root ::= 'a'"}}, "structured_outputs"),
+    ({"messages": HI, "structured_outputs": {"regex": "(a"}}, "structured_outputs.regex"),
+    ({"messages": HI, "structured_outputs": {"regex": "a(?=b)"}}, "structured_outputs.regex"),
+    ({"messages": HI, "structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+    ({"messages": HI, "structured_outputs": {"regex": "abcdef"}, "max_tokens": 3}, "max_tokens"),
     ({"messages": HI, "structured_outputs": {}}, "structured_outputs"),
     ({"messages": HI, "structured_outputs": {"choice": []}}, "structured_outputs.choice"),
     ({"messages": HI, "structured_outputs": {"choice": ["a", ""]}}, "structured_outputs.choice.1"),
     ({"messages": HI, "structured_outputs": {"json": "{nope"}}, "structured_outputs"),
     ({"messages": HI, "structured_outputs": {"json": {"type": "string", "format": "email"}}},
      "structured_outputs.json"),
-    ({"messages": HI, "guided_regex": "a+"}, None),
+    ({"messages": HI, "guided_regex": "(a"}, "structured_outputs.regex"),
+    ({"messages": HI, "guided_regex": 5}, "guided_regex"),
+    ({"messages": HI, "guided_regex": "a", "guided_choice": ["a"]}, None),
     ({"messages": HI, "guided_grammar": "root ::= 'a'"}, None),
     ({"messages": HI, "guided_choice": ["a"], "response_format": {"type": "json_object"}}, None),
     ({"messages": HI, "structured_outputs": {"choice": ["abcdef"]}, "max_tokens": 3}, "max_tokens"),
@@ -337,3 +343,22 @@ def test_a_request_that_cannot_be_sampled_fails_alone(scripted_server, scripted_
     ok = scripted_client.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=4)
     assert ok.choices[0].finish_reason in ("stop", "length")
     assert httpx.get(scripted_server.url + "/health").status_code == 200
+
+
+def test_contradictory_constraints_are_the_requests_error(http):
+    """A grammar that must end now and min_tokens that forbids ending leave nothing to sample: a 400 naming the
+    conflict (found by the schema fuzz test, which used to get a 500), also as the stream's error event."""
+    body = {"model": MODEL_NAME, "messages": HI, "max_tokens": 8, "min_tokens": 4,
+            "structured_outputs": {"choice": ["a", "b"]}, "chat_template_kwargs": {"enable_thinking": False}}
+    err = assert_error(http.post("/v1/chat/completions", json=body), 400, "conflicting_constraints")
+    assert "min_tokens" in err["message"]
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+        events = [ln[6:] for ln in s.iter_lines() if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "conflicting_constraints"
+    r = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "max_tokens": 8,
+                                           "guided_regex": "", "min_tokens": 1})
+    assert_error(r, 400, "conflicting_constraints")
+    ok = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "max_tokens": 8,
+                                            "guided_regex": "[ab]{2,12}", "min_tokens": 2, "seed": 0})
+    assert ok.status_code == 200, ok.text  # no conflict: the grammar can honour min_tokens

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Literal
 
 import pydantic
@@ -194,6 +195,20 @@ def test_vllm_structured_outputs_choice_and_json(client):
                                        extra_body={"structured_outputs": {"json_object": True},
                                                    "thinking": {"type": "disabled"}})
     assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_vllm_structured_outputs_regex(client):
+    """``structured_outputs.regex`` and ``guided_regex``: every sample fully matches, chat and completions."""
+    date = r"20\d\d-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
+    for seed in range(3):
+        r = client.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=20, seed=seed, temperature=1.5,
+                                           extra_body={"structured_outputs": {"regex": date},
+                                                       "thinking": {"type": "disabled"}})
+        assert re.fullmatch(date, r.choices[0].message.content, re.ASCII), r.choices[0].message.content
+        assert r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model=MODEL_NAME, prompt="Code:", max_tokens=12, n=3, seed=5, temperature=1.5,
+                                  extra_body={"guided_regex": "[A-Z]{2}-[0-9]{3,5}"})
+    assert all(re.fullmatch("[A-Z]{2}-[0-9]{3,5}", c.text) for c in r.choices), [c.text for c in r.choices]
 
 
 def test_json_schema_property_order_is_the_schemas(client):
