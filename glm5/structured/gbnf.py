@@ -1,0 +1,663 @@
+"""``grammar`` structured output: the text is one sentence of a GBNF grammar (vLLM's ``structured_outputs.grammar``).
+
+:class:`GbnfAutomaton` has the byte-automaton interface :class:`~glm5.structured.constrained.JsonGrammar` walks the
+token trie with (``start``, ``step``, ``complete``, ``min_close``, ``string_room``); the whole output must be one
+sentence derived from the start rule (default ``root``).
+
+Syntax: llama.cpp's GBNF, which xgrammar's EBNF also accepts for this common subset:
+* rules ``name ::= body``; names ``[a-zA-Z0-9_-]+``; alternatives ``|``; sequences; groups ``( ... )`` (``()`` and
+  ``""`` are the empty string, as is an empty alternative);
+* postfix ``*``, ``+``, ``?``, ``{m}``, ``{m,}``, ``{m,n}`` on any element (a string literal counts as one element);
+* literals ``"..."`` and classes ``[a-z_]``, ``[^"\\\\]`` with escapes ``\\n \\r \\t \\\\ \\" \\[ \\] \\-
+  \\xHH \\uHHHH \\UHHHHHHHH``; in a class ``-`` before ``]`` is literal; ``.`` is any character (newline included);
+* ``#`` comments to end of line; whitespace, newlines included, separates elements anywhere. A rule ends where the
+  next ``name ::=`` begins. That reads every grammar llama.cpp reads the same way (llama.cpp ends a rule at a line
+  break outside parentheses and requires the next line to start ``name ::=``), and also accepts rules continued on
+  following lines (``| alt`` or more elements), as xgrammar does.
+Matching is over Unicode code points; the automaton takes UTF-8 bytes and refuses invalid UTF-8 (overlongs,
+surrogates, above U+10FFFF) as dead.
+
+Not supported (ValueError at compile time): llama.cpp token references ``<[id]>`` / ``<tok>`` / ``!<...>`` (this
+grammar is over text), xgrammar's lookahead assertions ``(= ...)`` and macros (``TagDispatch``, ``Regex``,
+``Token``, ``ExcludeToken``, ``TokenTagDispatch``), ``{,n}`` (neither parser takes it). Also refused: undefined rules,
+a missing start rule, rules defined twice, left recursion (as llama.cpp: a rule that can reach itself before
+consuming a character, where that would leave work pending), rules that can never finish, an empty language,
+``{m,n}`` with m > n or expanding past :data:`MAX_GRAMMAR_ELEMENTS` elements.
+
+Design: the pushdown approach of llama.cpp. Rules compile to alternatives of elements (a character class or a rule
+reference); repetitions become helper rules (``x{2,4}`` -> ``x x r2``, ``r2 ::= x r1 |``, ``r1 ::= x |``), each
+referencing ``x`` once so nesting stays linear in size. A parse position is a *stack* of element positions (each
+the next element to match in some alternative; the top is a character class), and a state is the frozenset of live
+stacks plus an unfinished UTF-8 sequence: a context-free language needs the stacks (a DFA cannot count brackets),
+and keeping all of them at once avoids backtracking. After a character every stack whose top class holds it moves
+on, and rule references on top are expanded until each top is a class or the stack is empty (= accepting); a
+reference that ends its alternative pops its frame first, so right recursion and ``x*`` do not grow the stacks.
+Equal states are equal values, and transitions and ``min_close`` are cached per state (bounded), so the token-trie
+walk repeats little work. ``min_close`` is exact: each rule's minimum length in UTF-8 bytes is computed once (Knuth's
+shortest-derivation algorithm), each position's cost to the end of its alternative follows, and a stack's cost is
+the sum over its frames; alternatives that can never finish are dropped, so every live stack can finish. Within a
+multi-byte character only stacks whose class holds some completion of the bytes so far are kept, so the cost is the
+bytes still owed plus the rest after that class.
+
+State explosion: a highly ambiguous grammar (e.g. ``x ::= "a" x "b" | "a" x "c" |``) can need exponentially many
+stacks for some inputs. That cannot be told in general from the grammar, so ``step`` raises ``ValueError`` when a
+state would hold more than :data:`MAX_STACKS` stacks (the request fails rather than the server stalling).
+"""
+
+from __future__ import annotations
+
+import heapq
+from bisect import bisect_right
+
+__all__ = ["GbnfAutomaton", "MAX_GRAMMAR_ELEMENTS", "MAX_STACKS"]
+
+MAX_CP = 0x10FFFF
+MAX_GRAMMAR_ELEMENTS = 100_000  # elements in all rules after repetitions are expanded
+MAX_STACKS = 10_000  # stacks one state may hold before step() gives up
+_CACHE_LIMIT = 200_000  # cached transitions / min_close values, cleared when full (states stay valid)
+_INF = float("inf")
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+_ESCAPES = {"n": 0x0A, "r": 0x0D, "t": 0x09, "\\": 0x5C, '"': 0x22, "[": 0x5B, "]": 0x5D, "-": 0x2D}
+_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+_XGRAMMAR_MACROS = frozenset({"TagDispatch", "TokenTagDispatch", "Token", "ExcludeToken", "Regex"})
+_UTF8_LOWEST = {2: 0x80, 3: 0x800, 4: 0x10000}  # below these a sequence of that length is an overlong
+_MISSING = object()
+
+Ranges = tuple[tuple[int, int], ...]
+
+
+def _normalise(ranges) -> Ranges:
+    """Sorted, merged, surrogates removed (they have no UTF-8 encoding, so no output can contain them)."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        for a, b in ((lo, min(hi, 0xD7FF)), (max(lo, 0xE000), min(hi, MAX_CP))):
+            if a > b:
+                continue
+            if out and a <= out[-1][1] + 1:
+                out[-1] = (out[-1][0], max(out[-1][1], b))
+            else:
+                out.append((a, b))
+    return tuple(out)
+
+
+def _complement(ranges) -> Ranges:
+    out, nxt = [], 0
+    for lo, hi in _normalise(ranges):
+        if lo > nxt:
+            out.append((nxt, lo - 1))
+        nxt = hi + 1
+    if nxt <= MAX_CP:
+        out.append((nxt, MAX_CP))
+    return _normalise(out)
+
+
+def _utf8_len(cp: int) -> int:
+    return 1 if cp < 0x80 else 2 if cp < 0x800 else 3 if cp < 0x10000 else 4
+
+
+# ================================================================================================= parser
+class _Parser:
+    """Recursive descent over the grammar text. A rule body is a list of alternatives, each a list of elements: a
+    class id ``c >= 0`` or a rule reference ``~rule_id`` (negative). Groups with several alternatives and
+    repetitions become helper rules named ``<rule>_<id>``."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.pos = 0
+        self.rule: str | None = None  # the rule being parsed, for messages and helper names
+        self.ids: dict[str, int] = {}
+        self.names: list[str] = []
+        self.owner: list[str] = []  # the user rule each rule belongs to (helpers: the rule they were made in)
+        self.bodies: list[list[list[int]] | None] = []
+        self.first_use: dict[int, tuple[int, str | None]] = {}  # rule id -> where it is first referenced, and by
+        self.classes: list[Ranges] = []
+        self.class_ids: dict[Ranges, int] = {}
+        self.size = 0
+
+    # ---------------------------------------------------------------------------------------- helpers
+    def where(self, pos: int) -> str:
+        return f"line {self.text.count(chr(10), 0, pos) + 1}:{pos - self.text.rfind(chr(10), 0, pos)}"
+
+    def fail(self, msg: str, pos: int | None = None):
+        rule = f" in rule '{self.rule}'" if self.rule else ""
+        raise ValueError(f"gbnf: syntax error at {self.where(self.pos if pos is None else pos)}{rule}: {msg}")
+
+    def peek(self, k: int = 0) -> str:
+        return self.text[self.pos + k: self.pos + k + 1]
+
+    def skip_space(self) -> None:
+        text, n = self.text, len(self.text)
+        while self.pos < n:
+            if text[self.pos] in " \t\r\n":
+                self.pos += 1
+            elif text[self.pos] == "#":
+                end = text.find("\n", self.pos)
+                self.pos = n if end < 0 else end
+            else:
+                return
+
+    def name_end(self, pos: int) -> int:
+        while pos < len(self.text) and self.text[pos] in _NAME_CHARS:
+            pos += 1
+        return pos
+
+    def at_rule_definition(self) -> bool:
+        """Whether ``name ::=`` starts here (which ends the rule before it)."""
+        end = self.name_end(self.pos)
+        if end == self.pos:
+            return False
+        while self.text[end: end + 1] in (" ", "\t"):
+            end += 1
+        return self.text.startswith("::=", end)
+
+    def rule_id(self, name: str) -> int:
+        rid = self.ids.get(name)
+        if rid is None:
+            rid = self.ids[name] = self.new_rule(name, owner=name)
+        return rid
+
+    def new_rule(self, name: str | None = None, owner: str | None = None, body=None) -> int:
+        rid = len(self.names)
+        self.names.append(name or f"{self.rule}_{rid}")
+        self.owner.append(owner or self.rule or "")
+        self.bodies.append(body)
+        return rid
+
+    def grow(self, n: int, pos: int) -> None:
+        self.size += n
+        if self.size > MAX_GRAMMAR_ELEMENTS:
+            self.fail(f"the grammar expands to more than {MAX_GRAMMAR_ELEMENTS} elements (repetition bounds too large?)",
+                      pos)
+
+    def class_id(self, ranges: Ranges) -> int:
+        cid = self.class_ids.get(ranges)
+        if cid is None:
+            cid = self.class_ids[ranges] = len(self.classes)
+            self.classes.append(ranges)
+        return cid
+
+    # ---------------------------------------------------------------------------------------- grammar
+    def parse(self) -> None:
+        self.skip_space()
+        while self.pos < len(self.text):
+            self.parse_rule()
+            self.skip_space()
+
+    def parse_rule(self) -> None:
+        start = self.pos
+        end = self.name_end(start)
+        if end == start:
+            self.fail(f"expected a rule name, got {self.text[start]!r}")
+        name = self.text[start:end]
+        self.pos = end
+        while self.peek() in (" ", "\t"):
+            self.pos += 1
+        if not self.text.startswith("::=", self.pos):
+            self.fail(f"expected '::=' after the rule name '{name}'")
+        self.pos += 3
+        rid = self.rule_id(name)
+        if self.bodies[rid] is not None:
+            self.fail(f"rule '{name}' is defined twice", start)
+        self.rule = name
+        body = self.parse_alternates()
+        if self.peek() == ")":
+            self.fail("unmatched ')'")
+        self.bodies[rid] = body
+        self.rule = None
+
+    def parse_alternates(self) -> list[list[int]]:
+        alts = [self.parse_sequence()]
+        while self.peek() == "|":
+            self.pos += 1
+            alts.append(self.parse_sequence())
+        return alts
+
+    def parse_sequence(self) -> list[int]:
+        seq: list[int] = []
+        while True:
+            self.skip_space()
+            if self.peek() in ("", "|", ")") or self.at_rule_definition():
+                return seq
+            atom = self.parse_atom()
+            while True:
+                self.skip_space()
+                c, at = self.peek(), self.pos
+                if c == "*":
+                    self.pos += 1
+                    atom = self.repeat(atom, 0, None, at)
+                elif c == "+":
+                    self.pos += 1
+                    atom = self.repeat(atom, 1, None, at)
+                elif c == "?":
+                    self.pos += 1
+                    atom = self.repeat(atom, 0, 1, at)
+                elif c == "{":
+                    atom = self.repeat(atom, *self.parse_bounds(), at)
+                else:
+                    break
+            seq.extend(atom)
+
+    def parse_atom(self) -> list[int]:
+        """One element before its postfix operators, as the list of elements it stands for."""
+        c, start = self.peek(), self.pos
+        if c == '"':
+            self.pos += 1
+            out = []
+            while self.peek() != '"':
+                if not self.peek():
+                    self.fail("unterminated string literal", start)
+                cp = self.parse_char()
+                out.append(self.class_id(((cp, cp),)))
+            self.pos += 1
+            self.grow(len(out), start)
+            return out
+        if c == "[":
+            return [self.parse_class()]
+        if c == ".":
+            self.pos += 1
+            self.grow(1, start)
+            return [self.class_id(_complement(()))]
+        if c == "(":
+            if self.peek(1) == "=":
+                self.fail("lookahead assertions '(= ...)' (an xgrammar extension) are not supported")
+            self.pos += 1
+            alts = self.parse_alternates()
+            if self.peek() != ")":
+                self.fail(f"expected ')' to close the '(' at {self.where(start)}")
+            self.pos += 1
+            if len(alts) == 1:
+                return alts[0]
+            self.grow(1, start)
+            return [~self.new_rule(body=alts)]
+        if c in ("<", "!"):
+            self.fail("token references (<...>, !<...>) are not supported: this grammar is over text")
+        if c and c in _NAME_CHARS:
+            end = self.name_end(start)
+            name = self.text[start:end]
+            self.pos = end
+            if name in _XGRAMMAR_MACROS:
+                self.skip_space()
+                if self.peek() == "(":
+                    self.fail(f"xgrammar's {name}(...) is not supported", start)
+            rid = self.rule_id(name)
+            self.first_use.setdefault(rid, (start, self.rule))
+            self.grow(1, start)
+            return [~rid]
+        self.fail("unexpected end of grammar" if not c else f"unexpected {c!r}")
+
+    def parse_char(self) -> int:
+        """One character of a literal or class, escapes decoded."""
+        at, c = self.pos, self.peek()
+        if c != "\\":
+            self.pos += 1
+            if 0xD800 <= ord(c) <= 0xDFFF:
+                self.fail("a surrogate is not a character", at)
+            return ord(c)
+        esc = self.peek(1)
+        if esc in _ESCAPES and esc:
+            self.pos += 2
+            return _ESCAPES[esc]
+        if esc in _HEX_ESCAPES and esc:
+            digits = self.text[at + 2: at + 2 + _HEX_ESCAPES[esc]]
+            if len(digits) != _HEX_ESCAPES[esc] or any(d not in "0123456789abcdefABCDEF" for d in digits):
+                self.fail(f"expected {_HEX_ESCAPES[esc]} hex digits after '\\{esc}'", at)
+            cp = int(digits, 16)
+            if cp > MAX_CP or 0xD800 <= cp <= 0xDFFF:
+                self.fail(f"'\\{esc}{digits}' is not a Unicode scalar value", at)
+            self.pos = at + 2 + len(digits)
+            return cp
+        self.fail(f"unknown escape '\\{esc}'", at)
+
+    def parse_class(self) -> int:
+        start = self.pos
+        self.pos += 1
+        negated = self.peek() == "^"
+        if negated:
+            self.pos += 1
+        ranges = []
+        while self.peek() != "]":
+            if not self.peek():
+                self.fail("unterminated character class", start)
+            at = self.pos
+            lo = hi = self.parse_char()
+            if self.peek() == "-" and self.peek(1) not in ("]", ""):
+                self.pos += 1
+                hi = self.parse_char()
+                if hi < lo:
+                    self.fail(f"character range {chr(lo)!r}-{chr(hi)!r} is reversed", at)
+            ranges.append((lo, hi))
+        self.pos += 1
+        self.grow(1, start)
+        return self.class_id(_complement(ranges) if negated else _normalise(ranges))
+
+    def parse_int(self) -> int:
+        end = self.pos
+        while self.text[end: end + 1].isdigit() and self.text[end].isascii():
+            end += 1
+        if end == self.pos:
+            self.fail("expected an integer in the repetition bounds")
+        value, self.pos = int(self.text[self.pos: end]), end
+        self.skip_space()
+        return value
+
+    def parse_bounds(self) -> tuple[int, int | None]:
+        start = self.pos
+        self.pos += 1
+        self.skip_space()
+        lo, hi = self.parse_int(), None
+        if self.peek() == "}":
+            hi = lo
+        elif self.peek() == ",":
+            self.pos += 1
+            self.skip_space()
+            if self.peek() != "}":
+                hi = self.parse_int()
+            if self.peek() != "}":
+                self.fail("expected '}' to close the repetition bounds")
+        else:
+            self.fail("expected ',' or '}' in the repetition bounds")
+        self.pos += 1
+        if hi is not None and lo > hi:
+            self.fail(f"repetition {{{lo},{hi}}} has its minimum above its maximum", start)
+        return lo, hi
+
+    def repeat(self, atom: list[int], lo: int, hi: int | None, at: int) -> list[int]:
+        """``atom{lo,hi}`` (hi None: unbounded) as elements, with helper rules for the optional copies."""
+        if not atom:  # "" repeated is still ""
+            return []
+        cost = lo + 2 * ((hi - lo) if hi is not None else 1) + 1
+        if cost > MAX_GRAMMAR_ELEMENTS:
+            self.fail(f"repetition {{{lo},{'' if hi is None else hi}}} expands to more than "
+                      f"{MAX_GRAMMAR_ELEMENTS} elements", at)
+        self.grow(cost, at)
+        item = atom[0] if len(atom) == 1 else ~self.new_rule(body=[atom])
+        out = [item] * lo
+        if hi is None:
+            star = self.new_rule()
+            self.bodies[star] = [[item, ~star], []]
+            out.append(~star)
+        elif hi > lo:
+            tail: list[int] = []
+            for _ in range(hi - lo):  # r_k ::= item r_(k-1) | "" -- at most k more copies
+                tail = [~self.new_rule(body=[[item, *tail], []])]
+            out.extend(tail)
+        return out
+
+
+# ================================================================================================ compiler
+def _min_lengths(bodies: list[list[list[int]]], class_len: list[float]) -> list[float]:
+    """Each rule's shortest derivation in UTF-8 bytes (inf: never finishes). Knuth's generalisation of Dijkstra:
+    an alternative costs at least as much as any of its parts, so the cheapest rule not yet settled is final."""
+    users: list[list[tuple[int, int]]] = [[] for _ in bodies]
+    pending, known, heap = {}, {}, []
+    for rid, alts in enumerate(bodies):
+        for ai, alt in enumerate(alts):
+            refs = [~e for e in alt if e < 0]
+            pending[rid, ai] = len(refs)
+            known[rid, ai] = sum(class_len[e] for e in alt if e >= 0)
+            for r in refs:
+                users[r].append((rid, ai))
+            if not refs:
+                heapq.heappush(heap, (known[rid, ai], rid))
+    length = [_INF] * len(bodies)
+    settled = [False] * len(bodies)
+    while heap:
+        d, rid = heapq.heappop(heap)
+        if settled[rid]:
+            continue
+        settled[rid], length[rid] = True, d
+        for user, ai in users[rid]:
+            known[user, ai] += d
+            pending[user, ai] -= 1
+            if pending[user, ai] == 0 and not settled[user]:
+                heapq.heappush(heap, (known[user, ai], user))
+    return length
+
+
+def _components(adjacent: list[list[int]]) -> list[int]:
+    """Strongly connected components (Kosaraju, iterative): a component id per node."""
+    n, order, seen = len(adjacent), [], [False] * len(adjacent)
+    for root in range(n):
+        if seen[root]:
+            continue
+        seen[root] = True
+        path = [(root, iter(adjacent[root]))]
+        while path:
+            node, children = path[-1]
+            for child in children:
+                if not seen[child]:
+                    seen[child] = True
+                    path.append((child, iter(adjacent[child])))
+                    break
+            else:
+                path.pop()
+                order.append(node)
+    reverse: list[list[int]] = [[] for _ in range(n)]
+    for node in range(n):
+        for child in adjacent[node]:
+            reverse[child].append(node)
+    component = [-1] * n
+    for root in reversed(order):
+        if component[root] < 0:
+            component[root], todo = root, [root]
+            while todo:
+                for other in reverse[todo.pop()]:
+                    if component[other] < 0:
+                        component[other] = root
+                        todo.append(other)
+    return component
+
+
+class GbnfAutomaton:
+    """The byte automaton of "one sentence of this GBNF grammar" (see the module docstring), with the interface
+    :class:`~glm5.structured.constrained.JsonGrammar` walks the token trie with. ``ValueError`` for a grammar it
+    cannot enforce (the message names the rule, and line:column for syntax errors)."""
+
+    def __init__(self, grammar_text: str, start: str = "root"):
+        if not isinstance(grammar_text, str) or not grammar_text.strip():
+            raise ValueError("gbnf: the grammar is empty")
+        parser = _Parser(grammar_text)
+        parser.parse()
+        names, bodies = parser.names, parser.bodies
+        root = parser.ids.get(start)
+        if root is None or bodies[root] is None:
+            raise ValueError(f"gbnf: the grammar has no rule '{start}' (the start rule)")
+        for rid, body in enumerate(bodies):
+            if body is None:
+                pos, user = parser.first_use[rid]
+                raise ValueError(f"gbnf: undefined rule '{names[rid]}' (used at {parser.where(pos)} in rule '{user}')")
+        class_len = [_utf8_len(r[0][0]) if r else _INF for r in parser.classes]
+        length = _min_lengths(bodies, class_len)
+        self._check_left_recursion(bodies, length, parser.owner)
+
+        reachable, todo = {root}, [root]
+        while todo:
+            for alt in bodies[todo.pop()]:
+                for e in alt:
+                    if e < 0 and ~e not in reachable:
+                        reachable.add(~e)
+                        todo.append(~e)
+        if length[root] == _INF:
+            raise ValueError(f"gbnf: the grammar's language is empty: '{start}' can never finish")
+        for rid in sorted(reachable):
+            if length[rid] == _INF:
+                raise ValueError(f"gbnf: rule '{parser.owner[rid]}' can never finish (every alternative needs itself "
+                                 "again or a character class that matches nothing)")
+
+        def cost(e: int) -> float:
+            return class_len[e] if e >= 0 else length[~e]
+
+        # Flatten: position p holds a class (self._cls[p] >= 0) or a rule reference (self._ref[p] >= 0); self._next[p]
+        # is the position after it in its alternative, -1 at the end. Alternatives that never finish are dropped, so
+        # every live stack can finish and min_close is finite.
+        self._cls: list[int] = []
+        self._ref: list[int] = []
+        self._next: list[int] = []
+        self._rest: list[int] = []  # bytes from p (inclusive) to the end of its alternative, at least
+        self._alts: list[tuple[int, ...]] = [()] * len(bodies)  # first positions per rule (-1: empty alternative)
+        for rid in reachable:
+            firsts = []
+            for alt in bodies[rid]:
+                if any(cost(e) == _INF for e in alt):
+                    continue
+                base, total = len(self._next), 0
+                for i, e in enumerate(alt):
+                    self._cls.append(e if e >= 0 else -1)
+                    self._ref.append(~e if e < 0 else -1)
+                    self._next.append(base + i + 1 if i + 1 < len(alt) else -1)
+                    self._rest.append(0)
+                for i in range(len(alt) - 1, -1, -1):
+                    total += int(cost(alt[i]))
+                    self._rest[base + i] = total
+                firsts.append(base if alt else -1)
+            self._alts[rid] = tuple(dict.fromkeys(firsts))
+        self._after = [r - (class_len[c] if c >= 0 else 0) for r, c in zip(self._rest, self._cls)]
+        self._ranges = parser.classes
+        self._lows = [[lo for lo, _ in r] for r in parser.classes]
+        self._ascii = [sum(1 << cp for lo, hi in r if lo < 0x80 for cp in range(lo, min(hi, 0x7F) + 1))
+                       for r in parser.classes]
+        self.rule_count = len(bodies)
+        self._steps: dict = {}
+        self._closes: dict = {}
+        self._interned: dict = {}
+        stacks: set[tuple[int, ...]] = set()
+        seen: set[tuple[int, ...]] = set()
+        for first in self._alts[root]:
+            self._close(() if first < 0 else (first,), stacks, seen)
+        self._start = self._intern((frozenset(stacks), 0, 0, 0))
+
+    @staticmethod
+    def _check_left_recursion(bodies, length, owner) -> None:
+        """Refuse a rule that can reach itself before consuming a character while leaving elements pending (the
+        stacks would grow without bound). Such a reference in the last place of its alternative pops its frame first,
+        so it is harmless and allowed (that makes ``(x?)*`` work, which llama.cpp refuses)."""
+        adjacent: list[list[int]] = [[] for _ in bodies]
+        growing: list[tuple[int, int]] = []
+        for rid, alts in enumerate(bodies):
+            for alt in alts:
+                for i, e in enumerate(alt):
+                    if e >= 0:
+                        break
+                    adjacent[rid].append(~e)
+                    if i + 1 < len(alt):
+                        growing.append((rid, ~e))
+                    if length[~e] != 0:
+                        break
+        component = _components(adjacent)
+        for rid, target in growing:
+            if component[rid] == component[target]:
+                raise ValueError(f"gbnf: rule '{owner[rid]}' is left-recursive (it can reach itself before consuming "
+                                 "a character); rewrite it with repetition, e.g. list ::= item (\",\" item)*")
+
+    # ---------------------------------------------------------------------------------------- automaton
+    # A state is (stacks, value, remaining, nbytes): the frozenset of live stacks (tuples of positions, top last) and,
+    # inside a multi-byte character, the code point bits read so far, the bytes still to come and its length.
+    def _intern(self, state):
+        return self._interned.setdefault(state, state)
+
+    def _close(self, stack: tuple[int, ...], out: set, seen: set) -> None:
+        """Expand rule references on top of ``stack`` until every top is a class (or the stack is empty), into
+        ``out``; ``seen`` is shared within one step so each stack is expanded once."""
+        todo = [stack]
+        while todo:
+            s = todo.pop()
+            if s in seen:
+                continue
+            seen.add(s)
+            if s and self._ref[s[-1]] >= 0:
+                top = s[-1]
+                nxt = self._next[top]
+                base = s[:-1] + (nxt,) if nxt >= 0 else s[:-1]  # a reference ending its alternative leaves no frame
+                todo.extend(base + (f,) if f >= 0 else base for f in self._alts[self._ref[top]])
+            else:
+                out.add(s)
+        if len(out) > MAX_STACKS:
+            raise ValueError(f"gbnf: the grammar is too ambiguous for this output: more than {MAX_STACKS} parse "
+                             "stacks at once")
+
+    def _in_class(self, cid: int, cp: int) -> bool:
+        if cp < 0x80:
+            return bool(self._ascii[cid] >> cp & 1)
+        i = bisect_right(self._lows[cid], cp) - 1
+        return i >= 0 and cp <= self._ranges[cid][i][1]
+
+    def _meets(self, cid: int, lo: int, hi: int) -> bool:
+        """Whether the class holds a code point in ``lo..hi``: the last range starting at or below ``hi`` must reach
+        ``lo`` (the ones before it end earlier)."""
+        i = bisect_right(self._lows[cid], hi) - 1
+        return i >= 0 and self._ranges[cid][i][1] >= lo
+
+    def _advance(self, stacks, cp: int):
+        out: set[tuple[int, ...]] = set()
+        seen: set[tuple[int, ...]] = set()
+        for s in stacks:
+            if s and self._in_class(self._cls[s[-1]], cp):
+                nxt = self._next[s[-1]]
+                self._close(s[:-1] + (nxt,) if nxt >= 0 else s[:-1], out, seen)
+        return self._intern((frozenset(out), 0, 0, 0)) if out else None
+
+    def _step(self, state, byte: int):
+        stacks, value, remaining, nbytes = state
+        if remaining == 0:
+            if byte < 0x80:
+                return self._advance(stacks, byte)
+            if 0xC2 <= byte <= 0xDF:
+                value, nbytes = byte & 0x1F, 2
+            elif 0xE0 <= byte <= 0xEF:
+                value, nbytes = byte & 0x0F, 3
+            elif 0xF0 <= byte <= 0xF4:
+                value, nbytes = byte & 0x07, 4
+            else:  # a continuation byte, an overlong lead (C0, C1) or beyond U+10FFFF
+                return None
+            remaining = nbytes - 1
+        else:
+            if byte & 0xC0 != 0x80:
+                return None
+            value, remaining = value << 6 | byte & 0x3F, remaining - 1
+            if remaining == 0:
+                return self._advance(stacks, value)
+        # The code points these bytes can still become; classes hold no surrogates, so a surrogate prefix dies here,
+        # and clamping drops overlongs and values past U+10FFFF.
+        lo = max(value << 6 * remaining, _UTF8_LOWEST[nbytes])
+        hi = min((value + 1 << 6 * remaining) - 1, MAX_CP)
+        live = frozenset(s for s in stacks if s and lo <= hi and self._meets(self._cls[s[-1]], lo, hi))
+        return self._intern((live, value, remaining, nbytes)) if live else None
+
+    # ---------------------------------------------------------------------------------------- interface
+    def start(self):
+        return self._start
+
+    def step(self, state, byte: int):
+        """The state after one more byte, or None when no sentence of the grammar starts with the bytes so far."""
+        key = (state, byte)
+        hit = self._steps.get(key, _MISSING)
+        if hit is _MISSING:
+            hit = self._step(state, byte)
+            if len(self._steps) >= _CACHE_LIMIT:
+                self._steps.clear()
+                self._interned.clear()
+            self._steps[key] = hit
+        return hit
+
+    @staticmethod
+    def complete(state) -> bool:
+        return state[2] == 0 and () in state[0]
+
+    def min_close(self, state) -> int:
+        """The exact number of bytes the shortest way to a complete sentence still needs."""
+        hit = self._closes.get(state)
+        if hit is None:
+            stacks, _, remaining, _ = state
+            rest = self._rest
+            if remaining:  # every kept stack's top class holds a completion of this character
+                hit = remaining + min(sum(rest[f] for f in s[:-1]) + self._after[s[-1]] for s in stacks)
+            else:
+                hit = min(sum(rest[f] for f in s) for s in stacks)
+            if len(self._closes) >= _CACHE_LIMIT:
+                self._closes.clear()
+            self._closes[state] = hit
+        return hit
+
+    @staticmethod
+    def string_room(_state) -> bool:
+        return False
