@@ -400,7 +400,13 @@ def add_parser(sub) -> None:
         if a.fresh and out.exists():
             shutil.rmtree(out)
         t0 = time.time()
-        Speedrun(out, a.preset, log=lambda s: print(s, flush=True), overrides=a.overrides).run(a.only)
+        from glm5.train.interrupt import Interrupted
+
+        try:
+            Speedrun(out, a.preset, log=lambda s: print(s, flush=True), overrides=a.overrides).run(a.only)
+        except Interrupted as e:  # Ctrl-C / SIGTERM in a training or RL stage: it saved a checkpoint
+            print(f"[speedrun] {e.message}", file=sys.stderr)
+            return e.exit_code
         print(f"[speedrun] all stages done in {time.time() - t0:.1f}s -> {out}/report.md; "
               f"serve it with: glm5 serve --model {out}/final")
         return 0

@@ -56,9 +56,9 @@ class RLCheckpointer:
                  "identity": _identity(self.cfg), **extra}
         return self.ckpt.save(steps_done, trainer.model, trainer.optim, state)
 
-    def resume(self, path: Path, trainer, buffer) -> dict:
-        """Restore the checkpoint at ``path`` (policy, optimiser, RNG, version, buffer position) into ``trainer``
-        and ``buffer``; returns its state. A checkpoint of another run is refused before anything is loaded."""
+    def check(self, path: Path) -> dict:
+        """The saved state of the checkpoint at ``path`` (``step``, ``version``, ...), loading nothing; a checkpoint
+        of another run is refused (ValueError)."""
         state = json.loads((path / "trainer_state.json").read_text())
         want, have = _identity(self.cfg), state.get("identity", {})
         diff = {k: (have.get(k), want[k]) for k in want if _norm(have.get(k)) != _norm(want[k])}
@@ -66,6 +66,12 @@ class RLCheckpointer:
             detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
             raise ValueError(f"{path} was written by a different run ({detail}); "
                              f"use another --out, or --no-resume to start over")
+        return state
+
+    def resume(self, path: Path, trainer, buffer) -> dict:
+        """Restore the checkpoint at ``path`` (policy, optimiser, RNG, version, buffer position) into ``trainer``
+        and ``buffer``; returns its state. A checkpoint of another run is refused before anything is loaded."""
+        self.check(path)
         state = self.ckpt.load(path, trainer.model, trainer.optim)
         trainer.version = int(state["version"])
         buffer.load_state_dict(state["buffer"])

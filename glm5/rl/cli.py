@@ -124,7 +124,8 @@ def add_parser(sub) -> None:
                    help="also evaluate sampled accuracy (rollout temperature) with this many samples per task")
     g.add_argument("--no-save", action="store_true", help="do not export the final policy to OUT/hf")
     g.add_argument("--save-every", type=int, default=0,
-                   help="steps between resumable checkpoints in OUT/checkpoints (default 0: none)")
+                   help="steps between resumable checkpoints in OUT/checkpoints (default 0: none; a first "
+                        "Ctrl-C / SIGTERM saves one and stops)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0: all)")
     g.add_argument("--no-resume", action="store_true",
                    help="start over even if OUT/checkpoints holds a checkpoint (it is removed)")
@@ -196,6 +197,7 @@ def _run(a) -> int:
 
     from glm5.rl.manager import RolloutStalledError
     from glm5.rl.runner import run_rl
+    from glm5.train.interrupt import Interrupted
 
     cfg = config_from_args(a)
     try:
@@ -205,6 +207,11 @@ def _run(a) -> int:
             raise
         print(f"glm5 rl: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # the first SIGINT / SIGTERM: the step finished and was checkpointed
+        print(e.message, file=sys.stderr)
+        return e.exit_code
+    if s.get("nothing_to_train"):  # run_rl printed why
+        return 0
     r = s["run"]
     if s.get("resumed_from"):
         print(f"resumed from {s['resumed_from']}")

@@ -84,13 +84,15 @@ class RolloutManager:
     """Drives a rollout client (LocalRolloutClient / ProcessRolloutClient / Ray), a DataBuffer and an RLTrainer."""
 
     def __init__(self, client, trainer, buffer: DataBuffer, cfg: ManagerConfig, logger: MetricsLogger | None = None,
-                 on_step=None):
+                 on_step=None, should_stop=None):
         self.client = client
         self.trainer = trainer
         self.buffer = buffer
         self.cfg = cfg
         self.logger = logger
         self.on_step = on_step  # callback(step, record) (evaluation, checkpoints)
+        self.should_stop = should_stop  # () -> bool, asked after each step (and its on_step): end the run there
+        self.stopped = False  # the run ended early at should_stop's request
         self.inflight = 0  # samples submitted and not yet back
         self.generated = 0
         self.generated_tokens = 0
@@ -269,8 +271,13 @@ class RolloutManager:
             self.on_step(rec["step"], rec)
         return rec
 
+    def _stop_requested(self) -> bool:
+        self.stopped = self.should_stop is not None and bool(self.should_stop())
+        return self.stopped
+
     def run(self, start_step: int = 0) -> dict:
-        """Steps ``start_step`` .. ``num_steps - 1`` (a resumed run starts past 0)."""
+        """Steps ``start_step`` .. ``num_steps - 1`` (a resumed run starts past 0), or fewer when ``should_stop``
+        says so after a step (then ``stopped`` is set and no generation is left in flight)."""
         cfg = self.cfg
         B = cfg.groups_per_step
         self._t0 = time.perf_counter()
@@ -285,6 +292,8 @@ class RolloutManager:
                 if (step + 1) % cfg.push_interval == 0 or step + 1 == cfg.num_steps:
                     self._push()
                 self._finish_record(rec, t)
+                if self._stop_requested():
+                    break
         elif cfg.mode == "one-step-off":
             batch = self._collect(B, keep_generating=False)
             for step in steps:
@@ -298,6 +307,8 @@ class RolloutManager:
                 if (step + 1) % cfg.push_interval == 0 or last:
                     self._push()
                 self._finish_record(rec, t)
+                if self._stop_requested():  # the batch collected for the next step is dropped, as at a checkpoint
+                    break
         else:
             for step in steps:
                 t = time.perf_counter()
@@ -309,8 +320,10 @@ class RolloutManager:
                     self._push()
                 self._async_admit()
                 self._finish_record(rec, t)
-            if self.inflight > 0:
-                self._return_partial(self.client.abort())
+                if self._stop_requested():
+                    break
+        if self.inflight > 0:  # async generation (or an early stop): interrupt what is still running
+            self._return_partial(self.client.abort())
         return self.summary()
 
     def summary(self) -> dict:

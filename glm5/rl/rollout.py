@@ -303,6 +303,7 @@ def rollout_worker_main(spec: WorkerSpec, in_q, out_q, shm_sync=None) -> None:
     ("abort",), ("weights", version, abort_first), ("stats",), ("stop",). Messages out: ("ready", info),
     ("finished", [Sample], stats), ("aborted", [Sample]), ("weights_loaded", version, [Sample]), ("stats", d),
     ("error", text)."""
+    _leave_signals_to_the_trainer()
     try:
         torch.set_num_threads(max(1, spec.threads))
         from glm5.tokenizer import GLM5Tokenizer
@@ -385,6 +386,22 @@ def rollout_worker_main(spec: WorkerSpec, in_q, out_q, shm_sync=None) -> None:
     except BaseException:
         out_q.put(("error", traceback.format_exc()))
         raise
+
+
+def _leave_signals_to_the_trainer() -> None:
+    """A rollout process ignores SIGINT and SIGTERM: a terminal's Ctrl-C (sent to the whole process group) or a
+    scheduler's SIGTERM (sent to every process of the job) must not kill it in the middle of the trainer's last
+    step. The trainer stops gracefully and then stops this process ("stop"); were the trainer killed instead, the
+    parent check below ends this process within a second. Only in a child process's main thread (a Ray actor runs
+    this loop in a thread of its own)."""
+    import multiprocessing
+    import signal
+    import threading
+
+    if multiprocessing.parent_process() is None or threading.current_thread() is not threading.main_thread():
+        return
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _orphaned(out_q) -> None:

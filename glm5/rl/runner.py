@@ -6,16 +6,19 @@
    torch.distributed with ``weight_sync="dist"``), in-process (``colocate``), or a Ray actor (``ray``);
 4. run the manager in the chosen mode for ``steps`` train steps; metrics stream to ``out/metrics.jsonl``; with
    ``save_every`` a resumable checkpoint every N steps in ``out/checkpoints``, from which a rerun continues
-   (``glm5.rl.checkpoint``; the evaluation before RL is then taken from the checkpoint);
+   (``glm5.rl.checkpoint``; the evaluation before RL is then taken from the checkpoint); a first SIGINT / SIGTERM
+   ends the loop after its step with a checkpoint (``glm5.train.interrupt``; ``glm5 rl`` exits 130 / 143);
 5. evaluate again, write ``out/summary.json`` (before, after, deltas with intervals, throughput), ``out/rl.png``
    and the trained policy to ``out/hf`` (loadable by ``GLM5ForCausalLM.from_pretrained`` and our engine).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -35,6 +38,7 @@ from glm5.rl.tasks import build_messages, load_tasks, save_tasks, train_eval_spl
 from glm5.rl.tools import get_tools
 from glm5.rl.trainer import RLTrainer, TrainerConfig
 from glm5.rl.weight_sync import clone_model
+from glm5.train.interrupt import GracefulStop, Interrupted
 
 __all__ = ["RLConfig", "run_rl", "DEFAULT_TASKS"]
 
@@ -224,7 +228,32 @@ def soft_policy_warning(greedy_accuracy: float | None, sampled_accuracy: float |
             "greedy: RL from so soft a policy tends to lower accuracy; consider more SFT or a smaller lr")
 
 
-def run_rl(cfg: RLConfig) -> dict:
+def nothing_to_train(cfg: RLConfig, saved_step: int) -> str | None:
+    """The line for a rerun whose checkpoint holds ``saved_step`` steps when there is nothing left to do, else
+    None: the checkpoint is past ``--steps``, or at it with ``summary.json`` recording the run as finished there
+    (with its export, if one is asked for). A run stopped after its last step (interrupted, or killed before its
+    final evaluation and export) is at ``--steps`` but not finished: its rerun still evaluates and exports."""
+    steps, out = cfg.manager.num_steps, Path(cfg.out)
+    prev = _read_summary(out)
+    finished = (prev.get("steps_done") or -1) >= saved_step and (not cfg.save or bool(prev.get("saved")))
+    if saved_step > steps or (saved_step == steps and finished):
+        return (f"{out} already holds step {saved_step} >= --steps {steps}: nothing to train; raise --steps, or "
+                f"pass --no-resume / a new --out")
+    return None
+
+
+def _read_summary(out: Path) -> dict:
+    try:
+        return json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def run_rl(cfg: RLConfig, handle_signals: bool = True) -> dict:
+    """The whole job (see the module docstring); returns the summary. ``handle_signals``: a first SIGINT / SIGTERM
+    during the RL loop ends it after the step in progress, saves a checkpoint (whatever ``save_every`` is), stops
+    the rollout process(es) and raises :class:`glm5.train.interrupt.Interrupted`; a rerun resumes from it. A rerun
+    with nothing left to train returns at once (its summary's ``nothing_to_train`` is the line, also printed)."""
     from glm5.model.transformer import GLM5ForCausalLM
     from glm5.tokenizer import GLM5Tokenizer
 
@@ -241,6 +270,13 @@ def run_rl(cfg: RLConfig) -> dict:
         if cfg.eval_tasks_file:  # the user's held-out set replaces the generated one (it was silently ignored)
             held = load_tasks(cfg.eval_tasks_file)
     out = Path(cfg.out)
+    ckpt = RLCheckpointer(cfg)
+    resume_from = ckpt.latest() if cfg.resume else None
+    saved = ckpt.check(resume_from) if resume_from is not None else None  # another run's checkpoint: refused here
+    note = nothing_to_train(cfg, saved["step"]) if saved is not None else None
+    if note:
+        print(note, file=sys.stderr)
+        return {**_read_summary(out), "nothing_to_train": note, "resumed_from": str(resume_from)}
     out.mkdir(parents=True, exist_ok=True)
     train_threads, rollout_threads = _threads(cfg)
     warn = oversubscription_warning(cfg, train_threads, rollout_threads)
@@ -266,8 +302,6 @@ def run_rl(cfg: RLConfig) -> dict:
                                                        temperature=cfg.rollout.temperature or 1.0,
                                                        samples=cfg.eval_sampled, seed=cfg.seed + 99)
 
-    ckpt = RLCheckpointer(cfg)
-    resume_from = ckpt.latest() if cfg.resume else None
     if not cfg.resume and ckpt.clear():
         warnings.warn(f"--no-resume: removing the earlier run's checkpoints in {ckpt.dir}", stacklevel=2)
     if cfg.eval_before and held and resume_from is None:  # when resuming, the checkpoint holds the starting policy's
@@ -315,20 +349,40 @@ def run_rl(cfg: RLConfig) -> dict:
             evals.append(m)
             with open(out / "eval.jsonl", "a") as f:
                 f.write(json.dumps(m) + "\n")
-        if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.manager.num_steps):
-            ckpt.save(step + 1, trainer, buffer, {"before": summary.get("before"),
-                                                  "before_sampled": summary.get("before_sampled"), "evals": evals})
+        progress["done"] = step + 1
+        last = step + 1 == cfg.manager.num_steps
+        # a resumed run (e.g. after an interrupt) ends with a checkpoint even without save_every: its rerun then
+        # finds it finished instead of training again from the older checkpoint
+        if (cfg.save_every and ((step + 1) % cfg.save_every == 0 or last)) or (last and resume_from is not None):
+            save(step + 1)
 
-    mgr = RolloutManager(client, trainer, buffer, cfg.manager, logger, on_step=on_step)
-    try:
-        summary["run"] = mgr.run(start_step=start)
+    def save(steps_done: int) -> Path:
+        progress["saved"] = steps_done
+        return ckpt.save(steps_done, trainer, buffer, {"before": summary.get("before"),
+                                                      "before_sampled": summary.get("before_sampled"), "evals": evals})
+
+    progress = {"done": start, "saved": start if resume_from is not None else None}
+    stop = GracefulStop() if handle_signals else None
+    mgr = RolloutManager(client, trainer, buffer, cfg.manager, logger, on_step=on_step,
+                         should_stop=(lambda: stop.signum is not None) if stop is not None else None)
+    interrupted = None
+    with stop if stop is not None else contextlib.nullcontext():
         try:
-            summary["rollout_stats"] = client.stats()
-        except Exception:
-            pass
-    finally:
-        client.close()
-        logger.close()
+            summary["run"] = mgr.run(start_step=start)
+            if stop is not None and stop.signum is not None:  # after a step (or during the last one)
+                done = progress["done"]
+                path = save(done) if progress["saved"] != done else ckpt.dir / f"step_{done:08d}"
+                interrupted = Interrupted(stop.signum, done, path)
+            else:
+                try:
+                    summary["rollout_stats"] = client.stats()
+                except Exception:
+                    pass
+        finally:
+            client.close()  # the rollout process(es) stop here, also when interrupted
+            logger.close()
+    if interrupted is not None:
+        raise interrupted
     if cfg.eval_after and held:
         evaluate_all("after")
         if "before" in summary:
@@ -336,6 +390,7 @@ def run_rl(cfg: RLConfig) -> dict:
         if "before_sampled" in summary:
             summary["delta_sampled"] = compare(summary["before_sampled"], summary["after_sampled"])
     summary["evals"] = evals
+    summary["steps_done"] = progress["done"]  # a rerun with nothing left to train finds them here
     if cfg.save:
         from glm5.train.checkpoint import export_hf
 

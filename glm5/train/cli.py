@@ -140,13 +140,18 @@ def config_from_args(args, mode: str):
 
 
 def _run(args, mode: str) -> int:
+    from glm5.train.interrupt import Interrupted
     from glm5.train.trainer import train
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = config_from_args(args, mode)
     try:
         summary = train(cfg)
-    except KeyboardInterrupt:
+    except Interrupted as e:  # the first SIGINT / SIGTERM: the step finished and was checkpointed
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(e.message, file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the training loop
         if int(os.environ.get("RANK", "0")) == 0:
             from pathlib import Path
 
@@ -156,6 +161,8 @@ def _run(args, mode: str) -> int:
             print(f"stopped; the same command resumes from {last}" if last else
                   "stopped before the first checkpoint (--ckpt-every); nothing to resume from", file=sys.stderr)
         raise
+    if summary and summary.get("nothing_to_train"):  # the trainer printed why
+        return 0
     if summary and int(os.environ.get("RANK", "0")) == 0:
         fv = summary.get("final_val") or {}
         msg = f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['elapsed_s']:.0f}s"

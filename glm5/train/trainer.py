@@ -14,6 +14,11 @@ rate, then the aux-loss-free router-bias update from the step's expert loads. Ev
 JSON line goes to ``out/metrics.jsonl``; validation every ``eval_every``; an atomic checkpoint every
 ``ckpt_every``. At the end: final validation, checkpoint, HF export (``out/hf``), ``out/train.png`` and
 ``out/summary.json``.
+
+SIGINT / SIGTERM during the loop (``glm5.train.interrupt``): the step in progress finishes on every rank, a
+checkpoint is saved and :class:`~glm5.train.interrupt.Interrupted` is raised (the CLI exits 130 / 143); the same
+command resumes. A rerun with nothing left to train (its checkpoint past ``max_steps``, or the run finished)
+says so and returns (``Trainer.nothing_to_train``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from glm5.train.checkpoint import Checkpointer, export_hf, latest_checkpoint
 from glm5.train.config import TrainConfig
 from glm5.train.distributed import (all_reduce, apply_activation_checkpointing, apply_compile, apply_fsdp, barrier,
                                     init_distributed, is_fsdp)
+from glm5.train.interrupt import GracefulStop, Interrupted, agreed_signal
 from glm5.train.losses import LossConfig, compute_loss, count_targets, mtp_agreement, mtp_steps, stage_modes
 from glm5.train.optim import build_optimizers, lr_factor, set_lr
 
@@ -452,12 +458,52 @@ class Trainer:
                 f.write(json.dumps(rec) + "\n")
 
     # --------------------------------------------------------------------------------------- fit
-    def fit(self) -> dict:
+    def nothing_to_train(self) -> str | None:
+        """The line for a resumed run with nothing left to do, else None: its checkpoint holds more than
+        ``max_steps`` steps, or it is done (``max_steps``, or the ``max_minutes`` budget used up) and
+        ``summary.json`` records it as finished at this step (with its export, if one is asked for). A run stopped
+        right after its last step (``Interrupted``, or killed) is done but not finished: its rerun still
+        validates, exports and writes the summary. Rank 0 decides for all."""
+        if self.resumed_from is None:
+            return None
+        cfg = self.cfg
+        done = finished = False
+        if self.main:
+            done = self._done()
+            try:
+                prev = json.loads((self.out / "summary.json").read_text())
+            except (OSError, ValueError):
+                prev = {}
+            finished = prev.get("steps") == self.step and (not cfg.export or bool(prev.get("export")))
+        flags = all_reduce(torch.tensor([int(done), int(finished)], device=self.device)).tolist()
+        done, finished = bool(flags[0]), bool(flags[1])
+        redo = "pass --no-resume / a new --out"
+        if self.step > cfg.max_steps or (done and finished and self.step == cfg.max_steps):
+            return (f"{self.out} already holds step {self.step} >= --max-steps {cfg.max_steps}: nothing to train; "
+                    f"raise --max-steps, or {redo}")
+        if done and finished:
+            return (f"{self.out} already holds step {self.step}, which used up --max-minutes {cfg.max_minutes}: "
+                    f"nothing to train; raise --max-minutes, or {redo}")
+        return None
+
+    def fit(self, handle_signals: bool = True) -> dict:
+        """Train to ``max_steps`` (or the time budget) and finish (validation, checkpoint, export, plot, summary);
+        returns the summary. ``handle_signals``: a first SIGINT / SIGTERM stops the loop after its step with a
+        checkpoint and raises :class:`Interrupted` (``glm5.train.interrupt``; the handlers are restored after the
+        loop). A resumed run with nothing left to train returns at once, its summary's ``nothing_to_train`` the
+        line that says so (printed to stderr too)."""
         from tqdm import tqdm
 
         cfg = self.cfg
         self._t_start = time.time()
         n_params = sum(p.numel() for p in self.model.parameters())
+        note = self.nothing_to_train()
+        if note:
+            if self.main:
+                print(note, file=sys.stderr)
+            return {"steps": self.step, "tokens": self.tokens_seen, "elapsed_s": self.elapsed_before,
+                    "params": n_params, "final_val": self.last_val, "unigram_baseline": self.unigram_baseline,
+                    "out": str(self.out), "resumed_from": self.resumed_from, "nothing_to_train": note}
         if self.main and self.step == 0:
             self._log({"kind": "meta", "step": 0, "params": n_params, "world_size": self.dist.world_size,
                        "device": str(self.device), "dataset": str(self.dataset_dir),
@@ -469,28 +515,38 @@ class Trainer:
         evaluated_at = self.step if (self.last_val or {}).get("step") == self.step else None
         tok_rate = None
         done = self._done()
-        while not done:
-            rec = self.train_step()
-            done = self._done()
-            if cfg.max_minutes is not None:  # the bar counts steps; its total is the steps the budget allows
-                frac = self.time_progress()
-                bar.total = min(cfg.max_steps, max(self.step, round(self.step / max(frac, 1e-9)))) if frac else bar.total
-            tok_rate = rec["tok_per_s"] if tok_rate is None else 0.9 * tok_rate + 0.1 * rec["tok_per_s"]
-            if self.step % cfg.log_every == 0 or done:
-                self._log(rec)
-            post = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{tok_rate:,.0f}", "lr": f"{rec['lr']:.2e}"}
-            if self.last_val:
-                post["val"] = f"{self.last_val['val_loss']:.4f}"
-            bar.set_postfix(post, refresh=False)
-            bar.update(1)
-            if cfg.eval_every and self.step % cfg.eval_every == 0:
-                v = self.evaluate()
-                evaluated_at = self.step
-                if v:
-                    self._log(v)
-            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and not done:  # the last one follows the final
-                self.save_checkpoint()                                           # validation, which it records
-                saved_at = self.step
+        stop = GracefulStop(announce=self.main) if handle_signals else None
+        with stop if stop is not None else contextlib.nullcontext():
+            while not done:
+                rec = self.train_step()
+                done = self._done()
+                if cfg.max_minutes is not None:  # the bar counts steps; its total is the steps the budget allows
+                    frac = self.time_progress()
+                    if frac:
+                        bar.total = min(cfg.max_steps, max(self.step, round(self.step / max(frac, 1e-9))))
+                tok_rate = rec["tok_per_s"] if tok_rate is None else 0.9 * tok_rate + 0.1 * rec["tok_per_s"]
+                if self.step % cfg.log_every == 0 or done:
+                    self._log(rec)
+                post = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{tok_rate:,.0f}", "lr": f"{rec['lr']:.2e}"}
+                if self.last_val:
+                    post["val"] = f"{self.last_val['val_loss']:.4f}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    v = self.evaluate()
+                    evaluated_at = self.step
+                    if v:
+                        self._log(v)
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and not done:  # the last one follows the final
+                    self.save_checkpoint()                                           # validation, which it records
+                    saved_at = self.step
+                if stop is not None:  # every rank, every step: they all stop after the same one
+                    sig = agreed_signal(stop.signum, self.device)
+                    if sig:
+                        bar.close()
+                        if saved_at != self.step:
+                            self.save_checkpoint()
+                        raise Interrupted(sig, self.step, self.ckpt.dir / f"step_{self.step:08d}")
         bar.close()
         if evaluated_at != self.step:
             v = self.evaluate()
@@ -526,10 +582,10 @@ class Trainer:
             dist.destroy_process_group()
 
 
-def train(config: TrainConfig) -> dict:
-    """Build a Trainer, run it, clean up; returns the summary."""
+def train(config: TrainConfig, handle_signals: bool = True) -> dict:
+    """Build a Trainer, run it, clean up; returns the summary (see ``Trainer.fit`` for ``handle_signals``)."""
     t = Trainer(config)
     try:
-        return t.fit()
+        return t.fit(handle_signals=handle_signals)
     finally:
         t.close()
