@@ -15,7 +15,10 @@ silently not enforced):
   be skipped; extra keys (when allowed) are printable ASCII without escapes, at most 64 bytes, after the last
   required property;
 * arrays: ``items``, ``prefixItems`` (no further items unless ``items`` is given), ``minItems``, ``maxItems``;
-* strings: ``minLength``, ``maxLength`` (in characters); integers: ``minimum``, ``maximum``,
+* strings: ``minLength``, ``maxLength`` (in characters), ``pattern`` (a regular expression the text contains a match
+  of, unless anchored; :mod:`glm5.structured.regex` lists the syntax: Python's, with ASCII ``\\d \\w \\s``), ``format``
+  (``date``, ``time``, ``date-time``, ``email``, ``hostname``, ``ipv4``, ``uuid``); not a pattern or format together
+  with a length; integers: ``minimum``, ``maximum``,
   ``exclusiveMinimum``, ``exclusiveMaximum``; numbers without bounds;
 * annotations are ignored: ``title``, ``description``, ``default``, ``examples``, ``$schema``, ``$id``, ``$comment``,
   ``deprecated``, ``readOnly``, ``writeOnly``, ``strict``.
@@ -29,6 +32,7 @@ import json
 import math
 from typing import Any
 
+from .regex import RegexAutomaton
 from .schema_automaton import MAX_EXTRA_KEY, SchemaAutomaton, SchemaError, SchemaNode
 
 __all__ = ["SchemaError", "SchemaAutomaton", "compile_schema", "MAX_EXTRA_KEY"]
@@ -38,7 +42,7 @@ _ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schem
 _KEYWORDS = {
     "object": {"properties", "required", "additionalProperties"},
     "array": {"items", "prefixItems", "minItems", "maxItems"},
-    "string": {"minLength", "maxLength"},
+    "string": {"minLength", "maxLength", "pattern", "format"},
     "integer": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"},
     "number": set(), "boolean": set(), "null": set(),
 }
@@ -157,6 +161,8 @@ class _Compiler:
             return self.add(SchemaNode("int", lo=lo, hi=hi))
         if t == "string":
             lo, hi = _count(s, "minLength", path), _count(s, "maxLength", path)
+            if "pattern" in s or "format" in s:
+                return self.add(SchemaNode("pat", regex=_string_regex(s, lo, hi, path)))
             if hi is not None and (lo or 0) > hi:
                 return self.add(SchemaNode("never"))
             return self.add(SchemaNode("str", min_len=lo or 0, max_len=hi))
@@ -204,6 +210,49 @@ def _int_bound(s: dict, key: str, path: str, lower: bool):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise SchemaError(f"{key} must be a finite number", path)
     return math.ceil(v) if lower else math.floor(v)
+
+
+# ``format`` values enforced, as full-match patterns over the string's text: RFC 3339 dates and times with the real
+# month lengths and leap years, without year 0000 and leap second 60, which Python's datetime and pydantic
+# refuse (the output must parse wherever it goes); the others in their common practical form. Others are refused.
+_YEAR = r"(?:[1-9]\d{3}|0[1-9]\d\d|00[1-9]\d|000[1-9])"
+_DAY = r"(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\d|3[01])|(?:0[469]|11)-(?:0[1-9]|[12]\d|30)|02-(?:0[1-9]|1\d|2[0-8]))"
+_LEAP = r"(?:\d\d(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)-02-29"
+_DATE = rf"(?:{_YEAR}-{_DAY}|{_LEAP})"
+_TIME = r"(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{1,6})?(?:[Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)"
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+FORMATS = {
+    "date": _DATE,
+    "time": _TIME,
+    "date-time": rf"{_DATE}[Tt]{_TIME}",
+    "email": rf"[A-Za-z0-9._%+-]{{1,64}}@{_LABEL}(?:\.{_LABEL}){{1,8}}",
+    "hostname": rf"{_LABEL}(?:\.{_LABEL}){{0,8}}",
+    "ipv4": rf"{_OCTET}(?:\.{_OCTET}){{3}}",
+    "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+}
+
+
+def _string_regex(s: dict, lo, hi, path: str) -> RegexAutomaton:
+    """The automaton of a string's ``pattern`` (found anywhere in the text, as JSON Schema says, unless anchored) or
+    ``format``, over the JSON string's body."""
+    if lo or hi is not None:
+        raise SchemaError("pattern / format together with minLength / maxLength is not supported (bound the length in "
+                          "the pattern instead, e.g. ^.{1,20}$)", path)
+    if "pattern" in s and "format" in s:
+        raise SchemaError("pattern and format together are not supported", path)
+    if "format" in s:
+        fmt = s["format"]
+        if fmt not in FORMATS:
+            raise SchemaError(f"format {fmt!r} is not supported (supported: {', '.join(FORMATS)})", path)
+        return RegexAutomaton(FORMATS[fmt], json_string=True)
+    pattern = s["pattern"]
+    if not isinstance(pattern, str):
+        raise SchemaError("pattern must be a string", path)
+    try:
+        return RegexAutomaton(pattern, search=True, json_string=True)
+    except ValueError as e:
+        raise SchemaError(f"pattern: {e}", path) from None
 
 
 def _count(s: dict, key: str, path: str):

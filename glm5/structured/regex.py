@@ -70,6 +70,20 @@ def _negate(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return _normalise(out)
 
 
+_JSON_ESCAPED = [(0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C)]
+_SHORT_ESCAPES = {0x22: b'\\"', 0x5C: b"\\\\", 0x08: b"\\b", 0x0C: b"\\f", 0x0A: b"\\n", 0x0D: b"\\r", 0x09: b"\\t"}
+
+
+def _json_escape(cp: int) -> bytes:
+    """The one escape a JSON string writes ``cp`` with (the short form where there is one, else ``\\u00xx``)."""
+    return _SHORT_ESCAPES.get(cp) or b"\\u%04x" % cp
+
+
+def _subtract(ranges: list[tuple[int, int]], remove: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    keep = _negate(remove)
+    return _normalise([(max(a, c), min(b, d)) for a, b in ranges for c, d in keep if max(a, c) <= min(b, d)])
+
+
 def _utf8_sequences(lo: int, hi: int) -> list[list[tuple[int, int]]]:
     """The code points ``lo..hi`` (surrogates skipped) as a list of byte-range sequences: every sequence is a list of
     (low, high) byte ranges, one per byte position, and the sequences' products are exactly the encodings."""
@@ -111,6 +125,7 @@ class _Parser:
     def __init__(self, pattern: str):
         self.p = pattern
         self.i = 0
+        self.anchored_start = self.anchored_end = False
 
     def error(self, what: str) -> ValueError:
         return ValueError(f"regex {self.p!r}: {what} at position {self.i}")
@@ -120,9 +135,9 @@ class _Parser:
 
     def parse(self):
         if self.p.startswith("^"):
-            self.i = 1
+            self.i, self.anchored_start = 1, True
         elif self.p.startswith("\\A"):
-            self.i = 2
+            self.i, self.anchored_start = 2, True
         node = self.alternation()
         if self.i < len(self.p):
             raise self.error("unbalanced ')'")
@@ -148,7 +163,7 @@ class _Parser:
         """``$`` / ``\\Z`` / ``\\z`` are accepted only as the pattern's last token (outside any group)."""
         rest = self.p[self.i:]
         if rest in ("$", "\\Z", "\\z"):
-            self.i = len(self.p)
+            self.i, self.anchored_end = len(self.p), True
             return True
         return False
 
@@ -336,9 +351,10 @@ class _Nfa:
     """Thompson construction over bytes: ``edges[s]`` = list of (lo, hi, target) byte transitions, ``eps[s]`` =
     epsilon targets; one start and one accept state."""
 
-    def __init__(self):
+    def __init__(self, json_string: bool = False):
         self.edges: list[list[tuple[int, int, int]]] = []
         self.eps: list[list[int]] = []
+        self.json_string = json_string
 
     def new(self) -> int:
         if len(self.edges) >= MAX_NFA_STATES:
@@ -352,13 +368,19 @@ class _Nfa:
         kind = node[0]
         if kind == "set":
             entry, exit_ = self.new(), self.new()
-            for lo, hi in node[1]:
-                for seq in _utf8_sequences(lo, hi):
-                    s = entry
-                    for k, (blo, bhi) in enumerate(seq):
-                        t = exit_ if k == len(seq) - 1 else self.new()
-                        self.edges[s].append((blo, bhi, t))
-                        s = t
+            ranges, escapes = node[1], []
+            if self.json_string:  # '"', '\\' and control characters appear in a JSON string only escaped
+                escapes = [_json_escape(c) for lo, hi in ranges for c in range(lo, min(hi, 0x5C) + 1)
+                           if c < 0x20 or c in (0x22, 0x5C)]
+                ranges = _subtract(ranges, _JSON_ESCAPED)
+            seqs = [seq for lo, hi in ranges for seq in _utf8_sequences(lo, hi)]
+            seqs += [[(b, b) for b in esc] for esc in escapes]
+            for seq in seqs:
+                s = entry
+                for k, (blo, bhi) in enumerate(seq):
+                    t = exit_ if k == len(seq) - 1 else self.new()
+                    self.edges[s].append((blo, bhi, t))
+                    s = t
             return entry, exit_
         if kind == "cat":
             entry, cur = None, None
@@ -415,14 +437,25 @@ def _empty_sequences(node):
 # ============================================================================================= automaton
 class RegexAutomaton:
     """The byte automaton of "the text fully matches ``pattern``" (see the module docstring for the syntax).
-    A state is a frozenset of NFA states; ``step`` returns None when no match can continue."""
+    A state is a frozenset of NFA states; ``step`` returns None when no match can continue.
 
-    def __init__(self, pattern: str):
+    ``search``: JSON Schema's ``pattern`` semantics instead: the text need only *contain* a match, unless the
+    pattern is anchored with ``^`` / ``$``. ``json_string``: the bytes are the body of a JSON string literal (between
+    its quotes) whose decoded text must match; characters that JSON must escape are read in their one canonical
+    escape (``\\"``, ``\\n``, ``\\u001f`` ...), so every matching text has exactly one encoding here.
+    """
+
+    def __init__(self, pattern: str, *, search: bool = False, json_string: bool = False):
         if not isinstance(pattern, str):
             raise ValueError(f"regex: the pattern must be a string, got {type(pattern).__name__}")
-        tree = _empty_sequences(_Parser(pattern).parse())
+        parser = _Parser(pattern)
+        tree = _empty_sequences(parser.parse())
+        if search:
+            anything = ("rep", ("set", [(0, MAX_CP)]), 0, None)
+            tree = ("cat", [*([] if parser.anchored_start else [anything]), tree,
+                            *([] if parser.anchored_end else [anything])])
         self.pattern = pattern
-        nfa = _Nfa()
+        nfa = _Nfa(json_string)
         entry, self.accept = nfa.build(tree)
         self._edges, self._eps = nfa.edges, nfa.eps
         self._distance = self._distances_to_accept()

@@ -30,14 +30,16 @@ class SchemaError(ValueError):
 
 
 class SchemaNode:
-    """A compiled schema: ``kind`` in any | never | lit | str | int | num | obj | arr | union | ref."""
+    """A compiled schema: ``kind`` in any | never | lit | str | pat | int | num | obj | arr | union | ref (``pat``:
+    a string whose text ``regex``, a :class:`~glm5.structured.regex.RegexAutomaton` over the JSON string body,
+    accepts)."""
 
     __slots__ = ("kind", "lits", "min_len", "max_len", "lo", "hi", "props", "required", "extra", "items",
-                 "prefix", "min_items", "max_items", "alts", "target")
+                 "prefix", "min_items", "max_items", "alts", "target", "regex")
 
     def __init__(self, kind: str, **kw):
         self.kind = kind
-        self.lits = self.props = self.required = self.prefix = self.alts = None
+        self.lits = self.props = self.required = self.prefix = self.alts = self.regex = None
         self.min_len = self.min_items = 0
         self.max_len = self.max_items = self.lo = self.hi = self.extra = self.items = self.target = None
         for k, v in kw.items():
@@ -72,6 +74,7 @@ class SchemaAutomaton:
     ("J", json_state)              inside an unconstrained value (glm5.structured.json_automaton)
     ("L", nid, typed)              inside one of node nid's literals (enum, const, true/false/null)
     ("S", nid, pending, chars)     inside a string after its opening quote
+    ("P", nid, regex_state)        inside a ``pat`` string after its opening quote
     ("N", nid, sub, neg, digits)   inside a number (digits: the integer part, kept for bounded integers)
     ("O", nid, idx, phase, prop, ws)  an object; idx = next declared property that may come; phase first|after|
                                    key|colon (prop: the value's node after the colon)
@@ -110,6 +113,8 @@ class SchemaAutomaton:
             return min(len(x) for x in n.lits)
         if k == "str":
             return 2 + n.min_len
+        if k == "pat":
+            return 2 + n.regex.min_close(n.regex.start())
         if k == "int":
             return min(_int_extra_digits(False, "", n.lo, n.hi), 1 + _int_extra_digits(True, "", n.lo, n.hi))
         if k == "union":
@@ -242,6 +247,8 @@ class SchemaAutomaton:
                 total += min(len(x) - len(f[2]) for x in self.nodes[f[1]].lits if x.startswith(f[2]))
             elif kind == "S":
                 total += self._str_cost(f)
+            elif kind == "P":
+                total += self.nodes[f[1]].regex.min_close(f[2]) + 1
             elif kind == "N":
                 total += self._num_cost(f)
             elif kind == "O":
@@ -316,6 +323,11 @@ class SchemaAutomaton:
             return out
         if kind == "S":
             return self._string(f, rest, b)
+        if kind == "P":
+            regex = self.nodes[f[1]].regex
+            out = [rest] if b == ord('"') and regex.complete(f[2]) else []  # a raw quote only ever closes
+            r = regex.step(f[2], b)
+            return out + ([rest + (("P", f[1], r),)] if r is not None else [])
         if kind == "N":
             return self._number(f, rest, b)
         if kind == "O":
@@ -344,6 +356,8 @@ class SchemaAutomaton:
             return self._step(rest + (("L", nid, b""),), b)
         if k == "str":
             return [rest + (("S", nid, 0, 0),)] if b == ord('"') else []
+        if k == "pat":
+            return [rest + (("P", nid, n.regex.start()),)] if b == ord('"') else []
         if k in ("num", "int"):
             if b == ord("-"):
                 f = ("N", nid, "minus", True, "")

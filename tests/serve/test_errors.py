@@ -80,7 +80,7 @@ def test_unknown_model_is_404(client, http):
     ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
     ({"messages": HI, "response_format": {"type": "json_object", "json_schema": {"schema": {}}}}, "response_format"),
     ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
-        "type": "string", "pattern": "^a+$"}}}}, "response_format.json_schema.schema"),
+        "type": "string", "pattern": "^(a)\\1$"}}}}, "response_format.json_schema.schema"),  # a backreference
     ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "$ref": "https://example.com/s.json"}}}}, "response_format.json_schema.schema"),
     ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
@@ -115,7 +115,7 @@ def test_unknown_model_is_404(client, http):
     ({"messages": HI, "structured_outputs": {"choice": []}}, "structured_outputs.choice"),
     ({"messages": HI, "structured_outputs": {"choice": ["a", ""]}}, "structured_outputs.choice.1"),
     ({"messages": HI, "structured_outputs": {"json": "{nope"}}, "structured_outputs"),
-    ({"messages": HI, "structured_outputs": {"json": {"type": "string", "format": "email"}}},
+    ({"messages": HI, "structured_outputs": {"json": {"type": "string", "format": "uri"}}},
      "structured_outputs.json"),
     ({"messages": HI, "guided_regex": "(a"}, "structured_outputs.regex"),
     ({"messages": HI, "guided_regex": 5}, "guided_regex"),

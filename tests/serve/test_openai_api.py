@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
-from typing import Literal
+import uuid
+from typing import Annotated, Literal
 
 import pydantic
 import pytest
@@ -155,6 +157,25 @@ def test_structured_output_with_the_clients_parse_helper(client, thinking):
         msg = r.choices[0].message
         assert r.choices[0].finish_reason == "stop" and isinstance(msg.parsed, Weather), msg.content
         assert msg.parsed.unit in ("c", "f") and r.usage.completion_tokens <= 80
+
+
+class Booking(pydantic.BaseModel):
+    """Fields whose JSON Schema has ``format`` / ``pattern``, as pydantic writes them."""
+    id: uuid.UUID
+    day: datetime.date
+    at: datetime.datetime
+    code: Annotated[str, pydantic.StringConstraints(pattern=r"^[A-Z]{3}\d$")]
+
+
+def test_parse_helper_with_formats_and_patterns(client):
+    schema = Booking.model_json_schema()
+    assert schema["properties"]["at"]["format"] == "date-time" and "pattern" in schema["properties"]["code"]
+    for seed in range(3):
+        r = client.chat.completions.parse(model=MODEL_NAME, messages=[{"role": "user", "content": "Book it"}],
+                                          response_format=Booking, max_tokens=120, seed=seed, temperature=1.0,
+                                          extra_body={"thinking": {"type": "disabled"}})
+        msg = r.choices[0].message
+        assert r.choices[0].finish_reason == "stop" and isinstance(msg.parsed, Booking), msg.content
 
 
 def test_json_schema_streamed_and_on_completions(client):

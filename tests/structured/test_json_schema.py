@@ -43,7 +43,8 @@ def strict(schema):
 
 
 def valid(schema, doc) -> bool:
-    return jsonschema.Draft202012Validator(strict(schema)).is_valid(doc)
+    validator = jsonschema.Draft202012Validator
+    return validator(strict(schema), format_checker=validator.FORMAT_CHECKER).is_valid(doc)
 
 
 PERSON = {
@@ -113,6 +114,25 @@ TREE = {"$defs": {"node": {"type": "object", "properties": {"v": {"type": "integ
     (TREE, '{"v":1,"kids":[{"kids":[]}]}', False),
     (True, '{"anything":[1,2]}', True),
     ({"allOf": [{"type": "boolean"}], "description": "d"}, "false", True),
+    # pattern: found anywhere unless anchored; the text is matched decoded, written with JSON's canonical escapes
+    ({"type": "string", "pattern": "\\d{2}"}, '"ab12c"', True),
+    ({"type": "string", "pattern": "\\d{2}"}, '"ab1c"', False),
+    ({"type": "string", "pattern": "^\\d{2}"}, '"ab12"', False),
+    ({"type": "string", "pattern": "^[a\"\\n]+$"}, '"a\\"\\n"', True),
+    ({"type": "string", "pattern": "^[a\"\\n]+$"}, '"a\\u0022"', False),  # valid JSON, but not the canonical escape
+    ({"type": "string", "pattern": "^[a\"\\n]+$"}, '"ab"', False),
+    ({"type": "string", "format": "date"}, '"2024-02-29"', True),
+    ({"type": "string", "format": "date"}, '"2023-02-29"', False),
+    ({"type": "string", "format": "date"}, '"1900-02-29"', False),
+    ({"type": "string", "format": "date"}, '"2000-02-29"', True),
+    ({"type": "string", "format": "date"}, '"0000-01-01"', False),  # no year 0 in Python's datetime
+    ({"type": "string", "format": "date-time"}, '"2026-11-24T09:30:00.25+01:00"', True),
+    ({"type": "string", "format": "date-time"}, '"2026-11-24 09:30"', False),
+    ({"type": "string", "format": "ipv4"}, '"192.168.0.255"', True),
+    ({"type": "string", "format": "ipv4"}, '"192.168.0.256"', False),
+    ({"type": "string", "format": "uuid"}, '"123e4567-e89b-12d3-a456-426614174000"', True),
+    ({"type": "string", "format": "email"}, '"a.b+c@example.co"', True),
+    ({"type": "string", "format": "email"}, '"a@b"', False),
 ])
 def test_accepts_exactly_the_valid_documents(schema, text, ok):
     assert compile_schema(schema).accepts(text) is ok
@@ -121,8 +141,11 @@ def test_accepts_exactly_the_valid_documents(schema, text, ok):
 
 
 @pytest.mark.parametrize("schema,words", [
-    ({"type": "string", "pattern": "a+"}, "'pattern'"),
-    ({"type": "string", "format": "date-time"}, "'format'"),
+    ({"type": "string", "pattern": "a(?=b)"}, "lookaround"),
+    ({"type": "string", "pattern": "a+", "maxLength": 3}, "minLength / maxLength"),
+    ({"type": "string", "pattern": 5}, "pattern must be a string"),
+    ({"type": "string", "format": "uri-template"}, "'uri-template'"),
+    ({"type": "integer", "format": "int32"}, "does not apply"),
     ({"type": "number", "minimum": 0}, "integers only"),
     ({"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}, "#/properties/a"),
     ({"$ref": "other.json#/x"}, "local $ref"),
@@ -159,6 +182,8 @@ _leaves = st.one_of(
                    **({"maximum": max(t[1], t[0] or 0)} if t[1] is not None else {})}),
     st.just({"type": "boolean"}),
     st.just({"type": "null"}),
+    st.sampled_from([{"type": "string", "pattern": p} for p in ("^[xy\"]+$", "y", "^x*\\d$", "\\\\|é")]),
+    st.sampled_from([{"type": "string", "format": f} for f in ("date", "ipv4", "uuid")]),
     st.lists(_scalars, min_size=1, max_size=4, unique_by=lambda v: json.dumps(v)).map(lambda v: {"enum": v}),
     st.just({}),
 )
@@ -292,6 +317,36 @@ def test_person_schema_with_thinking_first(vocab):
         body = ids[ids.index(think_end) + 1:-1]
         doc = json.loads(b"".join(vocab.token_bytes[i] for i in body).decode("utf-8"))
         assert valid(PERSON, doc) and set(doc) >= {"name", "age"}
+
+
+FORMATTED = {"type": "object", "properties": {
+    "day": {"type": "string", "format": "date"},
+    "at": {"type": "string", "format": "date-time"},
+    "host": {"type": "string", "format": "ipv4"},
+    "id": {"type": "string", "format": "uuid"},
+    "code": {"type": "string", "pattern": "^[A-Z]{2}-\\d{3}$"},
+    "note": {"type": "string", "pattern": "ok|\"q\""},
+}, "required": ["day", "at", "host", "id", "code", "note"]}
+
+
+def test_formats_and_patterns_in_constrained_walks(vocab):
+    import datetime
+    import ipaddress
+    import re
+    import uuid
+
+    grammar = JsonGrammar(vocab, schema=compile_schema(FORMATTED))
+    need = grammar.min_close(grammar.start())
+    for seed in range(6):
+        ids = _walk(grammar, vocab, need + (0 if seed % 2 else 40), seed)
+        assert ids[-1] in vocab.eos_ids
+        doc = json.loads(b"".join(vocab.token_bytes[i] for i in ids[:-1]).decode("utf-8"))
+        assert valid(FORMATTED, doc), doc
+        datetime.date.fromisoformat(doc["day"])
+        datetime.datetime.fromisoformat(doc["at"])
+        ipaddress.IPv4Address(doc["host"])
+        uuid.UUID(doc["id"])
+        assert re.fullmatch(r"[A-Z]{2}-\d{3}", doc["code"]) and re.search(r'ok|"q"', doc["note"])
 
 
 STRINGS = {"type": "object", "properties": {
