@@ -1,4 +1,5 @@
-"""Constrained decoding cost per generated token (not a test): ``json_object`` and ``json_schema`` grammars on a
+"""Constrained decoding cost per generated token (not a test): ``json_object``, ``json_schema`` (plain, and with
+``format`` / ``pattern`` strings) and ``regex`` grammars on a
 byte-level BPE trained here on the default corpus, driven by random logits as a model's sampler would be.
 
     python3 benchmarks/bench_grammar.py --vocab 8192 32768
@@ -23,11 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from glm5.data.corpus import default_corpus_files  # noqa: E402
 from glm5.structured.constrained import ConstrainedLogitsProcessor, JsonGrammar, TokenVocab  # noqa: E402
 from glm5.structured.json_schema import compile_schema  # noqa: E402
+from glm5.structured.regex import RegexAutomaton  # noqa: E402
 from glm5.tokenizer import train_bpe  # noqa: E402
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "mood", "tags"], "properties": {
     "name": {"type": "string", "maxLength": 40}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
     "mood": {"enum": ["happy", "sad", "angry"]}, "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 4}}}
+# strings under pattern / format go through the regex automaton instead of the plain-string fast path
+FORMATTED = {"type": "object", "additionalProperties": False, "required": ["id", "at", "code", "note"], "properties": {
+    "id": {"type": "string", "format": "uuid"}, "at": {"type": "string", "format": "date-time"},
+    "code": {"type": "string", "pattern": "^[A-Z]{2}-\\d{3,6}$"}, "note": {"type": "string", "pattern": "[a-z ]{5,40}"}}}
+REGEX = r"[A-Z][a-z]{1,20}( [A-Z][a-z]{1,20}){0,3}, \d{1,4} [A-Z][a-z]+ (St|Rd|Ave)\."
 
 
 def run(grammar, vocab, max_tokens: int, seed: int) -> list[float]:
@@ -58,7 +65,9 @@ def main() -> int:
     for V in args.vocab:
         vocab = TokenVocab(train_bpe(texts, vocab_size=V))
         for label, grammar in (("json_object", JsonGrammar(vocab)),
-                               ("json_schema", JsonGrammar(vocab, schema=compile_schema(SCHEMA)))):
+                               ("json_schema", JsonGrammar(vocab, schema=compile_schema(SCHEMA))),
+                               ("json_schema, format/pattern", JsonGrammar(vocab, schema=compile_schema(FORMATTED))),
+                               ("regex", JsonGrammar(vocab, schema=RegexAutomaton(REGEX)))):
             for cache in ("cold", "warm"):
                 if cache == "cold":
                     grammar._cache.clear()

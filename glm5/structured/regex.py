@@ -459,6 +459,12 @@ class RegexAutomaton:
         entry, self.accept = nfa.build(tree)
         self._edges, self._eps = nfa.edges, nfa.eps
         self._distance = self._distances_to_accept()
+        # Searching without an end anchor, a text that contains a match accepts whatever follows: every state with
+        # the accept state in it is the same state. Merging them keeps the DFA small (the other threads would
+        # otherwise make a new state after every character of a long string).
+        self._absorbing = None
+        if search and not parser.anchored_end:
+            self._absorbing = self._closure([self.accept])
         self._start = self._closure([entry])
         if not self._start:
             raise ValueError(f"regex {pattern!r} matches nothing")
@@ -498,6 +504,8 @@ class RegexAutomaton:
                 if t not in seen:
                     seen.add(t)
                     stack.append(t)
+        if self._absorbing is not None and self.accept in seen:
+            return self._absorbing
         inf = float("inf")
         return frozenset(s for s in seen if self._distance[s] < inf and (self._edges[s] or s == self.accept))
 
@@ -516,6 +524,10 @@ class RegexAutomaton:
             nxt = self._closure(targets) or None
             row[byte] = nxt
         return nxt
+
+    def absorbing(self, state: frozenset) -> bool:
+        """True for the state of a search that has found its match: every further character keeps it."""
+        return state is self._absorbing
 
     def complete(self, state: frozenset) -> bool:
         return self.accept in state

@@ -208,12 +208,16 @@ class SchemaAutomaton:
         return False
 
     def string_room(self, state) -> int | None | bool:
-        """When every alternative is inside a string with no escape or UTF-8 sequence open and the same room:
+        """When every alternative is inside a string with no escape or UTF-8 sequence open and the same room (or
+        inside a ``pattern`` string that already contains a match: unlimited room):
         the characters that may still be added (None: unlimited). Otherwise False. JsonGrammar then decides for
         all plain-text tokens of c characters with one of them, which relies on the state they lead to depending
         on c alone (it does: the string frame's character count)."""
         rooms = set()
         for s in state:
+            if s and s[-1][0] == "P" and self.nodes[s[-1][1]].regex.absorbing(s[-1][2]):
+                rooms.add(None)  # the pattern has matched: any plain text leaves the state as it is
+                continue
             if not s or s[-1][0] != "S" or s[-1][2] != 0:
                 return False
             n = self.nodes[s[-1][1]]

@@ -354,7 +354,11 @@ STRINGS = {"type": "object", "properties": {
     "t": {"anyOf": [{"type": "string", "maxLength": 2}, {"type": "string"}]}}}
 
 
-@pytest.mark.parametrize("schema", [None, PERSON, STRINGS])
+SEARCHED = {"type": "object", "properties": {"p": {"type": "string", "pattern": "[aeiou]"}, "q": {"type": "string"}},
+            "required": ["p", "q"]}  # once "p" holds a vowel it takes the plain-string fast path too
+
+
+@pytest.mark.parametrize("schema", [None, PERSON, STRINGS, SEARCHED])
 def test_string_fast_path_allows_exactly_what_the_trie_walk_allows(vocab, schema):
     """Inside a string, plain-text tokens are listed by character count instead of walked: the allowed set must
     be the one the full walk gives, at every state of some random walks and with a binding budget too."""
