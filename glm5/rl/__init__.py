@@ -10,8 +10,9 @@ Modules (one idea each):
 * ``tasks``        offline tasks (reasoning-gym generators, a built-in one) + unanswerable questions
 * ``tools``        calculator and a sandboxed Python interpreter for multi-turn rollouts
 * ``buffer``       prompts → groups, partial-rollout resume, dynamic sampling, staleness bound τ with counters
-* ``rollout``      rollout logic over ``glm5.engine.LLMEngine`` (multi-turn, tool outputs masked), the rollout
-                   worker process and the clients the manager drives
+* ``rollout``      rollout logic over ``glm5.engine.LLMEngine`` (multi-turn, tool outputs masked)
+* ``rollout_worker``  the rollout process; ``rollout_client``: the clients the manager drives (process, local);
+                   ``rollout_pool``: several rollout workers as one
 * ``weight_sync``  version-stamped weights trainer → rollout: in process, shared memory, torch.distributed broadcast
 * ``trainer``      the RL train step on ``glm5.train.optim`` (Muon / AdamW)
 * ``manager``      sync / one-step-off / async schedules

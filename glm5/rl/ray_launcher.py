@@ -1,7 +1,7 @@
 """Optional Ray placement (``pip install glm5[ray]``): the rollout worker as a Ray actor, on another GPU or machine.
 
-The single-box default uses plain processes (glm5.rl.rollout.ProcessRolloutClient); this module is only imported
-with ``--placement ray`` and fails with a clear message when Ray is missing.
+The single-box default uses plain processes (glm5.rl.rollout_client.ProcessRolloutClient); this module is only
+imported with ``--placement ray`` and fails with a clear message when Ray is missing.
 
 :class:`RayRolloutClient` has the rollout-client interface the manager drives (submit / poll / abort /
 update_weights / stats / close). The actor runs the same :func:`rollout_worker_main` loop as the rollout process,
@@ -43,7 +43,7 @@ class _RolloutActorImpl:
     """The body of the Ray actor (a plain class so it can be tested without Ray)."""
 
     def __init__(self, spec):
-        from glm5.rl.rollout import rollout_worker_main
+        from glm5.rl.rollout_worker import rollout_worker_main
 
         self.in_q: queue.Queue = queue.Queue()
         self.out_q: queue.Queue = queue.Queue()

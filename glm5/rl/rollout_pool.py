@@ -52,7 +52,7 @@ class RolloutPool:
         for i, work in per_client.items():
             self.clients[i].submit(work)
 
-    # where each event that hands samples back carries them (see glm5.rl.rollout.rollout_worker_main)
+    # where each event that hands samples back carries them (see glm5.rl.rollout_worker.rollout_worker_main)
     _SAMPLES_AT = {"finished": 1, "aborted": 1, "weights_loaded": 2}
 
     def _account(self, i: int, events: list[tuple]) -> None:
@@ -144,7 +144,7 @@ def launch_process_pool(spec, n: int, policy_model=None, make_prompt: Callable |
     of an (n + 1)-rank group."""
     import torch.multiprocessing as mp
 
-    from glm5.rl.rollout import ProcessRolloutClient
+    from glm5.rl.rollout_client import ProcessRolloutClient
     from glm5.rl.weight_sync import DistWeightSender, SharedMemoryWeightSync
 
     if n < 1:

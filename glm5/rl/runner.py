@@ -31,9 +31,11 @@ from glm5.rl.checkpoint import RLCheckpointer
 from glm5.rl.evaluate import compare, evaluate_model
 from glm5.rl.manager import ManagerConfig, RolloutManager
 from glm5.rl.metrics import MetricsLogger, plot_metrics
-from glm5.rl.rollout import LocalRolloutClient, ProcessRolloutClient, RolloutConfig, WorkerSpec, build_rollout_engine
 from glm5.rl.rewards import load_reward_fn
+from glm5.rl.rollout import RolloutConfig, build_rollout_engine
+from glm5.rl.rollout_client import LocalRolloutClient, ProcessRolloutClient
 from glm5.rl.rollout_pool import RolloutPool, launch_process_pool
+from glm5.rl.rollout_worker import WorkerSpec
 from glm5.rl.tasks import build_messages, load_tasks, save_tasks, train_eval_split
 from glm5.rl.tools import get_tools
 from glm5.rl.trainer import RLTrainer, TrainerConfig

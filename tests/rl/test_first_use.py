@@ -16,7 +16,8 @@ import pytest
 from glm5.engine import build_engine
 from glm5.rl.buffer import DataBuffer
 from glm5.rl.manager import ManagerConfig, RolloutManager, RolloutStalledError
-from glm5.rl.rollout import LocalRolloutClient, RolloutConfig, RolloutEngine
+from glm5.rl.rollout import RolloutConfig, RolloutEngine
+from glm5.rl.rollout_client import LocalRolloutClient
 from glm5.rl.sample import Status
 from glm5.rl.tasks import load_tasks
 from glm5.rl.trainer import RLTrainer, TrainerConfig
@@ -148,7 +149,9 @@ def test_rollout_worker_exits_when_the_trainer_is_killed(model_dir, tmp_path):
     code = textwrap.dedent(f"""
         import sys, time
         from glm5.model.transformer import GLM5ForCausalLM
-        from glm5.rl.rollout import ProcessRolloutClient, RolloutConfig, WorkerSpec
+        from glm5.rl.rollout import RolloutConfig
+        from glm5.rl.rollout_client import ProcessRolloutClient
+        from glm5.rl.rollout_worker import WorkerSpec
         policy = GLM5ForCausalLM.from_pretrained({str(model_dir)!r})
         spec = WorkerSpec({str(model_dir)!r}, RolloutConfig().to_dict(), {{"max_model_len": 64}}, threads=1)
         client = ProcessRolloutClient(spec, policy)

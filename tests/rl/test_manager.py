@@ -9,7 +9,9 @@ from glm5.engine import build_engine
 from glm5.model.transformer import GLM5ForCausalLM
 from glm5.rl.buffer import DataBuffer
 from glm5.rl.manager import ManagerConfig, RolloutManager
-from glm5.rl.rollout import LocalRolloutClient, ProcessRolloutClient, RolloutConfig, RolloutEngine, WorkerSpec
+from glm5.rl.rollout import RolloutConfig, RolloutEngine
+from glm5.rl.rollout_client import LocalRolloutClient, ProcessRolloutClient
+from glm5.rl.rollout_worker import WorkerSpec
 from glm5.rl.trainer import RLTrainer, TrainerConfig
 from glm5.rl.weight_sync import clone_model
 

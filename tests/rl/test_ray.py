@@ -11,7 +11,8 @@ from glm5.rl.ray_launcher import _RolloutActorImpl, ray_available
 
 def test_actor_body_without_ray(model_dir):
     """The actor's body (the worker loop in a thread with in-actor queues) works without Ray."""
-    from glm5.rl.rollout import RolloutConfig, WorkerSpec
+    from glm5.rl.rollout import RolloutConfig
+    from glm5.rl.rollout_worker import WorkerSpec
     from glm5.rl.sample import Sample
 
     spec = WorkerSpec(str(model_dir), RolloutConfig(max_new_tokens=8).to_dict(), {"max_num_seqs": 4,

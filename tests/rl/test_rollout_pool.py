@@ -10,7 +10,8 @@ import torch
 
 from glm5.engine import build_engine
 from glm5.model.transformer import GLM5ForCausalLM
-from glm5.rl.rollout import RolloutConfig, RolloutEngine, WorkerSpec
+from glm5.rl.rollout import RolloutConfig, RolloutEngine
+from glm5.rl.rollout_worker import WorkerSpec
 from glm5.rl.rollout_pool import RolloutPool, launch_process_pool
 from glm5.rl.runner import RLConfig
 from glm5.rl.sample import Sample
