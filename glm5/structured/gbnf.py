@@ -1,64 +1,68 @@
-"""``grammar`` structured output: the text is one sentence of a GBNF grammar (vLLM's ``structured_outputs.grammar``).
+r"""``grammar`` structured output: the text is one sentence of a GBNF grammar (vLLM's ``structured_outputs.grammar``).
 
 :class:`GbnfAutomaton` has the byte-automaton interface :class:`~glm5.structured.constrained.JsonGrammar` walks the
 token trie with (``start``, ``step``, ``complete``, ``min_close``, ``string_room``); the whole output must be one
 sentence derived from the start rule (default ``root``).
 
 Syntax: llama.cpp's GBNF, which xgrammar's EBNF also accepts for this common subset:
-* rules ``name ::= body``; names ``[a-zA-Z0-9_-]+``; alternatives ``|``; sequences; groups ``( ... )`` (``()`` and
-  ``""`` are the empty string, as is an empty alternative);
-* postfix ``*``, ``+``, ``?``, ``{m}``, ``{m,}``, ``{m,n}`` on any element (a string literal counts as one element);
-* literals ``"..."`` and classes ``[a-z_]``, ``[^"\\\\]`` with escapes ``\\n \\r \\t \\\\ \\" \\[ \\] \\-
-  \\xHH \\uHHHH \\UHHHHHHHH``; in a class ``-`` before ``]`` is literal; ``.`` is any character (newline included);
-* ``#`` comments to end of line; whitespace, newlines included, separates elements anywhere. A rule ends where the
-  next ``name ::=`` begins. That reads every grammar llama.cpp reads the same way (llama.cpp ends a rule at a line
-  break outside parentheses and requires the next line to start ``name ::=``), and also accepts rules continued on
-  following lines (``| alt`` or more elements), as xgrammar does.
-Matching is over Unicode code points; the automaton takes UTF-8 bytes and refuses invalid UTF-8 (overlongs,
-surrogates, above U+10FFFF) as dead.
+* rules ``name ::= body`` (names ``[a-zA-Z0-9_-]+``), alternatives ``|``, sequences, groups ``( ... )``; ``()``,
+  ``""`` and an empty alternative are the empty string;
+* postfix ``*``, ``+``, ``?``, ``{m}``, ``{m,}``, ``{m,n}`` on any element (a string literal is one element);
+* literals ``"..."`` and classes ``[a-z_]``, ``[^"\\]`` with escapes ``\n \r \t \\ \" \[ \] \-
+  \xHH \uHHHH \UHHHHHHHH`` (``-`` before ``]`` is literal); ``.`` is any character, newline included;
+* ``#`` comments; whitespace, newlines included, separates elements anywhere, and a rule ends where the next
+  ``name ::=`` begins. llama.cpp reads every grammar it accepts the same way (it ends a rule at a line break outside
+  parentheses and wants ``name ::=`` next); rules continued on the next line (``| alt`` or more elements) are
+  accepted too, as xgrammar does.
+Matching is over Unicode code points read from UTF-8 bytes; invalid UTF-8 (overlongs, surrogates, past U+10FFFF)
+is dead as soon as it is certain.
 
-Not supported (ValueError at compile time): llama.cpp token references ``<[id]>`` / ``<tok>`` / ``!<...>`` (this
-grammar is over text), xgrammar's lookahead assertions ``(= ...)`` and macros (``TagDispatch``, ``Regex``,
-``Token``, ``ExcludeToken``, ``TokenTagDispatch``), ``{,n}`` (neither parser takes it). Also refused: undefined rules,
-a missing start rule, rules defined twice, left recursion (as llama.cpp: a rule that can reach itself before
-consuming a character, where that would leave work pending), rules that can never finish, an empty language,
-``{m,n}`` with m > n or expanding past :data:`MAX_GRAMMAR_ELEMENTS` elements.
+Refused with a ValueError at compile time (the message names the rule, with line:column for syntax errors): syntax
+errors; llama.cpp's token references ``<[id]>`` / ``!<...>`` (this grammar is over text); xgrammar's lookahead
+``(= ...)`` and macros (``TagDispatch``, ``Regex``, ``Token``, ...); ``{,n}`` (neither parser takes it); undefined
+rules, a missing start rule, rules defined twice; left recursion; rules that can never finish, an empty language;
+``{m,n}`` with m > n, or a grammar past :data:`MAX_GRAMMAR_ELEMENTS` elements once repetitions are expanded.
 
-Design: the pushdown approach of llama.cpp. Rules compile to alternatives of elements (a character class or a rule
-reference); repetitions become helper rules (``x{2,4}`` -> ``x x r2``, ``r2 ::= x r1 |``, ``r1 ::= x |``), each
-referencing ``x`` once so nesting stays linear in size. A parse position is a *stack* of element positions (each
-the next element to match in some alternative; the top is a character class), and a state is the frozenset of live
-stacks plus an unfinished UTF-8 sequence: a context-free language needs the stacks (a DFA cannot count brackets),
-and keeping all of them at once avoids backtracking. After a character every stack whose top class holds it moves
-on, and rule references on top are expanded until each top is a class or the stack is empty (= accepting); a
-reference that ends its alternative pops its frame first, so right recursion and ``x*`` do not grow the stacks.
-Equal states are equal values, and transitions and ``min_close`` are cached per state (bounded), so the token-trie
-walk repeats little work. ``min_close`` is exact: each rule's minimum length in UTF-8 bytes is computed once (Knuth's
-shortest-derivation algorithm), each position's cost to the end of its alternative follows, and a stack's cost is
-the sum over its frames; alternatives that can never finish are dropped, so every live stack can finish. Within a
-multi-byte character only stacks whose class holds some completion of the bytes so far are kept, so the cost is the
-bytes still owed plus the rest after that class.
+Design: llama.cpp's pushdown approach, since a context-free language needs a stack (a DFA cannot count brackets) and
+keeping every parse at once needs no backtracking. Rules compile to alternatives of elements (a character class or a
+rule reference); repetitions become helper rules (``x{2,4}`` -> ``x x r2``, ``r2 ::= x r1 |``, ``r1 ::= x |``) that
+refer to ``x`` once, so nesting stays linear in size. A *stack* is a tuple of positions, each the next element of
+some alternative, its top a class; a state is the frozenset of live stacks plus an unfinished UTF-8 character. On a
+character every stack whose top holds it moves on, and references on top are expanded until each top is a class or
+the stack is empty (= accepting); a reference that ends its alternative drops its frame first, so right recursion and
+``x*`` do not grow stacks. Equal states are equal values; transitions and ``min_close`` are cached per state
+(bounded), so the token-trie walk repeats little work. ``min_close`` is exact: each rule's shortest derivation in
+UTF-8 bytes is computed once (Knuth's algorithm), a position's cost is the rest of its alternative, a stack's the sum
+over its frames; alternatives that can never finish are dropped, so every live stack can finish. Within a multi-byte
+character only stacks whose class holds a completion of the bytes so far are kept, so its cost is the bytes still owed
+plus what follows that class.
 
-State explosion: a highly ambiguous grammar (e.g. ``x ::= "a" x "b" | "a" x "c" |``) can need exponentially many
-stacks for some inputs. That cannot be told in general from the grammar, so ``step`` raises ``ValueError`` when a
-state would hold more than :data:`MAX_STACKS` stacks (the request fails rather than the server stalling).
+State explosion: a very ambiguous grammar (``x ::= "a" x "b" | "a" x "c" |``) can need exponentially many stacks for
+some inputs, which cannot be told from the grammar in general; ``step`` then raises ``ValueError`` once a state would
+hold more than :data:`MAX_STACKS` stacks, so the request fails instead of stalling the server.
 """
 
 from __future__ import annotations
 
 import heapq
+import re
 from bisect import bisect_right
+from itertools import accumulate
 
 __all__ = ["GbnfAutomaton", "MAX_GRAMMAR_ELEMENTS", "MAX_STACKS"]
 
 MAX_CP = 0x10FFFF
 MAX_GRAMMAR_ELEMENTS = 100_000  # elements in all rules after repetitions are expanded
 MAX_STACKS = 10_000  # stacks one state may hold before step() gives up
-_CACHE_LIMIT = 200_000  # cached transitions / min_close values, cleared when full (states stay valid)
+_CACHE_LIMIT = 20_000  # states whose transitions / min_close are cached; cleared when full (states stay valid)
 _INF = float("inf")
-_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+_NAME = re.compile(r"[a-zA-Z0-9_-]+")
+_RULE_HEAD = re.compile(r"([a-zA-Z0-9_-]+)[ \t]*::=")  # llama.cpp allows no line break before ::=
+_SPACE = re.compile(r"(?:[ \t\r\n]|#[^\n]*)*")
+_DIGITS = re.compile(r"[0-9]+")
 _ESCAPES = {"n": 0x0A, "r": 0x0D, "t": 0x09, "\\": 0x5C, '"': 0x22, "[": 0x5B, "]": 0x5D, "-": 0x2D}
 _HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+_POSTFIX = {"*": (0, None), "+": (1, None), "?": (0, 1)}
 _XGRAMMAR_MACROS = frozenset({"TagDispatch", "TokenTagDispatch", "Token", "ExcludeToken", "Regex"})
 _UTF8_LOWEST = {2: 0x80, 3: 0x800, 4: 0x10000}  # below these a sequence of that length is an overlong
 _MISSING = object()
@@ -99,14 +103,13 @@ def _utf8_len(cp: int) -> int:
 class _Parser:
     """Recursive descent over the grammar text. A rule body is a list of alternatives, each a list of elements: a
     class id ``c >= 0`` or a rule reference ``~rule_id`` (negative). Groups with several alternatives and
-    repetitions become helper rules named ``<rule>_<id>``."""
+    repetitions become helper rules, reported under the name of the rule they were made in."""
 
     def __init__(self, text: str):
         self.text = text
         self.pos = 0
         self.rule: str | None = None  # the rule being parsed, for messages and helper names
         self.ids: dict[str, int] = {}
-        self.names: list[str] = []
         self.owner: list[str] = []  # the user rule each rule belongs to (helpers: the rule they were made in)
         self.bodies: list[list[list[int]] | None] = []
         self.first_use: dict[int, tuple[int, str | None]] = {}  # rule id -> where it is first referenced, and by
@@ -126,48 +129,23 @@ class _Parser:
         return self.text[self.pos + k: self.pos + k + 1]
 
     def skip_space(self) -> None:
-        text, n = self.text, len(self.text)
-        while self.pos < n:
-            if text[self.pos] in " \t\r\n":
-                self.pos += 1
-            elif text[self.pos] == "#":
-                end = text.find("\n", self.pos)
-                self.pos = n if end < 0 else end
-            else:
-                return
-
-    def name_end(self, pos: int) -> int:
-        while pos < len(self.text) and self.text[pos] in _NAME_CHARS:
-            pos += 1
-        return pos
-
-    def at_rule_definition(self) -> bool:
-        """Whether ``name ::=`` starts here (which ends the rule before it)."""
-        end = self.name_end(self.pos)
-        if end == self.pos:
-            return False
-        while self.text[end: end + 1] in (" ", "\t"):
-            end += 1
-        return self.text.startswith("::=", end)
+        self.pos = _SPACE.match(self.text, self.pos).end()
 
     def rule_id(self, name: str) -> int:
         rid = self.ids.get(name)
         if rid is None:
-            rid = self.ids[name] = self.new_rule(name, owner=name)
+            rid = self.ids[name] = self.new_rule(owner=name)
         return rid
 
-    def new_rule(self, name: str | None = None, owner: str | None = None, body=None) -> int:
-        rid = len(self.names)
-        self.names.append(name or f"{self.rule}_{rid}")
+    def new_rule(self, owner: str | None = None, body=None) -> int:
         self.owner.append(owner or self.rule or "")
         self.bodies.append(body)
-        return rid
+        return len(self.bodies) - 1
 
     def grow(self, n: int, pos: int) -> None:
         self.size += n
         if self.size > MAX_GRAMMAR_ELEMENTS:
-            self.fail(f"the grammar expands to more than {MAX_GRAMMAR_ELEMENTS} elements (repetition bounds too large?)",
-                      pos)
+            self.fail(f"the grammar expands to more than {MAX_GRAMMAR_ELEMENTS} elements (repetitions too large?)", pos)
 
     def class_id(self, ranges: Ranges) -> int:
         cid = self.class_ids.get(ranges)
@@ -185,16 +163,14 @@ class _Parser:
 
     def parse_rule(self) -> None:
         start = self.pos
-        end = self.name_end(start)
-        if end == start:
-            self.fail(f"expected a rule name, got {self.text[start]!r}")
-        name = self.text[start:end]
-        self.pos = end
-        while self.peek() in (" ", "\t"):
-            self.pos += 1
-        if not self.text.startswith("::=", self.pos):
-            self.fail(f"expected '::=' after the rule name '{name}'")
-        self.pos += 3
+        head = _RULE_HEAD.match(self.text, start)
+        if head is None:
+            name = _NAME.match(self.text, start)
+            if name is None:
+                self.fail(f"expected a rule name, got {self.peek()!r}")
+            self.pos = _SPACE.match(self.text, name.end()).end()
+            self.fail(f"expected '::=' after the rule name '{name.group()}'")
+        name, self.pos = head.group(1), head.end()
         rid = self.rule_id(name)
         if self.bodies[rid] is not None:
             self.fail(f"rule '{name}' is defined twice", start)
@@ -216,21 +192,15 @@ class _Parser:
         seq: list[int] = []
         while True:
             self.skip_space()
-            if self.peek() in ("", "|", ")") or self.at_rule_definition():
-                return seq
+            if self.peek() in ("", "|", ")") or _RULE_HEAD.match(self.text, self.pos):
+                return seq  # a rule ends where the next "name ::=" begins
             atom = self.parse_atom()
-            while True:
+            while True:  # postfix operators, each applying to the result of the ones before (as llama.cpp)
                 self.skip_space()
                 c, at = self.peek(), self.pos
-                if c == "*":
+                if c in _POSTFIX:
                     self.pos += 1
-                    atom = self.repeat(atom, 0, None, at)
-                elif c == "+":
-                    self.pos += 1
-                    atom = self.repeat(atom, 1, None, at)
-                elif c == "?":
-                    self.pos += 1
-                    atom = self.repeat(atom, 0, 1, at)
+                    atom = self.repeat(atom, *_POSTFIX[c], at)
                 elif c == "{":
                     atom = self.repeat(atom, *self.parse_bounds(), at)
                 else:
@@ -271,10 +241,9 @@ class _Parser:
             return [~self.new_rule(body=alts)]
         if c in ("<", "!"):
             self.fail("token references (<...>, !<...>) are not supported: this grammar is over text")
-        if c and c in _NAME_CHARS:
-            end = self.name_end(start)
-            name = self.text[start:end]
-            self.pos = end
+        name_match = _NAME.match(self.text, start)
+        if name_match:
+            name, self.pos = name_match.group(), name_match.end()
             if name in _XGRAMMAR_MACROS:
                 self.skip_space()
                 if self.peek() == "(":
@@ -331,14 +300,12 @@ class _Parser:
         return self.class_id(_complement(ranges) if negated else _normalise(ranges))
 
     def parse_int(self) -> int:
-        end = self.pos
-        while self.text[end: end + 1].isdigit() and self.text[end].isascii():
-            end += 1
-        if end == self.pos:
+        digits = _DIGITS.match(self.text, self.pos)
+        if digits is None:
             self.fail("expected an integer in the repetition bounds")
-        value, self.pos = int(self.text[self.pos: end]), end
+        self.pos = digits.end()
         self.skip_space()
-        return value
+        return int(digits.group())
 
     def parse_bounds(self) -> tuple[int, int | None]:
         start = self.pos
@@ -365,11 +332,7 @@ class _Parser:
         """``atom{lo,hi}`` (hi None: unbounded) as elements, with helper rules for the optional copies."""
         if not atom:  # "" repeated is still ""
             return []
-        cost = lo + 2 * ((hi - lo) if hi is not None else 1) + 1
-        if cost > MAX_GRAMMAR_ELEMENTS:
-            self.fail(f"repetition {{{lo},{'' if hi is None else hi}}} expands to more than "
-                      f"{MAX_GRAMMAR_ELEMENTS} elements", at)
-        self.grow(cost, at)
+        self.grow(lo + 2 * ((hi - lo) if hi is not None else 1) + 1, at)  # before building anything
         item = atom[0] if len(atom) == 1 else ~self.new_rule(body=[atom])
         out = [item] * lo
         if hi is None:
@@ -458,14 +421,15 @@ class GbnfAutomaton:
             raise ValueError("gbnf: the grammar is empty")
         parser = _Parser(grammar_text)
         parser.parse()
-        names, bodies = parser.names, parser.bodies
+        bodies = parser.bodies
         root = parser.ids.get(start)
         if root is None or bodies[root] is None:
             raise ValueError(f"gbnf: the grammar has no rule '{start}' (the start rule)")
         for rid, body in enumerate(bodies):
             if body is None:
                 pos, user = parser.first_use[rid]
-                raise ValueError(f"gbnf: undefined rule '{names[rid]}' (used at {parser.where(pos)} in rule '{user}')")
+                raise ValueError(f"gbnf: undefined rule '{parser.owner[rid]}' (used at {parser.where(pos)} in rule "
+                                 f"'{user}')")
         class_len = [_utf8_len(r[0][0]) if r else _INF for r in parser.classes]
         length = _min_lengths(bodies, class_len)
         self._check_left_recursion(bodies, length, parser.owner)
@@ -500,15 +464,11 @@ class GbnfAutomaton:
             for alt in bodies[rid]:
                 if any(cost(e) == _INF for e in alt):
                     continue
-                base, total = len(self._next), 0
-                for i, e in enumerate(alt):
-                    self._cls.append(e if e >= 0 else -1)
-                    self._ref.append(~e if e < 0 else -1)
-                    self._next.append(base + i + 1 if i + 1 < len(alt) else -1)
-                    self._rest.append(0)
-                for i in range(len(alt) - 1, -1, -1):
-                    total += int(cost(alt[i]))
-                    self._rest[base + i] = total
+                base = len(self._next)
+                self._cls += [e if e >= 0 else -1 for e in alt]
+                self._ref += [~e if e < 0 else -1 for e in alt]
+                self._next += [base + i for i in range(1, len(alt))] + [-1] * bool(alt)
+                self._rest += reversed(list(accumulate(int(cost(e)) for e in reversed(alt))))
                 firsts.append(base if alt else -1)
             self._alts[rid] = tuple(dict.fromkeys(firsts))
         self._after = [r - (class_len[c] if c >= 0 else 0) for r, c in zip(self._rest, self._cls)]
@@ -516,8 +476,7 @@ class GbnfAutomaton:
         self._lows = [[lo for lo, _ in r] for r in parser.classes]
         self._ascii = [sum(1 << cp for lo, hi in r if lo < 0x80 for cp in range(lo, min(hi, 0x7F) + 1))
                        for r in parser.classes]
-        self.rule_count = len(bodies)
-        self._steps: dict = {}
+        self._rows: dict = {}  # state -> its 256 transitions, filled on use
         self._closes: dict = {}
         self._interned: dict = {}
         stacks: set[tuple[int, ...]] = set()
@@ -558,12 +517,15 @@ class GbnfAutomaton:
     def _close(self, stack: tuple[int, ...], out: set, seen: set) -> None:
         """Expand rule references on top of ``stack`` until every top is a class (or the stack is empty), into
         ``out``; ``seen`` is shared within one step so each stack is expanded once."""
-        todo = [stack]
+        todo, height = [stack], len(stack) + len(self._alts) + 1  # more frames would mean missed left recursion
         while todo:
             s = todo.pop()
             if s in seen:
                 continue
             seen.add(s)
+            if len(out) > MAX_STACKS or len(seen) > 8 * MAX_STACKS or len(s) > height:
+                raise ValueError(f"gbnf: the grammar is too ambiguous for this output: more than {MAX_STACKS} parse "
+                                 "stacks at once")
             if s and self._ref[s[-1]] >= 0:
                 top = s[-1]
                 nxt = self._next[top]
@@ -571,9 +533,6 @@ class GbnfAutomaton:
                 todo.extend(base + (f,) if f >= 0 else base for f in self._alts[self._ref[top]])
             else:
                 out.add(s)
-        if len(out) > MAX_STACKS:
-            raise ValueError(f"gbnf: the grammar is too ambiguous for this output: more than {MAX_STACKS} parse "
-                             "stacks at once")
 
     def _in_class(self, cid: int, cp: int) -> bool:
         if cp < 0x80:
@@ -629,14 +588,15 @@ class GbnfAutomaton:
 
     def step(self, state, byte: int):
         """The state after one more byte, or None when no sentence of the grammar starts with the bytes so far."""
-        key = (state, byte)
-        hit = self._steps.get(key, _MISSING)
-        if hit is _MISSING:
-            hit = self._step(state, byte)
-            if len(self._steps) >= _CACHE_LIMIT:
-                self._steps.clear()
+        row = self._rows.get(state)
+        if row is None:
+            if len(self._rows) >= _CACHE_LIMIT:
+                self._rows.clear()
                 self._interned.clear()
-            self._steps[key] = hit
+            row = self._rows[state] = [_MISSING] * 256
+        hit = row[byte]
+        if hit is _MISSING:
+            hit = row[byte] = self._step(state, byte)
         return hit
 
     @staticmethod

@@ -80,6 +80,9 @@ REGULAR = [
     ('root ::= "x" (| "y") () "" "z"{0} [^\\U00010000-\\U0010FFFF]{0,2}',
      r"xy?[^\U00010000-\U0010FFFF]{0,2}", "xyz€🙂"),
     ('root ::= "" | [\\u0100-\\U0010FFFF]+ "\\U0001F642"', r"|[\u0100-\U0010FFFF]+\U0001F642", "aĀ€🙂\U0010FFFF"),
+    # llama.cpp's conventions: a list of lines, and whitespace as right recursion
+    ('root ::= item+\nitem ::= "- " [^\\r\\n\\u2028]+ "\\n"', r"(?:- [^\r\n\u2028]+\n)+", "- ab\r\n\u2028é"),
+    ('root ::= "[" ws ("x" ws)* "]"\nws ::= ([ \\t] ws)?', r"\[[ \t]*(?:x[ \t]*)*\]", "[x] \t"),
 ]
 
 
@@ -171,7 +174,7 @@ def test_json_states_merge_and_hash():
     auto = compiled(JSON_GBNF)
     a, b = feed(auto, b'{"key": "ab'), feed(auto, b'{"key": "\\n\xc3\xa9')
     assert a == b and hash(a) == hash(b)  # string contents do not matter to the parser
-    assert {a: 1}[b] == 1
+    assert {a: 1}[b] == 1 and auto.string_room(a) is False
     deep = feed(auto, b"[" * 200)
     assert auto.min_close(deep) == 200 and accepts(auto, "[" * 200 + "]" * 200)
 
