@@ -108,7 +108,7 @@ class _Parser:
     def __init__(self, text: str):
         self.text = text
         self.pos = 0
-        self.rule: str | None = None  # the rule being parsed, for messages and helper names
+        self.rule: str | None = None  # the rule being parsed, for messages and as the owner of helper rules
         self.ids: dict[str, int] = {}
         self.owner: list[str] = []  # the user rule each rule belongs to (helpers: the rule they were made in)
         self.bodies: list[list[list[int]] | None] = []
@@ -457,7 +457,7 @@ class GbnfAutomaton:
         self._cls: list[int] = []
         self._ref: list[int] = []
         self._next: list[int] = []
-        self._rest: list[int] = []  # bytes from p (inclusive) to the end of its alternative, at least
+        self._rest: list[int] = []  # the fewest bytes from p (inclusive) to the end of its alternative
         self._alts: list[tuple[int, ...]] = [()] * len(bodies)  # first positions per rule (-1: empty alternative)
         for rid in reachable:
             firsts = []
