@@ -38,6 +38,9 @@ def _engine_args(p) -> None:
     fmt.add_argument("--json-object", action="store_true", help="structured output: the answer is one JSON object")
     fmt.add_argument("--choice", action="append", default=None, metavar="TEXT",
                      help="structured output: the answer is exactly one of these strings (repeatable)")
+    fmt.add_argument("--grammar", default=None, metavar="FILE_OR_GBNF",
+                     help="structured output: the answer is a sentence of this GBNF grammar (a file, e.g. "
+                          "json.gbnf, or the grammar's text; start rule root)")
     fmt.add_argument("--regex", default=None, metavar="PATTERN",
                      help="structured output: the whole answer matches this regular expression (Python syntax, "
                           "ASCII \\d \\w \\s)")
@@ -82,6 +85,11 @@ def _structured(args):
         return StructuredOutputsParams(choice=args.choice)
     if args.regex is not None:
         return StructuredOutputsParams(regex=args.regex)  # an unsupported pattern: ValueError when added
+    if args.grammar is not None:
+        text = args.grammar
+        if "::=" not in text:  # a path (a grammar's text has rules)
+            text = Path(text).read_text(encoding="utf-8")  # OSError: one line from glm5's main
+        return StructuredOutputsParams(grammar=text)
     if args.json_schema is None:
         return None
     text = args.json_schema

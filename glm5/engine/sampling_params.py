@@ -23,6 +23,8 @@ class StructuredOutputsParams:
     choice: a list of strings; the output is exactly one of them.
     regex: a regular expression the whole output matches (Python syntax, ASCII classes; see
         :mod:`glm5.structured.regex` for what is supported).
+    grammar: a GBNF grammar (llama.cpp's syntax, start rule ``root``) the whole output is a sentence of (see
+        :mod:`glm5.structured.gbnf`).
 
     Either way the output ends with EOS within ``max_tokens`` (the grammar closes strings and containers in
     time). When the prompt opened ``<think>`` (the chat template with thinking on), reasoning comes first.
@@ -32,12 +34,14 @@ class StructuredOutputsParams:
     json_object: bool = False
     choice: list[str] | None = None
     regex: str | None = None
+    grammar: str | None = None
 
     def __post_init__(self):
-        given = [self.json is not None, bool(self.json_object), self.choice is not None, self.regex is not None]
+        given = [self.json is not None, bool(self.json_object), self.choice is not None, self.regex is not None,
+                 self.grammar is not None]
         if sum(given) != 1:
-            raise ValueError("structured_outputs: give exactly one of json (a schema), json_object=True, choice and "
-                             "regex")
+            raise ValueError("structured_outputs: give exactly one of json (a schema), json_object=True, choice, "
+                             "regex and grammar")
         if isinstance(self.json, str):
             try:
                 object.__setattr__(self, "json", json.loads(self.json))
@@ -49,17 +53,18 @@ class StructuredOutputsParams:
             if isinstance(self.choice, str) or not self.choice or not all(isinstance(c, str) and c for c in self.choice):
                 raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
             object.__setattr__(self, "choice", list(self.choice))
-        if self.regex is not None and not isinstance(self.regex, str):
-            raise ValueError(f"structured_outputs.regex must be a string, got {type(self.regex).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"structured_outputs.{name} must be a string, got {type(value).__name__}")
 
     @property
     def constraint(self) -> tuple[str, Any]:
         """(kind, value) for :meth:`glm5.structured.GrammarCache.get`: ("json", schema or None for any object),
-        ("choice", strings) or ("regex", pattern)."""
-        if self.choice is not None:
-            return "choice", self.choice
-        if self.regex is not None:
-            return "regex", self.regex
+        ("choice", strings), ("regex", pattern) or ("grammar", GBNF text)."""
+        for kind in ("choice", "regex", "grammar"):
+            if getattr(self, kind) is not None:
+                return kind, getattr(self, kind)
         return "json", self.json
 
 

@@ -20,6 +20,7 @@ MAX_N = 16
 MAX_TOP_LOGPROBS = 20
 MAX_STOP = 16
 MAX_PATTERN_CHARS = 16_384  # structured_outputs.regex
+MAX_GRAMMAR_CHARS = 65_536  # structured_outputs.grammar
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_.\-]{1,64}$"
 
 
@@ -140,24 +141,23 @@ class ResponseFormat(_Closed):
 
 class StructuredOutputs(_Closed):
     """vLLM's ``structured_outputs`` request field (sent through the OpenAI client's ``extra_body``): exactly one
-    of ``json`` (a JSON Schema), ``json_object: true``, ``choice`` (the text is one of these strings) and ``regex``
-    (the text fully matches it). ``grammar`` / ``structural_tag`` are refused, not ignored: an unconstrained answer
-    would look like a constrained one."""
+    of ``json`` (a JSON Schema), ``json_object: true``, ``choice`` (the text is one of these strings), ``regex``
+    (the text fully matches it) and ``grammar`` (GBNF: the text is a sentence of it). ``structural_tag`` is refused,
+    not ignored: an unconstrained answer would look like a constrained one."""
 
     json_schema: dict[str, Any] | bool | str | None = Field(None, alias="json")
     json_object: bool | None = None
     choice: list[Annotated[str, Field(min_length=1, max_length=1024)]] | None = Field(None, min_length=1,
                                                                                       max_length=1024)
     regex: str | None = Field(None, max_length=MAX_PATTERN_CHARS)
-    grammar: Any = None
+    grammar: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS)
     structural_tag: Any = None
 
     @model_validator(mode="after")
     def _checks(self):
-        for name in ("grammar", "structural_tag"):
-            if getattr(self, name) is not None:
-                raise ValueError(f"structured_outputs.{name} is not supported (json, json_object, choice and regex "
-                                 "are)")
+        if self.structural_tag is not None:
+            raise ValueError("structured_outputs.structural_tag is not supported (json, json_object, choice, regex and "
+                             "grammar are)")
         if isinstance(self.json_schema, str):
             try:
                 self.json_schema = json.loads(self.json_schema)
@@ -165,18 +165,19 @@ class StructuredOutputs(_Closed):
                 raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
             if not isinstance(self.json_schema, (dict, bool)):
                 raise ValueError("structured_outputs.json must be a JSON Schema object")
-        given = [self.json_schema is not None, bool(self.json_object), self.choice is not None, self.regex is not None]
+        given = [self.json_schema is not None, bool(self.json_object), self.choice is not None, self.regex is not None,
+                 self.grammar is not None]
         if given.count(True) != 1:
-            raise ValueError("structured_outputs needs exactly one of json, json_object (true), choice and regex")
+            raise ValueError("structured_outputs needs exactly one of json, json_object (true), choice, regex and "
+                             "grammar")
         return self
 
     @property
     def constraint(self) -> tuple[str, Any]:
         """(kind, value), as :meth:`glm5.structured.GrammarCache.get` takes it."""
-        if self.choice is not None:
-            return "choice", self.choice
-        if self.regex is not None:
-            return "regex", self.regex
+        for kind in ("choice", "regex", "grammar"):
+            if getattr(self, kind) is not None:
+                return kind, getattr(self, kind)
         return "json", self.json_schema
 
 
@@ -223,13 +224,14 @@ class _Sampling(_Open):
                                                     "alternatives); not with stream")
     response_format: ResponseFormat | None = None  # chat's field; on completions vLLM's extension
     structured_outputs: StructuredOutputs | None = Field(None, description="vLLM extension: json / json_object / "
-                                                                           "choice / regex")
+                                                                           "choice / regex / grammar")
     guided_json: dict[str, Any] | bool | str | None = Field(None, description="vLLM's older name for "
                                                                               "structured_outputs.json")
     guided_choice: list[str] | None = Field(None, description="vLLM's older name for structured_outputs.choice")
     guided_regex: str | None = Field(None, max_length=MAX_PATTERN_CHARS,
                                      description="vLLM's older name for structured_outputs.regex")
-    guided_grammar: Any = None
+    guided_grammar: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS,
+                                       description="vLLM's older name for structured_outputs.grammar")
 
     @field_validator("stop")
     @classmethod
@@ -257,17 +259,14 @@ class _Sampling(_Open):
 
     @model_validator(mode="after")
     def _sampling_checks(self):  # not `_checks`: the request classes' own validators have that name
-        if self.guided_grammar is not None:
-            raise ValueError("guided_grammar is not supported (structured outputs: json, json_object, choice and "
-                             "regex)")
         legacy = {}
-        for name in ("json", "choice", "regex"):
+        for name in ("json", "choice", "regex", "grammar"):
             if getattr(self, f"guided_{name}") is not None:
                 legacy[name] = getattr(self, f"guided_{name}")
         rf = self.response_format is not None and self.response_format.type != "text"
         if rf + (self.structured_outputs is not None) + len(legacy) > 1:
-            raise ValueError("give one output constraint: response_format, structured_outputs, guided_json, "
-                             "guided_choice or guided_regex")
+            raise ValueError("give one output constraint: response_format, structured_outputs or one guided_* "
+                             "field")
         if legacy:
             self.structured_outputs = StructuredOutputs(**legacy)
         if self.stream_options is not None and not self.stream:
@@ -278,8 +277,7 @@ class _Sampling(_Open):
 
     @property
     def output_constraint(self) -> tuple[str, Any] | None:
-        """("json", schema or None for any object), ("choice", strings) or ("regex", pattern), from whichever field
-        set it."""
+        """(kind, value) as :meth:`glm5.structured.GrammarCache.get` takes it, from whichever field set it."""
         rf, so = self.response_format, self.structured_outputs
         if rf is not None and rf.type != "text":
             return "json", rf.json_schema["schema"] if rf.type == "json_schema" else None

@@ -7,8 +7,9 @@ through :class:`ConstrainedLogitsProcessor`:
 * one JSON object, or a document a JSON Schema accepts (:class:`JsonGrammar`, schemas compiled by
   :func:`compile_schema`): ``SamplingParams(structured_outputs=StructuredOutputsParams(json=schema))`` offline,
   ``response_format`` on the server;
-* exactly one of a few strings (:mod:`glm5.structured.choice`) or a full match of a regular expression
-  (:mod:`glm5.structured.regex`): ``StructuredOutputsParams(choice=...)`` / ``(regex=...)``;
+* exactly one of a few strings (:mod:`glm5.structured.choice`), a full match of a regular expression
+  (:mod:`glm5.structured.regex`) or a sentence of a GBNF grammar (:mod:`glm5.structured.gbnf`):
+  ``StructuredOutputsParams(choice=...)`` / ``(regex=...)`` / ``(grammar=...)``;
 * GLM-5 tool calls of given tools with schema-checked arguments (:class:`ToolCallGrammar`): the server's
   ``tool_choice: "required"`` / a named tool.
 

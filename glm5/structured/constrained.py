@@ -47,6 +47,7 @@ from glm5.tokenizer import special_tokens as st
 from glm5.tokenizer.detokenize import byte_level_char_to_byte
 
 from .choice import ChoiceAutomaton
+from .gbnf import GbnfAutomaton
 from .json_automaton import _STR, START, json_accepts, json_complete, json_min_close, json_step
 from .json_schema import SchemaAutomaton, compile_schema
 from .regex import RegexAutomaton
@@ -386,10 +387,16 @@ class GrammarCache:
         return self._get(("regex", pattern, thinking),
                          lambda: JsonGrammar(self.vocab, thinking=thinking, schema=RegexAutomaton(pattern)))
 
+    def grammar(self, text: str, thinking: bool = False) -> JsonGrammar:
+        """The grammar of "the text is one sentence of this GBNF grammar" (ValueError for what
+        :mod:`glm5.structured.gbnf` does not support)."""
+        return self._get(("grammar", text, thinking),
+                         lambda: JsonGrammar(self.vocab, thinking=thinking, schema=GbnfAutomaton(text)))
+
     def get(self, kind: str, value: Any, thinking: bool = False) -> JsonGrammar:
         """The grammar of a constraint given as (kind, value): ("json", schema or None for any object), ("choice",
-        strings) or ("regex", pattern)."""
-        build = {"json": self.json, "choice": self.choice, "regex": self.regex}.get(kind)
+        strings), ("regex", pattern) or ("grammar", GBNF text)."""
+        build = {"json": self.json, "choice": self.choice, "regex": self.regex, "grammar": self.grammar}.get(kind)
         if build is None:
             raise ValueError(f"unknown structured output kind {kind!r}")
         return build(value, thinking)

@@ -143,3 +143,32 @@ def test_regex_output_fully_matches(llm, nano_dir, capsys):
     assert re.fullmatch("[A-Z]{2}-[0-9]{3}", capsys.readouterr().out.strip())
     assert main(["generate", "--model", str(nano_dir), "--prompt", "x", "--regex", "(a"]) == 2
     assert "missing ')'" in capsys.readouterr().err
+
+
+def test_gbnf_grammar_output_is_a_sentence(llm, nano_dir, tmp_path, capsys):
+    from glm5.structured.gbnf import GbnfAutomaton
+
+    grammar = 'root ::= "[" item ("," item){0,3} "]"\nitem ::= [a-z]{1,4} | "\\"" [0-9]+ "\\""\n'
+    auto = GbnfAutomaton(grammar)
+
+    def accepted(text):
+        s = auto.start()
+        for b in text.encode():
+            s = auto.step(s, b)
+            if s is None:
+                return False
+        return auto.complete(s)
+
+    params = SamplingParams(n=4, temperature=1.5, seed=1, max_tokens=40,
+                            structured_outputs=StructuredOutputsParams(grammar=grammar))
+    outs = llm.generate(["A list:"], params, use_tqdm=False)[0].outputs
+    assert all(accepted(c.text) and c.finish_reason == "stop" for c in outs), [c.text for c in outs]
+    with pytest.raises(ValueError, match="undefined"):
+        llm.generate("x", SamplingParams(structured_outputs=StructuredOutputsParams(grammar="root ::= item")))
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams(grammar=grammar, regex="a")
+    path = tmp_path / "list.gbnf"
+    path.write_text(grammar)
+    assert main(["generate", "--model", str(nano_dir), "--prompt", "List:", "--temperature", "1", "--seed", "4",
+                 "--max-tokens", "30", "--grammar", str(path)]) == 0
+    assert accepted(capsys.readouterr().out.strip("\n"))

@@ -106,7 +106,10 @@ def test_unknown_model_is_404(client, http):
         "type": "object", "properties": {"k": {"type": "string"}}, "required": ["k"]}}}], "tool_choice": "required",
       "max_tokens": 2}, "max_tokens"),
     # vLLM's structured_outputs / guided_*: what the grammar cannot enforce is refused, never silently ignored
-    ({"messages": HI, "structured_outputs": {"grammar": "root ::= 'a'"}}, "structured_outputs"),
+    ({"messages": HI, "structured_outputs": {"structural_tag": {"x": 1}}}, "structured_outputs"),
+    ({"messages": HI, "structured_outputs": {"grammar": "root ::= 'a'"}}, "structured_outputs.grammar"),  # GBNF: "a"
+    ({"messages": HI, "structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs.grammar"),  # undefined
+    ({"messages": HI, "structured_outputs": {"grammar": "root ::= \"a\"", "regex": "a"}}, "structured_outputs"),
     ({"messages": HI, "structured_outputs": {"regex": "(a"}}, "structured_outputs.regex"),
     ({"messages": HI, "structured_outputs": {"regex": "a(?=b)"}}, "structured_outputs.regex"),
     ({"messages": HI, "structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
@@ -120,7 +123,8 @@ def test_unknown_model_is_404(client, http):
     ({"messages": HI, "guided_regex": "(a"}, "structured_outputs.regex"),
     ({"messages": HI, "guided_regex": 5}, "guided_regex"),
     ({"messages": HI, "guided_regex": "a", "guided_choice": ["a"]}, None),
-    ({"messages": HI, "guided_grammar": "root ::= 'a'"}, None),
+    ({"messages": HI, "guided_grammar": "root ::= root \"a\" | \"a\""}, "structured_outputs.grammar"),  # left rec.
+    ({"messages": HI, "guided_grammar": ["root ::= \"a\""]}, "guided_grammar"),
     ({"messages": HI, "guided_choice": ["a"], "response_format": {"type": "json_object"}}, None),
     ({"messages": HI, "structured_outputs": {"choice": ["abcdef"]}, "max_tokens": 3}, "max_tokens"),
 ])

@@ -232,6 +232,34 @@ def test_vllm_structured_outputs_regex(client):
     assert all(re.fullmatch("[A-Z]{2}-[0-9]{3,5}", c.text) for c in r.choices), [c.text for c in r.choices]
 
 
+ARITHMETIC = r"""
+root ::= expr
+expr ::= term (("+" | "-") term)*
+term ::= num | "(" expr ")"
+num  ::= [1-9] [0-9]{0,2}
+"""
+
+
+def test_vllm_structured_outputs_grammar(client):
+    """``structured_outputs.grammar`` and ``guided_grammar`` (GBNF): balanced arithmetic, which no regex can state."""
+    def well_formed(text):
+        depth = 0
+        for c in text:
+            depth += (c == "(") - (c == ")")
+            if depth < 0:
+                return False
+        return depth == 0 and re.fullmatch(r"[0-9+\-()]+", text) and eval(text) is not None  # noqa: S307
+
+    for seed in range(3):
+        r = client.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=30, seed=seed, temperature=1.5,
+                                           extra_body={"structured_outputs": {"grammar": ARITHMETIC},
+                                                       "thinking": {"type": "disabled"}})
+        assert r.choices[0].finish_reason == "stop" and well_formed(r.choices[0].message.content)
+    r = client.completions.create(model=MODEL_NAME, prompt="Sum:", max_tokens=30, n=3, seed=5, temperature=1.5,
+                                  extra_body={"guided_grammar": ARITHMETIC})
+    assert all(well_formed(c.text) for c in r.choices), [c.text for c in r.choices]
+
+
 def test_json_schema_property_order_is_the_schemas(client):
     """Compiled grammars are reused for repeated schemas; two schemas that differ only in property order are
     different grammars (the output follows each one's order)."""
