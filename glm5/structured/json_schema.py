@@ -233,9 +233,9 @@ FORMATS = {
 }
 
 
-def _string_regex(s: dict, lo, hi, path: str) -> RegexAutomaton:
+def _string_regex(s: dict, lo, hi, path: str, json_string: bool = True) -> RegexAutomaton:
     """The automaton of a string's ``pattern`` (found anywhere in the text, as JSON Schema says, unless anchored) or
-    ``format``, over the JSON string's body."""
+    ``format``, over the JSON string's body (``json_string``) or over the raw text."""
     if lo or hi is not None:
         raise SchemaError("pattern / format together with minLength / maxLength is not supported (bound the length in "
                           "the pattern instead, e.g. ^.{1,20}$)", path)
@@ -245,14 +245,22 @@ def _string_regex(s: dict, lo, hi, path: str) -> RegexAutomaton:
         fmt = s["format"]
         if fmt not in FORMATS:
             raise SchemaError(f"format {fmt!r} is not supported (supported: {', '.join(FORMATS)})", path)
-        return RegexAutomaton(FORMATS[fmt], json_string=True)
+        return RegexAutomaton(FORMATS[fmt], json_string=json_string)
     pattern = s["pattern"]
     if not isinstance(pattern, str):
         raise SchemaError("pattern must be a string", path)
     try:
-        return RegexAutomaton(pattern, search=True, json_string=True)
+        return RegexAutomaton(pattern, search=True, json_string=json_string)
     except ValueError as e:
         raise SchemaError(f"pattern: {e}", path) from None
+
+
+def raw_string_regex(s: dict, path: str = "#") -> RegexAutomaton | None:
+    """For a string schema written raw, not JSON-encoded (GLM-5's string tool arguments): the automaton of its
+    ``pattern`` / ``format``, None when it has neither. SchemaError as for :func:`compile_schema`."""
+    if "pattern" not in s and "format" not in s:
+        return None
+    return _string_regex(s, _count(s, "minLength", path), _count(s, "maxLength", path), path, json_string=False)
 
 
 def _count(s: dict, key: str, path: str):

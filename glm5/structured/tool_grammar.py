@@ -14,7 +14,8 @@ from glm5.tokenizer.tool_schema import ToolSchemas, ValueKind
 
 from .constrained import TokenVocab, _Grammar
 from .json_automaton import TYPE_MIN, TYPE_STARTS, VALUE, json_complete, json_min_close, json_step, value_start
-from .json_schema import SchemaAutomaton, SchemaError, compile_schema
+from .json_schema import SchemaAutomaton, SchemaError, compile_schema, raw_string_regex
+from .regex import RegexAutomaton
 
 __all__ = ["ToolCallGrammar"]
 
@@ -66,11 +67,11 @@ class ToolCallGrammar(_Grammar):
         return {}, frozenset(), {}
 
     # ---- value typing
-    def _value_schema(self, tool: str, key: str) -> SchemaAutomaton | frozenset[bytes] | None:
+    def _value_schema(self, tool: str, key: str) -> SchemaAutomaton | _RawText | frozenset[bytes] | None:
         """How an argument's value is constrained beyond its top-level type: a non-string value whose schema
         compiles (glm5.structured.json_schema) is checked in full; a string with ``enum``/``const`` strings must be
-        one of them (GLM-5 writes string values raw). Anything else (a schema using keywords the compiler refuses
-        included) keeps the top-level typing below."""
+        one of them, and one with ``pattern`` / ``format`` must match it (GLM-5 writes string values raw). Anything
+        else (a schema using keywords the compiler refuses included) keeps the top-level typing below."""
         ck = (tool, key)
         if ck not in self._value_schemas:
             prop, out = self.props[tool].get(key), None
@@ -85,12 +86,18 @@ class ToolCallGrammar(_Grammar):
                 if (isinstance(values, list) and values and all(isinstance(v, str) for v in values)
                         and not any(st.ARG_VALUE_END in v or st.TOOL_CALL_END in v for v in values)):
                     out = frozenset(v.encode("utf-8") for v in values)
+                else:
+                    try:
+                        regex = raw_string_regex(prop)
+                    except SchemaError:
+                        regex = None
+                    out = _RawText(regex) if regex is not None else None
             self._value_schemas[ck] = out
         return self._value_schemas[ck]
 
     def _value_mode(self, tool: str, key: str):
         vs = self._value_schema(tool, key)
-        if isinstance(vs, SchemaAutomaton):
+        if isinstance(vs, (SchemaAutomaton, _RawText)):
             return ("schema", vs.start())
         if vs is not None:
             return ("enum", b"")
@@ -345,3 +352,36 @@ class ToolCallGrammar(_Grammar):
 
             return self.vocab.walk(mode[1], step, fits)
         return []
+
+
+_CLOSERS = (st.ARG_VALUE_END.encode(), st.TOOL_CALL_END.encode())
+
+
+class _RawText:
+    """A raw string argument that must match a regex: the regex's automaton, with the bytes of ``</arg_value>`` /
+    ``</tool_call>`` refused inside the value (the output parser would end the value there). State: (regex state,
+    the longest tail of the value that begins one of those tags), so states stay as few as the regex's."""
+
+    def __init__(self, regex: RegexAutomaton):
+        self.regex = regex
+
+    def start(self):
+        return (self.regex.start(), b"")
+
+    def step(self, state, b: int):
+        r = self.regex.step(state[0], b)
+        if r is None:
+            return None
+        tail = state[1] + bytes([b])
+        if any(tail.endswith(c) for c in _CLOSERS):
+            return None
+        while tail and not any(c.startswith(tail) for c in _CLOSERS):
+            tail = tail[1:]
+        return (r, tail)
+
+    def complete(self, state) -> bool:
+        return self.regex.complete(state[0])
+
+    def min_close(self, state) -> int:
+        return self.regex.min_close(state[0])
+

@@ -162,3 +162,45 @@ def test_choice_grammar_random_walks_end_in_a_choice(tok, vocab, thinking):
         assert text in choices, text
         seen.add(text)
     assert len(seen) >= (3 if thinking else 4), seen  # reasoning spends budgets; tight ones force the shortest
+
+
+BOOKING_TOOLS = [{"type": "function", "function": {"name": "book", "parameters": {
+    "type": "object", "properties": {"day": {"type": "string", "format": "date"},
+                                     "code": {"type": "string", "pattern": "^[A-Z]{2}\\d{2}$"},
+                                     "note": {"type": "string", "pattern": "please"}},
+    "required": ["day", "code", "note"]}}}]
+
+
+@pytest.mark.parametrize("budget", [0, 10, 60])
+def test_tool_string_arguments_match_their_pattern_and_format(tok, vocab, budget):
+    """String arguments are written raw; with ``pattern`` / ``format`` they must match it, under any budget."""
+    import datetime
+    import re
+
+    grammar = ToolCallGrammar(vocab, BOOKING_TOOLS, names=["book"], parallel=False)
+    budget += grammar.min_close(grammar.start())
+    rng = random.Random(budget)
+    for _ in range(4):
+        ids = _run(grammar, vocab, budget, rng)
+        text = tok.decode(ids)
+        parsed = parse_output(text, BOOKING_TOOLS)
+        assert len(parsed.tool_calls) == 1 and not parsed.errors, (text, parsed.errors)
+        args = json.loads(parsed.tool_calls[0].arguments)
+        datetime.date.fromisoformat(args["day"])
+        assert re.fullmatch(r"[A-Z]{2}\d{2}", args["code"]) and "please" in args["note"], args
+
+
+def test_raw_string_arguments_never_contain_the_closing_tags():
+    from glm5.structured.regex import RegexAutomaton
+    from glm5.structured.tool_grammar import _RawText
+
+    raw = _RawText(RegexAutomaton("x", search=True))  # any text that contains an x
+    for bad, good in ((st.ARG_VALUE_END, "</arg_valuex"), (st.TOOL_CALL_END, "<</tool_callx")):
+        s = raw.start()
+        for b in ("x" + bad).encode():
+            s = raw.step(s, b) if s is not None else None
+        assert s is None
+        s = raw.start()
+        for b in good.encode():
+            s = raw.step(s, b)
+        assert raw.complete(s) and s[1] == b""
