@@ -30,7 +30,8 @@ How it works
 Limits (documented): which JSON Schema keywords are enforced is listed in :mod:`glm5.structured.json_schema` (others
 are refused). Tool argument values: a non-string value whose schema compiles there is checked against its whole
 schema, otherwise only its top-level type (``integer``/``number`` -> a JSON number, ``boolean``, ``null``,
-``object``, ``array``); string values are free text unless they have ``enum``/``const`` strings; union-typed
+``object``, ``array``); string values are free text unless they have ``enum``/``const`` strings or a
+``pattern`` / ``format``; union-typed
 values (e.g. string or null) are free text. Cost per step is a trie walk (fine for test vocabularies; with
 GLM-5's 154k vocabulary expect tens of ms per token inside long strings).
 """

@@ -25,8 +25,8 @@ class ToolCallGrammar(_Grammar):
 
     NAME is one of ``names`` (a named tool_choice gives one); KEY one of the tool's declared properties,
     each at most once, and ``</tool_call>`` only once the required ones are there; VALUE free text for
-    string/union/unknown-typed arguments (one of the ``enum`` strings when there are some), a JSON value of the
-    declared schema otherwise. ``parallel`` allows several calls. With ``thinking``, reasoning text and
+    string/union/unknown-typed arguments (one of the ``enum`` strings when there are some, a match of the
+    ``pattern`` / ``format`` when there is one), a JSON value of the declared schema otherwise. ``parallel`` allows several calls. With ``thinking``, reasoning text and
     ``</think>`` may come first.
     """
 
