@@ -1,5 +1,5 @@
 """Constrained decoding cost per generated token (not a test): ``json_object``, ``json_schema`` (plain, and with
-``format`` / ``pattern`` strings) and ``regex`` grammars on a
+``format`` / ``pattern`` strings), ``regex`` and GBNF ``grammar`` grammars on a
 byte-level BPE trained here on the default corpus, driven by random logits as a model's sampler would be.
 
     python3 benchmarks/bench_grammar.py --vocab 8192 32768
@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from glm5.data.corpus import default_corpus_files  # noqa: E402
 from glm5.structured.constrained import ConstrainedLogitsProcessor, JsonGrammar, TokenVocab  # noqa: E402
+from glm5.structured.gbnf import GbnfAutomaton  # noqa: E402
 from glm5.structured.json_schema import compile_schema  # noqa: E402
 from glm5.structured.regex import RegexAutomaton  # noqa: E402
 from glm5.tokenizer import train_bpe  # noqa: E402
@@ -34,6 +35,17 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", 
 FORMATTED = {"type": "object", "additionalProperties": False, "required": ["id", "at", "code", "note"], "properties": {
     "id": {"type": "string", "format": "uuid"}, "at": {"type": "string", "format": "date-time"},
     "code": {"type": "string", "pattern": "^[A-Z]{2}-\\d{3,6}$"}, "note": {"type": "string", "pattern": "[a-z ]{5,40}"}}}
+# one JSON object written as a GBNF grammar: the same language as json_object's built-in automaton, through the
+# general pushdown automaton instead
+JSON_GBNF = r"""
+root   ::= object
+value  ::= object | array | string | number | "true" | "false" | "null"
+object ::= "{" ws ( string ws ":" ws value ws ( "," ws string ws ":" ws value ws )* )? "}"
+array  ::= "[" ws ( value ws ( "," ws value ws )* )? "]"
+string ::= "\"" ( [^"\\\x00-\x1f] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} ) )* "\""
+number ::= "-"? ( "0" | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?
+ws     ::= [ \t\n]?
+"""
 REGEX = r"[A-Z][a-z]{1,20}( [A-Z][a-z]{1,20}){0,3}, \d{1,4} [A-Z][a-z]+ (St|Rd|Ave)\."
 
 
@@ -67,7 +79,8 @@ def main() -> int:
         for label, grammar in (("json_object", JsonGrammar(vocab)),
                                ("json_schema", JsonGrammar(vocab, schema=compile_schema(SCHEMA))),
                                ("json_schema, format/pattern", JsonGrammar(vocab, schema=compile_schema(FORMATTED))),
-                               ("regex", JsonGrammar(vocab, schema=RegexAutomaton(REGEX)))):
+                               ("regex", JsonGrammar(vocab, schema=RegexAutomaton(REGEX))),
+                               ("GBNF (JSON object)", JsonGrammar(vocab, schema=GbnfAutomaton(JSON_GBNF)))):
             for cache in ("cold", "warm"):
                 if cache == "cold":
                     grammar._cache.clear()
