@@ -49,9 +49,10 @@ import re
 from bisect import bisect_right
 from itertools import accumulate
 
+from .charset import MAX_CP, Ranges, complement, normalise
+
 __all__ = ["GbnfAutomaton", "MAX_GRAMMAR_ELEMENTS", "MAX_STACKS"]
 
-MAX_CP = 0x10FFFF
 MAX_GRAMMAR_ELEMENTS = 100_000  # elements in all rules after repetitions are expanded
 MAX_STACKS = 10_000  # stacks one state may hold before step() gives up
 _CACHE_LIMIT = 20_000  # states whose transitions / min_close are cached; cleared when full (states stay valid)
@@ -66,34 +67,6 @@ _POSTFIX = {"*": (0, None), "+": (1, None), "?": (0, 1)}
 _XGRAMMAR_MACROS = frozenset({"TagDispatch", "TokenTagDispatch", "Token", "ExcludeToken", "Regex"})
 _UTF8_LOWEST = {2: 0x80, 3: 0x800, 4: 0x10000}  # below these a sequence of that length is an overlong
 _MISSING = object()
-
-Ranges = tuple[tuple[int, int], ...]
-
-
-def _normalise(ranges) -> Ranges:
-    """Sorted, merged, surrogates removed (they have no UTF-8 encoding, so no output can contain them)."""
-    out: list[tuple[int, int]] = []
-    for lo, hi in sorted(ranges):
-        for a, b in ((lo, min(hi, 0xD7FF)), (max(lo, 0xE000), min(hi, MAX_CP))):
-            if a > b:
-                continue
-            if out and a <= out[-1][1] + 1:
-                out[-1] = (out[-1][0], max(out[-1][1], b))
-            else:
-                out.append((a, b))
-    return tuple(out)
-
-
-def _complement(ranges) -> Ranges:
-    out, nxt = [], 0
-    for lo, hi in _normalise(ranges):
-        if lo > nxt:
-            out.append((nxt, lo - 1))
-        nxt = hi + 1
-    if nxt <= MAX_CP:
-        out.append((nxt, MAX_CP))
-    return _normalise(out)
-
 
 def _utf8_len(cp: int) -> int:
     return 1 if cp < 0x80 else 2 if cp < 0x800 else 3 if cp < 0x10000 else 4
@@ -226,7 +199,7 @@ class _Parser:
         if c == ".":
             self.pos += 1
             self.grow(1, start)
-            return [self.class_id(_complement(()))]
+            return [self.class_id(complement(()))]
         if c == "(":
             if self.peek(1) == "=":
                 self.fail("lookahead assertions '(= ...)' (an xgrammar extension) are not supported")
@@ -297,7 +270,7 @@ class _Parser:
             ranges.append((lo, hi))
         self.pos += 1
         self.grow(1, start)
-        return self.class_id(_complement(ranges) if negated else _normalise(ranges))
+        return self.class_id(complement(ranges) if negated else normalise(ranges))
 
     def parse_int(self) -> int:
         digits = _DIGITS.match(self.text, self.pos)

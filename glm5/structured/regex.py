@@ -29,11 +29,12 @@ from __future__ import annotations
 import re
 from collections import deque
 
+from .charset import MAX_CP, complement, normalise, subtract
+
 __all__ = ["RegexAutomaton", "MAX_NFA_STATES", "MAX_REPEAT"]
 
 MAX_NFA_STATES = 50_000
 MAX_REPEAT = 1000
-MAX_CP = 0x10FFFF
 _TRANSITION_CACHE = 20_000  # DFA states whose transitions are kept; cleared when full (states stay valid)
 
 _DIGIT = [(0x30, 0x39)]
@@ -45,31 +46,6 @@ _SIMPLE_ESCAPES = {"n": 0x0A, "t": 0x09, "r": 0x0D, "f": 0x0C, "v": 0x0B, "a": 0
 
 
 # ================================================================================================ classes
-def _normalise(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, merged, surrogates removed (they have no UTF-8 encoding)."""
-    out: list[tuple[int, int]] = []
-    for lo, hi in sorted(ranges):
-        for a, b in ((lo, min(hi, 0xD7FF)), (max(lo, 0xE000), hi)):
-            if a > b:
-                continue
-            if out and a <= out[-1][1] + 1:
-                out[-1] = (out[-1][0], max(out[-1][1], b))
-            else:
-                out.append((a, b))
-    return out
-
-
-def _negate(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out, nxt = [], 0
-    for lo, hi in _normalise(ranges):
-        if lo > nxt:
-            out.append((nxt, lo - 1))
-        nxt = hi + 1
-    if nxt <= MAX_CP:
-        out.append((nxt, MAX_CP))
-    return _normalise(out)
-
-
 _JSON_ESCAPED = [(0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C)]
 _SHORT_ESCAPES = {0x22: b'\\"', 0x5C: b"\\\\", 0x08: b"\\b", 0x0C: b"\\f", 0x0A: b"\\n", 0x0D: b"\\r", 0x09: b"\\t"}
 
@@ -79,16 +55,11 @@ def _json_escape(cp: int) -> bytes:
     return _SHORT_ESCAPES.get(cp) or b"\\u%04x" % cp
 
 
-def _subtract(ranges: list[tuple[int, int]], remove: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    keep = _negate(remove)
-    return _normalise([(max(a, c), min(b, d)) for a, b in ranges for c, d in keep if max(a, c) <= min(b, d)])
-
-
 def _utf8_sequences(lo: int, hi: int) -> list[list[tuple[int, int]]]:
     """The code points ``lo..hi`` (surrogates skipped) as a list of byte-range sequences: every sequence is a list of
     (low, high) byte ranges, one per byte position, and the sequences' products are exactly the encodings."""
     out: list[list[tuple[int, int]]] = []
-    for lo, hi in _normalise([(lo, hi)]):  # surrogates have no encoding
+    for lo, hi in normalise([(lo, hi)]):  # surrogates have no encoding
         for top in (0x7F, 0x7FF, 0xFFFF, MAX_CP):  # split where the encoded length changes
             if lo > hi:
                 break
@@ -288,7 +259,7 @@ class _Parser:
                 ranges.append((lo, hi))
             else:
                 ranges.extend(lo_set)
-        out = _negate(ranges) if negate else _normalise(ranges)
+        out = complement(ranges) if negate else normalise(ranges)
         if not out:
             raise self.error("character class matches nothing")
         return out
@@ -310,9 +281,9 @@ class _Parser:
         self.i += 1
         classes = {"d": _DIGIT, "w": _WORD, "s": _SPACE}
         if c in classes:
-            return _normalise(classes[c])
+            return normalise(classes[c])
         if c.lower() in classes:
-            return _negate(classes[c.lower()])
+            return complement(classes[c.lower()])
         if c in _SIMPLE_ESCAPES:
             return [(_SIMPLE_ESCAPES[c],) * 2]
         if c == "b" and in_class:
@@ -372,7 +343,7 @@ class _Nfa:
             if self.json_string:  # '"', '\\' and control characters appear in a JSON string only escaped
                 escapes = [_json_escape(c) for lo, hi in ranges for c in range(lo, min(hi, 0x5C) + 1)
                            if c < 0x20 or c in (0x22, 0x5C)]
-                ranges = _subtract(ranges, _JSON_ESCAPED)
+                ranges = subtract(ranges, _JSON_ESCAPED)
             seqs = [seq for lo, hi in ranges for seq in _utf8_sequences(lo, hi)]
             seqs += [[(b, b) for b in esc] for esc in escapes]
             for seq in seqs:
