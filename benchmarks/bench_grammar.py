@@ -85,6 +85,8 @@ def main() -> int:
                 if cache == "cold":
                     grammar._cache.clear()
                     grammar._index_cache.clear()
+                    grammar._moves_cache.clear()
+                    grammar._moves_held = 0
                 times = [t for s in range(args.seeds) for t in run(grammar, vocab, args.max_tokens, s)]
                 print(f"| {V:,} | {label} | {cache} | {len(times)} | {1e3 * statistics.mean(times):.2f} | "
                       f"{1e3 * statistics.median(times):.2f} | {1e3 * max(times):.1f} |", flush=True)

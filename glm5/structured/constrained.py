@@ -39,6 +39,7 @@ GLM-5's 154k vocabulary expect tens of ms per token inside long strings).
 from __future__ import annotations
 
 import json
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,6 +64,7 @@ __all__ = [
 ]
 
 NEG_INF = float("-inf")
+_MOVES_HELD = 4_000_000  # token ids the per-state move lists of one grammar may hold (~32 MB of lists)
 
 
 # ============================================================================================ vocabulary
@@ -140,6 +142,50 @@ class TokenVocab:
                     stack.append((child, s2))
         return out
 
+    def walk_costs(self, state: Any, step: Callable[[Any, int], Any], cost: Callable[[Any], int]) -> list[tuple]:
+        """(``cost`` of the state it leads to, id) for every ordinary token whose bytes take ``state`` through
+        ``step`` without dying."""
+        out: list[tuple] = []
+        stack = [(self.root, state)]
+        while stack:
+            node, s = stack.pop()
+            for b, child in node.children.items():
+                s2 = step(s, b)
+                if s2 is None:
+                    continue
+                if child.ids:
+                    c = cost(s2)
+                    out.extend((c, i) for i in child.ids)
+                if child.children:
+                    stack.append((child, s2))
+        return out
+
+
+class _Moves:
+    """The ordinary tokens that keep one grammar state alive, sorted by their cost (tokens still needed after them,
+    EOS included), so that the tokens a budget allows are a prefix: one trie walk per state serves every budget."""
+
+    __slots__ = ("ids", "costs", "_index")
+
+    def __init__(self, pairs: list[tuple]):
+        pairs.sort()
+        self.ids = [i for _, i in pairs]
+        self.costs = [c for c, _ in pairs]
+        self._index: dict[tuple[int, str], torch.Tensor] = {}
+
+    def upto(self, left: int) -> int:
+        """How many tokens fit when ``left`` tokens may follow this one."""
+        return bisect_right(self.costs, left)
+
+    def index(self, k: int, size: int, device) -> torch.Tensor:
+        """The first ``k`` ids that are below ``size``, as a tensor on ``device`` (the sorted ids are converted once)."""
+        key = (size, str(device))
+        t = self._index.get(key)
+        if t is None:
+            t = self._index[key] = torch.tensor(self.ids, dtype=torch.long, device=device)
+        t = t[:k]
+        return t if not self.ids or max(self.ids) < size else t[t < size]
+
 
 def _string_chars(data: bytes) -> int | None:
     """Characters ``data`` adds inside a JSON string when it neither ends it nor leaves an escape or a UTF-8
@@ -155,8 +201,6 @@ def _string_chars(data: bytes) -> int | None:
 # ============================================================================================== grammars
 class _Grammar:
     """Interface: ``start()``, ``advance(state, token_id)`` -> state or None, ``allowed(state, budget)``."""
-
-    cacheable_budget: int = 0  # allowed() ignores budgets >= this for a state (see allowed_cached)
 
     def __init__(self, vocab: TokenVocab):
         self.vocab = vocab
@@ -226,6 +270,21 @@ class JsonGrammar(_Grammar):
         self.think_end = vocab.id(st.THINK_END)
         if self.think_end is None:
             self.thinking = False
+        self._moves_cache: dict[Any, _Moves] = {}
+        self._moves_held = 0  # ids held by _moves_cache, bounded
+
+    def _moves(self, s) -> _Moves:
+        """The document state's moves outside a string fast path (cached: with a binding budget, allowed() would
+        otherwise walk the trie again at every step)."""
+        hit = self._moves_cache.get(s)
+        if hit is None:
+            hit = _Moves(self.vocab.walk_costs(s, self.doc.step, lambda s2: self.doc.min_close(s2) + 1))
+            if self._moves_held + len(hit.ids) > _MOVES_HELD or len(self._moves_cache) >= 4096:
+                self._moves_cache.clear()
+                self._moves_held = 0
+            self._moves_cache[s] = hit
+            self._moves_held += len(hit.ids)
+        return hit
 
     def start(self):
         return ("think",) if self.thinking else ("json", self.doc.start())
@@ -285,12 +344,30 @@ class JsonGrammar(_Grammar):
             ids += self.vocab.walk(s, self.doc.step, lambda s2: self.doc.min_close(s2) + 1 <= left,
                                    root=self.vocab.string_special_root)
         else:
-            ids = self.vocab.walk(s, self.doc.step, lambda s2: self.doc.min_close(s2) + 1 <= left)
+            moves = self._moves(s)
+            ids = moves.ids[: moves.upto(left)]
         if self.doc.complete(s):
             ids = list(self.vocab.eos_ids) + ids
         if not ids:  # the budget is gone: take the shortest way out, byte by byte
             ids = self._forced(s)
         return ids
+
+    def allowed_index(self, state, budget: int, size: int, device) -> torch.Tensor:
+        """Outside strings: a prefix of the state's sorted moves (plus EOS when the document is complete), with no
+        walk and no list-to-tensor conversion whatever the budget; elsewhere as for any grammar."""
+        if state[0] != "json" or self.doc.string_room(state[1]) is not False:
+            return super().allowed_index(state, budget, size, device)
+        s = state[1]
+        moves = self._moves(s)
+        k = moves.upto(budget - 1)
+        complete = self.doc.complete(s)
+        if not k and not complete:  # the budget is gone: the forced byte
+            return super().allowed_index(state, budget, size, device)
+        idx = moves.index(k, size, device)
+        if complete:
+            eos = [i for i in self.vocab.eos_ids if i < size]
+            idx = torch.cat([torch.tensor(eos, dtype=torch.long, device=device), idx])
+        return idx
 
     def _forced(self, s) -> list[int]:
         here = self.doc.min_close(s)

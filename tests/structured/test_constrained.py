@@ -204,3 +204,26 @@ def test_raw_string_arguments_never_contain_the_closing_tags():
         for b in good.encode():
             s = raw.step(s, b)
         assert raw.complete(s) and s[1] == b""
+
+
+@pytest.mark.parametrize("kind", ["json_object", "schema", "regex", "gbnf"])
+def test_allowed_index_is_allowed_at_every_budget(vocab, kind):
+    """The index tensor the processor masks with (a prefix of each state's cost-sorted moves) holds exactly the
+    ids ``allowed`` lists, at every budget from binding to loose, along random walks."""
+    from glm5.structured.gbnf import GbnfAutomaton
+    from glm5.structured.json_schema import compile_schema
+    from glm5.structured.regex import RegexAutomaton
+
+    doc = {"json_object": None, "schema": compile_schema(TOOLS[0]["function"]["parameters"]),
+           "regex": RegexAutomaton(r"[a-z]{1,6}( [a-z]{1,6}){0,3}\."),
+           "gbnf": GbnfAutomaton('root ::= "(" root ")" | "[" [a-z ]* "]"')}[kind]
+    grammar = JsonGrammar(vocab, schema=doc)
+    rng = random.Random(kind)
+    for _ in range(3):
+        state, budget = grammar.start(), 40
+        while state[0] != "end" and budget > 0:
+            for b in range(max(1, grammar.min_close(state)), budget + 1):
+                got = grammar.allowed_index(state, b, 832, "cpu").tolist()
+                assert sorted(got) == sorted(i for i in grammar.allowed(state, b) if i < 832), (state, b)
+            tok = rng.choice(grammar.allowed(state, budget))
+            state, budget = grammar.advance(state, tok), budget - 1
