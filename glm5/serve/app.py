@@ -228,9 +228,9 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
               responses={**_stream_doc, **_ERRORS})
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         arrival = time.monotonic()
-        if _needs_grammar(req):  # the vocabulary trie is built once, off the event loop
-            await asyncio.to_thread(lambda: state.grammars.vocab)
-        prep = prepare_chat(state, req)
+        # a grammar (the vocabulary trie once, then each new schema / regex / GBNF) can take a second to compile:
+        # off the event loop, so that other requests keep streaming
+        prep = await asyncio.to_thread(prepare_chat, state, req) if _needs_grammar(req) else prepare_chat(state, req)
         state.admit()
         gen = Generation(state, prep, "chat", chat=True, arrival=arrival)
         if req.stream:
@@ -241,9 +241,8 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
               responses={**_stream_doc, **_ERRORS})
     async def completions(req: CompletionRequest, request: Request):
         arrival = time.monotonic()
-        if _needs_grammar(req):
-            await asyncio.to_thread(lambda: state.grammars.vocab)
-        prep = prepare_completion(state, req)
+        prep = (await asyncio.to_thread(prepare_completion, state, req) if _needs_grammar(req)
+                else prepare_completion(state, req))
         state.admit()
         gen = Generation(state, prep, "completions", chat=False, arrival=arrival)
         if req.stream:
