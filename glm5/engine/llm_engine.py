@@ -19,7 +19,8 @@ from glm5.engine.cpu_layout import tune_linear_layouts
 from glm5.engine.kv_cache import PagedKVCache, bytes_per_block
 from glm5.engine.model_runner import Chunk, ModelRunner
 from glm5.engine.outputs import CompletionOutput, RequestOutput
-from glm5.engine.sampler import Sampler, token_logprobs, token_ranks, unusable_rows
+from glm5.engine.sampler import (NO_TOKEN_ALLOWED, Sampler, apply_logits_processors, token_logprobs, token_ranks,
+                                 unusable_rows)
 from glm5.engine.sampling_params import SamplingParams
 from glm5.engine.scheduler import Scheduler
 from glm5.engine.sequence import Sequence, SequenceStatus
@@ -299,18 +300,22 @@ class LLMEngine:
         for i, s in enumerate(items):
             if s.completes and s.draft_ids:
                 seq = s.seq
-                lg = logits[row_of[i]:row_of[i] + nrows[i]]
-                if bool(unusable_rows(lg).any()):
+                raw = logits[row_of[i]:row_of[i] + nrows[i]]
+                if bool(unusable_rows(raw).any()):
                     failed[i] = "the model produced non-finite logits"
+                    continue
+                lg, why = self._process_verify_rows(seq, s.draft_ids, raw)
+                if why is not None:
+                    failed[i] = why
                     continue
                 if seq.params.greedy:  # argmax rows stand in for one-hot distributions
                     emitted, accepted = rejection_sample(lg, s.draft_ids, None, None)
                 else:
                     emitted, accepted = rejection_sample(target_probs(lg, seq.params), s.draft_ids, seq.draft_probs,
                                                          seq.generator)
-                rows = lg[: len(emitted)]  # verified sequences have no logits processors
-                lps = token_logprobs(self.sampler.logprob_source(rows, rows, [seq.params] * len(emitted)), emitted,
-                                     [seq.params.logprobs] * len(emitted))
+                n = len(emitted)
+                lps = token_logprobs(self.sampler.logprob_source(raw[:n], lg[:n], [seq.params] * n), emitted,
+                                     [seq.params.logprobs] * n)
                 sampled[i] = (emitted, lps)
                 self.stats["spec_verify_steps"] += 1
                 self.stats["spec_draft_tokens"] += len(s.draft_ids)
@@ -416,10 +421,30 @@ class LLMEngine:
                     seq.prompt_ranks.extend(token_ranks(logits, targets))
             off += width
 
+    def _process_verify_rows(self, seq: Sequence, drafts: list[int], rows: torch.Tensor):
+        """The verification rows with the request's logits processors applied, row j seeing the output so far plus
+        the first j drafts (as if they had been sampled), so a draft a grammar or a ban forbids gets target
+        probability 0 and is rejected. Returns (rows, None), or (rows, why) when a row cannot be sampled."""
+        if not seq.params.logits_processors:
+            return rows, None
+        out = seq.output_token_ids
+        m = rows.shape[0]
+        errors: list[str | None] = [None] * m
+        done = apply_logits_processors(rows, [seq.params] * m, [out + drafts[:j] for j in range(m)], errors)
+        # Only rows up to the first rejected draft are used; a row after a forbidden draft may be empty, which is
+        # not the request's failure. The first row always counts.
+        for j in range(m):
+            if errors[j] is not None:
+                return done, errors[j]
+            if bool(unusable_rows(done[j:j + 1])):
+                return done, NO_TOKEN_ALLOWED if bool(torch.isneginf(done[j]).all()) else \
+                    "the logits processors returned no usable logits"
+            if j < len(drafts) and not bool(torch.isfinite(done[j, drafts[j]])):
+                break  # draft j is forbidden: later rows are never used
+        return done, None
+
     def _max_drafts(self, seq: Sequence) -> int:
         p = seq.params
-        if p.logits_processors:  # processors see one position at a time; verification would bypass them
-            return 0
         left = self.max_model_len - seq.num_tokens
         if p.max_tokens is not None:
             left = min(left, p.max_tokens - seq.num_output_tokens)

@@ -90,15 +90,16 @@ class SamplingParams:
     n: completions per prompt.
     skip_special_tokens: drop special added tokens from the text (GLM-5's think/tool tags are not special).
     logits_processors: callables ``(output_token_ids, logits[V]) -> logits[V]`` (vLLM v0's signature) applied in
-        order to the sequence's next-token logits before temperature/top-k/top-p; logprobs stay those of the raw
-        model distribution. Used for grammars (JSON mode, forced tool calls), logit_bias and penalties. A
-        sequence with processors is decoded one token per step (MTP drafts are never proposed for it).
+        order to the sequence's next-token logits before temperature/top-k/top-p; logprobs follow the engine's
+        ``logprobs_mode``. Used for grammars (JSON mode, forced tool calls), logit_bias and penalties. With MTP
+        speculation, each verified draft position is processed as if the drafts before it had been sampled, so a
+        draft a processor forbids is rejected and the output is what one-token steps would give.
     structured_outputs: :class:`StructuredOutputsParams`; the engine compiles the grammar (cached per schema) and
         applies it after ``logits_processors``. Needs the engine's tokenizer.
     presence_penalty, frequency_penalty (OpenAI's, over the generated tokens), repetition_penalty (vLLM's: > 1
         discourages repeats), logit_bias ({token id: bias}), allowed_token_ids (only these may be sampled), min_p
-        (drop tokens below min_p × the top token's probability, after temperature): vLLM's fields. Like
-        ``logits_processors``, any of them decodes the sequence without MTP drafts.
+        (drop tokens below min_p × the top token's probability, after temperature): vLLM's fields, applied as
+        logits processors.
     """
 
     n: int = 1

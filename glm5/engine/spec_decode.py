@@ -50,7 +50,8 @@ def rejection_sample(target_probs: torch.Tensor, draft_ids: list[int], draft_pro
     out = []
     for i, d in enumerate(draft_ids):
         p, q = target_probs[i], draft_probs[i]
-        if float(u[i]) * float(q[d]) <= float(p[d]):  # u < p/q without dividing by a zero q
+        if float(p[d]) > 0 and float(u[i]) * float(q[d]) <= float(p[d]):  # u < p/q, never dividing by a zero q
+            # (p = 0: a token the target forbids, e.g. by a grammar, is never accepted, not even when u is 0)
             out.append(d)
             continue
         residual = (p - q).clamp_min(0)

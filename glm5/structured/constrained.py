@@ -64,6 +64,7 @@ __all__ = [
 ]
 
 NEG_INF = float("-inf")
+_PREFIXES_KEPT = 256  # output prefixes whose grammar state a processor remembers
 _MOVES_HELD = 4_000_000  # token ids the per-state move lists of one grammar may hold (~32 MB of lists)
 
 
@@ -408,9 +409,10 @@ class ConstrainedLogitsProcessor:
                 s = self.grammar.advance(s, t) if s is not None else None
         else:
             s = self.grammar.advance(parent, key[-1])
-            self._states.pop(key[:-1], None)
-        if len(self._states) > 64:
-            self._states = {(): self.grammar.start()}
+        # Recent prefixes, oldest dropped first: speculative verification asks for several prefixes per step,
+        # and the next step continues from one of them (a dropped parent means a replay from the start).
+        if len(self._states) >= _PREFIXES_KEPT:
+            del self._states[next(iter(self._states))]
         self._states[key] = s
         return s
 

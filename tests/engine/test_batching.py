@@ -169,8 +169,14 @@ def test_logits_processors_steer_sampling_but_not_logprobs(nano, spec):
     out = llm.generate([p], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0,
                                            logits_processors=[ban]))[0].outputs[0]
     assert not set(out.token_ids) & set(plain.token_ids)
-    # the processor saw the growing output, one position per step (no speculative drafts for this sequence)
-    assert ban.seen == [out.token_ids[:i] for i in range(6)]
+    # the processor saw the growing output, one position per step; with speculation also the prefixes extended by
+    # the drafts being verified, each a real prefix plus drafts (drafts are proposed for processed sequences too)
+    real = [out.token_ids[:i] for i in range(6)]
+    if spec:
+        assert all(r in ban.seen for r in real) and len(ban.seen) >= len(real)
+        assert all(any(q[:len(r)] == r and len(q) - len(r) <= spec for r in real) for q in ban.seen)
+    else:
+        assert ban.seen == real
     # greedy over the processed logits == the reference model's argmax with the banned ids removed,
     # while the reported logprobs are the raw model's
     toks = list(p)

@@ -172,3 +172,49 @@ def test_gbnf_grammar_output_is_a_sentence(llm, nano_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(nano_dir), "--prompt", "List:", "--temperature", "1", "--seed", "4",
                  "--max-tokens", "30", "--grammar", str(path)]) == 0
     assert accepted(capsys.readouterr().out.strip("\n"))
+
+
+@pytest.mark.parametrize("kind", ["json", "regex", "grammar"])
+def test_structured_outputs_with_mtp_drafts(text_model, kind):
+    """Verified MTP drafts go through the grammar like sampled tokens: a draft the grammar forbids is rejected, so
+    greedy output is the same with and without speculation and every sample is valid."""
+    model, tok = text_model
+    so = {"json": StructuredOutputsParams(json=POINT),
+          "regex": StructuredOutputsParams(regex=r"[a-z]{2,8}( [a-z]{2,8}){1,3}\."),
+          "grammar": StructuredOutputsParams(grammar='root ::= "(" root ")" | [0-9]{1,4}')}[kind]
+    plain = LLM(model, tokenizer=tok, max_model_len=256)
+    spec = LLM(model, tokenizer=tok, max_model_len=256, num_speculative_tokens=3)
+    greedy = SamplingParams(temperature=0, max_tokens=40, structured_outputs=so)
+    prompts = ["A point:", "Another one:"]
+    a = [o.outputs[0].text for o in plain.generate(prompts, greedy, use_tqdm=False)]
+    b = [o.outputs[0].text for o in spec.generate(prompts, greedy, use_tqdm=False)]
+    assert a == b
+    sampled = spec.generate(prompts, SamplingParams(temperature=1.0, seed=3, n=3, max_tokens=40, structured_outputs=so),
+                            use_tqdm=False)
+    texts = [c.text for o in sampled for c in o.outputs] + a
+    if kind == "json":
+        for t in texts:
+            jsonschema.validate(json.loads(t), POINT)
+    elif kind == "regex":
+        assert all(re.fullmatch(so.regex, t) for t in texts), texts
+    else:
+        assert all(re.fullmatch(r"(\()*[0-9]{1,4}(\))*", t) and t.count("(") == t.count(")") for t in texts), texts
+    assert spec.engine.stats.get("spec_draft_tokens", 0) > 0
+
+
+def test_penalties_and_bans_with_mtp_drafts_match_plain_decoding(text_model):
+    """Penalties, logit_bias and allowed_token_ids see each verified draft as if it had been sampled: greedy tokens
+    are identical with and without speculation."""
+    model, tok = text_model
+    plain = LLM(model, tokenizer=tok, max_model_len=256)
+    spec = LLM(model, tokenizer=tok, max_model_len=256, num_speculative_tokens=3)
+    params = [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, repetition_penalty=1.5,
+                             presence_penalty=0.4, frequency_penalty=0.3),
+              SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logit_bias={i: -100 for i in range(40, 80)}),
+              SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, allowed_token_ids=list(range(100, 160)))]
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    for p in params:
+        a = [o.outputs[0].token_ids for o in plain.generate(prompts, p, use_tqdm=False)]
+        b = [o.outputs[0].token_ids for o in spec.generate(prompts, p, use_tqdm=False)]
+        assert a == b, p
+    assert spec.engine.stats["spec_draft_tokens"] > 0
