@@ -52,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from glm5 import GLM5ForCausalLM, preset  # noqa: E402
-from glm5.engine import LLM, SamplingParams  # noqa: E402
+from glm5.engine import LLM, SamplingParams, StructuredOutputsParams  # noqa: E402
 
 
 clock = time.process_time
@@ -109,11 +109,13 @@ class Engine:
         self.llm = LLM(str(path), device="cpu", dtype=torch.float32, max_num_seqs=16, max_model_len=max_model_len,
                        enable_prefix_caching=False, num_speculative_tokens=spec, **kw)
 
-    def run(self, ids: torch.Tensor, n: int) -> tuple[float, torch.Tensor]:
-        sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    def run(self, ids: torch.Tensor, n: int, regex: str | None = None) -> tuple[float, torch.Tensor]:
+        """Greedy, ``n`` tokens (``regex``: under that structured output, stopping where it allows EOS)."""
+        so = StructuredOutputsParams(regex=regex) if regex is not None else None
+        sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=regex is None, structured_outputs=so)
         t = clock()
         outs = self.llm.generate(ids.tolist(), sp, use_tqdm=False)
-        return clock() - t, torch.tensor([o.outputs[0].token_ids for o in outs])
+        return clock() - t, [o.outputs[0].token_ids for o in outs]
 
     def timed(self, ids: torch.Tensor, n: int) -> tuple[float, float, torch.Tensor]:
         """Drive the engine step by step: (seconds of steps that prefill, seconds of pure decode steps, tokens)."""
@@ -258,7 +260,7 @@ def _spec_point(name, p, ids, D, spec_tokens, repeats, dsa="sparse"):
     row = dict(model=name, spec_tokens=spec_tokens, prompt_tokens=int(ids.shape[1]), decode_tokens=D,
                acceptance_length=m["acceptance_length"], acceptance_rate=m["acceptance_rate"],
                plain_decode_tok_s=D / (tpn - tp1), spec_decode_tok_s=D / (tsn - ts1),
-               speedup=(tpn - tp1) / (tsn - ts1), greedy_identical=bool(torch.equal(a, b)))
+               speedup=(tpn - tp1) / (tsn - ts1), greedy_identical=a == b)
     print(json.dumps(row), flush=True)
     return row
 
@@ -313,10 +315,11 @@ def bench_spec_batch(args, results):
     results["spec_batch"] = row
 
 
-def _corpus_acceptance(model_dir, n: int, spec_tokens: int, prompt_tokens: int = 32, decode_tokens: int = 48):
+def _corpus_acceptance(model_dir, n: int, spec_tokens: int, prompt_tokens: int = 32, decode_tokens: int = 48,
+                       regex: str | None = None):
     """Acceptance length and speed-up over n greedy continuations of n corpus snippets, one at a time (batch 1;
     one prompt is a noisy measure). The speed-up is total plain time / total speculative time, the two engines
-    alternating prompt by prompt."""
+    alternating prompt by prompt. ``regex``: both decode under that structured output."""
     prompts = _corpus_prompts(model_dir, n, prompt_tokens)
     plain = Engine(model_dir, prompt_tokens + decode_tokens + 16)
     spec = Engine(model_dir, prompt_tokens + decode_tokens + 16, spec=spec_tokens)
@@ -326,13 +329,13 @@ def _corpus_acceptance(model_dir, n: int, spec_tokens: int, prompt_tokens: int =
     t_plain = t_spec = 0.0
     same = True
     for p in prompts:
-        tp, a = plain.run(torch.tensor([p]), decode_tokens)
-        ts, b = spec.run(torch.tensor([p]), decode_tokens)
-        t_plain, t_spec, same = t_plain + tp, t_spec + ts, same and bool(torch.equal(a, b))
+        tp, a = plain.run(torch.tensor([p]), decode_tokens, regex)
+        ts, b = spec.run(torch.tensor([p]), decode_tokens, regex)
+        t_plain, t_spec, same = t_plain + tp, t_spec + ts, same and a == b
     m = spec.llm.spec_metrics()
     row = dict(model=f"trained: {model_dir}", prompts=n, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
                spec_tokens=spec_tokens, acceptance_length=m["acceptance_length"], acceptance_rate=m["acceptance_rate"],
-               speedup=t_plain / t_spec, greedy_identical=same)
+               speedup=t_plain / t_spec, greedy_identical=same, regex=regex)
     print(json.dumps(row), flush=True)
     return row
 
@@ -351,7 +354,8 @@ def bench_mtp(args, path, cfg, results):
             ids = torch.tensor([GLM5Tokenizer.from_pretrained(args.mtp_model).encode(args.mtp_prompt)])
         out["trained"] = _spec_point(f"trained: {args.mtp_model}", args.mtp_model, ids, D, k, args.repeats)
         if args.mtp_corpus_prompts:
-            out["trained_corpus"] = _corpus_acceptance(args.mtp_model, args.mtp_corpus_prompts, k)
+            out["trained_corpus"] = _corpus_acceptance(args.mtp_model, args.mtp_corpus_prompts, k,
+                                                       regex=args.mtp_regex)
     for name in args.toy_presets:
         toy_dir = Path(args.workdir) / f"toy_{name}"
         if not (toy_dir / "config.json").exists():
@@ -537,6 +541,8 @@ def main() -> int:
     ap.add_argument("--mtp-context", type=int, default=64)
     ap.add_argument("--mtp-decode-tokens", type=int, default=64)
     ap.add_argument("--mtp-prompt", default=None, help="text prompt for the trained model (needs its tokenizer)")
+    ap.add_argument("--mtp-regex", default=None, metavar="PATTERN",
+                    help="with --mtp-corpus-prompts: decode under this regex structured output (both engines)")
     ap.add_argument("--mtp-corpus-prompts", type=int, default=0,
                     help="also measure the trained model's acceptance over N prompts drawn from the default corpus")
     ap.add_argument("--spec-batch-prompts", type=int, default=16, help="specbatch: prompts submitted together")

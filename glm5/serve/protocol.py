@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from glm5.engine.sampling_params import StructuredOutputsParams
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
@@ -172,13 +174,10 @@ class StructuredOutputs(_Closed):
                              "grammar")
         return self
 
-    @property
-    def constraint(self) -> tuple[str, Any]:
-        """(kind, value), as :meth:`glm5.structured.GrammarCache.get` takes it."""
-        for kind in ("choice", "regex", "grammar"):
-            if getattr(self, kind) is not None:
-                return kind, getattr(self, kind)
-        return "json", self.json_schema
+    def to_params(self) -> StructuredOutputsParams:
+        """The engine's form of the same constraint."""
+        return StructuredOutputsParams(json=self.json_schema, json_object=bool(self.json_object), choice=self.choice,
+                                       regex=self.regex, grammar=self.grammar)
 
 
 class StreamOptions(_Closed):
@@ -281,7 +280,7 @@ class _Sampling(_Open):
         rf, so = self.response_format, self.structured_outputs
         if rf is not None and rf.type != "text":
             return "json", rf.json_schema["schema"] if rf.type == "json_schema" else None
-        return so.constraint if so is not None else None
+        return so.to_params().constraint if so is not None else None
 
     @property
     def stop_list(self) -> list[str]:
