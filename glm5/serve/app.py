@@ -254,7 +254,9 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
 
 def _needs_grammar(req: ChatCompletionRequest | CompletionRequest) -> bool:
     tc = getattr(req, "tool_choice", None)
-    return req.output_constraint is not None or tc == "required" or (tc is not None and not isinstance(tc, str))
+    strict = any(t.function.strict for t in getattr(req, "tools", None) or []) and tc in (None, "auto")
+    return (req.output_constraint is not None or tc == "required" or (tc is not None and not isinstance(tc, str))
+            or strict)
 
 
 async def _run(coro) -> JSONResponse:

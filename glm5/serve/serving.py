@@ -289,13 +289,17 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
     grammar = state.output_grammar(req, thinking=opens)
     if grammar is not None:
         parse_tool_calls = False
-    elif tools and (choice == "required" or isinstance(choice, NamedToolChoice)):
+    elif tools and (choice == "required" or isinstance(choice, NamedToolChoice)
+                    or (choice == "auto" and any(t.function.strict for t in req.tools))):
+        # required / named: the output is calls; auto with strict tools (OpenAI's strict function calling): text,
+        # and any call it makes is well-formed with schema-checked arguments
         names = [choice.function.name] if isinstance(choice, NamedToolChoice) else None
         try:
             grammar = ToolCallGrammar(state.grammars.vocab, tools, names=names,
-                                      parallel=req.parallel_tool_calls and names is None, thinking=opens)
+                                      parallel=req.parallel_tool_calls and names is None, thinking=opens,
+                                      optional=choice == "auto")
         except ValueError as e:
-            raise bad_request(str(e), param="tool_choice") from None
+            raise bad_request(str(e), param="tool_choice" if choice != "auto" else "tools") from None
     if grammar is not None:
         procs.append(_constrained(grammar, max_tokens))
     return Prepared(

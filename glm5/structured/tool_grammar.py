@@ -26,13 +26,16 @@ class ToolCallGrammar(_Grammar):
     NAME is one of ``names`` (a named tool_choice gives one); KEY one of the tool's declared properties,
     each at most once, and ``</tool_call>`` only once the required ones are there; VALUE free text for
     string/union/unknown-typed arguments (one of the ``enum`` strings when there are some, a match of the
-    ``pattern`` / ``format`` when there is one), a JSON value of the declared schema otherwise. ``parallel`` allows several calls. With ``thinking``, reasoning text and
-    ``</think>`` may come first.
+    ``pattern`` / ``format`` when there is one), a JSON value of the declared schema otherwise. ``parallel`` allows
+    several calls. With ``thinking``, reasoning text and ``</think>`` may come first. ``optional`` (``tool_choice:
+    "auto"`` with ``strict`` tools): text comes first and may end the turn (EOS) without any call; once
+    ``<tool_call>`` is written, the calls are held to the grammar.
     """
 
     def __init__(self, vocab: TokenVocab, tools: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None,
-                 parallel: bool = True, thinking: bool = False):
+                 parallel: bool = True, thinking: bool = False, optional: bool = False):
         super().__init__(vocab)
+        self.optional = optional
         self.schemas = ToolSchemas(tools)
         self.names = list(names) if names else self.schemas.names
         self.parallel = parallel
@@ -139,15 +142,20 @@ class ToolCallGrammar(_Grammar):
     def _call_cost(self) -> int:
         return 1 + min(len(self.name_bytes[n]) + self._rest_cost(n, frozenset()) for n in self.names)
 
-    # ---- states: ("think",), ("start",), ("name", typed), ("key", tool, used, typed),
+    # ---- states: ("think",), ("start",), ("free",) (optional: text before any call), ("name", typed), ("key", tool, used, typed),
     # ("wait", tool, used, key), ("val", tool, used, key, mode), ("between", tool, used), ("after",), ("end",)
     def start(self):
-        return ("think",) if self.thinking else ("start",)
+        return ("think",) if self.thinking else self._after_thinking()
+
+    def _after_thinking(self):
+        return ("free",) if self.optional else ("start",)
 
     def min_close(self, state) -> int:
         k = state[0]
         if k == "think":
-            return 1 + self._call_cost()
+            return 1 + (1 if self.optional else self._call_cost())
+        if k == "free":
+            return 1  # EOS
         if k == "start":
             return self._call_cost()
         if k == "name":
@@ -178,7 +186,13 @@ class ToolCallGrammar(_Grammar):
         k = state[0]
         if k == "think":
             if tok == self.think_end:
-                return ("start",)
+                return self._after_thinking()
+            return state if tok in self.vocab.token_bytes else None
+        if k == "free":
+            if tok == T[st.TOOL_CALL_START]:
+                return ("name", b"")
+            if tok in self.vocab.eos_ids:
+                return ("end",)
             return state if tok in self.vocab.token_bytes else None
         if k == "start":
             return ("name", b"") if tok == T[st.TOOL_CALL_START] else None
@@ -290,6 +304,11 @@ class ToolCallGrammar(_Grammar):
             return cands
         if k == "start":
             return [T[st.TOOL_CALL_START]]
+        if k == "free":  # text, the end of the turn, or a call if one still fits
+            cands = list(self.vocab.eos_ids) + list(self.vocab.token_bytes)
+            if self.min_close(("name", b"")) <= left:
+                cands.append(T[st.TOOL_CALL_START])
+            return cands
         # special-token moves
         specials = [T[t] for t in (st.TOOL_CALL_END, st.ARG_KEY_START, st.ARG_KEY_END, st.ARG_VALUE_START,
                                    st.ARG_VALUE_END)]

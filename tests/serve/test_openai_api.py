@@ -443,3 +443,27 @@ def test_vllm_prompt_logprobs_field(client, http, model_dir):
     bad = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "prompt_logprobs": 1,
                                              "stream": True})
     assert bad.status_code == 400 and "prompt_logprobs" in bad.json()["error"]["message"]
+
+
+def test_strict_tools_in_auto_mode(client, model_dir):
+    """OpenAI's strict function calling with tool_choice "auto": the model may answer in text, and every call it
+    makes has valid arguments (a logit_bias towards <tool_call> makes this random model call tools sometimes)."""
+    import jsonschema
+
+    from glm5.tokenizer import GLM5Tokenizer
+
+    call_id = GLM5Tokenizer.from_pretrained(model_dir).token_to_id("<tool_call>")
+    strict_tools = [{"type": "function", "function": {**t["function"], "strict": True}} for t in TOOLS]
+    kinds = set()
+    for seed in range(6):
+        r = client.chat.completions.create(model=MODEL_NAME, messages=HI, tools=strict_tools, max_tokens=60, seed=seed,
+                                           temperature=1.2, logit_bias={str(call_id): 6 if seed % 2 else -100},
+                                           extra_body={"thinking": {"type": "disabled"}})
+        c = r.choices[0]
+        for call in c.message.tool_calls or []:
+            fn = next(t["function"] for t in TOOLS if t["function"]["name"] == call.function.name)
+            jsonschema.validate(json.loads(call.function.arguments), {**fn["parameters"], "additionalProperties": False})
+        if c.message.tool_calls:
+            assert c.finish_reason == "tool_calls"
+        kinds.add(bool(c.message.tool_calls))
+    assert kinds == {True, False}

@@ -227,3 +227,35 @@ def test_allowed_index_is_allowed_at_every_budget(vocab, kind):
                 assert sorted(got) == sorted(i for i in grammar.allowed(state, b) if i < 832), (state, b)
             tok = rng.choice(grammar.allowed(state, budget))
             state, budget = grammar.advance(state, tok), budget - 1
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_optional_tool_grammar_text_or_valid_calls(tok, vocab, thinking):
+    """``tool_choice: "auto"`` with strict tools: the turn is text that may end without a call, but every call
+    written is a valid one of the tools, whatever the budget."""
+    grammar = ToolCallGrammar(vocab, TOOLS, thinking=thinking, optional=True)
+    assert grammar.min_close(grammar.start()) == (2 if thinking else 1)
+    call = vocab.id(st.TOOL_CALL_START)
+    kinds = set()
+    for seed in range(16):
+        gen = torch.Generator().manual_seed(seed)
+        budget = 20 + 10 * (seed % 5)
+        proc = ConstrainedLogitsProcessor(grammar, budget)
+        out: list[int] = []
+        for _ in range(budget):
+            logits = torch.randn(vocab.size, generator=gen) * 3
+            logits[call] += 4.0 if seed % 2 else -20.0  # calls on odd seeds, text on even ones
+            logits[vocab.id(st.THINK_END)] += 3.0  # reasoning ends soon
+            masked = proc(out, logits)
+            out.append(int(torch.multinomial(torch.softmax(masked, -1), 1, generator=gen)))
+            if out[-1] in vocab.eos_ids:
+                break
+        if call in out:  # text may run to the length limit like any text; a call must close within the budget
+            assert out[-1] in vocab.eos_ids, "the call ends within the budget"
+        parsed = parse_output(tok.decode(out), TOOLS, thinking=thinking)
+        assert not parsed.errors, parsed.errors
+        for c in parsed.tool_calls:
+            jsonschema.validate(json.loads(c.arguments), strict(next(
+                t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == c.name)))
+        kinds.add(bool(parsed.tool_calls))
+    assert kinds == {True, False}
