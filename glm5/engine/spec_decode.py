@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from glm5.engine.model_runner import Chunk, ModelRunner
-from glm5.engine.sampler import processed_probs, unusable_rows
+from glm5.engine.sampler import apply_logits_processors, processed_probs, unusable_rows
 from glm5.engine.sampling_params import SamplingParams
 from glm5.engine.sequence import Sequence
 
@@ -174,14 +174,28 @@ class MTPProposer:
             return
         logits = self.runner.mtp_logits(torch.stack([w.h[-1] for w in drafting]))
         params = [w.seq.params for w in drafting]
+        stop = [False] * len(drafting)
+        if any(p.logits_processors for p in params):
+            # The request's processors (a grammar, bans, penalties) shape the drafts as they will shape the target,
+            # so drafts verification would reject for them are not proposed. A failing or empty row only ends that
+            # sequence's drafting; verification reports the error, if it is one.
+            errors: list[str | None] = [None] * len(drafting)
+            logits = apply_logits_processors(logits, params, [w.seq.output_token_ids + w.seq.draft_token_ids
+                                                              for w in drafting], errors)
+            stop = [e is not None or u for e, u in zip(errors, unusable_rows(logits).tolist())]
         if all(p.greedy for p in params):
-            for w, t in zip(drafting, logits.argmax(-1).tolist()):
-                w.seq.draft_token_ids.append(t)
+            for i, (w, t) in enumerate(zip(drafting, logits.argmax(-1).tolist())):
+                if stop[i]:
+                    w.kmax = d - 1
+                else:
+                    w.seq.draft_token_ids.append(t)
             return
         probs = processed_probs(logits, params)
         unusable = (unusable_rows(probs) | (probs.sum(-1) <= 0)).tolist()
         for i, w in enumerate(drafting):
-            if w.seq.params.greedy:
+            if stop[i]:
+                w.kmax = d - 1
+            elif w.seq.params.greedy:
                 w.seq.draft_token_ids.append(int(probs[i].argmax()))
             elif unusable[i]:  # a broken draft distribution only ends drafting; the target decides the token
                 w.kmax = d - 1

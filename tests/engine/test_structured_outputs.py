@@ -218,3 +218,19 @@ def test_penalties_and_bans_with_mtp_drafts_match_plain_decoding(text_model):
         b = [o.outputs[0].token_ids for o in spec.generate(prompts, p, use_tqdm=False)]
         assert a == b, p
     assert spec.engine.stats["spec_draft_tokens"] > 0
+
+
+def test_drafts_follow_the_processors(text_model):
+    """Drafts are proposed under the request's processors too: with one allowed token the target can only pick it,
+    and so can every draft, so all drafts are accepted (unmasked drafts of this random MTP layer almost never are)."""
+    model, tok = text_model
+    spec = LLM(model, tokenizer=tok, max_model_len=256, num_speculative_tokens=3)
+    out = spec.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                    allowed_token_ids=[42]), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == [42] * 24
+    m = spec.spec_metrics()
+    assert m["acceptance_rate"] == 1.0 and spec.engine.stats["spec_draft_tokens"] >= 15, m
+    grammar = StructuredOutputsParams(grammar='root ::= "ab" root | "ab"')
+    out = spec.generate(["x"], SamplingParams(temperature=0.8, seed=2, max_tokens=30, structured_outputs=grammar),
+                        use_tqdm=False)[0].outputs[0]
+    assert re.fullmatch("(ab)+", out.text), out.text
