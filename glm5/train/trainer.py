@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from glm5.config import GLM5Config, preset
 from glm5.data.loader import BatchLoader, ConversationRows, PackedRows
@@ -109,6 +110,7 @@ class Trainer:
         self.metrics_path = self.out / "metrics.jsonl"
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         self._t_start = time.time()  # reset by fit(); elapsed time = elapsed_before + time since _t_start
+        self._budget_elapsed = 0.0  # the elapsed time all ranks agree on, for a max_minutes budget (_sync_clock)
         self.last_val: dict | None = None
         self.resumed_from = None
         if cfg.resume:
@@ -325,6 +327,14 @@ class Trainer:
     def _elapsed(self) -> float:
         return self.elapsed_before + (time.time() - self._t_start)
 
+    def _sync_clock(self) -> None:
+        """With a time budget, the ranks take the slowest clock as the elapsed time, so that every rank follows
+        the same schedule and ends after the same step (each rank's own clock could end one rank a step early,
+        leaving the others waiting in a collective)."""
+        if self.cfg.max_minutes is not None:
+            t = torch.tensor([self._elapsed()], dtype=torch.float64, device=self.device)
+            self._budget_elapsed = float(all_reduce(t, op=dist.ReduceOp.MAX).item())
+
     def train_step(self) -> dict:
         cfg, model = self.cfg, self.model
         t0 = time.time()
@@ -387,6 +397,7 @@ class Trainer:
             total = ce + (cfg.mtp_weight * mtp if mtp is not None else 0.0)
             total += cfg.seq_balance_alpha * bal if bal is not None else 0.0
             total += cfg.indexer_loss_weight * kl if (kl is not None and cfg.dsa == "sparse") else 0.0
+        self._sync_clock()  # the budget's clock for _done() after this step and the next step's schedule
         return {"kind": "train", "step": self.step, "loss": total, "ce": ce, "mtp": mtp, "mtp_steps": mtp_steps,
                 "indexer_kl": kl, "balance_loss": bal, "lr": lr, "grad_norm": float(grad_norm),
                 "tokens": self.tokens_seen, "tok_per_s": n_tokens / step_time, "step_time": step_time,
@@ -447,7 +458,7 @@ class Trainer:
         used (restored on resume). None for step-based runs."""
         if self.cfg.max_minutes is None:
             return None
-        return min(1.0, self._elapsed() / (60.0 * self.cfg.max_minutes))
+        return min(1.0, self._budget_elapsed / (60.0 * self.cfg.max_minutes))
 
     def _done(self) -> bool:
         return self.step >= self.cfg.max_steps or (self.time_progress() or 0.0) >= 1.0
@@ -496,6 +507,7 @@ class Trainer:
 
         cfg = self.cfg
         self._t_start = time.time()
+        self._sync_clock()
         n_params = sum(p.numel() for p in self.model.parameters())
         note = self.nothing_to_train()
         if note:
@@ -576,8 +588,6 @@ class Trainer:
     def close(self) -> None:
         self.tracker.remove()
         torch.set_num_threads(self._prev_threads)
-        import torch.distributed as dist
-
         if self.dist.backend is not None and dist.is_initialized():
             dist.destroy_process_group()
 

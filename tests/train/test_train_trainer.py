@@ -238,3 +238,27 @@ def test_mtp_options_are_validated(tmp_path, corpus_file, small_tokenizer_dir):
         TrainConfig(mtp_only=True, mtp_depth=0).resolve()
     with pytest.raises(ValueError, match="indexer-warmup"):
         TrainConfig(mtp_only=True, dsa="indexer-warmup").resolve()
+
+
+def test_time_budget_follows_the_slowest_rank(tmp_path, monkeypatch, corpus_file, small_tokenizer_dir):
+    """With --max-minutes the elapsed time is all-reduced (MAX) once per step, so the schedule and the end are the
+    same on every rank. A fake reduction standing in for a rank whose clock is far ahead ends the run after one
+    step, though this process's own clock has barely started."""
+    import torch.distributed as dist
+
+    import glm5.train.trainer as trainer_mod
+
+    syncs = []
+
+    def slow_rank_ahead(t, op=None):
+        if op == dist.ReduceOp.MAX and t.dtype == torch.float64:
+            syncs.append(float(t))
+            if len(syncs) > 1:  # from the first step on, another rank's clock is past the budget
+                t.fill_(1e6)
+        return t
+
+    monkeypatch.setattr(trainer_mod, "all_reduce", slow_rank_ahead)
+    cfg = _config(tmp_path, corpus_file, small_tokenizer_dir, "budget", max_steps=50, max_minutes=30, seq_len=32,
+                  batch_size=2, eval_every=0, eval_batches=1)
+    summary = trainer_mod.train(cfg, handle_signals=False)
+    assert summary["steps"] == 1 and len(syncs) >= 2
