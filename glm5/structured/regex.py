@@ -1,4 +1,5 @@
-"""``regex`` structured output: the text is one full match of a regular expression (vLLM's ``regex``).
+"""``regex`` structured output: the text is one full match of a regular expression (vLLM's ``regex``); also JSON
+Schema's ``pattern`` / ``format`` on strings (``search`` and ``json_string``, see :class:`RegexAutomaton`).
 
 :class:`RegexAutomaton` has the byte-automaton interface :class:`~glm5.structured.constrained.JsonGrammar` walks the
 token trie with (``start``, ``step``, ``complete``, ``min_close``, ``string_room``).
