@@ -143,11 +143,12 @@ class TokenVocab:
                     stack.append((child, s2))
         return out
 
-    def walk_costs(self, state: Any, step: Callable[[Any, int], Any], cost: Callable[[Any], int]) -> list[tuple]:
-        """(``cost`` of the state it leads to, id) for every ordinary token whose bytes take ``state`` through
-        ``step`` without dying."""
+    def walk_costs(self, state: Any, step: Callable[[Any, int], Any], cost: Callable[[Any], int],
+                   root: _Node | None = None) -> list[tuple]:
+        """(``cost`` of the state it leads to, id) for every ordinary token (under ``root``, default all) whose
+        bytes take ``state`` through ``step`` without dying."""
         out: list[tuple] = []
-        stack = [(self.root, state)]
+        stack = [(root or self.root, state)]
         while stack:
             node, s = stack.pop()
             for b, child in node.children.items():
@@ -271,8 +272,9 @@ class JsonGrammar(_Grammar):
         self.think_end = vocab.id(st.THINK_END)
         if self.think_end is None:
             self.thinking = False
-        self._moves_cache: dict[Any, _Moves] = {}
+        self._moves_cache: dict[Any, Any] = {}  # per state: _Moves, or ("string", state) -> _string_moves
         self._moves_held = 0  # ids held by _moves_cache, bounded
+        self._bucket_tensors: dict[tuple, torch.Tensor] = {}
 
     def _moves(self, s) -> _Moves:
         """The document state's moves outside a string fast path (cached: with a binding budget, allowed() would
@@ -280,11 +282,7 @@ class JsonGrammar(_Grammar):
         hit = self._moves_cache.get(s)
         if hit is None:
             hit = _Moves(self.vocab.walk_costs(s, self.doc.step, lambda s2: self.doc.min_close(s2) + 1))
-            if self._moves_held + len(hit.ids) > _MOVES_HELD or len(self._moves_cache) >= 4096:
-                self._moves_cache.clear()
-                self._moves_held = 0
-            self._moves_cache[s] = hit
-            self._moves_held += len(hit.ids)
+            self._remember(s, hit, len(hit.ids))
         return hit
 
     def start(self):
@@ -320,6 +318,34 @@ class JsonGrammar(_Grammar):
     def slack(self, state) -> int:
         return self.min_close(state) + 2 * self.vocab.max_token_len + 2
 
+    def _string_moves(self, s, room) -> tuple[list[tuple[int, int]], _Moves]:
+        """Inside a string: (cost, characters) of each plain-text bucket that may come (a plain-text token of c
+        characters leads to a state that depends on c alone, so one token decides for its whole bucket, within the
+        string's room), and the walked moves of the few other tokens. Cached per state like ``_moves``."""
+        key = ("string", s)
+        hit = self._moves_cache.get(key)
+        if hit is None:
+            buckets = []
+            for c, bucket in enumerate(self.vocab.plain_by_chars[: None if room is None else room + 1]):
+                if bucket:
+                    s2 = s
+                    for b in self.vocab.token_bytes[bucket[0]]:
+                        s2 = self.doc.step(s2, b)
+                    if s2 is not None:
+                        buckets.append((self.doc.min_close(s2) + 1, c))
+            others = _Moves(self.vocab.walk_costs(s, self.doc.step, lambda s2: self.doc.min_close(s2) + 1,
+                                                  root=self.vocab.string_special_root))
+            hit = self._remember(key, (buckets, others), len(others.ids))
+        return hit
+
+    def _remember(self, key, value, n_ids: int):
+        if self._moves_held + n_ids > _MOVES_HELD or len(self._moves_cache) >= 4096:
+            self._moves_cache.clear()
+            self._moves_held = 0
+        self._moves_cache[key] = value
+        self._moves_held += n_ids
+        return value
+
     def allowed(self, state, budget: int) -> list[int]:
         if state[0] == "end":
             return list(self.vocab.eos_ids)
@@ -332,18 +358,9 @@ class JsonGrammar(_Grammar):
         left = budget - 1  # after this token
         room = self.doc.string_room(s)
         if room is not False:
-            # Inside a string, a plain-text token of c characters leads to a state that depends on c alone, so one
-            # token decides for all of them (within the string's room); the few other tokens are walked.
-            ids = []
-            for bucket in self.vocab.plain_by_chars[: None if room is None else room + 1]:
-                if bucket:
-                    s2 = s
-                    for b in self.vocab.token_bytes[bucket[0]]:
-                        s2 = self.doc.step(s2, b)
-                    if s2 is not None and self.doc.min_close(s2) + 1 <= left:
-                        ids.extend(bucket)
-            ids += self.vocab.walk(s, self.doc.step, lambda s2: self.doc.min_close(s2) + 1 <= left,
-                                   root=self.vocab.string_special_root)
+            buckets, others = self._string_moves(s, room)
+            ids = [i for cost, c in buckets if cost <= left for i in self.vocab.plain_by_chars[c]]
+            ids += others.ids[: others.upto(left)]
         else:
             moves = self._moves(s)
             ids = moves.ids[: moves.upto(left)]
@@ -354,21 +371,34 @@ class JsonGrammar(_Grammar):
         return ids
 
     def allowed_index(self, state, budget: int, size: int, device) -> torch.Tensor:
-        """Outside strings: a prefix of the state's sorted moves (plus EOS when the document is complete), with no
-        walk and no list-to-tensor conversion whatever the budget; elsewhere as for any grammar."""
-        if state[0] != "json" or self.doc.string_room(state[1]) is not False:
+        """``allowed`` as an index tensor, built from cached pieces whatever the budget: outside strings a prefix of
+        the state's sorted moves; inside strings the fitting plain-text buckets (one cached tensor each) and a prefix
+        of the other tokens' moves; plus EOS when the document is complete. Elsewhere as for any grammar."""
+        if state[0] != "json":
             return super().allowed_index(state, budget, size, device)
-        s = state[1]
-        moves = self._moves(s)
-        k = moves.upto(budget - 1)
-        complete = self.doc.complete(s)
-        if not k and not complete:  # the budget is gone: the forced byte
+        s, left = state[1], budget - 1
+        room = self.doc.string_room(s)
+        if room is not False:
+            buckets, others = self._string_moves(s, room)
+            parts = [self._bucket_index(c, size, device) for cost, c in buckets if cost <= left]
+            parts.append(others.index(others.upto(left), size, device))
+        else:
+            moves = self._moves(s)
+            parts = [moves.index(moves.upto(left), size, device)]
+        if self.doc.complete(s):
+            parts.insert(0, torch.tensor([i for i in self.vocab.eos_ids if i < size], dtype=torch.long, device=device))
+        idx = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if not idx.numel():  # the budget is gone: the forced byte
             return super().allowed_index(state, budget, size, device)
-        idx = moves.index(k, size, device)
-        if complete:
-            eos = [i for i in self.vocab.eos_ids if i < size]
-            idx = torch.cat([torch.tensor(eos, dtype=torch.long, device=device), idx])
         return idx
+
+    def _bucket_index(self, c: int, size: int, device) -> torch.Tensor:
+        key = (c, size, str(device))
+        t = self._bucket_tensors.get(key)
+        if t is None:
+            t = self._bucket_tensors[key] = torch.tensor([i for i in self.vocab.plain_by_chars[c] if i < size],
+                                                         dtype=torch.long, device=device)
+        return t
 
     def _forced(self, s) -> list[int]:
         here = self.doc.min_close(s)
