@@ -55,6 +55,7 @@ __all__ = ["GbnfAutomaton", "MAX_GRAMMAR_ELEMENTS", "MAX_STACKS"]
 
 MAX_GRAMMAR_ELEMENTS = 100_000  # elements in all rules after repetitions are expanded
 MAX_STACKS = 10_000  # stacks one state may hold before step() gives up
+MAX_GROUP_DEPTH = 100  # nested parentheses: the parser recurses per level (deeper hit Python's recursion limit)
 _CACHE_LIMIT = 20_000  # states whose transitions / min_close are cached; cleared when full (states stay valid)
 _INF = float("inf")
 _NAME = re.compile(r"[a-zA-Z0-9_-]+")
@@ -89,6 +90,7 @@ class _Parser:
         self.classes: list[Ranges] = []
         self.class_ids: dict[Ranges, int] = {}
         self.size = 0
+        self.depth = 0  # parentheses open at self.pos
 
     # ---------------------------------------------------------------------------------------- helpers
     def where(self, pos: int) -> str:
@@ -203,11 +205,15 @@ class _Parser:
         if c == "(":
             if self.peek(1) == "=":
                 self.fail("lookahead assertions '(= ...)' (an xgrammar extension) are not supported")
+            self.depth += 1
+            if self.depth > MAX_GROUP_DEPTH:
+                self.fail(f"parentheses nested deeper than {MAX_GROUP_DEPTH} levels")
             self.pos += 1
             alts = self.parse_alternates()
             if self.peek() != ")":
                 self.fail(f"expected ')' to close the '(' at {self.where(start)}")
             self.pos += 1
+            self.depth -= 1
             if len(alts) == 1:
                 return alts[0]
             self.grow(1, start)

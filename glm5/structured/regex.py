@@ -32,10 +32,11 @@ from collections import deque
 
 from .charset import MAX_CP, complement, normalise, subtract
 
-__all__ = ["RegexAutomaton", "MAX_NFA_STATES", "MAX_REPEAT"]
+__all__ = ["RegexAutomaton", "MAX_NFA_STATES", "MAX_REPEAT", "MAX_GROUP_DEPTH"]
 
 MAX_NFA_STATES = 50_000
 MAX_REPEAT = 1000
+MAX_GROUP_DEPTH = 100  # nested groups: parsing and building recurse per level (deeper hit Python's recursion limit)
 _TRANSITION_CACHE = 20_000  # DFA states whose transitions are kept; cleared when full (states stay valid)
 
 _DIGIT = [(0x30, 0x39)]
@@ -98,6 +99,7 @@ class _Parser:
         self.p = pattern
         self.i = 0
         self.anchored_start = self.anchored_end = False
+        self.depth = 0  # groups open at self.i
 
     def error(self, what: str) -> ValueError:
         return ValueError(f"regex {self.p!r}: {what} at position {self.i}")
@@ -206,6 +208,9 @@ class _Parser:
         return ("set", [(ord(c), ord(c))])
 
     def group(self):
+        self.depth += 1
+        if self.depth > MAX_GROUP_DEPTH:
+            raise self.error(f"groups nested deeper than {MAX_GROUP_DEPTH} levels")
         self.i += 1
         if self.p.startswith("?", self.i):
             rest = self.p[self.i + 1:]
@@ -228,6 +233,7 @@ class _Parser:
         if self.peek() != ")":
             raise self.error("missing ')'")
         self.i += 1
+        self.depth -= 1
         return node
 
     def char_class(self) -> list[tuple[int, int]]:

@@ -349,6 +349,15 @@ def test_a_request_that_cannot_be_sampled_fails_alone(scripted_server, scripted_
     assert httpx.get(scripted_server.url + "/health").status_code == 200
 
 
+def test_deeply_nested_patterns_and_grammars_are_400s(http):
+    """Nesting past Python's recursion limit was a RecursionError: a 500 for the regex, a reset connection for GBNF."""
+    for field, value in (("guided_regex", "(" * 600 + "a" + ")" * 600),
+                         ("guided_grammar", "root ::= " + "(" * 2000 + '"a"' + ")" * 2000)):
+        resp = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "x", field: value, "max_tokens": 4})
+        err = assert_error(resp, 400, param="structured_outputs." + field.split("_")[1])
+        assert "nested deeper than 100" in err["message"]
+
+
 def test_contradictory_constraints_are_the_requests_error(http):
     """A grammar that must end now and min_tokens that forbids ending leave nothing to sample: a 400 naming the
     conflict (found by the schema fuzz test, which used to get a 500), also as the stream's error event."""

@@ -370,6 +370,14 @@ def test_errors(grammar, message):
         GbnfAutomaton(grammar)
 
 
+def test_deep_nesting_is_a_value_error_not_a_recursion_error():
+    assert accepts(GbnfAutomaton("root ::= " + "(" * 100 + '"a"' + ")" * 100), "a")
+    with pytest.raises(ValueError, match=r"line 1:110 .*nested deeper than 100 levels"):
+        GbnfAutomaton("root ::= " + "(" * 101 + '"a"' + ")" * 101)
+    with pytest.raises(ValueError, match="nested deeper than 100 levels"):  # RecursionError (a server 500) before
+        GbnfAutomaton("root ::= " + "(" * 3000 + '"a"' + ")*" * 3000)
+
+
 def test_start_rule_and_unreachable_rules():
     auto = GbnfAutomaton('main ::= "a" | other\nother ::= "b"+\nunused ::= "z" unused', start="main")
     assert accepts(auto, "a") and accepts(auto, "bbb") and not accepts(auto, "z")

@@ -136,6 +136,13 @@ def test_refusals_are_clear(pattern, message):
         RegexAutomaton(pattern)
 
 
+def test_deep_nesting_is_a_value_error_not_a_recursion_error():
+    RegexAutomaton("(" * 100 + "a" + ")" * 100)
+    for pattern in ("(" * 101 + "a" + ")" * 101, "(?:" * 2000 + "a" + ")*" * 2000):  # RecursionError (a 500) before
+        with pytest.raises(ValueError, match="nested deeper than 100 levels"):
+            RegexAutomaton(pattern)
+
+
 @pytest.fixture(scope="module")
 def tok():
     from glm5.tokenizer import train_bpe
