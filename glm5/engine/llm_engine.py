@@ -149,9 +149,11 @@ class LLMEngine:
 
     # -------------------------------------------------------------------------------------- requests
     def _with_processors(self, params: SamplingParams, ids: list[int]) -> SamplingParams:
-        """A copy of ``params`` whose processors end with those its fields ask for: penalties / bias / allowed ids /
-        min_p, then the structured-output grammar (compiled once per schema, shared by the request's n sequences:
-        it keys its state by each one's output)."""
+        """A copy of ``params`` whose processors end with those its fields ask for: the structured-output grammar
+        (compiled once per schema, shared by the request's n sequences: it keys its state by each one's output), then
+        penalties / bias / allowed ids / min_p. The grammar comes first, as vLLM applies its bitmask before the
+        sampler and as the server orders them: min_p then keeps tokens near the best *valid* one (before the grammar,
+        it could keep only tokens the grammar forbids and leave nothing to sample)."""
         from glm5.engine.processors import request_processors
 
         V = self.model.config.vocab_size
@@ -171,7 +173,7 @@ class LLMEngine:
             thinking = ids[-1] == self.tokenizer.token_to_id(st.THINK_START)  # the chat template opened reasoning
             grammar = self._grammars.get(*so.constraint, thinking)  # ValueError for what it cannot enforce
             budget = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))
-            procs.append(ConstrainedLogitsProcessor(grammar, budget))  # ValueError when the budget cannot fit it
+            procs.insert(0, ConstrainedLogitsProcessor(grammar, budget))  # ValueError when the budget cannot fit it
         return replace(params, logits_processors=[*(params.logits_processors or []), *procs])
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,

@@ -95,7 +95,8 @@ class SamplingParams:
         speculation, each verified draft position is processed as if the drafts before it had been sampled, so a
         draft a processor forbids is rejected and the output is what one-token steps would give.
     structured_outputs: :class:`StructuredOutputsParams`; the engine compiles the grammar (cached per schema) and
-        applies it after ``logits_processors``. Needs the engine's tokenizer.
+        applies it after ``logits_processors`` and before the penalty / bias / allowed-ids / min_p fields. Needs the
+        engine's tokenizer.
     presence_penalty, frequency_penalty (OpenAI's, over the generated tokens), repetition_penalty (vLLM's: > 1
         discourages repeats), logit_bias ({token id: bias}), allowed_token_ids (only these may be sampled), min_p
         (drop tokens below min_p × the top token's probability, after temperature): vLLM's fields, applied as

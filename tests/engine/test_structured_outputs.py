@@ -174,6 +174,19 @@ def test_gbnf_grammar_output_is_a_sentence(llm, nano_dir, tmp_path, capsys):
     assert accepted(capsys.readouterr().out.strip("\n"))
 
 
+def test_min_p_keeps_tokens_near_the_best_valid_one(llm):
+    """min_p is applied after the grammar (as in vLLM, and as the server orders them): applied before, it could keep
+    only tokens the grammar forbids, and this request failed with 'constraints exclude every token'."""
+    so = StructuredOutputsParams(regex=r"\d{3,9}")
+    for temperature in (0.0, 1.0):
+        out = llm.generate(["The quick", "Hello world"], SamplingParams(temperature=temperature, seed=0, max_tokens=12,
+                                                                        min_p=0.2, structured_outputs=so),
+                           use_tqdm=False)
+        for o in out:
+            c = o.outputs[0]
+            assert c.finish_reason == "stop" and re.fullmatch(r"\d{3,9}", c.text), (c.text, c.finish_reason)
+
+
 @pytest.mark.parametrize("kind", ["json", "regex", "grammar"])
 def test_structured_outputs_with_mtp_drafts(text_model, kind):
     """Verified MTP drafts go through the grammar like sampled tokens: a draft the grammar forbids is rejected, so
