@@ -38,8 +38,10 @@ character only stacks whose class holds a completion of the bytes so far are kep
 plus what follows that class.
 
 State explosion: a very ambiguous grammar (``x ::= "a" x "b" | "a" x "c" |``) can need exponentially many stacks for
-some inputs, which cannot be told from the grammar in general; ``step`` then raises ``ValueError`` once a state would
-hold more than :data:`MAX_STACKS` stacks, so the request fails instead of stalling the server.
+some inputs, which cannot be told from the grammar in general. A state then keeps the :data:`MAX_STACKS` stacks with
+the shortest completions (ties in a fixed order) and drops the rest: every kept stack is still a parse of the text, so
+the output stays a sentence of the grammar and ``min_close`` stays exact; only some of the ways to continue are lost.
+(``step`` raises ``ValueError`` only when one step would expand more than 8 × MAX_STACKS stacks.)
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from .charset import MAX_CP, Ranges, complement, normalise
 __all__ = ["GbnfAutomaton", "MAX_GRAMMAR_ELEMENTS", "MAX_STACKS"]
 
 MAX_GRAMMAR_ELEMENTS = 100_000  # elements in all rules after repetitions are expanded
-MAX_STACKS = 10_000  # stacks one state may hold before step() gives up
+MAX_STACKS = 10_000  # stacks one state keeps (the cheapest to finish) when a grammar is very ambiguous
 MAX_GROUP_DEPTH = 100  # nested parentheses: the parser recurses per level (deeper hit Python's recursion limit)
 _CACHE_LIMIT = 20_000  # states whose transitions / min_close are cached; cleared when full (states stay valid)
 _INF = float("inf")
@@ -502,9 +504,9 @@ class GbnfAutomaton:
             if s in seen:
                 continue
             seen.add(s)
-            if len(out) > MAX_STACKS or len(seen) > 8 * MAX_STACKS or len(s) > height:
-                raise ValueError(f"gbnf: the grammar is too ambiguous for this output: more than {MAX_STACKS} parse "
-                                 "stacks at once")
+            if len(seen) > 8 * MAX_STACKS or len(s) > height:
+                raise ValueError(f"gbnf: the grammar is too ambiguous for this output: more than {8 * MAX_STACKS} "
+                                 "parse stacks in one step")
             if s and self._ref[s[-1]] >= 0:
                 top = s[-1]
                 nxt = self._next[top]
@@ -532,6 +534,9 @@ class GbnfAutomaton:
             if s and self._in_class(self._cls[s[-1]], cp):
                 nxt = self._next[s[-1]]
                 self._close(s[:-1] + (nxt,) if nxt >= 0 else s[:-1], out, seen)
+        if len(out) > MAX_STACKS:  # keep the parses closest to finishing (see the module docstring)
+            rest = self._rest
+            out = sorted(out, key=lambda s: (sum(rest[f] for f in s), s))[:MAX_STACKS]
         return self._intern((frozenset(out), 0, 0, 0)) if out else None
 
     def _step(self, state, byte: int):

@@ -391,8 +391,15 @@ def test_an_empty_alternative_in_a_finishable_rule_and_dead_alternatives():
     assert accepts(auto, "b") and accepts(auto, "c")
 
 
-def test_state_explosion_is_a_value_error():
-    auto = GbnfAutomaton('root ::= x\nx ::= "a" x "b" | "a" x "c" | ""')  # 2^n pending suffixes after n "a"s
+def test_state_explosion_keeps_the_cheapest_parses():
+    """2^n pending suffixes after n "a"s: past MAX_STACKS a state keeps the stacks closest to finishing, so the text
+    is still a prefix of a sentence, min_close stays exact and the shortest completion is a sentence."""
+    auto = GbnfAutomaton('root ::= x\nx ::= "a" x "b" | "a" x "c" | ""')
     assert accepts(auto, "aab" + "c")
-    with pytest.raises(ValueError, match=f"more than {MAX_STACKS} parse stacks"):
-        feed(auto, b"a" * 20)
+    s = feed(auto, b"a" * 20)
+    assert s is not None and len(s[0]) <= MAX_STACKS and auto.min_close(s) == 20
+    text = b"a" * 20
+    while not auto.complete(s):  # follow the bytes that lower min_close: 20 closers
+        b = next(b for b in b"bc" if auto.step(s, b) is not None and auto.min_close(auto.step(s, b)) < auto.min_close(s))
+        s, text = auto.step(s, b), text + bytes([b])
+    assert len(text) == 40 and accepts(auto, text.decode())
