@@ -19,7 +19,7 @@ from glm5.engine.cpu_layout import tune_linear_layouts
 from glm5.engine.kv_cache import PagedKVCache, bytes_per_block
 from glm5.engine.model_runner import Chunk, ModelRunner
 from glm5.engine.outputs import CompletionOutput, RequestOutput
-from glm5.engine.sampler import (NO_TOKEN_ALLOWED, Sampler, apply_logits_processors, token_logprobs, token_ranks,
+from glm5.engine.sampler import (Sampler, apply_logits_processors, token_logprobs, token_ranks, unusable_reason,
                                  unusable_rows)
 from glm5.engine.sampling_params import SamplingParams
 from glm5.engine.scheduler import Scheduler
@@ -439,8 +439,7 @@ class LLMEngine:
             if errors[j] is not None:
                 return done, errors[j]
             if bool(unusable_rows(done[j:j + 1])):
-                return done, NO_TOKEN_ALLOWED if bool(torch.isneginf(done[j]).all()) else \
-                    "the logits processors returned no usable logits"
+                return done, unusable_reason(rows[j], done[j])
             if j < len(drafts) and not bool(torch.isfinite(done[j, drafts[j]])):
                 break  # draft j is forbidden: later rows are never used
         return done, None

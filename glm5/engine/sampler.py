@@ -121,6 +121,15 @@ NO_TOKEN_ALLOWED = ("the request's constraints exclude every token (min_tokens, 
                     "and structured outputs together leave nothing to sample)")
 
 
+def unusable_reason(raw: torch.Tensor, processed: torch.Tensor) -> str:
+    """Why a row [V] that cannot be sampled is so, given the model's logits and the processed ones."""
+    if bool(unusable_rows(raw[None])):
+        return "the model produced non-finite logits"
+    if bool(torch.isneginf(processed).all()):
+        return NO_TOKEN_ALLOWED
+    return "the logits processors returned no usable logits"
+
+
 def unusable_rows(x: torch.Tensor) -> torch.Tensor:
     """[M, V] logits or probabilities -> [M] bool: rows with a NaN or +inf, or with no finite entry (nothing can
     be sampled from them). -inf entries are fine (masked tokens)."""
@@ -157,13 +166,7 @@ class Sampler:
         raw = logits
         logits = apply_logits_processors(logits, params, outputs, errors)
         for i in unusable_rows(logits).nonzero().flatten().tolist():
-            if bool(unusable_rows(raw[i:i + 1])):
-                reason = "the model produced non-finite logits"
-            elif bool(torch.isneginf(logits[i]).all()):
-                reason = NO_TOKEN_ALLOWED
-            else:
-                reason = "the logits processors returned no usable logits"
-            errors[i] = errors[i] or reason
+            errors[i] = errors[i] or unusable_reason(raw[i], logits[i])
         tokens: list[int | None] = [None] * M
         ok = [i for i in range(M) if errors[i] is None]
         if ok:
