@@ -91,6 +91,11 @@ def _split_aligned(lo: int, hi: int, out: list) -> None:
 
 
 # ================================================================================================= parser
+def _shown(pattern: str) -> str:
+    """The pattern as error messages quote it: whole when short, else its start."""
+    return repr(pattern) if len(pattern) <= 80 else repr(pattern[:77]) + "..."
+
+
 class _Parser:
     """Recursive descent over the pattern. Nodes: ("set", ranges), ("cat", [nodes]), ("alt", [nodes]),
     ("rep", node, min, max_or_None)."""
@@ -102,7 +107,7 @@ class _Parser:
         self.depth = 0  # groups open at self.i
 
     def error(self, what: str) -> ValueError:
-        return ValueError(f"regex {self.p!r}: {what} at position {self.i}")
+        return ValueError(f"regex {_shown(self.p)}: {what} at position {self.i}")
 
     def peek(self) -> str | None:
         return self.p[self.i] if self.i < len(self.p) else None
@@ -254,8 +259,10 @@ class _Parser:
                 break
             first = False
             lo_set = self._class_item()
-            if (self.peek() == "-" and self.i + 1 < len(self.p) and self.p[self.i + 1] != "]"
-                    and len(lo_set) == 1 and lo_set[0][0] == lo_set[0][1]):
+            dash = self.peek() == "-" and self.i + 1 < len(self.p) and self.p[self.i + 1] != "]"
+            if dash and not (len(lo_set) == 1 and lo_set[0][0] == lo_set[0][1]):
+                raise self.error("bad character range (a class like \\d cannot start a range)")
+            if dash:
                 self.i += 1
                 hi_set = self._class_item()
                 if len(hi_set) != 1 or hi_set[0][0] != hi_set[0][1]:
@@ -445,7 +452,7 @@ class RegexAutomaton:
             self._absorbing = self._closure([self.accept])
         self._start = self._closure([entry])
         if not self._start:
-            raise ValueError(f"regex {pattern!r} matches nothing")
+            raise ValueError(f"regex {_shown(pattern)} matches nothing")
         self._next: dict[frozenset, list] = {}
 
     def _distances_to_accept(self) -> list[float]:

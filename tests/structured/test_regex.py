@@ -129,7 +129,7 @@ def test_invalid_utf8_is_never_accepted():
     (r"(ab", "missing"), (r"ab)", "unbalanced"), (r"[ab", "unterminated"), (r"[z-a]", "bad character range"),
     (r"a{3,2}", "min > max"), (r"a{5000}", "bounds"), (r"(a{1000}){1000}", "too large"), (r"a^b", "start"),
     (r"a$b", "end"), (r"\q", "bad escape"), (r"\N{DIGIT ONE}", "named characters"), (r"[^\x00-\U0010ffff]", "nothing"),
-    (r"\x4", "bad escape"), (r"[[:alpha:]]", "POSIX"),
+    (r"\x4", "bad escape"), (r"[[:alpha:]]", "POSIX"), (r"[\d-z]", "bad character range"),
 ])
 def test_refusals_are_clear(pattern, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -175,3 +175,10 @@ def test_random_walks_through_the_vocabulary_end_in_a_match(tok, pattern, thinki
             assert st.THINK_END in text
             text = text.split(st.THINK_END, 1)[1]
         assert oracle.fullmatch(text), (pattern, text)
+
+
+def test_error_messages_quote_a_long_pattern_shortly():
+    with pytest.raises(ValueError) as e:
+        RegexAutomaton("(" + "a" * 10_000)
+    assert "missing ')'" in str(e.value) and len(str(e.value)) < 200
+    assert RegexAutomaton(r"[\d-]").min_close(RegexAutomaton(r"[\d-]").start()) == 1  # '-' last is a literal
