@@ -125,29 +125,9 @@ class TokenVocab:
     def id(self, content: str) -> int | None:
         return self.added.get(content)
 
-    def walk(self, state: Any, step: Callable[[Any, int], Any], accept: Callable[[Any], bool],
-             root: _Node | None = None) -> list[int]:
-        """Ids of ordinary tokens (those under ``root``, default all) whose bytes take ``state`` through ``step``
-        (None = dead) to a state that ``accept`` admits."""
-        out: list[int] = []
-        stack = [(root or self.root, state)]
-        while stack:
-            node, s = stack.pop()
-            for b, child in node.children.items():
-                s2 = step(s, b)
-                if s2 is None:
-                    continue
-                if child.ids and accept(s2):
-                    out.extend(child.ids)
-                if child.children:
-                    stack.append((child, s2))
-        return out
-
-    def walk_costs(self, state: Any, step: Callable[[Any, int], Any], cost: Callable[[Any], int],
-                   root: _Node | None = None) -> list[tuple]:
-        """(``cost`` of the state it leads to, id) for every ordinary token (under ``root``, default all) whose
-        bytes take ``state`` through ``step`` without dying."""
-        out: list[tuple] = []
+    def _live(self, state: Any, step: Callable[[Any, int], Any], root: _Node | None):
+        """(ids, state) for every trie node under ``root`` (default all) that holds token ids and that ``step`` takes
+        ``state`` to without dying (None = dead); dead bytes prune their whole subtree."""
         stack = [(root or self.root, state)]
         while stack:
             node, s = stack.pop()
@@ -156,10 +136,24 @@ class TokenVocab:
                 if s2 is None:
                     continue
                 if child.ids:
-                    c = cost(s2)
-                    out.extend((c, i) for i in child.ids)
+                    yield child.ids, s2
                 if child.children:
                     stack.append((child, s2))
+
+    def walk(self, state: Any, step: Callable[[Any, int], Any], accept: Callable[[Any], bool],
+             root: _Node | None = None) -> list[int]:
+        """Ids of ordinary tokens (those under ``root``, default all) whose bytes take ``state`` through ``step``
+        (None = dead) to a state that ``accept`` admits."""
+        return [i for ids, s2 in self._live(state, step, root) if accept(s2) for i in ids]
+
+    def walk_costs(self, state: Any, step: Callable[[Any, int], Any], cost: Callable[[Any], int],
+                   root: _Node | None = None) -> list[tuple]:
+        """(``cost`` of the state it leads to, id) for every ordinary token (under ``root``, default all) whose
+        bytes take ``state`` through ``step`` without dying."""
+        out: list[tuple] = []
+        for ids, s2 in self._live(state, step, root):
+            c = cost(s2)
+            out.extend((c, i) for i in ids)
         return out
 
 

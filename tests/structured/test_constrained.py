@@ -69,6 +69,26 @@ def _run(grammar, vocab, budget, rng, temperature=3.0):
     return out
 
 
+def sampled_text(grammar, tok, budget: int, seed: int, scale: float = 1.0, thinking: bool = False) -> str:
+    """One output sampled through ``grammar`` with seeded random logits (times ``scale``) within ``budget`` tokens:
+    it must end with EOS (and, with ``thinking``, contain ``</think>``). Returns its text after the reasoning."""
+    gen = torch.Generator().manual_seed(seed)
+    proc = ConstrainedLogitsProcessor(grammar, budget)
+    eos = grammar.vocab.eos_ids
+    out: list[int] = []
+    for _ in range(budget):
+        logits = proc(out, torch.randn(832, generator=gen) * scale)
+        out.append(int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)))
+        if out[-1] in eos:
+            break
+    assert out[-1] in eos, out
+    text = tok.decode(out[:-1], skip_special_tokens=False)
+    if thinking:
+        assert st.THINK_END in text
+        text = text.split(st.THINK_END, 1)[1]
+    return text
+
+
 def _text(vocab, ids):
     inv = {i: c for c, i in vocab.added.items()}
     return b"".join(vocab.token_bytes[i] if i in vocab.token_bytes else inv[i].encode() for i in ids).decode("utf-8", "replace")
@@ -144,21 +164,8 @@ def test_choice_grammar_random_walks_end_in_a_choice(tok, vocab, thinking):
     assert cache.choice(list(choices), thinking=thinking) is grammar  # compiled once
     seen = set()
     for seed in range(60):
-        gen = torch.Generator().manual_seed(seed)
         budget = 24 if seed % 2 else 6  # a tight budget must still end in a choice
-        proc = ConstrainedLogitsProcessor(grammar, budget)
-        out: list[int] = []
-        for _ in range(budget):
-            logits = proc(out, torch.randn(832, generator=gen))
-            tok_id = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
-            out.append(tok_id)
-            if tok_id in vocab.eos_ids:
-                break
-        assert out[-1] in vocab.eos_ids, out
-        text = tok.decode(out[:-1], skip_special_tokens=False)
-        if thinking:
-            assert st.THINK_END in text
-            text = text.split(st.THINK_END, 1)[1]
+        text = sampled_text(grammar, tok, budget, seed, thinking=thinking)
         assert text in choices, text
         seen.add(text)
     assert len(seen) >= (3 if thinking else 4), seen  # reasoning spends budgets; tight ones force the shortest

@@ -9,15 +9,13 @@ import random
 import re
 
 import pytest
-import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from glm5.structured.constrained import ConstrainedLogitsProcessor, JsonGrammar
+from glm5.structured.constrained import JsonGrammar
 from glm5.structured.gbnf import MAX_STACKS, GbnfAutomaton
-from glm5.tokenizer import special_tokens as special
 
-from .test_constrained import tok, vocab  # noqa: F401  (the module-scoped tokenizer fixtures)
+from .test_constrained import sampled_text, tok, vocab  # noqa: F401  (tok, vocab: the module-scoped fixtures)
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -313,21 +311,8 @@ def test_random_walks_through_the_token_trie_end_in_a_sentence(tok, vocab, gramm
     need = grammar_.min_close(grammar_.start())
     lengths = []
     for seed in range(16):
-        gen = torch.Generator().manual_seed(seed)
         budget = need + (seed % 3) if seed % 2 else 40  # tight budgets must still close the sentence
-        proc = ConstrainedLogitsProcessor(grammar_, budget)
-        out: list[int] = []
-        for _ in range(budget):
-            logits = proc(out, torch.randn(832, generator=gen) * 3)
-            tok_id = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
-            out.append(tok_id)
-            if tok_id in vocab.eos_ids:
-                break
-        assert out[-1] in vocab.eos_ids, out
-        text = tok.decode(out[:-1], skip_special_tokens=False)
-        if thinking:
-            assert special.THINK_END in text
-            text = text.split(special.THINK_END, 1)[1]
+        text = sampled_text(grammar_, tok, budget, seed, scale=3, thinking=thinking)
         assert accepts(auto, text) and oracle(text), text
         lengths.append(len(text))
     assert len(set(lengths)) >= 3, lengths  # the walks differ

@@ -8,15 +8,13 @@ import random
 import re
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
-from glm5.structured import ConstrainedLogitsProcessor, GrammarCache
+from glm5.structured import GrammarCache
 from glm5.structured.regex import RegexAutomaton, _utf8_sequences
-from glm5.tokenizer import special_tokens as st
 
-from mixed_text import make_corpus
+from .test_constrained import sampled_text, tok  # noqa: F401  (tok: the module-scoped tokenizer fixture)
 
 
 def accepts(auto: RegexAutomaton, data: str | bytes) -> bool:
@@ -143,13 +141,6 @@ def test_deep_nesting_is_a_value_error_not_a_recursion_error():
             RegexAutomaton(pattern)
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from glm5.tokenizer import train_bpe
-
-    return train_bpe(make_corpus(), vocab_size=800)
-
-
 @pytest.mark.parametrize("thinking", [False, True])
 @pytest.mark.parametrize("pattern", [r"(\d{4})-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])", r"[a-z]+( [a-z]+)*\.",
                                      r"(yes|no|天气)!?", r"[^\n]{1,12}"])
@@ -158,22 +149,9 @@ def test_random_walks_through_the_vocabulary_end_in_a_match(tok, pattern, thinki
     grammar = cache.regex(pattern, thinking=thinking)
     assert cache.regex(pattern, thinking=thinking) is grammar  # compiled once
     oracle = re.compile(pattern, re.ASCII)
-    eos = set(grammar.vocab.eos_ids)
     for seed in range(12):
-        gen = torch.Generator().manual_seed(seed)
         budget = 40 if seed % 2 else grammar.min_close(grammar.start()) + 1  # a tight budget must still match
-        proc = ConstrainedLogitsProcessor(grammar, budget)
-        out: list[int] = []
-        for _ in range(budget):
-            logits = proc(out, torch.randn(832, generator=gen) * 3)
-            out.append(int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)))
-            if out[-1] in eos:
-                break
-        assert out[-1] in eos, out
-        text = tok.decode(out[:-1], skip_special_tokens=False)
-        if thinking:
-            assert st.THINK_END in text
-            text = text.split(st.THINK_END, 1)[1]
+        text = sampled_text(grammar, tok, budget, seed, scale=3, thinking=thinking)
         assert oracle.fullmatch(text), (pattern, text)
 
 
