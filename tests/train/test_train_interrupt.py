@@ -130,11 +130,16 @@ def test_torchrun_ranks_stop_after_the_same_step_when_one_gets_sigterm(tmp_path,
     os.kill(ranks[1], signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0  # torchrun's verdict on workers that exit 143
-    assert err.count("exitcode  : 143") == 2, err[-3000:]  # both ranks
+    # torchrun reports the first worker to exit 143; it may then stop the other itself (both orders were seen), so
+    # that both ranks stopped after the same step is shown by the checkpoint holding both ranks' files
+    assert "exitcode  : 143" in err, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("interrupted by SIGTERM at step ")]
     assert len(lines) == 1, err[-3000:]  # rank 0 reports
     step = int(lines[0].split(" at step ")[1].split(":")[0])
-    assert 1 <= step < 50 and latest_checkpoint(out / "checkpoints").name == f"step_{step:08d}"
+    ckpt = latest_checkpoint(out / "checkpoints")
+    assert 1 <= step < 50 and ckpt.name == f"step_{step:08d}"
+    assert {p.name for p in ckpt.glob("rank*.pt")} == {"rank0.pt", "rank1.pt"}
+    assert {p.name for p in (ckpt / "dcp").glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
     assert _curve(out)[0][-1][0] == step
 
 
