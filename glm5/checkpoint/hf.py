@@ -107,7 +107,8 @@ def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = 
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    strict: bool = True, config: GLM5Config | None = None, fp8: str = "dequantize"):
+                    strict: bool = True, config: GLM5Config | None = None, fp8: str = "dequantize",
+                    tensor_parallel=None):
     """Load an HF-layout GLM-5 checkpoint (BF16/FP32, or FP8).
 
     fp8: what to do with FP8 tensors (decided per tensor: a float8 ``X.weight`` with a sibling
@@ -115,6 +116,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     "keep": the matching Linear / routed-expert modules become glm5.model.fp8_linear FP8 modules holding
     the FP8 weights and scales as stored (block-scaled FP8 GEMM on sm90 GPUs, dequantise-on-the-fly
     elsewhere); everything else loads in ``dtype``.
+    tensor_parallel: a glm5.model.tensor_parallel.TensorParallel; the model is built sharded for that rank and
+    reads only its slice of each split tensor (FP8 tensors are dequantised whole, then sliced).
     """
     from glm5.model.transformer import GLM5ForCausalLM
 
@@ -131,6 +134,13 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         cfg = cfg.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = GLM5ForCausalLM(cfg)
+    tp = tensor_parallel
+    if tp is not None:
+        from glm5.model.tensor_parallel import apply_tensor_parallel, file_slice
+
+        if fp8 == "keep" and tp.world > 1:
+            raise ValueError("tensor parallelism needs unquantised weights: load FP8 checkpoints with fp8='dequantize'")
+        apply_tensor_parallel(model, tp)  # parameter shapes become this rank's
     model = model.to(dtype)
     if fp8 == "keep":
         from glm5.model.fp8_linear import convert_to_fp8
@@ -140,7 +150,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     targets = model.state_dict(keep_vars=True)
     filled = {name: 0 for name in targets}
     unexpected = []
-    I = cfg.moe_intermediate_size
+    I = cfg.moe_intermediate_size // (tp.world if tp is not None else 1)  # this rank's rows of each expert
     open_files: dict[Path, object] = {}
 
     def scale_for(key: str) -> torch.Tensor:
@@ -160,10 +170,14 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                     name, idx = file_key_to_param(key, I)
                     if key.endswith("_scale_inv") and name not in targets:
                         continue  # consumed with its weight (dequantised)
-                    t = sf.get_tensor(key)
+                    part = file_slice(key, tuple(sf.get_slice(key).get_shape()), tp) if tp is not None else None
+                    t = sf.get_tensor(key) if part is None or key + "_scale_inv" in weight_map else \
+                        sf.get_slice(key)[part]  # only this rank's rows / columns are read
                     if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and not (
                             name in targets and targets[name].dtype == t.dtype):
                         t = dequantize_block(t, scale_for(key), dtype=torch.float32)
+                    if part is not None and key + "_scale_inv" in weight_map:
+                        t = t[part]  # FP8: scale blocks span the split, so dequantise whole, then slice
                     if name not in targets:
                         unexpected.append(key)
                         continue

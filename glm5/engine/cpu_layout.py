@@ -56,9 +56,11 @@ def _column_major_wins(shape: tuple[int, int], repeats: int) -> bool:
 
 
 @torch.no_grad()
-def tune_linear_layouts(model: torch.nn.Module, repeats: int = 3) -> dict[tuple[int, int], str]:
+def tune_linear_layouts(model: torch.nn.Module, repeats: int = 3, agree=None) -> dict[tuple[int, int], str]:
     """Store the fp32 CPU ``nn.Linear`` weights of ``model`` column-major wherever that is faster at decode's
     row counts. Weights shared with an embedding (tied heads) keep their rows: lookups gather rows.
+    ``agree``: {shape: layout} -> the layouts to use (tensor-parallel ranks take rank 0's, since a layout can change
+    the last bit of a product and replicated modules must compute identically everywhere).
     Returns {weight shape: "column" | "row"}."""
     tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m.weight) not in tied
@@ -70,6 +72,8 @@ def tune_linear_layouts(model: torch.nn.Module, repeats: int = 3) -> dict[tuple[
         if key not in _CHOICE:
             _CHOICE[key] = _column_major_wins(shape, repeats)
         layout[shape] = "column" if _CHOICE[key] else "row"
+    if agree is not None:
+        layout = agree(layout)
     switched = 0
     for m in linears:
         w = m.weight

@@ -18,6 +18,7 @@ from glm5.engine.block_manager import BlockManager
 from glm5.engine.cpu_layout import tune_linear_layouts
 from glm5.engine.kv_cache import PagedKVCache, bytes_per_block
 from glm5.engine.model_runner import Chunk, ModelRunner
+from glm5.engine.parallel import agree_min, from_rank0
 from glm5.engine.outputs import CompletionOutput, RequestOutput
 from glm5.engine.sampler import (Sampler, apply_logits_processors, token_logprobs, token_ranks, unusable_reason,
                                  unusable_rows)
@@ -25,6 +26,7 @@ from glm5.engine.sampling_params import SamplingParams
 from glm5.engine.scheduler import Scheduler
 from glm5.engine.sequence import Sequence, SequenceStatus
 from glm5.engine.spec_decode import MTPProposer, rejection_sample, target_probs
+from glm5.model.tensor_parallel import TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,9 @@ class EngineConfig:
     # "raw_logprobs": SamplingParams.logprobs report the model's distribution (vLLM's default); "processed_logprobs":
     # the distribution each token was sampled from (temperature, top-k/top-p, logits processors), as RL needs
     logprobs_mode: str = "raw_logprobs"
+    # ranks the weights are split over (glm5.engine.parallel: one process per rank under torchrun, every rank
+    # running the same script); the model is sharded when the engine is built
+    tensor_parallel_size: int = 1
 
 
 @dataclass
@@ -75,6 +80,17 @@ class _Request:
 class LLMEngine:
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
         self.config = cfg = config or EngineConfig()
+        tp = getattr(model, "tensor_parallel", None)
+        if tp is None and cfg.tensor_parallel_size > 1:  # a whole model on every rank: keep this rank's shard
+            from glm5.engine.parallel import init_tensor_parallel
+            from glm5.model.tensor_parallel import apply_tensor_parallel
+
+            tp, dev = init_tensor_parallel(cfg.tensor_parallel_size, model.device)
+            apply_tensor_parallel(model.to(dev), tp)
+        self.tp = tp = tp or TensorParallel()
+        if tp.world != cfg.tensor_parallel_size:
+            raise ValueError(f"the model is split over {tp.world} rank(s) but tensor_parallel_size is "
+                             f"{cfg.tensor_parallel_size}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self._grammars = None  # GrammarCache for structured outputs, built on first use
@@ -92,7 +108,7 @@ class LLMEngine:
         if cfg.cpu_weight_layout not in ("auto", "row"):
             raise ValueError(f"cpu_weight_layout must be 'auto' or 'row', got {cfg.cpu_weight_layout!r}")
         if cfg.cpu_weight_layout == "auto" and self.device.type == "cpu":
-            tune_linear_layouts(model)
+            tune_linear_layouts(model, agree=lambda layout: from_rank0(layout, tp))
         num_layers = mcfg.num_hidden_layers + self.k  # + one cache layer per MTP draft depth
         self.eos_ids = set(mcfg.eos_token_ids)
         if tokenizer is not None:
@@ -111,6 +127,7 @@ class LLMEngine:
                     num_blocks = min(num_blocks, int(free * cfg.gpu_memory_utilization) // per_block)
                 else:
                     num_blocks = min(num_blocks, (4 << 30) // per_block)
+        num_blocks = agree_min(num_blocks, tp, self.device)  # identical caches, identical schedules on every rank
         if num_blocks < min_blocks:
             raise ValueError(f"cache of {num_blocks} blocks cannot hold one {self.max_model_len}-token sequence "
                              f"(need >= {min_blocks}); raise the budget or lower max_model_len")
@@ -129,7 +146,8 @@ class LLMEngine:
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "spec_verify_steps": 0,
                       "spec_paused_steps": 0,
                       "spec_draft_tokens": 0, "spec_accepted_tokens": 0}
-        if cfg.use_cuda_graph and self.device.type == "cuda" and not self.k:
+        # (not yet under tensor parallelism: its collectives would have to be captured too)
+        if cfg.use_cuda_graph and self.device.type == "cuda" and not self.k and tp.world == 1:
             from glm5.engine.cuda_graphs import CudaGraphRunner
 
             self.runner.graphs = CudaGraphRunner(self.runner, cfg.max_num_seqs, self.max_model_len)

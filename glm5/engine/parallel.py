@@ -1,0 +1,70 @@
+"""Tensor-parallel engines under torchrun: one process per rank, every rank running the same program (SPMD).
+
+This is vLLM's ``distributed_executor_backend="external_launcher"`` mode: launch the script with
+``torchrun --nproc-per-node N script.py`` and build ``LLM(model, tensor_parallel_size=N)`` on every rank with the
+same prompts in the same order. Each rank holds 1/N of the sharded weights (``glm5.model.tensor_parallel``) and a
+full engine (scheduler, cache, sampler). The model's collectives leave every rank with identical logits, and the
+engine is deterministic given its inputs (requests, seeds, the engine seed), so every rank takes the same
+scheduling and sampling decisions and produces the same outputs; no step is broadcast. What could differ per
+process (the CPU weight-layout timings, the free GPU memory that sizes the cache) is agreed on at start.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import torch
+
+from glm5.model.tensor_parallel import TensorParallel
+
+log = logging.getLogger(__name__)
+
+
+def init_tensor_parallel(size: int, device: str | torch.device | None) -> tuple[TensorParallel, torch.device]:
+    """(this process's TensorParallel, its device) for ``tensor_parallel_size=size``. Initialises torch.distributed
+    from torchrun's environment when needed (gloo on CPU, NCCL on CUDA)."""
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"tensor_parallel_size must be a positive integer, got {size!r}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if size == 1:
+        return TensorParallel(), dev
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            raise ValueError(f"tensor_parallel_size={size} runs one process per rank: launch the script with "
+                             f"`torchrun --nproc-per-node {size} ...` (every rank runs it with the same prompts)")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    world = dist.get_world_size()
+    if world != size:
+        raise ValueError(f"tensor_parallel_size={size} but torch.distributed has {world} processes; they must be equal")
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
+        torch.cuda.set_device(dev)
+    return TensorParallel(rank=dist.get_rank(), world=world), dev
+
+
+def agree_min(value: int, tp: TensorParallel, device: torch.device) -> int:
+    """The smallest of every rank's ``value`` (e.g. how many cache blocks fit): the ranks' schedulers must be
+    identical, so every rank uses what the tightest one can hold."""
+    if tp.world == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=tp.group)
+    return int(t.item())
+
+
+def from_rank0(obj, tp: TensorParallel):
+    """Rank 0's ``obj`` on every rank (a decision taken from timings, which differ between processes)."""
+    if tp.world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=tp.group)
+    return box[0]

@@ -1,0 +1,175 @@
+"""Tensor parallelism for inference, applied to a plain GLM5ForCausalLM (Megatron's column/row split).
+
+``apply_tensor_parallel(model, rank, world, group)`` slices the model's own parameters in place and adds the
+few collectives the split needs as forward hooks; the modules and their code stay those of the one-device
+model, so the engine runs them unchanged. The plan, per decoder layer (and the MTP block):
+
+* attention: heads split. ``q_b_proj`` and ``kv_b_proj`` keep this rank's heads (rows, head-major),
+  ``o_proj`` the matching input columns; its output is a partial sum, all-reduced. The low-rank
+  ``q_a_proj`` / ``kv_a_proj_with_mqa`` and their norms are replicated: MLA's latent cache is shared by all
+  heads, so every rank caches the whole latent (as vLLM does for MLA under TP).
+* the lightning indexer is replicated: every rank then selects the same top-k keys.
+* dense MLP, shared experts and every routed expert: the intermediate dimension split (gate/up rows,
+  down columns); the block's output (routed + shared partials) is all-reduced once.
+* the router, embeddings, norms and the MTP block's ``eh_proj`` are replicated; ``lm_head`` keeps a
+  slice of the vocabulary and its logits are all-gathered.
+
+After each all-reduce every rank holds bit-identical activations (a collective returns the same sum to every
+rank), so routing, top-k selection, sampling and scheduling agree without further communication.
+
+Checkpoint loading (``glm5.checkpoint.hf.load_pretrained(tensor_parallel=...)``) reads only this rank's slice of
+each sharded tensor (``file_slice``), so a rank never holds the full weights.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from glm5.config import GLM5Config
+
+# model parameter name -> dimension it is split along (None: replicated). gate_up_proj is special: its gate
+# rows and its up rows are split separately (see _shard_gate_up).
+_SHARD_DIM = [
+    (re.compile(r"\.self_attn\.(q_b_proj|kv_b_proj)\.weight$"), 0),
+    (re.compile(r"\.self_attn\.o_proj\.weight$"), 1),
+    (re.compile(r"\.mlp\.(shared_experts\.)?(gate_proj|up_proj)\.weight$"), 0),
+    (re.compile(r"\.mlp\.(shared_experts\.)?down_proj\.weight$"), 1),
+    (re.compile(r"\.mlp\.experts\.gate_up_proj$"), 1),
+    (re.compile(r"\.mlp\.experts\.down_proj$"), 2),
+    (re.compile(r"^lm_head\.weight$"), 0),
+]
+# the same split for the per-expert keys of checkpoint files (glm5.checkpoint.hf)
+_FILE_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This process's place in a tensor-parallel group: rank in [0, world), and the torch.distributed group
+    (None = the default group; unused when world is 1)."""
+
+    rank: int = 0
+    world: int = 1
+    group: object | None = None
+
+    def __post_init__(self):
+        if not (isinstance(self.world, int) and self.world >= 1 and 0 <= self.rank < self.world):
+            raise ValueError(f"tensor parallel: rank {self.rank} of world {self.world} is not a valid placement")
+
+
+def shard_dim(name: str) -> int | None:
+    """The dimension a model parameter (state-dict name) is split along, or None when replicated."""
+    for pat, dim in _SHARD_DIM:
+        if pat.search(name):
+            return dim
+    return None
+
+
+def check_divisible(cfg: GLM5Config, world: int) -> None:
+    """Every split dimension must divide evenly: one clear error before anything is allocated."""
+    need = {"num_attention_heads": cfg.num_attention_heads, "intermediate_size": cfg.intermediate_size,
+            "moe_intermediate_size": cfg.moe_intermediate_size, "vocab_size": cfg.vocab_size}
+    if cfg.n_shared_experts:
+        need["moe_intermediate_size × n_shared_experts"] = cfg.moe_intermediate_size * cfg.n_shared_experts
+    bad = [f"{k}={v}" for k, v in need.items() if v % world]
+    if bad:
+        raise ValueError(f"tensor_parallel_size={world} must divide {', '.join(bad)}")
+
+
+def file_slice(key: str, shape: tuple[int, ...], tp: TensorParallel) -> tuple[slice, ...] | None:
+    """The part of checkpoint tensor ``key`` (full shape ``shape``) that rank ``tp.rank`` holds, as an index
+    tuple for ``safe_open(...).get_slice(key)[...]``; None when the tensor is replicated. Per-expert file keys
+    (``experts.E.gate_proj.weight`` [I, H], ``down_proj`` [H, I]) split like the fused tensors they fill."""
+    if tp.world == 1:
+        return None
+    m = _FILE_EXPERT.search(key)
+    if m:
+        dim = 1 if m[1] == "down_proj" else 0
+    else:
+        dim = shard_dim(key)
+        if dim is None:
+            return None
+    n = shape[dim] // tp.world
+    return (slice(None),) * dim + (slice(tp.rank * n, (tp.rank + 1) * n),)
+
+
+def _narrow(t: torch.Tensor, dim: int, tp: TensorParallel) -> torch.Tensor:
+    n = t.shape[dim] // tp.world
+    return t.narrow(dim, tp.rank * n, n).clone()
+
+
+def _shard_gate_up(t: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """[E, 2I, H] (gate rows, then up rows) -> [E, 2I/w, H]: this rank's gate rows, then its up rows."""
+    gate, up = t.chunk(2, dim=1)
+    return torch.cat([_narrow(gate, 1, tp), _narrow(up, 1, tp)], dim=1)
+
+
+def _all_reduce_hook(group):
+    import torch.distributed as dist
+
+    def hook(module, args, out):
+        dist.all_reduce(out, group=group)
+        return out
+    return hook
+
+
+def _all_gather_last_dim_hook(group, world: int):
+    import torch.distributed as dist
+
+    def hook(module, args, out):
+        parts = [torch.empty_like(out) for _ in range(world)]
+        dist.all_gather(parts, out.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+    return hook
+
+
+@torch.no_grad()
+def apply_tensor_parallel(model: nn.Module, tp: TensorParallel, collectives: bool = True) -> nn.Module:
+    """Shard ``model`` (a GLM5ForCausalLM, on any device, meta included) in place for rank ``tp.rank`` of
+    ``tp.world`` and return it. ``collectives=False`` leaves out the hooks: each rank's modules then return
+    their partial sums / vocabulary slice (what the tests sum up to check the split without processes)."""
+    from glm5.model.mla import MLAttention
+    from glm5.model.moe import MLP, Experts, MoE
+
+    if getattr(model, "tensor_parallel", None) is not None:
+        raise ValueError("the model is already tensor-parallel")
+    from glm5.model.fp8_linear import FP8Experts, FP8Linear
+
+    if any(isinstance(m, (FP8Linear, FP8Experts)) for m in model.modules()):
+        # their 128×128 scale blocks do not follow head boundaries (GLM-5: 448 kv_b_proj rows per head)
+        raise ValueError("tensor parallelism needs unquantised weights (load FP8 checkpoints with fp8='dequantize')")
+    check_divisible(model.config, tp.world)
+    model.tensor_parallel = tp
+    if tp.world == 1:
+        return model
+    for name, p in list(model.named_parameters()):
+        dim = shard_dim(name)
+        if dim is None:
+            continue
+        p.data = _shard_gate_up(p.data, tp) if name.endswith("gate_up_proj") else _narrow(p.data, dim, tp)
+    for m in model.modules():
+        if isinstance(m, MLAttention):
+            m.n_heads //= tp.world
+        elif isinstance(m, Experts):
+            m.intermediate //= tp.world
+    if not collectives:
+        return model
+    # one all-reduce per attention block and per feed-forward block; MoE's shared expert is inside its block
+    for m in model.modules():
+        if isinstance(m, MLAttention):
+            m.o_proj.register_forward_hook(_all_reduce_hook(tp.group))
+        elif isinstance(m, MoE):
+            m.register_forward_hook(_all_reduce_hook(tp.group))
+        elif isinstance(m, MLP) and not _is_shared_expert(model, m):
+            m.register_forward_hook(_all_reduce_hook(tp.group))
+    model.lm_head.register_forward_hook(_all_gather_last_dim_hook(tp.group, tp.world))
+    return model
+
+
+def _is_shared_expert(model: nn.Module, mlp: nn.Module) -> bool:
+    from glm5.model.moe import MoE
+
+    return any(isinstance(m, MoE) and m.shared_experts is mlp for m in model.modules())
