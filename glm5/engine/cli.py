@@ -4,12 +4,14 @@
     glm5 generate --model ckpt --prompt-ids 1,2,3 --max-tokens 16          # no tokenizer needed
     glm5 chat --model ckpt --system "You are terse." --no-thinking
     glm5 generate --model ckpt --chat --prompt "A person, as JSON" --json-schema person.json   # structured output
+    torchrun --nproc-per-node 2 -m glm5.cli generate --model ckpt --tensor-parallel-size 2 --prompt "Hi"  # 2 ranks
 
 Both run the inference engine (paged latent cache, DSA, optional MTP speculation with --spec-tokens).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -24,6 +26,9 @@ def _engine_args(p) -> None:
     p.add_argument("--spec-tokens", "--num-speculative-tokens", type=int, default=0,
                    help="MTP speculative draft tokens per step (0 = off)")
     p.add_argument("--dsa", default="sparse", choices=["sparse", "dense"])
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the weights over N ranks: run under `torchrun --nproc-per-node N` (generate only; "
+                        "rank 0 prints)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=None, help="default: 0 for generate, 1.0 for chat")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -71,7 +76,8 @@ def _build(args):
     if args.max_model_len:
         kw["max_model_len"] = args.max_model_len
     return build_engine(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, max_num_seqs=1,
-                        num_speculative_tokens=args.spec_tokens, dsa=args.dsa, **kw)
+                        num_speculative_tokens=args.spec_tokens, dsa=args.dsa,
+                        tensor_parallel_size=args.tensor_parallel_size, **kw)
 
 
 def _structured(args):
@@ -145,6 +151,8 @@ def _report(engine, final, t0, first, n_tokens) -> None:
 
 def run_generate(args) -> int:
     engine = _build(args)
+    if engine.tp.rank != 0:  # every rank computes the same tokens; one prints them
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of this process)
     tok = engine.tokenizer
     if args.prompt_ids is not None:
         prompt = [int(x) for x in args.prompt_ids.replace(" ", "").split(",") if x]
@@ -183,6 +191,10 @@ _CHAT_HELP = ("/reset clears the conversation, /exit (or Ctrl-D) quits, /help sh
 def run_chat(args) -> int:
     from glm5.tokenizer import StreamingParser
 
+    if args.tensor_parallel_size > 1:  # each rank would read its own terminal; one driver process is needed
+        print("glm5 chat: --tensor-parallel-size > 1 is not supported interactively; use glm5 generate under torchrun",
+              file=sys.stderr)
+        return 2
     engine = _build(args)
     tok = engine.tokenizer
     if tok is None:
