@@ -136,7 +136,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         model = GLM5ForCausalLM(cfg)
     tp = tensor_parallel
     if tp is not None:
-        from glm5.model.tensor_parallel import apply_tensor_parallel, file_slice
+        from glm5.model.tensor_parallel import apply_tensor_parallel, file_slice, local_expert_key
 
         if fp8 == "keep" and tp.world > 1:
             raise ValueError("tensor parallelism needs unquantised weights: load FP8 checkpoints with fp8='dequantize'")
@@ -150,7 +150,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     targets = model.state_dict(keep_vars=True)
     filled = {name: 0 for name in targets}
     unexpected = []
-    I = cfg.moe_intermediate_size // (tp.world if tp is not None else 1)  # this rank's rows of each expert
+    # rows of each routed expert on this rank: all of them unless tensor parallelism splits every expert
+    I = cfg.moe_intermediate_size // (tp.world if tp is not None and not tp.expert_parallel else 1)
     open_files: dict[Path, object] = {}
 
     def scale_for(key: str) -> torch.Tensor:
@@ -167,7 +168,10 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             read_header(f)
             with safe_open(str(f), framework="pt", device="cpu") as sf:
                 for key in sf.keys():
-                    name, idx = file_key_to_param(key, I)
+                    local_key = key if tp is None else local_expert_key(key, tp, cfg.n_routed_experts)
+                    if local_key is None:
+                        continue  # expert parallelism: another rank's expert, never read here
+                    name, idx = file_key_to_param(local_key, I)
                     if key.endswith("_scale_inv") and name not in targets:
                         continue  # consumed with its weight (dequantised)
                     part = file_slice(key, tuple(sf.get_slice(key).get_shape()), tp) if tp is not None else None

@@ -29,6 +29,8 @@ def _engine_args(p) -> None:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the weights over N ranks: run under `torchrun --nproc-per-node N` (generate only; "
                         "rank 0 prints)")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="with --tensor-parallel-size: deal the routed experts out whole instead of splitting each")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=None, help="default: 0 for generate, 1.0 for chat")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -77,7 +79,8 @@ def _build(args):
         kw["max_model_len"] = args.max_model_len
     return build_engine(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, max_num_seqs=1,
                         num_speculative_tokens=args.spec_tokens, dsa=args.dsa,
-                        tensor_parallel_size=args.tensor_parallel_size, **kw)
+                        tensor_parallel_size=args.tensor_parallel_size,
+                        enable_expert_parallel=args.enable_expert_parallel, **kw)
 
 
 def _structured(args):

@@ -38,7 +38,8 @@ def build_engine(model, tokenizer=None, device: str | torch.device | None = None
 
         path = Path(model)
         # under tensor parallelism each rank reads only its slice of the weights, on its own device
-        tp, device = init_tensor_parallel(engine_kwargs.get("tensor_parallel_size", 1), device)
+        tp, device = init_tensor_parallel(engine_kwargs.get("tensor_parallel_size", 1), device,
+                                          engine_kwargs.get("enable_expert_parallel", False))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         model = GLM5ForCausalLM.from_pretrained(path, dtype=dtype, device=device,
                                                 tensor_parallel=tp if tp.world > 1 else None)
@@ -71,7 +72,8 @@ class LLM:
     model: a checkpoint directory (config.json + safetensors; tokenizer.json used when present) or a
     GLM5ForCausalLM. Keyword arguments are EngineConfig fields (max_num_seqs, max_model_len, block_size,
     num_blocks / kv_cache_memory, max_num_batched_tokens, enable_prefix_caching, num_speculative_tokens,
-    spec_disable_batch_size, dsa, seed, use_cuda_graph, cpu_weight_layout, logprobs_mode, tensor_parallel_size) plus
+    spec_disable_batch_size, dsa, seed, use_cuda_graph, cpu_weight_layout, logprobs_mode, tensor_parallel_size,
+    enable_expert_parallel) plus
     device, dtype and tokenizer. ``tensor_parallel_size=N`` runs under ``torchrun --nproc-per-node N``, every rank
     executing the same script (glm5.engine.parallel).
     """

@@ -62,6 +62,7 @@ class EngineConfig:
     # ranks the weights are split over (glm5.engine.parallel: one process per rank under torchrun, every rank
     # running the same script); the model is sharded when the engine is built
     tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # with tensor_parallel_size > 1: routed experts dealt out whole, not split
 
 
 @dataclass
@@ -85,12 +86,13 @@ class LLMEngine:
             from glm5.engine.parallel import init_tensor_parallel
             from glm5.model.tensor_parallel import apply_tensor_parallel
 
-            tp, dev = init_tensor_parallel(cfg.tensor_parallel_size, model.device)
+            tp, dev = init_tensor_parallel(cfg.tensor_parallel_size, model.device, cfg.enable_expert_parallel)
             apply_tensor_parallel(model.to(dev), tp)
         self.tp = tp = tp or TensorParallel()
-        if tp.world != cfg.tensor_parallel_size:
-            raise ValueError(f"the model is split over {tp.world} rank(s) but tensor_parallel_size is "
-                             f"{cfg.tensor_parallel_size}")
+        if tp.world != cfg.tensor_parallel_size or (tp.world > 1 and tp.expert_parallel != cfg.enable_expert_parallel):
+            raise ValueError(f"the model is split over {tp.world} rank(s) (expert parallel: {tp.expert_parallel}) but "
+                             f"tensor_parallel_size is {cfg.tensor_parallel_size} (enable_expert_parallel: "
+                             f"{cfg.enable_expert_parallel})")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self._grammars = None  # GrammarCache for structured outputs, built on first use

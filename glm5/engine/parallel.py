@@ -22,9 +22,11 @@ from glm5.model.tensor_parallel import TensorParallel
 log = logging.getLogger(__name__)
 
 
-def init_tensor_parallel(size: int, device: str | torch.device | None) -> tuple[TensorParallel, torch.device]:
-    """(this process's TensorParallel, its device) for ``tensor_parallel_size=size``. Initialises torch.distributed
-    from torchrun's environment when needed (gloo on CPU, NCCL on CUDA)."""
+def init_tensor_parallel(size: int, device: str | torch.device | None, expert_parallel: bool = False
+                         ) -> tuple[TensorParallel, torch.device]:
+    """(this process's TensorParallel, its device) for ``tensor_parallel_size=size`` (routed experts dealt out whole
+    with ``expert_parallel``). Initialises torch.distributed from torchrun's environment when needed (gloo on CPU,
+    NCCL on CUDA)."""
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"tensor_parallel_size must be a positive integer, got {size!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -44,7 +46,7 @@ def init_tensor_parallel(size: int, device: str | torch.device | None) -> tuple[
     if dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
         torch.cuda.set_device(dev)
-    return TensorParallel(rank=dist.get_rank(), world=world), dev
+    return TensorParallel(rank=dist.get_rank(), world=world, expert_parallel=expert_parallel), dev
 
 
 def agree_min(value: int, tp: TensorParallel, device: torch.device) -> int:

@@ -148,11 +148,29 @@ class Experts(nn.Module):
         self.n_experts, self.hidden, self.intermediate = n_experts, hidden, intermediate
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, intermediate))
+        # Expert parallelism (glm5.model.tensor_parallel): this module holds global experts
+        # [expert_offset, expert_offset + n_experts) and computes only the (token, slot) pairs routed to them.
+        self.expert_offset: int | None = None
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, impl: str = "grouped",
                 counts: torch.Tensor | None = None) -> torch.Tensor:
         """x [N,H], ids/weights [N,k] -> [N,H]. Per-slot outputs are weighted and summed over k in fp32.
         ``counts`` ([E], from :func:`expert_counts`) may be passed in when the caller already has it."""
+        if self.expert_offset is not None:
+            # Expert parallelism: this rank's share, the (token, slot) pairs routed to its experts; the others add
+            # 0 and the MoE block's all-reduce adds the ranks' shares.
+            N, k = ids.shape
+            local = (ids - self.expert_offset).reshape(-1)  # [N*k] local expert of each pair
+            pairs = ((local >= 0) & (local < self.n_experts)).nonzero().squeeze(1)
+            ys = x.new_zeros(N * k, self.hidden, dtype=torch.float32)
+            if pairs.numel():  # each pair as a one-slot token
+                ys[pairs] = self._slot_outputs(x[pairs // k], local[pairs, None], weights.reshape(-1)[pairs, None],
+                                               impl, None)
+            return ys.view(N, k, -1).sum(1).to(x.dtype)
+        return self._slot_outputs(x, ids, weights, impl, counts).view(ids.shape[0], ids.shape[1], -1).sum(1).to(x.dtype)
+
+    def _slot_outputs(self, x, ids, weights, impl, counts) -> torch.Tensor:
+        """The weighted output of every (token, slot) pair, fp32 [N*k,H] in (token, slot) order."""
         if impl == "reference":
             return self._reference(x, ids, weights)
         N, k = ids.shape
@@ -167,18 +185,21 @@ class Experts(nn.Module):
         ys = ys.float() * weights.reshape(-1)[order, None].float()
         out = torch.empty_like(ys)
         out[order] = ys  # back to (token, slot) order: a deterministic sum, no atomics
-        return out.view(N, k, -1).sum(1).to(x.dtype)
+        return out
 
     def _reference(self, x, ids, weights):
-        out = torch.zeros(x.shape[0], self.hidden, dtype=torch.float32, device=x.device)
+        """The plain per-expert loop (tests): the weighted output of each (token, slot) pair, fp32 [N*k,H]."""
+        k = ids.shape[1]
+        flat = ids.reshape(-1)
+        out = torch.zeros(flat.shape[0], self.hidden, dtype=torch.float32, device=x.device)
         for e in range(self.n_experts):
-            tok, slot = torch.where(ids == e)
-            if tok.numel() == 0:
+            pairs = (flat == e).nonzero().squeeze(1)
+            if pairs.numel() == 0:
                 continue
-            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            gate, up = F.linear(x[pairs // k], self.gate_up_proj[e]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.down_proj[e])
-            out.index_add_(0, tok, y.float() * weights[tok, slot, None].float())
-        return out.to(x.dtype)
+            out[pairs] = y.float() * weights.reshape(-1)[pairs, None].float()
+        return out
 
 
 class MoE(nn.Module):

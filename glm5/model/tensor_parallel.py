@@ -13,6 +13,10 @@ model, so the engine runs them unchanged. The plan, per decoder layer (and the M
   down columns); the block's output (routed + shared partials) is all-reduced once.
 * the router, embeddings, norms and the MTP block's ``eh_proj`` are replicated; ``lm_head`` keeps a
   slice of the vocabulary and its logits are all-gathered.
+* with ``expert_parallel`` (vLLM's ``enable_expert_parallel``), the routed experts are instead dealt out whole,
+  E/world per rank: each rank runs the (token, slot) pairs routed to its experts, and the same all-reduce adds
+  the shares. At GLM-5's 256 experts this keeps every expert GEMM at full width, and a rank reads only its
+  experts from the checkpoint.
 
 After each all-reduce every rank holds bit-identical activations (a collective returns the same sum to every
 rank), so routing, top-k selection, sampling and scheduling agree without further communication.
@@ -43,7 +47,8 @@ _SHARD_DIM = [
     (re.compile(r"^lm_head\.weight$"), 0),
 ]
 # the same split for the per-expert keys of checkpoint files (glm5.checkpoint.hf)
-_FILE_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight$")
+_FILE_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_FUSED_EXPERTS = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
 @dataclass(frozen=True)
@@ -54,24 +59,38 @@ class TensorParallel:
     rank: int = 0
     world: int = 1
     group: object | None = None
+    expert_parallel: bool = False  # routed experts dealt out whole instead of split
 
     def __post_init__(self):
         if not (isinstance(self.world, int) and self.world >= 1 and 0 <= self.rank < self.world):
             raise ValueError(f"tensor parallel: rank {self.rank} of world {self.world} is not a valid placement")
 
+    def local_experts(self, n_experts: int) -> range:
+        """The global ids of the routed experts this rank holds."""
+        if not self.expert_parallel:
+            return range(n_experts)
+        n = n_experts // self.world
+        return range(self.rank * n, (self.rank + 1) * n)
 
-def shard_dim(name: str) -> int | None:
+
+def shard_dim(name: str, expert_parallel: bool = False) -> int | None:
     """The dimension a model parameter (state-dict name) is split along, or None when replicated."""
+    if expert_parallel and _FUSED_EXPERTS.search(name):
+        return 0  # whole experts
     for pat, dim in _SHARD_DIM:
         if pat.search(name):
             return dim
     return None
 
 
-def check_divisible(cfg: GLM5Config, world: int) -> None:
+def check_divisible(cfg: GLM5Config, world: int, expert_parallel: bool = False) -> None:
     """Every split dimension must divide evenly: one clear error before anything is allocated."""
     need = {"num_attention_heads": cfg.num_attention_heads, "intermediate_size": cfg.intermediate_size,
-            "moe_intermediate_size": cfg.moe_intermediate_size, "vocab_size": cfg.vocab_size}
+            "vocab_size": cfg.vocab_size}
+    if expert_parallel:
+        need["n_routed_experts"] = cfg.n_routed_experts
+    else:
+        need["moe_intermediate_size"] = cfg.moe_intermediate_size
     if cfg.n_shared_experts:
         need["moe_intermediate_size × n_shared_experts"] = cfg.moe_intermediate_size * cfg.n_shared_experts
     bad = [f"{k}={v}" for k, v in need.items() if v % world]
@@ -87,13 +106,28 @@ def file_slice(key: str, shape: tuple[int, ...], tp: TensorParallel) -> tuple[sl
         return None
     m = _FILE_EXPERT.search(key)
     if m:
-        dim = 1 if m[1] == "down_proj" else 0
+        if tp.expert_parallel:
+            return None  # a whole expert (``local_expert_key`` says whether this rank reads it at all)
+        dim = 1 if m[2] == "down_proj" else 0
     else:
         dim = shard_dim(key)
         if dim is None:
             return None
     n = shape[dim] // tp.world
     return (slice(None),) * dim + (slice(tp.rank * n, (tp.rank + 1) * n),)
+
+
+def local_expert_key(key: str, tp: TensorParallel, n_experts: int) -> str | None:
+    """Under expert parallelism, a per-expert checkpoint key renamed to this rank's local expert index, or None
+    for an expert another rank holds; every other key unchanged."""
+    m = _FILE_EXPERT.search(key)
+    if not m or not tp.expert_parallel:
+        return key
+    mine = tp.local_experts(n_experts)
+    e = int(m[1])
+    if e not in mine:
+        return None
+    return key[:m.start(1)] + str(e - mine.start) + key[m.end(1):]
 
 
 def _narrow(t: torch.Tensor, dim: int, tp: TensorParallel) -> torch.Tensor:
@@ -141,18 +175,22 @@ def apply_tensor_parallel(model: nn.Module, tp: TensorParallel, collectives: boo
     if any(isinstance(m, (FP8Linear, FP8Experts)) for m in model.modules()):
         # their 128×128 scale blocks do not follow head boundaries (GLM-5: 448 kv_b_proj rows per head)
         raise ValueError("tensor parallelism needs unquantised weights (load FP8 checkpoints with fp8='dequantize')")
-    check_divisible(model.config, tp.world)
+    check_divisible(model.config, tp.world, tp.expert_parallel)
     model.tensor_parallel = tp
     if tp.world == 1:
         return model
     for name, p in list(model.named_parameters()):
-        dim = shard_dim(name)
+        dim = shard_dim(name, tp.expert_parallel)
         if dim is None:
             continue
-        p.data = _shard_gate_up(p.data, tp) if name.endswith("gate_up_proj") else _narrow(p.data, dim, tp)
+        split_rows = name.endswith("gate_up_proj") and not tp.expert_parallel
+        p.data = _shard_gate_up(p.data, tp) if split_rows else _narrow(p.data, dim, tp)
     for m in model.modules():
         if isinstance(m, MLAttention):
             m.n_heads //= tp.world
+        elif isinstance(m, Experts) and tp.expert_parallel:
+            m.expert_offset = tp.local_experts(m.n_experts).start
+            m.n_experts //= tp.world
         elif isinstance(m, Experts):
             m.intermediate //= tp.world
     if not collectives:

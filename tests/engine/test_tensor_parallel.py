@@ -28,42 +28,51 @@ def ckpt(tmp_path_factory):
     return path
 
 
-def _reassemble(name, parts):
-    dim = shard_dim(name)
+def _reassemble(name, parts, ep=False):
+    dim = shard_dim(name, ep)
     if dim is None:
         for p in parts[1:]:
             assert torch.equal(p, parts[0]), f"{name} should be replicated"
         return parts[0]
-    if name.endswith("gate_up_proj"):  # each rank holds [its gate rows; its up rows]
+    if name.endswith("gate_up_proj") and not ep:  # each rank holds [its gate rows; its up rows]
         halves = [p.chunk(2, dim=1) for p in parts]
         return torch.cat([torch.cat([h[0] for h in halves], 1), torch.cat([h[1] for h in halves], 1)], 1)
     return torch.cat(parts, dim)
 
 
-def test_each_rank_loads_its_slice_and_the_slices_reassemble(ckpt):
+@pytest.mark.parametrize("ep", [False, True], ids=["tp", "ep"])
+def test_each_rank_loads_its_slice_and_the_slices_reassemble(ckpt, ep):
     full = load_pretrained(ckpt).state_dict()
-    ranks = [load_pretrained(ckpt, tensor_parallel=TensorParallel(r, 2)) for r in range(2)]
+    ranks = [load_pretrained(ckpt, tensor_parallel=TensorParallel(r, 2, expert_parallel=ep)) for r in range(2)]
     sds = [m.state_dict() for m in ranks]
     assert set(sds[0]) == set(full)
     split = 0
     for name, t in full.items():
-        if shard_dim(name) is not None:
+        if shard_dim(name, ep) is not None:
             split += 1
             assert sds[0][name].numel() * 2 == t.numel(), name
-        assert torch.equal(_reassemble(name, [sd[name] for sd in sds]), t), name
+        assert torch.equal(_reassemble(name, [sd[name] for sd in sds], ep), t), name
     assert split >= 4 * (CFG.num_hidden_layers + 1)  # attention and feed-forward of every layer and the MTP block
     attn = [m for m in ranks[0].modules() if isinstance(m, MLAttention)]
     assert attn and all(m.n_heads == CFG.num_attention_heads // 2 for m in attn)
-    assert all(m.intermediate == CFG.moe_intermediate_size // 2 for m in ranks[0].modules() if isinstance(m, Experts))
+    experts = [m for m in ranks[1].modules() if isinstance(m, Experts)]
+    E, I = CFG.n_routed_experts, CFG.moe_intermediate_size
+    if ep:  # rank 1 holds experts E/2 .. E-1 whole
+        assert all((m.n_experts, m.expert_offset, m.intermediate) == (E // 2, E // 2, I) for m in experts)
+    else:
+        assert all((m.n_experts, m.expert_offset, m.intermediate) == (E, None, I // 2) for m in experts)
     # sharding a model in memory gives the same tensors as loading the slices
-    mem = apply_tensor_parallel(load_pretrained(ckpt), TensorParallel(1, 2), collectives=False).state_dict()
+    mem = apply_tensor_parallel(load_pretrained(ckpt), TensorParallel(1, 2, expert_parallel=ep),
+                                collectives=False).state_dict()
     assert all(torch.equal(mem[n], sds[1][n]) for n in full)
 
 
-def test_feed_forward_and_head_partials_add_up(ckpt):
+@pytest.mark.parametrize("ep", [False, True], ids=["tp", "ep"])
+def test_feed_forward_and_head_partials_add_up(ckpt, ep):
     """Without collectives each rank's MLP / MoE returns a partial sum and lm_head a vocabulary slice."""
     full = load_pretrained(ckpt)
-    ranks = [apply_tensor_parallel(load_pretrained(ckpt), TensorParallel(r, 2), collectives=False) for r in range(2)]
+    ranks = [apply_tensor_parallel(load_pretrained(ckpt), TensorParallel(r, 2, expert_parallel=ep), collectives=False)
+             for r in range(2)]
     x = torch.randn(7, CFG.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for i in (0, CFG.num_hidden_layers - 1):  # the dense layer and an MoE layer (routed + shared expert)
@@ -76,6 +85,8 @@ def test_feed_forward_and_head_partials_add_up(ckpt):
 def test_bad_placements_are_clear_errors(ckpt, monkeypatch):
     with pytest.raises(ValueError, match="num_attention_heads=4"):
         apply_tensor_parallel(GLM5ForCausalLM(CFG), TensorParallel(0, 3))
+    with pytest.raises(ValueError, match="n_routed_experts=8"):
+        apply_tensor_parallel(GLM5ForCausalLM(CFG.replace(num_attention_heads=6)), TensorParallel(0, 3, None, True))
     with pytest.raises(ValueError, match="not a valid placement"):
         TensorParallel(2, 2)
     with pytest.raises(ValueError, match="unquantised"):
@@ -97,8 +108,9 @@ _SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     from glm5.engine import LLM, SamplingParams
 
-    def run(model_dir, tp, spec):
-        llm = LLM(model_dir, tensor_parallel_size=tp, max_model_len=256, num_speculative_tokens=spec)
+    def run(model_dir, tp, spec, ep=False):
+        llm = LLM(model_dir, tensor_parallel_size=tp, max_model_len=256, num_speculative_tokens=spec,
+                  enable_expert_parallel=ep and tp > 1)
         g = torch.Generator().manual_seed(3)
         prompts = [torch.randint(1, 2000, (n,), generator=g).tolist() for n in (5, 30, 70)]
         params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2),
@@ -112,7 +124,7 @@ _SCRIPT = textwrap.dedent("""
     if __name__ == "__main__":
         model_dir, out = sys.argv[1], sys.argv[2]
         tp = int(os.environ.get("WORLD_SIZE", "1"))
-        res = {"plain": run(model_dir, tp, 0), "mtp": run(model_dir, tp, 2)}
+        res = {"plain": run(model_dir, tp, 0), "mtp": run(model_dir, tp, 2), "ep": run(model_dir, tp, 0, ep=True)}
         with open(f"{out}.{os.environ.get('RANK', '0')}.json", "w") as f:
             json.dump(res, f)
 """)
@@ -129,7 +141,7 @@ def test_two_ranks_generate_what_one_process_generates(ckpt, tmp_path):
     subprocess.run([sys.executable, str(script), str(ckpt), str(tmp_path / "one")], env=env, timeout=300, check=True)
     one, rank0, rank1 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one.0", "tp.0", "tp.1"))
     assert rank0 == rank1  # every rank took the same decisions
-    for mode in ("plain", "mtp"):
+    for mode in ("plain", "mtp", "ep"):
         assert rank0[mode]["tokens"] == one[mode]["tokens"], mode  # greedy, seeded and engine-seeded sampling
         for a, b in zip(rank0[mode]["logprobs"], one[mode]["logprobs"]):
             assert a.keys() == b.keys()
