@@ -72,8 +72,8 @@ class LLM:
     model: a checkpoint directory (config.json + safetensors; tokenizer.json used when present) or a
     GLM5ForCausalLM. Keyword arguments are EngineConfig fields (max_num_seqs, max_model_len, block_size,
     num_blocks / kv_cache_memory, max_num_batched_tokens, enable_prefix_caching, num_speculative_tokens,
-    spec_disable_batch_size, dsa, seed, use_cuda_graph, cpu_weight_layout, logprobs_mode, tensor_parallel_size,
-    enable_expert_parallel) plus
+    spec_disable_batch_size, dsa, seed, use_cuda_graph, cpu_weight_layout, logprobs_mode, scheduling_policy,
+    tensor_parallel_size, enable_expert_parallel) plus
     device, dtype and tokenizer. ``tensor_parallel_size=N`` runs under ``torchrun --nproc-per-node N``, every rank
     executing the same script (glm5.engine.parallel).
     """
@@ -89,25 +89,29 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: list[int] | None = None) -> list[RequestOutput]:
         """prompts: a string, a token-id list, a ``{"prompt": str}`` / ``{"prompt_token_ids": [...]}`` dict
         (vLLM's TextPrompt / TokensPrompt), or a list of these. Returns one RequestOutput per prompt, in
         order, each with ``n`` completions (text, token_ids, finish_reason, logprobs). ``use_tqdm``: a progress
-        bar over finished prompts with the output tokens/s (stderr), as vLLM shows."""
+        bar over finished prompts with the output tokens/s (stderr), as vLLM shows. ``priority``: one per prompt
+        (lower first) for an engine built with ``scheduling_policy="priority"``."""
         if isinstance(prompts, (str, Mapping)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = [_unwrap(p) for p in prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("one SamplingParams per prompt, or a single one for all")
+        priority = list(priority) if priority is not None else [0] * len(prompts)
+        if len(priority) != len(prompts):
+            raise ValueError("priority: one value per prompt")
         ids: list[str] = []
         done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(prompts), desc="Processed prompts", unit="prompt", dynamic_ncols=True,
                    disable=not use_tqdm)
         t0, out_tokens = time.perf_counter(), 0
         try:
-            for p, sp in zip(prompts, params):
-                ids.append(self.engine.add_request(p, sp))
+            for p, sp, pr in zip(prompts, params, priority):
+                ids.append(self.engine.add_request(p, sp, priority=pr))
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.finished:

@@ -61,6 +61,9 @@ class EngineConfig:
     logprobs_mode: str = "raw_logprobs"
     # ranks the weights are split over (glm5.engine.parallel: one process per rank under torchrun, every rank
     # running the same script); the model is sharded when the engine is built
+    # "fcfs": requests wait in arrival order; "priority": by each request's priority (lower first), then arrival,
+    # and the cache preempts the largest (priority, arrival) first (vLLM's scheduling_policy)
+    scheduling_policy: str = "fcfs"
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False  # with tensor_parallel_size > 1: routed experts dealt out whole, not split
 
@@ -139,7 +142,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.kv_cache, cfg.block_size, dsa=cfg.dsa)
         self.proposer = MTPProposer(self.runner, self.k) if self.k else None
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.k,
-                                   on_admit=self._on_admit)
+                                   on_admit=self._on_admit, policy=cfg.scheduling_policy)
         self.sampler = Sampler(cfg.logprobs_mode)
         self.rng = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.requests: dict[str, _Request] = {}
@@ -197,8 +200,10 @@ class LLMEngine:
         return replace(params, logits_processors=[*(params.logits_processors or []), *procs])
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, priority: int = 0) -> str:
         params = params or SamplingParams()
+        if priority != 0 and self.scheduler.policy != "priority":
+            raise ValueError(f"priority {priority} needs the engine's scheduling_policy='priority'")
         if request_id is None:
             request_id = str(self._next_id)
             self._next_id += 1
@@ -232,6 +237,7 @@ class LLMEngine:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(seed)
             seq = Sequence(request_id, i, ids, params, gen, time.monotonic())
+            seq.priority = int(priority)
             if self.tokenizer is not None:
                 seq.detokenizer = self.tokenizer.incremental_detokenizer(skip_special_tokens=params.skip_special_tokens)
             seqs.append(seq)

@@ -12,6 +12,10 @@ is preempted: its blocks are freed and it goes back to the front of the waiting 
 later from its tokens (prompt + outputs so far), as vLLM's "recompute" preemption. Its pending MTP drafts
 are kept: the recompute stops one token short and the next step verifies them, as it would have.
 
+With ``policy="priority"`` (vLLM's ``scheduling_policy``), the waiting queue is ordered by (priority, arrival):
+a lower value is served first, ties in arrival order. The preemption victim is then the running sequence
+with the largest (priority, arrival), rather than the most recently admitted one.
+
 Why drafts are never cut and survive preemption: a seeded sampled request draws its random numbers in a
 fixed order (a token, its drafts, their verification, ...). If batch mates could change how many drafts
 are verified, or turn a verification into a plain sample, the same seed would give different tokens
@@ -20,6 +24,7 @@ depending on what else runs.
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -51,7 +56,10 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 num_spec_tokens: int = 0, on_admit=None, on_preempt=None):
+                 num_spec_tokens: int = 0, on_admit=None, on_preempt=None, policy: str = "fcfs"):
+        if policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {policy!r}")
+        self.policy = policy
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max(max_num_batched_tokens, max_num_seqs * (1 + num_spec_tokens))
@@ -64,7 +72,17 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        self._enqueue(seq, front=False)
+
+    def _enqueue(self, seq: Sequence, front: bool) -> None:
+        """fcfs: the back (new) or the front (preempted); priority: by (priority, arrival), wherever that is."""
+        if self.policy == "priority":
+            keys = [_rank(s) for s in self.waiting]
+            self.waiting.insert(bisect.bisect_right(keys, _rank(seq)), seq)
+        elif front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -81,10 +99,20 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self._enqueue(seq, front=True)
         out.preempted.append(seq)
         if self.on_preempt:
             self.on_preempt(seq)
+
+    def _victim(self, done: set[int], seq: Sequence) -> Sequence:
+        """Whom to preempt so that ``seq`` fits: not one already scheduled this step; ``seq`` itself if none is left.
+        fcfs: the most recently admitted; priority: the largest (priority, arrival)."""
+        candidates = [v for v in self.running if v.seq_id not in done]
+        if not candidates:
+            return seq
+        if self.policy == "priority":
+            return max(candidates, key=_rank)
+        return candidates[-1]
 
     def _chunk(self, seq: Sequence, budget: int) -> tuple[int, list[int]]:
         """(new tokens, drafts) for ``seq`` this step. A sequence holding drafts verifies them right after its
@@ -111,7 +139,7 @@ class Scheduler:
                 continue
             ok = True
             while not self.bm.can_allocate(seq, self._slots_needed(seq, n, len(drafts))):
-                victim = next((v for v in reversed(self.running) if v.seq_id not in done), seq)
+                victim = self._victim(done, seq)
                 self._preempt(victim, out)
                 if victim is seq:
                     ok = False
@@ -152,3 +180,7 @@ class Scheduler:
             self.waiting.remove(seq)
         self.bm.free_seq(seq)
         seq.status = SequenceStatus.FINISHED
+
+
+def _rank(seq: Sequence) -> tuple:
+    return (seq.priority, seq.arrival, seq.seq_id)

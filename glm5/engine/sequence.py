@@ -39,6 +39,7 @@ class Sequence:
         self.params = params
         self.generator = generator
         self.arrival = arrival
+        self.priority = 0  # the request's (lower = sooner) under scheduling_policy="priority"
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
