@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 from glm5.checkpoint.fp8 import BLOCK as FP8_BLOCK
 from glm5.checkpoint.fp8 import dequantize_block
+from glm5.checkpoint.preflight import check_checkpoint
 from glm5.checkpoint.safetensors_io import CheckpointError, read_header, shard_files, write_sharded
 from glm5.config import GLM5Config
 
@@ -106,11 +107,32 @@ def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = 
     return save_state_dict(model.state_dict(), model.config, path, max_shard_size, dtype)
 
 
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    strict: bool = True, config: GLM5Config | None = None, fp8: str = "dequantize",
-                    tensor_parallel=None):
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype, cfg: GLM5Config) -> torch.dtype:
+    """A floating torch dtype from a dtype, its name ("bfloat16", "bf16", ...) or "auto" (config.json's
+    ``dtype``, the checkpoint's own, as transformers reads it)."""
+    if dtype == "auto":
+        dtype = cfg.dtype
+    if isinstance(dtype, str):
+        dtype = _DTYPE_NAMES.get(dtype.removeprefix("torch."), dtype)
+    if not isinstance(dtype, torch.dtype) or dtype not in _DTYPE_NAMES.values():
+        raise ValueError(f"dtype: expected float32, bfloat16, float16 or 'auto', got {dtype!r}")
+    return dtype
+
+
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
+                    device: str | torch.device = "cpu", strict: bool = True, config: GLM5Config | None = None,
+                    fp8: str = "dequantize", tensor_parallel=None, torch_dtype=None):
     """Load an HF-layout GLM-5 checkpoint (BF16/FP32, or FP8).
 
+    dtype: the parameters' dtype: a torch dtype, its name, or "auto" (config.json's ``dtype``, the checkpoint's
+    own); ``torch_dtype``, transformers' older name for it, wins when given. The router bias stays fp32.
+    The checkpoint is first checked against the config from its shard headers alone
+    (glm5.checkpoint.preflight), so a bad or mismatched file fails before anything is allocated.
     fp8: what to do with FP8 tensors (decided per tensor: a float8 ``X.weight`` with a sibling
     ``X.weight_scale_inv``). "dequantize" (default): block-wise dequantise to ``dtype`` while streaming.
     "keep": the matching Linear / routed-expert modules become glm5.model.fp8_linear FP8 modules holding
@@ -126,6 +148,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
     path = Path(path)
     cfg = config or GLM5Config.from_pretrained(path)
+    dtype = resolve_dtype(torch_dtype if torch_dtype is not None else dtype, cfg)
     files, weight_map = shard_files(path)
     mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
     if cfg.num_nextn_predict_layers > 0 and not any(k.startswith(mtp_prefix) for k in weight_map):
@@ -134,6 +157,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         cfg = cfg.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = GLM5ForCausalLM(cfg)
+    skip = check_checkpoint(path, cfg, model.state_dict(), fp8, strict)  # headers only, before any allocation
     tp = tensor_parallel
     if tp is not None:
         from glm5.model.tensor_parallel import apply_tensor_parallel, file_slice, local_expert_key
@@ -168,6 +192,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             read_header(f)
             with safe_open(str(f), framework="pt", device="cpu") as sf:
                 for key in sf.keys():
+                    if key in skip:
+                        continue  # the MTP layer of a config without MTP
                     local_key = key if tp is None else local_expert_key(key, tp, cfg.n_routed_experts)
                     if local_key is None:
                         continue  # expert parallelism: another rank's expert, never read here

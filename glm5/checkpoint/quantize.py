@@ -29,15 +29,9 @@ from safetensors import safe_open
 
 from glm5.checkpoint.fp8 import BLOCK, FP8_DTYPE, is_fp8_quantizable, quantization_config, quantize_block, scale_shape
 from glm5.checkpoint.hf import FP32_KEYS, _layer_sort_key
-from glm5.checkpoint.safetensors_io import (INDEX_NAME, SINGLE_NAME, CheckpointError, read_header, shard_files,
-                                            write_sharded)
+from glm5.checkpoint.safetensors_io import INDEX_NAME, SINGLE_NAME, CheckpointError, inventory, write_sharded
+from glm5.config import GLM5Config
 
-# safetensors header dtype -> torch dtype
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
 _SKIP_FILES = {INDEX_NAME, SINGLE_NAME, "config.json"}
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -63,18 +57,18 @@ class _ShardReader:
 
 
 def _plan(src: Path):
-    """[(input file, key, shape, dtype)] in input order (files by name, keys in model order) + weight map."""
-    files, weight_map = shard_files(src)
-    entries = []
-    for f in files:
-        header = read_header(f)
-        keys = sorted((k for k in header if k != "__metadata__"), key=_layer_sort_key)
-        for k in keys:
-            meta = header[k]
-            if meta["dtype"] not in _ST_DTYPES:
-                raise CheckpointError(f"{f}: tensor {k} has unsupported dtype {meta['dtype']}")
-            entries.append((f, k, tuple(meta["shape"]), _ST_DTYPES[meta["dtype"]]))
-    return entries, weight_map
+    """[(input file, key, shape, dtype)] in input order (files by name, keys in model order).
+
+    From the validated shard headers (safetensors_io.inventory: a tensor stored twice is refused); a tensor
+    that is not floating point is refused too, since GLM-5 checkpoints hold none and it would be copied on."""
+    inv = inventory(src)
+    for k, t in inv.items():
+        if not t.dtype.is_floating_point:
+            raise CheckpointError(f"{t.file}: tensor {k} has dtype {str(t.dtype).removeprefix('torch.')}, "
+                                  "expected a floating-point weight")
+    entries = [(t.file, k, t.shape, t.dtype) for k, t in inv.items()]
+    entries.sort(key=lambda e: (e[0].name, _layer_sort_key(e[1])))
+    return entries
 
 
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int | str = "5GB",
@@ -89,8 +83,9 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, max_shar
         raise CheckpointError(f"{src}: no config.json")
     if dst.exists() and dst.resolve() == src.resolve():
         raise CheckpointError(f"{dst}: output directory must differ from the input")
+    GLM5Config.from_pretrained(src)  # a malformed or non-GLM-5 config.json fails here, before any work
     t0 = time.perf_counter()
-    entries, weight_map = _plan(src)
+    entries = _plan(src)
     where = {k: f for f, k, _, _ in entries}
     plan_of = {k: (shape, dt) for _, k, shape, dt in entries}
     reader = _ShardReader()

@@ -12,10 +12,11 @@ import os
 import re
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -39,12 +40,38 @@ def parse_size(size: int | str) -> int:
     return int(num * base ** power)
 
 
+# safetensors header dtype -> torch dtype (the ones a GLM-5 checkpoint can hold, and a few more)
+ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+_LFS_MAGIC = b"version https://git-lfs"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as a shard header describes it (nothing read)."""
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
 def read_header(path: str | os.PathLike) -> dict:
-    """Parse and validate a safetensors header; raise CheckpointError if the file is truncated or corrupt."""
+    """Parse and validate a safetensors header; raise CheckpointError if the file is truncated or corrupt.
+
+    Beyond the size check, every entry must have a dtype torch can hold and a data range matching its shape,
+    and safetensors itself must accept the header: whatever it would refuse later, deep inside a load, is
+    refused here with the file's name."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
-        raw = f.read(8)
+        start = f.read(len(_LFS_MAGIC))
+        if start == _LFS_MAGIC:
+            # a clone without git-lfs leaves ~130-byte pointer files where the weights should be
+            raise CheckpointError(f"{path}: a Git LFS pointer file, not the weights (fetch them: git lfs pull)")
+        raw = start[:8]
+        f.seek(8)
         if len(raw) < 8:
             raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         (n,) = struct.unpack("<Q", raw)
@@ -54,9 +81,31 @@ def read_header(path: str | os.PathLike) -> dict:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from e
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: not a JSON object")
+    end = 0
+    for key, v in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape = ST_DTYPES.get(v["dtype"]), tuple(int(d) for d in v["shape"])
+            begin, stop = (int(o) for o in v["data_offsets"])
+        except (TypeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {key}: {e!r}") from None
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {key} has dtype {v['dtype']}, which glm5 cannot load "
+                                  f"(supported: {', '.join(ST_DTYPES)})")
+        if stop - begin != tensor_nbytes(shape, dtype):
+            raise CheckpointError(f"{path}: corrupt safetensors header: {key} {list(shape)} {v['dtype']} needs "
+                                  f"{tensor_nbytes(shape, dtype)} bytes, its data range has {stop - begin}")
+        end = max(end, stop)
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated safetensors file: tensors need {8 + n + end} bytes, file has {size}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu"):
+            pass  # parses the header only (the data is mmapped, not read)
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     return header
 
 
@@ -69,8 +118,10 @@ def shard_files(path: str | os.PathLike) -> tuple[list[Path], dict[str, str]]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: invalid index file: {e}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: invalid index file: {e!r}") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: invalid index file: weight_map must map tensor names to file names")
         files = sorted({path / f for f in weight_map.values()})
         for f in files:
             if not f.exists():
@@ -93,6 +144,24 @@ def iter_tensors(path: str | os.PathLike, device: str = "cpu") -> Iterator[tuple
         with safe_open(str(f), framework="pt", device=device) as sf:
             for key in sf.keys():
                 yield key, sf.get_tensor(key), f
+
+
+def inventory(path: str | os.PathLike) -> dict[str, TensorInfo]:
+    """Every tensor of a checkpoint directory, from the shard headers alone (no weights read).
+
+    Each header is validated (read_header); a tensor stored in two shards is an error naming both, since
+    which copy a loader would take is arbitrary."""
+    path = Path(path)
+    files, _ = shard_files(path)
+    out: dict[str, TensorInfo] = {}
+    for f in files:
+        for key, v in read_header(f).items():
+            if key == "__metadata__":
+                continue
+            if key in out:
+                raise CheckpointError(f"{path}: {key} is stored twice, in {out[key].file.name} and in {f.name}")
+            out[key] = TensorInfo(f, tuple(int(d) for d in v["shape"]), ST_DTYPES[v["dtype"]])
+    return out
 
 
 def tensor_nbytes(shape, dtype: torch.dtype) -> int:
