@@ -177,13 +177,17 @@ class LLMEngine:
         penalties / bias / allowed ids / min_p. The grammar comes first, as vLLM applies its bitmask before the
         sampler and as the server orders them: min_p then keeps tokens near the best *valid* one (before the grammar,
         it could keep only tokens the grammar forbids and leave nothing to sample)."""
-        from glm5.engine.processors import request_processors
+        from glm5.engine.processors import bad_word_sequences, bad_words_processor, request_processors
 
         V = self.model.config.vocab_size
         for name in ("logit_bias", "allowed_token_ids"):
             if max(getattr(params, name) or [0]) >= V:
                 raise ValueError(f"{name}: token ids must be below the vocabulary size {V}")
         procs = request_processors(params)
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ValueError("bad_words need a tokenizer")
+            procs.insert(0, bad_words_processor(bad_word_sequences(self.tokenizer, params.bad_words)))
         so = params.structured_outputs
         if so is not None:
             from glm5.structured import ConstrainedLogitsProcessor, GrammarCache
@@ -219,6 +223,10 @@ class LLMEngine:
             ids = [int(t) for t in prompt]
         if not ids:
             raise ValueError("empty prompt")
+        keep = params.truncate_prompt_tokens
+        if keep is not None:  # left truncation: the end of a prompt is what the next token depends on most
+            ids = ids[-(self.max_model_len - 1 if keep == -1 else keep):]
+            text = None  # the text no longer matches the ids
         V = self.model.config.vocab_size
         if min(ids) < 0 or max(ids) >= V:
             raise ValueError(f"prompt token ids must be in [0, {V})")

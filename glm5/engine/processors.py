@@ -1,5 +1,5 @@
 """The logits processors behind SamplingParams' ``logit_bias``, presence / frequency / repetition penalties,
-``min_p`` and ``allowed_token_ids`` (vLLM's fields), and banning ids (the server's ``tool_choice: "none"`` bans
+``min_p``, ``allowed_token_ids`` and ``bad_words`` (vLLM's fields), and banning ids (the server's ``tool_choice: "none"`` bans
 ``<tool_call>``). Each has the engine's signature ``(output_token_ids, logits[V]) -> logits[V]``; the engine
 builds them per request (:func:`request_processors`)."""
 
@@ -27,6 +27,36 @@ def request_processors(params) -> list[LogitsProcessor]:
     if params.min_p > 0:
         procs.append(min_p_processor(params.min_p, params.temperature))
     return procs
+
+
+def bad_words_processor(sequences: Sequence[Sequence[int]]) -> LogitsProcessor:
+    """vLLM's ``bad_words`` on token sequences: a sequence's last token is banned whenever the generated tokens end
+    with the rest of it (one-token sequences always)."""
+    always = sorted({int(s[-1]) for s in sequences if len(s) == 1})
+    after = [(tuple(int(t) for t in s[:-1]), int(s[-1])) for s in sequences if len(s) > 1]
+
+    def proc(output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        ban = always + [last for prefix, last in after
+                        if len(output_ids) >= len(prefix) and tuple(output_ids[len(output_ids) - len(prefix):]) == prefix]
+        if not ban:
+            return logits
+        logits = logits.clone()
+        logits[..., [i for i in ban if i < logits.shape[-1]]] = NEG_INF
+        return logits
+
+    return proc
+
+
+def bad_word_sequences(tokenizer, words: Sequence[str]) -> list[list[int]]:
+    """Token sequences of each word as written (leading space removed) and with one leading space: a BPE vocabulary
+    spells a word differently at the start of the text and after a space."""
+    out: list[list[int]] = []
+    for w in words:
+        for text in (w.lstrip(), " " + w.lstrip()):
+            ids = tokenizer.encode(text)
+            if ids and ids not in out:
+                out.append(ids)
+    return out
 
 
 def allow_only(token_ids: Sequence[int]) -> LogitsProcessor:

@@ -97,6 +97,11 @@ class SamplingParams:
     structured_outputs: :class:`StructuredOutputsParams`; the engine compiles the grammar (cached per schema) and
         applies it after ``logits_processors`` and before the penalty / bias / allowed-ids / min_p fields. Needs the
         engine's tokenizer.
+    bad_words: words that must not be generated (vLLM's field; needs the engine's tokenizer). Each word is tokenized
+        as written and with a leading space; the last token of such a sequence is banned whenever the generated
+        tokens before it would complete the sequence (a one-token word is banned outright).
+    truncate_prompt_tokens: keep only the last k prompt tokens (left truncation; -1 = the longest prompt that
+        leaves room for one generated token).
     presence_penalty, frequency_penalty (OpenAI's, over the generated tokens), repetition_penalty (vLLM's: > 1
         discourages repeats), logit_bias ({token id: bias}), allowed_token_ids (only these may be sampled), min_p
         (drop tokens below min_p × the top token's probability, after temperature): vLLM's fields, applied as
@@ -125,6 +130,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     min_p: float = 0.0
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -170,11 +177,19 @@ class SamplingParams:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise ValueError(f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
+        if self.bad_words is not None:
+            if isinstance(self.bad_words, str) or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
+                raise ValueError("bad_words must be a list of non-blank strings")
+            self.bad_words = list(self.bad_words) or None
+        t = self.truncate_prompt_tokens
+        if t is not None and (not isinstance(t, int) or isinstance(t, bool) or (t < 1 and t != -1)):
+            raise ValueError(f"truncate_prompt_tokens must be a positive integer or -1, got {t!r}")
 
     @property
     def needs_processors(self) -> bool:
-        """Whether the engine adds processors of its own (penalties, bias, allowed ids, min_p, a grammar)."""
+        """Whether the engine adds processors of its own (penalties, bias, allowed ids, min_p, bad words, a grammar)."""
         return (self.structured_outputs is not None or self.logit_bias is not None or self.allowed_token_ids is not None
+                or self.bad_words is not None
                 or self.min_p > 0 or self.presence_penalty != 0 or self.frequency_penalty != 0
                 or self.repetition_penalty != 1.0)
 

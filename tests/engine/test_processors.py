@@ -76,3 +76,59 @@ def test_token_ids_beyond_the_vocabulary_are_refused_when_added(nano):
         with pytest.raises(ValueError, match="vocabulary size"):
             llm.generate([[1, 2, 3]], SamplingParams(**kw), use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_bad_words_processor_bans_the_token_that_would_complete_a_word():
+    from glm5.engine.processors import bad_words_processor
+
+    p = bad_words_processor([[5], [7, 8, 9]])
+    logits = torch.zeros(12)
+    banned = lambda out: {i for i in range(12) if math.isinf(p(out, logits)[i].item())}  # noqa: E731
+    assert banned([]) == {5}  # a one-token word: always
+    assert banned([1, 7, 8]) == {5, 9}  # 9 would complete 7 8 9
+    assert banned([7, 1, 8]) == banned([8]) == banned([7]) == {5}  # only a full prefix counts
+    assert bad_words_processor([[7, 8]])([1], logits) is logits  # nothing to ban: the logits pass untouched
+    assert logits.eq(0).all()  # and banning never writes into the caller's tensor
+
+
+def test_bad_words_and_prompt_truncation_in_the_engine(nano, small_tokenizer):
+    """bad_words (tokenized with and without a leading space) keep a word out of the output; the rest of the output
+    is what banning its tokens by hand gives. truncate_prompt_tokens keeps the prompt's last k tokens."""
+    from glm5.engine import LLM, SamplingParams
+    from glm5.engine.processors import bad_word_sequences
+
+    from .conftest import prompts, ref_greedy
+
+    tok = small_tokenizer
+    seqs = bad_word_sequences(tok, ["the"])
+    assert tok.encode("the") in seqs and tok.encode(" the") in seqs
+    llm = LLM(nano, tokenizer=tok, block_size=4)
+    p = prompts([8], seed=4)[0]
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    plain = llm.generate(p, greedy, use_tqdm=False)[0].outputs[0].token_ids
+    word = tok.decode([plain[0]])
+    assert tok.encode(word.lstrip()) == [plain[0]] or tok.encode(" " + word.lstrip()) == [plain[0]]
+    out = llm.generate(p, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, bad_words=[word]),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    assert plain[0] not in out
+    by_hand = [s[0] for s in bad_word_sequences(tok, [word]) if len(s) == 1]
+    assert out == llm.generate(p, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                                 logits_processors=[ban_tokens(by_hand)]),
+                               use_tqdm=False)[0].outputs[0].token_ids
+
+    long = prompts([20], seed=6)[0]
+    res = llm.generate(long, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, truncate_prompt_tokens=5),
+                       use_tqdm=False)[0]
+    assert res.prompt_token_ids == long[-5:]
+    assert res.outputs[0].token_ids == ref_greedy(nano, long[-5:], 6)
+    small = LLM(nano, block_size=4, max_model_len=16)
+    res = small.generate(long, SamplingParams(temperature=0, max_tokens=1, truncate_prompt_tokens=-1),
+                         use_tqdm=False)[0]
+    assert res.prompt_token_ids == long[-15:]  # -1: the longest prompt that leaves room for one token
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+            SamplingParams(truncate_prompt_tokens=bad)
+    with pytest.raises(ValueError, match="bad_words"):
+        SamplingParams(bad_words="the")
+    with pytest.raises(ValueError, match="bad_words need a tokenizer"):
+        LLM(nano).generate(p, SamplingParams(bad_words=["x"]), use_tqdm=False)
