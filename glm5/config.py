@@ -21,6 +21,9 @@ from typing import Any
 __all__ = ["GLM5Config", "ConfigError", "preset", "PRESETS"]
 
 
+_HF_ROPE_THETA = 10000.0  # transformers' rope_theta when a config.json gives none
+
+
 class ConfigError(ValueError):
     """A config value is invalid; the message names the field."""
 
@@ -94,7 +97,7 @@ class GLM5Config:
 
     @property
     def rope_theta(self) -> float:
-        return float(self.rope_parameters.get("rope_theta", 10000.0))
+        return float(self.rope_parameters.get("rope_theta", _HF_ROPE_THETA))
 
     @property
     def mlp_layer_types(self) -> list[str]:
@@ -165,12 +168,33 @@ class GLM5Config:
         need(self.topk_group <= self.n_group, "topk_group", f"cannot exceed n_group={self.n_group}")
         need(self.scoring_func == "sigmoid", "scoring_func", "only 'sigmoid' (GLM-5) is supported")
         need(self.hidden_act == "silu", "hidden_act", "only 'silu' (SwiGLU) is supported")
+        for name in ["rms_norm_eps", "routed_scaling_factor", "attention_dropout", "initializer_range"]:
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool), name, "must be a number")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         need(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be > 0")
         need(not self.attention_bias, "attention_bias", "GLM-5 attention has no biases")
-        need(self.rope_theta > 0, "rope_parameters", "rope_theta must be > 0")
+        need(not self.tie_word_embeddings, "tie_word_embeddings", "GLM-5 has a separate lm_head; tying is not supported")
+        need(isinstance(self.rope_parameters, dict), "rope_parameters", "must be an object")
+        try:
+            theta = self.rope_theta
+        except (TypeError, ValueError):
+            theta = None
+        need(theta is not None and theta > 0, "rope_parameters", "rope_theta must be a number > 0")
         rope_type = self.rope_parameters.get("rope_type", "default")
         need(rope_type == "default", "rope_parameters", "only rope_type 'default' (GLM-5, no YaRN) is supported")
+        # The pre-rope_parameters key: transformers turns it into rope_parameters, so a YaRN entry there must
+        # not be ignored silently.
+        scaling = self.extra.get("rope_scaling")
+        if isinstance(scaling, dict) and (scaling.get("rope_type") or scaling.get("type") or "default") != "default":
+            raise ConfigError(f"rope_scaling: only plain RoPE (GLM-5, no YaRN) is supported (got {scaling!r})")
+        mlp_types = self.extra.get("mlp_layer_types")
+        if mlp_types is not None:
+            ok = isinstance(mlp_types, list) and len(mlp_types) == self.num_hidden_layers and all(
+                t in ("dense", "sparse") for t in mlp_types)
+            if not ok:
+                raise ConfigError(f"mlp_layer_types: needs one 'dense' or 'sparse' per layer ({self.num_hidden_layers})"
+                                  f" (got {mlp_types!r})")
         if self.indexer_types is not None:
             need(len(self.indexer_types) == self.num_hidden_layers, "indexer_types",
                  f"needs one entry per layer ({self.num_hidden_layers})")
@@ -178,9 +202,15 @@ class GLM5Config:
                  "entries must be 'full' or 'shared'")
         types = self.layer_indexer_types
         need(types[0] == "full", "indexer_types", "layer 0 must have a full indexer")
-        if self.pad_token_id is not None:
-            need(0 <= self.pad_token_id < self.vocab_size, "pad_token_id", f"must be in [0, {self.vocab_size})")
-        for e in self.eos_token_ids:
+        for name in ["pad_token_id", "bos_token_id"]:
+            v = getattr(self, name)
+            need(v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < self.vocab_size), name,
+                 f"must be a token id in [0, {self.vocab_size}) or null")
+        eos = self.eos_token_id
+        ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
+        need(isinstance(ids, list) and all(isinstance(e, int) and not isinstance(e, bool) for e in ids),
+             "eos_token_id", "must be a token id, a list of token ids or null")
+        for e in ids:
             if not 0 <= e < self.vocab_size:
                 raise ConfigError(f"eos_token_id: id {e} outside [0, {self.vocab_size})")
 
@@ -202,6 +232,8 @@ class GLM5Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GLM5Config":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a JSON object, got {type(d).__name__}")
         d = dict(d)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         if "model_type" in d and d["model_type"] not in ("glm_moe_dsa",):
@@ -209,8 +241,10 @@ class GLM5Config:
         # Older copies say torch_dtype; older rope layout used a top-level rope_theta.
         if "torch_dtype" in d and "dtype" not in d:
             d["dtype"] = d.pop("torch_dtype")
-        if "rope_theta" in d and "rope_parameters" not in d:
-            d["rope_parameters"] = {"rope_theta": d.pop("rope_theta"), "rope_type": "default"}
+        if d.get("rope_parameters") is None:
+            # absent or null: transformers' default (10000, not GLM-5's 1e6), or the top-level rope_theta of
+            # older configs, so both read the same file the same way
+            d["rope_parameters"] = {"rope_theta": d.pop("rope_theta", _HF_ROPE_THETA), "rope_type": "default"}
         d.pop("qk_head_dim", None)  # derived
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
@@ -238,9 +272,12 @@ class GLM5Config:
             raise FileNotFoundError(f"no config.json at {p} and {str(path)!r} is not a preset ({', '.join(PRESETS)})")
         try:
             d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{p}: invalid JSON: {e}") from e
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None  # name the file: a directory may hold several configs
 
     def replace(self, **changes) -> "GLM5Config":
         d = self.to_dict()

@@ -95,3 +95,41 @@ def test_small_presets_keep_every_part_of_the_architecture():
         assert "dense" in kinds and "sparse" in kinds, name
         assert cfg.num_nextn_predict_layers == 1 and cfg.n_shared_experts >= 1
         assert cfg.q_lora_rank > 0 and cfg.kv_lora_rank > 0 and cfg.index_topk > 0
+
+
+def test_rope_defaults_read_like_transformers():
+    """A config.json without rope_parameters (or with null) means transformers' 10000, not GLM-5's 1e6."""
+    transformers = pytest.importorskip("transformers")
+    for change in ({"rope_parameters": None}, {"rope_parameters": "absent"}, {"rope_parameters": {"rope_type": "default"}}):
+        d = dict(OFFICIAL, **change)
+        if d["rope_parameters"] == "absent":
+            del d["rope_parameters"]
+        hf = transformers.GlmMoeDsaConfig.from_dict(d)
+        assert GLM5Config.from_dict(d).rope_theta == hf.rope_parameters["rope_theta"] == 10000.0, change
+    legacy = {k: v for k, v in OFFICIAL.items() if k != "rope_parameters"}
+    assert GLM5Config.from_dict(dict(legacy, rope_theta=5e5, rope_scaling=None)).rope_theta == 5e5
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0}), "rope_scaling: only plain RoPE"),  # was ignored silently
+    (dict(rope_parameters=[1e6]), "rope_parameters: must be an object"),
+    (dict(rope_parameters={"rope_theta": "fast"}), "rope_theta must be a number"),
+    (dict(rms_norm_eps="1e-5"), "rms_norm_eps: must be a number"),  # was a TypeError from a comparison
+    (dict(routed_scaling_factor=None), "routed_scaling_factor: must be a number"),
+    (dict(eos_token_id=["<|user|>"]), "eos_token_id: must be a token id"),  # was int()'s message, no field
+    (dict(pad_token_id=True), "pad_token_id"),
+    (dict(tie_word_embeddings=True), "tie_word_embeddings"),  # the lm_head would have loaded untied
+    (dict(mlp_layer_types=["dense"]), "mlp_layer_types: needs one"),  # was an IndexError building the model
+])
+def test_malformed_fields_are_named(change, match):
+    with pytest.raises(ConfigError, match=match):
+        GLM5Config.from_dict(dict(OFFICIAL, **change))
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"config\.json: a config must be a JSON object, got list"):
+        GLM5Config.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(OFFICIAL, rms_norm_eps="x")))
+    with pytest.raises(ConfigError, match=r"config\.json: rms_norm_eps"):
+        GLM5Config.from_pretrained(tmp_path)
