@@ -14,6 +14,7 @@ import torch
 
 from glm5.checkpoint.fp8 import BLOCK, is_fp8_quantizable
 from glm5.checkpoint.hf import param_to_file_items
+from glm5.checkpoint.safetensors_io import shard_files
 from glm5.config import PRESETS, GLM5Config
 
 
@@ -87,10 +88,20 @@ def _human(n: float, unit: str = "") -> str:
     return str(n)
 
 
+def _as_loaded(path: Path, cfg: GLM5Config) -> GLM5Config:
+    """The config load_pretrained will use: without MTP when the weights hold no MTP layer (transformers saves
+    none). Only the index, or the single file's header, is read."""
+    if cfg.num_nextn_predict_layers == 0 or not any(path.glob("*.safetensors")):
+        return cfg
+    _, weight_map = shard_files(path)
+    prefix = f"model.layers.{cfg.num_hidden_layers}."
+    return cfg if any(k.startswith(prefix) for k in weight_map) else cfg.replace(num_nextn_predict_layers=0)
+
+
 def info(target: str) -> dict:
     p = Path(target)
     if p.is_dir() and (p / "config.json").exists():
-        cfg = GLM5Config.from_pretrained(p)
+        cfg = _as_loaded(p, GLM5Config.from_pretrained(p))
         out = {"source": str(p)}
     elif target in PRESETS:
         cfg = GLM5Config.from_pretrained(target)
@@ -101,7 +112,8 @@ def info(target: str) -> dict:
     out.pop("_unused_mtp_buffers")
     if out["source"] == str(p):
         out["disk_bytes"] = disk_bytes(p)
-        out["quantization"] = cfg.extra.get("quantization_config", {}).get("quant_method", "none")
+        q = cfg.extra.get("quantization_config")
+        out["quantization"] = q.get("quant_method", "none") if isinstance(q, dict) else "none"
     return out
 
 

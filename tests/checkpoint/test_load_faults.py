@@ -235,3 +235,44 @@ def test_cli_reports_a_corrupt_shard_in_one_line(ckpts, tmp_path, capsys):
     assert cli_main(["quantize", "--in", str(d), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("glm5 quantize: error: ") and "F8_E8M0" in err and "\n" not in err
+
+
+def test_info_reads_headers_only_and_reports_what_is_stored(ckpts, tmp_path, monkeypatch):
+    """glm5 info on an FP8 dir reads no tensor data; a dir whose weights lack the MTP layer (transformers saves
+    none) is reported without MTP, as it loads; a null quantization_config is 'none', not an AttributeError."""
+    import glm5.checkpoint.safetensors_io as sio
+    from glm5.info import info
+
+    _, bf16, fp8 = ckpts
+    real = sio.safe_open
+
+    class HeadersOnly:
+        def __init__(self, *a, **k):
+            self.f = real(*a, **k)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def get_tensor(self, key):
+            raise AssertionError(f"glm5 info read tensor {key}")
+
+    import glm5.checkpoint.hf as hf
+
+    for module in (sio, hf):
+        monkeypatch.setattr(module, "safe_open", HeadersOnly)
+    st = info(str(fp8))
+    assert st["quantization"] == "fp8" and st["params_mtp"] > 0
+    monkeypatch.undo()
+
+    d = tmp_path / "no_mtp"
+    GLM5ForCausalLM(preset("glm5-nano", num_nextn_predict_layers=0)).init_weights(0).save_pretrained(d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(num_nextn_predict_layers=1, quantization_config=None)
+    (d / "config.json").write_text(json.dumps(cfg))
+    st = info(str(d))
+    assert st["params_mtp"] == 0 and st["quantization"] == "none"
+    assert load_pretrained(d).config.num_nextn_predict_layers == 0
