@@ -16,12 +16,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from tokenizers import Tokenizer
 
 from . import special_tokens as st
 from .chat_template import GLM5_CHAT_TEMPLATE, normalize_messages, render_chat
 from .detokenize import IncrementalDetokenizer
-from .jinja_render import render_template
+from .jinja_render import compile_template, render_template
 
 __all__ = ["GLM5Tokenizer"]
 
@@ -39,6 +40,29 @@ def _token_content(value: Any) -> str | None:
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):
         return value["content"]
     return None
+
+
+def _read_tokenizer_file(file: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception that names only a JSON position
+        with open(file, "rb") as f:
+            lfs = f.read(23) == b"version https://git-lfs"
+        what = "a Git LFS pointer file, not the tokenizer (fetch it: git lfs pull)" if lfs else f"not a valid tokenizer: {e}"
+        raise ValueError(f"{file}: {what}") from e
+
+
+def _check_template(template: Any, source: Path) -> None:
+    """Compile the chat template at load time, so a broken one fails here, naming its file, and not on every
+    request."""
+    if not isinstance(template, str):
+        raise ValueError(f"{source}: chat_template must be a string, got {type(template).__name__}")
+    if not template.strip():
+        raise ValueError(f"{source}: the chat template is empty")
+    try:
+        compile_template(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"{source}: chat template syntax error at line {e.lineno}: {e.message}") from e
 
 
 class GLM5Tokenizer:
@@ -89,16 +113,26 @@ class GLM5Tokenizer:
         path = Path(path)
         if not (path / TOKENIZER_FILE).is_file():
             raise FileNotFoundError(f"no {TOKENIZER_FILE} in {str(path)!r}")
-        backend = Tokenizer.from_file(str(path / TOKENIZER_FILE))
+        backend = _read_tokenizer_file(path / TOKENIZER_FILE)
         config: dict[str, Any] = {}
         if (path / CONFIG_FILE).exists():
-            config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+            try:
+                config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path / CONFIG_FILE}: invalid JSON: {e}") from e
+            if not isinstance(config, dict):
+                raise ValueError(f"{path / CONFIG_FILE}: must hold a JSON object, got {type(config).__name__}")
         template = config.pop("chat_template", None)
+        source = path / CONFIG_FILE
         if isinstance(template, list):
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
             template = named.get("default")
         if (path / CHAT_TEMPLATE_FILE).exists():
-            template = (path / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+            # utf-8-sig: a byte-order mark left by an editor would otherwise start every rendered prompt
+            template = (path / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8-sig")
+            source = path / CHAT_TEMPLATE_FILE
+        if template is not None:
+            _check_template(template, source)
         eos = [t for t in st.EOS_TOKENS if backend.token_to_id(t) is not None]
         cfg_eos = _token_content(config.get("eos_token"))
         if cfg_eos is not None and cfg_eos not in eos and backend.token_to_id(cfg_eos) is not None:

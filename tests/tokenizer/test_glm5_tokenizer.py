@@ -166,3 +166,34 @@ def test_generation_config_and_repr(trained):
     assert "GLM5Tokenizer" in repr(trained)
     assert trained.special_token_ids["<think>"] == base + 21
     assert trained.encode_batch(["a b", "c"]) == [trained.encode("a b"), trained.encode("c")]
+
+
+def _official_dir(trained, path):
+    trained.backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    return path
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("tokenizer.json", "{not json", r"tokenizer\.json: not a valid tokenizer: "),  # was a bare Exception
+    ("tokenizer.json", "version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n", "Git LFS pointer"),
+    ("tokenizer_config.json", "{", r"tokenizer_config\.json: invalid JSON"),  # named no file
+    ("tokenizer_config.json", "[]", r"tokenizer_config\.json: must hold a JSON object"),  # was a TypeError
+    ("chat_template.jinja", "{% for m in messages %}{{ m.content }", r"chat_template\.jinja: chat template syntax error at line 1"),
+    ("chat_template.jinja", "\n", r"chat_template\.jinja: the chat template is empty"),
+])
+def test_broken_tokenizer_files_are_named_at_load(trained, tmp_path, name, content, match):
+    d = _official_dir(trained, tmp_path)
+    (d / name).write_text(content)
+    with pytest.raises(ValueError, match=match):
+        GLM5Tokenizer.from_pretrained(d)
+
+
+def test_template_in_tokenizer_config_is_checked_and_a_bom_is_not_rendered(trained, tmp_path):
+    d = _official_dir(trained, tmp_path)
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% if %}"}))
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json: chat template syntax error"):
+        GLM5Tokenizer.from_pretrained(d)
+    (d / "tokenizer_config.json").write_text("{}")
+    (d / "chat_template.jinja").write_bytes(b"\xef\xbb\xbf[{{ messages[0].content }}]")  # saved by a BOM-writing editor
+    assert GLM5Tokenizer.from_pretrained(d).apply_chat_template([{"role": "user", "content": "hi"}]) == "[hi]"
