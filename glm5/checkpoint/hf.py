@@ -107,6 +107,28 @@ def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = 
     return save_state_dict(model.state_dict(), model.config, path, max_shard_size, dtype)
 
 
+def read_generation_config(path: str | os.PathLike, cfg: GLM5Config) -> dict:
+    """``generation_config.json`` of a checkpoint directory as a dict ({} when absent), the loaded model's
+    ``generation_config`` as in transformers. Its ``eos_token_id`` (an id or a list; GLM-5: the three ids of
+    config.json) is checked against the vocabulary and returned as a list, so a stop id that a generator would
+    never match fails here instead of being ignored."""
+    f = Path(path) / "generation_config.json"
+    if not f.exists():
+        return {}
+    try:
+        gen = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: invalid JSON: {e}") from e
+    if not isinstance(gen, dict):
+        raise CheckpointError(f"{f}: must hold a JSON object, got {type(gen).__name__}")
+    eos = gen.get("eos_token_id")
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
+    if not isinstance(ids, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < cfg.vocab_size for i in ids):
+        raise CheckpointError(f"{f}: eos_token_id must be token ids below vocab_size {cfg.vocab_size}, got {eos!r}")
+    return {**gen, "eos_token_id": ids} if "eos_token_id" in gen else gen
+
+
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                 "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -226,4 +248,5 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
         raise CheckpointError(f"{path}: " + "; ".join(parts))
     if missing or unexpected:
         log.warning("%s: %d missing, %d unexpected tensors", path, len(missing), len(unexpected))
+    model.generation_config = read_generation_config(path, cfg)
     return model.eval()

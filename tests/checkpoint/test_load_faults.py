@@ -276,3 +276,23 @@ def test_info_reads_headers_only_and_reports_what_is_stored(ckpts, tmp_path, mon
     st = info(str(d))
     assert st["params_mtp"] == 0 and st["quantization"] == "none"
     assert load_pretrained(d).config.num_nextn_predict_layers == 0
+
+
+def test_generation_config_is_read_and_checked(ckpts, tmp_path):
+    """The loaded model carries generation_config.json (eos ids as a list), as a transformers model does;
+    malformed eos ids are named instead of ignored."""
+    model, bf16, _ = ckpts
+    assert load_pretrained(bf16).generation_config["eos_token_id"] == model.config.eos_token_ids
+    d = _clone(bf16, tmp_path)
+    gen = {"eos_token_id": 0, "pad_token_id": 0, "temperature": 1.0, "top_p": 0.95}
+    (d / "generation_config.json").write_text(json.dumps(gen))
+    assert load_pretrained(d).generation_config == dict(gen, eos_token_id=[0])
+    for bad in ([0, "<|user|>"], [10**6], True):
+        (d / "generation_config.json").write_text(json.dumps({"eos_token_id": bad}))
+        with pytest.raises(CheckpointError, match=r"generation_config\.json: eos_token_id must be token ids"):
+            load_pretrained(d)
+    (d / "generation_config.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"generation_config\.json: invalid JSON"):
+        load_pretrained(d)
+    (d / "generation_config.json").unlink()
+    assert load_pretrained(d).generation_config == {}
