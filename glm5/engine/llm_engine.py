@@ -421,7 +421,7 @@ class LLMEngine:
             else:
                 outs.append(self._make_output(req, delta))
         if self.kv_cache.scratch is not None and not self.scheduler.has_unfinished():
-            self.kv_cache.scratch.clear()  # idle: give the gather buffers back (see GatherScratch)
+            self.runner.idle()  # give the gather buffers back (see GatherScratch)
         return outs
 
     def _mask_min_tokens(self, logits, items, row_of, nrows):

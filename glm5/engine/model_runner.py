@@ -143,6 +143,11 @@ class ModelRunner:
     def mtp_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.model.mtp.shared_head.norm(h)).float()
 
+    def idle(self) -> None:
+        """Nothing is running: give the cache's gather buffers back (see glm5.model.cache.GatherScratch)."""
+        if self.kv.scratch is not None:
+            self.kv.scratch.clear()
+
     # ------------------------------------------------------------------------------- one-call decode
     def decode_logits(self, chunks: list[Chunk]) -> torch.Tensor:
         """Plain decode (one token per sequence) -> logits [B,V]; replays a CUDA graph when one fits."""

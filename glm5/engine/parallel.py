@@ -70,3 +70,71 @@ def from_rank0(obj, tp: TensorParallel):
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=tp.group)
     return box[0]
+
+
+# --------------------------------------------------------------------------- one driver, N-1 followers
+# The SPMD mode above needs every rank to see the same requests, which an HTTP server cannot arrange. There, rank 0
+# (the driver) runs the whole engine and the server, and ranks 1..N-1 only run the model: each model call of the
+# driver's ModelRunner is first broadcast, with its inputs, and every follower makes the same call on its own shard
+# and its own cache (vLLM's driver worker). Scheduling, sampling, grammars and detokenizing happen on rank 0 alone,
+# so nothing but tensors and a method name ever crosses (no logits processor has to be pickled).
+
+RUNNER_CALLS = ("forward", "logits", "mtp", "mtp_logits", "idle")
+
+
+def _move(obj, device: torch.device):
+    """``obj`` with every tensor in it (lists, tuples, dicts, dataclasses) moved to ``device``."""
+    import dataclasses
+
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_move(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _move(getattr(obj, f.name), device)
+                                          for f in dataclasses.fields(obj) if f.init})
+    return obj
+
+
+def _broadcast(msg, tp: TensorParallel):
+    import torch.distributed as dist
+
+    box = [msg]
+    dist.broadcast_object_list(box, src=0, group=tp.group)
+    return box[0]
+
+
+def drive(runner, tp: TensorParallel) -> None:
+    """Rank 0: from now on every model call of ``runner`` is announced to the followers first."""
+    if tp.world == 1:
+        return
+    if tp.rank != 0:
+        raise ValueError("only rank 0 drives; the other ranks follow")
+    for name in RUNNER_CALLS:
+        call = getattr(runner, name)
+
+        def announced(*args, _name=name, _call=call):
+            _broadcast((_name, _move(args, torch.device("cpu"))), tp)  # CPU: a pickled CUDA tensor keeps its index
+            return _call(*args)
+        setattr(runner, name, announced)
+
+
+def release_followers(tp: TensorParallel) -> None:
+    """Rank 0, when serving ends: the followers' loops return."""
+    if tp.world > 1 and tp.rank == 0:
+        _broadcast(None, tp)
+
+
+def follow(runner, tp: TensorParallel) -> int:
+    """Ranks 1..N-1: make the driver's model calls until it releases us; returns how many were made."""
+    n = 0
+    with torch.inference_mode():
+        while (msg := _broadcast(None, tp)) is not None:
+            name, args = msg
+            if name not in RUNNER_CALLS:
+                raise RuntimeError(f"follower: unexpected call {name!r} from the driver")
+            getattr(runner, name)(*_move(args, runner.device))
+            n += 1
+    return n

@@ -37,6 +37,13 @@ def add_parser(sub) -> None:
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     g.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the weights over N ranks: launch with `torchrun --nproc-per-node N -m glm5.cli serve "
+                        "...`; rank 0 serves, the others run its model calls on their shards")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="with --tensor-parallel-size: deal the routed experts out whole instead of splitting each")
+    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                   help="priority: requests' `priority` field orders the queue (lower first), as in vLLM")
     g.add_argument("--logprobs-mode", default="raw_logprobs", choices=["raw_logprobs", "processed_logprobs"],
                    help="logprobs of the model's distribution, or of the one each token was sampled from "
                         "(temperature, top-k/top-p, processors), as RL rollouts need")
@@ -83,8 +90,23 @@ def run(args) -> int:
                     max_num_batched_tokens=args.max_num_batched_tokens,
                     num_speculative_tokens=args.num_speculative_tokens,
                     spec_disable_batch_size=args.spec_disable_batch_size, dtype=args.dtype, device=args.device,
-                    kv_cache_memory=args.kv_cache_memory, seed=args.seed, logprobs_mode=args.logprobs_mode)
+                    kv_cache_memory=args.kv_cache_memory, seed=args.seed, logprobs_mode=args.logprobs_mode,
+                    tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
+                    scheduling_policy=args.scheduling_policy)
+    engine = app.state.serve.backend.engine
+    if engine.tp.world > 1:  # rank 0 serves and drives; the other ranks run its model calls (glm5.engine.parallel)
+        from glm5.engine.parallel import drive, follow
+
+        if engine.tp.rank != 0:
+            follow(engine.runner, engine.tp)
+            return 0
+        drive(engine.runner, engine.tp)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         logging.getLogger("glm5.serve").warning("listening on %s without an API key", args.host)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
+    finally:
+        from glm5.engine.parallel import release_followers
+
+        release_followers(engine.tp)
     return 0
