@@ -165,13 +165,12 @@ def apply_tensor_parallel(model: nn.Module, tp: TensorParallel, collectives: boo
     """Shard ``model`` (a GLM5ForCausalLM, on any device, meta included) in place for rank ``tp.rank`` of
     ``tp.world`` and return it. ``collectives=False`` leaves out the hooks: each rank's modules then return
     their partial sums / vocabulary slice (what the tests sum up to check the split without processes)."""
+    from glm5.model.fp8_linear import FP8Experts, FP8Linear
     from glm5.model.mla import MLAttention
     from glm5.model.moe import MLP, Experts, MoE
 
     if getattr(model, "tensor_parallel", None) is not None:
         raise ValueError("the model is already tensor-parallel")
-    from glm5.model.fp8_linear import FP8Experts, FP8Linear
-
     if any(isinstance(m, (FP8Linear, FP8Experts)) for m in model.modules()):
         # their 128×128 scale blocks do not follow head boundaries (GLM-5: 448 kv_b_proj rows per head)
         raise ValueError("tensor parallelism needs unquantised weights (load FP8 checkpoints with fp8='dequantize')")
