@@ -10,6 +10,8 @@ through :class:`ConstrainedLogitsProcessor`:
 * exactly one of a few strings (:mod:`glm5.structured.choice`), a full match of a regular expression
   (:mod:`glm5.structured.regex`) or a sentence of a GBNF grammar (:mod:`glm5.structured.gbnf`):
   ``StructuredOutputsParams(choice=...)`` / ``(regex=...)`` / ``(grammar=...)``;
+* free text whose triggered parts follow tags and schemas (:mod:`glm5.structured.structural_tag`, vLLM's
+  ``structural_tag``): ``StructuredOutputsParams(structural_tag=...)``;
 * GLM-5 tool calls of given tools with schema-checked arguments (:class:`ToolCallGrammar`): the server's
   ``tool_choice: "required"`` / a named tool.
 
@@ -18,6 +20,7 @@ It depends on the tokenizer only; the engine and the server build on it.
 
 from .constrained import ConstrainedLogitsProcessor, GrammarCache, JsonGrammar, TokenVocab, json_logits_processor
 from .json_schema import SchemaError, compile_schema
+from .structural_tag import StructuralTagError, compile_structural_tag
 from .tool_grammar import ToolCallGrammar
 
 __all__ = [
@@ -25,8 +28,10 @@ __all__ = [
     "GrammarCache",
     "JsonGrammar",
     "SchemaError",
+    "StructuralTagError",
     "TokenVocab",
     "ToolCallGrammar",
     "compile_schema",
+    "compile_structural_tag",
     "json_logits_processor",
 ]

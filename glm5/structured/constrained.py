@@ -3,7 +3,8 @@
 Used for the engine's ``SamplingParams(structured_outputs=...)`` and the server's ``response_format``
 ``{"type": "json_object"}`` (the content is one JSON object) and ``{"type": "json_schema"}`` (a document the
 schema accepts: :mod:`glm5.structured.json_schema`), for ``choice`` (one of given strings:
-:mod:`glm5.structured.choice`), and for ``tool_choice: "required"`` / a named tool (the
+:mod:`glm5.structured.choice`), for ``structural_tag`` (free text with triggered, schema-checked parts:
+:mod:`glm5.structured.structural_tag`), and for ``tool_choice: "required"`` / a named tool (the
 output is one or more well-formed GLM-5 tool calls of the allowed tools, with known argument names, the required
 ones present, and values checked against their schemas: :class:`glm5.structured.tool_grammar.ToolCallGrammar`,
 built on this module).
@@ -53,6 +54,7 @@ from .gbnf import GbnfAutomaton
 from .json_automaton import _STR, START, json_accepts, json_complete, json_min_close, json_step
 from .json_schema import SchemaAutomaton, compile_schema
 from .regex import RegexAutomaton
+from .structural_tag import compile_structural_tag, parse_structural_tag
 
 __all__ = [
     "ConstrainedLogitsProcessor",
@@ -497,10 +499,18 @@ class GrammarCache:
         return self._get(("grammar", text, thinking),
                          lambda: JsonGrammar(self.vocab, thinking=thinking, schema=GbnfAutomaton(text)))
 
+    def structural_tag(self, spec: Any, thinking: bool = False) -> JsonGrammar:
+        """The grammar of a structural tag (a dict or its JSON text; see :mod:`glm5.structured.structural_tag`):
+        free text with triggered, schema-checked parts. StructuralTagError (a ValueError) for a malformed one."""
+        spec = parse_structural_tag(spec)
+        return self._get(("structural_tag", json.dumps(spec), thinking),
+                         lambda: JsonGrammar(self.vocab, thinking=thinking, schema=compile_structural_tag(spec)))
+
     def get(self, kind: str, value: Any, thinking: bool = False) -> JsonGrammar:
         """The grammar of a constraint given as (kind, value): ("json", schema or None for any object), ("choice",
-        strings), ("regex", pattern) or ("grammar", GBNF text)."""
-        build = {"json": self.json, "choice": self.choice, "regex": self.regex, "grammar": self.grammar}.get(kind)
+        strings), ("regex", pattern), ("grammar", GBNF text) or ("structural_tag", spec)."""
+        build = {"json": self.json, "choice": self.choice, "regex": self.regex, "grammar": self.grammar,
+                 "structural_tag": self.structural_tag}.get(kind)
         if build is None:
             raise ValueError(f"unknown structured output kind {kind!r}")
         return build(value, thinking)
