@@ -51,6 +51,10 @@ def _engine_args(p) -> None:
     fmt.add_argument("--regex", default=None, metavar="PATTERN",
                      help="structured output: the whole answer matches this regular expression (Python syntax, "
                           "ASCII \\d \\w \\s)")
+    fmt.add_argument("--structural-tag", default=None, metavar="FILE_OR_JSON",
+                     help="structured output: free text in which each trigger starts a tag checked against its schema "
+                          "(vLLM's {\"structures\": [{\"begin\", \"schema\", \"end\"}], \"triggers\": [...]} "
+                          "or xgrammar's {\"format\": ...}; a .json file or the JSON text)")
     p.add_argument("--stats", action="store_true", help="print tokens/s (and MTP acceptance) to stderr")
 
 
@@ -99,12 +103,15 @@ def _structured(args):
         if "::=" not in text:  # a path (a grammar's text has rules)
             text = Path(text).read_text(encoding="utf-8")  # OSError: one line from glm5's main
         return StructuredOutputsParams(grammar=text)
-    if args.json_schema is None:
-        return None
-    text = args.json_schema
-    if not text.lstrip().startswith("{"):  # a path (a schema's text is an object)
-        text = Path(text).read_text(encoding="utf-8")  # OSError: one line from glm5's main
-    return StructuredOutputsParams(json=text)  # ValueError for text that is not JSON
+    for name in ("structural_tag", "json_schema"):
+        text = getattr(args, name)
+        if text is None:
+            continue
+        if not text.lstrip().startswith("{"):  # a path (a schema's or a structural tag's text is an object)
+            text = Path(text).read_text(encoding="utf-8")  # OSError: one line from glm5's main
+        # ValueError for text that is not JSON; a spec the grammar cannot take fails when the request is added
+        return StructuredOutputsParams(**{"json" if name == "json_schema" else name: text})
+    return None
 
 
 def _params(args, default_temperature: float, stop_ids=None):

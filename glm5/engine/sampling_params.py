@@ -25,6 +25,9 @@ class StructuredOutputsParams:
         :mod:`glm5.structured.regex` for what is supported).
     grammar: a GBNF grammar (llama.cpp's syntax, start rule ``root``) the whole output is a sentence of (see
         :mod:`glm5.structured.gbnf`).
+    structural_tag: a structural tag (dict, or its JSON text as vLLM passes it): free text in which a trigger starts
+        a tag (begin, JSON its schema accepts, end), in vLLM's ``{"structures": [...], "triggers": [...]}`` form or
+        xgrammar's ``{"format": {...}}`` (see :mod:`glm5.structured.structural_tag` for the supported formats).
 
     Either way the output ends with EOS within ``max_tokens`` (the grammar closes strings and containers in
     time). When the prompt opened ``<think>`` (the chat template with thinking on), reasoning comes first.
@@ -35,18 +38,23 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     regex: str | None = None
     grammar: str | None = None
+    structural_tag: dict | str | None = None
 
     def __post_init__(self):
         given = [self.json is not None, bool(self.json_object), self.choice is not None, self.regex is not None,
-                 self.grammar is not None]
+                 self.grammar is not None, self.structural_tag is not None]
         if sum(given) != 1:
             raise ValueError("structured_outputs: give exactly one of json (a schema), json_object=True, choice, "
-                             "regex and grammar")
-        if isinstance(self.json, str):
-            try:
-                object.__setattr__(self, "json", json.loads(self.json))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+                             "regex, grammar and structural_tag")
+        for name in ("json", "structural_tag"):
+            if isinstance(getattr(self, name), str):
+                try:
+                    object.__setattr__(self, name, json.loads(getattr(self, name)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"structured_outputs.{name} is not valid JSON: {e}") from None
+        if self.structural_tag is not None and not isinstance(self.structural_tag, dict):
+            raise ValueError("structured_outputs.structural_tag must be a JSON object, got "
+                             f"{type(self.structural_tag).__name__}")
         if self.json is not None and not isinstance(self.json, (dict, bool)):
             raise ValueError(f"structured_outputs.json must be a JSON Schema object, got {type(self.json).__name__}")
         if self.choice is not None:
@@ -61,8 +69,8 @@ class StructuredOutputsParams:
     @property
     def constraint(self) -> tuple[str, Any]:
         """(kind, value) for :meth:`glm5.structured.GrammarCache.get`: ("json", schema or None for any object),
-        ("choice", strings), ("regex", pattern) or ("grammar", GBNF text)."""
-        for kind in ("choice", "regex", "grammar"):
+        ("choice", strings), ("regex", pattern), ("grammar", GBNF text) or ("structural_tag", spec)."""
+        for kind in ("choice", "regex", "grammar", "structural_tag"):
             if getattr(self, kind) is not None:
                 return kind, getattr(self, kind)
         return "json", self.json

@@ -23,6 +23,7 @@ MAX_TOP_LOGPROBS = 20
 MAX_STOP = 16
 MAX_PATTERN_CHARS = 16_384  # structured_outputs.regex
 MAX_GRAMMAR_CHARS = 65_536  # structured_outputs.grammar
+MAX_STRUCTURAL_TAG_CHARS = 262_144  # structured_outputs.structural_tag given as JSON text
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_.\-]{1,64}$"
 
 
@@ -125,10 +126,15 @@ ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
 
 
 class ResponseFormat(_Closed):
-    """OpenAI's ``response_format``: ``json_schema`` carries ``{"name", "schema", "strict", "description"}``."""
+    """OpenAI's ``response_format``: ``json_schema`` carries ``{"name", "schema", "strict", "description"}``. vLLM's
+    ``structural_tag`` carries ``structures`` (``{"begin", "schema", "end"}``) and ``triggers``, or xgrammar's
+    ``format``; what they mean is checked when the grammar is compiled (:mod:`glm5.structured.structural_tag`)."""
 
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: dict[str, Any] | None = None
+    structures: list[Any] | None = Field(None, max_length=1024)
+    triggers: list[Any] | None = Field(None, max_length=256)
+    format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _checks(self):
@@ -138,14 +144,30 @@ class ResponseFormat(_Closed):
                 raise ValueError("response_format json_schema needs json_schema.schema (a JSON Schema object)")
         elif self.json_schema is not None:
             raise ValueError(f"json_schema is only allowed with type json_schema, not {self.type}")
+        tag_fields = [k for k in ("structures", "triggers", "format") if getattr(self, k) is not None]
+        if self.type == "structural_tag" and not tag_fields:
+            raise ValueError("response_format structural_tag needs structures and triggers (vLLM's form) or format "
+                             "(xgrammar's)")
+        if self.type != "structural_tag" and tag_fields:
+            raise ValueError(f"{tag_fields[0]} is only allowed with type structural_tag, not {self.type}")
         return self
+
+    @property
+    def constraint(self) -> tuple[str, Any] | None:
+        """(kind, value) as :meth:`glm5.structured.GrammarCache.get` takes it; None for ``text``."""
+        if self.type == "structural_tag":
+            return "structural_tag", self.model_dump(include={"type", "structures", "triggers", "format"},
+                                                     exclude_none=True)
+        if self.type == "text":
+            return None
+        return "json", self.json_schema["schema"] if self.type == "json_schema" else None
 
 
 class StructuredOutputs(_Closed):
     """vLLM's ``structured_outputs`` request field (sent through the OpenAI client's ``extra_body``): exactly one
     of ``json`` (a JSON Schema), ``json_object: true``, ``choice`` (the text is one of these strings), ``regex``
-    (the text fully matches it) and ``grammar`` (GBNF: the text is a sentence of it). ``structural_tag`` is refused,
-    not ignored: an unconstrained answer would look like a constrained one."""
+    (the text fully matches it), ``grammar`` (GBNF: the text is a sentence of it) and ``structural_tag`` (free text
+    with triggered tags; an object or, as vLLM sends it, its JSON text)."""
 
     json_schema: dict[str, Any] | bool | str | None = Field(None, alias="json")
     json_object: bool | None = None
@@ -153,13 +175,17 @@ class StructuredOutputs(_Closed):
                                                                                       max_length=1024)
     regex: str | None = Field(None, max_length=MAX_PATTERN_CHARS)
     grammar: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS)
-    structural_tag: Any = None
+    structural_tag: dict[str, Any] | Annotated[str, Field(max_length=MAX_STRUCTURAL_TAG_CHARS)] | None = None
 
     @model_validator(mode="after")
     def _checks(self):
-        if self.structural_tag is not None:
-            raise ValueError("structured_outputs.structural_tag is not supported (json, json_object, choice, regex and "
-                             "grammar are)")
+        if isinstance(self.structural_tag, str):
+            try:
+                self.structural_tag = json.loads(self.structural_tag)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"structured_outputs.structural_tag is not valid JSON: {e}") from None
+            if not isinstance(self.structural_tag, dict):
+                raise ValueError("structured_outputs.structural_tag must be a JSON object")
         if isinstance(self.json_schema, str):
             try:
                 self.json_schema = json.loads(self.json_schema)
@@ -168,16 +194,16 @@ class StructuredOutputs(_Closed):
             if not isinstance(self.json_schema, (dict, bool)):
                 raise ValueError("structured_outputs.json must be a JSON Schema object")
         given = [self.json_schema is not None, bool(self.json_object), self.choice is not None, self.regex is not None,
-                 self.grammar is not None]
+                 self.grammar is not None, self.structural_tag is not None]
         if given.count(True) != 1:
-            raise ValueError("structured_outputs needs exactly one of json, json_object (true), choice, regex and "
-                             "grammar")
+            raise ValueError("structured_outputs needs exactly one of json, json_object (true), choice, regex, "
+                             "grammar and structural_tag")
         return self
 
     def to_params(self) -> StructuredOutputsParams:
         """The engine's form of the same constraint."""
         return StructuredOutputsParams(json=self.json_schema, json_object=bool(self.json_object), choice=self.choice,
-                                       regex=self.regex, grammar=self.grammar)
+                                       regex=self.regex, grammar=self.grammar, structural_tag=self.structural_tag)
 
 
 class StreamOptions(_Closed):
@@ -223,7 +249,8 @@ class _Sampling(_Open):
                                                     "alternatives); not with stream")
     response_format: ResponseFormat | None = None  # chat's field; on completions vLLM's extension
     structured_outputs: StructuredOutputs | None = Field(None, description="vLLM extension: json / json_object / "
-                                                                           "choice / regex / grammar")
+                                                                           "choice / regex / grammar / "
+                                                                           "structural_tag")
     guided_json: dict[str, Any] | bool | str | None = Field(None, description="vLLM's older name for "
                                                                               "structured_outputs.json")
     guided_choice: list[str] | None = Field(None, description="vLLM's older name for structured_outputs.choice")
@@ -279,7 +306,7 @@ class _Sampling(_Open):
         """(kind, value) as :meth:`glm5.structured.GrammarCache.get` takes it, from whichever field set it."""
         rf, so = self.response_format, self.structured_outputs
         if rf is not None and rf.type != "text":
-            return "json", rf.json_schema["schema"] if rf.type == "json_schema" else None
+            return rf.constraint
         return so.to_params().constraint if so is not None else None
 
     @property

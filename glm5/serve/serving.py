@@ -11,10 +11,11 @@ streamed and non-streamed results cannot disagree.
 tool_choice: ``auto`` parses whatever calls the model writes; ``none`` renders the tools but bans the
 ``<tool_call>`` token and does not parse; ``required`` and a named tool constrain decoding with
 :class:`~glm5.structured.tool_grammar.ToolCallGrammar` (the model may think first, then must write well-formed
-calls of the allowed tools). ``response_format`` ``json_object`` / ``json_schema``, or vLLM's ``structured_outputs``
-(``json`` / ``json_object`` / ``choice``; older names ``guided_json`` / ``guided_choice``), constrains the content
-with :class:`~glm5.structured.constrained.JsonGrammar` (reasoning first when thinking is on); the schema is compiled
-by :mod:`glm5.structured.json_schema`.
+calls of the allowed tools). ``response_format`` ``json_object`` / ``json_schema`` / ``structural_tag``, or vLLM's
+``structured_outputs`` (``json`` / ``json_object`` / ``choice`` / ``regex`` / ``grammar`` / ``structural_tag``; older
+names ``guided_*``), constrains the content with :class:`~glm5.structured.constrained.JsonGrammar` (reasoning first
+when thinking is on); a schema is compiled by :mod:`glm5.structured.json_schema`, a structural tag by
+:mod:`glm5.structured.structural_tag`.
 """
 
 from __future__ import annotations
@@ -72,7 +73,11 @@ class ServerState:
         try:
             return self.grammars.get(kind, value, thinking)
         except ValueError as e:
-            if req.response_format is not None and req.response_format.type != "text":
+            rf = req.response_format is not None and req.response_format.type != "text"
+            if kind == "structural_tag":  # mostly malformed specs; the message names the part
+                raise bad_request(f"invalid structural_tag: {e}",
+                                  param="response_format" if rf else "structured_outputs.structural_tag") from None
+            if rf:
                 raise bad_request(f"unsupported json_schema: {e}", param="response_format.json_schema.schema") from None
             what = "json_schema" if kind == "json" else kind
             raise bad_request(f"unsupported {what}: {e}", param=f"structured_outputs.{kind}") from None

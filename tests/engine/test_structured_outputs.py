@@ -174,6 +174,48 @@ def test_gbnf_grammar_output_is_a_sentence(llm, nano_dir, tmp_path, capsys):
     assert accepted(capsys.readouterr().out.strip("\n"))
 
 
+CALLS = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<fn="], "at_least_one": True,
+                                             "tags": [{"type": "tag", "begin": "<fn=point>", "end": "</fn>",
+                                                       "content": {"type": "json_schema", "json_schema": POINT}}]}}
+
+
+def checked_calls(text: str) -> int:
+    """How many ``<fn=point>{POINT}</fn>`` calls ``text`` holds, each checked (a body's strings may hold "<fn=")."""
+    calls, at = 0, text.find("<fn=")
+    while at >= 0:
+        assert text.startswith("<fn=point>", at), text
+        body, end = json.JSONDecoder().raw_decode(text, at + len("<fn=point>"))
+        jsonschema.validate(body, POINT)
+        assert text.startswith("</fn>", end), text
+        calls, at = calls + 1, text.find("<fn=", end + len("</fn>"))
+    return calls
+
+
+def test_structural_tag_output_has_valid_calls(llm, nano_dir, tmp_path, capsys):
+    """xgrammar's ``format`` form with ``at_least_one``: the output starts with a call whose body the schema
+    accepts, then free text in which any further call is checked too; vLLM's legacy form through the CLI."""
+    params = SamplingParams(n=4, temperature=1.0, seed=2, max_tokens=60,
+                            structured_outputs=StructuredOutputsParams(structural_tag=json.dumps(CALLS)))
+    for c in llm.generate(["Call it:"], params, use_tqdm=False)[0].outputs:
+        assert c.text.startswith("<fn=point>") and checked_calls(c.text) >= 1, c.text
+    with pytest.raises(ValueError, match="does not start with any trigger"):
+        llm.generate("x", SamplingParams(structured_outputs=StructuredOutputsParams(structural_tag={
+            "triggers": ["<fn="], "structures": [{"begin": "<call>", "schema": POINT, "end": "</call>"}]})))
+    with pytest.raises(ValueError, match="structural_tag must be a JSON object"):
+        StructuredOutputsParams(structural_tag="[1]")
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams(structural_tag=CALLS, regex="a")
+    path = tmp_path / "tags.json"
+    path.write_text(json.dumps({"triggers": ["<fn="], "structures": [
+        {"begin": "<fn=point>", "schema": POINT, "end": "</fn>"}]}))
+    assert main(["generate", "--model", str(nano_dir), "--prompt", "x", "--temperature", "1", "--seed", "1",
+                 "--max-tokens", "30", "--structural-tag", str(path)]) == 0
+    checked_calls(capsys.readouterr().out)
+    assert main(["generate", "--model", str(nano_dir), "--prompt", "x", "--structural-tag",
+                 '{"format": {"type": "any_text", "max_chars": 3}}']) == 2
+    assert "max_chars" in capsys.readouterr().err
+
+
 def test_min_p_keeps_tokens_near_the_best_valid_one(llm):
     """min_p is applied after the grammar (as in vLLM, and as the server orders them): applied before, it could keep
     only tokens the grammar forbids, and this request failed with 'constraints exclude every token'."""
@@ -187,14 +229,15 @@ def test_min_p_keeps_tokens_near_the_best_valid_one(llm):
             assert c.finish_reason == "stop" and re.fullmatch(r"\d{3,9}", c.text), (c.text, c.finish_reason)
 
 
-@pytest.mark.parametrize("kind", ["json", "regex", "grammar"])
+@pytest.mark.parametrize("kind", ["json", "regex", "grammar", "structural_tag"])
 def test_structured_outputs_with_mtp_drafts(text_model, kind):
     """Verified MTP drafts go through the grammar like sampled tokens: a draft the grammar forbids is rejected, so
     greedy output is the same with and without speculation and every sample is valid."""
     model, tok = text_model
     so = {"json": StructuredOutputsParams(json=POINT),
           "regex": StructuredOutputsParams(regex=r"[a-z]{2,8}( [a-z]{2,8}){1,3}\."),
-          "grammar": StructuredOutputsParams(grammar='root ::= "(" root ")" | [0-9]{1,4}')}[kind]
+          "grammar": StructuredOutputsParams(grammar='root ::= "(" root ")" | [0-9]{1,4}'),
+          "structural_tag": StructuredOutputsParams(structural_tag=CALLS)}[kind]
     plain = LLM(model, tokenizer=tok, max_model_len=256)
     spec = LLM(model, tokenizer=tok, max_model_len=256, num_speculative_tokens=3)
     greedy = SamplingParams(temperature=0, max_tokens=40, structured_outputs=so)
@@ -208,6 +251,8 @@ def test_structured_outputs_with_mtp_drafts(text_model, kind):
     if kind == "json":
         for t in texts:
             jsonschema.validate(json.loads(t), POINT)
+    elif kind == "structural_tag":
+        assert all(t.startswith("<fn=point>") and checked_calls(t) for t in texts), texts
     elif kind == "regex":
         assert all(re.fullmatch(so.regex, t) for t in texts), texts
     else:

@@ -106,7 +106,18 @@ def test_unknown_model_is_404(client, http):
         "type": "object", "properties": {"k": {"type": "string"}}, "required": ["k"]}}}], "tool_choice": "required",
       "max_tokens": 2}, "max_tokens"),
     # vLLM's structured_outputs / guided_*: what the grammar cannot enforce is refused, never silently ignored
-    ({"messages": HI, "structured_outputs": {"structural_tag": {"x": 1}}}, "structured_outputs"),
+    ({"messages": HI, "structured_outputs": {"structural_tag": {"x": 1}}}, "structured_outputs.structural_tag"),
+    ({"messages": HI, "structured_outputs": {"structural_tag": "{oops"}}, "structured_outputs"),
+    ({"messages": HI, "structured_outputs": {"structural_tag": {"triggers": [], "structures": [
+        {"begin": "<a>", "schema": {}, "end": "</a>"}]}}}, "structured_outputs.structural_tag"),
+    ({"messages": HI, "response_format": {"type": "structural_tag"}}, "response_format"),
+    ({"messages": HI, "response_format": {"type": "json_object", "triggers": ["<"]}}, "response_format"),
+    ({"messages": HI, "response_format": {"type": "structural_tag", "triggers": ["<a"], "structures": [
+        {"begin": "<b>", "schema": {}, "end": "</b>"}]}}, "response_format"),  # a begin no trigger starts
+    ({"messages": HI, "response_format": {"type": "structural_tag", "triggers": ["<a"], "structures": [
+        {"begin": "<a>", "schema": {"type": "strin"}, "end": "</a>"}]}}, "response_format"),  # a bad schema
+    ({"messages": HI, "response_format": {"type": "structural_tag", "format": {"type": "token", "token": "<x>"}}},
+     "response_format"),
     ({"messages": HI, "structured_outputs": {"grammar": "root ::= 'a'"}}, "structured_outputs.grammar"),  # GBNF: "a"
     ({"messages": HI, "structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs.grammar"),  # undefined
     ({"messages": HI, "structured_outputs": {"grammar": "root ::= \"a\"", "regex": "a"}}, "structured_outputs"),

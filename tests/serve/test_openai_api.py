@@ -260,6 +260,55 @@ def test_vllm_structured_outputs_grammar(client):
     assert all(well_formed(c.text) for c in r.choices), [c.text for c in r.choices]
 
 
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+        "additionalProperties": False}
+
+
+def parsed_calls(text: str, trigger: str, schemas: dict[str, dict]) -> int:
+    """Checks each tag in ``text`` written after free text (begin, a JSON body the begin's schema accepts, its end);
+    returns how many there are. A body's strings may hold the trigger, so they are read as JSON, not split on."""
+    import jsonschema
+
+    calls, at = 0, text.find(trigger)
+    while at >= 0:
+        begin = next(b for b in schemas if text.startswith(b, at))
+        body, end = json.JSONDecoder().raw_decode(text, at + len(begin))
+        jsonschema.validate(body, schemas[begin]["schema"])
+        assert text.startswith(schemas[begin]["end"], end), text
+        calls, at = calls + 1, text.find(trigger, end + len(schemas[begin]["end"]))
+    return calls
+
+
+def test_structural_tag_response_format(client, model_dir):
+    """vLLM's ``response_format`` ``structural_tag`` (``structures`` + ``triggers``): free text in which every call
+    written after a trigger has a valid body (a logit_bias towards "<" makes the random model write the trigger), and
+    the same as ``structured_outputs.structural_tag`` JSON text; xgrammar's ``format`` form, where ``at_least_one``
+    makes the answer start with a call."""
+    from glm5.tokenizer import GLM5Tokenizer
+
+    lt = GLM5Tokenizer.from_pretrained(model_dir).token_to_id("<")
+    structures = [{"begin": "<weather>", "schema": CITY, "end": "</weather>"},
+                  {"begin": "<time>", "schema": {"type": "object", "properties": {}}, "end": "</time>"}]
+    rf = {"type": "structural_tag", "structures": structures, "triggers": ["<"]}
+    schemas = {s["begin"]: s for s in structures}
+    calls = 0
+    for seed in range(4):
+        off = {"thinking": {"type": "disabled"}}
+        body = ({"response_format": rf, "extra_body": off} if seed % 2 else
+                {"extra_body": {"structured_outputs": {"structural_tag": json.dumps(rf)}, **off}})
+        r = client.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=40, seed=seed, temperature=1.0,
+                                           logit_bias={str(lt): 5}, **body)
+        calls += parsed_calls(r.choices[0].message.content or "", "<", schemas)
+    assert calls
+    fmt = {"type": "triggered_tags", "triggers": ["<"], "at_least_one": True, "tags": [
+        {"type": "tag", "begin": "<weather>", "content": {"type": "json_schema", "json_schema": CITY},
+         "end": "</weather>"}]}
+    r = client.completions.create(model=MODEL_NAME, prompt="Call:", max_tokens=50, n=2, seed=7,
+                                  extra_body={"response_format": {"type": "structural_tag", "format": fmt}})
+    for c in r.choices:
+        assert c.text.startswith("<weather>") and parsed_calls(c.text, "<", {"<weather>": structures[0]}) >= 1
+
+
 def test_json_schema_property_order_is_the_schemas(client):
     """Compiled grammars are reused for repeated schemas; two schemas that differ only in property order are
     different grammars (the output follows each one's order)."""
