@@ -1,6 +1,7 @@
 """Constrained decoding cost per generated token (not a test): ``json_object``, ``json_schema`` (plain, and with
-``format`` / ``pattern`` strings), ``regex`` and GBNF ``grammar`` grammars on a
-byte-level BPE trained here on the default corpus, driven by random logits as a model's sampler would be.
+``format`` / ``pattern`` strings), ``regex``, GBNF ``grammar`` and ``structural_tag`` grammars on a
+byte-level BPE trained here on the default corpus, driven by random logits as a model's sampler would be (which
+rarely write a trigger: vLLM's ``structures`` form measures free text, xgrammar's ``at_least_one`` form a call first).
 
     python3 benchmarks/bench_grammar.py --vocab 8192 32768
 
@@ -26,6 +27,7 @@ from glm5.structured.constrained import ConstrainedLogitsProcessor, JsonGrammar,
 from glm5.structured.gbnf import GbnfAutomaton  # noqa: E402
 from glm5.structured.json_schema import compile_schema  # noqa: E402
 from glm5.structured.regex import RegexAutomaton  # noqa: E402
+from glm5.structured.structural_tag import compile_structural_tag  # noqa: E402
 from glm5.tokenizer import train_bpe  # noqa: E402
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "mood", "tags"], "properties": {
@@ -47,6 +49,10 @@ number ::= "-"? ( "0" | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?
 ws     ::= [ \t\n]?
 """
 REGEX = r"[A-Z][a-z]{1,20}( [A-Z][a-z]{1,20}){0,3}, \d{1,4} [A-Z][a-z]+ (St|Rd|Ave)\."
+TAGS = {"triggers": ["<fn="], "structures": [{"begin": "<fn=person>", "schema": SCHEMA, "end": "</fn>"}]}
+FIRST_TAG = {"format": {"type": "triggered_tags", "triggers": ["<fn="], "at_least_one": True, "tags": [
+    {"type": "tag", "begin": "<fn=person>", "end": "</fn>",
+     "content": {"type": "json_schema", "json_schema": SCHEMA}}]}}
 
 
 def run(grammar, vocab, max_tokens: int, seed: int) -> list[float]:
@@ -80,7 +86,10 @@ def main() -> int:
                                ("json_schema", JsonGrammar(vocab, schema=compile_schema(SCHEMA))),
                                ("json_schema, format/pattern", JsonGrammar(vocab, schema=compile_schema(FORMATTED))),
                                ("regex", JsonGrammar(vocab, schema=RegexAutomaton(REGEX))),
-                               ("GBNF (JSON object)", JsonGrammar(vocab, schema=GbnfAutomaton(JSON_GBNF)))):
+                               ("GBNF (JSON object)", JsonGrammar(vocab, schema=GbnfAutomaton(JSON_GBNF))),
+                               ("structural_tag (structures)", JsonGrammar(vocab, schema=compile_structural_tag(TAGS))),
+                               ("structural_tag (at_least_one)",
+                                JsonGrammar(vocab, schema=compile_structural_tag(FIRST_TAG)))):
             for cache in ("cold", "warm"):
                 if cache == "cold":
                     grammar._cache.clear()

@@ -163,13 +163,14 @@ class _Moves:
     """The ordinary tokens that keep one grammar state alive, sorted by their cost (tokens still needed after them,
     EOS included), so that the tokens a budget allows are a prefix: one trie walk per state serves every budget."""
 
-    __slots__ = ("ids", "costs", "_index")
+    __slots__ = ("ids", "costs", "_index", "_top")
 
     def __init__(self, pairs: list[tuple]):
         pairs.sort()
         self.ids = [i for _, i in pairs]
         self.costs = [c for c, _ in pairs]
         self._index: dict[tuple[int, str], torch.Tensor] = {}
+        self._top = max(self.ids, default=-1)  # once: in free text the list is the whole vocabulary, every step
 
     def upto(self, left: int) -> int:
         """How many tokens fit when ``left`` tokens may follow this one."""
@@ -182,7 +183,7 @@ class _Moves:
         if t is None:
             t = self._index[key] = torch.tensor(self.ids, dtype=torch.long, device=device)
         t = t[:k]
-        return t if not self.ids or max(self.ids) < size else t[t < size]
+        return t if self._top < size else t[t < size]
 
 
 def _string_chars(data: bytes) -> int | None:
