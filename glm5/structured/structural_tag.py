@@ -20,6 +20,9 @@ Free text has no end of its own, so ``any_text`` and ``triggered_tags`` (unless 
 a ``sequence`` or an ``or`` branch there); inside a tag its end string ends them at its first occurrence, as in
 xgrammar. Elsewhere they are refused (what follows could never be told from the text).
 
+Limits: triggers, excludes and the end strings that end free text are at most 256 bytes each and 8,192 in all
+(:data:`glm5.structured.tag_dispatch.MAX_STRING`); other strings 4,096 bytes; 1,024 formats nested 32 deep.
+
 JSON bodies are the JSON Schema automaton (:func:`glm5.structured.json_schema.compile_schema`, compact JSON, its
 keyword subset); the free text with triggers is :class:`glm5.structured.tag_dispatch.TagDispatch`; the rest is
 :mod:`glm5.structured.compose`. The result has the byte-automaton interface ``JsonGrammar`` walks the token trie with.

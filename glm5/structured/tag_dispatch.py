@@ -34,9 +34,13 @@ from typing import Any
 
 from .compose import INF, Concat, Alternatives, Literal
 
-__all__ = ["TagDispatch", "utf8_next"]
+__all__ = ["MAX_STRING", "MAX_STRINGS_TOTAL", "TagDispatch", "utf8_next"]
 
 _CACHE_LIMIT = 200_000  # cached transitions / costs per automaton; cleared when full (states stay valid)
+# A free state holds a match thread per way the text can end in a dispatch string's prefix, so self-similar strings
+# ("aaaa...") make states as large as the strings: bounded, so that no spec makes compiling or a step slow.
+MAX_STRING = 256  # bytes in one trigger / end string / exclude
+MAX_STRINGS_TOTAL = 8192  # bytes in all of them together
 _DONE = ("d",)  # the item of a finished dispatch (its end string written, or stopped after the first tag)
 
 
@@ -112,8 +116,12 @@ class TagDispatch:
     def __init__(self, triggers: Sequence[bytes] = (), tags: Sequence[tuple[bytes, Any]] = (),
                  ends: Sequence[bytes] = (), excludes: Sequence[bytes] = (), at_least_one: bool = False,
                  stop_after_first: bool = False):
-        if any(not p for p in (*triggers, *ends, *excludes)):
+        strings = (*triggers, *ends, *excludes)
+        if any(not p for p in strings):
             raise ValueError("triggers, end strings and excludes must be non-empty")
+        if any(len(p) > MAX_STRING for p in strings) or sum(map(len, strings)) > MAX_STRINGS_TOTAL:
+            raise ValueError(f"triggers, the end strings that end free text and excludes are limited to {MAX_STRING} "
+                             f"bytes each and {MAX_STRINGS_TOTAL} in all")
         self.tags = [Concat([Literal(begin), body]) for begin, body in tags]
         self.begins = [begin for begin, _ in tags]
         self.patterns = [*triggers, *ends]  # the dispatch strings: triggers first

@@ -362,6 +362,7 @@ def test_allowed_index_is_allowed_at_every_budget(vocab):
     ({"format": {"type": "any_text", "max_tokens": 5}}, "max_tokens is not supported"),
     ({"format": {"type": "regex", "pattern": "(a"}}, "missing"),
     ({"format": {"type": "repeat", "min": 3, "max": 2, "content": {"type": "const_string", "value": "a"}}}, "min"),
+    ({"triggers": ["a" * 257], "structures": [{"begin": "a" * 257, "schema": {}, "end": ""}]}, "256 bytes each"),
     ({"format": {"type": "tag", "begin": "<", "end": "</>", "content": {  # the trigger "/" always beats the end
         "type": "triggered_tags", "triggers": ["/"], "tags": [
             {"type": "tag", "begin": "/x", "content": {"type": "const_string", "value": ""}, "end": ""}]}}},
