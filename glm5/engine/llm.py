@@ -22,19 +22,16 @@ from glm5.engine.llm_engine import EngineConfig, LLMEngine
 from glm5.engine.outputs import RequestOutput
 from glm5.engine.sampling_params import SamplingParams
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
 
 def build_engine(model, tokenizer=None, device: str | torch.device | None = None, dtype=None,
                  **engine_kwargs) -> LLMEngine:
-    """A model directory (or a GLM5ForCausalLM) plus EngineConfig fields -> LLMEngine."""
-    if isinstance(dtype, str):
-        dtype = _DTYPES[dtype]
-    if isinstance(model, (str, Path)):
-        from glm5.model.transformer import GLM5ForCausalLM
+    """A model directory (or a GLM5ForCausalLM) plus EngineConfig fields -> LLMEngine. ``dtype``: a torch dtype, its
+    name, or "auto" (the checkpoint's own, config.json's ``dtype``); default bf16 on CUDA, fp32 on CPU."""
+    from glm5.checkpoint.hf import resolve_dtype
 
+    if isinstance(model, (str, Path)):
         from glm5.engine.parallel import init_tensor_parallel
+        from glm5.model.transformer import GLM5ForCausalLM
 
         path = Path(model)
         # under tensor parallelism each rank reads only its slice of the weights, on its own device
@@ -48,6 +45,7 @@ def build_engine(model, tokenizer=None, device: str | torch.device | None = None
 
             tokenizer = GLM5Tokenizer.from_pretrained(path)
     else:
+        dtype = None if dtype is None else resolve_dtype(dtype, model.config)
         if device is not None or dtype is not None:
             model = model.to(device=device, dtype=dtype)
     if isinstance(tokenizer, (str, Path)):

@@ -115,7 +115,8 @@ class LLMEngine:
         if cfg.cpu_weight_layout == "auto" and self.device.type == "cpu":
             tune_linear_layouts(model, agree=lambda layout: from_rank0(layout, tp))
         num_layers = mcfg.num_hidden_layers + self.k  # + one cache layer per MTP draft depth
-        self.eos_ids = set(mcfg.eos_token_ids)
+        # config.json's eos ids and generation_config.json's (the same three for GLM-5; a fine-tune may add some)
+        self.eos_ids = set(mcfg.eos_token_ids) | set(getattr(model, "generation_config", {}).get("eos_token_id", []))
         if tokenizer is not None:
             self.eos_ids |= set(tokenizer.eos_token_ids)
         # ---- cache budget
