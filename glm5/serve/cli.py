@@ -37,6 +37,10 @@ def add_parser(sub) -> None:
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     g.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
+                   help="default temperature / top_p for requests that set none: 'auto' takes them from the model's "
+                        "generation_config.json (GLM-5: 1.0 / 0.95, also used where the file has none), 'vllm' uses "
+                        "1.0 / 1.0, a directory its generation_config.json (vLLM's flag)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the weights over N ranks: launch with `torchrun --nproc-per-node N -m glm5.cli serve "
                         "...`; rank 0 serves, the others run its model calls on their shards")
@@ -72,13 +76,40 @@ def settings_from_args(args) -> ServeSettings:
         max_default_tokens=args.max_default_tokens, enable_webchat=not args.no_webchat)
 
 
-def build_app(model_dir: str, settings: ServeSettings, **engine_kwargs):
+def sampling_defaults(settings: ServeSettings, generation_config: str, model) -> ServeSettings:
+    """``settings`` with the request defaults ``--generation-config`` names: the model's generation_config.json
+    ("auto"), another directory's, or vLLM's neutral 1.0 / 1.0 ("vllm")."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    if generation_config == "vllm":
+        return dataclasses.replace(settings, default_temperature=1.0, default_top_p=1.0)
+    if generation_config == "auto":
+        gen = getattr(model, "generation_config", {})
+    else:
+        f = Path(generation_config) / "generation_config.json"
+        try:
+            gen = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--generation-config: cannot read {f}: {e}") from None
+    fields = {}
+    for key, name in (("temperature", "default_temperature"), ("top_p", "default_top_p")):
+        if key in gen:
+            v = gen[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (key == "top_p" and not 0 < v <= 1):
+                raise ValueError(f"generation_config.json: {key} must be a number in range, got {v!r}")
+            fields[name] = float(v)
+    return dataclasses.replace(settings, **fields)
+
+
+def build_app(model_dir: str, settings: ServeSettings, generation_config: str = "auto", **engine_kwargs):
     """A ready app for ``model_dir``; ``engine_kwargs`` are EngineConfig fields plus device/dtype."""
     from .app import create_app
     from .backend import EngineBackend
 
     backend = EngineBackend.from_pretrained(model_dir, **{k: v for k, v in engine_kwargs.items() if v is not None})
-    return create_app(backend, settings)
+    return create_app(backend, sampling_defaults(settings, generation_config, backend.engine.model))
 
 
 def run(args) -> int:
@@ -86,7 +117,7 @@ def run(args) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args)
-    app = build_app(args.model, settings, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+    app = build_app(args.model, settings, generation_config=args.generation_config, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=args.max_num_batched_tokens,
                     num_speculative_tokens=args.num_speculative_tokens,
                     spec_disable_batch_size=args.spec_disable_batch_size, dtype=args.dtype, device=args.device,
