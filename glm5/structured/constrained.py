@@ -504,7 +504,11 @@ class GrammarCache:
         """The grammar of a structural tag (a dict or its JSON text; see :mod:`glm5.structured.structural_tag`):
         free text with triggered, schema-checked parts. StructuralTagError (a ValueError) for a malformed one."""
         spec = parse_structural_tag(spec)
-        return self._get(("structural_tag", json.dumps(spec), thinking),
+        try:
+            key = json.dumps(spec)
+        except (TypeError, ValueError) as e:  # a dict built in Python may hold what JSON cannot
+            raise ValueError(f"structural_tag must be JSON data: {e}") from None
+        return self._get(("structural_tag", key, thinking),
                          lambda: JsonGrammar(self.vocab, thinking=thinking, schema=compile_structural_tag(spec)))
 
     def get(self, kind: str, value: Any, thinking: bool = False) -> JsonGrammar:
