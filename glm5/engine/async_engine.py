@@ -47,9 +47,10 @@ class AsyncLLM:
 
     # ------------------------------------------------------------------------------------------ API
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Stream one request: yields RequestOutputs holding only what is new (text, token_ids, logprobs);
-        the last one has ``finished=True`` and the finish reason. Raises ValueError for an invalid request."""
+        the last one has ``finished=True`` and the finish reason. Raises ValueError for an invalid request.
+        ``priority``: lower is served sooner, for an engine with ``scheduling_policy="priority"``."""
         if self._error is not None:
             raise RuntimeError("engine loop died") from self._error
         rid = request_id or uuid.uuid4().hex
@@ -57,7 +58,7 @@ class AsyncLLM:
             raise ValueError(f"request id {rid!r} is already in use")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = queue
-        self._submit(("add", rid, prompt, sampling_params or SamplingParams()))
+        self._submit(("add", rid, prompt, sampling_params or SamplingParams(), priority))
         finished = False
         try:
             while True:
@@ -106,9 +107,9 @@ class AsyncLLM:
         results: list = []
         for op in ops:
             if op[0] == "add":
-                _, rid, prompt, params = op
+                _, rid, prompt, params, priority = op
                 try:
-                    self.engine.add_request(prompt, params, request_id=rid)
+                    self.engine.add_request(prompt, params, request_id=rid, priority=priority)
                 except Exception as e:  # invalid request: report to that caller only
                     results.append((rid, e))
             else:

@@ -52,7 +52,8 @@ class Backend:
         pass
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 logits_processors: list[LogitsProcessor] | None = None) -> AsyncIterator[RequestOutput]:
+                 logits_processors: list[LogitsProcessor] | None = None, priority: int = 0
+                 ) -> AsyncIterator[RequestOutput]:
         raise NotImplementedError
 
     async def abort(self, request_id: str) -> None:
@@ -90,11 +91,12 @@ class EngineBackend(Backend):
         self.llm.shutdown()
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       logits_processors: list[LogitsProcessor] | None = None) -> AsyncIterator[RequestOutput]:
+                       logits_processors: list[LogitsProcessor] | None = None, priority: int = 0
+                       ) -> AsyncIterator[RequestOutput]:
         procs = [p for p in (logits_processors or []) if p is not None]
         if procs:
             params = dataclasses.replace(params, logits_processors=list(params.logits_processors or []) + procs)
-        agen = self.llm.generate(list(prompt_token_ids), params, request_id=request_id)
+        agen = self.llm.generate(list(prompt_token_ids), params, request_id=request_id, priority=priority)
         try:
             async for out in agen:
                 yield out

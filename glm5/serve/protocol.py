@@ -240,6 +240,13 @@ class _Sampling(_Open):
     repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     ignore_eos: bool = False
+    bad_words: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(
+        None, max_length=MAX_STOP, description="vLLM extension: words that must not be generated")
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX, description="vLLM extension: keep only the "
+                                               "last k prompt tokens (-1: as many as leave room to generate)")
+    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX, description="vLLM extension: lower is served sooner "
+                                                                      "(a server started with --scheduling-policy "
+                                                                      "priority)")
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     user: str | None = None
@@ -258,6 +265,13 @@ class _Sampling(_Open):
                                      description="vLLM's older name for structured_outputs.regex")
     guided_grammar: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS,
                                        description="vLLM's older name for structured_outputs.grammar")
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncate(cls, v):
+        if v == 0:
+            raise ValueError("truncate_prompt_tokens must be a positive integer or -1")
+        return v
 
     @field_validator("stop")
     @classmethod

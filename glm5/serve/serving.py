@@ -148,6 +148,7 @@ class Prepared:
     include_reasoning: bool = True
     top_logprobs: int | None = None  # None: no logprobs
     extra: dict = field(default_factory=dict)
+    priority: int = 0  # the engine's scheduling priority (lower first)
 
 
 def _text_of(content, where: str) -> str | list[dict]:
@@ -215,7 +216,7 @@ def _sampling(state: ServerState, req: _Sampling, *, max_tokens: int, logprobs: 
             ignore_eos=req.ignore_eos, include_stop_str_in_output=req.include_stop_str_in_output, seed=seed,
             logprobs=logprobs, skip_special_tokens=req.skip_special_tokens, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty, logit_bias=bias,
-            min_p=req.min_p or 0.0)
+            min_p=req.min_p or 0.0, bad_words=req.bad_words)
     except (ValueError, TypeError) as e:
         raise bad_request(str(e)) from None
 
@@ -225,6 +226,14 @@ def _constrained(grammar, max_tokens: int) -> ConstrainedLogitsProcessor:
         return ConstrainedLogitsProcessor(grammar, max_tokens)
     except ValueError as e:  # max_tokens cannot fit the shortest valid output
         raise bad_request(str(e), param="max_tokens") from None
+
+
+def _truncate(state: ServerState, ids: list[int], keep: int | None) -> list[int]:
+    """vLLM's ``truncate_prompt_tokens``: the prompt's last ``keep`` tokens (-1: the most that leave room for one
+    generated token), applied before the context check, as vLLM does."""
+    if keep is None:
+        return ids
+    return ids[-(state.backend.max_model_len - 1 if keep == -1 else keep):]
 
 
 def _check_context(state: ServerState, n_prompt: int, max_tokens: int | None, prompt_param: str) -> int:
@@ -279,6 +288,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
         raise bad_request(f"cannot render the conversation: {type(e).__name__}: {e}", param="messages") from None
     if not ids:
         raise bad_request("the rendered prompt is empty", param="messages")
+    ids = _truncate(state, ids, req.truncate_prompt_tokens)
     max_tokens = _check_context(state, len(ids), req.effective_max_tokens, "messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     # a turn that starts another role has left the assistant's turn (not EOS ids, so ignore_eos skips them too)
@@ -311,7 +321,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
         request_id=req.request_id or f"chatcmpl-{uuid.uuid4().hex}", model=model, prompts=[ids],
         prompt_texts=[prompt], params=params, processors=procs, opens_reasoning=opens, tools=tools,
         parse_tool_calls=parse_tool_calls, include_reasoning=req.include_reasoning, top_logprobs=logprobs,
-        extra={"prompt_logprobs": req.prompt_logprobs})
+        extra={"prompt_logprobs": req.prompt_logprobs}, priority=req.priority)
 
 
 def prepare_completion(state: ServerState, req: CompletionRequest) -> Prepared:
@@ -330,7 +340,10 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Prepared:
             texts.append(None)
         if not ids:
             raise bad_request("prompt must not be empty", param="prompt")
-        prompts.append(ids)
+        kept = _truncate(state, ids, req.truncate_prompt_tokens)
+        if len(kept) < len(ids):
+            texts[-1] = None  # echo the tokens that were kept, not the text that was sent
+        prompts.append(kept)
     max_tokens = min(_check_context(state, len(ids), req.max_tokens, "prompt") for ids in prompts)
     params = _sampling(state, req, max_tokens=max_tokens, logprobs=req.logprobs, stop_ids=[])
     wanted = [k for k in (req.prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
@@ -342,7 +355,7 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Prepared:
         procs.append(_constrained(grammar, max_tokens))
     return Prepared(request_id=req.request_id or f"cmpl-{uuid.uuid4().hex}", model=model, prompts=prompts,
                     prompt_texts=texts, params=params, processors=procs, top_logprobs=req.logprobs,
-                    extra={"echo": req.echo, "prompt_logprobs": req.prompt_logprobs})
+                    extra={"echo": req.echo, "prompt_logprobs": req.prompt_logprobs}, priority=req.priority)
 
 
 # ============================================================================================ generating
@@ -418,7 +431,8 @@ class Generation:
         m.prompt_len.observe(self.prompt_tokens)
         try:
             if len(prep.prompts) == 1:
-                agen = backend.generate(self.engine_ids[0], prep.prompts[0], prep.params, prep.processors)
+                agen = backend.generate(self.engine_ids[0], prep.prompts[0], prep.params, prep.processors,
+                                        priority=prep.priority)
                 try:
                     async for out in agen:
                         self._record(0, out)
@@ -426,7 +440,8 @@ class Generation:
                 finally:
                     await agen.aclose()
             else:
-                async for p, out in _merge([backend.generate(rid, ids, prep.params, prep.processors)
+                async for p, out in _merge([backend.generate(rid, ids, prep.params, prep.processors,
+                                                             priority=prep.priority)
                                             for rid, ids in zip(self.engine_ids, prep.prompts)]):
                     self._record(p, out)
                     yield p, out

@@ -129,7 +129,7 @@ class ScriptedBackend(EngineBackend):
     processor that forces the token sequence of ``SCRIPTS[name]`` when the prompt contains
     ``SCRIPT:name``. Used only by the parsing-path tests, because a random-init model writes random text."""
 
-    async def generate(self, request_id, prompt_token_ids, params, logits_processors=None):
+    async def generate(self, request_id, prompt_token_ids, params, logits_processors=None, **kw):
         prompt = self.tokenizer.decode(prompt_token_ids)
         found = re.findall(r"SCRIPT:(\w+)", prompt)
         name = found[-1] if found else None
@@ -148,7 +148,7 @@ class ScriptedBackend(EngineBackend):
                 return out
 
             logits_processors = list(logits_processors or []) + [force]
-        async for out in super().generate(request_id, prompt_token_ids, params, logits_processors):
+        async for out in super().generate(request_id, prompt_token_ids, params, logits_processors, **kw):
             yield out
 
 
