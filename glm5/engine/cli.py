@@ -20,8 +20,8 @@ def _engine_args(p) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
     p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
+                   help="auto: the checkpoint's own; default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--spec-tokens", "--num-speculative-tokens", type=int, default=0,
                    help="MTP speculative draft tokens per step (0 = off)")

@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
                    help="MTP drafts per step (0 = off)")
     g.add_argument("--spec-disable-batch-size", type=int, default=0,
                    help="pause MTP drafting while more sequences than this run (0 = never; vLLM's disable_by_batch_size)")
-    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | auto (the checkpoint's own; default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     g.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
     g.add_argument("--seed", type=int, default=0)
