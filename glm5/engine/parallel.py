@@ -1,25 +1,24 @@
-"""Tensor-parallel engines under torchrun: one process per rank, every rank running the same program (SPMD).
+"""Tensor-parallel engines under torchrun, one process per rank, in two modes: every rank running the same program
+(SPMD, offline ``LLM``), or rank 0 driving and the others following its model calls (``glm5 serve``; see below).
 
-This is vLLM's ``distributed_executor_backend="external_launcher"`` mode: launch the script with
+SPMD is vLLM's ``distributed_executor_backend="external_launcher"`` mode: launch the script with
 ``torchrun --nproc-per-node N script.py`` and build ``LLM(model, tensor_parallel_size=N)`` on every rank with the
 same prompts in the same order. Each rank holds 1/N of the sharded weights (``glm5.model.tensor_parallel``) and a
 full engine (scheduler, cache, sampler). The model's collectives leave every rank with identical logits, and the
 engine is deterministic given its inputs (requests, seeds, the engine seed), so every rank takes the same
 scheduling and sampling decisions and produces the same outputs; no step is broadcast. What could differ per
-process (the CPU weight-layout timings, the free GPU memory that sizes the cache) is agreed on at start.
+process (the CPU weight-layout timings, the free GPU memory that sizes the cache) is agreed on at start. A user's
+logits processor must therefore be deterministic too: one drawing its own random numbers would split the ranks.
 """
 
 from __future__ import annotations
 
 import datetime
-import logging
 import os
 
 import torch
 
 from glm5.model.tensor_parallel import TensorParallel
-
-log = logging.getLogger(__name__)
 
 
 def init_tensor_parallel(size: int, device: str | torch.device | None, expert_parallel: bool = False
