@@ -121,19 +121,26 @@ def drive(runner, tp: TensorParallel) -> None:
 
 
 def release_followers(tp: TensorParallel) -> None:
-    """Rank 0, when serving ends: the followers' loops return."""
+    """Rank 0, when serving ends: the followers' loops return. A terminal's Ctrl-C reaches every rank at once, and
+    followers that already left cannot be told: nothing is left to release then."""
     if tp.world > 1 and tp.rank == 0:
-        _broadcast(None, tp)
+        try:
+            _broadcast(None, tp)
+        except (RuntimeError, ConnectionError):
+            pass
 
 
 def follow(runner, tp: TensorParallel) -> int:
     """Ranks 1..N-1: make the driver's model calls until it releases us; returns how many were made."""
     n = 0
     with torch.inference_mode():
-        while (msg := _broadcast(None, tp)) is not None:
-            name, args = msg
-            if name not in RUNNER_CALLS:
-                raise RuntimeError(f"follower: unexpected call {name!r} from the driver")
-            getattr(runner, name)(*_move(args, runner.device))
-            n += 1
+        try:
+            while (msg := _broadcast(None, tp)) is not None:
+                name, args = msg
+                if name not in RUNNER_CALLS:
+                    raise RuntimeError(f"follower: unexpected call {name!r} from the driver")
+                getattr(runner, name)(*_move(args, runner.device))
+                n += 1
+        except KeyboardInterrupt:  # Ctrl-C in the terminal: the driver got it too and is shutting down
+            pass
     return n
