@@ -180,18 +180,16 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
     with torch.device("meta"):
         model = GLM5ForCausalLM(cfg)
     skip = check_checkpoint(path, cfg, model.state_dict(), fp8, strict)  # headers only, before any allocation
-    tp = tensor_parallel
-    if tp is not None:
-        from glm5.model.tensor_parallel import apply_tensor_parallel, file_slice, local_expert_key
-
-        if fp8 == "keep" and tp.world > 1:
-            raise ValueError("tensor parallelism needs unquantised weights: load FP8 checkpoints with fp8='dequantize'")
-        apply_tensor_parallel(model, tp)  # parameter shapes become this rank's
     model = model.to(dtype)
     if fp8 == "keep":
         from glm5.model.fp8_linear import convert_to_fp8
 
         convert_to_fp8(model, {k[: -len("_scale_inv")] for k in weight_map if k.endswith(".weight_scale_inv")})
+    tp = tensor_parallel
+    if tp is not None:  # after the FP8 swap: FP8 weights are split with their scale blocks
+        from glm5.model.tensor_parallel import apply_tensor_parallel, file_slice, local_expert_key
+
+        apply_tensor_parallel(model, tp)  # parameter shapes become this rank's
     model = model.to_empty(device=device)
     targets = model.state_dict(keep_vars=True)
     filled = {name: 0 for name in targets}

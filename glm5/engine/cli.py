@@ -22,6 +22,8 @@ def _engine_args(p) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
                    help="auto: the checkpoint's own; default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--fp8", default="dequantize", choices=["dequantize", "keep"],
+                   help="an FP8 checkpoint's weights: dequantised at load (default) or kept FP8 (half the memory)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--spec-tokens", "--num-speculative-tokens", type=int, default=0,
                    help="MTP speculative draft tokens per step (0 = off)")
@@ -81,7 +83,8 @@ def _build(args):
     kw = {}
     if args.max_model_len:
         kw["max_model_len"] = args.max_model_len
-    return build_engine(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, max_num_seqs=1,
+    return build_engine(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, fp8=args.fp8,
+                        max_num_seqs=1,
                         num_speculative_tokens=args.spec_tokens, dsa=args.dsa,
                         tensor_parallel_size=args.tensor_parallel_size,
                         enable_expert_parallel=args.enable_expert_parallel, **kw)

@@ -23,10 +23,12 @@ from glm5.engine.outputs import RequestOutput
 from glm5.engine.sampling_params import SamplingParams
 
 
-def build_engine(model, tokenizer=None, device: str | torch.device | None = None, dtype=None,
+def build_engine(model, tokenizer=None, device: str | torch.device | None = None, dtype=None, fp8: str = "dequantize",
                  **engine_kwargs) -> LLMEngine:
     """A model directory (or a GLM5ForCausalLM) plus EngineConfig fields -> LLMEngine. ``dtype``: a torch dtype, its
-    name, or "auto" (the checkpoint's own, config.json's ``dtype``); default bf16 on CUDA, fp32 on CPU."""
+    name, or "auto" (the checkpoint's own, config.json's ``dtype``); default bf16 on CUDA, fp32 on CPU. ``fp8``: for
+    an FP8 checkpoint, "dequantize" its weights at load (fast on a CPU) or "keep" them FP8 (half the memory;
+    block-scaled FP8 GEMMs on Hopper GPUs, see glm5.model.fp8_linear)."""
     from glm5.checkpoint.hf import resolve_dtype
 
     if isinstance(model, (str, Path)):
@@ -38,7 +40,7 @@ def build_engine(model, tokenizer=None, device: str | torch.device | None = None
         tp, device = init_tensor_parallel(engine_kwargs.get("tensor_parallel_size", 1), device,
                                           engine_kwargs.get("enable_expert_parallel", False))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        model = GLM5ForCausalLM.from_pretrained(path, dtype=dtype, device=device,
+        model = GLM5ForCausalLM.from_pretrained(path, dtype=dtype, device=device, fp8=fp8,
                                                 tensor_parallel=tp if tp.world > 1 else None)
         if tokenizer is None and (path / "tokenizer.json").exists():
             from glm5.tokenizer import GLM5Tokenizer
@@ -76,8 +78,9 @@ class LLM:
     executing the same script (glm5.engine.parallel).
     """
 
-    def __init__(self, model, tokenizer=None, device: str | torch.device | None = None, dtype=None, **engine_kwargs):
-        self.engine = build_engine(model, tokenizer, device, dtype, **engine_kwargs)
+    def __init__(self, model, tokenizer=None, device: str | torch.device | None = None, dtype=None,
+                 fp8: str = "dequantize", **engine_kwargs):
+        self.engine = build_engine(model, tokenizer, device, dtype, fp8, **engine_kwargs)
 
     @property
     def tokenizer(self):

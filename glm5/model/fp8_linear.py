@@ -208,6 +208,7 @@ class FP8Experts(_KeepFP8Dtype, nn.Module):
         self.down_proj = _fp8_param((n_experts, hidden, intermediate), device)
         self.down_proj_scale_inv = _fp8_param(scale_shape((n_experts, hidden, intermediate)), device, torch.float32)
         self.mode = "auto"
+        self.expert_offset: int | None = None  # expert parallelism, as glm5.model.moe.Experts
 
     @classmethod
     def from_experts(cls, experts: nn.Module) -> "FP8Experts":
@@ -240,6 +241,14 @@ class FP8Experts(_KeepFP8Dtype, nn.Module):
                 counts: torch.Tensor | None = None) -> torch.Tensor:
         """x [N,H], ids/weights [N,k] -> [N,H]; only experts that received tokens are dequantised (which needs
         the active set on the host, so this path is not CUDA-graph capturable)."""
+        if self.expert_offset is not None:
+            from glm5.model.moe import expert_parallel_share
+
+            return expert_parallel_share(x, ids, weights, self.expert_offset, self.n_experts,
+                                         lambda xs, i, w: self._forward_all(xs, i, w, impl, None))
+        return self._forward_all(x, ids, weights, impl, counts)
+
+    def _forward_all(self, x, ids, weights, impl, counts) -> torch.Tensor:
         from glm5.model.moe import expert_counts, grouped_linear
 
         emulate = self.mode == "emulate"

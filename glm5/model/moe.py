@@ -142,6 +142,21 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs:
     return out[group, rank]
 
 
+def expert_parallel_share(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, offset: int, n_local: int,
+                          pair_outputs) -> torch.Tensor:
+    """Expert parallelism: this rank's share of an experts block, the (token, slot) pairs routed to its experts
+    [offset, offset + n_local); the other pairs add 0 and the MoE block's all-reduce adds the ranks' shares.
+    x [N,H], global ids / weights [N,k] -> [N,H]. ``pair_outputs(x_pairs [P,H], local ids [P,1], weights [P,1])`` is
+    the module's own computation, each pair as a one-slot token: its weighted outputs [P,H]."""
+    N, k = ids.shape
+    local = (ids - offset).reshape(-1)  # [N*k] local expert of each pair
+    pairs = ((local >= 0) & (local < n_local)).nonzero().squeeze(1)
+    ys = x.new_zeros(N * k, x.shape[-1], dtype=torch.float32)
+    if pairs.numel():
+        ys[pairs] = pair_outputs(x[pairs // k], local[pairs, None], weights.reshape(-1)[pairs, None]).float()
+    return ys.view(N, k, -1).sum(1).to(x.dtype)  # slots summed in order, as the one-device path does
+
+
 class Experts(nn.Module):
     def __init__(self, n_experts: int, hidden: int, intermediate: int):
         super().__init__()
@@ -157,16 +172,8 @@ class Experts(nn.Module):
         """x [N,H], ids/weights [N,k] -> [N,H]. Per-slot outputs are weighted and summed over k in fp32.
         ``counts`` ([E], from :func:`expert_counts`) may be passed in when the caller already has it."""
         if self.expert_offset is not None:
-            # Expert parallelism: this rank's share, the (token, slot) pairs routed to its experts; the others add
-            # 0 and the MoE block's all-reduce adds the ranks' shares.
-            N, k = ids.shape
-            local = (ids - self.expert_offset).reshape(-1)  # [N*k] local expert of each pair
-            pairs = ((local >= 0) & (local < self.n_experts)).nonzero().squeeze(1)
-            ys = x.new_zeros(N * k, self.hidden, dtype=torch.float32)
-            if pairs.numel():  # each pair as a one-slot token
-                ys[pairs] = self._slot_outputs(x[pairs // k], local[pairs, None], weights.reshape(-1)[pairs, None],
-                                               impl, None)
-            return ys.view(N, k, -1).sum(1).to(x.dtype)
+            return expert_parallel_share(x, ids, weights, self.expert_offset, self.n_experts,
+                                         lambda xs, i, w: self._slot_outputs(xs, i, w, impl, None))
         return self._slot_outputs(x, ids, weights, impl, counts).view(ids.shape[0], ids.shape[1], -1).sum(1).to(x.dtype)
 
     def _slot_outputs(self, x, ids, weights, impl, counts) -> torch.Tensor:

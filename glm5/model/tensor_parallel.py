@@ -22,7 +22,9 @@ After each all-reduce every rank holds bit-identical activations (a collective r
 rank), so routing, top-k selection, sampling and scheduling agree without further communication.
 
 Checkpoint loading (``glm5.checkpoint.hf.load_pretrained(tensor_parallel=...)``) reads only this rank's slice of
-each sharded tensor (``file_slice``), so a rank never holds the full weights.
+each sharded tensor (``file_slice``), so a rank never holds the full weights. FP8 weights kept as float8
+(``fp8="keep"``) are split with their 128×128 scale blocks, which needs every split width to be a multiple of 128
+(GLM-5 at 8 ranks: 8 heads × 256 q rows, 256 expert rows; ``kv_b_proj`` is dequantised at load anyway).
 """
 
 from __future__ import annotations
@@ -35,20 +37,23 @@ from torch import nn
 
 from glm5.config import GLM5Config
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
 # model parameter name -> dimension it is split along (None: replicated). gate_up_proj is special: its gate
 # rows and its up rows are split separately (see _shard_gate_up).
+# FP8 weights (kept as float8) split with their 128×128 scale blocks: ``X.weight_scale_inv`` along the same dim.
 _SHARD_DIM = [
-    (re.compile(r"\.self_attn\.(q_b_proj|kv_b_proj)\.weight$"), 0),
-    (re.compile(r"\.self_attn\.o_proj\.weight$"), 1),
-    (re.compile(r"\.mlp\.(shared_experts\.)?(gate_proj|up_proj)\.weight$"), 0),
-    (re.compile(r"\.mlp\.(shared_experts\.)?down_proj\.weight$"), 1),
-    (re.compile(r"\.mlp\.experts\.gate_up_proj$"), 1),
-    (re.compile(r"\.mlp\.experts\.down_proj$"), 2),
-    (re.compile(r"^lm_head\.weight$"), 0),
+    (re.compile(r"\.self_attn\.(q_b_proj|kv_b_proj)\.weight(_scale_inv)?$"), 0),
+    (re.compile(r"\.self_attn\.o_proj\.weight(_scale_inv)?$"), 1),
+    (re.compile(r"\.mlp\.(shared_experts\.)?(gate_proj|up_proj)\.weight(_scale_inv)?$"), 0),
+    (re.compile(r"\.mlp\.(shared_experts\.)?down_proj\.weight(_scale_inv)?$"), 1),
+    (re.compile(r"\.mlp\.experts\.gate_up_proj(_scale_inv)?$"), 1),
+    (re.compile(r"\.mlp\.experts\.down_proj(_scale_inv)?$"), 2),
+    (re.compile(r"^lm_head\.weight(_scale_inv)?$"), 0),
 ]
 # the same split for the per-expert keys of checkpoint files (glm5.checkpoint.hf)
-_FILE_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_FUSED_EXPERTS = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_FILE_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight(_scale_inv)?$")
+_FUSED_EXPERTS = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)(_scale_inv)?$")
 
 
 @dataclass(frozen=True)
@@ -171,27 +176,34 @@ def apply_tensor_parallel(model: nn.Module, tp: TensorParallel, collectives: boo
 
     if getattr(model, "tensor_parallel", None) is not None:
         raise ValueError("the model is already tensor-parallel")
-    if any(isinstance(m, (FP8Linear, FP8Experts)) for m in model.modules()):
-        # their 128×128 scale blocks do not follow head boundaries (GLM-5: 448 kv_b_proj rows per head)
-        raise ValueError("tensor parallelism needs unquantised weights (load FP8 checkpoints with fp8='dequantize')")
     check_divisible(model.config, tp.world, tp.expert_parallel)
     model.tensor_parallel = tp
     if tp.world == 1:
         return model
-    for name, p in list(model.named_parameters()):
+    params = dict(model.named_parameters())
+    for name, p in params.items():
         dim = shard_dim(name, tp.expert_parallel)
         if dim is None:
             continue
-        split_rows = name.endswith("gate_up_proj") and not tp.expert_parallel
+        whole_experts = tp.expert_parallel and _FUSED_EXPERTS.search(name)
+        if p.dtype in FP8_DTYPES and name + "_scale_inv" in params and not whole_experts:
+            per_rank = p.shape[dim] // tp.world // (2 if name.endswith("gate_up_proj") else 1)  # gate, up: each
+            if per_rank % 128:  # a 128×128 scale block must not straddle two ranks
+                raise ValueError(f"tensor_parallel_size={tp.world}: {name} would split its FP8 scale blocks "
+                                 f"({per_rank} rows or columns per rank, not a multiple of 128); load the "
+                                 f"checkpoint with fp8='dequantize'")
+        split_rows = name.endswith(("gate_up_proj", "gate_up_proj_scale_inv")) and not tp.expert_parallel
         p.data = _shard_gate_up(p.data, tp) if split_rows else _narrow(p.data, dim, tp)
     for m in model.modules():
         if isinstance(m, MLAttention):
             m.n_heads //= tp.world
-        elif isinstance(m, Experts) and tp.expert_parallel:
+        elif isinstance(m, (Experts, FP8Experts)) and tp.expert_parallel:
             m.expert_offset = tp.local_experts(m.n_experts).start
             m.n_experts //= tp.world
-        elif isinstance(m, Experts):
+        elif isinstance(m, (Experts, FP8Experts)):
             m.intermediate //= tp.world
+        elif isinstance(m, (nn.Linear, FP8Linear)):  # keep the reported shape that of the stored weight
+            m.out_features, m.in_features = m.weight.shape
     if not collectives:
         return model
     # one all-reduce per attention block and per feed-forward block; MoE's shared expert is inside its block

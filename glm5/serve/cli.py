@@ -35,6 +35,8 @@ def add_parser(sub) -> None:
                    help="pause MTP drafting while more sequences than this run (0 = never; vLLM's disable_by_batch_size)")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | auto (the checkpoint's own; default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    g.add_argument("--fp8", default="dequantize", choices=["dequantize", "keep"],
+                   help="an FP8 checkpoint's weights: dequantised at load (default) or kept FP8 (half the memory)")
     g.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
@@ -121,7 +123,7 @@ def run(args) -> int:
                     max_num_batched_tokens=args.max_num_batched_tokens,
                     num_speculative_tokens=args.num_speculative_tokens,
                     spec_disable_batch_size=args.spec_disable_batch_size, dtype=args.dtype, device=args.device,
-                    kv_cache_memory=args.kv_cache_memory, seed=args.seed, logprobs_mode=args.logprobs_mode,
+                    kv_cache_memory=args.kv_cache_memory, fp8=args.fp8, seed=args.seed, logprobs_mode=args.logprobs_mode,
                     tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
                     scheduling_policy=args.scheduling_policy)
     engine = app.state.serve.backend.engine
