@@ -18,8 +18,8 @@ from glm5.engine.block_manager import BlockManager
 from glm5.engine.cpu_layout import tune_linear_layouts
 from glm5.engine.kv_cache import PagedKVCache, bytes_per_block
 from glm5.engine.model_runner import Chunk, ModelRunner
-from glm5.engine.parallel import agree_min, from_rank0
 from glm5.engine.outputs import CompletionOutput, RequestOutput
+from glm5.engine.parallel import agree_min, from_rank0
 from glm5.engine.sampler import (Sampler, apply_logits_processors, token_logprobs, token_ranks, unusable_reason,
                                  unusable_rows)
 from glm5.engine.sampling_params import SamplingParams
@@ -59,11 +59,11 @@ class EngineConfig:
     # "raw_logprobs": SamplingParams.logprobs report the model's distribution (vLLM's default); "processed_logprobs":
     # the distribution each token was sampled from (temperature, top-k/top-p, logits processors), as RL needs
     logprobs_mode: str = "raw_logprobs"
-    # ranks the weights are split over (glm5.engine.parallel: one process per rank under torchrun, every rank
-    # running the same script); the model is sharded when the engine is built
     # "fcfs": requests wait in arrival order; "priority": by each request's priority (lower first), then arrival,
     # and the cache preempts the largest (priority, arrival) first (vLLM's scheduling_policy)
     scheduling_policy: str = "fcfs"
+    # ranks the weights are split over (glm5.engine.parallel: one process per rank under torchrun); the model is
+    # sharded when the engine is built
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False  # with tensor_parallel_size > 1: routed experts dealt out whole, not split
 

@@ -170,7 +170,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, impl: str = "grouped",
                 counts: torch.Tensor | None = None) -> torch.Tensor:
         """x [N,H], ids/weights [N,k] -> [N,H]. Per-slot outputs are weighted and summed over k in fp32.
-        ``counts`` ([E], from :func:`expert_counts`) may be passed in when the caller already has it."""
+        ``counts`` ([E], from :func:`expert_counts`) may be passed in when the caller already has it. Under expert
+        parallelism (``expert_offset`` set) only this rank's share: see :func:`expert_parallel_share`."""
         if self.expert_offset is not None:
             return expert_parallel_share(x, ids, weights, self.expert_offset, self.n_experts,
                                          lambda xs, i, w: self._slot_outputs(xs, i, w, impl, None))
