@@ -13,7 +13,7 @@ import torch
 
 from glm5.checkpoint.hf import load_pretrained
 from glm5.config import preset
-from glm5.engine import LLM, SamplingParams
+from glm5.engine import LLM
 from glm5.model.mla import MLAttention
 from glm5.model.moe import Experts
 from glm5.model.tensor_parallel import TensorParallel, apply_tensor_parallel, shard_dim
