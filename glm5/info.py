@@ -76,6 +76,29 @@ def model_stats(cfg: GLM5Config) -> dict:
     }
 
 
+def per_rank_bytes(cfg: GLM5Config, world: int, expert_parallel: bool = False) -> dict:
+    """Weight bytes each of ``world`` tensor-parallel ranks holds (glm5.model.tensor_parallel), in BF16 and with an
+    FP8 checkpoint's weights kept FP8, from the shapes alone (meta device). A split the FP8 scale blocks do not
+    allow gives the reason instead of a number."""
+    from glm5.model.fp8_linear import convert_to_fp8
+    from glm5.model.tensor_parallel import TensorParallel, apply_tensor_parallel
+    from glm5.model.transformer import GLM5ForCausalLM
+
+    out = {"world": world, "expert_parallel": expert_parallel}
+    for kind in ("bf16", "fp8"):
+        with torch.device("meta"):
+            model = GLM5ForCausalLM(cfg).to(torch.bfloat16)
+        if kind == "fp8":
+            convert_to_fp8(model)
+        try:
+            apply_tensor_parallel(model, TensorParallel(0, world, None, expert_parallel), collectives=False)
+        except ValueError as e:
+            out[f"bytes_{kind}_per_rank"] = str(e)
+            continue
+        out[f"bytes_{kind}_per_rank"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return out
+
+
 def disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
@@ -98,7 +121,7 @@ def _as_loaded(path: Path, cfg: GLM5Config) -> GLM5Config:
     return cfg if any(k.startswith(prefix) for k in weight_map) else cfg.replace(num_nextn_predict_layers=0)
 
 
-def info(target: str) -> dict:
+def info(target: str, tensor_parallel_size: int = 1, expert_parallel: bool = False) -> dict:
     p = Path(target)
     if p.is_dir() and (p / "config.json").exists():
         cfg = _as_loaded(p, GLM5Config.from_pretrained(p))
@@ -110,6 +133,8 @@ def info(target: str) -> dict:
         raise SystemExit(f"glm5 info: {target!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
     out.update(model_stats(cfg))
     out.pop("_unused_mtp_buffers")
+    if tensor_parallel_size > 1:
+        out["tensor_parallel"] = per_rank_bytes(cfg, tensor_parallel_size, expert_parallel)
     if out["source"] == str(p):
         out["disk_bytes"] = disk_bytes(p)
         q = cfg.extra.get("quantization_config")
@@ -132,6 +157,12 @@ def format_table(st: dict) -> str:
         ("latent KV cache per token (bf16)", f"{st['kv_cache_bytes_per_token_bf16']:,} B"),
         (f"latent KV cache at {st['max_position_embeddings']:,} tokens", _human(st["kv_cache_bytes_full_context_bf16"], "B")),
     ]
+    tp = st.get("tensor_parallel")
+    if tp:
+        where = f"per rank at tensor_parallel_size={tp['world']}" + (" (expert parallel)" if tp["expert_parallel"] else "")
+        for kind in ("bf16", "fp8"):
+            v = tp[f"bytes_{kind}_per_rank"]
+            rows.append((f"weights {kind.upper()} {where}", _human(v, "B") if isinstance(v, int) else v))
     if "disk_bytes" in st:
         rows.append(("on disk (*.safetensors)", f"{st['disk_bytes']:,} B ({_human(st['disk_bytes'], 'B')}), "
                                                 f"quantization: {st['quantization']}"))
@@ -143,4 +174,12 @@ def add_parser(sub):
     p = sub.add_parser("info", help="parameter counts, bytes and KV-cache size of a preset or checkpoint")
     p.add_argument("target", help="preset name (glm5, glm5-nano, ...) or checkpoint directory")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=lambda a: print(json.dumps(info(a.target), indent=2) if a.json else format_table(info(a.target))))
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="also report the weight bytes each of N tensor-parallel ranks holds")
+    p.add_argument("--enable-expert-parallel", action="store_true", help="with -tp: routed experts dealt out whole")
+
+    def run(a):
+        st = info(a.target, a.tensor_parallel_size, a.enable_expert_parallel)
+        print(json.dumps(st, indent=2) if a.json else format_table(st))
+
+    p.set_defaults(func=run)

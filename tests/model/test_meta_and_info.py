@@ -50,3 +50,15 @@ def test_info_cli(tmp_path):
     assert json.loads(js.stdout)["params_total_no_mtp"] > 0
     bad = subprocess.run([sys.executable, "-m", "glm5.cli", "info", str(tmp_path / "nope")], capture_output=True, text=True)
     assert bad.returncode != 0 and "neither" in bad.stderr
+
+
+def test_info_per_rank_bytes_under_tensor_parallelism():
+    """GLM-5 at 8 ranks: the split and replicated parts add up to a per-rank share, and the FP8 weights fit one H200;
+    a split that would cut FP8 scale blocks says so."""
+    one = info("glm5")
+    st = info("glm5", 8)["tensor_parallel"]
+    bf16, fp8 = st["bytes_bf16_per_rank"], st["bytes_fp8_per_rank"]
+    assert one["bytes_bf16_with_mtp"] / 8 < bf16 < one["bytes_bf16_with_mtp"] / 7  # mostly split, a little replicated
+    assert 0.45 < fp8 / bf16 < 0.55 and fp8 < 141e9
+    assert info("glm5", 8, expert_parallel=True)["tensor_parallel"]["bytes_fp8_per_rank"] == fp8
+    assert "FP8 scale blocks" in info("glm5-nano", 2)["tensor_parallel"]["bytes_fp8_per_rank"]
