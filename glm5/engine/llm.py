@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from glm5.engine.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from glm5.engine.llm_engine import EngineConfig, LLMEngine
 from glm5.engine.outputs import RequestOutput
 from glm5.engine.sampling_params import SamplingParams
@@ -127,6 +128,20 @@ class LLM:
                 if rid not in done:
                     self.engine.abort(rid)
         return [done[r] for r in ids]
+
+    def beam_search(self, prompts, params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """vLLM's ``LLM.beam_search``: for each prompt (text, token ids, or a prompt dict) the ``params.beam_width``
+        best continuations by cumulative log-probability (glm5.engine.beam_search)."""
+        if isinstance(prompts, (str, Mapping)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = []
+        for p in map(_unwrap, prompts):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValueError("text prompts need a tokenizer; pass token ids instead")
+                p = self.tokenizer.encode(p)
+            ids.append([int(t) for t in p])
+        return beam_search(self.engine, ids, params)
 
     def chat(self, messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
