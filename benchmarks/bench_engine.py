@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -485,6 +487,27 @@ def _copy_bandwidth(device) -> float:
     return 2 * x.numel() * reps / (time.perf_counter() - t)
 
 
+@torch.no_grad()
+def _bf16_model_on(dev, cfg) -> GLM5ForCausalLM:
+    """A bf16 model built and initialised on the device itself: a GLM-5-shaped model of tens of GB never
+    passes through host memory in fp32. Same init law as ``init_weights`` (drawn on the device)."""
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with dev:
+            model = GLM5ForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    g = torch.Generator(device=dev).manual_seed(0)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, cfg.initializer_range, generator=g)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.fill_(1.0)
+    return model.eval()
+
+
 def bench_gpu(args, results):
     if not torch.cuda.is_available():
         print("gpu: no CUDA device, skipped", flush=True)
@@ -492,28 +515,88 @@ def bench_gpu(args, results):
         return
     dev = torch.device("cuda")
     bw = _copy_bandwidth(dev)
-    cfg = preset(args.gpu_preset)
-    model = GLM5ForCausalLM(cfg).to(device=dev, dtype=torch.bfloat16).init_weights(0).eval()
-    llm = LLM(model, max_num_seqs=1, max_model_len=args.gpu_context + 256, enable_prefix_caching=False)
+    over = {k: int(v) for k, v in (kv.split("=") for kv in args.gpu_override)}
+    cfg = preset(args.gpu_preset, **over)
+    model = _bf16_model_on(dev, cfg)
+    llm = LLM(model, max_num_seqs=1, max_model_len=args.gpu_context + 256, enable_prefix_caching=False,
+              kv_cache_memory=1 << 30)
+    graphs = llm.engine.runner.graphs
     ids = _prompts(1, args.gpu_context, cfg.vocab_size, 0).tolist()
     sp = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)  # noqa: E731
-    llm.generate(ids, sp(8), use_tqdm=False)
-    torch.cuda.synchronize()
-    times = []
-    for n in (1, 1 + args.decode_tokens * 8):
+    n_dec = args.decode_tokens * 8
+
+    def decode_tok_s(repeats=3):
+        llm.generate(ids, sp(8), use_tqdm=False)  # warm-up (and graph capture)
+        rates = []
+        for _ in range(repeats):  # generate(1 token) times the prefill alone; the difference is n_dec decode steps
+            times = []
+            for n in (1, 1 + n_dec):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                llm.generate(ids, sp(n), use_tqdm=False)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            rates.append(n_dec / (times[1] - times[0]))
+        return statistics.median(rates)
+
+    tok_s = decode_tok_s()
+    captured = sorted(graphs.graphs) if graphs else None
+
+    def replay_ms(graphs):  # the device time of one decode forward alone (the graph's kernels)
+        if not graphs or 1 not in graphs.graphs:
+            return None
+        graph = graphs.graphs[1][0]
+        for _ in range(3):
+            graph.replay()
         torch.cuda.synchronize()
         t = time.perf_counter()
-        llm.generate(ids, sp(n), use_tqdm=False)
+        for _ in range(50):
+            graph.replay()
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    tok_s = args.decode_tokens * 8 / (times[1] - times[0])
+        return (time.perf_counter() - t) / 50 * 1e3
+
+    plain_replay_ms = replay_ms(graphs)
+    if args.gpu_profile:  # where the host time of a graph decode step goes
+        import cProfile
+        import io
+        import pstats
+
+        pr = cProfile.Profile()
+        pr.enable()
+        llm.generate(ids, sp(1 + n_dec), use_tqdm=False)
+        torch.cuda.synchronize()
+        pr.disable()
+        text = io.StringIO()
+        st = pstats.Stats(pr, stream=text)
+        st.sort_stats("cumulative").print_stats(45)
+        st.sort_stats("tottime").print_stats(30)
+        with open(args.gpu_profile, "a") as f:
+            f.write(f"===== {args.gpu_preset} {over}: host profile of prefill + {n_dec} graph decode steps\n")
+            f.write(text.getvalue())
+    failed = sorted(graphs.failed) if graphs else None
+    llm.engine.runner.graphs = None  # the same engine, decoding eagerly
+    eager_tok_s = decode_tok_s()
+    if args.gpu_profile:  # where an eager decode step's device time goes (the kernels a graph replays)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            llm.generate(ids, sp(1 + args.decode_tokens), use_tqdm=False)
+            torch.cuda.synchronize()
+        with open(args.gpu_profile, "a") as f:
+            f.write(f"===== {args.gpu_preset} {over} context {args.gpu_context}: prefill + {args.decode_tokens} "
+                    f"eager decode steps, by device time\n")
+            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70))
+            f.write("\n")
+    llm.engine.runner.graphs = graphs
     per_token = _activated_weight_bytes(model) + _cache_bytes_read(cfg, 1, args.gpu_context, 2)
     roofline = bw / per_token
-    row = dict(device=torch.cuda.get_device_name(dev), preset=args.gpu_preset, dtype="bfloat16", context=args.gpu_context,
-               measured_bandwidth_gb_s=bw / 1e9, bytes_per_token_mb=per_token / 2**20, roofline_tok_s=roofline,
-               decode_tok_s=tok_s, fraction_of_roofline=tok_s / roofline,
-               cuda_graphs=sorted(llm.engine.runner.graphs.graphs) if llm.engine.runner.graphs else None,
-               cuda_graph_failures=sorted(llm.engine.runner.graphs.failed) if llm.engine.runner.graphs else None)
+    row = dict(device=torch.cuda.get_device_name(dev), torch=torch.__version__, preset=args.gpu_preset, overrides=over,
+               dtype="bfloat16", weight_gb=sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9,
+               context=args.gpu_context, measured_bandwidth_gb_s=bw / 1e9, bytes_per_token_mb=per_token / 2**20,
+               roofline_tok_s=roofline, decode_tok_s=tok_s, fraction_of_roofline=tok_s / roofline,
+               eager_decode_tok_s=eager_tok_s, eager_fraction_of_roofline=eager_tok_s / roofline,
+               cuda_graph_speedup=tok_s / eager_tok_s, step_ms=1e3 / tok_s, graph_replay_ms=plain_replay_ms,
+               cuda_graphs=captured, cuda_graph_failures=failed)
     print(json.dumps(row), flush=True)
     results["gpu"] = row
 
@@ -550,9 +633,15 @@ def main() -> int:
     ap.add_argument("--dsa-context", type=int, default=32768)
     ap.add_argument("--gpu-preset", default="glm5-small")
     ap.add_argument("--gpu-context", type=int, default=1024)
+    ap.add_argument("--gpu-override", nargs="*", default=[], metavar="FIELD=INT",
+                    help="config overrides for the GPU model, e.g. num_hidden_layers=6 n_routed_experts=64 (GLM-5's "
+                         "widths with fewer layers and experts: a decode step that reads GBs, so the roofline is "
+                         "about memory, not kernel launches)")
+    ap.add_argument("--gpu-profile", metavar="TXT", help="GPU: append a profile of eager decode steps to this file")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=str(Path(__file__).with_name("engine.json")))
     args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     global clock, MAX_BATCHED_TOKENS
     MAX_BATCHED_TOKENS = args.max_batched_tokens
     torch.set_num_threads(args.threads)

@@ -157,7 +157,11 @@ def main(argv=None):
                     help="transformers experts implementations to time ('default' = as loaded)")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile our decoder layers")
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=INT", help="config overrides")
     ap.add_argument("--mfu", action="store_true")
+    ap.add_argument("--profile", metavar="TXT",
+                    help="after timing, profile two steps of each of our variants and write the operators that "
+                         "take the most device (CPU: host) time to this file")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--plot-sweep", nargs="+", metavar="JSON",
                     help="plot earlier --json results (runs at several --seq) as tokens/s and speed-up against "
@@ -172,6 +176,8 @@ def main(argv=None):
     cuda = dev.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else None
     cfg = build_config(args.preset)
+    if args.set:
+        cfg = cfg.replace(**{k: int(v) for k, v in (kv.split("=") for kv in args.set)})
     if args.seq > cfg.max_position_embeddings:
         cfg = cfg.replace(max_position_embeddings=args.seq)
     torch.manual_seed(0)
@@ -197,7 +203,7 @@ def main(argv=None):
 
     tracker = ExpertLoadTracker(ours) if "full" in args.ours else None
     for mode in args.ours:
-        opt = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=cuda or None)
         contenders[f"glm5[{mode}]"] = (lambda o=opt, m=mode: our_step(ours, o, x, y, m, tracker if m == "full" else None))
     hf_models = []
     if not args.no_hf:
@@ -227,7 +233,7 @@ def main(argv=None):
                 torch.cuda.synchronize()
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
-    res = {"preset": args.preset, "params": n_params, "batch": args.batch, "seq": args.seq, "device": str(dev),
+    res = {"preset": args.preset, "overrides": args.set, "params": n_params, "batch": args.batch, "seq": args.seq, "device": str(dev),
            "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps, "results": {}}
     print(f"{args.preset}: {n_params / 1e6:.1f}M params, batch {args.batch}×{args.seq}, {dev}, "
           f"{torch.get_num_threads()} threads, {args.steps} timed steps (median)")
@@ -252,7 +258,27 @@ def main(argv=None):
             print(f"  MFU glm5[{mode}] on {name}: " + (f"{100 * mfu:.1f}%" if mfu else "unknown peak"))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    if args.profile:
+        profile_steps(contenders, [f"glm5[{m}]" for m in args.ours], cuda, args.profile)
     return res
+
+
+def profile_steps(contenders: dict, names: list[str], cuda: bool, path: str, steps: int = 2) -> None:
+    """Where a step's time goes: torch.profiler over ``steps`` steps per variant, operators by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    key = "cuda_time_total" if cuda else "cpu_time_total"
+    with open(path, "a") as f:  # appends: several runs can share one file
+        for name in names:
+            with profile(activities=acts) as prof:
+                for _ in range(steps):
+                    contenders[name]()
+                if cuda:
+                    torch.cuda.synchronize()
+            f.write(f"===== {name}: {steps} steps, by {key}\n")
+            f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,28 +1,41 @@
 #!/usr/bin/env bash
 # What to run when a GPU machine is lent (the library's `device` tool: 10 minutes per command, 30 minutes of
 # device time per session, torch preinstalled, no network). Run from the repository root; results land in
-# $OUT (or ./gpu_results). Each part fits one 10-minute command:
+# $OUT (or ./gpu_results). Each part fits one 10-minute command, every step under its own timeout:
 #
 #   bash benchmarks/gpu_session.sh tests    # tests/gpu + the FP8 GPU test, then the engine's HBM roofline
 #   bash benchmarks/gpu_session.sh train    # training MFU of the ~1B preset on one GPU (target >= 45%)
+#   bash benchmarks/gpu_session.sh all      # both (about 9 minutes on an H100)
 #
 # Then copy the JSON/logs into benchmarks/ and record them in engine.md / train.md with machine and date.
 set -uo pipefail
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)" PYTHONUNBUFFERED=1
 OUT="${OUT:-gpu_results}"
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 case "${1:-tests}" in
   tests)
-    python -m pytest -q -m gpu tests/gpu tests/checkpoint/test_fp8_quant.py -p no:cacheprovider 2>&1 \
-      | tee "$OUT/gpu_tests.log"
-    python benchmarks/bench_engine.py --only gpu --gpu-preset glm5-small --gpu-context 1024 \
+    timeout 200 python -m pytest -q -m gpu tests/gpu tests/checkpoint/test_fp8_quant.py -p no:cacheprovider \
+      -o addopts="" --timeout=180 2>&1 | tee "$OUT/gpu_tests.log"
+    # a small model (launch-bound: where CUDA graphs matter) and GLM-5's widths with 8 layers and 64 experts
+    # (a decode step reads ~GBs: the HBM roofline)
+    timeout 90 python benchmarks/bench_engine.py --only gpu --gpu-preset glm5-small --gpu-context 1024 \
       --out "$OUT/engine_gpu.json" 2>&1 | tee "$OUT/engine_gpu.log"
+    timeout 240 python benchmarks/bench_engine.py --only gpu --gpu-preset glm5 --gpu-context 4096 \
+      --gpu-override num_hidden_layers=8 n_routed_experts=64 --out "$OUT/engine_gpu.json" \
+      --gpu-profile "$OUT/decode_prof.txt" 2>&1 \
+      | tee -a "$OUT/engine_gpu.log"
     ;;
   train)
-    python benchmarks/bench_train.py --device cuda --preset glm5-1b --batch 8 --seq 4096 --steps 10 --warmup 3 \
-      --ours sparse dense full --mfu --no-hf --json "$OUT/train_gpu.json" 2>&1 | tee "$OUT/train_gpu.log"
+    # eager, then torch.compile'd layers (the trainer's --compile)
+    timeout 200 python benchmarks/bench_train.py --device cuda --preset glm5-1b --batch 8 --seq 4096 --steps 8 \
+      --warmup 3 --ours dense sparse full --mfu --no-hf --json "$OUT/train_gpu.json" --profile "$OUT/train_prof.txt" \
+      2>&1 | tee "$OUT/train_gpu.log"
+    timeout 300 python benchmarks/bench_train.py --device cuda --preset glm5-1b --batch 8 --seq 4096 --steps 8 \
+      --warmup 3 --ours dense full --compile --mfu --no-hf --json "$OUT/train_gpu_compiled.json" \
+      --profile "$OUT/train_prof_compiled.txt" 2>&1 | tee -a "$OUT/train_gpu.log"
     ;;
-  *) echo "usage: $0 tests|train" >&2; exit 2 ;;
+  all) bash "$0" tests; bash "$0" train ;;
+  *) echo "usage: $0 tests|train|all" >&2; exit 2 ;;
 esac

@@ -10,9 +10,10 @@ visible key has a finite score and is selected).
 
 MoE routing is written to be capturable: expert counts come from a fixed-size ``scatter_add``
 (``glm5.model.moe.expert_counts``), not ``torch.bincount``, and the grouped GEMM takes its offsets on the
-device. The padded-bmm fallback (used where ``torch._grouped_mm`` is unavailable, e.g. fp32 on CUDA) sizes
-its buffer with ``.item()`` and cannot be captured. If a capture fails for any such reason, graphs are
-switched off for the engine and decode runs eagerly; the output is the same either way. Not yet run on a GPU.
+device. The padded-bmm fallback (used where ``torch._grouped_mm`` is unavailable, e.g. fp32 on CUDA) takes a
+static capacity at decode sizes for the same reason. An op that still syncs is caught by a checked warm-up
+before capture; if a capture fails anyway, graphs are switched off for the engine and decode runs eagerly
+(the output is the same either way). Measured on an H100: benchmarks/engine.md §6.
 """
 
 from __future__ import annotations
@@ -73,8 +74,17 @@ class CudaGraphRunner:
         buf = self._buffers(B)
         s = torch.cuda.Stream(dev)
         s.wait_stream(torch.cuda.current_stream(dev))
+        # Warm-up outside the capture (allocator, cuBLAS handles), with host syncs made errors: an op that reads
+        # a device value back (.item(), nonzero, a pageable copy) cannot be captured, and a capture that fails
+        # midway leaves the CUDA generator marked as capturing, breaking later sampling in this process. So
+        # such an op is found here, before any capture starts.
         with torch.cuda.stream(s):
-            self._forward(buf)  # warm-up (allocator, cuBLAS handles) outside the capture
+            before = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                self._forward(buf)
+            finally:
+                torch.cuda.set_sync_debug_mode(before)
         torch.cuda.current_stream(dev).wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):

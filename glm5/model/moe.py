@@ -97,6 +97,9 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
+STATIC_CAP_ROWS = 256  # padded-bmm fallback: up to this many rows, a static capacity (see grouped_linear)
+
+
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
@@ -132,7 +135,12 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs:
         return _ContiguousGrad.apply(y) if needs_grad else y
     # Sort-and-batch fallback: scatter rows into a [G, cap, in] buffer, one bmm, gather back.
     G = w.shape[0]
-    cap = int(counts.max().item()) if counts.numel() else 0
+    if x.device.type == "cuda" and x.shape[0] <= STATIC_CAP_ROWS:
+        # decode-sized batches: a capacity known without reading the counts back (no host sync, so a CUDA
+        # graph can capture it); no group holds more rows than there are rows
+        cap = x.shape[0]
+    else:
+        cap = int(counts.max().item()) if counts.numel() else 0
     starts = offs - counts
     group = torch.repeat_interleave(torch.arange(G, device=x.device), counts, output_size=x.shape[0])
     rank = torch.arange(x.shape[0], device=x.device) - starts[group]

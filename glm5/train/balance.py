@@ -31,6 +31,9 @@ class ExpertLoadTracker:
         self._handles = [moe.register_forward_hook(self._hook(i)) for i, moe in self.layers]
 
     def _hook(self, idx: int):
+        # bookkeeping on Python dicts, run eagerly: compiled, it would be retraced once per layer index (each
+        # MoE block compiled by apply_compile carries its own hook) and hit dynamo's recompile limit
+        @torch.compiler.disable
         def hook(module, inputs, output):
             if not self.active:
                 return

@@ -133,14 +133,16 @@ def apply_activation_checkpointing(model) -> None:
 
 
 def apply_compile(model) -> None:
-    """``torch.compile`` the attention and dense-MLP blocks of every main decoder layer in place (names and
-    state dict unchanged). MoE blocks stay eager: on CPU, ``torch._grouped_mm``'s fake-tensor kernel only
-    accepts bf16, so the fp32 routed experts cannot be traced."""
+    """``torch.compile`` the attention and MLP blocks of every main decoder layer in place (names and state dict
+    unchanged). On CPU the routed experts stay eager (only the shared expert of a MoE block is compiled):
+    ``torch._grouped_mm``'s CPU fake-tensor kernel only accepts bf16, so the fp32 experts cannot be traced. On
+    CUDA the whole MoE block is compiled, routing included (its shapes are static: no host syncs)."""
     from glm5.model.moe import MoE
 
+    on_cuda = next(model.parameters()).device.type == "cuda"
     for layer in model.model.layers[: model.config.num_hidden_layers]:
         layer.self_attn.compile(dynamic=False)
-        if isinstance(layer.mlp, MoE):
+        if isinstance(layer.mlp, MoE) and not on_cuda:
             if layer.mlp.shared_experts is not None:
                 layer.mlp.shared_experts.compile(dynamic=False)
         else:

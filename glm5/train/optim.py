@@ -211,7 +211,9 @@ def build_optimizers(model: nn.Module, *, kind: str = "muon", lr: float = 2e-3, 
         {"params": adam_decay, "weight_decay": weight_decay, "name": "adamw_decay", "base_lr": lr},
         {"params": adam_plain, "weight_decay": 0.0, "name": "adamw_no_decay", "base_lr": lr}) if g["params"]]
     if adam_groups:
-        opts.append(torch.optim.AdamW(adam_groups, lr=lr, betas=tuple(betas), eps=1e-8, weight_decay=weight_decay))
+        on_cuda = all(p.device.type == "cuda" for g in adam_groups for p in g["params"])
+        opts.append(torch.optim.AdamW(adam_groups, lr=lr, betas=tuple(betas), eps=1e-8, weight_decay=weight_decay,
+                                      fused=True if on_cuda else None))  # one kernel for all tensors on a GPU
     if groups:
         opts.append(Muon(list(groups.values()), lr=lr, weight_decay=weight_decay, momentum=momentum))
     if torch_plain:

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glm5.train.linear_ce import linear_cross_entropy
+from glm5.train.linear_ce import DEFAULT_CHUNK_ROWS, default_chunk_rows, linear_cross_entropy
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000, None])
 def test_matches_unfused_cross_entropy(chunk):
     g = torch.Generator().manual_seed(0)
     B, S, H, V = 3, 11, 16, 50
@@ -71,3 +71,11 @@ def test_soft_targets_give_the_kl_to_a_constant_teacher(chunk):
     assert abs(float(same)) < 1e-4
     with pytest.raises(ValueError, match="target_hidden"):
         linear_cross_entropy(h, W, y, target_hidden=t[:, :3])
+
+
+def test_default_chunk_is_cache_sized_on_cpu_and_large_on_a_gpu():
+    # CPU: small blocks that stay in cache; GPU: ~256 MiB of fp32 logits per chunk (fewer, larger launches)
+    assert default_chunk_rows(torch.device("cpu"), 32768) == DEFAULT_CHUNK_ROWS
+    assert default_chunk_rows(torch.device("cuda"), 32768) == 2048
+    assert default_chunk_rows(torch.device("cuda"), 154880) == 433
+    assert default_chunk_rows(torch.device("cuda"), 10**7) == DEFAULT_CHUNK_ROWS  # never below the CPU size
