@@ -518,14 +518,16 @@ def bench_gpu(args, results):
     over = {k: int(v) for k, v in (kv.split("=") for kv in args.gpu_override)}
     cfg = preset(args.gpu_preset, **over)
     model = _bf16_model_on(dev, cfg)
-    llm = LLM(model, max_num_seqs=1, max_model_len=args.gpu_context + 256, enable_prefix_caching=False,
-              kv_cache_memory=1 << 30)
+    make = lambda compile_decode: LLM(model, max_num_seqs=1, max_model_len=args.gpu_context + 256,  # noqa: E731
+                                      enable_prefix_caching=False, kv_cache_memory=1 << 30,
+                                      compile_decode=compile_decode)
+    llm = make(False)
     graphs = llm.engine.runner.graphs
     ids = _prompts(1, args.gpu_context, cfg.vocab_size, 0).tolist()
     sp = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)  # noqa: E731
     n_dec = args.decode_tokens * 8
 
-    def decode_tok_s(repeats=3):
+    def decode_tok_s(repeats=3, llm=llm):
         llm.generate(ids, sp(8), use_tqdm=False)  # warm-up (and graph capture)
         rates = []
         for _ in range(repeats):  # generate(1 token) times the prefill alone; the difference is n_dec decode steps
@@ -556,6 +558,21 @@ def bench_gpu(args, results):
         return (time.perf_counter() - t) / 50 * 1e3
 
     plain_replay_ms = replay_ms(graphs)
+    compiled = {}
+    if args.gpu_compile:  # the same graphs over a torch.compile'd forward
+        t = time.perf_counter()
+        llm_c = make(True)
+        llm_c.generate(ids, sp(2), use_tqdm=False)
+        cg = llm_c.engine.runner.graphs
+        compiled = dict(compile_s=time.perf_counter() - t, compiled_cuda_graphs=sorted(cg.graphs),
+                        compiled_graph_failures=sorted(cg.failed))
+        if cg.graphs:
+            c_tok_s = decode_tok_s(llm=llm_c)
+            same = (llm_c.generate(ids, sp(32), use_tqdm=False)[0].outputs[0].token_ids
+                    == llm.generate(ids, sp(32), use_tqdm=False)[0].outputs[0].token_ids)
+            compiled.update(compiled_decode_tok_s=c_tok_s, compiled_graph_replay_ms=replay_ms(cg),
+                            compiled_same_32_greedy_tokens=same)
+        del llm_c
     if args.gpu_profile:  # where the host time of a graph decode step goes
         import cProfile
         import io
@@ -590,13 +607,15 @@ def bench_gpu(args, results):
     llm.engine.runner.graphs = graphs
     per_token = _activated_weight_bytes(model) + _cache_bytes_read(cfg, 1, args.gpu_context, 2)
     roofline = bw / per_token
+    if "compiled_decode_tok_s" in compiled:
+        compiled["compiled_fraction_of_roofline"] = compiled["compiled_decode_tok_s"] / roofline
     row = dict(device=torch.cuda.get_device_name(dev), torch=torch.__version__, preset=args.gpu_preset, overrides=over,
                dtype="bfloat16", weight_gb=sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9,
                context=args.gpu_context, measured_bandwidth_gb_s=bw / 1e9, bytes_per_token_mb=per_token / 2**20,
                roofline_tok_s=roofline, decode_tok_s=tok_s, fraction_of_roofline=tok_s / roofline,
                eager_decode_tok_s=eager_tok_s, eager_fraction_of_roofline=eager_tok_s / roofline,
                cuda_graph_speedup=tok_s / eager_tok_s, step_ms=1e3 / tok_s, graph_replay_ms=plain_replay_ms,
-               cuda_graphs=captured, cuda_graph_failures=failed)
+               cuda_graphs=captured, cuda_graph_failures=failed, **compiled)
     print(json.dumps(row), flush=True)
     results["gpu"] = row
 
@@ -637,6 +656,8 @@ def main() -> int:
                     help="config overrides for the GPU model, e.g. num_hidden_layers=6 n_routed_experts=64 (GLM-5's "
                          "widths with fewer layers and experts: a decode step that reads GBs, so the roofline is "
                          "about memory, not kernel launches)")
+    ap.add_argument("--gpu-compile", action="store_true",
+                    help="GPU: also time decode graphs captured over a torch.compile'd forward (compile_decode)")
     ap.add_argument("--gpu-profile", metavar="TXT", help="GPU: append a profile of eager decode steps to this file")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=str(Path(__file__).with_name("engine.json")))

@@ -16,15 +16,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 case "${1:-tests}" in
   tests)
-    timeout 200 python -m pytest -q -m gpu tests/gpu tests/checkpoint/test_fp8_quant.py -p no:cacheprovider \
-      -o addopts="" --timeout=180 2>&1 | tee "$OUT/gpu_tests.log"
+    timeout 120 python -m pytest -q -m gpu tests/gpu tests/checkpoint/test_fp8_quant.py -p no:cacheprovider \
+      -o addopts="" --timeout=110 2>&1 | tee "$OUT/gpu_tests.log"
     # a small model (launch-bound: where CUDA graphs matter) and GLM-5's widths with 8 layers and 64 experts
     # (a decode step reads ~GBs: the HBM roofline)
-    timeout 90 python benchmarks/bench_engine.py --only gpu --gpu-preset glm5-small --gpu-context 1024 \
+    timeout 150 python benchmarks/bench_engine.py --only gpu --gpu-preset glm5-small --gpu-context 1024 --gpu-compile \
       --out "$OUT/engine_gpu.json" 2>&1 | tee "$OUT/engine_gpu.log"
-    timeout 240 python benchmarks/bench_engine.py --only gpu --gpu-preset glm5 --gpu-context 4096 \
+    timeout 300 python benchmarks/bench_engine.py --only gpu --gpu-preset glm5 --gpu-context 4096 \
       --gpu-override num_hidden_layers=8 n_routed_experts=64 --out "$OUT/engine_gpu.json" \
-      --gpu-profile "$OUT/decode_prof.txt" 2>&1 \
+      --gpu-compile --gpu-profile "$OUT/decode_prof.txt" 2>&1 \
       | tee -a "$OUT/engine_gpu.log"
     ;;
   train)

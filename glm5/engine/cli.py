@@ -28,6 +28,9 @@ def _engine_args(p) -> None:
     p.add_argument("--spec-tokens", "--num-speculative-tokens", type=int, default=0,
                    help="MTP speculative draft tokens per step (0 = off)")
     p.add_argument("--dsa", default="sparse", choices=["sparse", "dense"])
+    p.add_argument("--enforce-eager", action="store_true", help="CUDA: decode without CUDA graphs (vLLM's flag)")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="CUDA: torch.compile the decode forward before capturing its graphs (fused kernels: 1.2-1.7x faster decode on an H100; ~1 minute of compilation per batch bucket)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the weights over N ranks: run under `torchrun --nproc-per-node N` (generate only; "
                         "rank 0 prints)")
@@ -86,6 +89,7 @@ def _build(args):
     return build_engine(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, fp8=args.fp8,
                         max_num_seqs=1,
                         num_speculative_tokens=args.spec_tokens, dsa=args.dsa,
+                        use_cuda_graph=not args.enforce_eager, compile_decode=args.compile_decode,
                         tensor_parallel_size=args.tensor_parallel_size,
                         enable_expert_parallel=args.enable_expert_parallel, **kw)
 

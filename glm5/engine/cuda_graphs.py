@@ -13,7 +13,7 @@ MoE routing is written to be capturable: expert counts come from a fixed-size ``
 device. The padded-bmm fallback (used where ``torch._grouped_mm`` is unavailable, e.g. fp32 on CUDA) takes a
 static capacity at decode sizes for the same reason. An op that still syncs is caught by a checked warm-up
 before capture; if a capture fails anyway, graphs are switched off for the engine and decode runs eagerly
-(the output is the same either way). Measured on an H100: benchmarks/engine.md §6.
+(the output is the same either way). Measured on an H100: benchmarks/engine.md §4.
 """
 
 from __future__ import annotations
@@ -28,9 +28,13 @@ log = logging.getLogger(__name__)
 
 
 class CudaGraphRunner:
-    def __init__(self, runner, max_num_seqs: int, max_model_len: int, capture: bool = True):
+    def __init__(self, runner, max_num_seqs: int, max_model_len: int, capture: bool = True, compile: bool = False):
         self.runner = runner
         self.capture = capture
+        # torch.compile the captured forward: inductor fuses the ~125 small kernels per layer (norms, rope,
+        # routing, the latent-attention glue) that dominate a batch-1 step's device time (benchmarks/engine.md §4)
+        self.compiled = compile
+        self.step = torch.compile(self._forward, dynamic=False) if compile else self._forward
         self.bs = runner.block_size
         self.max_blocks = -(-max_model_len // self.bs)
         self.T = self.max_blocks * self.bs
@@ -67,9 +71,19 @@ class CudaGraphRunner:
 
     def _forward(self, buf: dict) -> torch.Tensor:
         batch = PagedBatch(slot_mapping=buf["slots"], groups=[self._static_group(buf["bt"], buf["pos"])])
-        return self.runner.logits(self.runner.forward(buf["ids"], buf["pos"], batch))
+        return self.runner.head(self.runner.run_model(buf["ids"], buf["pos"], batch))
 
     def _capture(self, B: int):
+        if not self.compiled:
+            return self._capture_graph(B)
+        # Traced under no_grad outside inference mode (the engine's steps run in it; dynamo cannot trace tensors
+        # made in an inference_mode it did not enter). Compiling, warming up and capturing under one mode keeps
+        # dynamo's guards stable, so nothing recompiles inside the capture.
+        with torch.inference_mode(False), torch.no_grad():
+            _allow_recompiles(2 * len(self.sizes))  # one compiled graph per batch bucket
+            return self._capture_graph(B)
+
+    def _capture_graph(self, B: int):
         dev = self.device
         buf = self._buffers(B)
         s = torch.cuda.Stream(dev)
@@ -82,13 +96,16 @@ class CudaGraphRunner:
             before = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode("error")
             try:
-                self._forward(buf)
+                self._forward(buf)  # the eager ops, checked (compiled code runs the same ops, fused)
             finally:
                 torch.cuda.set_sync_debug_mode(before)
+            if self.compiled:
+                self.step(buf)  # compiles (autotuning may sync: not under the check)
+                self.step(buf)
         torch.cuda.current_stream(dev).wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(buf)
+            out = self.step(buf)
         self.pool = graph.pool()
         return graph, buf, out
 
@@ -109,7 +126,8 @@ class CudaGraphRunner:
         if not self.capture:  # same static layout, run eagerly (CPU tests of the graph path)
             buf = self._buffers(B)
             self._fill(buf, chunks)
-            return self._forward(buf)[:n]
+            with torch.inference_mode():
+                return self.step(buf)[:n]
         if B not in self.graphs:
             try:
                 self.graphs[B] = self._capture(B)
@@ -127,3 +145,12 @@ class CudaGraphRunner:
         self._fill(buf, chunks)
         graph.replay()
         return out[:n].clone()
+
+
+def _allow_recompiles(n: int) -> None:
+    """Dynamo recompiles the forward once per bucket shape; raise its per-function limit to cover them all."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), n))

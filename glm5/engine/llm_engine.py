@@ -53,6 +53,9 @@ class EngineConfig:
     dsa: str = "sparse"  # "sparse" (the model's DSA) or "dense"
     seed: int = 0  # engine RNG for requests without a seed
     use_cuda_graph: bool = True  # CUDA only; ignored on CPU
+    # CUDA graphs only: torch.compile the decode forward before capturing it (fused kernels; compiles once per
+    # batch bucket, tens of seconds each)
+    compile_decode: bool = False
     # CPU only: "auto" stores linear weights column-major where that decodes faster on this machine
     # (glm5/engine/cpu_layout.py; values unchanged, the model's parameters are re-strided in place); "row" keeps them
     cpu_weight_layout: str = "auto"
@@ -156,7 +159,8 @@ class LLMEngine:
         if cfg.use_cuda_graph and self.device.type == "cuda" and not self.k and tp.world == 1:
             from glm5.engine.cuda_graphs import CudaGraphRunner
 
-            self.runner.graphs = CudaGraphRunner(self.runner, cfg.max_num_seqs, self.max_model_len)
+            self.runner.graphs = CudaGraphRunner(self.runner, cfg.max_num_seqs, self.max_model_len,
+                                                 compile=cfg.compile_decode)
 
     # --------------------------------------------------------------------------------- construction
     @classmethod

@@ -119,11 +119,19 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
         """Main model on the flat batch -> final normed hidden states [N,H]."""
-        ctx = AttentionContext(mask=self._no_mask, cache=self.kv.view(batch), dsa=self.dsa)
-        return self.model.model(input_ids[None], positions[None], ctx)[0]
+        return self.run_model(input_ids, positions, batch)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)
+
+    # Undecorated bodies of forward / logits, for callers that set the grad mode themselves: torch.compile (the
+    # decode graphs) cannot trace into an inference_mode context it did not start.
+    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+        ctx = AttentionContext(mask=self._no_mask, cache=self.kv.view(batch), dsa=self.dsa)
+        return self.model.model(input_ids[None], positions[None], ctx)[0]
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()
 
     @torch.inference_mode()

@@ -10,8 +10,9 @@ from .conftest import ref_greedy
 
 def test_generate_token_ids_without_tokenizer(tmp_path, nano, capsys):
     nano.save_pretrained(tmp_path)
+    # the CUDA-graph flags are accepted and ignored on CPU (nothing CUDA-only on the CPU path)
     assert main(["generate", "--model", str(tmp_path), "--prompt-ids", "5,6,7,8", "--max-tokens", "6",
-                 "--ignore-eos", "--stats"]) == 0
+                 "--ignore-eos", "--stats", "--enforce-eager", "--compile-decode"]) == 0
     out = capsys.readouterr()
     assert [int(x) for x in out.out.split()] == ref_greedy(nano, [5, 6, 7, 8], 6)
     assert "6 tokens" in out.err

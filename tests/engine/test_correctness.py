@@ -1,6 +1,9 @@
 """The engine computes what the model computes: greedy output equals a full no-cache recompute, token for token,
 whatever the batching, chunking, cache budget or attention path."""
 
+import copy
+
+import pytest
 import torch
 
 from glm5.engine import LLM, SamplingParams
@@ -141,6 +144,32 @@ def test_cuda_graph_static_layout_matches_eager_decode(nano):
     static = CudaGraphRunner(runner, max_num_seqs=4, max_model_len=72, capture=False).run(chunks)  # bucket 4: 1 pad row
     torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-5)
     assert static.argmax(-1).tolist() == eager.argmax(-1).tolist()
+
+
+@pytest.mark.slow  # ~50 s of compilation on 2 cores
+def test_compiled_static_decode_matches_eager_decode(nano):
+    # compile_decode: the graph path's forward through torch.compile (run without capture on CPU, in bf16 since
+    # grouped GEMM only traces in bf16 here) gives the eager logits up to bf16 rounding of the fused kernels
+    from glm5.engine.cuda_graphs import CudaGraphRunner
+
+    model = copy.deepcopy(nano).to(torch.bfloat16)
+    cfg = model.config
+    kv = PagedKVCache(cfg, 64, 4, cfg.num_hidden_layers, torch.bfloat16, "cpu")
+    runner = ModelRunner(model, kv, 4)
+    lens = [5, 30]  # below and above index_topk
+    tables = [list(range(1 + 20 * i, 21 + 20 * i)) for i in range(2)]
+    toks = prompts(lens, seed=14)
+    for t, p in zip(tables, toks):
+        ids, pos, batch = runner.build([Chunk(t, 0, p[:-1])])
+        runner.forward(ids, pos, batch)
+    chunks = [Chunk(t, len(p) - 1, p[-1:]) for t, p in zip(tables, toks)]
+    ids, pos, batch = runner.build(chunks)
+    eager = runner.logits(runner.forward(ids, pos, batch))
+    torch._dynamo.reset()
+    graphs = CudaGraphRunner(runner, max_num_seqs=2, max_model_len=72, capture=False, compile=True)
+    compiled = graphs.run(chunks)
+    assert compiled.shape == eager.shape
+    torch.testing.assert_close(compiled, eager, rtol=0.05, atol=0.05)
 
 
 def test_gathers_reuse_one_scratch_buffer_per_name(nano):

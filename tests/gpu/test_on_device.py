@@ -50,11 +50,14 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def test_engine_greedy_equals_the_model_and_decodes_through_cuda_graphs(exact_fp32):
+@pytest.mark.parametrize("compile_decode", [False, True])
+def test_engine_greedy_equals_the_model_and_decodes_through_cuda_graphs(exact_fp32, compile_decode):
+    if compile_decode and not CUDA:
+        pytest.skip("compile_decode applies to CUDA graphs only")
     model = GLM5ForCausalLM(preset("glm5-nano", index_topk=8)).init_weights(3).to(DEVICE).eval()
     g = torch.Generator().manual_seed(0)
     ps = [torch.randint(1, 2048, (n,), generator=g).tolist() for n in (5, 13, 40)]
-    llm = LLM(model, device=DEVICE, block_size=4, max_num_seqs=4)
+    llm = LLM(model, device=DEVICE, block_size=4, max_num_seqs=4, compile_decode=compile_decode)
     outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     for p, o in zip(ps, outs):
         assert o.outputs[0].token_ids == ref_greedy(model, p, 8), f"prompt of {len(p)} tokens"
