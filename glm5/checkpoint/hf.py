@@ -169,6 +169,9 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
         raise ValueError(f"fp8 must be 'dequantize' or 'keep', got {fp8!r}")
 
     path = Path(path)
+    if torch.device(device).type == "meta":
+        raise ValueError("device='meta' would load no weights; to inspect shapes without memory, build "
+                         "GLM5ForCausalLM(GLM5Config.from_pretrained(path)) under `with torch.device('meta'):`")
     cfg = config or GLM5Config.from_pretrained(path)
     dtype = resolve_dtype(torch_dtype if torch_dtype is not None else dtype, cfg)
     files, weight_map = shard_files(path)

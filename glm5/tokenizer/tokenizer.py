@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -25,6 +26,8 @@ from .detokenize import IncrementalDetokenizer
 from .jinja_render import compile_template, render_template
 
 __all__ = ["GLM5Tokenizer"]
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -137,6 +140,10 @@ class GLM5Tokenizer:
         cfg_eos = _token_content(config.get("eos_token"))
         if cfg_eos is not None and cfg_eos not in eos and backend.token_to_id(cfg_eos) is not None:
             eos.insert(0, cfg_eos)
+        if not eos:
+            log.warning("%s: no EOS token (none of GLM-5's %s, no usable eos_token in %s): generation stops only at "
+                        "max_tokens, stop strings and generation_config.json's eos ids", path / TOKENIZER_FILE,
+                        ", ".join(st.EOS_TOKENS), CONFIG_FILE)
         pad = _token_content(config.get("pad_token"))
         if pad is not None and backend.token_to_id(pad) is None:
             pad = None

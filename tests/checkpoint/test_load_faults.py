@@ -296,3 +296,9 @@ def test_generation_config_is_read_and_checked(ckpts, tmp_path):
         load_pretrained(d)
     (d / "generation_config.json").unlink()
     assert load_pretrained(d).generation_config == {}
+
+
+def test_meta_device_is_refused_not_loaded_empty(ckpts):
+    _, bf16, _ = ckpts
+    with pytest.raises(ValueError, match="device='meta' would load no weights"):
+        load_pretrained(bf16, device="meta")

@@ -197,3 +197,13 @@ def test_template_in_tokenizer_config_is_checked_and_a_bom_is_not_rendered(train
     (d / "tokenizer_config.json").write_text("{}")
     (d / "chat_template.jinja").write_bytes(b"\xef\xbb\xbf[{{ messages[0].content }}]")  # saved by a BOM-writing editor
     assert GLM5Tokenizer.from_pretrained(d).apply_chat_template([{"role": "user", "content": "hi"}]) == "[hi]"
+
+
+def test_a_vocabulary_without_eos_tokens_warns_at_load(tmp_path, caplog):
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
+    with caplog.at_level("WARNING", logger="glm5.tokenizer.tokenizer"):
+        tok = GLM5Tokenizer.from_pretrained(tmp_path)
+    assert tok.eos_token_ids == []
+    assert "no EOS token" in caplog.text and "tokenizer.json" in caplog.text
