@@ -5,6 +5,9 @@ for one token with its ``2 × beam_width`` most likely continuations, and keeps 
 cumulative log-probability. The prefix cache serves the part of each beam the previous step already computed, so a
 step recomputes only the tail of the last, partly filled cache block. A beam that emits EOS is finished; at the end
 the finished beams and the live ones are ranked by cumulative log-probability divided by length^length_penalty.
+
+The search itself (:class:`BeamSearchState`, :func:`step_params`) knows nothing of the engine: :func:`beam_search`
+drives it over a synchronous LLMEngine, ``glm5.serve.beam`` over the server's asyncio backend.
 """
 
 from __future__ import annotations
@@ -51,47 +54,83 @@ class BeamSearchOutput:
     sequences: list[BeamSearchSequence]
 
 
+def step_params(beam_width: int) -> SamplingParams:
+    """What each beam is submitted with at each step: one greedy token, with its ``2 × beam_width`` most likely
+    alternatives (EOS is a candidate like any token: the search, not the engine, decides what ends a beam)."""
+    return SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=2 * beam_width)
+
+
+class BeamSearchState:
+    """The search of one prompt, engine-free (the synchronous driver below and the server's asyncio one share it):
+    ``live`` are the beams to submit next, :meth:`advance` takes their ``{token: logprob}`` continuations and keeps
+    the best ``beam_width`` extensions; a beam ending in one of ``finish_ids`` (the EOS ids unless ``ignore_eos``,
+    plus ``stop_ids``) is finished. :meth:`ranked` gives the final order."""
+
+    def __init__(self, prompt: list[int], params: BeamSearchParams, eos_ids=(), stop_ids=()):
+        self.params = params
+        self.prompt_len = len(prompt)
+        self.finish_ids = (set() if params.ignore_eos else set(eos_ids)) | set(stop_ids)
+        self.live = [BeamSearchSequence(list(prompt))]
+        self.done: list[BeamSearchSequence] = []
+        self.steps = 0
+
+    @property
+    def running(self) -> bool:
+        return bool(self.live) and self.steps < self.params.max_tokens
+
+    def advance(self, tops: list[dict[int, float]]) -> None:
+        """tops: one ``{token: logprob}`` per live beam, in ``live``'s order."""
+        if len(tops) != len(self.live):
+            raise ValueError(f"advance: {len(tops)} continuations for {len(self.live)} live beams")
+        cands = [BeamSearchSequence(beam.tokens + [tok], beam.logprobs + [lp], beam.cum_logprob + lp)
+                 for beam, top in zip(self.live, tops) for tok, lp in top.items()]
+        cands.sort(key=lambda b: -b.cum_logprob)
+        self.live = []
+        for b in cands:  # the best extensions; one that ends with a finishing token is a finished beam
+            if len(self.live) == self.params.beam_width:
+                break
+            if b.tokens[-1] in self.finish_ids:
+                b.finished = True
+                self.done.append(b)
+            else:
+                self.live.append(b)
+        self.steps += 1
+
+    def score(self, beam: BeamSearchSequence) -> float:
+        return beam.cum_logprob / max(1, len(beam.tokens) - self.prompt_len) ** self.params.length_penalty
+
+    def ranked(self) -> list[BeamSearchSequence]:
+        """The ``beam_width`` best beams, finished and live, by cumulative log-probability / length^length_penalty."""
+        return sorted(self.done + self.live, key=lambda b: -self.score(b))[:self.params.beam_width]
+
+    def output_ids(self, beam: BeamSearchSequence) -> list[int]:
+        """The beam's generated ids without the token that finished it (which is not part of the text)."""
+        gen = beam.tokens[self.prompt_len:]
+        return gen[:-1] if beam.finished else gen
+
+
 def beam_search(engine, prompts: list[list[int]], params: BeamSearchParams) -> list[BeamSearchOutput]:
     """prompts: token-id lists. Runs on ``engine`` (an LLMEngine) with greedy one-token requests."""
-    bw = params.beam_width
-    step_params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=2 * bw)
-    live = [[BeamSearchSequence(list(p))] for p in prompts]
-    done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-    for _ in range(params.max_tokens):
-        beams = [(i, b) for i, group in enumerate(live) for b in group]
-        if not beams:
+    searches = [BeamSearchState(p, params, engine.eos_ids) for p in prompts]
+    sp = step_params(params.beam_width)
+    while True:
+        active = [s for s in searches if s.running]
+        if not active:
             break
-        outs = _one_token(engine, [b.tokens for _, b in beams], step_params)
-        candidates: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-        for (i, beam), out in zip(beams, outs):
-            for tok, lp in out.items():
-                candidates[i].append(BeamSearchSequence(beam.tokens + [tok], beam.logprobs + [lp],
-                                                        beam.cum_logprob + lp))
-        for i, cands in enumerate(candidates):
-            cands.sort(key=lambda b: -b.cum_logprob)
-            live[i] = []
-            for b in cands:  # the best extensions; one that ends with EOS is a finished beam
-                if len(live[i]) == bw:
-                    break
-                if not params.ignore_eos and b.tokens[-1] in engine.eos_ids:
-                    b.finished = True
-                    done[i].append(b)
-                else:
-                    live[i].append(b)
+        outs = _one_token(engine, [b.tokens for s in active for b in s.live], sp)
+        k = 0
+        for s in active:
+            n = len(s.live)
+            s.advance(outs[k:k + n])
+            k += n
     results = []
-    for p, finished, running in zip(prompts, done, live):
-        ranked = sorted(finished + running, key=lambda b: -_score(b, len(p), params.length_penalty))[:bw]
+    for s in searches:
+        ranked = s.ranked()
         for b in ranked:
-            gen = b.tokens[len(p):]
-            if b.finished:
-                gen = gen[:-1]  # the EOS token is not part of the text
-            b.text = engine.tokenizer.decode(gen, skip_special_tokens=True) if engine.tokenizer is not None else None
+            b.text = (engine.tokenizer.decode(s.output_ids(b), skip_special_tokens=True)
+                      if engine.tokenizer is not None else None)
         results.append(BeamSearchOutput(ranked))
     return results
-
-
-def _score(beam: BeamSearchSequence, prompt_len: int, length_penalty: float) -> float:
-    return beam.cum_logprob / max(1, len(beam.tokens) - prompt_len) ** length_penalty
 
 
 def _one_token(engine, prompts: list[list[int]], params: SamplingParams) -> list[dict[int, float]]:

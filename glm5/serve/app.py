@@ -24,7 +24,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
-from . import handlers
+from . import beam, handlers
 from .backend import Backend
 from .errors import APIError, install_error_handlers
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
@@ -228,6 +228,8 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
               responses={**_stream_doc, **_ERRORS})
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         arrival = time.monotonic()
+        if req.use_beam_search:
+            return await _run(beam.serve(state, request, req, arrival))
         # a grammar (the vocabulary trie once, then each new schema / regex / GBNF) can take a second to compile:
         # off the event loop, so that other requests keep streaming
         prep = await asyncio.to_thread(prepare_chat, state, req) if _needs_grammar(req) else prepare_chat(state, req)
@@ -241,6 +243,8 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
               responses={**_stream_doc, **_ERRORS})
     async def completions(req: CompletionRequest, request: Request):
         arrival = time.monotonic()
+        if req.use_beam_search:
+            return await _run(beam.serve(state, request, req, arrival))
         prep = (await asyncio.to_thread(prepare_completion, state, req) if _needs_grammar(req)
                 else prepare_completion(state, req))
         state.admit()

@@ -3,7 +3,7 @@
 The server makes exactly these calls (:class:`Backend`):
 
 * ``tokenizer`` (a :class:`~glm5.tokenizer.GLM5Tokenizer`), ``max_model_len``, ``vocab_size`` (logits width),
-  ``model_path``;
+  ``model_path``, ``eos_ids`` (the ids that end a generation; beam search finishes beams on them);
 * ``await start()`` / ``await shutdown()`` (FastAPI lifespan);
 * ``generate(request_id, prompt_token_ids, params, logits_processors)``: an async iterator of *delta*
   :class:`~glm5.engine.outputs.RequestOutput` (new token ids, text and logprobs per completion; the last
@@ -61,6 +61,11 @@ class Backend:
 
     def stats(self) -> dict[str, float]:
         return {}
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """Token ids that end a generation (what beam search finishes a beam on)."""
+        return set(getattr(self.tokenizer, "eos_token_ids", None) or [])
 
     @property
     def healthy(self) -> bool:
@@ -123,6 +128,10 @@ class EngineBackend(Backend):
             "spec_decode_num_accepted_tokens_total": float(s.get("spec_accepted_tokens", 0)),
             "spec_decode_num_verify_steps_total": float(s.get("spec_verify_steps", 0)),
         }
+
+    @property
+    def eos_ids(self) -> set[int]:
+        return set(self.engine.eos_ids)  # config.json's, generation_config.json's and the tokenizer's
 
     @property
     def healthy(self) -> bool:

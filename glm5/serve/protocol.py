@@ -247,6 +247,10 @@ class _Sampling(_Open):
     priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX, description="vLLM extension: lower is served sooner "
                                                                       "(a server started with --scheduling-policy "
                                                                       "priority)")
+    use_beam_search: bool = Field(False, description="vLLM extension: beam search (n = beam width = choices "
+                                                      "returned; greedy, not with stream)")
+    length_penalty: float = Field(1.0, ge=-10.0, le=10.0, description="vLLM extension, with use_beam_search: "
+                                  "beams rank by cumulative log-probability / length^length_penalty")
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     user: str | None = None
@@ -417,7 +421,8 @@ class CompletionRequest(_Sampling):
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of must equal n (beam/best-of search is not supported)")
+            raise ValueError("best_of must equal n (best-of sampling is not supported; with use_beam_search n "
+                             "is the beam width)")
         p = self.prompt
         if isinstance(p, list):
             if len(p) == 0:
