@@ -11,12 +11,13 @@ built on this module).
 
 How it works
 ------------
-* :class:`TokenVocab` holds every token's bytes (byte-level BPE) in a trie; GLM-5's added tokens
-  (``<tool_call>``, ``<arg_key>``, ``<|observation|>`` ...) are single ids handled as symbols.
+* :class:`~glm5.structured.vocab.TokenVocab` holds every token's bytes (byte-level BPE) in byte tries; GLM-5's added
+  tokens (``<tool_call>``, ``<arg_key>``, ``<|observation|>`` ...) are single ids handled as symbols.
 * A *grammar* is a deterministic automaton: ``start()`` state, ``advance(state, token_id)`` and
   ``allowed(state, budget)`` (the ids that keep the output completable). Byte-level parts (JSON values,
   names, keys) are checked by walking the trie with the byte automaton of
-  :mod:`glm5.structured.json_automaton`, so one walk prunes whole subtrees.
+  :mod:`glm5.structured.json_automaton`, so one walk prunes whole subtrees. The walk goes level by level over
+  arrays and calls the automaton once per distinct (state, byte) pair (:mod:`glm5.structured.trie_walk`).
 * Budget: with ``budget`` tokens left, a token is allowed only if the shortest completion from the state
   it leads to still fits (each closing byte is one single-byte token, always in a byte-level vocab), so
   the output is valid even when ``max_tokens`` cuts it short - the grammar closes strings, containers
@@ -33,21 +34,20 @@ are refused). Tool argument values: a non-string value whose schema compiles the
 schema, otherwise only its top-level type (``integer``/``number`` -> a JSON number, ``boolean``, ``null``,
 ``object``, ``array``); string values are free text unless they have ``enum``/``const`` strings or a
 ``pattern`` / ``format``; union-typed
-values (e.g. string or null) are free text. Cost per step is a trie walk (fine for test vocabularies; with
-GLM-5's 154k vocabulary expect tens of ms per token inside long strings).
+values (e.g. string or null) are free text. Cost: a state's first visit is one trie walk (a few ms at 32K ids, up to
+~0.15 s at 150K ids for a GBNF string with multi-byte text; see ``benchmarks/serve.md``), later visits are cached.
 """
 
 from __future__ import annotations
 
 import json
-from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from glm5.tokenizer import special_tokens as st
-from glm5.tokenizer.detokenize import byte_level_char_to_byte
 
 from .choice import ChoiceAutomaton
 from .gbnf import GbnfAutomaton
@@ -55,6 +55,8 @@ from .json_automaton import _STR, START, json_accepts, json_complete, json_min_c
 from .json_schema import SchemaAutomaton, compile_schema
 from .regex import RegexAutomaton
 from .structural_tag import compile_structural_tag, parse_structural_tag
+from .trie_walk import ByteTable
+from .vocab import TokenVocab
 
 __all__ = [
     "ConstrainedLogitsProcessor",
@@ -70,131 +72,41 @@ _PREFIXES_KEPT = 256  # output prefixes whose grammar state a processor remember
 _MOVES_HELD = 4_000_000  # token ids the per-state move lists of one grammar may hold (~32 MB of lists)
 
 
-# ============================================================================================ vocabulary
-class _Node:
-    __slots__ = ("children", "ids")
-
-    def __init__(self) -> None:
-        self.children: dict[int, _Node] = {}
-        self.ids: list[int] = []
-
-
-class TokenVocab:
-    """Token bytes and a byte trie of the ordinary tokens; added tokens by content."""
-
-    def __init__(self, tokenizer: Any, logits_size: int | None = None) -> None:
-        backend = getattr(tokenizer, "backend", tokenizer)
-        n = backend.get_vocab_size(with_added_tokens=True)
-        self.size = max(n, logits_size or 0)
-        added = backend.get_added_tokens_decoder()
-        self.added: dict[str, int] = {t.content: i for i, t in added.items()}
-        table = byte_level_char_to_byte()
-        self.token_bytes: dict[int, bytes] = {}
-        self.root = _Node()
-        self.string_special_root = _Node()
-        self.single_byte: dict[int, int] = {}
-        for i in range(n):
-            if i in added:
-                continue
-            tok = backend.id_to_token(i)
-            if tok is None:
-                continue
-            try:
-                data = bytes(table[c] for c in tok)
-            except KeyError:
-                data = tok.encode("utf-8")
-            if not data:
-                continue
-            self.token_bytes[i] = data
-            for root in (self.root, self.string_special_root) if _string_chars(data) is None else (self.root,):
-                node = root
-                for b in data:
-                    node = node.children.setdefault(b, _Node())
-                node.ids.append(i)
-            if len(data) == 1:
-                self.single_byte.setdefault(data[0], i)
-        self.max_token_len = max((len(b) for b in self.token_bytes.values()), default=1)
-        # Inside a JSON string most tokens are plain text that only lengthens it; they are listed by character count
-        # (the string_special_root trie holds the rest), so that a string state is not a walk over the whole trie.
-        by_chars: dict[int, list[int]] = {}
-        for i, data in self.token_bytes.items():
-            c = _string_chars(data)
-            if c is not None:
-                by_chars.setdefault(c, []).append(i)
-        self.plain_by_chars = [by_chars.get(c, []) for c in range(max(by_chars, default=0) + 1)]
-        self.eos_ids = [self.added[t] for t in st.EOS_TOKENS if t in self.added]
-
-    def id(self, content: str) -> int | None:
-        return self.added.get(content)
-
-    def _live(self, state: Any, step: Callable[[Any, int], Any], root: _Node | None):
-        """(ids, state) for every trie node under ``root`` (default all) that holds token ids and that ``step`` takes
-        ``state`` to without dying (None = dead); dead bytes prune their whole subtree."""
-        stack = [(root or self.root, state)]
-        while stack:
-            node, s = stack.pop()
-            for b, child in node.children.items():
-                s2 = step(s, b)
-                if s2 is None:
-                    continue
-                if child.ids:
-                    yield child.ids, s2
-                if child.children:
-                    stack.append((child, s2))
-
-    def walk(self, state: Any, step: Callable[[Any, int], Any], accept: Callable[[Any], bool],
-             root: _Node | None = None) -> list[int]:
-        """Ids of ordinary tokens (those under ``root``, default all) whose bytes take ``state`` through ``step``
-        (None = dead) to a state that ``accept`` admits."""
-        return [i for ids, s2 in self._live(state, step, root) if accept(s2) for i in ids]
-
-    def walk_costs(self, state: Any, step: Callable[[Any, int], Any], cost: Callable[[Any], int],
-                   root: _Node | None = None) -> list[tuple]:
-        """(``cost`` of the state it leads to, id) for every ordinary token (under ``root``, default all) whose
-        bytes take ``state`` through ``step`` without dying."""
-        out: list[tuple] = []
-        for ids, s2 in self._live(state, step, root):
-            c = cost(s2)
-            out.extend((c, i) for i in ids)
-        return out
-
-
 class _Moves:
     """The ordinary tokens that keep one grammar state alive, sorted by their cost (tokens still needed after them,
     EOS included), so that the tokens a budget allows are a prefix: one trie walk per state serves every budget."""
 
-    __slots__ = ("ids", "costs", "_index", "_top")
+    __slots__ = ("array", "costs", "_ids", "_index", "_top")
 
-    def __init__(self, pairs: list[tuple]):
-        pairs.sort()
-        self.ids = [i for _, i in pairs]
-        self.costs = [c for c, _ in pairs]
+    def __init__(self, ids: np.ndarray, costs: np.ndarray):
+        order = np.argsort(costs, kind="stable")  # ids come in increasing order: sorted by (cost, id)
+        self.array = ids[order]
+        self.costs = costs[order]
+        self._ids: list[int] | None = None
         self._index: dict[tuple[int, str], torch.Tensor] = {}
-        self._top = max(self.ids, default=-1)  # once: in free text the list is the whole vocabulary, every step
+        self._top = int(ids.max()) if len(ids) else -1  # once: in free text the list is the whole vocabulary
+
+    @property
+    def ids(self) -> list[int]:
+        if self._ids is None:
+            self._ids = self.array.tolist()
+        return self._ids
+
+    def __len__(self) -> int:
+        return len(self.array)
 
     def upto(self, left: int) -> int:
         """How many tokens fit when ``left`` tokens may follow this one."""
-        return bisect_right(self.costs, left)
+        return int(np.searchsorted(self.costs, left, side="right"))
 
     def index(self, k: int, size: int, device) -> torch.Tensor:
-        """The first ``k`` ids that are below ``size``, as a tensor on ``device`` (the sorted ids are converted once)."""
+        """The first ``k`` ids below ``size``, as a tensor on ``device`` (the sorted ids are converted once)."""
         key = (size, str(device))
         t = self._index.get(key)
         if t is None:
-            t = self._index[key] = torch.tensor(self.ids, dtype=torch.long, device=device)
+            t = self._index[key] = torch.from_numpy(self.array).to(device)
         t = t[:k]
         return t if self._top < size else t[t < size]
-
-
-def _string_chars(data: bytes) -> int | None:
-    """Characters ``data`` adds inside a JSON string when it neither ends it nor leaves an escape or a UTF-8
-    sequence open; None for any other token (quote, backslash, control byte, partial or invalid UTF-8)."""
-    if b'"' in data or b"\\" in data or any(b < 0x20 or b == 0x7F for b in data):
-        return None
-    try:
-        return len(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        return None
 
 
 # ============================================================================================== grammars
@@ -205,6 +117,11 @@ class _Grammar:
         self.vocab = vocab
         self._cache: dict[Any, list[int]] = {}
         self._index_cache: dict[Any, torch.Tensor] = {}
+
+    def clear_caches(self) -> None:
+        """Forget every state's allowed tokens (the next visit of each is a first visit again)."""
+        self._cache.clear()
+        self._index_cache.clear()
 
     def allowed_cached(self, state, budget: int) -> list[int]:
         if budget >= self.slack(state):
@@ -272,14 +189,32 @@ class JsonGrammar(_Grammar):
         self._moves_cache: dict[Any, Any] = {}  # per state: _Moves, or ("string", state) -> _string_moves
         self._moves_held = 0  # ids held by _moves_cache, bounded
         self._bucket_tensors: dict[tuple, torch.Tensor] = {}
+        self._table = ByteTable(self.doc.step)  # the document automaton's states and transitions met in walks
+
+    def _walk_table(self) -> ByteTable:
+        """The table of ``self.doc``'s automaton (a new one if ``doc`` was replaced since)."""
+        step = self.doc.step
+        if self._table.step != step:
+            self._table = ByteTable(step)
+        return self._table
+
+    def _cost(self, s) -> float:
+        """Tokens still needed after a token that leads to document state ``s`` (EOS included)."""
+        return self.doc.min_close(s) + 1
+
+    def clear_caches(self) -> None:
+        super().clear_caches()
+        self._moves_cache.clear()
+        self._moves_held = 0
+        self._table.clear()
 
     def _moves(self, s) -> _Moves:
         """The document state's moves outside a string fast path (cached: with a binding budget, allowed() would
         otherwise walk the trie again at every step)."""
         hit = self._moves_cache.get(s)
         if hit is None:
-            hit = _Moves(self.vocab.walk_costs(s, self.doc.step, lambda s2: self.doc.min_close(s2) + 1))
-            self._remember(s, hit, len(hit.ids))
+            hit = _Moves(*self.vocab.walk_costs(s, self.doc.step, self._cost, table=self._walk_table()))
+            self._remember(s, hit, len(hit))
         return hit
 
     def start(self):
@@ -330,9 +265,9 @@ class JsonGrammar(_Grammar):
                         s2 = self.doc.step(s2, b)
                     if s2 is not None:
                         buckets.append((self.doc.min_close(s2) + 1, c))
-            others = _Moves(self.vocab.walk_costs(s, self.doc.step, lambda s2: self.doc.min_close(s2) + 1,
-                                                  root=self.vocab.string_special_root))
-            hit = self._remember(key, (buckets, others), len(others.ids))
+            others = _Moves(*self.vocab.walk_costs(s, self.doc.step, self._cost, special=True,
+                                                   table=self._walk_table()))
+            hit = self._remember(key, (buckets, others), len(others))
         return hit
 
     def _remember(self, key, value, n_ids: int):
@@ -393,8 +328,8 @@ class JsonGrammar(_Grammar):
         key = (c, size, str(device))
         t = self._bucket_tensors.get(key)
         if t is None:
-            t = self._bucket_tensors[key] = torch.tensor([i for i in self.vocab.plain_by_chars[c] if i < size],
-                                                         dtype=torch.long, device=device)
+            ids = self.vocab.plain_arrays[c]
+            t = self._bucket_tensors[key] = torch.from_numpy(ids[ids < size]).to(device)
         return t
 
     def _forced(self, s) -> list[int]:

@@ -16,6 +16,7 @@ from .constrained import TokenVocab, _Grammar
 from .json_automaton import TYPE_MIN, TYPE_STARTS, VALUE, json_complete, json_min_close, json_step, value_start
 from .json_schema import SchemaAutomaton, SchemaError, compile_schema, raw_string_regex
 from .regex import RegexAutomaton
+from .trie_walk import ByteTable
 
 __all__ = ["ToolCallGrammar"]
 
@@ -55,6 +56,7 @@ class ToolCallGrammar(_Grammar):
             self.props[name], self.required[name], self.params[name] = self._params(tools, name)
         self._value_schemas: dict[tuple[str, str], Any] = {}
         self.name_bytes = {n: n.encode("utf-8") for n in self.names}
+        self._tables: dict[tuple, ByteTable] = {}  # byte automata's transitions met in walks (see _walk)
 
     @staticmethod
     def _params(tools, name):
@@ -324,29 +326,51 @@ class ToolCallGrammar(_Grammar):
             out = legal or self._byte_moves(state, 1 << 30)[:1]
         return out
 
+    def clear_caches(self) -> None:
+        super().clear_caches()
+        self._tables.clear()
+
+    def _walk(self, key: tuple, make_step, state, accept) -> list[int]:
+        """``vocab.walk`` with the byte automaton ``make_step()``, whose transitions are kept per ``key`` (what the
+        automaton depends on) across walks."""
+        table = self._tables.get(key)
+        if table is None:
+            if len(self._tables) >= 64:
+                self._tables.clear()
+            table = self._tables[key] = ByteTable(make_step())
+        return self.vocab.walk(state, table.step, accept, table=table)
+
     def _byte_moves(self, state, left: int) -> list[int]:
         k = state[0]
         if k == "name":
-            def step(typed, b):
-                t = typed + bytes([b])
-                return t if any(n.startswith(t) for n in self.name_bytes.values()) else None
+            def name_step():
+                names = list(self.name_bytes.values())
 
-            return self.vocab.walk(state[1], step, lambda t: self.min_close(("name", t)) <= left)
+                def step(typed, b):
+                    t = typed + bytes([b])
+                    return t if any(n.startswith(t) for n in names) else None
+                return step
+
+            return self._walk(("name",), name_step, state[1], lambda t: self.min_close(("name", t)) <= left)
         if k == "key":
             _, tool, used, _typed = state
-            free = [p.encode("utf-8") for p in self._free_keys(tool, used)]
 
-            def step(typed, b):
-                t = typed + bytes([b])
-                return t if any(p.startswith(t) for p in free) else None
+            def key_step():
+                free = [p.encode("utf-8") for p in self._free_keys(tool, used)]
 
-            return self.vocab.walk(state[3], step, lambda t: self.min_close(("key", tool, used, t)) <= left)
+                def step(typed, b):
+                    t = typed + bytes([b])
+                    return t if any(p.startswith(t) for p in free) else None
+                return step
+
+            return self._walk(("key", tool, used), key_step, state[3],
+                              lambda t: self.min_close(("key", tool, used, t)) <= left)
         if k == "val":
             _, tool, used, key, mode = state
             rest = 1 + self._rest_cost(tool, used | {key})
             if mode[0] in ("schema", "enum"):
-                return self.vocab.walk(mode[1], self._value_step(tool, key, mode[0]),
-                                       lambda s: self._value_cost(tool, key, (mode[0], s)) + rest <= left)
+                return self._walk(("val", tool, key, mode[0]), lambda: self._value_step(tool, key, mode[0]), mode[1],
+                                  lambda s: self._value_cost(tool, key, (mode[0], s)) + rest <= left)
             if mode[0] == "text":
                 if rest > left:
                     return []
@@ -358,18 +382,20 @@ class ToolCallGrammar(_Grammar):
                 return ids
             starts, int_only = mode[2], mode[3]
 
-            def step(s, b):
-                if s[0] == VALUE and not s[1]:
-                    if starts is not None and b not in starts:
-                        return None
-                    return value_start("", b, int_only)
-                return json_step(s, b)
+            def json_value_step():
+                def step(s, b):
+                    if s[0] == VALUE and not s[1]:
+                        if starts is not None and b not in starts:
+                            return None
+                        return value_start("", b, int_only)
+                    return json_step(s, b)
+                return step
 
             def fits(s):
                 inner = json_min_close(s) if not (s[0] == VALUE and not s[1]) else 1
                 return inner + rest <= left
 
-            return self.vocab.walk(mode[1], step, fits)
+            return self._walk(("json", starts, int_only), json_value_step, mode[1], fits)
         return []
 
 

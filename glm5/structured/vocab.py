@@ -1,0 +1,158 @@
+"""The vocabulary the grammars walk: every ordinary token's bytes, byte tries of them, and the added tokens.
+
+:class:`TokenVocab` keeps the tokens as :class:`~glm5.structured.trie_walk.FlatTrie` arrays (all ordinary tokens, and
+those that are not plain JSON-string text) and answers, for a byte automaton and a state, which tokens survive and
+where each leads (:meth:`TokenVocab.walk`, :meth:`TokenVocab.walk_costs`: level by level, see
+:mod:`glm5.structured.trie_walk`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from glm5.tokenizer import special_tokens as st
+from glm5.tokenizer.detokenize import byte_level_char_to_byte
+
+from .trie_walk import ByteTable, FlatTrie, Node, node_trie, reference_walk, walk_states
+
+__all__ = ["TokenVocab"]
+
+
+class TokenVocab:
+    """Token bytes and byte tries of the ordinary tokens (:class:`~glm5.structured.trie_walk.FlatTrie`: all of them,
+    and those that are not plain JSON-string text); added tokens by content.
+
+    :meth:`walk` / :meth:`walk_costs` give the tokens a byte automaton survives from a state, walking a trie level by
+    level (:mod:`glm5.structured.trie_walk`). The node-by-node walk they replace is kept as :meth:`walk_reference` /
+    :meth:`walk_costs_reference` (its linked tries are built on first use); :meth:`with_reference_walk` gives a view
+    of this vocabulary whose walks are those, for tests and benchmarks."""
+
+    use_reference_walk = False
+
+    def __init__(self, tokenizer: Any, logits_size: int | None = None) -> None:
+        backend = getattr(tokenizer, "backend", tokenizer)
+        n = backend.get_vocab_size(with_added_tokens=True)
+        self.size = max(n, logits_size or 0)
+        added = backend.get_added_tokens_decoder()
+        self.added: dict[str, int] = {t.content: i for i, t in added.items()}
+        table = byte_level_char_to_byte()
+        self.token_bytes: dict[int, bytes] = {}
+        self.single_byte: dict[int, int] = {}
+        for i in range(n):
+            if i in added:
+                continue
+            tok = backend.id_to_token(i)
+            if tok is None:
+                continue
+            try:
+                data = bytes(table[c] for c in tok)
+            except KeyError:
+                data = tok.encode("utf-8")
+            if not data:
+                continue
+            self.token_bytes[i] = data
+            if len(data) == 1:
+                self.single_byte.setdefault(data[0], i)
+        self.max_token_len = max((len(b) for b in self.token_bytes.values()), default=1)
+        # Inside a JSON string most tokens are plain text that only lengthens it; they are listed by character count
+        # (the special trie holds the rest), so that a string state is not a walk over the whole trie.
+        by_chars: dict[int, list[int]] = {}
+        special: list[tuple[int, bytes]] = []
+        for i, data in self.token_bytes.items():
+            c = _string_chars(data)
+            if c is not None:
+                by_chars.setdefault(c, []).append(i)
+            else:
+                special.append((i, data))
+        self.plain_by_chars = [by_chars.get(c, []) for c in range(max(by_chars, default=0) + 1)]
+        self.plain_arrays = [np.array(b, dtype=np.int64) for b in self.plain_by_chars]  # the same, for tensors
+        self.trie = FlatTrie(self.token_bytes.items())
+        self.trie.dfs_rank()  # the order walk() lists ids in: computed here, off the engine thread
+        self.special_trie = FlatTrie(special)
+        self._special_items = special
+        self._node_tries: dict[bool, Node] = {}
+        self.eos_ids = [self.added[t] for t in st.EOS_TOKENS if t in self.added]
+
+    def id(self, content: str) -> int | None:
+        return self.added.get(content)
+
+    def with_reference_walk(self) -> TokenVocab:
+        """This vocabulary (shared data) with :meth:`walk` / :meth:`walk_costs` done by the node-by-node walk."""
+        view = copy.copy(self)
+        view.use_reference_walk = True
+        return view
+
+    # ---- the walk
+    def live(self, state: Any, step: Callable[[Any, int], Any], special: bool = False,
+             table: ByteTable | None = None) -> tuple[np.ndarray, np.ndarray, ByteTable]:
+        """(ids, numbers, table): the ordinary tokens (the non-plain-text ones with ``special``) whose bytes take
+        ``state`` through ``step`` (None = dead) without dying, in increasing id order, and the number in ``table``
+        (a :class:`ByteTable` of ``step``; a new one when None) of the state each leads to."""
+        trie = self.special_trie if special else self.trie
+        if table is None:
+            table = ByteTable(step)
+        positions, numbers = walk_states(trie, table, state)
+        return trie.token_ids[positions], numbers, table
+
+    def walk(self, state: Any, step: Callable[[Any, int], Any], accept: Callable[[Any], bool], special: bool = False,
+             table: ByteTable | None = None) -> list[int]:
+        """Ids of ordinary tokens (the non-plain-text ones with ``special``) whose bytes take ``state`` through
+        ``step`` (None = dead) to a state that ``accept`` admits, in the order the node-by-node walk lists them."""
+        if self.use_reference_walk:
+            return self.walk_reference(state, step, accept, special)
+        trie = self.special_trie if special else self.trie
+        if table is None:
+            table = ByteTable(step)
+        positions, numbers = walk_states(trie, table, state)
+        if not len(positions):
+            return []
+        keep = positions[table.values(numbers, lambda s: bool(accept(s)), dtype=bool)]
+        return trie.token_ids[keep[np.argsort(trie.dfs_rank()[keep])]].tolist()
+
+    def walk_costs(self, state: Any, step: Callable[[Any, int], Any], cost: Callable[[Any], float],
+                   special: bool = False, table: ByteTable | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, costs): every ordinary token (the non-plain-text ones with ``special``) whose bytes take ``state``
+        through ``step`` without dying, in increasing id order, and ``cost`` of the state it leads to (float64)."""
+        if self.use_reference_walk:
+            pairs = self.walk_costs_reference(state, step, cost, special)
+            pairs.sort(key=lambda p: p[1])
+            return (np.array([i for _, i in pairs], dtype=np.int64),
+                    np.array([c for c, _ in pairs], dtype=np.float64))
+        ids, numbers, table = self.live(state, step, special, table)
+        return ids, table.values(numbers, cost)
+
+    # ---- the node-by-node walk (reference)
+    def node_trie(self, special: bool = False) -> Node:
+        root = self._node_tries.get(special)
+        if root is None:
+            root = self._node_tries[special] = node_trie(self._special_items if special else self.token_bytes.items())
+        return root
+
+    def walk_reference(self, state: Any, step: Callable[[Any, int], Any], accept: Callable[[Any], bool],
+                       special: bool = False) -> list[int]:
+        """:meth:`walk`, node by node."""
+        return [i for ids, s2 in reference_walk(self.node_trie(special), state, step) if accept(s2) for i in ids]
+
+    def walk_costs_reference(self, state: Any, step: Callable[[Any, int], Any], cost: Callable[[Any], float],
+                             special: bool = False) -> list[tuple]:
+        """(``cost`` of the state it leads to, id) for every token :meth:`walk_costs` lists, node by node."""
+        out: list[tuple] = []
+        for ids, s2 in reference_walk(self.node_trie(special), state, step):
+            c = cost(s2)
+            out.extend((c, i) for i in ids)
+        return out
+
+
+def _string_chars(data: bytes) -> int | None:
+    """Characters ``data`` adds inside a JSON string when it neither ends it nor leaves an escape or a UTF-8
+    sequence open; None for any other token (quote, backslash, control byte, partial or invalid UTF-8)."""
+    if b'"' in data or b"\\" in data or any(b < 0x20 or b == 0x7F for b in data):
+        return None
+    try:
+        return len(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None
