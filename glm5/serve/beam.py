@@ -86,10 +86,7 @@ async def serve(state: ServerState, request: Request, req: ChatCompletionRequest
                               length_penalty=req.length_penalty)
     eos = state.backend.eos_ids
     searches = [BeamSearchState(ids, params, eos, prep.params.stop_token_ids) for ids in prep.prompts]
-    m = state.metrics
-    m.in_flight += 1
-    m.prompt_len.observe(gen.prompt_tokens)
-    try:
+    with gen.tracked():
         cached = await _watched(request, gen, gather_or_cancel(
             [search_async(state.backend, rid, s, prep.priority) for rid, s in zip(gen.engine_ids, searches)]))
         if cached is None:  # the client went away; nobody reads this
@@ -97,13 +94,6 @@ async def serve(state: ServerState, request: Request, req: ChatCompletionRequest
         gen.cached_tokens = sum(cached)
         texts = _fill_choices(gen, searches, req.skip_special_tokens)
         gen.finished = True
-    except BaseException as e:
-        if gen.outcome == "ok":
-            gen.outcome = "error" if isinstance(e, Exception) else "aborted"
-        raise
-    finally:
-        m.in_flight -= 1
-        gen._finish_metrics()
     return JSONResponse(_chat_body(gen, texts) if chat else _completion_body(gen, texts))
 
 

@@ -21,6 +21,7 @@ when thinking is on); a schema is compiled by :mod:`glm5.structured.json_schema`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -426,10 +427,7 @@ class Generation:
         """Yields (prompt index, delta RequestOutput) from all engine requests of this generation."""
         backend = self.state.backend
         prep = self.prep
-        m = self.state.metrics
-        m.in_flight += 1
-        m.prompt_len.observe(self.prompt_tokens)
-        try:
+        with self.tracked():
             if len(prep.prompts) == 1:
                 agen = backend.generate(self.engine_ids[0], prep.prompts[0], prep.params, prep.processors,
                                         priority=prep.priority)
@@ -446,6 +444,16 @@ class Generation:
                     self._record(p, out)
                     yield p, out
             self.finished = True
+
+    @contextlib.contextmanager
+    def tracked(self):
+        """This generation in the server metrics while it runs: in flight, its prompt length, and its outcome
+        ("error" / "aborted" when an exception or a cancellation ends it)."""
+        m = self.state.metrics
+        m.in_flight += 1
+        m.prompt_len.observe(self.prompt_tokens)
+        try:
+            yield
         except BaseException as e:
             if self.outcome == "ok":
                 self.outcome = "error" if isinstance(e, Exception) else "aborted"

@@ -220,22 +220,10 @@ class _Compiler:
         return _schema(f["json_schema"], f"{path}.json_schema"), False
 
     def _regex(self, f, path, tail, depth):
-        pattern = f.get("pattern")
-        if not isinstance(pattern, str):
-            raise StructuralTagError("pattern must be a string", path)
-        try:
-            return RegexAutomaton(pattern), False
-        except ValueError as e:
-            raise StructuralTagError(str(e), f"{path}.pattern") from None
+        return _from_source(f, "pattern", path, RegexAutomaton), False
 
     def _grammar(self, f, path, tail, depth):
-        text = f.get("grammar")
-        if not isinstance(text, str):
-            raise StructuralTagError("grammar must be a string", path)
-        try:
-            return GbnfAutomaton(text), False
-        except ValueError as e:
-            raise StructuralTagError(str(e), f"{path}.grammar") from None
+        return _from_source(f, "grammar", path, GbnfAutomaton), False
 
     def _any_text(self, f, path, tail, depth):
         for key in ("max_tokens", "max_chars"):
@@ -336,3 +324,15 @@ class _Compiler:
         one = tags[0] if len(tags) == 1 else Alternatives(tags)
         seq = one if _flag(f, "stop_after_first", path) else Concat([one, Repeat(Concat([Literal(sep), one]), 0, None)])
         return (seq if _flag(f, "at_least_one", path) else Alternatives([seq, Literal(b"")])), False
+
+
+def _from_source(f: dict, key: str, path: str, build):
+    """The automaton ``build`` compiles from the string ``f[key]`` (a regex, a GBNF grammar); its errors name
+    the field."""
+    text = f.get(key)
+    if not isinstance(text, str):
+        raise StructuralTagError(f"{key} must be a string", path)
+    try:
+        return build(text)
+    except ValueError as e:
+        raise StructuralTagError(str(e), f"{path}.{key}") from None

@@ -124,23 +124,28 @@ def test_attention_gathers_only_topk_rows():
     torch.testing.assert_close(poisoned, clean, rtol=1e-5, atol=1e-5)
 
 
-def test_cuda_graph_static_layout_matches_eager_decode(nano):
-    # The CUDA-graph decode path (batch padded to a bucket, keys padded to max_model_len, layout computed from block
-    # tables inside the graph) run eagerly on CPU: same logits as the dynamic path. (Capture itself needs CUDA.)
-    from glm5.engine.cuda_graphs import CudaGraphRunner
-
-    cfg = nano.config
-    kv = PagedKVCache(cfg, 64, 4, cfg.num_hidden_layers, torch.float32, "cpu")
-    runner = ModelRunner(nano, kv, 4)
-    lens = [5, 30, 13]  # below and above index_topk
-    tables = [list(range(1 + 20 * i, 21 + 20 * i)) for i in range(3)]
-    toks = prompts(lens, seed=13)
+def _decode_after_prefill(model, dtype, lens: list[int], seed: int):
+    """Prefill every prompt but its last token into a paged cache, then the eager logits of one decode step
+    over all of them: (runner, decode chunks, logits)."""
+    cfg = model.config
+    kv = PagedKVCache(cfg, 64, 4, cfg.num_hidden_layers, dtype, "cpu")
+    runner = ModelRunner(model, kv, 4)
+    tables = [list(range(1 + 20 * i, 21 + 20 * i)) for i in range(len(lens))]
+    toks = prompts(lens, seed=seed)
     for t, p in zip(tables, toks):
         ids, pos, batch = runner.build([Chunk(t, 0, p[:-1])])
         runner.forward(ids, pos, batch)
     chunks = [Chunk(t, len(p) - 1, p[-1:]) for t, p in zip(tables, toks)]
     ids, pos, batch = runner.build(chunks)
-    eager = runner.logits(runner.forward(ids, pos, batch))
+    return runner, chunks, runner.logits(runner.forward(ids, pos, batch))
+
+
+def test_cuda_graph_static_layout_matches_eager_decode(nano):
+    # The CUDA-graph decode path (batch padded to a bucket, keys padded to max_model_len, layout computed from block
+    # tables inside the graph) run eagerly on CPU: same logits as the dynamic path. (Capture itself needs CUDA.)
+    from glm5.engine.cuda_graphs import CudaGraphRunner
+
+    runner, chunks, eager = _decode_after_prefill(nano, torch.float32, [5, 30, 13], seed=13)  # below/above index_topk
     static = CudaGraphRunner(runner, max_num_seqs=4, max_model_len=72, capture=False).run(chunks)  # bucket 4: 1 pad row
     torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-5)
     assert static.argmax(-1).tolist() == eager.argmax(-1).tolist()
@@ -153,18 +158,7 @@ def test_compiled_static_decode_matches_eager_decode(nano):
     from glm5.engine.cuda_graphs import CudaGraphRunner
 
     model = copy.deepcopy(nano).to(torch.bfloat16)
-    cfg = model.config
-    kv = PagedKVCache(cfg, 64, 4, cfg.num_hidden_layers, torch.bfloat16, "cpu")
-    runner = ModelRunner(model, kv, 4)
-    lens = [5, 30]  # below and above index_topk
-    tables = [list(range(1 + 20 * i, 21 + 20 * i)) for i in range(2)]
-    toks = prompts(lens, seed=14)
-    for t, p in zip(tables, toks):
-        ids, pos, batch = runner.build([Chunk(t, 0, p[:-1])])
-        runner.forward(ids, pos, batch)
-    chunks = [Chunk(t, len(p) - 1, p[-1:]) for t, p in zip(tables, toks)]
-    ids, pos, batch = runner.build(chunks)
-    eager = runner.logits(runner.forward(ids, pos, batch))
+    runner, chunks, eager = _decode_after_prefill(model, torch.bfloat16, [5, 30], seed=14)
     torch._dynamo.reset()
     graphs = CudaGraphRunner(runner, max_num_seqs=2, max_model_len=72, capture=False, compile=True)
     compiled = graphs.run(chunks)

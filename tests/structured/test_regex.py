@@ -14,6 +14,7 @@ from hypothesis import strategies as hs
 from glm5.structured import GrammarCache
 from glm5.structured.regex import RegexAutomaton, _utf8_sequences
 
+from .automaton_checks import check_min_close_is_exact
 from .test_constrained import sampled_text, tok  # noqa: F401  (tok: the module-scoped tokenizer fixture)
 
 
@@ -79,24 +80,8 @@ def test_random_patterns_agree_with_re(pattern, seed):
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_min_close_is_the_shortest_completion(pattern):
-    """``min_close`` is exact: 0 exactly on complete states, some byte lowers it by one, none by more. (By induction
-    that is the shortest number of bytes to a match, which the budget logic relies on to close in time.)"""
-    auto = RegexAutomaton(pattern)
-    rng = random.Random(1)
-    frontier, seen = [auto.start()], set()
-    while frontier and len(seen) < 60:
-        s = frontier.pop(rng.randrange(len(frontier)))
-        if s in seen:
-            continue
-        seen.add(s)
-        here = auto.min_close(s)
-        assert (here == 0) == auto.complete(s)
-        nexts = [n for n in (auto.step(s, b) for b in range(256)) if n is not None]
-        closer = [auto.min_close(n) for n in nexts]
-        assert all(c >= here - 1 for c in closer)
-        if here:
-            assert here - 1 in closer
-        frontier.extend(nexts)
+    """``min_close`` is exact (see check_min_close_is_exact)."""
+    check_min_close_is_exact(RegexAutomaton(pattern), seed=1, max_states=60)
 
 
 @settings(max_examples=200, deadline=None)

@@ -19,6 +19,7 @@ from glm5.structured.constrained import ConstrainedLogitsProcessor
 from glm5.structured.json_schema import compile_schema
 from glm5.structured.structural_tag import StructuralTagError, compile_structural_tag
 
+from .automaton_checks import check_min_close_is_exact
 from .test_constrained import tok, vocab  # noqa: F401  (the module-scoped fixtures)
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -212,24 +213,8 @@ def test_combinations(fmt, good, bad):
                                       {"begin": "abc", "schema": {"type": "null"}, "end": "!"},
                                       {"begin": "bb", "schema": {"type": "integer"}, "end": "."}]}])
 def test_min_close_is_the_shortest_completion(spec):
-    """0 exactly on complete states, some byte lowers it by one, none by more: by induction the fewest bytes to a
-    valid output, which the budget rule relies on."""
-    auto = compile_structural_tag(spec)
-    rng = random.Random(0)
-    frontier, seen = [auto.start()], set()
-    while frontier and len(seen) < 80:
-        s = frontier.pop(rng.randrange(len(frontier)))
-        if s in seen:
-            continue
-        seen.add(s)
-        here = auto.min_close(s)
-        assert (here == 0) == auto.complete(s)
-        nexts = [n for n in (auto.step(s, b) for b in range(256)) if n is not None]
-        closer = [auto.min_close(n) for n in nexts]
-        assert all(c >= here - 1 for c in closer)
-        if here:
-            assert here - 1 in closer, (s, here, sorted(set(closer)))
-        frontier.extend(n for n in nexts if auto.min_close(n) < float("inf"))
+    """``min_close`` is exact (see check_min_close_is_exact), which the budget rule relies on."""
+    check_min_close_is_exact(compile_structural_tag(spec), seed=0, max_states=80, only_closable=True)
     assert compile_structural_tag(nested(True, True)).min_close(compile_structural_tag(nested(True, True)).start()) \
         == len("[<a>0</a>].")
 
