@@ -5,6 +5,9 @@ Per layer (main layers, plus the MTP layer when speculative decoding is on) two 
   index  [num_blocks * block_size, index_head_dim]                     the indexer keys (layers with an indexer)
 GLM-5: 576 + 128 numbers per token and layer, shared by all 64 heads (vs 64 × (256 + 256) for plain MHA).
 
+With ``kv_cache_dtype="fp8"`` both are FP8 row stores in GLM-5's serving layouts (glm5/engine/kv_quant.py:
+656 + 132 bytes per token and layer at GLM-5's widths), dequantised as attention gathers them.
+
 ``PagedKVCache.view(batch)`` returns the object MLAttention receives as its cache (the ``paged`` protocol in
 glm5/model/cache.py): writes go to ``batch.slot_mapping``, reads index the flat slot dimension.
 """
@@ -14,34 +17,43 @@ from __future__ import annotations
 import torch
 
 from glm5.config import GLM5Config
+from glm5.engine.kv_quant import Fp8Rows, cache_bytes_per_token, resolve_kv_cache_dtype
 from glm5.model.cache import GatherScratch, PagedBatch
 
 
-def bytes_per_block(cfg: GLM5Config, block_size: int, num_layers: int, dtype: torch.dtype) -> int:
-    elem = torch.empty((), dtype=dtype).element_size()
+def bytes_per_block(cfg: GLM5Config, block_size: int, num_layers: int, dtype: torch.dtype,
+                    kv_cache_dtype: str = "auto") -> int:
     types = cfg.layer_indexer_types + ["full"] * num_layers  # MTP depth layers always have an indexer
     idx_layers = sum(1 for t in types[:num_layers] if t == "full")
-    per_token = num_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + idx_layers * cfg.index_head_dim
-    return per_token * block_size * elem
+    latent, index = cache_bytes_per_token(cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_head_dim,
+                                          kv_cache_dtype, dtype)
+    return (num_layers * latent + idx_layers * index) * block_size
 
 
 class PagedKVCache:
     def __init__(self, cfg: GLM5Config, num_blocks: int, block_size: int, num_layers: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, kv_cache_dtype: str = "auto"):
         self.cfg = cfg
         self.num_blocks, self.block_size, self.num_layers = num_blocks, block_size, num_layers
+        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
         slots = num_blocks * block_size
-        self.latent_dim = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        r, dr, di = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_head_dim
+        self.latent_dim = r + dr
         types = cfg.layer_indexer_types + ["full"] * num_layers
-        self.latent = [torch.zeros(slots, self.latent_dim, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.index: list[torch.Tensor | None] = [
-            torch.zeros(slots, cfg.index_head_dim, dtype=dtype, device=device) if types[i] == "full" else None
-            for i in range(num_layers)]
+        if self.kv_cache_dtype == "auto":
+            self.latent = [torch.zeros(slots, self.latent_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+            self.index: list = [torch.zeros(slots, di, dtype=dtype, device=device) if types[i] == "full" else None
+                                for i in range(num_layers)]
+        else:
+            self.latent = [Fp8Rows(slots, r, dr, dtype, device) for _ in range(num_layers)]
+            self.index = [Fp8Rows(slots, di, 0, dtype, device) if types[i] == "full" else None
+                          for i in range(num_layers)]
         # CPU only: CUDA's caching allocator already reuses memory (and CUDA graphs capture their own buffers)
         self.scratch = GatherScratch() if torch.device(device).type == "cpu" else None
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.latent + self.index if t is not None)
+        return sum(t.nbytes() if isinstance(t, Fp8Rows) else t.numel() * t.element_size()
+                   for t in self.latent + self.index if t is not None)
 
     def view(self, batch: PagedBatch) -> "PagedCacheView":
         return PagedCacheView(self, batch)
@@ -59,10 +71,14 @@ class PagedCacheView:
 
     def write(self, layer: int, slot_mapping: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
               k_idx: torch.Tensor | None) -> None:
-        lat = self.store.latent[layer]
+        lat, idx = self.store.latent[layer], self.store.index[layer]
+        if isinstance(lat, Fp8Rows):
+            lat.write(slot_mapping, c_kv, k_pe)
+            if k_idx is not None:
+                idx.write(slot_mapping, k_idx)
+            return
         lat.index_copy_(0, slot_mapping, torch.cat([c_kv, k_pe], dim=-1).to(lat.dtype))
         if k_idx is not None:
-            idx = self.store.index[layer]
             idx.index_copy_(0, slot_mapping, k_idx.to(idx.dtype))
 
     def latents(self, layer: int) -> torch.Tensor:

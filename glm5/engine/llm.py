@@ -73,7 +73,7 @@ class LLM:
     model: a checkpoint directory (config.json + safetensors; tokenizer.json used when present) or a
     GLM5ForCausalLM. Keyword arguments are EngineConfig fields (max_num_seqs, max_model_len, block_size,
     num_blocks / kv_cache_memory, max_num_batched_tokens, enable_prefix_caching, num_speculative_tokens,
-    spec_disable_batch_size, dsa, seed, use_cuda_graph, cpu_weight_layout, logprobs_mode, scheduling_policy,
+    spec_disable_batch_size, dsa, kv_cache_dtype, seed, use_cuda_graph, cpu_weight_layout, logprobs_mode, scheduling_policy,
     tensor_parallel_size, enable_expert_parallel) plus
     device, dtype and tokenizer. ``tensor_parallel_size=N`` runs under ``torchrun --nproc-per-node N``, every rank
     executing the same script (glm5.engine.parallel).

@@ -51,6 +51,9 @@ class EngineConfig:
     # requests keep drafting, so their tokens stay independent of the batch.
     spec_disable_batch_size: int = 0
     dsa: str = "sparse"  # "sparse" (the model's DSA) or "dense"
+    # "auto": the cache in the model's dtype (outputs equal the model's); "fp8" (= "fp8_e4m3" = "fp8_ds_mla"): GLM-5's
+    # FP8 serving layouts, 656 + 132 bytes per token and layer at GLM-5's widths (glm5/engine/kv_quant.py)
+    kv_cache_dtype: str = "auto"
     seed: int = 0  # engine RNG for requests without a seed
     use_cuda_graph: bool = True  # CUDA only; ignored on CPU
     # CUDA graphs only: torch.compile the decode forward before capturing it (fused kernels; compiles once per
@@ -123,7 +126,7 @@ class LLMEngine:
         if tokenizer is not None:
             self.eos_ids |= set(tokenizer.eos_token_ids)
         # ---- cache budget
-        per_block = bytes_per_block(mcfg, cfg.block_size, num_layers, self.dtype)
+        per_block = bytes_per_block(mcfg, cfg.block_size, num_layers, self.dtype, cfg.kv_cache_dtype)
         min_blocks = 2 + -(-(self.max_model_len + 2 * self.k) // cfg.block_size)  # one full sequence + null block
         num_blocks = cfg.num_blocks
         if num_blocks is None:
@@ -140,7 +143,8 @@ class LLMEngine:
         if num_blocks < min_blocks:
             raise ValueError(f"cache of {num_blocks} blocks cannot hold one {self.max_model_len}-token sequence "
                              f"(need >= {min_blocks}); raise the budget or lower max_model_len")
-        self.kv_cache = PagedKVCache(mcfg, num_blocks, cfg.block_size, num_layers, self.dtype, self.device)
+        self.kv_cache = PagedKVCache(mcfg, num_blocks, cfg.block_size, num_layers, self.dtype, self.device,
+                                     cfg.kv_cache_dtype)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching,
                                           hash_extra_tokens=self.k)
         self.runner = ModelRunner(model, self.kv_cache, cfg.block_size, dsa=cfg.dsa)

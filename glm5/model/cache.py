@@ -123,7 +123,10 @@ def gather_rows(store: torch.Tensor, idx: torch.Tensor, scratch: GatherScratch |
                 name: str = "rows") -> torch.Tensor:
     """``store[idx]`` for a 2-D cache store [slots, D] and an integer index of any shape -> [*idx.shape, D].
     ``index_select`` on the flattened index: a plain copy, several times faster on CPU than advanced indexing.
-    With ``scratch``, the rows land in its buffer ``name`` (see :class:`GatherScratch` for the lifetime)."""
+    With ``scratch``, the rows land in its buffer ``name`` (see :class:`GatherScratch` for the lifetime).
+    ``store`` may also be any object with this method, e.g. an FP8 row store, which returns dequantised rows."""
+    if not isinstance(store, torch.Tensor):  # a quantised store (glm5/engine/kv_quant.py) dequantises as it gathers
+        return store.gather_rows(idx, scratch, name)
     flat, D = idx.reshape(-1), store.shape[-1]
     if scratch is None:
         return store.index_select(0, flat).view(*idx.shape, D)

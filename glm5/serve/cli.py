@@ -48,6 +48,9 @@ def add_parser(sub) -> None:
                         "...`; rank 0 serves, the others run its model calls on their shards")
     g.add_argument("--enable-expert-parallel", action="store_true",
                    help="with --tensor-parallel-size: deal the routed experts out whole instead of splitting each")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_ds_mla"],
+                   help="auto: the KV cache in the model's dtype; fp8: GLM-5's FP8 layouts (656 + 132 bytes per token "
+                        "and layer at GLM-5's widths, 1.8x the tokens of a bf16 cache; outputs then differ slightly)")
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: decode without CUDA graphs (vLLM's flag)")
     g.add_argument("--compile-decode", action="store_true",
                    help="CUDA: torch.compile the decode forward before capturing its graphs (fused kernels: 1.2-1.7x faster decode on an H100; ~1 minute of compilation per batch bucket)")
@@ -129,7 +132,7 @@ def run(args) -> int:
                     kv_cache_memory=args.kv_cache_memory, fp8=args.fp8, seed=args.seed, logprobs_mode=args.logprobs_mode,
                     tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
                     scheduling_policy=args.scheduling_policy, use_cuda_graph=not args.enforce_eager,
-                    compile_decode=args.compile_decode)
+                    compile_decode=args.compile_decode, kv_cache_dtype=args.kv_cache_dtype)
     engine = app.state.serve.backend.engine
     if engine.tp.world > 1:  # rank 0 serves and drives; the other ranks run its model calls (glm5.engine.parallel)
         from glm5.engine.parallel import drive, follow

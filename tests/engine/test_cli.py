@@ -18,6 +18,17 @@ def test_generate_token_ids_without_tokenizer(tmp_path, nano, capsys):
     assert "6 tokens" in out.err
 
 
+def test_generate_with_fp8_kv_cache(tmp_path, nano, capsys):
+    nano.save_pretrained(tmp_path)
+    args = ["generate", "--model", str(tmp_path), "--prompt-ids", ",".join(map(str, range(5, 45))), "--max-tokens", "6",
+            "--ignore-eos"]
+    assert main(args + ["--kv-cache-dtype", "fp8"]) == 0
+    got = [int(x) for x in capsys.readouterr().out.split()]
+    expected = LLM(nano, kv_cache_dtype="fp8").generate([{"prompt_token_ids": list(range(5, 45))}],
+                                                         SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert got == expected[0].outputs[0].token_ids
+
+
 def test_generate_text_streams(nano_dir, capsys):
     assert main(["generate", "--model", str(nano_dir), "--prompt", "Hello world", "--max-tokens", "12",
                  "--ignore-eos", "--spec-tokens", "2"]) == 0
