@@ -373,8 +373,10 @@ def bench_mtp(args, path, cfg, results):
 
 def bench_dsa(args, results):
     """One MLA + DSA layer at GLM-5's attention shapes; cost of the attention over a T-token latent cache for a
-    single decoded token (projections excluded: they are identical in both modes)."""
+    single decoded token (projections excluded: they are identical in both modes). Measured with the cache in
+    fp32 (the CPU default, key "dsa") and in GLM-5's FP8 layouts (``kv_cache_dtype="fp8"``, key "dsa_fp8")."""
     from glm5.engine.kv_cache import PagedKVCache
+    from glm5.engine.kv_quant import row_bytes
     from glm5.model.mla import MLAttention
 
     full = preset("glm5")
@@ -388,10 +390,8 @@ def bench_dsa(args, results):
         torch.nn.init.normal_(prm, std=0.02)
     attn.eval()
     bs = 64
-    kv = PagedKVCache(cfg, T // bs + 2, bs, 1, torch.float32, "cpu")
-    kv.latent[0].normal_()
-    kv.index[0].normal_()
     h, r, dr = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    k, hi, di = cfg.index_topk, cfg.index_n_heads, cfg.index_head_dim
     perm = torch.randperm(T // bs + 1)[: T // bs] + 1  # scattered blocks, as in a real paged cache
     kv_slots = (perm[:, None] * bs + torch.arange(bs)[None]).reshape(1, T)
     visible = torch.ones(1, 1, T, dtype=torch.bool)
@@ -400,17 +400,6 @@ def bench_dsa(args, results):
     x = torch.randn(1, 1, cfg.hidden_size)
     q_resid = torch.randn(1, 1, cfg.q_lora_rank)
     cos, sin = torch.ones(1, 1, dr // 2), torch.zeros(1, 1, dr // 2)
-    lat = kv.latent[0]
-
-    @torch.inference_mode()
-    def sparse():
-        scores = attn.indexer.paged_scores(x, q_resid, cos, sin, kv.index[0], kv_slots, visible, kv.scratch)
-        topk = attn.indexer.select(scores)
-        return attn._absorbed_attention(qn, qp, lat, kv_slots, visible, topk, kv.scratch)
-
-    @torch.inference_mode()
-    def dense():
-        return attn._absorbed_attention(qn, qp, lat, kv_slots, visible, None, kv.scratch)
 
     def timeit(fn, n):
         fn()
@@ -428,19 +417,43 @@ def bench_dsa(args, results):
     def projections():  # q_nope·W_UK and o_lat·W_UVᵀ: per-token work identical in both modes (58 MB of fp32 weights)
         return torch.bmm(qn.reshape(1, h, -1).transpose(0, 1), w_uk), torch.bmm(o_lat, w_uv.transpose(1, 2))
 
-    ts, td = timeit(sparse, args.repeats * 3), timeit(dense, args.repeats * 3)
     tp = timeit(projections, args.repeats * 3)
-    k, hi, di = cfg.index_topk, cfg.index_n_heads, cfg.index_head_dim
     flops_dense = 2 * h * T * ((r + dr) + r) + 2 * h * cfg.qk_nope_head_dim * r + 2 * h * r * cfg.v_head_dim
     flops_sparse = 2 * hi * di * T + 2 * hi * T + 2 * h * k * ((r + dr) + r) + 2 * h * cfg.qk_nope_head_dim * r \
         + 2 * h * r * cfg.v_head_dim
-    row = dict(context=T, heads=h, kv_lora_rank=r, rope_dim=dr, index_heads=hi, index_dim=di, index_topk=k,
-               sparse_ms=ts * 1e3, dense_ms=td * 1e3, time_ratio=td / ts, absorbed_projections_ms=tp * 1e3,
-               time_ratio_excl_projections=(td - tp) / (ts - tp),
-               sparse_gflop=flops_sparse / 1e9, dense_gflop=flops_dense / 1e9, flop_ratio=flops_dense / flops_sparse,
-               bytes_read_sparse_mb=(T * di + k * (r + dr)) * 4 / 2**20, bytes_read_dense_mb=T * (r + dr) * 4 / 2**20)
-    print(json.dumps(row), flush=True)
-    results["dsa"] = row
+    for key, kv_dtype in (("dsa", "auto"), ("dsa_fp8", "fp8")):
+        kv = PagedKVCache(cfg, T // bs + 2, bs, 1, torch.float32, "cpu", kv_cache_dtype=kv_dtype)
+        slots = kv.num_blocks * bs
+        if kv_dtype == "auto":
+            kv.latent[0].normal_()
+            kv.index[0].normal_()
+            lat_row, idx_row = (r + dr) * 4, di * 4
+        else:
+            kv.latent[0].write(torch.arange(slots), torch.randn(slots, r), torch.randn(slots, dr))
+            kv.index[0].write(torch.arange(slots), torch.randn(slots, di))
+            lat_row, idx_row = row_bytes(r, dr), row_bytes(di)
+        lat = kv.latent[0]
+
+        @torch.inference_mode()
+        def sparse():
+            scores = attn.indexer.paged_scores(x, q_resid, cos, sin, kv.index[0], kv_slots, visible, kv.scratch)
+            topk = attn.indexer.select(scores)
+            return attn._absorbed_attention(qn, qp, lat, kv_slots, visible, topk, kv.scratch)
+
+        @torch.inference_mode()
+        def dense():
+            return attn._absorbed_attention(qn, qp, lat, kv_slots, visible, None, kv.scratch)
+
+        ts, td = timeit(sparse, args.repeats * 3), timeit(dense, args.repeats * 3)
+        row = dict(context=T, kv_cache_dtype=kv_dtype, heads=h, kv_lora_rank=r, rope_dim=dr, index_heads=hi,
+                   index_dim=di, index_topk=k, sparse_ms=ts * 1e3, dense_ms=td * 1e3, time_ratio=td / ts,
+                   absorbed_projections_ms=tp * 1e3, time_ratio_excl_projections=(td - tp) / (ts - tp),
+                   sparse_gflop=flops_sparse / 1e9, dense_gflop=flops_dense / 1e9, flop_ratio=flops_dense / flops_sparse,
+                   bytes_read_sparse_mb=(T * idx_row + k * lat_row) / 2**20, bytes_read_dense_mb=T * lat_row / 2**20,
+                   cache_bytes_per_token=lat_row + idx_row)
+        print(json.dumps(row), flush=True)
+        results[key] = row
+        del kv, lat
 
 
 def main() -> int:

@@ -16,6 +16,7 @@ from glm5.checkpoint.fp8 import BLOCK, is_fp8_quantizable
 from glm5.checkpoint.hf import param_to_file_items
 from glm5.checkpoint.safetensors_io import shard_files
 from glm5.config import PRESETS, GLM5Config
+from glm5.engine.kv_quant import row_bytes
 
 
 def model_stats(cfg: GLM5Config) -> dict:
@@ -55,6 +56,8 @@ def model_stats(cfg: GLM5Config) -> dict:
     kv_per_token_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim  # MLA latent + shared rope key
     idx_per_token_layer = cfg.index_head_dim
     kv_bytes = 2 * (kv_per_token_layer + idx_per_token_layer) * n_main  # bf16
+    # kv_cache_dtype="fp8": FlashMLA's fp8_ds_mla latent row + the indexer's e4m3 row (glm5/engine/kv_quant.py)
+    kv_bytes_fp8 = (row_bytes(cfg.kv_lora_rank, cfg.qk_rope_head_dim) + row_bytes(cfg.index_head_dim)) * n_main
     return {
         "params_total_no_mtp": total,
         "params_mtp": mtp,
@@ -69,6 +72,8 @@ def model_stats(cfg: GLM5Config) -> dict:
         "bytes_fp8_with_mtp": fp8_bytes + scale_bytes + bf16_bytes_fp8,
         "kv_cache_bytes_per_token_bf16": kv_bytes,
         "kv_cache_bytes_full_context_bf16": kv_bytes * cfg.max_position_embeddings,
+        "kv_cache_bytes_per_token_fp8": kv_bytes_fp8,
+        "kv_cache_bytes_full_context_fp8": kv_bytes_fp8 * cfg.max_position_embeddings,
         "kv_cache_elements_per_token_layer": {"latent": cfg.kv_lora_rank, "rope_key": cfg.qk_rope_head_dim,
                                               "indexer_key": cfg.index_head_dim},
         "max_position_embeddings": cfg.max_position_embeddings,
@@ -156,6 +161,8 @@ def format_table(st: dict) -> str:
         ("activated per MTP draft step (excl. embedding, lm_head)", f"{st['params_activated_mtp_step']:,}"),
         ("latent KV cache per token (bf16)", f"{st['kv_cache_bytes_per_token_bf16']:,} B"),
         (f"latent KV cache at {st['max_position_embeddings']:,} tokens", _human(st["kv_cache_bytes_full_context_bf16"], "B")),
+        ("latent KV cache per token (--kv-cache-dtype fp8)", f"{st['kv_cache_bytes_per_token_fp8']:,} B"),
+        (f"  at {st['max_position_embeddings']:,} tokens", _human(st["kv_cache_bytes_full_context_fp8"], "B")),
     ]
     tp = st.get("tensor_parallel")
     if tp:

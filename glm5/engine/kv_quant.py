@@ -95,6 +95,7 @@ class Fp8Rows:
         # CPU: e4m3 -> float32 through a 256-entry table (torch's own conversion is scalar there: ~4x slower)
         self._table = (torch.arange(256, dtype=torch.uint8).view(FP8).float().nan_to_num_(0.0)
                        if self.device.type == "cpu" else None)
+        self._codes_like = torch.empty(0, dtype=torch.int32)
 
     def element_size(self) -> int:
         return self._like.element_size()
@@ -113,19 +114,33 @@ class Fp8Rows:
     def write(self, slot_mapping: torch.Tensor, values: torch.Tensor, rope: torch.Tensor | None = None) -> None:
         self.data.index_copy_(0, slot_mapping, self.encode(values, rope))
 
-    def decode(self, raw: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """raw [n, row_bytes] uint8 (contiguous) -> out [n, dim + rope_dim] in ``dtype``."""
+    def _buffer(self, scratch: GatherScratch | None, name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+        # the temporaries of a long gather are tens of MB: fresh ones would pay a page fault per 4 KB (cache.py)
+        return torch.empty(numel, dtype=like.dtype, device=like.device) if scratch is None else \
+            scratch.get(name, numel, like)
+
+    def decode(self, raw: torch.Tensor, out: torch.Tensor, scratch: GatherScratch | None = None,
+               name: str = "rows") -> torch.Tensor:
+        """raw [n, row_bytes] uint8 (contiguous) -> out [n, dim + rope_dim] in ``dtype``; ``scratch`` holds the
+        temporaries under ``name``-derived keys."""
         n, r, t = raw.shape[0], self.dim, self.num_tiles
-        scale = raw[:, r:r + 4 * t].view(torch.float32)  # [n,t] (aligned: r and row_bytes are multiples of 4)
-        if self._table is not None:
-            vals = self._table.index_select(0, raw[:, :r].reshape(-1).int()).view(n, t, self.tile)
-        else:
-            vals = raw[:, :r].view(FP8).float().view(n, t, self.tile)
+        scale = raw[:, r:r + 4 * t].view(torch.float32)[..., None]  # [n,t,1] (aligned: r, row_bytes multiples of 4)
         dst = out[:, :r].view(n, t, self.tile)
-        if out.dtype == torch.float32:
-            torch.mul(vals, scale[..., None], out=dst)
+        if self._table is not None:
+            codes = self._buffer(scratch, name + ".codes", n * r, self._codes_like).view(n, r)
+            codes.copy_(raw[:, :r])  # uint8 -> int32 table index
+            if out.dtype == torch.float32 and not self.rope_dim:  # out is exactly the values: look up in place
+                torch.index_select(self._table, 0, codes.view(-1), out=out.view(-1))
+                dst.mul_(scale)
+            else:
+                vals = self._buffer(scratch, name + ".vals", n * r, self._table)
+                torch.index_select(self._table, 0, codes.view(-1), out=vals)
+                if out.dtype == torch.float32:
+                    torch.mul(vals.view(n, t, self.tile), scale, out=dst)
+                else:
+                    dst.copy_(vals.view(n, t, self.tile).mul_(scale))
         else:
-            dst.copy_(vals.mul_(scale[..., None]))
+            dst.copy_(raw[:, :r].view(FP8).float().view(n, t, self.tile).mul_(scale))
         if self.rope_dim:
             out[:, r:].copy_(raw[:, r + 4 * t:].view(torch.bfloat16))
         return out
@@ -140,4 +155,4 @@ class Fp8Rows:
             raw = torch.index_select(self.data, 0, flat, out=scratch.get(name + ".fp8", n * self.data.shape[1],
                                                                            self.data).view(n, -1))
             out = scratch.get(name, n * D, self._like).view(n, D)
-        return self.decode(raw, out).view(*idx.shape, D)
+        return self.decode(raw, out, scratch, name).view(*idx.shape, D)

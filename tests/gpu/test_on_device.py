@@ -68,6 +68,26 @@ def test_engine_greedy_equals_the_model_and_decodes_through_cuda_graphs(exact_fp
         assert graphs is None  # nothing CUDA-only on the CPU path
 
 
+def test_fp8_kv_cache_on_the_device(exact_fp32):
+    """kv_cache_dtype="fp8": the quantising writes and dequantising gathers run on the device (through CUDA graphs
+    on CUDA) and decode the same tokens as the eager engine; the cache holds 1.8x the tokens of a bf16 one."""
+    model = GLM5ForCausalLM(preset("glm5-nano", index_topk=8)).init_weights(3).to(DEVICE).eval()
+    g = torch.Generator().manual_seed(1)
+    ps = [torch.randint(1, 2048, (n,), generator=g).tolist() for n in (5, 13, 40)]
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    graphs = LLM(model, device=DEVICE, block_size=4, max_num_seqs=4, kv_cache_dtype="fp8")
+    eager = LLM(model, device=DEVICE, block_size=4, max_num_seqs=4, kv_cache_dtype="fp8", use_cuda_graph=False)
+    a, b = graphs.generate(ps, sp), eager.generate(ps, sp)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    if CUDA:
+        assert graphs.engine.runner.graphs.graphs and not graphs.engine.runner.graphs.failed
+    from glm5.engine.kv_cache import bytes_per_block
+
+    cfg = preset("glm5")
+    ratio = bytes_per_block(cfg, 64, 78, torch.bfloat16) / bytes_per_block(cfg, 64, 78, torch.bfloat16, "fp8")
+    assert abs(ratio - 1408 / 788) < 1e-9
+
+
 def test_engine_serves_bf16_with_mtp_drafts():
     model = GLM5ForCausalLM(preset("glm5-nano")).init_weights(5).to(device=DEVICE)
     if CUDA:

@@ -38,6 +38,9 @@ def test_info_glm5_published_numbers():
     assert st["bytes_bf16_with_mtp"] == 1_507_728_316_928
     assert st["params_activated_mtp_step"] == 591_233_792
     assert st["kv_cache_bytes_per_token_bf16"] == (576 + 128) * 78 * 2
+    # the reference's table: FP8 latent (656 B) + FP8 indexer (132 B) = 61,464 B per token, 12.5 GB at 202,752 tokens
+    assert st["kv_cache_bytes_per_token_fp8"] == 61_464
+    assert round(st["kv_cache_bytes_full_context_fp8"] / 1e9, 1) == 12.5
     assert 0.49 < st["bytes_fp8_with_mtp"] / st["bytes_bf16_with_mtp"] < 0.51
 
 
