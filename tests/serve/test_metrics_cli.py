@@ -97,13 +97,14 @@ def test_cli_parser_registered():
 
 
 def test_glm5_serve_command_end_to_end(model_dir):
-    """``glm5 serve`` in a subprocess: starts, answers with the key, shuts down on SIGINT."""
+    """``glm5 serve`` in a subprocess (with an FP8 KV cache): starts, answers with the key, shuts down on SIGINT."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "GLM5_API_KEY": "cli-key", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "glm5.cli", "serve", "--model", str(model_dir), "--port", str(port),
-                             "--served-model-name", "cli-model", "--max-model-len", "512", "--log-level", "warning"],
+                             "--served-model-name", "cli-model", "--max-model-len", "512", "--log-level", "warning",
+                             "--kv-cache-dtype", "fp8"],  # the FP8 cache through the CLI's engine arguments
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
