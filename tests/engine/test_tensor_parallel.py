@@ -159,9 +159,9 @@ _SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     from glm5.engine import LLM, SamplingParams
 
-    def run(model_dir, tp, spec, ep=False, fp8="dequantize"):
+    def run(model_dir, tp, spec, ep=False, fp8="dequantize", kv_cache_dtype="auto"):
         llm = LLM(model_dir, tensor_parallel_size=tp, max_model_len=256, num_speculative_tokens=spec,
-                  enable_expert_parallel=ep and tp > 1, fp8=fp8)
+                  enable_expert_parallel=ep and tp > 1, fp8=fp8, kv_cache_dtype=kv_cache_dtype)
         g = torch.Generator().manual_seed(3)
         prompts = [torch.randint(1, 2000, (n,), generator=g).tolist() for n in (5, 30, 70)]
         params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2),
@@ -176,7 +176,8 @@ _SCRIPT = textwrap.dedent("""
         model_dir, fp8_dir, out = sys.argv[1], sys.argv[2], sys.argv[3]
         tp = int(os.environ.get("WORLD_SIZE", "1"))
         res = {"plain": run(model_dir, tp, 0), "mtp": run(model_dir, tp, 2), "ep": run(model_dir, tp, 0, ep=True),
-               "fp8": run(fp8_dir, tp, 0, fp8="keep"), "fp8_ep": run(fp8_dir, tp, 0, ep=True, fp8="keep")}
+               "fp8": run(fp8_dir, tp, 0, fp8="keep"), "fp8_ep": run(fp8_dir, tp, 0, ep=True, fp8="keep"),
+               "kv_fp8": run(model_dir, tp, 0, kv_cache_dtype="fp8")}
         with open(f"{out}.{os.environ.get('RANK', '0')}.json", "w") as f:
             json.dump(res, f)
 """)
@@ -194,7 +195,7 @@ def test_two_ranks_generate_what_one_process_generates(ckpt, fp8_ckpt, tmp_path)
                    check=True)
     one, rank0, rank1 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one.0", "tp.0", "tp.1"))
     assert rank0 == rank1  # every rank took the same decisions
-    for mode in ("plain", "mtp", "ep", "fp8", "fp8_ep"):
+    for mode in ("plain", "mtp", "ep", "fp8", "fp8_ep", "kv_fp8"):
         assert rank0[mode]["tokens"] == one[mode]["tokens"], mode  # greedy, seeded and engine-seeded sampling
         for a, b in zip(rank0[mode]["logprobs"], one[mode]["logprobs"]):
             assert a.keys() == b.keys()
