@@ -113,6 +113,9 @@ def add_parser(sub) -> None:
                    help="rollout engines, each its own process (or Ray actor); groups go to the least-loaded one")
     g.add_argument("--rollout-spec-tokens", type=int, default=0,
                    help="MTP speculative decoding in the rollout engine: drafts per step (0 = off)")
+    g.add_argument("--rollout-kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_ds_mla"],
+                   help="the rollout engines' KV cache: the model's dtype, or GLM-5's FP8 layouts (more sequences per "
+                        "engine; pair it with --tis or --loss ddis for the larger train/rollout log-prob gap)")
     g.add_argument("--train-threads", type=int, default=None, help="trainer threads (default: its share of the cores)")
     g.add_argument("--rollout-threads", type=int, default=None, help="threads per rollout worker")
     g.add_argument("--ray-address", default=None, help="--placement ray: cluster address (default: a local Ray)")
@@ -168,6 +171,7 @@ def config_from_args(a):
                     train_threads=a.train_threads, device=a.device,
                     rollout_device=a.rollout_device, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
                     max_num_batched_tokens=a.max_num_batched_tokens, rollout_spec_tokens=a.rollout_spec_tokens,
+                    rollout_kv_cache_dtype=a.rollout_kv_cache_dtype,
                     eval_before=not a.no_eval, eval_after=not a.no_eval, eval_every=a.eval_every, eval_sampled=a.eval_sampled,
                     save=not a.no_save, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints,
                     resume=not a.no_resume, progress=not a.no_progress, ray_address=a.ray_address,

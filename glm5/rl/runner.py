@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from glm5.engine.kv_quant import resolve_kv_cache_dtype
 from glm5.rl.buffer import DataBuffer
 from glm5.rl.checkpoint import RLCheckpointer
 from glm5.rl.evaluate import compare, evaluate_model
@@ -78,6 +79,9 @@ class RLConfig:
     max_model_len: int = 1024
     max_num_batched_tokens: int = 4096  # engine prefill budget per step (RL re-prefills after every weight push)
     rollout_spec_tokens: int = 0  # MTP drafts per rollout engine step (speculative rollouts; 0 = off)
+    # "fp8": rollouts read GLM-5's FP8 KV cache (more sequences per engine); the trainer's log-probs then differ a
+    # little more from the rollout's, which the importance corrections (tis / ddis) are for
+    rollout_kv_cache_dtype: str = "auto"
     eval_sampled: int = 0  # also evaluate sampled (T = rollout temperature) accuracy with this many samples per task
     eval_before: bool = True
     eval_after: bool = True
@@ -107,6 +111,7 @@ class RLConfig:
             raise ValueError(f"save_every must be >= 0, got {self.save_every}")
         if self.rollout_spec_tokens < 0:
             raise ValueError(f"rollout_spec_tokens must be >= 0, got {self.rollout_spec_tokens}")
+        resolve_kv_cache_dtype(self.rollout_kv_cache_dtype)  # a ValueError naming the choices
         if self.rollout_workers > 1 and self.placement == "colocate":
             raise ValueError("placement 'colocate' runs one engine in the trainer's process; "
                              "several rollout workers need placement 'process' or 'ray'")
@@ -157,7 +162,8 @@ def _threads(cfg: RLConfig) -> tuple[int, int]:
 
 def _engine_kwargs(cfg: RLConfig) -> dict:
     return {"max_num_seqs": cfg.max_num_seqs, "max_model_len": cfg.max_model_len,
-            "max_num_batched_tokens": cfg.max_num_batched_tokens, "num_speculative_tokens": cfg.rollout_spec_tokens}
+            "max_num_batched_tokens": cfg.max_num_batched_tokens, "num_speculative_tokens": cfg.rollout_spec_tokens,
+            "kv_cache_dtype": cfg.rollout_kv_cache_dtype}
 
 
 def make_client(cfg: RLConfig, policy, tokenizer, rollout_threads: int):

@@ -73,6 +73,25 @@ def test_rollout_log_probs_match_the_trainer_at_temperature_0_7(policy, tok, tas
     assert gap < 1e-4 if mode == "processed_logprobs" else gap > 1e-2, gap
 
 
+def test_fp8_kv_cache_rollouts_are_nearly_on_policy(policy, tok, tasks, plugin):
+    """Rollouts that read an FP8 KV cache: the trainer's log-probs differ from the rollout's by the cache's rounding,
+    more than the fp32 cache's (< 1e-4) but little; the importance ratio stays near 1."""
+    from glm5.rl.runner import RLConfig, _engine_kwargs
+
+    ek = _engine_kwargs(RLConfig(model="m", rollout_kv_cache_dtype="fp8", max_model_len=256, max_num_seqs=32))
+    assert ek["kv_cache_dtype"] == "fp8"
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        RLConfig(model="m", rollout_kv_cache_dtype="int4")
+    ro = RolloutEngine(build_engine(clone_model(policy), tok, logprobs_mode="processed_logprobs", **ek), tok,
+                       RolloutConfig(max_new_tokens=16, reward=plugin + ":parity_reward"))
+    buf = DataBuffer(tasks, ro.make_prompt, 4, 16)
+    mgr = RolloutManager(LocalRolloutClient(ro), RLTrainer(policy, TrainerConfig(lr=1e-3)), buf,
+                         ManagerConfig(mode="sync", num_steps=1, groups_per_step=2))
+    mgr.run()
+    gap = mgr.records[0]["logprob_gap_mean"]
+    assert 1e-5 < gap < 5e-2, gap  # measured 0.011
+
+
 def test_one_step_off_trains_one_version_behind(policy, tok, tasks, plugin):
     client, buf, tr = local_setup(policy, tok, tasks, plugin + ":parity_reward")
     mgr = RolloutManager(client, tr, buf, ManagerConfig(mode="one-step-off", num_steps=3, groups_per_step=2))
