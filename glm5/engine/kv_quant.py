@@ -15,8 +15,8 @@ the byte layouts production GLM-5 / DeepSeek-V3.2 servers use (chat-format-and-s
 
 Against the bf16 cache of a GPU that is 788 instead of 1,408 bytes per token and layer (1.8× the tokens in the
 same memory); against this project's fp32 CPU cache, 2,816 → 788 (3.6×). Each tile's scale is amax / 448 (e4m3's
-largest finite value), so a value is kept to e4m3's 3 mantissa bits relative to itself, or to 2⁻⁹ · scale
-near zero. Reads dequantise the gathered rows to the model's dtype: the latent attention and the indexer then
+largest finite value), so a value keeps e4m3's 3 mantissa bits relative to itself (error ≤ 2⁻⁴ of it), or is
+within 2⁻¹⁰ · scale near zero (e4m3's subnormals). Reads dequantise the gathered rows to the model's dtype: the latent attention and the indexer then
 run unchanged (the stores below follow the ``gather_rows`` protocol of glm5/model/cache.py).
 
 The model's cache writes and reads therefore see rounded keys, exactly as in vLLM or SGLang with an FP8 KV
