@@ -257,14 +257,7 @@ class JsonGrammar(_Grammar):
         key = ("string", s)
         hit = self._moves_cache.get(key)
         if hit is None:
-            buckets = []
-            for c, bucket in enumerate(self.vocab.plain_by_chars[: None if room is None else room + 1]):
-                if bucket:
-                    s2 = s
-                    for b in self.vocab.token_bytes[bucket[0]]:
-                        s2 = self.doc.step(s2, b)
-                    if s2 is not None:
-                        buckets.append((self.doc.min_close(s2) + 1, c))
+            buckets = self.vocab.string_buckets(s, self.doc.step, self._cost, room)
             others = _Moves(*self.vocab.walk_costs(s, self.doc.step, self._cost, special=True,
                                                    table=self._walk_table()))
             hit = self._remember(key, (buckets, others), len(others))

@@ -2,6 +2,11 @@
 well-formed calls of the allowed tools, with known argument names, the required ones present, and values checked
 against their schemas (:class:`ToolCallGrammar`; the machinery it shares with the JSON grammars is
 :mod:`glm5.structured.constrained`).
+
+A value state's allowed tokens come from the shared fast paths where there is one, not from a walk of the whole
+trie: free text and a raw ``pattern`` string that has found its match from the plain raw-text tokens
+(:mod:`glm5.structured.raw_text`), strings inside JSON values from the plain-text tokens by character count, as
+:class:`~glm5.structured.constrained.JsonGrammar` does (see :meth:`ToolCallGrammar._fast_moves`).
 """
 
 from __future__ import annotations
@@ -9,13 +14,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+import torch
+
 from glm5.tokenizer import special_tokens as st
 from glm5.tokenizer.tool_schema import ToolSchemas, ValueKind
 
-from .constrained import TokenVocab, _Grammar
+from .constrained import TokenVocab, _Grammar, _JsonObjectAutomaton, _Moves
 from .json_automaton import TYPE_MIN, TYPE_STARTS, VALUE, json_complete, json_min_close, json_step, value_start
 from .json_schema import SchemaAutomaton, SchemaError, compile_schema, raw_string_regex
-from .regex import RegexAutomaton
+from .raw_text import RawText as _RawText
+from .raw_text import closer_tail, free_text_ids
 from .trie_walk import ByteTable
 
 __all__ = ["ToolCallGrammar"]
@@ -57,6 +66,8 @@ class ToolCallGrammar(_Grammar):
         self._value_schemas: dict[tuple[str, str], Any] = {}
         self.name_bytes = {n: n.encode("utf-8") for n in self.names}
         self._tables: dict[tuple, ByteTable] = {}  # byte automata's transitions met in walks (see _walk)
+        self._fast: dict[tuple, Any] = {}  # value states' moves from plain-text lists (see _fast_moves)
+        self._fast_held = 0  # ids held by _fast's own arrays, bounded
 
     @staticmethod
     def _params(tools, name):
@@ -108,7 +119,7 @@ class ToolCallGrammar(_Grammar):
             return ("enum", b"")
         kind = self.schemas.kind_of(tool, key)
         if kind is not ValueKind.TYPED:
-            return ("text", "")
+            return ("text", b"")  # the closing-tag watch's state (raw_text.closer_tail)
         types = self.schemas.types_of(tool, key) or frozenset()
         starts = frozenset().union(*(TYPE_STARTS.get(t, frozenset()) for t in types)) or None
         int_only = types <= {"integer"}
@@ -144,8 +155,11 @@ class ToolCallGrammar(_Grammar):
     def _call_cost(self) -> int:
         return 1 + min(len(self.name_bytes[n]) + self._rest_cost(n, frozenset()) for n in self.names)
 
-    # ---- states: ("think",), ("start",), ("free",) (optional: text before any call), ("name", typed), ("key", tool, used, typed),
-    # ("wait", tool, used, key), ("val", tool, used, key, mode), ("between", tool, used), ("after",), ("end",)
+    # ---- states: ("think",), ("start",), ("free",) (optional: text before any call), ("name", typed),
+    # ("key", tool, used, typed), ("wait", tool, used, key), ("val", tool, used, key, mode), ("between", tool, used),
+    # ("after",), ("end",). A value's mode: ("text", tail) for free text (tail: raw_text.closer_tail's state, so that
+    # free-text states are few and repeat), ("schema", state) / ("enum", typed) for the value's automaton, ("json",
+    # state, first bytes, integer only) for a JSON value checked by its type alone.
     def start(self):
         return ("think",) if self.thinking else self._after_thinking()
 
@@ -256,10 +270,12 @@ class ToolCallGrammar(_Grammar):
                         return None
                 return ("val", tool, used, key, (mode[0], s))
             if mode[0] == "text":
-                text = mode[1] + data.decode("utf-8", "replace")
-                if st.ARG_VALUE_END in text or st.TOOL_CALL_END in text:
-                    return None
-                return ("val", tool, used, key, ("text", text[-16:]))
+                tail = mode[1]
+                for b in data:
+                    tail = closer_tail(tail, b)
+                    if tail is None:
+                        return None
+                return ("val", tool, used, key, ("text", tail))
             s = mode[1]
             for b in data:
                 if s[0] == VALUE and not s[1] and mode[2] is not None and b not in mode[2]:
@@ -291,26 +307,50 @@ class ToolCallGrammar(_Grammar):
         return [p for p in self.props[tool] if p not in used]
 
     def allowed(self, state, budget: int) -> list[int]:
+        out: list[int] = []
+        for part in self._allowed_parts(state, budget):
+            out.extend(part.tolist() if isinstance(part, np.ndarray) else part)
+        return out
+
+    def allowed_index(self, state, budget: int, size: int, device) -> torch.Tensor:
+        """``allowed_cached`` as a tensor of the ids below ``size``, made from the pieces ``allowed`` lists: in free
+        text and inside strings those are arrays kept per vocabulary or per value state, so the whole vocabulary is
+        never a Python list here (that conversion was most of a free-text state's cost). Cached per state like the
+        base class's."""
+        cacheable = budget >= self.slack(state)
+        key = (state, size, str(device))
+        hit = self._index_cache.get(key) if cacheable else None
+        if hit is None:
+            parts = [torch.from_numpy(p) if isinstance(p, np.ndarray) else torch.tensor(p, dtype=torch.long)
+                     for p in self._allowed_parts(state, 1 << 30 if cacheable else budget)]
+            hit = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+            if hit.numel() and int(hit.max()) >= size:
+                hit = hit[hit < size]
+            hit = hit.to(device)
+            if cacheable:
+                if len(self._index_cache) > 1024:
+                    self._index_cache.clear()
+                self._index_cache[key] = hit
+        return hit
+
+    def _allowed_parts(self, state, budget: int) -> list:
+        """``allowed(state, budget)`` as pieces (lists, or int64 arrays not to be written to) to concatenate."""
         T = self.T
         k = state[0]
         left = budget - 1
         if k == "end":
-            return list(self.vocab.eos_ids)
+            return [list(self.vocab.eos_ids)]
         if k == "after":
-            return [T[st.OBSERVATION]] + ([T[st.TOOL_CALL_START]] if self.parallel and left >= self._call_cost() + 0 else [])
-        cands: list[int] = []
+            again = self.parallel and left >= self._call_cost()
+            return [[T[st.OBSERVATION]] + ([T[st.TOOL_CALL_START]] if again else [])]
+        everyone = self.vocab.trie.token_ids  # every ordinary token, in increasing id order
         if k == "think":
-            cands = [self.think_end]
-            if left >= self.min_close(state):
-                cands.extend(self.vocab.token_bytes)
-            return cands
+            return [[self.think_end], everyone] if left >= self.min_close(state) else [[self.think_end]]
         if k == "start":
-            return [T[st.TOOL_CALL_START]]
+            return [[T[st.TOOL_CALL_START]]]
         if k == "free":  # text, the end of the turn, or a call if one still fits
-            cands = list(self.vocab.eos_ids) + list(self.vocab.token_bytes)
-            if self.min_close(("name", b"")) <= left:
-                cands.append(T[st.TOOL_CALL_START])
-            return cands
+            call = [T[st.TOOL_CALL_START]] if self.min_close(("name", b"")) <= left else []
+            return [list(self.vocab.eos_ids), everyone, call]
         # special-token moves
         specials = [T[t] for t in (st.TOOL_CALL_END, st.ARG_KEY_START, st.ARG_KEY_END, st.ARG_VALUE_START,
                                    st.ARG_VALUE_END)]
@@ -319,28 +359,115 @@ class ToolCallGrammar(_Grammar):
             s2 = self.advance(state, tid)
             if s2 is not None and self.min_close(s2) <= left:
                 out.append(tid)
-        # byte moves
-        out.extend(self._byte_moves(state, left))
-        if not out:  # nothing fits the budget: any legal move, shortest first
+        parts = [out, *self._byte_moves(state, left)]
+        if not any(len(p) for p in parts):  # nothing fits the budget: any legal move, shortest first
             legal = [tid for tid in specials if self.advance(state, tid) is not None]
-            out = legal or self._byte_moves(state, 1 << 30)[:1]
-        return out
+            return [legal or self._first_move(state)]
+        return parts
 
     def clear_caches(self) -> None:
         super().clear_caches()
         self._tables.clear()
+        self._fast.clear()
+        self._fast_held = 0
 
     def _walk(self, key: tuple, make_step, state, accept) -> list[int]:
         """``vocab.walk`` with the byte automaton ``make_step()``, whose transitions are kept per ``key`` (what the
         automaton depends on) across walks."""
+        table = self._table(key, make_step)
+        return self.vocab.walk(state, table.step, accept, table=table)
+
+    def _table(self, key: tuple, make_step) -> ByteTable:
+        """The transition table of the byte automaton ``make_step()``, kept per ``key`` (what it depends on)."""
         table = self._tables.get(key)
         if table is None:
             if len(self._tables) >= 64:
                 self._tables.clear()
             table = self._tables[key] = ByteTable(make_step())
-        return self.vocab.walk(state, table.step, accept, table=table)
+        return table
 
-    def _byte_moves(self, state, left: int) -> list[int]:
+    def _byte_moves(self, state, left: int) -> list:
+        """The ordinary tokens ``state`` allows when ``left`` tokens may follow, as pieces: a value state with a
+        plain-text fast path (:meth:`_fast_moves`) gives the lists that fit; other states walk the trie."""
+        if state[0] == "val":
+            _, tool, used, key, mode = state
+            fast = self._fast_moves(tool, key, mode)
+            if fast is not None:
+                rest = 1 + self._rest_cost(tool, used | {key})
+                groups, others = fast
+                return [ids for cost, ids in groups if cost + rest <= left] + [others.array[: others.upto(left - rest)]]
+        return [self._walked_moves(state, left)]
+
+    def _first_move(self, state) -> list[int]:
+        """The token a state falls back to when no move fits the budget: the first the walk lists, or in free text
+        the smallest id (what the decoding loop it replaced listed first)."""
+        if state[0] == "val" and state[4][0] == "text":
+            return free_text_ids(self.vocab, state[4][1])[:1].tolist()
+        return self._walked_moves(state, 1 << 30)[:1]
+
+    def _fast_moves(self, tool: str, key: str, mode):
+        """A value state's token moves without walking the whole trie, or None where there is no shortcut: ([(cost,
+        ids)], others) with ``cost`` the value's bytes still needed after any of ``ids`` (int64 arrays) and ``others``
+        a :class:`~glm5.structured.constrained._Moves` of the remaining tokens, by the same cost. The set of ids
+        with cost <= c is what the trie walk accepts at that cost (tests/structured/test_tool_text.py).
+
+        * Free text: :func:`~glm5.structured.raw_text.free_text_ids` of the tail, all at cost 0.
+        * A raw ``pattern`` string that has found its match: the tokens of whole characters without ``>``
+          (``vocab.raw_plain``) keep the regex where it is, only the others are walked.
+        * Inside a JSON string (a typed value's schema, or an untyped JSON value), with no escape or UTF-8 sequence
+          open: the plain-text tokens by character count, as JsonGrammar does
+          (:meth:`~glm5.structured.vocab.TokenVocab.string_buckets`), and a walk of the others."""
+        if mode[0] == "text":
+            return [(0, free_text_ids(self.vocab, mode[1]))], _NO_MOVES
+        if mode[0] not in ("schema", "json"):
+            return None
+        s = mode[1]
+        if mode[0] == "schema":
+            vs = self._value_schema(tool, key)
+            if isinstance(vs, _RawText):
+                if not vs.free(s):
+                    return None
+                room, special = "raw", "raw"
+            else:
+                room, special = vs.string_room(s), True
+            table_key, make_step, cost = ("val", tool, key, "schema"), lambda: vs.step, vs.min_close
+        else:
+            room, special = _JsonObjectAutomaton.string_room(s), True
+            table_key, make_step, cost = ("json", mode[2], mode[3]), lambda: self._json_value_step(mode[2], mode[3]), \
+                json_min_close
+        if room is False:
+            return None
+        cache_key = (tool, key, mode)
+        hit = self._fast.get(cache_key)
+        if hit is None:
+            table = self._table(table_key, make_step)
+            if room == "raw":
+                groups = [(cost(s), self.vocab.raw_plain)]  # each keeps the regex's state: the same cost
+            else:
+                groups = [(c_cost, self.vocab.plain_arrays[c])
+                          for c_cost, c in self.vocab.string_buckets(s, table.step, cost, room)]
+            others = _Moves(*self.vocab.walk_costs(s, table.step, cost, special=special, table=table))
+            if self._fast_held + len(others) > _FAST_HELD or len(self._fast) >= 4096:
+                self._fast.clear()
+                self._fast_held = 0
+            hit = self._fast[cache_key] = (groups, others)
+            self._fast_held += len(others)
+        return hit
+
+    @staticmethod
+    def _json_value_step(starts, int_only: bool):
+        """The byte automaton of an untyped JSON value: its first byte one of ``starts`` (None: any)."""
+        def step(s, b):
+            if s[0] == VALUE and not s[1]:
+                if starts is not None and b not in starts:
+                    return None
+                return value_start("", b, int_only)
+            return json_step(s, b)
+        return step
+
+    def _walked_moves(self, state, left: int) -> list[int]:
+        """The ordinary tokens ``state`` allows when ``left`` tokens may follow, by a walk of the whole trie, in the
+        walk's order (free text aside: see :meth:`_fast_moves`)."""
         k = state[0]
         if k == "name":
             def name_step():
@@ -371,62 +498,15 @@ class ToolCallGrammar(_Grammar):
             if mode[0] in ("schema", "enum"):
                 return self._walk(("val", tool, key, mode[0]), lambda: self._value_step(tool, key, mode[0]), mode[1],
                                   lambda s: self._value_cost(tool, key, (mode[0], s)) + rest <= left)
-            if mode[0] == "text":
-                if rest > left:
-                    return []
-                ids = []
-                for tid, data in self.vocab.token_bytes.items():
-                    text = mode[1] + data.decode("utf-8", "replace")
-                    if st.ARG_VALUE_END not in text and st.TOOL_CALL_END not in text:
-                        ids.append(tid)
-                return ids
-            starts, int_only = mode[2], mode[3]
-
-            def json_value_step():
-                def step(s, b):
-                    if s[0] == VALUE and not s[1]:
-                        if starts is not None and b not in starts:
-                            return None
-                        return value_start("", b, int_only)
-                    return json_step(s, b)
-                return step
 
             def fits(s):
                 inner = json_min_close(s) if not (s[0] == VALUE and not s[1]) else 1
                 return inner + rest <= left
 
-            return self._walk(("json", starts, int_only), json_value_step, mode[1], fits)
+            return self._walk(("json", mode[2], mode[3]), lambda: self._json_value_step(mode[2], mode[3]), mode[1],
+                              fits)
         return []
 
 
-_CLOSERS = (st.ARG_VALUE_END.encode(), st.TOOL_CALL_END.encode())
-
-
-class _RawText:
-    """A raw string argument that must match a regex: the regex's automaton, with the bytes of ``</arg_value>`` /
-    ``</tool_call>`` refused inside the value (the output parser would end the value there). State: (regex state,
-    the longest tail of the value that begins one of those tags), so states stay as few as the regex's."""
-
-    def __init__(self, regex: RegexAutomaton):
-        self.regex = regex
-
-    def start(self):
-        return (self.regex.start(), b"")
-
-    def step(self, state, b: int):
-        r = self.regex.step(state[0], b)
-        if r is None:
-            return None
-        tail = state[1] + bytes([b])
-        if any(tail.endswith(c) for c in _CLOSERS):
-            return None
-        while tail and not any(c.startswith(tail) for c in _CLOSERS):
-            tail = tail[1:]
-        return (r, tail)
-
-    def complete(self, state) -> bool:
-        return self.regex.complete(state[0])
-
-    def min_close(self, state) -> int:
-        return self.regex.min_close(state[0])
-
+_NO_MOVES = _Moves(np.zeros(0, dtype=np.int64), np.zeros(0))
+_FAST_HELD = 4_000_000  # ids the value states' walked moves (not the shared plain-text lists) may hold
