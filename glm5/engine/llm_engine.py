@@ -145,6 +145,8 @@ class LLMEngine:
                              f"(need >= {min_blocks}); raise the budget or lower max_model_len")
         self.kv_cache = PagedKVCache(mcfg, num_blocks, cfg.block_size, num_layers, self.dtype, self.device,
                                      cfg.kv_cache_dtype)
+        log.info("KV cache: %d tokens in %d blocks, %.1f MiB (%s)", (num_blocks - 1) * cfg.block_size, num_blocks,
+                 self.kv_cache.nbytes() / 2**20, self.kv_cache.kv_cache_dtype.replace("auto", str(self.dtype)[6:]))
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching,
                                           hash_extra_tokens=self.k)
         self.runner = ModelRunner(model, self.kv_cache, cfg.block_size, dsa=cfg.dsa)
