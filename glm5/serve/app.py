@@ -1,7 +1,8 @@
 """``create_app(backend, settings)``: the FastAPI application.
 
 Routes: ``GET /`` (web chat), ``GET /health``, ``GET /metrics``, ``GET /version``, ``GET /v1/models``,
-``GET /v1/models/{model}``, ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /tokenize``,
+``GET /v1/models/{model}``, ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``
+(with ``GET`` / ``DELETE /v1/responses/{id}``: :mod:`glm5.serve.responses`), ``POST /tokenize``,
 ``POST /detokenize``; the OpenAPI schema at ``/openapi.json`` (``/docs`` renders it).
 
 With ``settings.api_key`` the ``/v1/*`` and tokenizer routes need ``Authorization: Bearer KEY`` (or
@@ -24,11 +25,12 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
-from . import beam, handlers
+from . import beam, handlers, responses
 from .backend import Backend
 from .errors import APIError, install_error_handlers
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        ErrorResponse, HealthResponse, ModelCard, ModelList)
+from .responses_protocol import ResponsesRequest
 from .serving import Generation, ServerState, prepare_chat, prepare_completion
 from .settings import ServeSettings
 
@@ -38,7 +40,7 @@ VERSION = "0.1.0"
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)}
 _KNOWN_PATHS = {"/", "/health", "/metrics", "/version", "/v1/models", "/v1/chat/completions", "/v1/completions",
-                "/tokenize", "/detokenize", "/openapi.json", "/docs"}
+                "/v1/responses", "/tokenize", "/detokenize", "/openapi.json", "/docs"}
 
 
 class BodyLimitMiddleware:
@@ -97,6 +99,8 @@ class BodyLimitMiddleware:
                 path = scope.get("path", "")
                 if path.startswith("/v1/models/"):
                     path = "/v1/models/{model}"
+                elif path.startswith("/v1/responses/"):
+                    path = "/v1/responses/{response_id}"
                 elif path not in _KNOWN_PATHS:
                     path = "other"
                 state.metrics.http_requests.inc(1, scope.get("method", ""), path, str(status_holder["status"]))
@@ -140,6 +144,7 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
     app = FastAPI(title="GLM-5 OpenAI-compatible server", version=VERSION, lifespan=lifespan,
                   description="OpenAI-compatible chat and text completions over the glm5 engine.")
     state = ServerState(backend, settings)
+    state.response_store = responses.ResponseStore(settings.max_stored_responses)
     holder["state"] = state
     app.state.serve = state
     install_error_handlers(app)
@@ -252,6 +257,27 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
         if req.stream:
             return handlers.completion_stream(state, request, gen, req.include_usage, req.continuous_usage)
         return await _run(handlers.completion(state, request, gen))
+
+    @app.post("/v1/responses", dependencies=auth, responses={**_stream_doc, **_ERRORS})
+    async def create_response(req: ResponsesRequest, request: Request):
+        """OpenAI's Responses API: the chat path above with Responses-shaped input and output."""
+        arrival = time.monotonic()
+        call = responses.translate(state, req)
+        prep = (await asyncio.to_thread(responses.prepare, state, call) if _needs_grammar(call.chat)
+                else responses.prepare(state, call))
+        state.admit()
+        gen = Generation(state, prep, "responses", chat=True, arrival=arrival)
+        if req.stream:
+            return responses.stream(state, request, gen, call)
+        return await _run(responses.complete(state, request, gen, call))
+
+    @app.get("/v1/responses/{response_id}", dependencies=auth, responses=_ERRORS)
+    async def get_response(response_id: str):
+        return responses.retrieve(state, response_id)
+
+    @app.delete("/v1/responses/{response_id}", dependencies=auth, responses=_ERRORS)
+    async def delete_response(response_id: str):
+        return responses.delete(state, response_id)
 
     return app
 

@@ -24,6 +24,7 @@ class ServeSettings:
     default_top_p: float = 0.95
     max_default_tokens: int | None = None  # cap on max_tokens when the client sends none (None: the context)
     enable_webchat: bool = True
+    max_stored_responses: int = 1024  # /v1/responses kept for previous_response_id and GET (LRU; 0: none)
 
     def __post_init__(self):
         if isinstance(self.served_model_names, str):
