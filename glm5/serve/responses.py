@@ -316,7 +316,9 @@ def _finish(state: ServerState, call: ResponseCall, gen: Generation, builder: Ou
     builder.finish("incomplete" if status == "incomplete" else "completed")
     body = response_body(call, gen, builder.items, status)
     if call.req.store and gen.outcome == "ok":
-        state.response_store.put(call.response_id, body, call.history + items_to_messages(builder.items, "output"))
+        # an empty output is still a turn: a chat client would send back {"role": "assistant", "content": ""}
+        turn = items_to_messages(builder.items, "output") or [{"role": "assistant", "content": ""}]
+        state.response_store.put(call.response_id, body, call.history + turn)
     return body
 
 

@@ -10,6 +10,7 @@ reasoning, text and two tool calls.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -137,12 +138,15 @@ def test_multi_turn_items_previous_response_id_and_chat_agree(client, prompts):
 
 
 # ---------------------------------------------------------------------------------------------- tools
-@pytest.mark.parametrize("seed", [0, 1])
-def test_tool_choice_required(client, seed):
+@pytest.mark.parametrize("seed,parallel", [(0, True), (1, True), (2, False)])
+def test_tool_choice_required(client, seed, parallel):
     r = client.responses.create(model=MODEL_NAME, input="Weather in Paris?", tools=TOOLS, tool_choice="required",
-                                max_output_tokens=80, reasoning=OFF, extra_body={"seed": seed})
+                                max_output_tokens=80, reasoning=OFF, parallel_tool_calls=parallel,
+                                extra_body={"seed": seed})
     calls = [o for o in r.output if o.type == "function_call"]
-    assert calls and r.status == "completed"
+    assert calls and r.status == "completed" and r.parallel_tool_calls is parallel
+    if not parallel:
+        assert len(calls) == 1
     for call in calls:
         assert call.id.startswith("fc_") and call.call_id.startswith("call_") and call.status == "completed"
         args = json.loads(call.arguments)
@@ -279,6 +283,23 @@ def test_stream_error_is_an_error_event(scripted_client, scripted_server, http):
     import httpx
 
     assert httpx.get(scripted_server.url + "/health").status_code == 200
+
+
+def test_stream_disconnect_aborts_and_is_not_stored(server, http):
+    body = {"model": MODEL_NAME, "input": "Hi", "max_output_tokens": 900, "ignore_eos": True, "stream": True}
+    with http.stream("POST", "/v1/responses", json=body) as resp:
+        lines = resp.iter_lines()
+        created = next(line for line in lines if line.startswith("data: "))
+        response_id = json.loads(created[6:])["response"]["id"]
+        for _ in range(8):
+            next(lines)
+    engine = server.backend.engine
+    deadline = time.monotonic() + 20
+    while engine.num_unfinished_requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.num_unfinished_requests == 0
+    assert http.get(f"/v1/responses/{response_id}").status_code == 404
+    assert 'glm5_requests_total{endpoint="responses",outcome="client_disconnected"}' in http.get("/metrics").text
 
 
 # ------------------------------------------------------------------------------------------- the store
