@@ -319,13 +319,13 @@ def bench_spec_batch(args, results):
 
 
 def _corpus_acceptance(model_dir, n: int, spec_tokens: int, prompt_tokens: int = 32, decode_tokens: int = 48,
-                       regex: str | None = None):
+                       regex: str | None = None, draft_mode: str = "chain"):
     """Acceptance length and speed-up over n greedy continuations of n corpus snippets, one at a time (batch 1;
     one prompt is a noisy measure). The speed-up is total plain time / total speculative time, the two engines
     alternating prompt by prompt. ``regex``: both decode under that structured output."""
     prompts = _corpus_prompts(model_dir, n, prompt_tokens)
     plain = Engine(model_dir, prompt_tokens + decode_tokens + 16)
-    spec = Engine(model_dir, prompt_tokens + decode_tokens + 16, spec=spec_tokens)
+    spec = Engine(model_dir, prompt_tokens + decode_tokens + 16, spec=spec_tokens, mtp_draft_mode=draft_mode)
     plain.run(torch.tensor(prompts[:1]), 2)
     spec.run(torch.tensor(prompts[:1]), 2)
     spec.llm.engine.stats.update(spec_verify_steps=0, spec_draft_tokens=0, spec_accepted_tokens=0)
@@ -337,7 +337,8 @@ def _corpus_acceptance(model_dir, n: int, spec_tokens: int, prompt_tokens: int =
         t_plain, t_spec, same = t_plain + tp, t_spec + ts, same and a == b
     m = spec.llm.spec_metrics()
     row = dict(model=f"trained: {model_dir}", prompts=n, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
-               spec_tokens=spec_tokens, acceptance_length=m["acceptance_length"], acceptance_rate=m["acceptance_rate"],
+               spec_tokens=spec_tokens, draft_mode=draft_mode, acceptance_length=m["acceptance_length"],
+               acceptance_rate=m["acceptance_rate"],
                speedup=t_plain / t_spec, greedy_identical=same, regex=regex)
     print(json.dumps(row), flush=True)
     return row
@@ -358,7 +359,7 @@ def bench_mtp(args, path, cfg, results):
         out["trained"] = _spec_point(f"trained: {args.mtp_model}", args.mtp_model, ids, D, k, args.repeats)
         if args.mtp_corpus_prompts:
             out["trained_corpus"] = _corpus_acceptance(args.mtp_model, args.mtp_corpus_prompts, k,
-                                                       regex=args.mtp_regex)
+                                                       regex=args.mtp_regex, draft_mode=args.mtp_draft_mode)
     for name in args.toy_presets:
         toy_dir = Path(args.workdir) / f"toy_{name}"
         if not (toy_dir / "config.json").exists():
@@ -479,6 +480,8 @@ def main() -> int:
     ap.add_argument("--mtp-context", type=int, default=64)
     ap.add_argument("--mtp-decode-tokens", type=int, default=64)
     ap.add_argument("--mtp-prompt", default=None, help="text prompt for the trained model (needs its tokenizer)")
+    ap.add_argument("--mtp-draft-mode", default="chain", choices=["chain", "recursive"],
+                    help="MTP drafts 2..k: chained one-row steps (the engine's default) or the trained recursion")
     ap.add_argument("--mtp-regex", default=None, metavar="PATTERN",
                     help="with --mtp-corpus-prompts: decode under this regex structured output (both engines)")
     ap.add_argument("--mtp-corpus-prompts", type=int, default=0,

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from glm5.engine.block_manager import BlockManager
+from glm5.engine.config import EngineConfig
 from glm5.engine.cpu_layout import tune_linear_layouts
 from glm5.engine.kv_cache import PagedKVCache, bytes_per_block
 from glm5.engine.model_runner import Chunk, ModelRunner
@@ -25,53 +26,12 @@ from glm5.engine.sampler import (Sampler, apply_logits_processors, token_logprob
 from glm5.engine.sampling_params import SamplingParams
 from glm5.engine.scheduler import Scheduler
 from glm5.engine.sequence import Sequence, SequenceStatus
-from glm5.engine.spec_decode import MTPProposer, rejection_sample, target_probs
+from glm5.engine.spec_decode import MTPProposer, mtp_cache_layers, rejection_sample, target_probs
 from glm5.model.tensor_parallel import TensorParallel
 
 log = logging.getLogger(__name__)
 
 PROMPT_SCORE_ROWS = 256  # prompt positions scored per LM-head call (bounds the [rows, vocab] logits)
-
-
-@dataclass
-class EngineConfig:
-    max_num_seqs: int = 16
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    block_size: int = 16
-    num_blocks: int | None = None  # cache blocks (including the reserved null block); else from the memory budget
-    kv_cache_memory: int | None = None  # bytes for the cache; default: room for max_num_seqs full sequences (CPU
-    # capped at 4 GiB) or gpu_memory_utilization of the free GPU memory
-    gpu_memory_utilization: float = 0.9
-    max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill size)
-    enable_prefix_caching: bool = True
-    num_speculative_tokens: int = 0  # MTP drafts per step (0 = off)
-    # Pause drafting while more than this many sequences run (0 = never), as vLLM's ``disable_by_batch_size``:
-    # verifying k drafts multiplies a step's rows by k + 1, which pays off only while decode is memory-bound
-    # (small batches). The MTP caches then catch up in one pass when the batch shrinks again. Seeded sampled
-    # requests keep drafting, so their tokens stay independent of the batch.
-    spec_disable_batch_size: int = 0
-    dsa: str = "sparse"  # "sparse" (the model's DSA) or "dense"
-    # "auto": the cache in the model's dtype (outputs equal the model's); "fp8" (= "fp8_e4m3" = "fp8_ds_mla"): GLM-5's
-    # FP8 serving layouts, 656 + 132 bytes per token and layer at GLM-5's widths (glm5/engine/kv_quant.py)
-    kv_cache_dtype: str = "auto"
-    seed: int = 0  # engine RNG for requests without a seed
-    use_cuda_graph: bool = True  # CUDA only; ignored on CPU
-    # CUDA graphs only: torch.compile the decode forward before capturing it (fused kernels; compiles once per
-    # batch bucket, tens of seconds each)
-    compile_decode: bool = False
-    # CPU only: "auto" stores linear weights column-major where that decodes faster on this machine
-    # (glm5/engine/cpu_layout.py; values unchanged, the model's parameters are re-strided in place); "row" keeps them
-    cpu_weight_layout: str = "auto"
-    # "raw_logprobs": SamplingParams.logprobs report the model's distribution (vLLM's default); "processed_logprobs":
-    # the distribution each token was sampled from (temperature, top-k/top-p, logits processors), as RL needs
-    logprobs_mode: str = "raw_logprobs"
-    # "fcfs": requests wait in arrival order; "priority": by each request's priority (lower first), then arrival,
-    # and the cache preempts the largest (priority, arrival) first (vLLM's scheduling_policy)
-    scheduling_policy: str = "fcfs"
-    # ranks the weights are split over (glm5.engine.parallel: one process per rank under torchrun); the model is
-    # sharded when the engine is built
-    tensor_parallel_size: int = 1
-    enable_expert_parallel: bool = False  # with tensor_parallel_size > 1: routed experts dealt out whole, not split
 
 
 @dataclass
@@ -112,15 +72,10 @@ class LLMEngine:
         self.k = cfg.num_speculative_tokens
         if self.k and model.model.mtp is None:
             raise ValueError("num_speculative_tokens > 0 needs a model with an MTP layer")
-        if cfg.spec_disable_batch_size < 0:
-            raise ValueError(f"spec_disable_batch_size must be >= 0, got {cfg.spec_disable_batch_size}")
-        if cfg.dsa not in ("sparse", "dense"):
-            raise ValueError(f"dsa must be 'sparse' or 'dense', got {cfg.dsa!r}")
-        if cfg.cpu_weight_layout not in ("auto", "row"):
-            raise ValueError(f"cpu_weight_layout must be 'auto' or 'row', got {cfg.cpu_weight_layout!r}")
         if cfg.cpu_weight_layout == "auto" and self.device.type == "cpu":
             tune_linear_layouts(model, agree=lambda layout: from_rank0(layout, tp))
-        num_layers = mcfg.num_hidden_layers + self.k  # + one cache layer per MTP draft depth
+        mtp_layers = mtp_cache_layers(self.k, cfg.mtp_draft_mode)
+        num_layers = mcfg.num_hidden_layers + mtp_layers  # + the MTP drafts' cache layers
         # config.json's eos ids and generation_config.json's (the same three for GLM-5; a fine-tune may add some)
         self.eos_ids = set(mcfg.eos_token_ids) | set(getattr(model, "generation_config", {}).get("eos_token_id", []))
         if tokenizer is not None:
@@ -148,9 +103,9 @@ class LLMEngine:
         log.info("KV cache: %d tokens in %d blocks, %.1f MiB (%s)", (num_blocks - 1) * cfg.block_size, num_blocks,
                  self.kv_cache.nbytes() / 2**20, self.kv_cache.kv_cache_dtype.replace("auto", str(self.dtype)[6:]))
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching,
-                                          hash_extra_tokens=self.k)
+                                          hash_extra_tokens=mtp_layers)  # depth d's entry at s reads x_{s+d}
         self.runner = ModelRunner(model, self.kv_cache, cfg.block_size, dsa=cfg.dsa)
-        self.proposer = MTPProposer(self.runner, self.k) if self.k else None
+        self.proposer = MTPProposer(self.runner, self.k, cfg.mtp_draft_mode) if self.k else None
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.k,
                                    on_admit=self._on_admit, policy=cfg.scheduling_policy)
         self.sampler = Sampler(cfg.logprobs_mode)

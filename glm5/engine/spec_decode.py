@@ -10,6 +10,13 @@ and x_{s+d} accepted. To draft after the last token x_{L-1}, depth d runs over i
 to L-2, where the needed tokens past x_{L-1} are the drafts of the lower depths; its output at L-2 gives
 draft d. Those tentative cache entries are simply overwritten later.
 
+That is ``draft_mode="recursive"``. The default, ``"chain"``, is how vLLM's MTP / EAGLE proposers reuse one draft
+layer: depth 1 catches up as above and gives d_1 at position L-2; then each further draft is one row, the MTP layer
+at the next position (L-1, L, ...) on the previous step's output h and the previous draft, attending over depth 1's
+cache (one cache layer, not k). The inputs of draft j are the recursion's (h^{j-1}, d_{j-1}); only the attention
+context (depth-1 entries) and the position differ. Measured on a self-distilled MTP layer (benchmarks/engine.md §2)
+the acceptance is the same and a step is cheaper: k-1 one-row forwards instead of k catch-up passes.
+
 Verification feeds [x_{L-1}, d_1..d_k] to the target. Greedy requests accept drafts while they equal the
 target argmax (so output is exactly the non-speculative greedy output); sampled requests use rejection
 sampling (accept d_i with probability min(1, p_i(d_i)/q_i(d_i)), else resample from max(0, p_i - q_i)),
@@ -81,15 +88,26 @@ class SpecState:
         self.num_deferred = 0
 
 
+DRAFT_MODES = ("chain", "recursive")
+
+
+def mtp_cache_layers(num_spec_tokens: int, draft_mode: str) -> int:
+    """Cache layers the MTP drafts need: one per depth for the recursion, one for the chain (none without drafts)."""
+    if draft_mode not in DRAFT_MODES:
+        raise ValueError(f"mtp_draft_mode must be one of {DRAFT_MODES}, got {draft_mode!r}")
+    return num_spec_tokens if draft_mode == "recursive" else min(1, num_spec_tokens)
+
+
 class MTPProposer:
-    def __init__(self, runner: ModelRunner, num_spec_tokens: int):
+    def __init__(self, runner: ModelRunner, num_spec_tokens: int, draft_mode: str = "chain"):
         if runner.model.model.mtp is None:
             raise ValueError("speculative decoding needs the model's MTP layer (num_nextn_predict_layers > 0)")
         self.runner = runner
         self.k = num_spec_tokens
+        self.depths = mtp_cache_layers(num_spec_tokens, draft_mode)  # depths kept in the cache (and caught up)
 
     def reset(self, seq: Sequence, start: int = 0) -> None:
-        seq.spec = SpecState(self.k, start)
+        seq.spec = SpecState(self.depths, start)
 
     def committed(self, seq: Sequence) -> int:
         """Positions whose main *and* every depth's cache entries are final (for prefix-cache publishing)."""
@@ -126,8 +144,10 @@ class MTPProposer:
             if kmax:  # a catch-up only (kmax 0) leaves pending drafts alone: a recompute verifies them next
                 seq.draft_token_ids, seq.draft_probs = [], None
             works.append(w)
-        for d in range(1, self.k + 1):
+        for d in range(1, self.depths + 1):
             self._depth(works, d)
+        for d in range(self.depths + 1, self.k + 1):
+            self._chain(works, d)
         for w in works:
             if w.dists:
                 w.seq.draft_probs = torch.stack(w.dists)
@@ -163,16 +183,32 @@ class MTPProposer:
             # committed h^{d-1} rows that depth d has not consumed yet
             lo, hi = w.commit_end - w.start, st.mtp_len[d - 1] - w.start
             st.hbuf[d - 1] = w.avail[lo:hi] if hi > lo else None
-            prev = st.hbuf[d] if d < self.k else None  # committed h^d for [mtp_len[d+1], old mtp_len[d])
+            prev = st.hbuf[d] if d < self.depths else None  # committed h^d for [mtp_len[d+1], old mtp_len[d])
             st.mtp_len[d] = w.commit_end
-            if d < self.k:
+            if d < self.depths:
                 parts = [t for t in (prev, w.h) if t is not None and t.shape[0]]
                 w.avail = torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else w.avail[:0])
             if d <= w.kmax and w.h is not None:
                 drafting.append(w)
+        if drafting:
+            self._draft(drafting, d, self.runner.mtp_logits(torch.stack([w.h[-1] for w in drafting])))
+
+    def _chain(self, works: list["_Work"], d: int) -> None:
+        """Draft d ≥ 2 in chain mode: one row per sequence, the MTP layer at position L-3+d on (h of draft d-1,
+        draft d-1), its tentative entry written to depth 1's cache (rewritten by the next catch-up)."""
+        drafting = [w for w in works if d <= w.kmax and len(w.seq.draft_token_ids) == d - 1]
         if not drafting:
             return
-        logits = self.runner.mtp_logits(torch.stack([w.h[-1] for w in drafting]))
+        chunks = [Chunk(w.seq.block_table, w.seq.num_tokens - 3 + d, w.seq.draft_token_ids[-1:]) for w in drafting]
+        ids, pos, batch = self.runner.build(chunks)
+        h = self.runner.mtp(torch.cat([w.h[-1:] for w in drafting]), ids, pos, batch, 1)  # [n,H]
+        for i, w in enumerate(drafting):
+            w.h = h[i:i + 1]
+        self._draft(drafting, d, self.runner.mtp_logits(h))
+
+    def _draft(self, drafting: list["_Work"], d: int, logits: torch.Tensor) -> None:
+        """Draft d of each sequence from its MTP logits [n,V]: greedy, or sampled (keeping the distribution for the
+        rejection test); the request's processors apply, and a row they leave unusable ends that sequence's drafts."""
         params = [w.seq.params for w in drafting]
         stop = [False] * len(drafting)
         if any(p.logits_processors for p in params):

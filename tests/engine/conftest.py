@@ -52,6 +52,22 @@ def ref_mtp_drafts(model, tokens: list[int], k: int) -> list[int]:
     return out
 
 
+@torch.no_grad()
+def ref_chain_drafts(model, tokens: list[int], k: int) -> list[int]:
+    """Greedy chained MTP drafts (mtp_draft_mode="chain"): depth 1 over the whole sequence gives draft 1; each
+    further draft appends (the last MTP output, the last draft) as the next position of that same sequence."""
+    L = len(tokens)
+    hid = model(torch.tensor([tokens])).hidden_states[:, : L - 1]  # h^0 at positions 0..L-2
+    toks, out = list(tokens[1:]), []
+    for _ in range(k):
+        n = hid.shape[1]
+        logits, h = model.mtp_forward(hid, torch.tensor([toks]), torch.arange(n)[None],
+                                      build_attention_mask(1, n, 0, hid.device))
+        out.append(int(logits[0, -1].argmax()))
+        hid, toks = torch.cat([hid, h[:, -1:]], dim=1), toks + [out[-1]]
+    return out
+
+
 def prompts(lengths, seed: int = 0, vocab: int = 2048) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]

@@ -7,7 +7,9 @@ import torch
 from glm5.engine import LLM, SamplingParams
 from glm5.engine.spec_decode import rejection_sample
 
-from .conftest import make_model, prompts, ref_greedy, ref_mtp_drafts
+from .conftest import make_model, prompts, ref_chain_drafts, ref_greedy, ref_mtp_drafts
+
+DRAFTS = {"recursive": ref_mtp_drafts, "chain": ref_chain_drafts}  # the drafts each mtp_draft_mode must propose
 
 
 def test_spec_greedy_equals_plain_greedy(nano):
@@ -23,13 +25,16 @@ def test_spec_greedy_equals_plain_greedy(nano):
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks - 1
 
 
-def test_drafts_follow_mtp_recursion_and_accepted_drafts_commit(nano):
-    """Every step's drafts equal the model's own MTP recursion over the full sequence; then the drafts are replaced by
-    an oracle (two right, one wrong) so that verification accepts tokens and the MTP caches must catch up."""
+@pytest.mark.parametrize("mode", ["recursive", "chain"])
+def test_drafts_follow_mtp_recursion_and_accepted_drafts_commit(nano, mode):
+    """Every step's drafts equal the model's own MTP recursion (or chain) over the full sequence; then the drafts are
+    replaced by an oracle (two right, one wrong) so that verification accepts tokens and the MTP caches must catch
+    up (the chain's tentative entries past the sequence are rewritten)."""
     ps = prompts([6, 19, 27], seed=21)
     n = 14
     refs = [p + ref_greedy(nano, p, n) for p in ps]
-    llm = LLM(nano, block_size=4, num_speculative_tokens=3, max_num_batched_tokens=32)
+    llm = LLM(nano, block_size=4, num_speculative_tokens=3, max_num_batched_tokens=32, mtp_draft_mode=mode)
+    assert len(llm.engine.kv_cache.latent) == nano.config.num_hidden_layers + (3 if mode == "recursive" else 1)
     proposer = llm.engine.proposer
     orig = proposer.propose
     checked = []
@@ -39,7 +44,7 @@ def test_drafts_follow_mtp_recursion_and_accepted_drafts_commit(nano):
         for (seq, _, _), k in zip(items, kmax):
             if not k:
                 continue
-            checked.append(seq.draft_token_ids == ref_mtp_drafts(nano, seq.token_ids, k))
+            checked.append(seq.draft_token_ids == DRAFTS[mode](nano, seq.token_ids, k))
             ref = next(r for r in refs if r[: seq.num_prompt_tokens] == seq.prompt_token_ids)
             oracle = ref[seq.num_tokens:seq.num_tokens + k]
             if k == 3:
@@ -56,13 +61,14 @@ def test_drafts_follow_mtp_recursion_and_accepted_drafts_commit(nano):
     assert all(o.metrics["spec_acceptance_length"] > 2.5 for o in outs)
 
 
-def test_prompts_shorter_than_the_draft_depth(nano):
+@pytest.mark.parametrize("mode", ["recursive", "chain"])
+def test_prompts_shorter_than_the_draft_depth(nano, mode):
     """A 1- or 2-token prompt with 5 drafts: the deepest MTP depths have no committed position yet at the first
     steps (their token lies beyond the sequence). Used to drive a depth's committed length negative and crash
     the next step (found with ``glm5 generate --prompt hi --spec-tokens 3``)."""
     ps = prompts([1, 2, 3], seed=27)
     n = 10
-    llm = LLM(nano, block_size=4, num_speculative_tokens=5)
+    llm = LLM(nano, block_size=4, num_speculative_tokens=5, mtp_draft_mode=mode)
     proposer = llm.engine.proposer
     orig, checked = proposer.propose, []
 
@@ -70,7 +76,7 @@ def test_prompts_shorter_than_the_draft_depth(nano):
         orig(items, kmax, defer)
         for (seq, _, _), k in zip(items, kmax):
             if k:
-                checked.append(seq.draft_token_ids == ref_mtp_drafts(nano, seq.token_ids, k))
+                checked.append(seq.draft_token_ids == DRAFTS[mode](nano, seq.token_ids, k))
             assert all(m >= 0 for m in seq.spec.mtp_len)
 
     proposer.propose = propose
@@ -80,7 +86,8 @@ def test_prompts_shorter_than_the_draft_depth(nano):
     assert len(checked) >= 3 and all(checked)
 
 
-def test_drafting_pauses_for_large_batches_and_resumes_with_caught_up_mtp_caches(nano, monkeypatch):
+@pytest.mark.parametrize("mode", ["recursive", "chain"])
+def test_drafting_pauses_for_large_batches_and_resumes_with_caught_up_mtp_caches(nano, monkeypatch, mode):
     """spec_disable_batch_size: while more sequences run than the limit, no drafts (the MTP caches only hold back
     their rows); as requests finish and the batch shrinks, drafting resumes, and every draft must again equal the
     model's own MTP recursion over the whole sequence: the deferred catch-up filled the MTP caches exactly."""
@@ -88,7 +95,8 @@ def test_drafting_pauses_for_large_batches_and_resumes_with_caught_up_mtp_caches
 
     ps = prompts([6, 19, 27, 9], seed=23)
     lens = [4, 6, 30, 25]  # two requests end early: the batch shrinks from 4 to 2
-    llm = LLM(nano, block_size=4, num_speculative_tokens=3, spec_disable_batch_size=2, max_num_batched_tokens=64)
+    llm = LLM(nano, block_size=4, num_speculative_tokens=3, spec_disable_batch_size=2, max_num_batched_tokens=64,
+              mtp_draft_mode=mode)
     proposer = llm.engine.proposer
     orig = proposer.propose
     log = []
@@ -98,7 +106,7 @@ def test_drafting_pauses_for_large_batches_and_resumes_with_caught_up_mtp_caches
         log.append((defer, max(kmax)))
         for (seq, _, _), k in zip(items, kmax):
             if k and seq.draft_token_ids:
-                assert seq.draft_token_ids == ref_mtp_drafts(nano, seq.token_ids, len(seq.draft_token_ids))
+                assert seq.draft_token_ids == DRAFTS[mode](nano, seq.token_ids, len(seq.draft_token_ids))
                 log.append("checked")
 
     proposer.propose = propose
