@@ -101,6 +101,12 @@ JSON_TOOLS = [{"type": "function", "function": {"name": "tag", "parameters": {"t
     "meta": {"type": "object", "properties": {"title": {"type": "string", "maxLength": 30}, "by": {"type": "string"}},
              "required": ["title"], "additionalProperties": False}},
     "required": ["labels", "meta"]}}}]
+# objects that allow extra keys: a key that begins no declared name is an extra key, typed with random logits
+EXTRA_KEYS = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}},
+              "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 999}}
+EXTRA_TOOLS = [{"type": "function", "function": {"name": "label", "parameters": {"type": "object", "properties": {
+    "labels": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 12}}},
+    "required": ["labels"]}}}]
 
 
 def load_structured(rev: str | None) -> dict:
@@ -139,6 +145,8 @@ def kinds(m: dict, vocab) -> dict:
             FIRST_TAG)),
         "tool call (required)": lambda: m["tool_grammar"].ToolCallGrammar(vocab, TOOLS),
         "tool call (JSON strings)": lambda: m["tool_grammar"].ToolCallGrammar(vocab, JSON_TOOLS),
+        "json_schema, extra keys": lambda: json_grammar(vocab, schema=m["json_schema"].compile_schema(EXTRA_KEYS)),
+        "tool call (extra keys)": lambda: m["tool_grammar"].ToolCallGrammar(vocab, EXTRA_TOOLS),
     }
 
 
@@ -253,6 +261,8 @@ def bench_first_visits(args, vocab_sizes: list[int], synthetic: list[int], texts
             built.append(f"{name} {time.perf_counter() - start:.2f} s")
         builders = {name: kinds(m, vocabs[name]) for name, m in impls.items()}
         for label in builders["new"]:
+            if args.kinds and not any(k in label for k in args.kinds):
+                continue
             grammar = builders["new"][label]()
             budget = max(args.max_tokens, grammar.min_close(grammar.start()) + 20)
             outputs = sample_outputs(grammar, vocabs["new"], budget, args.seeds)
@@ -274,6 +284,8 @@ def main() -> int:
     ap.add_argument("--first-visit", action="store_true", help="time first visits of states, old walk vs new")
     ap.add_argument("--synthetic", type=int, nargs="*", default=[], help="with --first-visit: synthetic vocab sizes")
     ap.add_argument("--baseline", default=BASELINE, help="with --first-visit: git revision of the old walk")
+    ap.add_argument("--kinds", nargs="*", default=[],
+                    help="with --first-visit: only the grammars whose label contains one of these")
     args = ap.parse_args()
     torch.set_num_threads(1)
     texts = [Path(f).read_text(encoding="utf-8") for f in default_corpus_files()]
@@ -290,7 +302,8 @@ def main() -> int:
                                ("GBNF (JSON object)", JsonGrammar(vocab, schema=GbnfAutomaton(JSON_GBNF))),
                                ("structural_tag (structures)", JsonGrammar(vocab, schema=compile_structural_tag(TAGS))),
                                ("structural_tag (at_least_one)",
-                                JsonGrammar(vocab, schema=compile_structural_tag(FIRST_TAG)))):
+                                JsonGrammar(vocab, schema=compile_structural_tag(FIRST_TAG))),
+                               ("json_schema, extra keys", JsonGrammar(vocab, schema=compile_schema(EXTRA_KEYS)))):
             for cache in ("cold", "warm"):
                 if cache == "cold":
                     grammar.clear_caches()  # allowed sets, move lists and the trie walk's transition table

@@ -56,7 +56,7 @@ from .json_schema import SchemaAutomaton, compile_schema
 from .regex import RegexAutomaton
 from .structural_tag import compile_structural_tag, parse_structural_tag
 from .trie_walk import ByteTable
-from .vocab import TokenVocab
+from .vocab import KeyRoom, TokenVocab
 
 __all__ = [
     "ConstrainedLogitsProcessor",
@@ -253,11 +253,17 @@ class JsonGrammar(_Grammar):
     def _string_moves(self, s, room) -> tuple[list[tuple[int, int]], _Moves]:
         """Inside a string: (cost, characters) of each plain-text bucket that may come (a plain-text token of c
         characters leads to a state that depends on c alone, so one token decides for its whole bucket, within the
-        string's room), and the walked moves of the few other tokens. Cached per state like ``_moves``."""
+        string's room), and the walked moves of the few other tokens. Inside an extra object key (``room`` a
+        :class:`~glm5.structured.vocab.KeyRoom`) the same with the printable-ASCII buckets (``vocab.key_by_len``); the
+        other plain-text tokens die there, so the same walk of the non-plain ones completes them. Cached per state
+        like ``_moves``."""
         key = ("string", s)
         hit = self._moves_cache.get(key)
         if hit is None:
-            buckets = self.vocab.string_buckets(s, self.doc.step, self._cost, room)
+            if isinstance(room, KeyRoom):
+                buckets = self.vocab.key_buckets(s, self.doc.step, self._cost, room)
+            else:
+                buckets = self.vocab.string_buckets(s, self.doc.step, self._cost, room)
             others = _Moves(*self.vocab.walk_costs(s, self.doc.step, self._cost, special=True,
                                                    table=self._walk_table()))
             hit = self._remember(key, (buckets, others), len(others))
@@ -284,7 +290,8 @@ class JsonGrammar(_Grammar):
         room = self.doc.string_room(s)
         if room is not False:
             buckets, others = self._string_moves(s, room)
-            ids = [i for cost, c in buckets if cost <= left for i in self.vocab.plain_by_chars[c]]
+            lists = self.vocab.key_by_len if isinstance(room, KeyRoom) else self.vocab.plain_by_chars
+            ids = [i for cost, c in buckets if cost <= left for i in lists[c]]
             ids += others.ids[: others.upto(left)]
         else:
             moves = self._moves(s)
@@ -305,7 +312,8 @@ class JsonGrammar(_Grammar):
         room = self.doc.string_room(s)
         if room is not False:
             buckets, others = self._string_moves(s, room)
-            parts = [self._bucket_index(c, size, device) for cost, c in buckets if cost <= left]
+            key = isinstance(room, KeyRoom)
+            parts = [self._bucket_index(c, key, size, device) for cost, c in buckets if cost <= left]
             parts.append(others.index(others.upto(left), size, device))
         else:
             moves = self._moves(s)
@@ -317,11 +325,12 @@ class JsonGrammar(_Grammar):
             return super().allowed_index(state, budget, size, device)
         return idx
 
-    def _bucket_index(self, c: int, size: int, device) -> torch.Tensor:
-        key = (c, size, str(device))
+    def _bucket_index(self, c: int, in_key: bool, size: int, device) -> torch.Tensor:
+        """Bucket c of the plain-text tokens (of the extra-key ones when ``in_key``) as a tensor, kept."""
+        key = (c, in_key, size, str(device))
         t = self._bucket_tensors.get(key)
         if t is None:
-            ids = self.vocab.plain_arrays[c]
+            ids = (self.vocab.key_arrays if in_key else self.vocab.plain_arrays)[c]
             t = self._bucket_tensors[key] = torch.from_numpy(ids[ids < size]).to(device)
         return t
 

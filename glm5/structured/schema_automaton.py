@@ -16,6 +16,7 @@ import math
 
 from .json_automaton import (DIGITS, DONE, NUM_FINAL, WHITESPACE, json_complete, json_min_close, json_step,
                              number_next, string_next, value_start)
+from .vocab import KeyRoom
 
 __all__ = ["SchemaError", "SchemaNode", "SchemaAutomaton", "MAX_EXTRA_KEY"]
 
@@ -78,7 +79,10 @@ class SchemaAutomaton:
     ("N", nid, sub, neg, digits)   inside a number (digits: the integer part, kept for bounded integers)
     ("O", nid, idx, phase, prop, ws)  an object; idx = next declared property that may come; phase first|after|
                                    key|colon (prop: the value's node after the colon)
-    ("K", nid, typed)              an object key after its opening quote (the parent O frame is below it)
+    ("K", nid, typed)              an object key after its opening quote, its text a prefix of a declared name's
+                                   (the parent O frame is below it)
+    ("X", nid, count)              an object key whose text (count bytes) begins no declared name: it can only be an
+                                   extra key, and what may follow depends on its length alone (see _extra_key)
     ("A", nid, count, phase, ws)   an array with count items begun; phase first|after|item
     """
 
@@ -89,6 +93,7 @@ class SchemaAutomaton:
         if self.minlen[root] == INF:
             raise SchemaError("no JSON value satisfies this schema")
         self._after_cost: dict[tuple[int, int, str], float] = {}
+        self._name_prefixes: dict[int, frozenset[bytes]] = {}
 
     # ---- static costs
     def _min_lengths(self) -> list[float]:
@@ -210,11 +215,16 @@ class SchemaAutomaton:
     def string_room(self, state) -> int | None | bool:
         """When every alternative is inside a string with no escape or UTF-8 sequence open and the same room (or
         inside a ``pattern`` string that already contains a match: unlimited room):
-        the characters that may still be added (None: unlimited). Otherwise False. JsonGrammar then decides for
-        all plain-text tokens of c characters with one of them, which relies on the state they lead to depending
-        on c alone (it does: the string frame's character count)."""
+        the characters that may still be added (None: unlimited). When every alternative is inside an extra object
+        key (an X frame) with the same room: :class:`~glm5.structured.vocab.KeyRoom` of that room. Otherwise False.
+        JsonGrammar then decides for all plain-text tokens of c characters (printable-ASCII tokens of c bytes in a
+        key) with one of them, which relies on the state they lead to depending on c alone (it does: the string
+        frame's character count, the X frame's byte count)."""
         rooms = set()
         for s in state:
+            if s and s[-1][0] == "X":
+                rooms.add(KeyRoom(MAX_EXTRA_KEY - s[-1][2]))
+                continue
             if s and s[-1][0] == "P" and self.nodes[s[-1][1]].regex.absorbing(s[-1][2]):
                 rooms.add(None)  # the pattern has matched: any plain text leaves the state as it is
                 continue
@@ -239,8 +249,8 @@ class SchemaAutomaton:
         while i >= 0:
             f = s[i]
             kind = f[0]
-            if kind == "K":  # the key's cost includes its object's rest
-                total += self._key_cost(f, s[i - 1])
+            if kind in ("K", "X"):  # the key's cost includes its object's rest
+                total += self._key_cost(f, s[i - 1]) if kind == "K" else self._extra_cost(f[1], s[i - 1][2])
                 i -= 2
                 continue
             if kind == "V":
@@ -298,6 +308,31 @@ class SchemaAutomaton:
                 cands.append((2 if clash else 1) + 1 + self.minlen[n.extra] + self._obj_rest(nid, idx, "after"))
         return min(cands, default=INF)
 
+    def _extra_cost(self, nid: int, idx: int) -> float:
+        """An X frame's cost: ``"`` ``:`` the extra value and the object's rest. It is what _key_cost gives for a
+        key text that begins no declared name: no declared candidate, and no clash (a name equal to the text
+        would begin with it), so the text itself does not count."""
+        n = self.nodes[nid]
+        if not self._extra_ok(n, idx):
+            return INF
+        return 1 + 1 + self.minlen[n.extra] + self._obj_rest(nid, idx, "after")
+
+    def _key_frame(self, o, typed: bytes):
+        """The frame of key text ``typed`` in the object of O frame ``o``, None when no key goes on
+        from it: ("K", nid, typed) while it begins a declared name, then ("X", nid, len(typed)), which forgets the
+        text (nothing that follows depends on it but through its length), so that extra keys' states repeat."""
+        nid, idx = o[1], o[2]
+        prefixes = self._name_prefixes.get(nid)
+        if prefixes is None:
+            prefixes = self._name_prefixes[nid] = frozenset(
+                enc[:k] for _, enc, _ in self.nodes[nid].props for k in range(len(enc) + 1))
+        if typed in prefixes:
+            k = ("K", nid, typed)
+            return k if self._key_cost(k, o) < INF else None
+        if not self._extra_prefix(typed) or self._extra_cost(nid, idx) == INF:
+            return None
+        return ("X", nid, len(typed))
+
     @staticmethod
     def _extra_prefix(typed: bytes) -> bool:
         return len(typed) <= MAX_EXTRA_KEY and all(0x20 <= c < 0x7F and c not in b'"\\' for c in typed)
@@ -338,6 +373,8 @@ class SchemaAutomaton:
             return self._object(f, rest, b)
         if kind == "K":
             return self._key(f, rest, b)
+        if kind == "X":
+            return self._extra_key(f, rest, b)
         if kind == "A":
             return self._array(f, rest, b)
         return []
@@ -417,9 +454,9 @@ class SchemaAutomaton:
             ok = self._declared(n, idx) or self._extra_ok(n, idx)
             return [rest + (("O", nid, idx, "key", None, False),)] if ok else []
         if b == ord('"') and phase in ("first", "key"):
-            k = ("K", nid, b"")
             o = ("O", nid, idx, phase, None, False)
-            return [rest + (o, k)] if self._key_cost(k, o) < INF else []
+            k = self._key_frame(o, b"")
+            return [rest + (o, k)] if k is not None else []
         return []
 
     def _key(self, k, rest, b: int) -> list:
@@ -435,10 +472,22 @@ class SchemaAutomaton:
                     out.append(below + (("O", nid, j + 1, "colon", n.props[j][2], False),))
             if self._extra_ok(n, idx) and self._extra_prefix(typed) and not any(enc == t for _, enc, _ in n.props):
                 out.append(below + (("O", nid, idx, "colon", n.extra, False),))
-        k2 = ("K", nid, t)
-        if self._key_cost(k2, o) < INF:
-            out.append(rest[:-1] + (o, k2))
+        k2 = self._key_frame(o, t)
+        if k2 is not None:
+            out.append(rest + (k2,))
         return out
+
+    def _extra_key(self, x, rest, b: int) -> list:
+        """A byte of an extra key (X frame). As _key for a text that begins no declared name: the quote closes it
+        (no declared name matches, none clashes); a byte goes on while the text stays printable ASCII without quote
+        or backslash, at most MAX_EXTRA_KEY bytes (_extra_prefix)."""
+        _, nid, count = x
+        o = rest[-1]
+        if b == ord('"'):
+            return [rest[:-1] + (("O", nid, o[2], "colon", self.nodes[nid].extra, False),)]
+        if 0x20 <= b < 0x7F and b != ord("\\") and count < MAX_EXTRA_KEY:
+            return [rest + (("X", nid, count + 1),)]
+        return []
 
     def _array(self, f, rest, b: int) -> list:
         _, nid, count, phase, ws = f

@@ -26,6 +26,7 @@ from .json_schema import SchemaAutomaton, SchemaError, compile_schema, raw_strin
 from .raw_text import RawText as _RawText
 from .raw_text import closer_tail, free_text_ids
 from .trie_walk import ByteTable
+from .vocab import KeyRoom
 
 __all__ = ["ToolCallGrammar"]
 
@@ -416,7 +417,9 @@ class ToolCallGrammar(_Grammar):
           (``vocab.raw_plain``) keep the regex where it is, only the others are walked.
         * Inside a JSON string (a typed value's schema, or an untyped JSON value), with no escape or UTF-8 sequence
           open: the plain-text tokens by character count, as JsonGrammar does
-          (:meth:`~glm5.structured.vocab.TokenVocab.string_buckets`), and a walk of the others."""
+          (:meth:`~glm5.structured.vocab.TokenVocab.string_buckets`), and a walk of the others.
+        * Inside an extra key of an object in a typed value (its text begins no declared name): the printable-ASCII
+          tokens by length (:meth:`~glm5.structured.vocab.TokenVocab.key_buckets`), and the same walk."""
         if mode[0] == "text":
             return [(0, free_text_ids(self.vocab, mode[1]))], _NO_MOVES
         if mode[0] not in ("schema", "json"):
@@ -443,6 +446,9 @@ class ToolCallGrammar(_Grammar):
             table = self._table(table_key, make_step)
             if room == "raw":
                 groups = [(cost(s), self.vocab.raw_plain)]  # each keeps the regex's state: the same cost
+            elif isinstance(room, KeyRoom):  # an extra key of an object in a typed value: its ASCII tokens by length
+                groups = [(c_cost, self.vocab.key_arrays[c])
+                          for c_cost, c in self.vocab.key_buckets(s, table.step, cost, room)]
             else:
                 groups = [(c_cost, self.vocab.plain_arrays[c])
                           for c_cost, c in self.vocab.string_buckets(s, table.step, cost, room)]

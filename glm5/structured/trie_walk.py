@@ -27,8 +27,9 @@ object (its closure returns it for any set holding the accept state). :func:`ref
 kept for the tests (``tests/structured/test_trie_walk.py`` compares both on states of every constraint kind) and
 ``benchmarks/bench_grammar.py --first-visit``.
 
-States that keep their history (a JSON key typed so far, a tool name) are all distinct: then the walk steps every
-live node as the old one did. Such states beyond :data:`DENSE_STATES` get no row in the array (each would cost 1 KB);
+States that keep their history (a tool name or a JSON key typed so far, while it may still be a declared name) are
+all distinct: then the walk steps every live node as the old one did. (An extra key that begins no declared name keeps
+only its length: ``SchemaAutomaton``'s X frame.) Such states beyond :data:`DENSE_STATES` get no row in the array (each would cost 1 KB);
 their transitions are kept in a dictionary instead.
 """
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,18 @@ from glm5.tokenizer.detokenize import byte_level_char_to_byte
 
 from .trie_walk import ByteTable, FlatTrie, Node, node_trie, reference_walk, walk_states
 
-__all__ = ["TokenVocab"]
+__all__ = ["KeyRoom", "TokenVocab"]
+
+
+@dataclass(frozen=True)
+class KeyRoom:
+    """What ``string_room`` answers inside an object key that can only be an extra key
+    (:mod:`glm5.structured.schema_automaton`): its text is printable ASCII without quote or backslash and may grow by
+    ``chars`` more bytes. Not an int, so that it never equals a string's room when an automaton compares the rooms
+    of its alternatives, and so that the grammars list :attr:`TokenVocab.key_by_len` rather than the plain-text
+    buckets (which hold non-ASCII text an extra key refuses)."""
+
+    chars: int
 
 
 class TokenVocab:
@@ -68,10 +80,16 @@ class TokenVocab:
         special: list[tuple[int, bytes]] = []
         raw_plain: list[int] = []
         raw_special: list[tuple[int, bytes]] = []
+        # An extra object key's text is printable ASCII without quote or backslash; such tokens are a subset of the
+        # plain-text ones (the others, whatever their kind, die in that key or are in the special trie), listed by
+        # length: see KeyRoom.
+        by_len: dict[int, list[int]] = {}
         for i, data in self.token_bytes.items():
             c = _string_chars(data)
             if c is not None:
                 by_chars.setdefault(c, []).append(i)
+                if max(data) < 0x80:  # ASCII; plain text holds no control byte, DEL, quote or backslash
+                    by_len.setdefault(c, []).append(i)
             else:
                 special.append((i, data))
             if 0x3E not in data and (c is not None or _utf8(data)):
@@ -80,6 +98,8 @@ class TokenVocab:
                 raw_special.append((i, data))
         self.plain_by_chars = [by_chars.get(c, []) for c in range(max(by_chars, default=0) + 1)]
         self.plain_arrays = [np.array(b, dtype=np.int64) for b in self.plain_by_chars]  # the same, for tensors
+        self.key_by_len = [by_len.get(c, []) for c in range(max(by_len, default=0) + 1)]
+        self.key_arrays = [np.array(b, dtype=np.int64) for b in self.key_by_len]
         self.raw_plain = np.array(raw_plain, dtype=np.int64)  # increasing ids (token_bytes is in id order)
         self.trie = FlatTrie(self.token_bytes.items())
         self.trie.dfs_rank()  # the order walk() lists ids in: computed here, off the engine thread
@@ -113,8 +133,18 @@ class TokenVocab:
         (None: any number): (``cost`` of the state it leads to, c) for each character count c whose plain-text tokens
         (``plain_by_chars[c]``) ``step`` survives from ``state``. Such a token leads to a state that depends on c
         alone, so one token decides for its whole bucket."""
+        return self._buckets(self.plain_by_chars, state, step, cost, room)
+
+    def key_buckets(self, state: Any, step: Callable[[Any, int], Any], cost: Callable[[Any], float],
+                    room: KeyRoom) -> list[tuple[float, int]]:
+        """:meth:`string_buckets` inside an extra object key (see :class:`KeyRoom`), for the tokens of
+        ``key_by_len``: (``cost`` of the state it leads to, n) for each length n up to ``room.chars`` whose tokens
+        ``step`` survives. The plain-text tokens that are not in ``key_by_len`` (non-ASCII text) all die there."""
+        return self._buckets(self.key_by_len, state, step, cost, room.chars)
+
+    def _buckets(self, lists, state, step, cost, room) -> list[tuple[float, int]]:
         buckets = []
-        for c, bucket in enumerate(self.plain_by_chars[: None if room is None else room + 1]):
+        for c, bucket in enumerate(lists[: None if room is None else room + 1]):
             if bucket:
                 s2 = state
                 for b in self.token_bytes[bucket[0]]:

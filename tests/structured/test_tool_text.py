@@ -18,6 +18,7 @@ from hypothesis import strategies as hs
 from glm5.structured.constrained import TokenVocab
 from glm5.structured.raw_text import CLOSERS, closer_tail, free_text_ids
 from glm5.structured.tool_grammar import ToolCallGrammar
+from glm5.structured.vocab import KeyRoom
 from glm5.tokenizer import special_tokens as st
 from glm5.tokenizer.detokenize import byte_level_char_to_byte
 
@@ -66,6 +67,9 @@ def kind(grammar: ToolCallGrammar, state) -> str:
         return "free text"
     if grammar._fast_moves(state[1], state[3], mode) is None:
         return f"{mode[0]} walk"
+    vs = grammar._value_schema(state[1], state[3])
+    if mode[0] == "schema" and hasattr(vs, "string_room") and isinstance(vs.string_room(mode[1]), KeyRoom):
+        return "schema extra key"
     return "matched pattern" if mode[0] == "schema" and isinstance(mode[1], tuple) else f"{mode[0]} string"
 
 
@@ -108,11 +112,12 @@ def hot_moves(vocab, allowed: list[int], text: bytes) -> list[int]:
     return out
 
 
-def drive(vocab, tools, seed: int, walks: int, length: int, size: int | None = None, **kw) -> collections.Counter:
-    """Random walks through the new grammar and the reference side by side (the same tokens), checking every state;
-    returns how many states of each kind were checked."""
+def drive(vocab, tools, seed: int, walks: int, length: int, size: int | None = None, reference=ReferenceToolCallGrammar,
+          same=same_state, **kw) -> collections.Counter:
+    """Random walks through the new grammar and the ``reference`` side by side (the same tokens), checking every
+    state (``same``: the new state stands for the reference's); returns how many states of each kind were checked."""
     size = size or vocab.size
-    new, ref = ToolCallGrammar(vocab, tools, **kw), ReferenceToolCallGrammar(vocab, tools, **kw)
+    new, ref = ToolCallGrammar(vocab, tools, **kw), reference(vocab, tools, **kw)
     rng = random.Random(seed)
     ids = sorted(vocab.token_bytes) + sorted(vocab.added.values())
     taggy = [i for i, d in vocab.token_bytes.items() if b"<" in d or b">" in d]
@@ -122,14 +127,14 @@ def drive(vocab, tools, seed: int, walks: int, length: int, size: int | None = N
         while budget > 0:
             seen[assert_agree(new, ref, s, r, budget, size)] += 1
             for t in rng.sample(ids, 8) + rng.sample(taggy, min(8, len(taggy))):  # the verdict on any token
-                assert same_state(new.advance(s, t), ref.advance(r, t)), (s, t)
+                assert same(new.advance(s, t), ref.advance(r, t)), (s, t)
             allowed = ref.allowed(r, budget)
             going_on = hot_moves(vocab, allowed, text)
             added = [t for t in allowed if t not in vocab.token_bytes]
             x = rng.random()
             tok = rng.choice(going_on if going_on and x < 0.5 else added if added and x < 0.7 else allowed)
             s, r = new.advance(s, tok), ref.advance(r, tok)
-            assert same_state(s, r), (s, r, tok)
+            assert same(s, r), (s, r, tok)
             if s is None or tok in vocab.eos_ids:
                 break
             budget, text = budget - 1, text + vocab.token_bytes.get(tok, b"")
