@@ -101,9 +101,11 @@ JSON_TOOLS = [{"type": "function", "function": {"name": "tag", "parameters": {"t
     "meta": {"type": "object", "properties": {"title": {"type": "string", "maxLength": 30}, "by": {"type": "string"}},
              "required": ["title"], "additionalProperties": False}},
     "required": ["labels", "meta"]}}}]
-# objects that allow extra keys: a key that begins no declared name is an extra key, typed with random logits
-EXTRA_KEYS = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}},
-              "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 999}}
+# objects that allow extra keys: a key that begins no declared name is an extra key, typed with random logits (three
+# objects: random logits close a lone one at once as often as not)
+EXTRA_KEYS = {"type": "array", "minItems": 3, "maxItems": 3, "items": {
+    "type": "object", "properties": {"name": {"type": "string", "maxLength": 20}},
+    "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 999}}}
 EXTRA_TOOLS = [{"type": "function", "function": {"name": "label", "parameters": {"type": "object", "properties": {
     "labels": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 12}}},
     "required": ["labels"]}}}]
