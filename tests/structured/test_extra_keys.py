@@ -250,7 +250,13 @@ _SCHEMAS_BY_VALUE = {k: compile_schema(v) for k, v in TOOLS[0]["function"]["para
 def test_tool_arguments_agree_at_every_state(vocab):
     """An argument that is an object with extra keys (no properties, declared and extra, in an array)."""
     seen = drive(vocab, TOOLS, seed=0, walks=5, length=30, reference=OldKeysToolCallGrammar, same=same_tool_state)
-    seen += drive(vocab, TOOLS, seed=1, walks=3, length=80, reference=OldKeysToolCallGrammar, same=same_tool_state)
+    assert seen["schema extra key"] >= 10, seen
+
+
+@pytest.mark.slow
+def test_tool_arguments_agree_along_long_walks(vocab):
+    """The same along longer walks (30 s: kept out of the default suite)."""
+    seen = drive(vocab, TOOLS, seed=1, walks=3, length=80, reference=OldKeysToolCallGrammar, same=same_tool_state)
     assert seen["schema extra key"] >= 10, seen
 
 

@@ -224,7 +224,7 @@ class TinyBackend:
         return self.tokens[i] if i < len(self.tokens) else self.added[i].content
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tokens=hs.lists(hs.binary(min_size=1, max_size=6).map(lambda b: bytes(ALPHABET[x % len(ALPHABET)] for x in b)),
                        min_size=1, max_size=40),
        seed=hs.integers(0, 1 << 30), length=hs.integers(20, 40))
