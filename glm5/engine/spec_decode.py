@@ -76,8 +76,9 @@ MAX_DEFERRED_ROWS = 512
 
 
 class SpecState:
-    """Per-sequence MTP bookkeeping. mtp_len[d] (d = 1..k): positions with committed depth-d cache entries;
-    hbuf[d] (d = 0..k-1): committed h^d rows for positions [mtp_len[d+1], end_d) not yet consumed by depth
+    """Per-sequence MTP bookkeeping, for the D depths kept in the cache (D = k recursive, 1 chained).
+    mtp_len[d] (d = 1..D): positions with committed depth-d cache entries;
+    hbuf[d] (d = 0..D-1): committed h^d rows for positions [mtp_len[d+1], end_d) not yet consumed by depth
     d+1 (end_0 = the main cache length, end_d = mtp_len[d]). ``deferred``: h^0 rows that follow hbuf[0], held
     back while drafting is paused (a list: appending must not copy the backlog every step)."""
 
