@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from glm5.engine.kv_quant import resolve_kv_cache_dtype
-from glm5.engine.spec_decode import DRAFT_MODES
+from glm5.engine.spec_decode import mtp_cache_layers
 
 
 @dataclass
@@ -58,6 +58,5 @@ class EngineConfig:
             raise ValueError(f"dsa must be 'sparse' or 'dense', got {self.dsa!r}")
         if self.cpu_weight_layout not in ("auto", "row"):
             raise ValueError(f"cpu_weight_layout must be 'auto' or 'row', got {self.cpu_weight_layout!r}")
-        if self.mtp_draft_mode not in DRAFT_MODES:
-            raise ValueError(f"mtp_draft_mode must be one of {DRAFT_MODES}, got {self.mtp_draft_mode!r}")
+        mtp_cache_layers(self.num_speculative_tokens, self.mtp_draft_mode)  # the draft mode's one check
         resolve_kv_cache_dtype(self.kv_cache_dtype)
