@@ -27,6 +27,9 @@ def _engine_args(p) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--spec-tokens", "--num-speculative-tokens", type=int, default=0,
                    help="MTP speculative draft tokens per step (0 = off)")
+    p.add_argument("--spec-stop-gap", type=float, default=0.0,
+                   help="greedy decoding stops drafting after a draft whose two best MTP logits are closer than this "
+                        "(0 = always draft --spec-tokens; e.g. 0.1 with 10 drafts)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_ds_mla"],
                    help="auto: the KV cache in the model's dtype; fp8: GLM-5's FP8 layouts (656 + 132 bytes per token "
                         "and layer at GLM-5's widths, 1.8x the tokens of a bf16 cache; outputs then differ slightly)")
@@ -91,7 +94,8 @@ def _build(args):
         kw["max_model_len"] = args.max_model_len
     return build_engine(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, fp8=args.fp8,
                         max_num_seqs=1,
-                        num_speculative_tokens=args.spec_tokens, dsa=args.dsa, kv_cache_dtype=args.kv_cache_dtype,
+                        num_speculative_tokens=args.spec_tokens, spec_draft_stop_gap=args.spec_stop_gap,
+                        dsa=args.dsa, kv_cache_dtype=args.kv_cache_dtype,
                         use_cuda_graph=not args.enforce_eager, compile_decode=args.compile_decode,
                         tensor_parallel_size=args.tensor_parallel_size,
                         enable_expert_parallel=args.enable_expert_parallel, **kw)

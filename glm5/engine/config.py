@@ -28,6 +28,10 @@ class EngineConfig:
     # "chain": drafts 2..k one row each on depth 1's cache, as vLLM's MTP proposer; "recursive": each depth is the
     # trained MTP recursion over its own cache (glm5/engine/spec_decode.py). Same outputs: verification decides.
     mtp_draft_mode: str = "chain"
+    # Greedy requests stop drafting after a draft whose two best MTP logits are closer than this (nats; 0 = always
+    # draft num_speculative_tokens). With a stop, a larger num_speculative_tokens pays: confident runs go long and
+    # close calls end early (benchmarks/engine.md §2: 0.1 with 10 drafts). Sampled requests always draft k.
+    spec_draft_stop_gap: float = 0.0
     dsa: str = "sparse"  # "sparse" (the model's DSA) or "dense"
     # "auto": the cache in the model's dtype (outputs equal the model's); "fp8" (= "fp8_e4m3" = "fp8_ds_mla"): GLM-5's
     # FP8 serving layouts, 656 + 132 bytes per token and layer at GLM-5's widths (glm5/engine/kv_quant.py)
@@ -59,4 +63,6 @@ class EngineConfig:
         if self.cpu_weight_layout not in ("auto", "row"):
             raise ValueError(f"cpu_weight_layout must be 'auto' or 'row', got {self.cpu_weight_layout!r}")
         mtp_cache_layers(self.num_speculative_tokens, self.mtp_draft_mode)  # the draft mode's one check
+        if not self.spec_draft_stop_gap >= 0:  # (also rejects NaN)
+            raise ValueError(f"spec_draft_stop_gap must be >= 0, got {self.spec_draft_stop_gap}")
         resolve_kv_cache_dtype(self.kv_cache_dtype)

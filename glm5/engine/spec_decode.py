@@ -17,6 +17,12 @@ cache (one cache layer, not k). The inputs of draft j are the recursion's (h^{j-
 context (depth-1 entries) and the position differ. Measured on a self-distilled MTP layer (benchmarks/engine.md §2)
 the acceptance is the same and a step is cheaper: k-1 one-row forwards instead of k catch-up passes.
 
+Draft length (``stop_gap`` > 0): a greedy sequence stops drafting after a draft whose two best MTP logits are less
+than ``stop_gap`` apart, the draft that decides a close call. Such a draft still goes to verification, but the
+ones after it would follow an uncertain prefix and cost an MTP step and a verification row each. Greedy output
+is unchanged whatever the policy (verification decides every token); sampled requests always draft k, since their
+acceptance depends on how well the draft distribution matches the target's, not on how peaked it is.
+
 Verification feeds [x_{L-1}, d_1..d_k] to the target. Greedy requests accept drafts while they equal the
 target argmax (so output is exactly the non-speculative greedy output); sampled requests use rejection
 sampling (accept d_i with probability min(1, p_i(d_i)/q_i(d_i)), else resample from max(0, p_i - q_i)),
@@ -99,12 +105,22 @@ def mtp_cache_layers(num_spec_tokens: int, draft_mode: str) -> int:
     return num_spec_tokens if draft_mode == "recursive" else min(1, num_spec_tokens)
 
 
+def top2_gap(logits: torch.Tensor) -> torch.Tensor:
+    """[n,V] -> [n]: the best logit minus the second best (inf where only one token is finite or V = 1)."""
+    if logits.shape[-1] < 2:
+        return logits.new_full(logits.shape[:1], float("inf"))
+    top = logits.topk(2, dim=-1).values
+    # -inf - -inf = nan: a row with nothing allowed, which drafting treats as unusable anyway
+    return (top[:, 0] - top[:, 1]).nan_to_num(nan=float("inf"), posinf=float("inf"))
+
+
 class MTPProposer:
-    def __init__(self, runner: ModelRunner, num_spec_tokens: int, draft_mode: str = "chain"):
+    def __init__(self, runner: ModelRunner, num_spec_tokens: int, draft_mode: str = "chain", stop_gap: float = 0.0):
         if runner.model.model.mtp is None:
             raise ValueError("speculative decoding needs the model's MTP layer (num_nextn_predict_layers > 0)")
         self.runner = runner
         self.k = num_spec_tokens
+        self.stop_gap = stop_gap  # greedy drafting stops after a draft with a top-2 logit gap below this (0 = never)
         self.depths = mtp_cache_layers(num_spec_tokens, draft_mode)  # depths kept in the cache (and caught up)
 
     def reset(self, seq: Sequence, start: int = 0) -> None:
@@ -171,8 +187,7 @@ class MTPProposer:
                 rows.append(w.avail[: w.run_end - w.start])
                 running.append(w)
         if chunks:
-            ids, pos, batch = self.runner.build(chunks)
-            out = self.runner.mtp(torch.cat(rows), ids, pos, batch, d)
+            out, _ = self._mtp(chunks, torch.cat(rows), d)
             off = 0
             for w in running:
                 n = w.run_end - w.start
@@ -201,11 +216,21 @@ class MTPProposer:
         if not drafting:
             return
         chunks = [Chunk(w.seq.block_table, w.seq.num_tokens - 3 + d, w.seq.draft_token_ids[-1:]) for w in drafting]
-        ids, pos, batch = self.runner.build(chunks)
-        h = self.runner.mtp(torch.cat([w.h[-1:] for w in drafting]), ids, pos, batch, 1)  # [n,H]
+        h, logits = self._mtp(chunks, torch.cat([w.h[-1:] for w in drafting]), 1)  # [n,H]
         for i, w in enumerate(drafting):
             w.h = h[i:i + 1]
-        self._draft(drafting, d, self.runner.mtp_logits(h))
+        self._draft(drafting, d, self.runner.mtp_logits(h) if logits is None else logits)
+
+    def _mtp(self, chunks, hidden: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The MTP layer at depth d over the chunks -> (h^d [N,H], its draft logits [N,V] or None). Depth 1 replays
+        a CUDA graph when one fits: one-row drafts, and catch-ups of at most k + 1 rows per sequence."""
+        graphs = self.runner.graphs
+        if graphs is not None and d == 1:
+            out = graphs.run_rows(chunks, 1 if all(c.n == 1 for c in chunks) else self.k + 1, hidden=hidden)
+            if out is not None:
+                return out
+        ids, pos, batch = self.runner.build(chunks)
+        return self.runner.mtp(hidden, ids, pos, batch, d), None
 
     def _draft(self, drafting: list["_Work"], d: int, logits: torch.Tensor) -> None:
         """Draft d of each sequence from its MTP logits [n,V]: greedy, or sampled (keeping the distribution for the
@@ -220,12 +245,16 @@ class MTPProposer:
             logits = apply_logits_processors(logits, params, [w.seq.output_token_ids + w.seq.draft_token_ids
                                                               for w in drafting], errors)
             stop = [e is not None or u for e, u in zip(errors, unusable_rows(logits).tolist())]
+        # a close call ends a greedy sequence's drafts after this one (see the module docstring)
+        close = (top2_gap(logits) < self.stop_gap).tolist() if self.stop_gap > 0 else [False] * len(drafting)
         if all(p.greedy for p in params):
             for i, (w, t) in enumerate(zip(drafting, logits.argmax(-1).tolist())):
                 if stop[i]:
                     w.kmax = d - 1
                 else:
                     w.seq.draft_token_ids.append(t)
+                    if close[i]:
+                        w.kmax = d
             return
         probs = processed_probs(logits, params)
         unusable = (unusable_rows(probs) | (probs.sum(-1) <= 0)).tolist()
@@ -234,6 +263,8 @@ class MTPProposer:
                 w.kmax = d - 1
             elif w.seq.params.greedy:
                 w.seq.draft_token_ids.append(int(probs[i].argmax()))
+                if close[i]:
+                    w.kmax = d
             elif unusable[i]:  # a broken draft distribution only ends drafting; the target decides the token
                 w.kmax = d - 1
             else:

@@ -31,6 +31,9 @@ def add_parser(sub) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
     g.add_argument("--num-speculative-tokens", "--spec-tokens", type=int, default=0,
                    help="MTP drafts per step (0 = off)")
+    g.add_argument("--spec-stop-gap", type=float, default=0.0,
+                   help="greedy requests stop drafting after a draft whose two best MTP logits are closer than this "
+                        "(0 = always draft --num-speculative-tokens; e.g. 0.1 with 10 drafts)")
     g.add_argument("--spec-disable-batch-size", type=int, default=0,
                    help="pause MTP drafting while more sequences than this run (0 = never; vLLM's disable_by_batch_size)")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | auto (the checkpoint's own; default: bf16 on GPU, fp32 on CPU)")
@@ -128,7 +131,8 @@ def run(args) -> int:
     app = build_app(args.model, settings, generation_config=args.generation_config, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=args.max_num_batched_tokens,
                     num_speculative_tokens=args.num_speculative_tokens,
-                    spec_disable_batch_size=args.spec_disable_batch_size, dtype=args.dtype, device=args.device,
+                    spec_disable_batch_size=args.spec_disable_batch_size, spec_draft_stop_gap=args.spec_stop_gap,
+                    dtype=args.dtype, device=args.device,
                     kv_cache_memory=args.kv_cache_memory, fp8=args.fp8, seed=args.seed, logprobs_mode=args.logprobs_mode,
                     tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
                     scheduling_policy=args.scheduling_policy, use_cuda_graph=not args.enforce_eager,

@@ -37,9 +37,16 @@ def ref_greedy(model, prompt: list[int], n: int, dsa: str = "sparse") -> list[in
     return toks[len(prompt):]
 
 
+def _close_call(logits: torch.Tensor, stop_gap: float) -> bool:
+    """The draft's two best logits are closer than ``stop_gap`` (the engine then drafts no further)."""
+    top = logits.topk(2).values
+    return float(top[0] - top[1]) < stop_gap
+
+
 @torch.no_grad()
-def ref_mtp_drafts(model, tokens: list[int], k: int) -> list[int]:
-    """Greedy MTP drafts after ``tokens`` by the model's own recursion (mtp_forward over the whole sequence)."""
+def ref_mtp_drafts(model, tokens: list[int], k: int, stop_gap: float = 0.0) -> list[int]:
+    """Greedy MTP drafts after ``tokens`` by the model's own recursion (mtp_forward over the whole sequence),
+    ending after a close call when ``stop_gap`` > 0."""
     L = len(tokens)
     h = model(torch.tensor([tokens])).hidden_states[:, : L - 1]
     ext, out = list(tokens), []
@@ -49,13 +56,16 @@ def ref_mtp_drafts(model, tokens: list[int], k: int) -> list[int]:
         logits, h = model.mtp_forward(h, torch.tensor([ext[d:L - 1 + d]]), pos, mask)
         out.append(int(logits[0, -1].argmax()))
         ext.append(out[-1])
+        if _close_call(logits[0, -1], stop_gap):
+            break
     return out
 
 
 @torch.no_grad()
-def ref_chain_drafts(model, tokens: list[int], k: int) -> list[int]:
+def ref_chain_drafts(model, tokens: list[int], k: int, stop_gap: float = 0.0) -> list[int]:
     """Greedy chained MTP drafts (mtp_draft_mode="chain"): depth 1 over the whole sequence gives draft 1; each
-    further draft appends (the last MTP output, the last draft) as the next position of that same sequence."""
+    further draft appends (the last MTP output, the last draft) as the next position of that same sequence. Ends
+    after a close call when ``stop_gap`` > 0."""
     L = len(tokens)
     hid = model(torch.tensor([tokens])).hidden_states[:, : L - 1]  # h^0 at positions 0..L-2
     toks, out = list(tokens[1:]), []
@@ -65,6 +75,8 @@ def ref_chain_drafts(model, tokens: list[int], k: int) -> list[int]:
                                       build_attention_mask(1, n, 0, hid.device))
         out.append(int(logits[0, -1].argmax()))
         hid, toks = torch.cat([hid, h[:, -1:]], dim=1), toks + [out[-1]]
+        if _close_call(logits[0, -1], stop_gap):
+            break
     return out
 
 

@@ -94,6 +94,8 @@ def test_cli_parser_registered():
         for cmd in ("generate", "chat"):
             extra = ["--prompt", "p"] if cmd == "generate" else []
             assert build_parser(cmd).parse_args([cmd, "--model", "/x", flag, "3", *extra]).spec_tokens == 3
+    for cmd, extra in (("serve", []), ("generate", ["--prompt", "p"]), ("chat", [])):
+        assert build_parser(cmd).parse_args([cmd, "--model", "/x", "--spec-stop-gap", "0.1", *extra]).spec_stop_gap == 0.1
 
 
 def test_glm5_serve_command_end_to_end(model_dir):
