@@ -24,6 +24,8 @@ Sections
            bandwidth (measured with a large device copy) / bytes read per decoded token (activated weights:
            attention, dense MLP or shared + top-k experts, final norm, lm_head, one embedding row; plus the latent
            and indexer cache of the context).
+  gpumtp   (CUDA only) MTP speculation at batch 1 on the toy MTP model in bf16: plain and speculative decoding,
+           each eager and through CUDA graphs (benchmarks/gpu_mtp.py).
   specbatch  MTP speculation as a batch shrinks (staggered lengths): plain, always drafting, and drafting paused
            above --spec-disable-batch-size sequences (EngineConfig.spec_disable_batch_size); needs --mtp-model.
   dsa      attention cost per decoded token at a long context, GLM-5's real attention shapes (64 heads,
@@ -319,13 +321,14 @@ def bench_spec_batch(args, results):
 
 
 def _corpus_acceptance(model_dir, n: int, spec_tokens: int, prompt_tokens: int = 32, decode_tokens: int = 48,
-                       regex: str | None = None, draft_mode: str = "chain"):
+                       regex: str | None = None, draft_mode: str = "chain", stop_gap: float = 0.0):
     """Acceptance length and speed-up over n greedy continuations of n corpus snippets, one at a time (batch 1;
     one prompt is a noisy measure). The speed-up is total plain time / total speculative time, the two engines
     alternating prompt by prompt. ``regex``: both decode under that structured output."""
     prompts = _corpus_prompts(model_dir, n, prompt_tokens)
     plain = Engine(model_dir, prompt_tokens + decode_tokens + 16)
-    spec = Engine(model_dir, prompt_tokens + decode_tokens + 16, spec=spec_tokens, mtp_draft_mode=draft_mode)
+    spec = Engine(model_dir, prompt_tokens + decode_tokens + 16, spec=spec_tokens, mtp_draft_mode=draft_mode,
+                  spec_draft_stop_gap=stop_gap)
     plain.run(torch.tensor(prompts[:1]), 2)
     spec.run(torch.tensor(prompts[:1]), 2)
     spec.llm.engine.stats.update(spec_verify_steps=0, spec_draft_tokens=0, spec_accepted_tokens=0)
@@ -337,7 +340,8 @@ def _corpus_acceptance(model_dir, n: int, spec_tokens: int, prompt_tokens: int =
         t_plain, t_spec, same = t_plain + tp, t_spec + ts, same and a == b
     m = spec.llm.spec_metrics()
     row = dict(model=f"trained: {model_dir}", prompts=n, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
-               spec_tokens=spec_tokens, draft_mode=draft_mode, acceptance_length=m["acceptance_length"],
+               spec_tokens=spec_tokens, draft_mode=draft_mode, stop_gap=stop_gap,
+               drafts_per_step=m["draft_tokens"] / max(1, m["verify_steps"]), acceptance_length=m["acceptance_length"],
                acceptance_rate=m["acceptance_rate"],
                speedup=t_plain / t_spec, greedy_identical=same, regex=regex)
     print(json.dumps(row), flush=True)
@@ -359,7 +363,8 @@ def bench_mtp(args, path, cfg, results):
         out["trained"] = _spec_point(f"trained: {args.mtp_model}", args.mtp_model, ids, D, k, args.repeats)
         if args.mtp_corpus_prompts:
             out["trained_corpus"] = _corpus_acceptance(args.mtp_model, args.mtp_corpus_prompts, k,
-                                                       regex=args.mtp_regex, draft_mode=args.mtp_draft_mode)
+                                                       regex=args.mtp_regex, draft_mode=args.mtp_draft_mode,
+                                                       stop_gap=args.spec_stop_gap)
     for name in args.toy_presets:
         toy_dir = Path(args.workdir) / f"toy_{name}"
         if not (toy_dir / "config.json").exists():
@@ -460,7 +465,7 @@ def bench_dsa(args, results):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", default=["decode", "mtp", "dsa", "gpu"],
-                    choices=["decode", "mtp", "specbatch", "dsa", "gpu"])
+                    choices=["decode", "mtp", "specbatch", "dsa", "gpu", "gpumtp"])
     ap.add_argument("--preset", default="glm5-small")
     ap.add_argument("--contexts", type=int, nargs="*", default=[128, 1024])
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 16])
@@ -482,6 +487,8 @@ def main() -> int:
     ap.add_argument("--mtp-prompt", default=None, help="text prompt for the trained model (needs its tokenizer)")
     ap.add_argument("--mtp-draft-mode", default="chain", choices=["chain", "recursive"],
                     help="MTP drafts 2..k: chained one-row steps (the engine's default) or the trained recursion")
+    ap.add_argument("--spec-stop-gap", type=float, default=0.0,
+                    help="with --mtp-corpus-prompts: EngineConfig.spec_draft_stop_gap of the speculative engine")
     ap.add_argument("--mtp-regex", default=None, metavar="PATTERN",
                     help="with --mtp-corpus-prompts: decode under this regex structured output (both engines)")
     ap.add_argument("--mtp-corpus-prompts", type=int, default=0,
@@ -526,6 +533,10 @@ def main() -> int:
         bench_dsa(args, results)
     if "gpu" in args.only:
         bench_gpu(args, results, _prompts)
+    if "gpumtp" in args.only:  # MTP at batch 1 on the GPU, with and without CUDA graphs
+        from gpu_mtp import bench_gpu_mtp
+
+        bench_gpu_mtp(args, results, train_toy_mtp)
     out = Path(args.out)  # a list of runs: each invocation appends its own
     runs = json.loads(out.read_text()).get("runs", []) if out.exists() else []
     out.write_text(json.dumps({"runs": runs + [results]}, indent=2) + "\n")

@@ -26,6 +26,9 @@ case "${1:-tests}" in
       --gpu-override num_hidden_layers=8 n_routed_experts=64 --out "$OUT/engine_gpu.json" \
       --gpu-compile --gpu-profile "$OUT/decode_prof.txt" 2>&1 \
       | tee -a "$OUT/engine_gpu.log"
+    # MTP speculation at batch 1: verification through CUDA graphs against eager and against plain graph decode
+    timeout 150 python benchmarks/bench_engine.py --only gpumtp --spec-tokens 3 --out "$OUT/engine_gpu.json" 2>&1 \
+      | tee -a "$OUT/engine_gpu.log"
     ;;
   train)
     # eager, then torch.compile'd layers (the trainer's --compile)

@@ -1,12 +1,17 @@
-"""CUDA graphs for plain decode steps (one new token per sequence), as nano-vllm does. CUDA only.
+"""CUDA graphs for decode steps, as nano-vllm does: plain decode (one new token per sequence) and MTP
+verification (the last token plus up to k drafts per sequence). CUDA only.
 
-For each batch-size bucket (1, 2, 4, 8, 16, 32, ... up to max_num_seqs) one graph is captured lazily on
-first use. Everything shape-dependent is fixed at capture: the batch is padded to the bucket, keys to
-``max_model_len`` (block tables [B, max_blocks]); the attention layout (key slots, causal visibility) is
-computed *inside* the graph from the block tables and positions, so a replay only copies four small
-integer tensors in. Padding rows use the reserved null block 0. With keys padded beyond ``index_topk``,
-DSA always runs the indexer and gathers the top-k rows, which is exact for short sequences too (every
-visible key has a finite score and is selected).
+A graph is captured lazily on first use for each (kind, batch bucket, rows per sequence): kind "model" (the
+main model and its head) or "mtp" (the MTP layer at draft depth 1 and its head: the chained drafts and depth 1's
+catch-up); buckets 1, 2, 4, 8, 16, 32, ... up to max_num_seqs; rows 1 for plain decode and one-row drafts, k + 1
+for verification and catch-up. Everything shape-dependent is
+fixed at capture: the batch is padded to the bucket, each sequence's rows to R, keys to ``max_model_len``
+(block tables [B, max_blocks]); the attention layout (key slots, causal visibility) is computed *inside* the
+graph from the block tables and positions, so a replay only copies four small integer tensors in. Padding
+rows write their latents to the reserved null block 0 and their outputs are dropped; a padded row of a real
+sequence sits after its last real row, so no real row sees it. With keys padded beyond ``index_topk``, DSA
+always runs the indexer and gathers the top-k rows, which is exact for short sequences too (every visible
+key has a finite score and is selected).
 
 MoE routing is written to be capturable: expert counts come from a fixed-size ``scatter_add``
 (``glm5.model.moe.expert_counts``), not ``torch.bincount``, and the grouped GEMM takes its offsets on the
@@ -43,8 +48,8 @@ class CudaGraphRunner:
             sizes.append(b)
             b *= 2
         self.sizes = sizes + [max_num_seqs]
-        self.graphs: dict[int, tuple] = {}
-        self.failed: set[int] = set()
+        self.graphs: dict[tuple[int, int], tuple] = {}  # (batch bucket, rows per sequence) -> graph
+        self.failed: set[tuple[int, int]] = set()
         self.disabled = False
         self.pool = None
         self.device = runner.device
@@ -56,36 +61,49 @@ class CudaGraphRunner:
         return None
 
     def _static_group(self, bt: torch.Tensor, pos: torch.Tensor) -> AttnGroup:
+        """bt [B, max_blocks], pos [B*R] (sequence b's rows: b*R .. b*R+R-1) -> one absorbed group of B×R queries."""
         B = bt.shape[0]
+        R = pos.shape[0] // B
         t = torch.arange(self.T, device=self.device)
         kv_slots = bt[:, t // self.bs] * self.bs + t % self.bs
-        visible = (t[None] <= pos[:, None])[:, None]  # [B,1,T]
-        rows = torch.arange(B, device=self.device)
-        return AttnGroup(q_index=rows[:, None], q_valid=torch.ones(B, 1, dtype=torch.bool, device=self.device),
+        visible = t[None, None] <= pos.view(B, R)[..., None]  # [B,R,T]
+        rows = torch.arange(B * R, device=self.device)
+        return AttnGroup(q_index=rows.view(B, R), q_valid=torch.ones(B, R, dtype=torch.bool, device=self.device),
                          kv_slots=kv_slots, visible=visible, absorbed=True, q_rows=rows, q_flat=rows)
 
-    def _buffers(self, B: int) -> dict:
+    def _buffers(self, kind: str, B: int, R: int) -> dict:
         dev = self.device
         z = lambda *shape: torch.zeros(*shape, dtype=torch.long, device=dev)  # noqa: E731
-        return dict(ids=z(B), pos=z(B), slots=z(B), bt=z(B, self.max_blocks))
+        buf = dict(ids=z(B * R), pos=z(B * R), slots=z(B * R), bt=z(B, self.max_blocks))
+        if kind == "mtp":  # the MTP layer's other input, h^0 (or the previous draft's h), one row per token
+            m = self.runner.model
+            buf["hidden"] = torch.zeros(B * R, m.config.hidden_size, dtype=m.dtype, device=dev)
+        return buf
 
-    def _forward(self, buf: dict) -> torch.Tensor:
+    def _forward(self, buf: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (hidden states [B*R,H], logits [B*R,V]): the main model's final normed ones, or with an input
+        ``hidden`` the MTP layer's output h^1 (un-normed) and its draft logits."""
         batch = PagedBatch(slot_mapping=buf["slots"], groups=[self._static_group(buf["bt"], buf["pos"])])
-        return self.runner.head(self.runner.run_model(buf["ids"], buf["pos"], batch))
+        r = self.runner
+        if "hidden" in buf:
+            h = r.run_mtp(buf["hidden"], buf["ids"], buf["pos"], batch, 1)
+            return h, r.mtp_head(h)
+        hidden = r.run_model(buf["ids"], buf["pos"], batch)
+        return hidden, r.head(hidden)
 
-    def _capture(self, B: int):
+    def _capture(self, kind: str, B: int, R: int):
         if not self.compiled:
-            return self._capture_graph(B)
+            return self._capture_graph(kind, B, R)
         # Traced under no_grad outside inference mode (the engine's steps run in it; dynamo cannot trace tensors
         # made in an inference_mode it did not enter). Compiling, warming up and capturing under one mode keeps
         # dynamo's guards stable, so nothing recompiles inside the capture.
         with torch.inference_mode(False), torch.no_grad():
-            _allow_recompiles(2 * len(self.sizes))  # one compiled graph per batch bucket
-            return self._capture_graph(B)
+            _allow_recompiles(8 * len(self.sizes))  # one compiled graph per kind, batch bucket and row count
+            return self._capture_graph(kind, B, R)
 
-    def _capture_graph(self, B: int):
+    def _capture_graph(self, kind: str, B: int, R: int):
         dev = self.device
-        buf = self._buffers(B)
+        buf = self._buffers(kind, B, R)
         s = torch.cuda.Stream(dev)
         s.wait_stream(torch.cuda.current_stream(dev))
         # Warm-up outside the capture (allocator, cuBLAS handles), with host syncs made errors: an op that reads
@@ -109,31 +127,56 @@ class CudaGraphRunner:
         self.pool = graph.pool()
         return graph, buf, out
 
-    def _fill(self, buf: dict, chunks) -> None:
-        n, B, bs, mb = len(chunks), buf["ids"].shape[0], self.bs, self.max_blocks
+    def _fill(self, buf: dict, chunks, R: int, real: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        """Sequence b's rows b*R .. b*R+R-1: its tokens at positions start, start+1, ...; rows past its tokens, and
+        the rows of padding sequences, write to the null block (their ``hidden`` rows keep stale, finite values)."""
+        if hidden is not None:
+            buf["hidden"].index_copy_(0, real, hidden.to(buf["hidden"].dtype))
+        n, B, bs, mb = len(chunks), buf["bt"].shape[0], self.bs, self.max_blocks
+        ids, pos, slots = [], [], []
+        for c in chunks:
+            bt = c.block_table
+            for j in range(R):
+                p = c.start + j
+                real = j < c.n
+                ids.append(c.token_ids[j] if real else 0)
+                pos.append(p)
+                slots.append(bt[p // bs] * bs + p % bs if real else 0)
+        pad = [0] * (R * (B - n))
         tables = [(c.block_table + [0] * mb)[:mb] for c in chunks] + [[0] * mb] * (B - n)
-        for key, vals in (("ids", [c.token_ids[0] for c in chunks]), ("pos", [c.start for c in chunks]),
-                          ("slots", [c.block_table[c.start // bs] * bs + c.start % bs for c in chunks])):
-            buf[key].copy_(torch.tensor(vals + [0] * (B - n)), non_blocking=True)
+        for key, vals in (("ids", ids + pad), ("pos", pos + pad), ("slots", slots + pad)):
+            buf[key].copy_(torch.tensor(vals), non_blocking=True)
         buf["bt"].copy_(torch.tensor(tables), non_blocking=True)
 
     def run(self, chunks) -> torch.Tensor | None:
         """Logits [len(chunks), V] for a plain decode batch, or None when no graph applies."""
+        out = self.run_rows(chunks, 1)
+        return None if out is None else out[1]
+
+    def run_rows(self, chunks, R: int, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Chunks of 1..R tokens each (a verification: the last token and its drafts) -> (hidden [N,H], logits
+        [N,V]) for their N tokens in order, as ``ModelRunner.forward`` and ``logits`` would give them; with
+        ``hidden`` [N,H], the MTP layer at depth 1 instead (``ModelRunner.mtp`` and ``mtp_logits``). None when no
+        graph applies (the caller then runs eagerly)."""
         n = len(chunks)
         B = self._bucket(n)
-        if self.disabled or B is None or any(c.start >= self.T for c in chunks):
+        if self.disabled or B is None or any(c.n > R or c.start + R > self.T for c in chunks):
             return None
+        real = torch.tensor([b * R + j for b, c in enumerate(chunks) for j in range(c.n)], device=self.device)
+        kind = "model" if hidden is None else "mtp"
         if not self.capture:  # same static layout, run eagerly (CPU tests of the graph path)
-            buf = self._buffers(B)
-            self._fill(buf, chunks)
+            buf = self._buffers(kind, B, R)
+            self._fill(buf, chunks, R, real, hidden)
             with torch.inference_mode():
-                return self.step(buf)[:n]
-        if B not in self.graphs:
+                h, logits = self.step(buf)
+            return h[real], logits[real]
+        key = (kind, B, R)
+        if key not in self.graphs:
             try:
-                self.graphs[B] = self._capture(B)
+                self.graphs[key] = self._capture(kind, B, R)
             except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly from now on
-                log.warning("CUDA graph capture for batch %d failed (%s); decoding eagerly", B, e)
-                self.failed.add(B)
+                log.warning("CUDA graph capture (%s, batch %d × %d rows) failed (%s); decoding eagerly", kind, B, R, e)
+                self.failed.add(key)
                 self.disabled = True
                 self.graphs.clear()
                 try:
@@ -141,10 +184,10 @@ class CudaGraphRunner:
                 except Exception:  # noqa: BLE001
                     pass
                 return None
-        graph, buf, out = self.graphs[B]
-        self._fill(buf, chunks)
+        graph, buf, (h, logits) = self.graphs[key]
+        self._fill(buf, chunks, R, real, hidden)
         graph.replay()
-        return out[:n].clone()
+        return h[real], logits[real]  # index copies: the next replay overwrites the graph's outputs
 
 
 def _allow_recompiles(n: int) -> None:

@@ -105,7 +105,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching,
                                           hash_extra_tokens=mtp_layers)  # depth d's entry at s reads x_{s+d}
         self.runner = ModelRunner(model, self.kv_cache, cfg.block_size, dsa=cfg.dsa)
-        self.proposer = MTPProposer(self.runner, self.k, cfg.mtp_draft_mode) if self.k else None
+        self.proposer = MTPProposer(self.runner, self.k, cfg.mtp_draft_mode, cfg.spec_draft_stop_gap) \
+            if self.k else None
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.k,
                                    on_admit=self._on_admit, policy=cfg.scheduling_policy)
         self.sampler = Sampler(cfg.logprobs_mode)
@@ -116,8 +117,9 @@ class LLMEngine:
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "spec_verify_steps": 0,
                       "spec_paused_steps": 0,
                       "spec_draft_tokens": 0, "spec_accepted_tokens": 0}
-        # (not yet under tensor parallelism: its collectives would have to be captured too)
-        if cfg.use_cuda_graph and self.device.type == "cuda" and not self.k and tp.world == 1:
+        # Plain decode and MTP verification steps replay CUDA graphs (the MTP drafting steps run eagerly: one layer
+        # each). Not yet under tensor parallelism: its collectives would have to be captured too.
+        if cfg.use_cuda_graph and self.device.type == "cuda" and tp.world == 1:
             from glm5.engine.cuda_graphs import CudaGraphRunner
 
             self.runner.graphs = CudaGraphRunner(self.runner, cfg.max_num_seqs, self.max_model_len,
@@ -278,11 +280,15 @@ class LLMEngine:
                 nrows.append(m)
                 row_idx.extend(range(off + len(toks) - m, off + len(toks)))
                 off += len(toks)
-            ids, pos, batch = self.runner.build(chunks)
-            hidden = self.runner.forward(ids, pos, batch)
+            graphed = self._graph_verify(items, chunks)
+            if graphed is not None:  # every row is a sampled one here: row_idx covers them all, in order
+                hidden, logits = graphed
+            else:
+                ids, pos, batch = self.runner.build(chunks)
+                hidden = self.runner.forward(ids, pos, batch)
+                logits = self.runner.logits(hidden[torch.tensor(row_idx, dtype=torch.long, device=self.device)]) \
+                    if row_idx else None
             self._score_prompt(items, hidden)
-            logits = self.runner.logits(hidden[torch.tensor(row_idx, dtype=torch.long, device=self.device)]) \
-                if row_idx else None
         # ---- sample / verify
         plain = [i for i, s in enumerate(items) if s.completes and not s.draft_ids]
         sampled: dict[int, tuple[list[int], list]] = {}
@@ -389,6 +395,15 @@ class LLMEngine:
         if self.kv_cache.scratch is not None and not self.scheduler.has_unfinished():
             self.runner.idle()  # give the gather buffers back (see GatherScratch)
         return outs
+
+    def _graph_verify(self, items, chunks) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A decode step with MTP drafts (each sequence: its last token + up to k drafts) through the CUDA graphs
+        for k + 1 rows per sequence (1 when no sequence has drafts) -> (hidden, logits) of every row; None when it
+        is not such a step or no graph applies."""
+        graphs = self.runner.graphs
+        if graphs is None or not all(s.num_new_tokens == 1 and s.completes for s in items):
+            return None
+        return graphs.run_rows(chunks, 1 + self.k if any(s.draft_ids for s in items) else 1)
 
     def _mask_min_tokens(self, logits, items, row_of, nrows):
         """min_tokens: EOS and stop ids cannot be chosen before the output has min_tokens tokens (as vLLM). Rows

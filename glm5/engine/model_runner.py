@@ -139,6 +139,10 @@ class ModelRunner:
             depth: int) -> torch.Tensor:
         """One MTP step for draft depth ``depth`` (1-based): hidden [N,H] = h^{depth-1}, input_ids [N] = the
         tokens ``depth`` positions ahead -> h^depth [N,H] (un-normed, as ``mtp_forward`` returns it)."""
+        return self.run_mtp(hidden, input_ids, positions, batch, depth)
+
+    def run_mtp(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor, batch: PagedBatch,
+                depth: int) -> torch.Tensor:  # the body of ``mtp``, undecorated (see run_model)
         m = self.model.model
         L = self.cfg.num_hidden_layers
         view = _LayerShiftView(self.kv, batch, src=L, dst=L + depth - 1)
@@ -149,6 +153,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def mtp_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mtp_head(h)
+
+    def mtp_head(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.model.mtp.shared_head.norm(h)).float()
 
     def idle(self) -> None:

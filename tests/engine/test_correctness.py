@@ -151,6 +151,32 @@ def test_cuda_graph_static_layout_matches_eager_decode(nano):
     assert static.argmax(-1).tolist() == eager.argmax(-1).tolist()
 
 
+def test_cuda_graph_static_verification_rows_match_eager(nano):
+    # MTP verification through the graph path (run eagerly on CPU): sequences of 1, 3 and 4 rows padded to R = 4
+    # rows each and to a batch bucket of 4; the real rows' hidden states and logits equal the dynamic path's.
+    from glm5.engine.cuda_graphs import CudaGraphRunner
+
+    lens = [5, 30, 13]  # below / above index_topk
+    cfg = nano.config
+    kv = PagedKVCache(cfg, 64, 4, cfg.num_hidden_layers, torch.float32, "cpu")
+    runner = ModelRunner(nano, kv, 4)
+    tables = [list(range(1 + 20 * i, 21 + 20 * i)) for i in range(len(lens))]
+    toks = prompts(lens, seed=15)
+    for t, p in zip(tables, toks):
+        ids, pos, batch = runner.build([Chunk(t, 0, p[:-1])])
+        runner.forward(ids, pos, batch)
+    drafts = [[], [7, 9], [11, 3, 5]]
+    chunks = [Chunk(t, len(p) - 1, p[-1:] + d) for t, p, d in zip(tables, toks, drafts)]
+    ids, pos, batch = runner.build(chunks)
+    hidden = runner.forward(ids, pos, batch)
+    graphs = CudaGraphRunner(runner, max_num_seqs=4, max_model_len=72, capture=False)
+    assert graphs.run_rows(chunks, 3) is None  # a sequence with more rows than the graph has: eager
+    h, logits = graphs.run_rows(chunks, 4)
+    torch.testing.assert_close(h, hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, runner.logits(hidden), rtol=1e-5, atol=1e-5)
+    assert logits.argmax(-1).tolist() == runner.logits(hidden).argmax(-1).tolist()
+
+
 @pytest.mark.slow  # ~50 s of compilation on 2 cores
 def test_compiled_static_decode_matches_eager_decode(nano):
     # compile_decode: the graph path's forward through torch.compile (run without capture on CPU, in bf16 since

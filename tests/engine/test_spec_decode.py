@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from glm5.engine import LLM, SamplingParams
-from glm5.engine.spec_decode import rejection_sample
+from glm5.engine.config import EngineConfig
+from glm5.engine.spec_decode import rejection_sample, top2_gap
 
 from .conftest import make_model, prompts, ref_chain_drafts, ref_greedy, ref_mtp_drafts
 
@@ -59,6 +60,101 @@ def test_drafts_follow_mtp_recursion_and_accepted_drafts_commit(nano, mode):
     m = llm.spec_metrics()
     assert m["acceptance_length"] > 2.5  # two of three oracle drafts are right
     assert all(o.metrics["spec_acceptance_length"] > 2.5 for o in outs)
+
+
+@pytest.mark.parametrize("mode", ["recursive", "chain"])
+def test_draft_stop_gap_ends_greedy_drafts_after_a_close_call(nano, mode):
+    """spec_draft_stop_gap: each step's drafts are the reference drafts cut after the first draft whose two best MTP
+    logits are closer than the gap (0.03 is about the median gap of this random model, so steps draft 1, 2 or 3);
+    the output is still exactly the plain greedy one."""
+    gap, k, n = 0.03, 3, 14
+    ps = prompts([6, 19, 27], seed=25)
+    llm = LLM(nano, block_size=4, num_speculative_tokens=k, max_num_batched_tokens=32, mtp_draft_mode=mode,
+              spec_draft_stop_gap=gap)
+    proposer, orig, counts = llm.engine.proposer, llm.engine.proposer.propose, []
+
+    def propose(items, kmax, defer=False):
+        orig(items, kmax, defer)
+        for (seq, _, _), km in zip(items, kmax):
+            if km:
+                assert seq.draft_token_ids == DRAFTS[mode](nano, seq.token_ids, km, stop_gap=gap)
+                counts.append(len(seq.draft_token_ids))
+
+    proposer.propose = propose
+    outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    for o, p in zip(outs, ps):
+        assert o.outputs[0].token_ids == ref_greedy(nano, p, n)
+    assert 1 in counts and max(counts) > 1  # the gap both stops drafts early and lets confident ones run on
+    assert llm.spec_metrics()["draft_tokens"] == sum(counts)
+
+
+def test_verification_and_drafting_through_the_cuda_graph_path(nano):
+    """With CUDA graphs (their static layout run eagerly on CPU), verification steps go through the model graphs for
+    k + 1 rows per sequence, and depth-1 MTP steps through the MTP graphs (one-row drafts; catch-ups of up to k + 1
+    rows, longer ones eagerly). Drafts, cut short by the stop gap, equal the no-cache chain reference (then oracle
+    drafts are verified instead, so that they are accepted); greedy output is still the plain output; a seeded
+    sampled request gets the tokens it gets without graphs."""
+    from glm5.engine.cuda_graphs import CudaGraphRunner
+
+    ps = prompts([6, 19, 27], seed=28)
+    gap, n = 0.03, 12
+    kw = dict(block_size=4, max_model_len=64, num_speculative_tokens=3, spec_draft_stop_gap=gap)
+    llm = LLM(nano, **kw)
+    graphs = CudaGraphRunner(llm.engine.runner, max_num_seqs=16, max_model_len=64, capture=False)
+    llm.engine.runner.graphs = graphs
+    used, run_rows, propose = [], graphs.run_rows, llm.engine.proposer.propose
+
+    def counted(chunks, R, hidden=None):
+        out = run_rows(chunks, R, hidden)
+        used.append(("model" if hidden is None else "mtp", R, max(c.n for c in chunks), out is not None))
+        return out
+
+    refs = [p + ref_greedy(nano, p, n) for p in ps]
+
+    def checked(items, kmax, defer=False):
+        propose(items, kmax, defer)
+        for (seq, _, _), k in zip(items, kmax):
+            if k:
+                drafts = seq.draft_token_ids
+                assert drafts == ref_chain_drafts(nano, seq.token_ids, k, stop_gap=gap)
+                # then the right tokens, so that drafts are accepted and depth 1 catches up over several rows
+                ref = next(r for r in refs if r[: seq.num_prompt_tokens] == seq.prompt_token_ids)
+                seq.draft_token_ids = ref[seq.num_tokens:seq.num_tokens + len(drafts)]
+
+    graphs.run_rows, llm.engine.proposer.propose = counted, checked
+    outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    for o, r, p in zip(outs, refs, ps):
+        assert o.outputs[0].token_ids == r[len(p):]
+    assert all(ok for _, R, rows, ok in used if rows <= R)  # only a long catch-up (a prompt's) runs eagerly
+    replayed = {(kind, R, rows > 1) for kind, R, rows, ok in used if ok}
+    assert {("model", 4, True), ("mtp", 4, True), ("mtp", 1, False)} <= replayed, replayed
+    llm.engine.proposer.propose = propose  # its own drafts from here on (sampled: no greedy reference)
+    sp = SamplingParams(temperature=0.8, seed=3, max_tokens=n, ignore_eos=True)
+    eager = LLM(nano, **kw).generate(ps[:1], sp)[0].outputs[0].token_ids
+    assert llm.generate(ps[:1], sp)[0].outputs[0].token_ids == eager
+
+
+def test_draft_stop_gap_leaves_sampled_requests_drafting_k(nano):
+    """Sampled requests ignore the gap: same tokens and the same draft counts as without it."""
+    p = prompts([13], seed=26)[0]
+    sp = SamplingParams(temperature=0.9, seed=11, max_tokens=12, ignore_eos=True)
+    runs = [LLM(nano, num_speculative_tokens=3, spec_draft_stop_gap=g) for g in (0.0, 1e9)]
+    outs = [r.generate([p], sp)[0].outputs[0].token_ids for r in runs]
+    assert outs[0] == outs[1] and len(outs[0]) == 12
+    assert runs[0].spec_metrics() == runs[1].spec_metrics()
+    greedy = LLM(nano, num_speculative_tokens=3, spec_draft_stop_gap=1e9)  # every greedy draft is a close call
+    greedy.generate([p], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    m = greedy.spec_metrics()
+    assert m["draft_tokens"] == m["verify_steps"]
+
+
+def test_top2_gap_and_stop_gap_validation():
+    g = top2_gap(torch.tensor([[3.0, 1.0, 2.5], [0.0, float("-inf"), float("-inf")], [1.0, 1.0, 0.0]]))
+    assert g.tolist() == [0.5, float("inf"), 0.0]
+    assert top2_gap(torch.tensor([[4.0]])).tolist() == [float("inf")]  # a one-token vocabulary
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="spec_draft_stop_gap"):
+            EngineConfig(spec_draft_stop_gap=bad)
 
 
 @pytest.mark.parametrize("mode", ["recursive", "chain"])

@@ -68,6 +68,31 @@ def test_engine_greedy_equals_the_model_and_decodes_through_cuda_graphs(exact_fp
         assert graphs is None  # nothing CUDA-only on the CPU path
 
 
+def test_mtp_verification_runs_through_cuda_graphs(exact_fp32):
+    """num_speculative_tokens: verification steps (last token + up to k drafts per sequence) replay graphs captured
+    for k + 1 rows per sequence; greedy output is the model's own, and a seeded sampled request gets the eager
+    engine's tokens."""
+    model = GLM5ForCausalLM(preset("glm5-nano", index_topk=8)).init_weights(3).to(DEVICE).eval()
+    g = torch.Generator().manual_seed(2)
+    ps = [torch.randint(1, 2048, (n,), generator=g).tolist() for n in (5, 13, 40)]
+    kw = dict(device=DEVICE, block_size=4, max_num_seqs=4, num_speculative_tokens=3, spec_draft_stop_gap=0.03)
+    llm = LLM(model, **kw)
+    outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    for p, o in zip(ps, outs):
+        assert o.outputs[0].token_ids == ref_greedy(model, p, 10), f"prompt of {len(p)} tokens"
+    assert llm.spec_metrics()["draft_tokens"] > 0
+    sp = SamplingParams(temperature=0.8, seed=4, max_tokens=10, ignore_eos=True)
+    eager = LLM(model, use_cuda_graph=False, **kw)
+    assert [o.outputs[0].token_ids for o in llm.generate(ps, sp)] == \
+        [o.outputs[0].token_ids for o in eager.generate(ps, sp)]
+    graphs = llm.engine.runner.graphs
+    if CUDA:
+        keys = sorted(graphs.graphs)  # (kind, batch bucket, rows per sequence)
+        assert not graphs.failed and ("model", 4, 4) in keys and any(k[0] == "mtp" for k in keys), keys
+    else:
+        assert graphs is None
+
+
 def test_fp8_kv_cache_on_the_device(exact_fp32):
     """kv_cache_dtype="fp8": the quantising writes and dequantising gathers run on the device (through CUDA graphs
     on CUDA) and decode the same tokens as the eager engine; the cache holds 1.8x the tokens of a bf16 one."""
