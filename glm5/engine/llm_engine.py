@@ -117,8 +117,8 @@ class LLMEngine:
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "spec_verify_steps": 0,
                       "spec_paused_steps": 0,
                       "spec_draft_tokens": 0, "spec_accepted_tokens": 0}
-        # Plain decode and MTP verification steps replay CUDA graphs (the MTP drafting steps run eagerly: one layer
-        # each). Not yet under tensor parallelism: its collectives would have to be captured too.
+        # Plain decode, MTP verification and the MTP layer's depth-1 steps replay CUDA graphs (glm5/engine/
+        # cuda_graphs.py). Not yet under tensor parallelism: its collectives would have to be captured too.
         if cfg.use_cuda_graph and self.device.type == "cuda" and tp.world == 1:
             from glm5.engine.cuda_graphs import CudaGraphRunner
 
