@@ -2,7 +2,8 @@
 
 Routes: ``GET /`` (web chat), ``GET /health``, ``GET /metrics``, ``GET /version``, ``GET /v1/models``,
 ``GET /v1/models/{model}``, ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``
-(with ``GET`` / ``DELETE /v1/responses/{id}``: :mod:`glm5.serve.responses`), ``POST /tokenize``,
+(with ``GET`` / ``DELETE /v1/responses/{id}`` and ``GET /v1/responses/{id}/input_items``:
+:mod:`glm5.serve.responses`), ``POST /tokenize``,
 ``POST /detokenize``; the OpenAPI schema at ``/openapi.json`` (``/docs`` renders it).
 
 With ``settings.api_key`` the ``/v1/*`` and tokenizer routes need ``Authorization: Bearer KEY`` (or
@@ -19,9 +20,9 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
@@ -263,8 +264,9 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
         """OpenAI's Responses API: the chat path above with Responses-shaped input and output."""
         arrival = time.monotonic()
         call = responses.translate(state, req)
-        prep = (await asyncio.to_thread(responses.prepare, state, call) if _needs_grammar(call.chat)
-                else responses.prepare(state, call))
+        # truncation "auto" may render the conversation a few times: off the event loop too
+        prep = (await asyncio.to_thread(responses.prepare, state, call)
+                if _needs_grammar(call.chat) or req.truncation == "auto" else responses.prepare(state, call))
         state.admit()
         gen = Generation(state, prep, "responses", chat=True, arrival=arrival)
         if req.stream:
@@ -274,6 +276,12 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
     @app.get("/v1/responses/{response_id}", dependencies=auth, responses=_ERRORS)
     async def get_response(response_id: str):
         return responses.retrieve(state, response_id)
+
+    @app.get("/v1/responses/{response_id}/input_items", dependencies=auth, responses=_ERRORS)
+    async def list_input_items(response_id: str, request: Request, limit: int = Query(20, ge=1, le=100),
+                               order: Literal["asc", "desc"] = "desc", after: str | None = None):
+        return responses.input_items(state, response_id, request.query_params, limit=limit, order=order,
+                                     after=after)
 
     @app.delete("/v1/responses/{response_id}", dependencies=auth, responses=_ERRORS)
     async def delete_response(response_id: str):

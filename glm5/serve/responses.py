@@ -1,19 +1,22 @@
-"""OpenAI's Responses API (``POST /v1/responses``, ``GET`` / ``DELETE /v1/responses/{id}``) over the chat machinery.
+"""OpenAI's Responses API (``POST /v1/responses``, ``GET`` / ``DELETE /v1/responses/{id}``,
+``GET /v1/responses/{id}/input_items``) over the chat machinery.
 
 This is a translation layer, not a second server: :func:`translate` turns the request into a
 :class:`~glm5.serve.protocol.ChatCompletionRequest` (instructions -> system message, input items -> chat
 messages, flat function tools -> chat tools, ``text.format`` -> ``response_format``, ``reasoning.effort`` ->
-``enable_thinking``), :func:`prepare` is :func:`~glm5.serve.serving.prepare_chat` (rendering, context checks,
-sampling parameters, tool-call and JSON grammars), and :class:`~glm5.serve.serving.Generation` runs it with the
-same metrics, usage and disconnect handling. Only the output's shape is new: the GLM-5 parser's deltas
-(reasoning / content / tool-call fragments) become output items (``reasoning``, ``message``, ``function_call``)
-and, when streaming, the ``response.*`` events. The non-streaming response is built by the same
-:class:`OutputBuilder` from the same deltas, so streamed and non-streamed results cannot disagree.
+``enable_thinking``, ``include`` logprobs / ``top_logprobs`` -> ``logprobs``), :func:`prepare` is
+:func:`~glm5.serve.serving.prepare_chat` (rendering, context checks, sampling parameters, tool-call and JSON
+grammars; with ``truncation: "auto"`` it retries with the oldest turns dropped), and
+:class:`~glm5.serve.serving.Generation` runs it with the same metrics, usage and disconnect handling. Only the
+output's shape is new: the GLM-5 parser's deltas (reasoning / content / tool-call fragments) become output items
+(``reasoning``, ``message``, ``function_call``) and, when streaming, the ``response.*`` events, both built by
+:class:`~glm5.serve.responses_output.OutputBuilder`, so streamed and non-streamed results cannot disagree.
 
 ``store`` (default true, as OpenAI's) keeps the finished response and its conversation in a bounded in-memory
-LRU (:class:`ResponseStore`); ``previous_response_id`` continues that conversation: the new prompt is the
-stored conversation (without the old ``instructions``, which OpenAI does not carry over), the stored output as
-the assistant turn, then the new input: the prompt a chat client would send with the same history.
+LRU (:class:`~glm5.serve.responses_store.ResponseStore`); ``previous_response_id`` continues that conversation:
+the new prompt is the stored conversation (without the old ``instructions``, which OpenAI does not carry over),
+the stored output as the assistant turn, then the new input: the prompt a chat client would send with the same
+history.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import json
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -35,61 +37,18 @@ from starlette.responses import JSONResponse, StreamingResponse
 from . import handlers
 from .errors import APIError, bad_request, validation_error
 from .protocol import ChatCompletionRequest
-from .responses_protocol import (PASSTHROUGH, THINKING_OFF_EFFORTS, ResponsesRequest, chat_tool_choice, chat_tools,
-                                 items_to_messages, not_found, param_of_chat, response_format)
+from .responses_output import OutputBuilder, TextTokens
+from .responses_protocol import (LOGPROBS_INCLUDE, PASSTHROUGH, THINKING_OFF_EFFORTS, ResponsesRequest,
+                                 chat_tool_choice, chat_tools, check_include, items_to_messages, not_found,
+                                 param_of_chat, response_format)
+from .responses_store import MAX_STORE_CHARS, ResponseStore, StoredResponse, conversation_items, list_page
 from .serving import Generation, Prepared, ServerState, prepare_chat
 
+# the store is re-exported: app.py and callers built it from this module before it moved to responses_store
+__all__ = ["MAX_STORE_CHARS", "ResponseStore", "StoredResponse", "translate", "prepare", "complete", "stream",
+           "retrieve", "delete", "input_items"]
+
 log = logging.getLogger("glm5.serve")
-
-#: Characters (JSON) the store may hold in all; the oldest responses go first past this or the item limit. Each
-#: record holds its whole conversation, so a long chain costs O(turns^2): the bound is what keeps that finite.
-MAX_STORE_CHARS = 256 << 20
-
-
-# ================================================================================================ store
-@dataclass
-class StoredResponse:
-    response: dict  # the response object, as GET returns it
-    history: list[dict]  # chat messages of the conversation, output included, without instructions
-    size: int
-
-
-class ResponseStore:
-    """Finished responses by id, least recently used evicted first (by count and by total JSON size). Touched
-    only from the event loop, so it needs no lock."""
-
-    def __init__(self, max_items: int, max_chars: int = MAX_STORE_CHARS):
-        self.max_items = max(0, max_items)
-        self.max_chars = max_chars
-        self.chars = 0
-        self._items: OrderedDict[str, StoredResponse] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def put(self, response_id: str, response: dict, history: list[dict]) -> None:
-        size = len(json.dumps(response, ensure_ascii=False)) + len(json.dumps(history, ensure_ascii=False))
-        if self.max_items == 0 or size > self.max_chars:
-            log.warning("response %s not stored (%d characters; store limit %d)", response_id, size, self.max_chars)
-            return
-        self.delete(response_id)
-        self._items[response_id] = StoredResponse(response, history, size)
-        self.chars += size
-        while len(self._items) > self.max_items or self.chars > self.max_chars:
-            _, old = self._items.popitem(last=False)
-            self.chars -= old.size
-
-    def get(self, response_id: str) -> StoredResponse | None:
-        rec = self._items.get(response_id)
-        if rec is not None:
-            self._items.move_to_end(response_id)
-        return rec
-
-    def delete(self, response_id: str) -> bool:
-        rec = self._items.pop(response_id, None)
-        if rec is not None:
-            self.chars -= rec.size
-        return rec is not None
 
 
 # ========================================================================================== translation
@@ -103,16 +62,15 @@ class ResponseCall:
     history: list[dict]  # the conversation before this turn's output, without instructions
     tools_echo: list[dict]
     created_at: int
+    input_items: list[dict]  # the conversation as items with ids, for the input-items listing (when stored)
 
 
 def translate(state: ServerState, req: ResponsesRequest) -> ResponseCall:
     """The chat request that renders the same conversation; 400 / 404 for what cannot be translated."""
     if req.background:
         raise bad_request("background responses are not supported", param="background", code="unsupported_value")
-    if req.top_logprobs:
-        raise bad_request("top_logprobs is not supported on /v1/responses; use /v1/chat/completions",
-                          param="top_logprobs", code="unsupported_value")
     history: list[dict] = []
+    rec = None
     if req.previous_response_id is not None:
         rec = state.response_store.get(req.previous_response_id)
         if rec is None:
@@ -129,8 +87,13 @@ def translate(state: ServerState, req: ResponsesRequest) -> ResponseCall:
     response_id = f"resp_{uuid.uuid4().hex}"
     body = {"model": req.model, "messages": messages, "max_completion_tokens": req.max_output_tokens,
             "temperature": req.temperature, "top_p": req.top_p, "tools": tools,
-            "tool_choice": chat_tool_choice(req.tool_choice), "parallel_tool_calls": req.parallel_tool_calls,
+            "tool_choice": chat_tool_choice(req.tool_choice),
+            # one call allowed: a required / named tool grammar then ends the output after it, instead of the
+            # model writing calls that would be dropped (the echo still shows the request's parallel_tool_calls)
+            "parallel_tool_calls": req.parallel_tool_calls and req.max_tool_calls != 1,
             "response_format": response_format(req.text_format), "user": req.user, "request_id": response_id}
+    if LOGPROBS_INCLUDE in (req.include or ()) or req.top_logprobs is not None:
+        body.update(logprobs=True, top_logprobs=req.top_logprobs or 0)
     extra = req.model_extra or {}
     body.update({k: extra[k] for k in PASSTHROUGH if k in extra})
     if req.effort is not None:  # GLM-5 thinks or does not: "none" / "minimal" off, any other effort on
@@ -144,132 +107,71 @@ def translate(state: ServerState, req: ResponsesRequest) -> ResponseCall:
                   for err in e.errors(include_url=False, include_context=False)]
         raise validation_error(RequestValidationError(errors)) from None
     return ResponseCall(req=req, chat=chat, response_id=response_id, history=history, tools_echo=tools_echo,
-                        created_at=int(time.time()))
+                        created_at=int(time.time()),
+                        input_items=conversation_items(rec, req.input) if req.store else [])
 
 
-def prepare(state: ServerState, call: ResponseCall) -> Prepared:
+def _prepare(state: ServerState, chat: ChatCompletionRequest) -> Prepared:
     """:func:`prepare_chat`, its errors naming the Responses request's fields."""
     try:
-        return prepare_chat(state, call.chat)
+        return prepare_chat(state, chat)
     except APIError as e:
         e.param = param_of_chat(e.param)
         raise
 
 
+def prepare(state: ServerState, call: ResponseCall) -> Prepared:
+    """The prepared request. When the conversation and ``max_output_tokens`` do not fit the context, prepare_chat's
+    ``context_length_exceeded`` error stands with ``truncation: "disabled"`` (the default); with ``"auto"`` the
+    oldest conversation messages are dropped until it fits (:func:`_truncated`)."""
+    try:
+        return _prepare(state, call.chat)
+    except APIError as e:
+        if e.code != "context_length_exceeded" or call.req.truncation != "auto":
+            raise
+        return _truncated(state, call, e)
+
+
+def _truncated(state: ServerState, call: ResponseCall, error: APIError) -> Prepared:
+    """``truncation: "auto"``: the prompt without the fewest oldest messages that makes it fit. System messages
+    (instructions, system / developer items) and the newest user message with everything after it stay; the rest
+    goes whole, oldest first, never leaving a tool result without the call before it. The fit test is
+    prepare_chat itself (the only place that knows the rendered length and the limit), so it is searched by
+    bisection on the number dropped: a few renders, not one per message. When even the kept part does not fit,
+    the error is prepare_chat's for that prompt."""
+    msgs = call.chat.messages
+    keep_from = max((i for i, m in enumerate(msgs) if m.role == "user"), default=0)
+    droppable = [i for i in range(keep_from) if msgs[i].role not in ("system", "developer")]
+    cuts = [k for k in range(1, len(droppable) + 1) if k == len(droppable) or msgs[droppable[k]].role != "tool"]
+
+    def attempt(k: int) -> Prepared | None:
+        nonlocal error
+        gone = set(droppable[:k])
+        chat = call.chat.model_copy(update={"messages": [m for i, m in enumerate(msgs) if i not in gone]})
+        try:
+            return _prepare(state, chat)
+        except APIError as e:
+            if e.code != "context_length_exceeded":
+                raise
+            error = e
+            return None
+
+    best = attempt(cuts[-1]) if cuts else None
+    if best is None:
+        raise error
+    lo, hi = -1, len(cuts) - 1  # dropping cuts[hi] messages fits; dropping cuts[lo] (or none, at -1) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        got = attempt(cuts[mid])
+        if got is None:
+            lo = mid
+        else:
+            hi, best = mid, got
+    log.info("response %s: truncation dropped the %d oldest of %d messages", call.response_id, cuts[hi], len(msgs))
+    return best
+
+
 # =============================================================================================== output
-def _new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
-
-
-def _snapshot(item: dict) -> dict:
-    """A copy for an event: the builder keeps changing the item it returns in the response."""
-    return {**item, "content": list(item["content"])} if "content" in item else dict(item)
-
-
-class OutputBuilder:
-    """Parser deltas -> output items, and (``emit``) the stream events that build them. Items open when their
-    kind of delta first arrives and close when another kind starts or the output ends: reasoning becomes a
-    ``reasoning`` item (its text as ``reasoning_text`` content, no summary), answer text a ``message`` with one
-    ``output_text`` part, each tool call a ``function_call`` (``call_id`` is the parser's call id)."""
-
-    def __init__(self, emit: bool):
-        self.emit = emit
-        self.items: list[dict] = []
-        self.events: list[dict] = []
-        self._open: dict | None = None
-        self._text: list[str] = []
-        self._calls: dict[int, int] = {}  # parser call index -> output index
-
-    def feed(self, deltas) -> None:
-        for d in deltas:
-            if d.reasoning_content is not None:
-                self._add_text("reasoning", d.reasoning_content)
-            elif d.content is not None:
-                self._add_text("message", d.content)
-            else:
-                for tc in d.tool_calls or []:
-                    if tc.index not in self._calls:
-                        self._open_call(tc)
-                    if tc.arguments:
-                        self._add_args(self._calls[tc.index], tc.arguments)
-
-    def finish(self, status: str) -> None:
-        """Close the open item (``incomplete`` when the output was cut off)."""
-        self._close(status)
-
-    def drain(self) -> list[dict]:
-        out, self.events = self.events, []
-        return out
-
-    # ---- items
-    def _event(self, kind: str, **fields) -> None:
-        if self.emit:
-            self.events.append({"type": kind, **fields})
-
-    def _start(self, item: dict, part: dict | None = None) -> int:
-        self._close("completed")
-        self.items.append(item)
-        index = len(self.items) - 1
-        self._event("response.output_item.added", output_index=index, item=_snapshot(item))
-        if part is not None:
-            self._open, self._text = item, []
-            self._event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
-                        part=dict(part))
-        return index
-
-    def _add_text(self, kind: str, text: str) -> None:
-        if self._open is None or self._open["type"] != kind:
-            if kind == "reasoning":
-                self._start({"id": _new_id("rs"), "type": "reasoning", "summary": [], "content": [],
-                             "status": "in_progress"}, {"type": "reasoning_text", "text": ""})
-            else:
-                self._start({"id": _new_id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
-                             "content": []}, {"type": "output_text", "text": "", "annotations": [], "logprobs": []})
-        self._text.append(text)
-        index = len(self.items) - 1
-        if kind == "reasoning":
-            self._event("response.reasoning_text.delta", item_id=self._open["id"], output_index=index,
-                        content_index=0, delta=text)
-        else:
-            self._event("response.output_text.delta", item_id=self._open["id"], output_index=index, content_index=0,
-                        delta=text, logprobs=[])
-
-    def _open_call(self, tc) -> None:
-        item = {"id": _new_id("fc"), "type": "function_call", "status": "in_progress", "call_id": tc.id or
-                _new_id("call"), "name": tc.name or "", "arguments": ""}
-        self._calls[tc.index] = self._start(item)
-        self._open = item
-
-    def _add_args(self, index: int, fragment: str) -> None:
-        item = self.items[index]
-        item["arguments"] += fragment
-        self._event("response.function_call_arguments.delta", item_id=item["id"], output_index=index, delta=fragment)
-
-    def _close(self, status: str) -> None:
-        item, self._open = self._open, None
-        if item is None:
-            return
-        index = self.items.index(item)
-        item["status"] = status
-        if item["type"] == "function_call":
-            self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                        name=item["name"], arguments=item["arguments"])
-        else:
-            text = "".join(self._text)
-            if item["type"] == "message":
-                part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-                self._event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                            text=text, logprobs=[])
-            else:
-                part = {"type": "reasoning_text", "text": text}
-                self._event("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
-                            text=text)
-            item["content"] = [part]
-            self._event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
-                        part=dict(part))
-        self._event("response.output_item.done", output_index=index, item=_snapshot(item))
-
-
 def _usage(gen: Generation) -> dict:
     u = gen.usage()
     return {"input_tokens": u["prompt_tokens"],
@@ -306,9 +208,21 @@ def response_body(call: ResponseCall, gen: Generation, output: list[dict], statu
     }
 
 
-def _deltas(gen: Generation, p: int, out) -> list:
-    """The parser deltas of one engine output (the chat path's own feeding: same parser, same finish)."""
-    return [d for deltas, _ in handlers._chat_choice_delta(gen, p, out).values() for d in deltas]
+def _output(state: ServerState, gen: Generation, call: ResponseCall, emit: bool):
+    """(the builder, the function that feeds it one engine output). Each output goes through the chat path's own
+    parser feeding (same parser, same finish); with logprobs asked for, the entries of answer-text tokens go along."""
+    builder = OutputBuilder(emit, max_calls=call.req.max_tool_calls)
+    tokens = TextTokens(state, gen.prep.opens_reasoning) if gen.prep.top_logprobs is not None else None
+
+    def feed(p: int, out) -> None:
+        per_choice = handlers._chat_choice_delta(gen, p, out)
+        lps = []
+        if tokens is not None:
+            for comp in out.outputs:
+                lps += tokens.select(comp.token_ids, per_choice[p * gen.n + comp.index][1])
+        builder.feed([d for deltas, _ in per_choice.values() for d in deltas], lps)
+
+    return builder, feed
 
 
 def _finish(state: ServerState, call: ResponseCall, gen: Generation, builder: OutputBuilder) -> dict:
@@ -318,13 +232,13 @@ def _finish(state: ServerState, call: ResponseCall, gen: Generation, builder: Ou
     if call.req.store and gen.outcome == "ok":
         # an empty output is still a turn: a chat client would send back {"role": "assistant", "content": ""}
         turn = items_to_messages(builder.items, "output") or [{"role": "assistant", "content": ""}]
-        state.response_store.put(call.response_id, body, call.history + turn)
+        state.response_store.put(call.response_id, body, call.history + turn, call.input_items)
     return body
 
 
 async def complete(state: ServerState, request: Request, gen: Generation, call: ResponseCall) -> JSONResponse:
-    builder = OutputBuilder(emit=False)
-    await handlers._collect(request, gen, lambda p, out: builder.feed(_deltas(gen, p, out)))
+    builder, feed = _output(state, gen, call, emit=False)
+    await handlers._collect(request, gen, feed)
     return JSONResponse(_finish(state, call, gen, builder))
 
 
@@ -347,9 +261,9 @@ async def _stream(state: ServerState, request: Request, gen: Generation, call: R
         start = response_body(call, gen, [], "in_progress")
         yield event({"type": "response.created", "response": start})
         yield event({"type": "response.in_progress", "response": start})
-        builder = OutputBuilder(emit=True)
+        builder, feed = _output(state, gen, call, emit=True)
         async for p, out in gen.events():
-            builder.feed(_deltas(gen, p, out))
+            feed(p, out)
             for e in builder.drain():
                 yield event(e)
         body = _finish(state, call, gen, builder)
@@ -390,3 +304,16 @@ def delete(state: ServerState, response_id: str) -> dict:
     if not state.response_store.delete(response_id):
         raise not_found(response_id)
     return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+
+def input_items(state: ServerState, response_id: str, query, *, limit: int, order: str, after: str | None) -> dict:
+    """``GET /v1/responses/{id}/input_items``: a page of the stored response's input items. ``include`` (the
+    openai client sends it as ``include[]``) is checked as on create; stored items already hold what it adds."""
+    try:
+        check_include(query.getlist("include") + query.getlist("include[]"))
+    except ValueError as e:
+        raise bad_request(str(e), param="include") from None
+    rec = state.response_store.get(response_id)
+    if rec is None:
+        raise not_found(response_id)
+    return list_page(rec, limit=limit, order=order, after=after)

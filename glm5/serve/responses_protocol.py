@@ -25,6 +25,15 @@ from .protocol import INT64_MAX, MAX_TOP_LOGPROBS, _Closed, _Open
 #: ``<think>``); every other effort leaves it on, since GLM-5 has no graded effort.
 THINKING_OFF_EFFORTS = ("none", "minimal")
 
+#: ``include`` values honoured: logprobs on ``output_text`` parts (and on ``response.output_text.delta`` events)
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+#: ``include`` values OpenAI documents. Besides logprobs they add data of items this server never writes (hosted
+#: tool calls, images, encrypted reasoning: its reasoning items carry their text in the clear), so they are
+#: accepted and change nothing; any other string is a 400, as a misspelt value should be.
+INCLUDABLE = (LOGPROBS_INCLUDE, "reasoning.encrypted_content", "file_search_call.results", "web_search_call.results",
+              "web_search_call.action.sources", "message.input_image.image_url",
+              "computer_call_output.output.image_url", "code_interpreter_call.outputs")
+
 _ITEM_TYPES = ("message", "reasoning", "function_call", "function_call_output")
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal", "summary_text", "reasoning_text")
 _MEDIA_PARTS = ("input_image", "input_file", "input_audio")
@@ -100,6 +109,12 @@ class ResponsesRequest(_Open):
             raise ValueError("at most 4096 input items")
         return v
 
+    @field_validator("include")
+    @classmethod
+    def _include(cls, v):
+        check_include(v)
+        return v
+
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, v):  # OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512
@@ -114,6 +129,13 @@ class ResponsesRequest(_Open):
     @property
     def text_format(self) -> TextFormat:
         return self.text.format if self.text is not None and self.text.format is not None else TextFormat()
+
+
+def check_include(values: list[str] | None) -> None:
+    """ValueError naming an ``include`` value that OpenAI does not document."""
+    for x in values or ():
+        if x not in INCLUDABLE:
+            raise ValueError(f"unsupported include value {x!r}; supported values are {', '.join(INCLUDABLE)}")
 
 
 #: vLLM sampling extensions a Responses request may carry (``extra_body``): copied to the chat request as they are
