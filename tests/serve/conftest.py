@@ -94,6 +94,21 @@ def server(model_dir):
         yield srv
 
 
+@pytest.fixture
+def prompts(server, monkeypatch):
+    """The prompt token ids of every engine request while the test runs."""
+    seen: list[list[int]] = []
+    original = server.backend.generate
+
+    async def spy(request_id, prompt_token_ids, *args, **kwargs):
+        seen.append(list(prompt_token_ids))
+        async for out in original(request_id, prompt_token_ids, *args, **kwargs):
+            yield out
+
+    monkeypatch.setattr(server.backend, "generate", spy)
+    return seen
+
+
 @pytest.fixture(scope="session")
 def client(server):
     openai = pytest.importorskip("openai")

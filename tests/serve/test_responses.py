@@ -30,21 +30,6 @@ OFF = {"effort": "none"}
 GREEDY = dict(model=MODEL_NAME, temperature=0, extra_body={"ignore_eos": True})
 
 
-@pytest.fixture
-def prompts(server, monkeypatch):
-    """The prompt token ids of every engine request while the test runs."""
-    seen: list[list[int]] = []
-    original = server.backend.generate
-
-    async def spy(request_id, prompt_token_ids, *args, **kwargs):
-        seen.append(list(prompt_token_ids))
-        async for out in original(request_id, prompt_token_ids, *args, **kwargs):
-            yield out
-
-    monkeypatch.setattr(server.backend, "generate", spy)
-    return seen
-
-
 def chat_prompt(client, prompts, messages, **kw) -> list[int]:
     client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=1, **kw)
     return prompts[-1]

@@ -27,21 +27,6 @@ NO_THINK = {"thinking": {"type": "disabled"}}
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing".split()
 
 
-@pytest.fixture
-def prompts(server, monkeypatch):
-    """The prompt token ids of every engine request while the test runs."""
-    seen: list[list[int]] = []
-    original = server.backend.generate
-
-    async def spy(request_id, prompt_token_ids, *args, **kwargs):
-        seen.append(list(prompt_token_ids))
-        async for out in original(request_id, prompt_token_ids, *args, **kwargs):
-            yield out
-
-    monkeypatch.setattr(server.backend, "generate", spy)
-    return seen
-
-
 def filler(tag: str, words: int, seed: int = 0) -> str:
     rng = random.Random(f"{tag}-{seed}")
     return tag + ": " + " ".join(rng.choice(WORDS) for _ in range(words))
