@@ -127,11 +127,11 @@ class CudaGraphRunner:
         self.pool = graph.pool()
         return graph, buf, out
 
-    def _fill(self, buf: dict, chunks, R: int, real: torch.Tensor, hidden: torch.Tensor | None) -> None:
+    def _fill(self, buf: dict, chunks, R: int, real, hidden: torch.Tensor | None) -> None:
         """Sequence b's rows b*R .. b*R+R-1: its tokens at positions start, start+1, ...; rows past its tokens, and
         the rows of padding sequences, write to the null block (their ``hidden`` rows keep stale, finite values)."""
         if hidden is not None:
-            buf["hidden"].index_copy_(0, real, hidden.to(buf["hidden"].dtype))
+            buf["hidden"][real] = hidden.to(buf["hidden"].dtype)
         n, B, bs, mb = len(chunks), buf["bt"].shape[0], self.bs, self.max_blocks
         ids, pos, slots = [], [], []
         for c in chunks:
@@ -162,7 +162,9 @@ class CudaGraphRunner:
         B = self._bucket(n)
         if self.disabled or B is None or any(c.n > R or c.start + R > self.T for c in chunks):
             return None
-        real = torch.tensor([b * R + j for b, c in enumerate(chunks) for j in range(c.n)], device=self.device)
+        # the real rows: with one row per sequence the first n (a slice, no index tensor to copy to the device)
+        real = slice(0, n) if R == 1 else \
+            torch.tensor([b * R + j for b, c in enumerate(chunks) for j in range(c.n)], device=self.device)
         kind = "model" if hidden is None else "mtp"
         if not self.capture:  # same static layout, run eagerly (CPU tests of the graph path)
             buf = self._buffers(kind, B, R)
@@ -187,7 +189,7 @@ class CudaGraphRunner:
         graph, buf, (h, logits) = self.graphs[key]
         self._fill(buf, chunks, R, real, hidden)
         graph.replay()
-        return h[real], logits[real]  # index copies: the next replay overwrites the graph's outputs
+        return h[real].clone(), logits[real].clone()  # copies: the next replay overwrites the graph's outputs
 
 
 def _allow_recompiles(n: int) -> None:
