@@ -7,7 +7,7 @@ methods that changed are here, copied from that revision; the rest is inherited.
 from __future__ import annotations
 
 from glm5.structured.constrained import _Grammar
-from glm5.structured.json_automaton import VALUE, json_min_close, json_step, value_start
+from glm5.structured.json_automaton import VALUE, json_min_close
 from glm5.structured.raw_text import RawText
 from glm5.structured.tool_grammar import ToolCallGrammar
 from glm5.tokenizer import special_tokens as st
@@ -130,14 +130,8 @@ class ReferenceToolCallGrammar(ToolCallGrammar):
                 return ids
             starts, int_only = mode[2], mode[3]
 
-            def json_value_step():
-                def step(s, b):
-                    if s[0] == VALUE and not s[1]:
-                        if starts is not None and b not in starts:
-                            return None
-                        return value_start("", b, int_only)
-                    return json_step(s, b)
-                return step
+            def json_value_step():  # the value automaton itself did not change: the grammar's own
+                return self._json_value_step(starts, int_only)
 
             def fits(s):
                 inner = json_min_close(s) if not (s[0] == VALUE and not s[1]) else 1
