@@ -441,13 +441,13 @@ def bench_dsa(args, results):
         lat = kv.latent[0]
 
         @torch.inference_mode()
-        def sparse():
+        def sparse(kv=kv, lat=lat):  # bound now: the loop rebinds kv and lat
             scores = attn.indexer.paged_scores(x, q_resid, cos, sin, kv.index[0], kv_slots, visible, kv.scratch)
             topk = attn.indexer.select(scores)
             return attn._absorbed_attention(qn, qp, lat, kv_slots, visible, topk, kv.scratch)
 
         @torch.inference_mode()
-        def dense():
+        def dense(kv=kv, lat=lat):
             return attn._absorbed_attention(qn, qp, lat, kv_slots, visible, None, kv.scratch)
 
         ts, td = timeit(sparse, args.repeats * 3), timeit(dense, args.repeats * 3)
@@ -459,7 +459,7 @@ def bench_dsa(args, results):
                    cache_bytes_per_token=lat_row + idx_row)
         print(json.dumps(row), flush=True)
         results[key] = row
-        del kv, lat
+        del kv, lat, sparse, dense  # the closures hold the cache too
 
 
 def main() -> int:

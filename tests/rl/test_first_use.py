@@ -18,7 +18,6 @@ from glm5.rl.buffer import DataBuffer
 from glm5.rl.manager import ManagerConfig, RolloutManager, RolloutStalledError
 from glm5.rl.rollout import RolloutConfig, RolloutEngine
 from glm5.rl.rollout_client import LocalRolloutClient
-from glm5.rl.sample import Status
 from glm5.rl.tasks import load_tasks
 from glm5.rl.trainer import RLTrainer, TrainerConfig
 from glm5.rl.weight_sync import clone_model
