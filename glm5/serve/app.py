@@ -2,9 +2,9 @@
 
 Routes: ``GET /`` (web chat), ``GET /health``, ``GET /metrics``, ``GET /version``, ``GET /v1/models``,
 ``GET /v1/models/{model}``, ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``
-(with ``GET`` / ``DELETE /v1/responses/{id}`` and ``GET /v1/responses/{id}/input_items``:
-:mod:`glm5.serve.responses`), ``POST /tokenize``,
-``POST /detokenize``; the OpenAPI schema at ``/openapi.json`` (``/docs`` renders it).
+(with ``GET`` / ``DELETE /v1/responses/{id}``, ``POST /v1/responses/{id}/cancel`` and
+``GET /v1/responses/{id}/input_items``: :mod:`glm5.serve.responses`), ``POST /tokenize``, ``POST /detokenize``;
+the OpenAPI schema at ``/openapi.json`` (``/docs`` renders it).
 
 With ``settings.api_key`` the ``/v1/*`` and tokenizer routes need ``Authorization: Bearer KEY`` (or
 ``x-api-key: KEY``), compared in constant time; health, metrics and the page stay open (the page asks for
@@ -97,20 +97,26 @@ class BodyLimitMiddleware:
         finally:
             state = self.state_getter()
             if state is not None:
-                path = scope.get("path", "")
-                if path.startswith("/v1/models/"):
-                    path = "/v1/models/{model}"
-                elif path.startswith("/v1/responses/"):
-                    path = "/v1/responses/{response_id}"
-                elif path not in _KNOWN_PATHS:
-                    path = "other"
-                state.metrics.http_requests.inc(1, scope.get("method", ""), path, str(status_holder["status"]))
+                state.metrics.http_requests.inc(1, scope.get("method", ""), _path_label(scope),
+                                                str(status_holder["status"]))
 
     async def _reject(self, send, length: int):
         err = APIError(413, f"Request body too large ({length} bytes; the limit is {self.limit}).",
                        code="request_too_large")
         resp = err.response()
         await resp({"type": "http"}, _empty_receive, send)
+
+
+def _path_label(scope) -> str:
+    """The ``path`` label of the request counter: the template of the route that handled the request (the router
+    leaves it in the scope), never the raw path, whose ids would make one series per response. Requests no route
+    took (a 413 here, before routing; an unknown path) keep a known fixed path or become ``other``, so the label's
+    values are bounded by the routes."""
+    template = getattr(scope.get("route"), "path_format", None)
+    if isinstance(template, str) and template:
+        return template
+    path = scope.get("path", "")
+    return path if path in _KNOWN_PATHS else "other"
 
 
 async def _empty_receive():
@@ -274,8 +280,10 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
         return await _run(responses.complete(state, request, gen, call))
 
     @app.get("/v1/responses/{response_id}", dependencies=auth, responses=_ERRORS)
-    async def get_response(response_id: str):
-        return responses.retrieve(state, response_id)
+    async def get_response(response_id: str, request: Request, stream: bool = False,
+                           starting_after: int | None = Query(None, ge=0), include_obfuscation: bool = True):
+        # starting_after / include_obfuscation only shape a stream (refused here): typed so bad values are 400s
+        return responses.retrieve(state, response_id, request.query_params, stream=stream)
 
     @app.get("/v1/responses/{response_id}/input_items", dependencies=auth, responses=_ERRORS)
     async def list_input_items(response_id: str, request: Request, limit: int = Query(20, ge=1, le=100),
@@ -286,6 +294,10 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
     @app.delete("/v1/responses/{response_id}", dependencies=auth, responses=_ERRORS)
     async def delete_response(response_id: str):
         return responses.delete(state, response_id)
+
+    @app.post("/v1/responses/{response_id}/cancel", dependencies=auth, responses=_ERRORS)
+    async def cancel_response(response_id: str):
+        return responses.cancel(state, response_id)
 
     return app
 

@@ -1,5 +1,5 @@
 """OpenAI's Responses API (``POST /v1/responses``, ``GET`` / ``DELETE /v1/responses/{id}``,
-``GET /v1/responses/{id}/input_items``) over the chat machinery.
+``POST /v1/responses/{id}/cancel``, ``GET /v1/responses/{id}/input_items``) over the chat machinery.
 
 This is a translation layer, not a second server: :func:`translate` turns the request into a
 :class:`~glm5.serve.protocol.ChatCompletionRequest` (instructions -> system message, input items -> chat
@@ -39,14 +39,14 @@ from .errors import APIError, bad_request, validation_error
 from .protocol import ChatCompletionRequest
 from .responses_output import OutputBuilder, TextTokens
 from .responses_protocol import (LOGPROBS_INCLUDE, PASSTHROUGH, THINKING_OFF_EFFORTS, ResponsesRequest,
-                                 chat_tool_choice, chat_tools, check_include, items_to_messages, not_found,
-                                 param_of_chat, response_format)
-from .responses_store import MAX_STORE_CHARS, ResponseStore, StoredResponse, conversation_items, list_page
+                                 chat_tool_choice, chat_tools, items_to_messages, not_found, param_of_chat,
+                                 response_format)
+from .responses_store import MAX_STORE_CHARS, ResponseStore, StoredResponse, conversation_items, list_page, shown
 from .serving import Generation, Prepared, ServerState, prepare_chat
 
 # the store is re-exported: app.py and callers built it from this module before it moved to responses_store
 __all__ = ["MAX_STORE_CHARS", "ResponseStore", "StoredResponse", "translate", "prepare", "complete", "stream",
-           "retrieve", "delete", "input_items"]
+           "retrieve", "delete", "cancel", "input_items"]
 
 log = logging.getLogger("glm5.serve")
 
@@ -293,11 +293,45 @@ def stream(state: ServerState, request: Request, gen: Generation, call: Response
 
 
 # ============================================================================================ retrieval
-def retrieve(state: ServerState, response_id: str) -> dict:
+def read_include(query) -> set[str]:
+    """A read's ``include`` (``GET /v1/responses/{id}`` and its ``input_items``), checked by the create request's
+    own field validation, so a read accepts exactly what a create accepts (the documented values, at most as many)
+    and refuses the rest with the create's 400 (``param: "include"``). The openai client sends the list as
+    ``include[]=...``; a plain ``include=...`` (curl) counts too."""
+    values = query.getlist("include") + query.getlist("include[]")
+    try:
+        ResponsesRequest.__pydantic_validator__.validate_assignment(ResponsesRequest.model_construct(), "include",
+                                                                   values)
+    except ValidationError as e:
+        errors = [{**err, "loc": ("query", *err["loc"])} for err in e.errors(include_url=False, include_context=False)]
+        raise validation_error(RequestValidationError(errors)) from None
+    return set(values)
+
+
+def _stored(state: ServerState, response_id: str) -> StoredResponse:
     rec = state.response_store.get(response_id)
     if rec is None:
         raise not_found(response_id)
-    return rec.response
+    return rec
+
+
+def retrieve(state: ServerState, response_id: str, query, *, stream: bool = False) -> dict:
+    """``GET /v1/responses/{id}``. ``include`` is honoured as on create: ``output_text`` parts carry logprobs only
+    when it asks for them. When it asks but the create did not (nothing stored), the lists stay empty: logprobs are
+    a by-product of sampling and cannot be made afterwards, OpenAI documents no error for the case, and the empty
+    list is the schema's "none"; the other documented values name data this server never writes, as on create.
+
+    ``stream=true`` (with ``starting_after``) replays a response's events; OpenAI allows it only for background
+    responses created with ``stream: true``. This server runs none in the background (create refuses
+    ``background: true``), keeps no event log, and so refuses it with a 400 naming ``stream``, rather than a JSON
+    body that a client expecting events would misread."""
+    logprobs = LOGPROBS_INCLUDE in read_include(query)
+    rec = _stored(state, response_id)
+    if stream:
+        raise bad_request("Only responses created with background=true and stream=true can be streamed on "
+                          "retrieval; this server does not run background responses.", param="stream",
+                          code="unsupported_value")
+    return {**rec.response, "output": shown(rec.response.get("output", []), logprobs)}
 
 
 def delete(state: ServerState, response_id: str) -> dict:
@@ -306,14 +340,19 @@ def delete(state: ServerState, response_id: str) -> dict:
     return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 
+def cancel(state: ServerState, response_id: str) -> dict:
+    """``POST /v1/responses/{id}/cancel``. OpenAI cancels only background responses; a foreground one is stopped
+    by its client disconnecting (which aborts the generation here too). Every response this server knows is a
+    finished foreground one, so a known id gets a 400 and stays as it was; an unknown one the 404 of the other
+    routes."""
+    _stored(state, response_id)
+    raise bad_request(f"Response '{response_id}' was not created with background=true; only background responses "
+                      "can be cancelled.", code=None)
+
+
 def input_items(state: ServerState, response_id: str, query, *, limit: int, order: str, after: str | None) -> dict:
-    """``GET /v1/responses/{id}/input_items``: a page of the stored response's input items. ``include`` (the
-    openai client sends it as ``include[]``) is checked as on create; stored items already hold what it adds."""
-    try:
-        check_include(query.getlist("include") + query.getlist("include[]"))
-    except ValueError as e:
-        raise bad_request(str(e), param="include") from None
-    rec = state.response_store.get(response_id)
-    if rec is None:
-        raise not_found(response_id)
-    return list_page(rec, limit=limit, order=order, after=after)
+    """``GET /v1/responses/{id}/input_items``: a page of the stored response's input items (the whole
+    ``previous_response_id`` chain's: :mod:`~glm5.serve.responses_store` says why). ``include`` as on
+    :func:`retrieve`: the logprobs of earlier turns' output text only when it asks for them."""
+    logprobs = LOGPROBS_INCLUDE in read_include(query)
+    return list_page(_stored(state, response_id), limit=limit, order=order, after=after, logprobs=logprobs)

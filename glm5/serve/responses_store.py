@@ -6,6 +6,16 @@ each with an id (what the input-items listing pages through). The items of a res
 its input apart from ``instructions``: with ``previous_response_id``, the earlier turns' input and output items
 come first, then this request's own input, so the listing of the last response of a chain shows the whole
 conversation the model saw.
+
+Why the whole chain and not only the request's own ``input``: OpenAI's reference describes the listing's ``data``
+as "a list of items used to generate this response" (the SDK's ``ResponseItemList``), and its ``conversation``
+parameter as items that "are prepended to ``input_items`` for this response request"; ``previous_response_id``
+is the same mechanism for a chain of responses, so the earlier turns are part of what generated the response.
+The page names no filter for "this request only", and OpenAI-compatible servers that document the point (Alibaba
+Model Studio's list-input-items page) list the earlier turns too. A client after only its own last input takes
+the newest items (``order="desc"``, the default).
+
+Reads show ``output_text`` logprobs only when their ``include`` asks for them (:func:`shown`), as a create does.
 """
 
 from __future__ import annotations
@@ -111,8 +121,25 @@ def conversation_items(previous: StoredResponse | None, request_input: str | lis
     return items + as_items(request_input, {i["id"] for i in items})
 
 
-def list_page(rec: StoredResponse, *, limit: int, order: str, after: str | None) -> dict:
-    """One page of the input-items listing: OpenAI's cursor list, newest first with ``order="desc"``."""
+def shown(items: list[dict], logprobs: bool) -> list[dict]:
+    """Stored items as a read returns them. ``include`` is opt-in per request ("additional fields to include in
+    the response"), on a read as on a create, so a read that does not ask for ``message.output_text.logprobs``
+    gets the empty list a create without it gets, even when the create asked for them and they were stored. The
+    stored items are never changed: only the parts that lose their logprobs are copied."""
+    return items if logprobs else [_without_logprobs(i) for i in items]
+
+
+def _without_logprobs(item: dict) -> dict:
+    parts = item.get("content")
+    if not isinstance(parts, list) or not any(isinstance(p, dict) and p.get("logprobs") for p in parts):
+        return item
+    return {**item, "content": [{**p, "logprobs": []} if isinstance(p, dict) and p.get("logprobs") else p
+                                for p in parts]}
+
+
+def list_page(rec: StoredResponse, *, limit: int, order: str, after: str | None, logprobs: bool = True) -> dict:
+    """One page of the input-items listing: OpenAI's cursor list, newest first with ``order="desc"``. The items of
+    earlier turns' outputs keep their logprobs only with ``logprobs`` (the read's ``include``, :func:`shown`)."""
     items = rec.input_items if order == "asc" else rec.input_items[::-1]
     start = 0
     if after is not None:
@@ -120,6 +147,6 @@ def list_page(rec: StoredResponse, *, limit: int, order: str, after: str | None)
         if after not in ids:
             raise bad_request(f"No input item with id '{after}' in this response.", param="after")
         start = ids.index(after) + 1
-    page = items[start:start + limit]
+    page = shown(items[start:start + limit], logprobs)
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
             "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(items)}
