@@ -52,6 +52,13 @@ class BlockManager:
     def can_allocate(self, seq: Sequence, num_slots: int) -> bool:
         return self.blocks_needed(seq, num_slots) <= len(self.free)
 
+    # --------------------------------------------------------------------------------- prefix cache
+    def reset_prefix_cache(self) -> None:
+        """Forget every prefix-cache entry: after new weights the cached entries no longer match what the model
+        would compute. Blocks keep their data and owners; they just cannot be matched any more."""
+        self.hash_to_block.clear()
+        self.block_hash = [None] * self.num_blocks
+
     # ------------------------------------------------------------------------------------- allocation
     def _pop_free(self) -> int:
         block, _ = self.free.popitem(last=False)

@@ -54,6 +54,13 @@ class CudaGraphRunner:
         self.pool = None
         self.device = runner.device
 
+    def reset(self) -> None:
+        """Drop every captured graph and its memory pool (sleep mode: they point at cache and weight storage that
+        is being released). Graphs are captured again on first use."""
+        self.graphs.clear()
+        self.failed.clear()
+        self.pool = None
+
     def _bucket(self, n: int) -> int | None:
         for s in self.sizes:
             if s >= n:

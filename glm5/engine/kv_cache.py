@@ -36,20 +36,39 @@ class PagedKVCache:
         self.cfg = cfg
         self.num_blocks, self.block_size, self.num_layers = num_blocks, block_size, num_layers
         self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
-        slots = num_blocks * block_size
+        self.dtype, self.device = dtype, torch.device(device)
+        self.latent: list = []
+        self.index: list = []
+        # CPU only: CUDA's caching allocator already reuses memory (and CUDA graphs capture their own buffers)
+        self.scratch = GatherScratch() if self.device.type == "cpu" else None
+        self.allocate()
+
+    def allocate(self) -> None:
+        """(Re)create the zeroed stores; the contents of any earlier ones are gone."""
+        slots = self.num_blocks * self.block_size
+        cfg, dtype, device = self.cfg, self.dtype, self.device
         r, dr, di = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_head_dim
         self.latent_dim = r + dr
-        types = cfg.layer_indexer_types + ["full"] * num_layers
+        types = cfg.layer_indexer_types + ["full"] * self.num_layers
         if self.kv_cache_dtype == "auto":
-            self.latent = [torch.zeros(slots, self.latent_dim, dtype=dtype, device=device) for _ in range(num_layers)]
-            self.index: list = [torch.zeros(slots, di, dtype=dtype, device=device) if types[i] == "full" else None
-                                for i in range(num_layers)]
+            self.latent = [torch.zeros(slots, self.latent_dim, dtype=dtype, device=device)
+                           for _ in range(self.num_layers)]
+            self.index = [torch.zeros(slots, di, dtype=dtype, device=device) if types[i] == "full" else None
+                          for i in range(self.num_layers)]
         else:
-            self.latent = [Fp8Rows(slots, r, dr, dtype, device) for _ in range(num_layers)]
+            self.latent = [Fp8Rows(slots, r, dr, dtype, device) for _ in range(self.num_layers)]
             self.index = [Fp8Rows(slots, di, 0, dtype, device) if types[i] == "full" else None
-                          for i in range(num_layers)]
-        # CPU only: CUDA's caching allocator already reuses memory (and CUDA graphs capture their own buffers)
-        self.scratch = GatherScratch() if torch.device(device).type == "cpu" else None
+                          for i in range(self.num_layers)]
+
+    def release(self) -> None:
+        """Drop every store (sleep mode): the memory goes back to the allocator until :meth:`allocate`."""
+        self.latent, self.index = [], []
+        if self.scratch is not None:
+            self.scratch.clear()
+
+    @property
+    def allocated(self) -> bool:
+        return bool(self.latent)
 
     def nbytes(self) -> int:
         return sum(t.nbytes() if isinstance(t, Fp8Rows) else t.numel() * t.element_size()

@@ -164,3 +164,20 @@ class LLM:
 
     def spec_metrics(self) -> dict:
         return self.engine.spec_metrics()
+
+    # ------------------------------------------------------------------ memory between phases (sleep mode)
+    def sleep(self, level: int = 1) -> None:
+        """Free the engine's memory while it is idle (colocated RL): the KV cache always; the weights offloaded to
+        host memory (``level=1``) or discarded (``level=2``, load new ones after ``wake_up``). vLLM's API; see
+        glm5/engine/sleep_mode.py."""
+        self.engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take back what ``sleep`` released: ``["weights"]``, ``["kv_cache"]`` or both (None)."""
+        self.engine.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self.engine.is_sleeping()
+
+    def reset_prefix_cache(self) -> None:
+        self.engine.reset_prefix_cache()

@@ -26,6 +26,7 @@ from glm5.engine.sampler import (Sampler, apply_logits_processors, token_logprob
 from glm5.engine.sampling_params import SamplingParams
 from glm5.engine.scheduler import Scheduler
 from glm5.engine.sequence import Sequence, SequenceStatus
+from glm5.engine.sleep_mode import SleepMode
 from glm5.engine.spec_decode import MTPProposer, mtp_cache_layers, rejection_sample, target_probs
 from glm5.model.tensor_parallel import TensorParallel
 
@@ -124,6 +125,7 @@ class LLMEngine:
 
             self.runner.graphs = CudaGraphRunner(self.runner, cfg.max_num_seqs, self.max_model_len,
                                                  compile=cfg.compile_decode)
+        self.sleep_mode = SleepMode(self)
 
     # --------------------------------------------------------------------------------- construction
     @classmethod
@@ -173,6 +175,7 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, priority: int = 0) -> str:
+        self.sleep_mode.check_ready()
         params = params or SamplingParams()
         if priority != 0 and self.scheduler.policy != "priority":
             raise ValueError(f"priority {priority} needs the engine's scheduling_policy='priority'")
@@ -239,6 +242,22 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    # ------------------------------------------------------------------------------ memory (sleep mode)
+    def sleep(self, level: int = 1) -> None:
+        """Release the KV cache, and offload (1) or discard (2) the weights: see glm5/engine/sleep_mode.py."""
+        self.sleep_mode.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take back what ``sleep`` released: "weights", "kv_cache", or both (None)."""
+        self.sleep_mode.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self.sleep_mode.is_sleeping
+
+    def reset_prefix_cache(self) -> None:
+        """Forget the prefix cache (after new weights, cached entries no longer match the model)."""
+        self.block_manager.reset_prefix_cache()
+
     @property
     def num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -252,6 +271,7 @@ class LLMEngine:
     def step(self, delta: bool = False) -> list[RequestOutput]:
         """Run one scheduled forward; return outputs of the requests that changed (all their text and tokens
         so far, or with ``delta`` only the new part)."""
+        self.sleep_mode.check_ready()
         sched = self.scheduler.schedule()
         for seq in sched.preempted:
             if self.proposer is not None:

@@ -113,6 +113,41 @@ def test_fp8_kv_cache_on_the_device(exact_fp32):
     assert abs(ratio - 1408 / 788) < 1e-9
 
 
+def test_sleep_releases_device_memory_and_wakes_to_the_same_tokens(exact_fp32):
+    """LLM.sleep(1): the KV cache and the weights leave the device (the weights to pinned host memory) and come back
+    bit for bit, with CUDA graphs captured again at the new addresses; sleep(2) then a weight load also gives the
+    same tokens (colocated RL's cycle)."""
+    model = GLM5ForCausalLM(preset("glm5-nano", index_topk=8)).init_weights(3).to(DEVICE).eval()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(5)
+    ps = [torch.randint(1, 2048, (n,), generator=g).tolist() for n in (5, 13, 40)]
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(model, device=DEVICE, block_size=4, max_num_seqs=4, kv_cache_memory=256 << 20)
+
+    def tokens():
+        return [o.outputs[0].token_ids for o in llm.generate(ps, sp)]
+
+    before = tokens()
+    if CUDA:
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated()
+        owned = llm.engine.kv_cache.nbytes() + sum(p.numel() * p.element_size() for p in model.parameters())
+    llm.sleep(level=1)
+    if CUDA:
+        assert held - torch.cuda.memory_allocated() >= 0.95 * owned
+        assert torch.cuda.memory_reserved() <= held - 0.9 * owned  # handed back to the driver, not just cached
+    llm.wake_up()
+    assert tokens() == before
+    if CUDA:
+        graphs = llm.engine.runner.graphs
+        assert graphs.graphs and not graphs.failed  # captured again after the wake-up
+    llm.sleep(level=2)
+    llm.wake_up(["weights"])
+    model.load_state_dict(state)
+    llm.wake_up(["kv_cache"])
+    assert tokens() == before
+
+
 def test_engine_serves_bf16_with_mtp_drafts():
     model = GLM5ForCausalLM(preset("glm5-nano")).init_weights(5).to(device=DEVICE)
     if CUDA:
