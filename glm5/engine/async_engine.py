@@ -78,6 +78,17 @@ class AsyncLLM:
         """Abort a request; its stream ends with a final output whose finish_reason is "abort"."""
         self._submit(("abort", request_id))
 
+    async def sleep(self, level: int = 1) -> None:
+        """``LLMEngine.sleep`` between two steps (it needs no unfinished requests): see glm5/engine/sleep_mode.py.
+        Requests submitted while asleep fail with a clear error."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.sleep, level)
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.wake_up, tags)
+
+    async def is_sleeping(self) -> bool:
+        return self.engine.is_sleeping()
+
     def shutdown(self) -> None:
         if self._task is not None:
             self._task.cancel()

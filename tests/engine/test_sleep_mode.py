@@ -1,5 +1,6 @@
 """Sleep mode (``LLM.sleep`` / ``wake_up``): memory released while idle, and generation exactly as before after."""
 
+import asyncio
 import os
 
 import pytest
@@ -158,3 +159,29 @@ def test_cpu_memory_goes_back_to_the_os(nano):
     llm.wake_up()
     assert _rss_bytes() - (held - released) > 0.8 * size  # zeroed again: the pages are touched
     assert _tokens(llm) == _tokens(_engine(nano))
+
+
+def test_async_engine_sleeps_between_steps(nano):
+    from glm5.engine import AsyncLLM
+
+    async def run():
+        llm = AsyncLLM(LLMEngine(nano, config=EngineConfig(max_model_len=64, block_size=8)))
+
+        async def tokens():
+            out = []
+            async for o in llm.generate(PROMPTS[0], GREEDY):
+                out += o.outputs[0].token_ids
+            return out
+
+        before = await tokens()
+        await llm.sleep()
+        assert await llm.is_sleeping()
+        with pytest.raises(RuntimeError, match="asleep"):  # reported to that request's caller only
+            await tokens()
+        await llm.wake_up()
+        after = await tokens()
+        llm.shutdown()
+        return before, after
+
+    before, after = asyncio.run(run())
+    assert after == before
