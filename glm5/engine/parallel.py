@@ -130,16 +130,32 @@ def release_followers(tp: TensorParallel) -> None:
             pass
 
 
-def follow(runner, tp: TensorParallel) -> int:
-    """Ranks 1..N-1: make the driver's model calls until it releases us; returns how many were made."""
+def announce(name: str, args: tuple, tp: TensorParallel) -> None:
+    """Rank 0: have every follower run its handler ``name`` (one of those given to ``follow``) with ``args``
+    (picklable; tensors travel on the CPU). For work beside the model calls that every rank must do at the same
+    point of the driver's sequence, e.g. loading new weights into its shard between two engine steps."""
+    if tp.world == 1:
+        return
+    if name in RUNNER_CALLS:
+        raise ValueError(f"{name!r} is a model call; announce names a follower handler")
+    _broadcast((name, _move(args, torch.device("cpu"))), tp)
+
+
+def follow(runner, tp: TensorParallel, handlers: dict | None = None) -> int:
+    """Ranks 1..N-1: make the driver's model calls until it releases us; returns how many were made.
+    ``handlers``: name -> callable for what the driver ``announce``s besides model calls (none for serving)."""
     n = 0
+    handlers = handlers or {}
     with torch.inference_mode():
         try:
             while (msg := _broadcast(None, tp)) is not None:
                 name, args = msg
-                if name not in RUNNER_CALLS:
+                if name in RUNNER_CALLS:
+                    getattr(runner, name)(*_move(args, runner.device))
+                elif name in handlers:
+                    handlers[name](*args)
+                else:
                     raise RuntimeError(f"follower: unexpected call {name!r} from the driver")
-                getattr(runner, name)(*_move(args, runner.device))
                 n += 1
         except KeyboardInterrupt:  # Ctrl-C in the terminal: the driver got it too and is shutting down
             pass

@@ -111,6 +111,9 @@ def add_parser(sub) -> None:
     g.add_argument("--rollout-device", default="cpu", help="rollout engine device")
     g.add_argument("--rollout-workers", type=int, default=1,
                    help="rollout engines, each its own process (or Ray actor); groups go to the least-loaded one")
+    g.add_argument("--rollout-tp", type=int, default=1,
+                   help="tensor-parallel processes per rollout engine (each holds a shard of the weights; "
+                        "--placement process only)")
     g.add_argument("--rollout-spec-tokens", type=int, default=0,
                    help="MTP speculative decoding in the rollout engine: drafts per step (0 = off)")
     g.add_argument("--rollout-kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_ds_mla"],
@@ -167,7 +170,7 @@ def config_from_args(a):
                     n_eval=a.n_eval, seed=a.seed, group_size=a.group_size, manager=manager, rollout=rollout,
                     trainer=trainer, dynamic_sampling=a.dynamic_sampling, partial_rollout=a.partial_rollout,
                     placement=a.placement, weight_sync=a.weight_sync, dist_backend=a.dist_backend,
-                    rollout_workers=a.rollout_workers, rollout_threads=a.rollout_threads,
+                    rollout_workers=a.rollout_workers, rollout_tp=a.rollout_tp, rollout_threads=a.rollout_threads,
                     train_threads=a.train_threads, device=a.device,
                     rollout_device=a.rollout_device, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
                     max_num_batched_tokens=a.max_num_batched_tokens, rollout_spec_tokens=a.rollout_spec_tokens,

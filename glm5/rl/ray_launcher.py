@@ -78,6 +78,9 @@ class RayRolloutClient:
     def __init__(self, spec, make_prompt=None, address: str | None = None, num_gpus: float = 0.0,
                  num_cpus: float = 1.0, resources: dict | None = None, start_timeout: float = 600.0,
                  driver_host: str | None = None):
+        if getattr(spec, "tp", 1) > 1:  # the actor runs the worker loop in a thread: it has no followers to drive
+            raise ValueError(f"a Ray rollout actor runs one engine process; rollout_tp={spec.tp} needs placement "
+                             "'process'")
         ray = _require_ray()
         import os
 

@@ -6,11 +6,13 @@ behind the same interface; ``glm5.rl.ray_launcher`` has a Ray one.)
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import time
 from collections.abc import Callable
 
 from glm5.rl.rollout import RolloutEngine
+from glm5.rl.rollout_tp import rollout_follower_main
 from glm5.rl.rollout_worker import WorkerSpec, rollout_worker_main
 from glm5.rl.sample import Sample
 
@@ -68,7 +70,10 @@ class ProcessRolloutClient:
     Alone, a client owns its weight transport (a shared-memory copy of the weights, or a two-rank
     torch.distributed group). In a ``RolloutPool`` the pool owns one transport for all workers: it passes the
     shared ``shm`` (or ``wait=False`` to create one broadcast group after every worker has started) and pushes
-    weights once for all of them."""
+    weights once for all of them.
+
+    With ``spec.tp`` > 1 the worker is ``spec.tp`` processes (``glm5.rl.rollout_tp``): the worker this client
+    talks to (rank 0) and its followers, all started here; each is a receiver of the weight transport."""
 
     def __init__(self, spec: WorkerSpec, policy_model=None, make_prompt: Callable | None = None,
                  start_timeout: float = 300.0, *, shm=None, wait: bool = True):
@@ -77,6 +82,10 @@ class ProcessRolloutClient:
         from glm5.rl.weight_sync import SharedMemoryWeightSync
 
         ctx = mp.get_context("spawn")
+        if spec.tp > 1 and not spec.tp_port:
+            from glm5.rl.weight_sync import free_port
+
+            spec = dataclasses.replace(spec, tp_port=free_port())
         self.spec = spec
         self.in_q, self.out_q = ctx.Queue(), ctx.Queue()
         self.shm = shm
@@ -88,6 +97,10 @@ class ProcessRolloutClient:
         self.proc = ctx.Process(target=rollout_worker_main, args=(spec, self.in_q, self.out_q, self.shm), daemon=True,
                                 name="glm5-rollout")
         self.proc.start()
+        self.followers = [ctx.Process(target=rollout_follower_main, args=(spec, r, self.proc.pid, self.shm),
+                                      daemon=True, name=f"glm5-rollout-tp{r}") for r in range(1, spec.tp)]
+        for f in self.followers:
+            f.start()
         self._events: list[tuple] = []
         self.version = 0
         self._make_prompt = make_prompt
@@ -113,25 +126,39 @@ class ProcessRolloutClient:
                 ev = self.out_q.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
                 break
             except queue.Empty:
-                if not self.proc.is_alive():
+                if (dead := self._dead()) is not None:
                     try:  # its last words may still be in the queue
                         ev = self.out_q.get(timeout=0.5)
                         break
                     except queue.Empty:
-                        raise RuntimeError(f"rollout worker died (exit code {self.proc.exitcode})") from None
+                        raise RuntimeError(dead) from None
                 if time.monotonic() >= deadline:
                     raise
         if ev[0] == "error":
             raise RuntimeError("rollout worker failed:\n" + ev[1])
         return ev
 
+    def _dead(self) -> str | None:
+        """Why the worker cannot go on (its process, or one of its tensor-parallel followers, has exited), or None."""
+        if not self.proc.is_alive():
+            return f"rollout worker died (exit code {self.proc.exitcode})"
+        for r, f in enumerate(self.followers, 1):
+            if not f.is_alive():
+                return f"rollout worker died: its tensor-parallel rank {r} exited (exit code {f.exitcode})"
+        return None
+
     def check_alive(self) -> None:
         """Raise if the worker process has died (its last words, if any, are in the next event)."""
-        if not self.proc.is_alive():
+        if (dead := self._dead()) is not None:
             try:
                 self._events.append(self._get_nowait())
             except queue.Empty:
-                raise RuntimeError(f"rollout worker died (exit code {self.proc.exitcode})") from None
+                raise RuntimeError(dead) from None
+
+    @property
+    def pids(self) -> list[int]:
+        """Every process of this worker: rank 0, then its tensor-parallel followers."""
+        return [p.pid for p in (self.proc, *self.followers)]
 
     def make_prompt(self, task: dict) -> list[int]:
         if self._make_prompt is None:
@@ -212,6 +239,11 @@ class ProcessRolloutClient:
         if self.proc.is_alive():
             self.in_q.put(("stop",))
             self.proc.join(timeout)
-            if self.proc.is_alive():
-                self.proc.kill()
-                self.proc.join(5)
+        # rank 0 released its followers when it stopped; any still running after that (rank 0 failed or was
+        # killed) wait on a collective that will never complete
+        deadline = time.monotonic() + 5.0
+        for p in (self.proc, *self.followers):
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(5)

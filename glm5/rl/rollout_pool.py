@@ -141,7 +141,8 @@ def launch_process_pool(spec, n: int, policy_model=None, make_prompt: Callable |
                         start_timeout: float = 300.0) -> RolloutPool:
     """Start ``n`` rollout worker processes from one ``WorkerSpec`` with a pool-wide weight transport. For
     ``spec.weight_transport == "dist"``, ``spec.dist`` names the trainer's host/port; worker i gets rank i + 1
-    of an (n + 1)-rank group."""
+    of an (n + 1)-rank group. With ``spec.tp`` > 1 each worker is a tensor-parallel group of ``spec.tp``
+    processes, every one a receiver: worker i's ranks are 1 + i·tp .. (i + 1)·tp of an (n·tp + 1)-rank group."""
     import torch.multiprocessing as mp
 
     from glm5.rl.rollout_client import ProcessRolloutClient
@@ -159,12 +160,13 @@ def launch_process_pool(spec, n: int, policy_model=None, make_prompt: Callable |
         for i in range(n):
             s = spec
             if spec.weight_transport == "dist":
-                s = dataclasses.replace(spec, dist={**spec.dist, "rank": i + 1, "world_size": n + 1})
+                s = dataclasses.replace(spec, dist={**spec.dist, "rank": 1 + i * spec.tp,
+                                                    "world_size": 1 + n * spec.tp})
             clients.append(ProcessRolloutClient(s, make_prompt=make_prompt, shm=shm, wait=False))
         sender = None
         if spec.weight_transport == "dist":
             d = spec.dist
-            sender = DistWeightSender(d["host"], d["port"], n + 1, d.get("backend", "gloo"))
+            sender = DistWeightSender(d["host"], d["port"], 1 + n * spec.tp, d.get("backend", "gloo"))
         for c in clients:
             c.wait_ready(start_timeout)
     except BaseException:

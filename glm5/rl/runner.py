@@ -71,6 +71,7 @@ class RLConfig:
     weight_sync: str = "shm"  # "shm" | "dist" (process / ray placement)
     dist_backend: str = "gloo"
     rollout_workers: int = 1  # rollout engines (own processes / Ray actors), slime's rollout data parallelism
+    rollout_tp: int = 1  # processes per rollout engine, each a tensor-parallel shard (glm5.rl.rollout_tp)
     rollout_threads: int | None = None  # per rollout worker
     train_threads: int | None = None
     device: str = "cpu"
@@ -107,6 +108,7 @@ class RLConfig:
             raise ValueError("weight_sync must be shm or dist")
         if self.rollout_workers < 1:
             raise ValueError(f"rollout_workers must be >= 1, got {self.rollout_workers}")
+        _check_rollout_tp(self)
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0, got {self.save_every}")
         if self.rollout_spec_tokens < 0:
@@ -150,10 +152,22 @@ class RLConfig:
         return d
 
 
+def _check_rollout_tp(cfg: RLConfig) -> None:
+    """``rollout_tp``: a positive int, with a placement that starts processes we own (colocate runs the engine
+    in the trainer's process; a Ray actor runs it in a thread and has no followers)."""
+    tp = cfg.rollout_tp
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"rollout_tp must be a positive integer, got {tp!r}")
+    if tp > 1 and cfg.placement != "process":
+        raise ValueError(f"rollout_tp={tp} needs placement 'process' (a group of {tp} processes per rollout "
+                         f"worker); placement {cfg.placement!r} runs each engine in a single process or thread")
+
+
 def _threads(cfg: RLConfig) -> tuple[int, int]:
-    """(trainer threads, threads per rollout worker): the rollout workers share their side's cores."""
+    """(trainer threads, threads per rollout process): the rollout processes (workers × tensor-parallel ranks)
+    share their side's cores."""
     n = os.cpu_count() or 1
-    w = cfg.rollout_workers
+    w = cfg.rollout_workers * cfg.rollout_tp
     if cfg.placement == "colocate" or cfg.manager.mode == "sync":
         return cfg.train_threads or n, cfg.rollout_threads or max(1, n // w)  # the two sides take turns
     half = max(1, n // 2)
@@ -190,9 +204,11 @@ def make_client(cfg: RLConfig, policy, tokenizer, rollout_threads: int):
         if transport == "dist":
             from glm5.rl.weight_sync import free_port
 
-            dist = {"host": "127.0.0.1", "port": free_port(), "rank": 1, "world_size": 2, "backend": cfg.dist_backend}
+            # every tensor-parallel rank of a worker receives the weights (and keeps its slice)
+            dist = {"host": "127.0.0.1", "port": free_port(), "rank": 1, "world_size": 1 + cfg.rollout_tp,
+                    "backend": cfg.dist_backend}
         return WorkerSpec(cfg.model, cfg.rollout.to_dict(), ek, device=cfg.rollout_device, threads=rollout_threads,
-                          weight_transport=transport, dist=dist)
+                          weight_transport=transport, dist=dist, tp=cfg.rollout_tp)
 
     if cfg.placement == "ray":
         from glm5.rl.ray_launcher import RayRolloutClient
@@ -213,12 +229,13 @@ def oversubscription_warning(cfg: RLConfig, train_threads: int, rollout_threads:
     cores = os.cpu_count() or 1
     if cfg.placement == "colocate" or "cpu" not in (cfg.device, cfg.rollout_device):
         return None
-    need = cfg.rollout_workers * rollout_threads * (cfg.rollout_device == "cpu")
+    need = cfg.rollout_workers * cfg.rollout_tp * rollout_threads * (cfg.rollout_device == "cpu")
     if cfg.manager.mode != "sync":  # sync: the trainer runs while the rollout side waits
         need += train_threads * (cfg.device == "cpu")
     if need <= cores:
         return None
-    return (f"{cfg.rollout_workers} rollout worker(s) × {rollout_threads} thread(s) and a trainer with "
+    tp = f" × {cfg.rollout_tp} tensor-parallel ranks" if cfg.rollout_tp > 1 else ""
+    return (f"{cfg.rollout_workers} rollout worker(s){tp} × {rollout_threads} thread(s) and a trainer with "
             f"{train_threads} want {need} threads on {cores} CPU cores; expect contention (set "
             "OMP_WAIT_POLICY=PASSIVE, or lower --rollout-workers / --rollout-threads / --train-threads)")
 
@@ -296,6 +313,13 @@ def run_rl(cfg: RLConfig, handle_signals: bool = True) -> dict:
     policy = GLM5ForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, device=cfg.device)
     if cfg.rollout_spec_tokens and policy.model.mtp is None:
         raise ValueError("rollout_spec_tokens > 0 drafts with the MTP layer, and this model has none")
+    if cfg.rollout_tp > 1:  # here, not as a traceback from inside the rollout processes
+        from glm5.model.tensor_parallel import check_divisible
+
+        try:
+            check_divisible(policy.config, cfg.rollout_tp)
+        except ValueError as e:
+            raise ValueError(f"rollout_tp={cfg.rollout_tp}: {e}") from None
     save_tasks(train_tasks, out / "train_tasks.jsonl")
     save_tasks(held, out / "eval_tasks.jsonl")
     (out / "rl_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")

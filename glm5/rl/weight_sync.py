@@ -18,6 +18,9 @@ Transports (same ``push(model, version)`` / ``poll()`` shape):
   broadcast); receivers unflatten into their engine's model. The layout hash (names, shapes, dtypes) makes a
   mismatched model fail loudly instead of loading garbage.
 
+Every transport carries whole tensors; a tensor-parallel engine rank keeps its slice of each (:func:`load_weights`),
+so one push serves every rank of a rollout worker with ``rollout_tp`` > 1 (``glm5.rl.rollout_tp``).
+
 On the engine side, :func:`apply_to_engine` loads weights in place: it uses ``engine.update_weights(named,
 version)`` when the engine provides it, else copies into ``engine.model`` and drops the engine's prefix cache
 (its blocks hold latents computed by the old weights).
@@ -31,7 +34,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["clone_model", "named_weights", "load_weights", "reset_prefix_cache", "apply_to_engine", "layout_hash",
+__all__ = ["clone_model", "named_weights", "shard_weight", "full_layout", "load_weights", "reset_prefix_cache", "apply_to_engine", "layout_hash",
            "InProcessWeightSync", "SharedMemoryWeightSync", "DistWeightSender", "DistWeightReceiver", "free_port"]
 
 
@@ -51,13 +54,47 @@ def named_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
+def shard_weight(name: str, full: torch.Tensor, tp) -> torch.Tensor:
+    """This rank's part of the full tensor ``name``: the slice ``apply_tensor_parallel`` keeps of it (its split
+    rule ``shard_dim`` and its slicing helpers; gate/up rows of the fused experts are split separately)."""
+    from glm5.model.tensor_parallel import _narrow, _shard_gate_up, shard_dim
+
+    dim = None if tp is None or tp.world == 1 else shard_dim(name, tp.expert_parallel)
+    if dim is None:
+        return full
+    if name.endswith(("gate_up_proj", "gate_up_proj_scale_inv")) and not tp.expert_parallel:
+        return _shard_gate_up(full, tp)
+    return _narrow(full, dim, tp)
+
+
+def full_layout(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """name -> a tensor of the shape the trainer sends: the model's own tensors, or for a tensor-parallel shard
+    meta tensors of the whole (unsplit) shapes, so a receiver sizes its buffers and layout hash like the sender."""
+    from glm5.model.tensor_parallel import shard_dim
+
+    own = named_weights(model)
+    tp = getattr(model, "tensor_parallel", None)
+    if tp is None or tp.world == 1:
+        return own
+    out = {}
+    for k, v in own.items():
+        shape = list(v.shape)
+        dim = shard_dim(k, tp.expert_parallel)
+        if dim is not None:
+            shape[dim] *= tp.world
+        out[k] = torch.empty(shape, dtype=v.dtype, device="meta")
+    return out
+
+
 @torch.no_grad()
 def load_weights(model: torch.nn.Module, named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                  strict: bool = True) -> int:
     """Copy tensors into ``model``'s parameters/buffers in place (storage kept, so references the engine holds
-    stay valid). Returns the number of tensors copied."""
+    stay valid). Returns the number of tensors copied. ``named`` holds whole tensors; a tensor-parallel model
+    (``apply_tensor_parallel``) takes its rank's slice of each, so every rank can read the same full weights."""
     items = named.items() if isinstance(named, Mapping) else named
     own = model.state_dict()
+    tp = getattr(model, "tensor_parallel", None)
     n = 0
     seen = set()
     for name, t in items:
@@ -66,6 +103,7 @@ def load_weights(model: torch.nn.Module, named: Mapping[str, torch.Tensor] | Ite
                 raise KeyError(f"unexpected weight {name!r}")
             continue
         dst = own[name]
+        t = shard_weight(name, t, tp)
         if dst.shape != t.shape:
             raise ValueError(f"{name}: shape {tuple(t.shape)} != {tuple(dst.shape)}")
         dst.copy_(t.to(device=dst.device, dtype=dst.dtype))
@@ -244,7 +282,7 @@ class DistWeightReceiver:
 
     @torch.no_grad()
     def recv(self, engine) -> int:
-        own = named_weights(engine.model)
+        own = full_layout(engine.model)  # a tensor-parallel rank receives whole tensors and keeps its slice
         names = sorted(own)
         header = torch.zeros(3, dtype=torch.int64, device=self.device)
         _broadcast(self.pg, header)
