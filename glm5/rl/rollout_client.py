@@ -82,6 +82,9 @@ class ProcessRolloutClient:
         from glm5.rl.weight_sync import SharedMemoryWeightSync
 
         ctx = mp.get_context("spawn")
+        if spec.weight_transport == "dist" and spec.dist.get("rank", 1) + spec.tp > spec.dist["world_size"]:
+            raise ValueError(f"weight group of {spec.dist['world_size']} ranks has no room for this worker's "
+                             f"{spec.tp} tensor-parallel rank(s) from rank {spec.dist.get('rank', 1)}")
         if spec.tp > 1 and not spec.tp_port:
             from glm5.rl.weight_sync import free_port
 

@@ -69,6 +69,9 @@ def test_rollout_tp_is_validated_at_the_edge(model_dir, tmp_path):
 
     with pytest.raises(ValueError, match="placement 'process'"):  # before Ray is even imported
         RayRolloutClient(WorkerSpec("m", {}, tp=2))
+    with pytest.raises(ValueError, match="no room for this worker's 2 tensor-parallel rank"):  # before any start
+        ProcessRolloutClient(WorkerSpec("m", {}, weight_transport="dist", tp=2,
+                                        dist={"host": "127.0.0.1", "port": 1, "rank": 1, "world_size": 2}))
     from glm5.cli import build_parser
     from glm5.rl.cli import config_from_args
 
@@ -110,19 +113,21 @@ def _assert_same(got, want, version):
         assert torch.allclose(torch.tensor(got[g].rollout_logprobs), torch.tensor(w.rollout_logprobs), atol=1e-5)
 
 
-@pytest.mark.parametrize("transport", ["shm", "dist"])
+@pytest.mark.parametrize("transport,spec_tokens", [("shm", 0), ("dist", 2)])
 def test_tp2_worker_decodes_what_one_process_decodes_before_and_after_a_push(model_dir, tok, tasks, make_config,
-                                                                              transport):
+                                                                              transport, spec_tokens):
     """A rollout worker over 2 ranks: greedy tokens and log-probs equal to a one-process engine's on the same
     weights; after a push of other weights, equal to the one-process engine holding those, stamped with the new
-    version. Stopping the worker stops both of its processes."""
+    version. Stopping the worker stops both of its processes. (With ``spec_tokens`` the split engine drafts with
+    the MTP layer, whose calls the follower repeats too; greedy output is unchanged by speculation.)"""
     policy = GLM5ForCausalLM.from_pretrained(model_dir)
     other = GLM5ForCausalLM(make_config()).init_weights(321)
     rcfg = RolloutConfig(max_new_tokens=12, temperature=0.0)
     dist = {}
     if transport == "dist":
         dist = {"host": "127.0.0.1", "port": free_port(), "rank": 1, "world_size": 3, "backend": "gloo"}
-    spec = WorkerSpec(str(model_dir), rcfg.to_dict(), ENGINE, threads=1, weight_transport=transport, dist=dist, tp=2)
+    spec = WorkerSpec(str(model_dir), rcfg.to_dict(), {**ENGINE, "num_speculative_tokens": spec_tokens}, threads=1,
+                      weight_transport=transport, dist=dist, tp=2)
     ref = RolloutEngine(build_engine(clone_model(policy), tok, **ENGINE), tok, rcfg)
     client = ProcessRolloutClient(spec, policy, make_prompt=ref.make_prompt)
     try:
@@ -222,7 +227,7 @@ _TRAINER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("state", ["idle", "busy"])
+@pytest.mark.parametrize("state", [pytest.param("idle", marks=pytest.mark.slow), "busy"])
 def test_a_killed_trainer_leaves_no_rollout_process(model_dir, tmp_path, state):
     """SIGKILL the trainer (nothing can be sent from it): the driver and its follower exit within seconds,
     whether the driver was waiting for work or generating."""
