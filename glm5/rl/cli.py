@@ -104,6 +104,10 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("placement")
     g.add_argument("--placement", choices=["process", "colocate", "ray"], default="process",
                    help="rollout engine in its own process (default), in the trainer process, or a Ray actor")
+    g.add_argument("--offload-rollout", action="store_true",
+                   help="--placement colocate, --mode sync: the rollout engine sleeps while the trainer runs (KV cache "
+                        "released, weights discarded before a push or offloaded to host), as slime's colocated mode "
+                        "frees the GPU for training")
     g.add_argument("--weight-sync", choices=["shm", "dist"], default="shm",
                    help="trainer -> rollout weights: shared memory, or a torch.distributed broadcast")
     g.add_argument("--dist-backend", choices=["gloo", "nccl"], default="gloo", help="backend of --weight-sync dist")
@@ -164,7 +168,8 @@ def config_from_args(a):
     tau = a.tau if a.tau is not None else (2 if a.mode == "async" else None)
     manager = ManagerConfig(mode=a.mode, num_steps=a.steps, groups_per_step=a.groups, tau=tau,
                             max_inflight_groups=a.max_inflight_groups or 2 * a.groups, over_sampling=a.over_sampling,
-                            push_interval=a.push_interval, max_dropped_in_a_row=a.max_dropped_in_a_row)
+                            push_interval=a.push_interval, max_dropped_in_a_row=a.max_dropped_in_a_row,
+                            offload_rollout=a.offload_rollout)
     return RLConfig(model=a.model, out=a.out, tasks=a.task or list(DEFAULT_TASKS), tasks_file=a.tasks_file,
                     eval_tasks_file=a.eval_tasks_file, unanswerable_frac=a.unanswerable_frac, n_train=a.n_train,
                     n_eval=a.n_eval, seed=a.seed, group_size=a.group_size, manager=manager, rollout=rollout,

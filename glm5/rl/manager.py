@@ -54,6 +54,9 @@ class ManagerConfig:
     # worth, at least 64; 0: never). Groups whose every sample failed stop the run sooner: after 2 batches' worth
     # (at least 8), since a reward function or environment that fails that consistently is broken.
     max_dropped_in_a_row: int | None = None
+    # sync: put the rollout engine to sleep while the trainer runs (its KV cache released; weights discarded when
+    # this step pushes new ones, else offloaded), as slime's colocated mode does. Needs a client with sleep/wake_up.
+    offload_rollout: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -72,6 +75,9 @@ class ManagerConfig:
             raise ValueError(f"over_sampling must be >= 0, got {self.over_sampling}")
         if self.max_dropped_in_a_row is not None and self.max_dropped_in_a_row < 0:
             raise ValueError(f"max_dropped_in_a_row must be >= 0, got {self.max_dropped_in_a_row}")
+        if self.offload_rollout and self.mode != "sync":
+            raise ValueError(f"offload_rollout needs mode 'sync': in {self.mode!r} mode generation stays in flight "
+                             f"while the trainer runs, so the engine cannot give its memory up")
         if self.mode == "one-step-off" and self.tau == 0:
             raise ValueError("one-step-off trains every batch one version behind (staleness 1): tau 0 would drop "
                              "them all; use tau >= 1 (or no bound), or mode sync")
@@ -98,6 +104,7 @@ class RolloutManager:
         self.generated_tokens = 0
         self.trained = 0
         self.trainer_wait_s = 0.0
+        self.offload_s = 0.0  # offload_rollout: time spent putting the engine to sleep and waking it
         self.sync_s = 0.0
         self.records: list[dict] = []
         self._t0 = None
@@ -237,6 +244,11 @@ class RolloutManager:
         self.sync_s += dt
         self.trainer_wait_s += dt
 
+    def _offload(self, fn, arg) -> None:
+        t0 = time.perf_counter()
+        fn(arg)
+        self.offload_s += time.perf_counter() - t0
+
     # ------------------------------------------------------------------------------------------ run
     def _train(self, step: int, batch: list, t_step: float) -> dict:
         samples = [s for g in batch for s in g]
@@ -256,7 +268,8 @@ class RolloutManager:
             "samples_per_s": self.trained / el, "generated_samples_per_s": self.generated / el,
             "generated_tokens_per_s": self.generated_tokens / el,
             "trainer_idle_s": self.trainer_wait_s, "trainer_idle_frac": self.trainer_wait_s / el,
-            "weight_sync_s": self.sync_s, "trained_samples": self.trained, "generated_samples": self.generated,
+            "weight_sync_s": self.sync_s, "rollout_offload_s": self.offload_s,
+            "trained_samples": self.trained, "generated_samples": self.generated,
             "inflight": self.inflight, "staleness_hist": st["staleness_hist"],
             "dropped_stale_groups": st["dropped_stale_groups"], "dropped_stale_samples": st["dropped_stale_samples"],
             "dropped_zero_std_groups": st["dropped_zero_std_groups"], "dropped_failed_groups": st["dropped_failed_groups"],
@@ -288,9 +301,16 @@ class RolloutManager:
             for step in steps:
                 t = time.perf_counter()
                 batch = self._collect(B, keep_generating=False)
+                push = (step + 1) % cfg.push_interval == 0 or step + 1 == cfg.num_steps
+                if cfg.offload_rollout:  # the engine is idle now: its memory is the trainer's until the push
+                    self._offload(self.client.sleep, 2 if push else 1)  # weights about to be replaced: not kept
                 rec = self._train(step, batch, t)
-                if (step + 1) % cfg.push_interval == 0 or step + 1 == cfg.num_steps:
+                if cfg.offload_rollout:
+                    self._offload(self.client.wake_up, ["weights"])  # slime's order: weights, update, KV cache
+                if push:
                     self._push()
+                if cfg.offload_rollout:
+                    self._offload(self.client.wake_up, ["kv_cache"])
                 self._finish_record(rec, t)
                 if self._stop_requested():
                     break

@@ -57,6 +57,14 @@ class LocalRolloutClient:
         self.version = version
         return partial
 
+    def sleep(self, level: int = 1) -> None:
+        """Release the engine's KV cache and offload (1) or discard (2) its weights while the trainer runs (slime's
+        colocated mode; glm5/engine/sleep_mode.py). The engine must be idle."""
+        self.rollout.engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.rollout.engine.wake_up(tags)
+
     def stats(self) -> dict:
         return {**self.rollout.stats, "busy_s": self.busy_s}
 

@@ -1,0 +1,104 @@
+"""``offload_rollout``: in colocated sync RL the rollout engine sleeps while the trainer runs (slime's colocated mode),
+and the run is otherwise exactly the run without it."""
+
+import pytest
+import torch
+
+from glm5.engine import build_engine
+from glm5.rl.buffer import DataBuffer
+from glm5.rl.manager import ManagerConfig, RolloutManager
+from glm5.rl.rollout import RolloutConfig, RolloutEngine
+from glm5.rl.rollout_client import LocalRolloutClient
+from glm5.rl.runner import RLConfig
+from glm5.rl.trainer import RLTrainer, TrainerConfig
+from glm5.rl.weight_sync import clone_model
+
+from .test_manager import PLUGIN, run_cli
+
+
+class WatchedClient(LocalRolloutClient):
+    """Records each sleep level and what the engine held while the trainer ran."""
+
+    def __init__(self, rollout):
+        super().__init__(rollout)
+        self.levels, self.during_training = [], []
+
+    def sleep(self, level=1):
+        self.levels.append(level)
+        super().sleep(level)
+
+
+class WatchedTrainer(RLTrainer):
+    def __init__(self, policy, cfg, client):
+        super().__init__(policy, cfg)
+        self.client = client
+
+    def train_step(self, batch):
+        eng = self.client.rollout.engine
+        weights = sum(p.numel() for p in eng.model.parameters())
+        self.client.during_training.append((eng.is_sleeping(), eng.kv_cache.nbytes(), weights))
+        return super().train_step(batch)
+
+
+def run(policy, tok, tasks, plugin_fn, offload: bool, push_interval: int = 1):
+    torch.manual_seed(0)
+    ro = RolloutEngine(build_engine(clone_model(policy), tok, max_num_seqs=32, max_model_len=256), tok,
+                       RolloutConfig(max_new_tokens=12, reward=plugin_fn))
+    client = WatchedClient(ro)
+    buf = DataBuffer(tasks, ro.make_prompt, 4, 12)
+    trainer = WatchedTrainer(clone_model(policy), TrainerConfig(lr=1e-3), client)
+    mgr = RolloutManager(client, trainer, buf, ManagerConfig(mode="sync", num_steps=4, groups_per_step=2,
+                                                             push_interval=push_interval, offload_rollout=offload))
+    mgr.run()
+    return mgr, client, trainer
+
+
+@pytest.fixture(scope="module")
+def plugin_fn(tmp_path_factory):
+    p = tmp_path_factory.mktemp("plugin") / "rl_offload_rewards.py"
+    p.write_text(PLUGIN)
+    return f"{p}:parity_reward"
+
+
+def test_offloaded_run_equals_the_plain_run_and_sleeps_while_training(policy, tok, tasks, plugin_fn):
+    plain, pc, ptr = run(policy, tok, tasks, plugin_fn, offload=False)
+    off, oc, otr = run(policy, tok, tasks, plugin_fn, offload=True, push_interval=1)
+    # asleep during every training step: no KV cache, and level 2 (a push follows) left no weights on the engine
+    assert oc.levels == [2, 2, 2, 2]
+    assert all(s and kv == 0 and w == 0 for s, kv, w in oc.during_training)
+    assert all(not s and kv > 0 and w > 0 for s, kv, w in pc.during_training)
+    assert not oc.rollout.engine.is_sleeping()
+    # the same samples, rewards and updates: sleeping changed nothing but memory
+    for a, b in zip(plain.records, off.records):
+        for key in ("reward", "pg_loss", "logprob_gap_mean", "ratio_mean", "rollout_version"):
+            assert a[key] == b[key], key
+    for (n, p), (_, q) in zip(ptr.model.named_parameters(), otr.model.named_parameters()):
+        assert torch.equal(p, q), n
+    assert off.records[-1]["rollout_offload_s"] > 0 and plain.records[-1]["rollout_offload_s"] == 0
+
+
+def test_steps_without_a_push_keep_the_weights(policy, tok, tasks, plugin_fn):
+    # push every 2 steps: the weights are offloaded (level 1) when no new ones follow, discarded (level 2) otherwise
+    off, oc, _ = run(policy, tok, tasks, plugin_fn, offload=True, push_interval=2)
+    assert oc.levels == [1, 2, 1, 2]
+    plain, _, _ = run(policy, tok, tasks, plugin_fn, offload=False, push_interval=2)
+    assert [r["reward"] for r in off.records] == [r["reward"] for r in plain.records]
+
+
+def test_offload_is_refused_where_it_cannot_work():
+    with pytest.raises(ValueError, match="mode 'sync'"):
+        ManagerConfig(mode="async", offload_rollout=True)
+    with pytest.raises(ValueError, match="placement 'colocate'"):
+        RLConfig(model="m", manager=ManagerConfig(mode="sync", offload_rollout=True), placement="process")
+    RLConfig(model="m", manager=ManagerConfig(mode="sync", offload_rollout=True), placement="colocate")
+
+
+def test_cli_flag(model_dir, tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    assert run_cli(model_dir, out, "--placement", "colocate", "--mode", "sync", "--offload-rollout", "--n-eval", "4",
+                   "--no-save") == 0
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and recs[-1]["rollout_offload_s"] > 0 and recs[-1]["rollout_version"] == 2
+    assert run_cli(model_dir, tmp_path / "bad", "--placement", "process", "--offload-rollout", "--no-eval") != 0
