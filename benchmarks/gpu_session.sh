@@ -29,6 +29,9 @@ case "${1:-tests}" in
     # MTP speculation at batch 1: verification through CUDA graphs against eager and against plain graph decode
     timeout 150 python benchmarks/bench_engine.py --only gpumtp --spec-tokens 3 --out "$OUT/engine_gpu.json" 2>&1 \
       | tee -a "$OUT/engine_gpu.log"
+    # sleep mode: memory handed back and the cost of a colocated RL step's sleep / wake-up (16 GiB of KV cache)
+    timeout 120 python benchmarks/bench_sleep.py --device cuda --kv-gib 16 --out "$OUT/sleep_gpu.json" 2>&1 \
+      | tee -a "$OUT/engine_gpu.log"
     ;;
   train)
     # eager, then torch.compile'd layers (the trainer's --compile)
