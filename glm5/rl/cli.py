@@ -105,9 +105,9 @@ def add_parser(sub) -> None:
     g.add_argument("--placement", choices=["process", "colocate", "ray"], default="process",
                    help="rollout engine in its own process (default), in the trainer process, or a Ray actor")
     g.add_argument("--offload-rollout", action="store_true",
-                   help="--placement colocate, --mode sync: the rollout engine sleeps while the trainer runs (KV cache "
-                        "released, weights discarded before a push or offloaded to host), as slime's colocated mode "
-                        "frees the GPU for training")
+                   help="--mode sync, --placement colocate or process: the rollout engines sleep while the trainer "
+                        "runs (KV cache released, weights discarded before a push or offloaded to host), as slime's "
+                        "colocated mode frees the GPU for training")
     g.add_argument("--weight-sync", choices=["shm", "dist"], default="shm",
                    help="trainer -> rollout weights: shared memory, or a torch.distributed broadcast")
     g.add_argument("--dist-backend", choices=["gloo", "nccl"], default="gloo", help="backend of --weight-sync dist")

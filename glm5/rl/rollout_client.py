@@ -242,6 +242,16 @@ class ProcessRolloutClient:
         self.version = version
         return ev[2]
 
+    def sleep(self, level: int = 1) -> None:
+        """The worker's engine (every tensor-parallel rank) releases its KV cache and offloads (1) or discards (2)
+        its weights, for a trainer on the same device; it must be idle (after ``abort``)."""
+        self.in_q.put(("sleep", level))
+        self._wait_for("slept")
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.in_q.put(("wake_up", tags))
+        self._wait_for("woken")
+
     def stats(self) -> dict:
         self.in_q.put(("stats",))
         return self._wait_for("stats")[1]

@@ -117,6 +117,14 @@ class RolloutPool:
         return partial
 
     # ----------------------------------------------------------------------------------- the rest
+    def sleep(self, level: int = 1) -> None:
+        for c in self.clients:  # each waits for its worker's reply: a worker that fails raises here
+            c.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        for c in self.clients:
+            c.wake_up(tags)
+
     def stats(self) -> dict:
         per = [c.stats() for c in self.clients]
         merged: dict = {"workers": per, "num_workers": len(per)}

@@ -95,7 +95,9 @@ def rollout_follower_main(spec, rank: int, driver_pid: int, shm_sync=None) -> No
         load()
         check_versions_agree(rollout.engine.weight_version, tp)
 
-    follow(rollout.engine.runner, tp, {"weights": weights})
+    # sleep / wake_up: the driver's offload_rollout, announced after it did the same (glm5.rl.rollout_worker)
+    follow(rollout.engine.runner, tp, {"weights": weights, "sleep": rollout.engine.sleep,
+                                       "wake_up": rollout.engine.wake_up})
 
 
 def _watch(driver_pid: int) -> None:

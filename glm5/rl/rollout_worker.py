@@ -38,9 +38,9 @@ class WorkerSpec:
 
 def rollout_worker_main(spec: WorkerSpec, in_q, out_q, shm_sync=None) -> None:
     """Entry point of the rollout process (see module docstring). Messages in: ("submit", [Sample]),
-    ("abort",), ("weights", version, abort_first), ("stats",), ("stop",). Messages out: ("ready", info),
-    ("finished", [Sample], stats), ("aborted", [Sample]), ("weights_loaded", version, [Sample]), ("stats", d),
-    ("error", text)."""
+    ("abort",), ("weights", version, abort_first), ("sleep", level), ("wake_up", tags), ("stats",), ("stop",).
+    Messages out: ("ready", info), ("finished", [Sample], stats), ("aborted", [Sample]), ("weights_loaded",
+    version, [Sample]), ("slept", level), ("woken", tags), ("stats", d), ("error", text)."""
     _leave_signals_to_the_trainer()
     tp = None
     try:
@@ -100,6 +100,10 @@ def rollout_worker_main(spec: WorkerSpec, in_q, out_q, shm_sync=None) -> None:
                     partial = rollout.abort_all()
                     load_weights()
                     out_q.put(("weights_loaded", rollout.version, partial))
+                elif kind in ("sleep", "wake_up"):  # offload_rollout: memory for a trainer on the same device
+                    getattr(rollout.engine, kind)(m[1])  # first here: it refuses (an error) if requests still run
+                    _announce(kind, (m[1],), tp)  # then every tensor-parallel rank releases / retakes its shard
+                    out_q.put(("slept" if kind == "sleep" else "woken", m[1]))
                 elif kind == "stats":
                     out_q.put(("stats", {**rollout.stats, "busy_s": busy, "idle_s": idle}))
                 elif kind == "stop":
@@ -153,6 +157,13 @@ def _driver_loader(load, engine, tp):
         load()
         check_versions_agree(engine.weight_version, tp)
     return load_everywhere
+
+
+def _announce(name: str, args: tuple, tp) -> None:
+    if tp is not None:
+        from glm5.engine.parallel import announce
+
+        announce(name, args, tp)
 
 
 def _release(tp) -> None:

@@ -1,6 +1,8 @@
 """``offload_rollout``: in colocated sync RL the rollout engine sleeps while the trainer runs (slime's colocated mode),
 and the run is otherwise exactly the run without it."""
 
+import os
+
 import pytest
 import torch
 
@@ -8,7 +10,9 @@ from glm5.engine import build_engine
 from glm5.rl.buffer import DataBuffer
 from glm5.rl.manager import ManagerConfig, RolloutManager
 from glm5.rl.rollout import RolloutConfig, RolloutEngine
-from glm5.rl.rollout_client import LocalRolloutClient
+from glm5.model.transformer import GLM5ForCausalLM
+from glm5.rl.rollout_client import LocalRolloutClient, ProcessRolloutClient
+from glm5.rl.rollout_worker import WorkerSpec
 from glm5.rl.runner import RLConfig
 from glm5.rl.trainer import RLTrainer, TrainerConfig
 from glm5.rl.weight_sync import clone_model
@@ -21,7 +25,7 @@ class WatchedClient(LocalRolloutClient):
 
     def __init__(self, rollout):
         super().__init__(rollout)
-        self.levels, self.during_training = [], []
+        self.levels = []
 
     def sleep(self, level=1):
         self.levels.append(level)
@@ -29,15 +33,20 @@ class WatchedClient(LocalRolloutClient):
 
 
 class WatchedTrainer(RLTrainer):
-    def __init__(self, policy, cfg, client):
+    """Calls ``probe()`` at the start of every training step and keeps what it returns in ``seen``."""
+
+    def __init__(self, policy, cfg, probe):
         super().__init__(policy, cfg)
-        self.client = client
+        self.probe, self.seen = probe, []
 
     def train_step(self, batch):
-        eng = self.client.rollout.engine
-        weights = sum(p.numel() for p in eng.model.parameters())
-        self.client.during_training.append((eng.is_sleeping(), eng.kv_cache.nbytes(), weights))
+        self.seen.append(self.probe())
         return super().train_step(batch)
+
+
+def engine_state(client):
+    eng = client.rollout.engine
+    return eng.is_sleeping(), eng.kv_cache.nbytes(), sum(p.numel() for p in eng.model.parameters())
 
 
 def run(policy, tok, tasks, plugin_fn, offload: bool, push_interval: int = 1):
@@ -46,7 +55,7 @@ def run(policy, tok, tasks, plugin_fn, offload: bool, push_interval: int = 1):
                        RolloutConfig(max_new_tokens=12, reward=plugin_fn))
     client = WatchedClient(ro)
     buf = DataBuffer(tasks, ro.make_prompt, 4, 12)
-    trainer = WatchedTrainer(clone_model(policy), TrainerConfig(lr=1e-3), client)
+    trainer = WatchedTrainer(clone_model(policy), TrainerConfig(lr=1e-3), lambda: engine_state(client))
     mgr = RolloutManager(client, trainer, buf, ManagerConfig(mode="sync", num_steps=4, groups_per_step=2,
                                                              push_interval=push_interval, offload_rollout=offload))
     mgr.run()
@@ -65,8 +74,8 @@ def test_offloaded_run_equals_the_plain_run_and_sleeps_while_training(policy, to
     off, oc, otr = run(policy, tok, tasks, plugin_fn, offload=True, push_interval=1)
     # asleep during every training step: no KV cache, and level 2 (a push follows) left no weights on the engine
     assert oc.levels == [2, 2, 2, 2]
-    assert all(s and kv == 0 and w == 0 for s, kv, w in oc.during_training)
-    assert all(not s and kv > 0 and w > 0 for s, kv, w in pc.during_training)
+    assert all(s and kv == 0 and w == 0 for s, kv, w in otr.seen)
+    assert all(not s and kv > 0 and w > 0 for s, kv, w in ptr.seen)
     assert not oc.rollout.engine.is_sleeping()
     # the same samples, rewards and updates: sleeping changed nothing but memory
     for a, b in zip(plain.records, off.records):
@@ -88,9 +97,39 @@ def test_steps_without_a_push_keep_the_weights(policy, tok, tasks, plugin_fn):
 def test_offload_is_refused_where_it_cannot_work():
     with pytest.raises(ValueError, match="mode 'sync'"):
         ManagerConfig(mode="async", offload_rollout=True)
-    with pytest.raises(ValueError, match="placement 'colocate'"):
-        RLConfig(model="m", manager=ManagerConfig(mode="sync", offload_rollout=True), placement="process")
-    RLConfig(model="m", manager=ManagerConfig(mode="sync", offload_rollout=True), placement="colocate")
+    with pytest.raises(ValueError, match="Ray actor"):
+        RLConfig(model="m", manager=ManagerConfig(mode="sync", offload_rollout=True), placement="ray")
+    for placement in ("colocate", "process"):
+        RLConfig(model="m", manager=ManagerConfig(mode="sync", offload_rollout=True), placement=placement)
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_rollout_process_gives_its_memory_back_while_the_trainer_runs(model_dir, tok, tasks, plugin_fn):
+    # a trainer sharing the device with a rollout process (slime's colocation): the worker's 256 MiB cache and its
+    # weights leave its address space during training, and the next rollouts run on the pushed weights
+    policy = GLM5ForCausalLM.from_pretrained(model_dir)
+    rcfg = RolloutConfig(max_new_tokens=12, reward=plugin_fn)
+    spec = WorkerSpec(str(model_dir), rcfg.to_dict(), {"max_num_seqs": 16, "max_model_len": 256,
+                                                       "kv_cache_memory": 256 << 20}, threads=1)
+    ro_local = RolloutEngine(build_engine(clone_model(policy), tok, max_num_seqs=1, max_model_len=256), tok, rcfg)
+    client = ProcessRolloutClient(spec, policy, make_prompt=ro_local.make_prompt)
+    try:
+        buf = DataBuffer(tasks, client.make_prompt, 4, 12)
+        tr = WatchedTrainer(policy, TrainerConfig(lr=1e-3), lambda: _rss(client.proc.pid))
+        mgr = RolloutManager(client, tr, buf, ManagerConfig(mode="sync", num_steps=3, groups_per_step=2,
+                                                            offload_rollout=True))
+        mgr.run()
+        awake = _rss(client.proc.pid)
+    finally:
+        client.close()
+    assert all(awake - rss > 200 << 20 for rss in tr.seen), (awake, tr.seen)
+    assert [r["rollout_version"] for r in mgr.records] == [1, 2, 3]
+    assert all(r["logprob_gap_mean"] < 1e-4 for r in mgr.records)  # each rollout ran on the weights pushed to it
 
 
 def test_cli_flag(model_dir, tmp_path):
@@ -101,4 +140,5 @@ def test_cli_flag(model_dir, tmp_path):
                    "--no-save") == 0
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 2 and recs[-1]["rollout_offload_s"] > 0 and recs[-1]["rollout_version"] == 2
-    assert run_cli(model_dir, tmp_path / "bad", "--placement", "process", "--offload-rollout", "--no-eval") != 0
+    assert run_cli(model_dir, tmp_path / "bad", "--placement", "colocate", "--mode", "async", "--offload-rollout",
+                   "--no-eval") != 0

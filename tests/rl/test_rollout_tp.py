@@ -175,8 +175,11 @@ def test_a_pool_of_two_tp2_workers_serves_the_pushed_weights(model_dir, tok, tas
 def _run(model_dir, out, mode):
     from glm5.rl.runner import run_rl
 
+    # sync also offloads: every rank of the worker sleeps while the trainer runs (glm5.engine.sleep_mode), and the
+    # weights it discarded come back from the push on both shards (the log-prob check below sees any that did not)
     cfg = RLConfig(model=str(model_dir), out=str(out), tasks=["arith"], n_train=32, n_eval=0, group_size=2,
-                   manager={"mode": mode, "num_steps": 2, "groups_per_step": 2, "tau": 2 if mode == "async" else None},
+                   manager={"mode": mode, "num_steps": 2, "groups_per_step": 2, "tau": 2 if mode == "async" else None,
+                            "offload_rollout": mode == "sync"},
                    rollout={"max_new_tokens": 12}, trainer={"lr": 1e-3}, rollout_tp=2, max_model_len=256,
                    eval_before=False, eval_after=False, save=False, progress=False, train_threads=1,
                    rollout_threads=1)
@@ -199,6 +202,7 @@ def test_rl_runs_with_tp2_rollouts(model_dir, tmp_path, mode):
         assert r["response_tokens"] > 0 and r["staleness_max"] <= (2 if mode == "async" else 0)
     if mode == "sync":
         assert all(r["logprob_gap_mean"] < 1e-3 for r in recs)
+        assert recs[-1]["rollout_offload_s"] > 0
     assert s["run"]["final_version"] == 2 and s["rollout_stats"]["finished"] >= 8
 
 
