@@ -154,6 +154,15 @@ class RayRolloutClient:
         self.version = version
         return ev[2]
 
+    def sleep(self, level: int = 1) -> None:
+        """offload_rollout: the actor's engine releases its memory until ``wake_up`` (it must be idle)."""
+        self.actor.put.remote(("sleep", level))
+        self._wait_for("slept")
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.actor.put.remote(("wake_up", tags))
+        self._wait_for("woken")
+
     def stats(self) -> dict:
         self.actor.put.remote(("stats",))
         return self._wait_for("stats")[1]

@@ -114,9 +114,6 @@ class RLConfig:
         if self.rollout_spec_tokens < 0:
             raise ValueError(f"rollout_spec_tokens must be >= 0, got {self.rollout_spec_tokens}")
         resolve_kv_cache_dtype(self.rollout_kv_cache_dtype)  # a ValueError naming the choices
-        if self.manager.offload_rollout and self.placement == "ray":
-            raise ValueError("offload_rollout puts the rollout engines to sleep while the trainer runs: placement "
-                             "'colocate' or 'process' (a Ray actor's engine cannot be told to sleep yet)")
         if self.rollout_workers > 1 and self.placement == "colocate":
             raise ValueError("placement 'colocate' runs one engine in the trainer's process; "
                              "several rollout workers need placement 'process' or 'ray'")

@@ -30,6 +30,18 @@ def test_actor_body_without_ray(model_dir):
     while not got:
         got = [e for e in actor.get_events(timeout=60) if e[0] == "finished"]
     assert got[0][1][0].response_length > 0
+    # offload_rollout's messages: the actor's engine gives its memory up, takes it back and generates again
+    for msg, reply in ((("sleep", 1), "slept"), (("wake_up", None), "woken")):
+        actor.put(msg)
+        evs = []
+        while not evs:
+            evs = [e for e in actor.get_events(timeout=60) if e[0] == reply]
+        assert evs[0][1] == msg[1]
+    actor.put(("submit", [Sample(prompt_ids=prompt, task=task, max_new_tokens=8)]))
+    got = []
+    while not got:
+        got = [e for e in actor.get_events(timeout=60) if e[0] == "finished"]
+    assert got[0][1][0].response_length > 0
     actor.put(("stop",))
     actor.thread.join(30)
     assert not actor.alive()
@@ -37,8 +49,10 @@ def test_actor_body_without_ray(model_dir):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not ray_available(), reason="ray not installed (optional extra)")
-@pytest.mark.parametrize("workers", [1, 2])
-def test_ray_placement_end_to_end(model_dir, tmp_path, workers):
+@pytest.mark.parametrize("workers,mode", [(1, ["--mode", "async"]), (2, ["--mode", "async"]),
+                                          (1, ["--mode", "sync", "--offload-rollout"])],
+                         ids=["async-1", "async-2", "sync-offload"])
+def test_ray_placement_end_to_end(model_dir, tmp_path, workers, mode):
     import json
 
     from glm5.cli import main
@@ -49,7 +63,7 @@ def test_ray_placement_end_to_end(model_dir, tmp_path, workers):
     try:
         rc = main(["rl", "--model", str(model_dir), "--out", str(out), "--task", "arith", "--n-train", "16",
                    "--steps", "2", "--groups", "2", "--group-size", "2", "--max-new-tokens", "8",
-                   "--max-model-len", "128", "--mode", "async", "--placement", "ray", "--no-eval", "--no-save",
+                   "--max-model-len", "128", *mode, "--placement", "ray", "--no-eval", "--no-save",
                    "--no-progress", "--train-threads", "1", "--rollout-threads", "1",
                    "--rollout-workers", str(workers)])
     finally:
@@ -59,6 +73,8 @@ def test_ray_placement_end_to_end(model_dir, tmp_path, workers):
     assert rc == 0
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["rollout_version"] for r in recs] == [1, 2]
+    if "--offload-rollout" in mode:
+        assert recs[-1]["rollout_offload_s"] > 0 and all(r["logprob_gap_mean"] < 1e-3 for r in recs)
     if workers > 1:  # one actor per engine, each with its own weight group
         stats = json.loads((out / "summary.json").read_text())["rollout_stats"]
         assert stats["num_workers"] == 2 and all(w["requests"] > 0 for w in stats["workers"])
