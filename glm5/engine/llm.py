@@ -181,3 +181,8 @@ class LLM:
 
     def reset_prefix_cache(self) -> None:
         self.engine.reset_prefix_cache()
+
+    def load_weights(self, weights, strict: bool = True) -> int:
+        """Replace the model's weights in place (name -> tensor, or (name, tensor) pairs): see
+        ``LLMEngine.load_weights``."""
+        return self.engine.load_weights(weights, strict)

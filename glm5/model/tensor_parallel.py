@@ -146,6 +146,18 @@ def _shard_gate_up(t: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     return torch.cat([_narrow(gate, 1, tp), _narrow(up, 1, tp)], dim=1)
 
 
+def shard_weight(name: str, full: torch.Tensor, tp: TensorParallel | None) -> torch.Tensor:
+    """This rank's part of the whole tensor ``name``: the slice :func:`apply_tensor_parallel` keeps of it (its
+    split rule :func:`shard_dim`; gate/up rows of the fused experts are split separately). Weight updates send
+    whole tensors, so every rank reads the same ones and keeps its slice."""
+    dim = None if tp is None or tp.world == 1 else shard_dim(name, tp.expert_parallel)
+    if dim is None:
+        return full
+    if name.endswith(("gate_up_proj", "gate_up_proj_scale_inv")) and not tp.expert_parallel:
+        return _shard_gate_up(full, tp)
+    return _narrow(full, dim, tp)
+
+
 def _all_reduce_hook(group):
     import torch.distributed as dist
 

@@ -21,18 +21,22 @@ Transports (same ``push(model, version)`` / ``poll()`` shape):
 Every transport carries whole tensors; a tensor-parallel engine rank keeps its slice of each (:func:`load_weights`),
 so one push serves every rank of a rollout worker with ``rollout_tp`` > 1 (``glm5.rl.rollout_tp``).
 
-On the engine side, :func:`apply_to_engine` loads weights in place: it uses ``engine.update_weights(named,
-version)`` when the engine provides it, else copies into ``engine.model`` and drops the engine's prefix cache
-(its blocks hold latents computed by the old weights).
+On the engine side, :func:`apply_to_engine` loads weights in place with ``LLMEngine.load_weights`` (which also
+drops the prefix cache: its blocks hold latents computed by the old weights) and stamps the version.
+``load_weights`` (``glm5.model.weights``) and ``shard_weight`` (``glm5.model.tensor_parallel``) live with the model
+and are re-exported here for the transports and their tests.
 """
 
 from __future__ import annotations
 
 import datetime
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
+
+from glm5.model.tensor_parallel import shard_weight
+from glm5.model.weights import load_weights
 
 __all__ = ["clone_model", "named_weights", "shard_weight", "full_layout", "load_weights", "reset_prefix_cache", "apply_to_engine", "layout_hash",
            "InProcessWeightSync", "SharedMemoryWeightSync", "DistWeightSender", "DistWeightReceiver", "free_port"]
@@ -54,19 +58,6 @@ def named_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-def shard_weight(name: str, full: torch.Tensor, tp) -> torch.Tensor:
-    """This rank's part of the full tensor ``name``: the slice ``apply_tensor_parallel`` keeps of it (its split
-    rule ``shard_dim`` and its slicing helpers; gate/up rows of the fused experts are split separately)."""
-    from glm5.model.tensor_parallel import _narrow, _shard_gate_up, shard_dim
-
-    dim = None if tp is None or tp.world == 1 else shard_dim(name, tp.expert_parallel)
-    if dim is None:
-        return full
-    if name.endswith(("gate_up_proj", "gate_up_proj_scale_inv")) and not tp.expert_parallel:
-        return _shard_gate_up(full, tp)
-    return _narrow(full, dim, tp)
-
-
 def full_layout(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """name -> a tensor of the shape the trainer sends: the model's own tensors, or for a tensor-parallel shard
     meta tensors of the whole (unsplit) shapes, so a receiver sizes its buffers and layout hash like the sender."""
@@ -86,35 +77,6 @@ def full_layout(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-@torch.no_grad()
-def load_weights(model: torch.nn.Module, named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-                 strict: bool = True) -> int:
-    """Copy tensors into ``model``'s parameters/buffers in place (storage kept, so references the engine holds
-    stay valid). Returns the number of tensors copied. ``named`` holds whole tensors; a tensor-parallel model
-    (``apply_tensor_parallel``) takes its rank's slice of each, so every rank can read the same full weights."""
-    items = named.items() if isinstance(named, Mapping) else named
-    own = model.state_dict()
-    tp = getattr(model, "tensor_parallel", None)
-    n = 0
-    seen = set()
-    for name, t in items:
-        if name not in own:
-            if strict:
-                raise KeyError(f"unexpected weight {name!r}")
-            continue
-        dst = own[name]
-        t = shard_weight(name, t, tp)
-        if dst.shape != t.shape:
-            raise ValueError(f"{name}: shape {tuple(t.shape)} != {tuple(dst.shape)}")
-        dst.copy_(t.to(device=dst.device, dtype=dst.dtype))
-        seen.add(name)
-        n += 1
-    if strict and len(seen) != len(own):
-        missing = sorted(set(own) - seen)[:5]
-        raise KeyError(f"missing weights, e.g. {missing}")
-    return n
-
-
 def reset_prefix_cache(engine) -> None:
     """Forget every prefix-cache entry of an LLMEngine (blocks keep their data but can no longer be matched)."""
     if hasattr(engine, "reset_prefix_cache"):
@@ -129,9 +91,9 @@ def reset_prefix_cache(engine) -> None:
 
 def apply_to_engine(engine, named, version: int) -> None:
     """Load weights into an engine in place and stamp its version."""
-    if hasattr(engine, "update_weights"):
-        engine.update_weights(named, version)
-    else:
+    if hasattr(engine, "load_weights"):
+        engine.load_weights(named)
+    else:  # a bare engine-like object (tests): the model, then its prefix cache
         load_weights(engine.model, named)
         reset_prefix_cache(engine)
     engine.weight_version = int(version)

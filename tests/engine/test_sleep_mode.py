@@ -8,7 +8,6 @@ import torch
 
 from glm5.engine import LLM, EngineConfig, SamplingParams
 from glm5.engine.llm_engine import LLMEngine
-from glm5.rl.weight_sync import load_weights, named_weights
 
 from .conftest import make_model
 
@@ -55,7 +54,7 @@ def test_sleep_forgets_the_prefix_cache(nano):
 
 
 def test_level2_needs_weights_before_generating_then_matches(nano):
-    state = {k: v.clone() for k, v in named_weights(nano).items()}
+    state = {k: v.clone() for k, v in nano.state_dict().items()}
     model = make_model()
     llm = _engine(model)
     before = _tokens(llm)
@@ -68,7 +67,7 @@ def test_level2_needs_weights_before_generating_then_matches(nano):
     llm.wake_up(["kv_cache"])
     with pytest.raises(RuntimeError, match="not been loaded"):
         llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    load_weights(model, state)  # the RL weight path: copy_ into the state_dict tensors
+    llm.load_weights(state)  # the RL weight path: copy_ into the state_dict tensors
     assert _tokens(llm) == before
 
 
@@ -96,7 +95,7 @@ def test_level2_then_new_weights_equals_a_fresh_engine_on_them():
     _tokens(llm)
     llm.sleep(level=2)
     llm.wake_up(["weights"])
-    load_weights(old, named_weights(new))
+    llm.load_weights(new.state_dict().items())  # (name, tensor) pairs, as vLLM's load_weights takes
     llm.wake_up(["kv_cache"])
     assert _tokens(llm) == _tokens(_engine(make_model(seed=11)))
 
@@ -107,7 +106,7 @@ def test_speculative_engine_sleeps_and_wakes():
     before = _tokens(llm)
     llm.sleep(level=2)
     llm.wake_up()
-    load_weights(model, named_weights(make_model()))
+    llm.load_weights(make_model().state_dict())
     assert _tokens(llm) == before
 
 
@@ -185,3 +184,38 @@ def test_async_engine_sleeps_between_steps(nano):
 
     before, after = asyncio.run(run())
     assert after == before
+
+
+def test_load_weights_in_place(nano):
+    model = make_model()
+    llm = _engine(model, enable_prefix_caching=True)
+    before = _tokens(llm)
+    long = [PROMPTS[0] * 2]
+    llm.generate(long, GREEDY, use_tqdm=False)
+    new = make_model(seed=11).state_dict()
+    assert llm.load_weights(new) == len(new)
+    assert llm.generate(long, GREEDY, use_tqdm=False)[0].num_cached_tokens == 0  # latents of the old weights
+    assert _tokens(llm) == _tokens(_engine(make_model(seed=11)))
+    llm.load_weights(nano.state_dict())
+    assert _tokens(llm) == before
+
+
+def test_bad_weights_raise_and_change_nothing(nano):
+    model = make_model()
+    llm = _engine(model)
+    before = _tokens(llm)
+    good = make_model(seed=11).state_dict()
+    name = "model.layers.0.self_attn.o_proj.weight"
+    bad = [({**good, "model.bogus": torch.zeros(1)}, KeyError, "unexpected"),
+           ({k: v for k, v in good.items() if k != name}, KeyError, "missing"),
+           ({**good, name: good[name][:, :-1]}, ValueError, "shape")]
+    for weights, err, match in bad:
+        with pytest.raises(err, match=match):
+            llm.load_weights(weights)
+        assert _tokens(llm) == before  # checked before the first copy: the model is untouched
+    # strict=False: a subset (here one tensor) loads, unknown names are skipped
+    assert llm.load_weights({name: good[name], "model.bogus": torch.zeros(1)}, strict=False) == 1
+    assert torch.equal(dict(model.named_parameters())[name], good[name])
+    llm.sleep(level=2)
+    with pytest.raises(RuntimeError, match="asleep"):
+        llm.load_weights(good)
