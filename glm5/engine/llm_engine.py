@@ -29,6 +29,7 @@ from glm5.engine.sequence import Sequence, SequenceStatus
 from glm5.engine.sleep_mode import SleepMode
 from glm5.engine.spec_decode import MTPProposer, mtp_cache_layers, rejection_sample, target_probs
 from glm5.model.tensor_parallel import TensorParallel
+from glm5.model.weights import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
     # ------------------------------------------------------------------------------ memory (sleep mode)
     def sleep(self, level: int = 1) -> None:
         """Release the KV cache, and offload (1) or discard (2) the weights: see glm5/engine/sleep_mode.py."""
@@ -263,17 +268,11 @@ class LLMEngine:
         tensor-parallel rank keeps its slice): glm5.model.weights.load_weights, then the prefix cache is forgotten.
         Requests still running go on with the new weights over latents cached by the old ones (PipelineRL's
         in-flight update); abort them first for a clean switch, as the RL loop does. Returns the tensors copied."""
-        from glm5.model.weights import load_weights
-
         if "weights" in self.sleep_mode.asleep:
             raise RuntimeError("the weights are asleep: wake_up(['weights']) before loading new ones")
         n = load_weights(self.model, weights, strict)
         self.reset_prefix_cache()
         return n
-
-    @property
-    def num_unfinished_requests(self) -> int:
-        return len(self.requests)
 
     # ------------------------------------------------------------------------------------------ step
     def _on_admit(self, seq: Sequence) -> None:
