@@ -4,10 +4,12 @@ Routes: ``GET /`` (web chat), ``GET /health``, ``GET /metrics``, ``GET /version`
 ``GET /v1/models/{model}``, ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``
 (with ``GET`` / ``DELETE /v1/responses/{id}``, ``POST /v1/responses/{id}/cancel`` and
 ``GET /v1/responses/{id}/input_items``: :mod:`glm5.serve.responses`), ``POST /tokenize``, ``POST /detokenize``;
-the OpenAPI schema at ``/openapi.json`` (``/docs`` renders it).
+the OpenAPI schema at ``/openapi.json`` (``/docs`` renders it). With ``AdminOptions`` (``--enable-sleep-mode``,
+``--enable-weight-updates``; off by default) also the RL trainer's routes of :mod:`glm5.serve.admin`: ``/sleep``,
+``/wake_up``, ``/is_sleeping``, ``/reset_prefix_cache``, ``/update_weights_from_disk``.
 
 With ``settings.api_key`` the ``/v1/*`` and tokenizer routes need ``Authorization: Bearer KEY`` (or
-``x-api-key: KEY``), compared in constant time; health, metrics and the page stay open (the page asks for
+``x-api-key: KEY``), compared in constant time (the admin routes too); health, metrics and the page stay open (the page asks for
 the key and sends it). Bodies over ``settings.max_request_bytes`` get 413 before they are parsed.
 """
 
@@ -26,7 +28,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
-from . import beam, handlers, responses
+from . import admin, beam, handlers, responses
 from .backend import Backend
 from .errors import APIError, install_error_handlers
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
@@ -136,8 +138,10 @@ class DetokenizeRequest(BaseModel):
     tokens: list[Annotated[int, Field(ge=0, le=2**63 - 1)]] = Field(max_length=1_000_000)
 
 
-def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(backend: Backend, settings: ServeSettings | None = None,
+               admin_options: admin.AdminOptions | None = None) -> FastAPI:
     settings = settings or ServeSettings()
+    admin_options = admin_options or admin.AdminOptions()
     holder: dict[str, ServerState] = {}
 
     @asynccontextmanager
@@ -154,6 +158,8 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
     state.response_store = responses.ResponseStore(settings.max_stored_responses)
     holder["state"] = state
     app.state.serve = state
+    control = admin.Admin(state, admin_options) if admin_options.any else None
+    app.state.admin = control
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes, state_getter=lambda: holder.get("state"))
 
@@ -169,6 +175,19 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     auth = [Depends(require_key)]
+    if control is not None:
+        admin.install(app, control, auth)
+
+    def gate() -> None:
+        """503 while the engine cannot serve (asleep, loading weights): glm5/serve/admin.py. Called at the top of a
+        generation route and again right before ``state.admit()``, with no await between it and the admission."""
+        if control is not None:
+            control.check_open()
+
+    def admitted(gen: Generation) -> Generation:
+        if control is not None:
+            control.track(gen)  # counted as in flight from now, before a stream's body starts
+        return gen
 
     # ------------------------------------------------------------------------------------- plain routes
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -177,11 +196,17 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
             raise APIError(404, "The web chat is disabled.", code="not_found")
         return HTMLResponse(_webchat_html(), headers={"Cache-Control": "no-cache"})
 
-    @app.get("/health", response_model=HealthResponse, responses={503: {"model": ErrorResponse}})
+    @app.get("/health", response_model=HealthResponse, response_model_exclude_none=True,
+             responses={503: {"model": ErrorResponse}})
     async def health():
+        # asleep or loading weights is still 200, as in vLLM: the process is alive and a restart would not help;
+        # "status" (and "is_sleeping") tell a load balancer that reads the body not to send generation requests
         if not backend.healthy:
             raise APIError(503, "The engine is not available.", code="engine_unavailable")
-        return {"status": "ok", "model": settings.model_name}
+        if control is None:
+            return {"status": "ok", "model": settings.model_name}
+        sleeping = control.engine.is_sleeping() if admin_options.sleep_mode else None
+        return {"status": control.status(), "model": settings.model_name, "is_sleeping": sleeping}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
@@ -190,7 +215,8 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
 
     @app.get("/version")
     async def version():
-        return {"version": VERSION}
+        # weight_version: weights loaded by POST /update_weights_from_disk since the start (0: the --model ones)
+        return {"version": VERSION, "weight_version": control.weight_version if control is not None else 0}
 
     def card(name: str) -> dict:
         return ModelCard(id=name, root=backend.model_path or name, max_model_len=backend.max_model_len).model_dump()
@@ -240,13 +266,15 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
               responses={**_stream_doc, **_ERRORS})
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         arrival = time.monotonic()
+        gate()  # beam search admits with no await after this
         if req.use_beam_search:
             return await _run(beam.serve(state, request, req, arrival))
         # a grammar (the vocabulary trie once, then each new schema / regex / GBNF) can take a second to compile:
         # off the event loop, so that other requests keep streaming
         prep = await asyncio.to_thread(prepare_chat, state, req) if _needs_grammar(req) else prepare_chat(state, req)
+        gate()
         state.admit()
-        gen = Generation(state, prep, "chat", chat=True, arrival=arrival)
+        gen = admitted(Generation(state, prep, "chat", chat=True, arrival=arrival))
         if req.stream:
             return handlers.chat_stream(state, request, gen, req.include_usage, req.continuous_usage)
         return await _run(handlers.chat_completion(state, request, gen))
@@ -255,12 +283,14 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
               responses={**_stream_doc, **_ERRORS})
     async def completions(req: CompletionRequest, request: Request):
         arrival = time.monotonic()
+        gate()  # beam search admits with no await after this
         if req.use_beam_search:
             return await _run(beam.serve(state, request, req, arrival))
         prep = (await asyncio.to_thread(prepare_completion, state, req) if _needs_grammar(req)
                 else prepare_completion(state, req))
+        gate()
         state.admit()
-        gen = Generation(state, prep, "completions", chat=False, arrival=arrival)
+        gen = admitted(Generation(state, prep, "completions", chat=False, arrival=arrival))
         if req.stream:
             return handlers.completion_stream(state, request, gen, req.include_usage, req.continuous_usage)
         return await _run(handlers.completion(state, request, gen))
@@ -269,12 +299,14 @@ def create_app(backend: Backend, settings: ServeSettings | None = None) -> FastA
     async def create_response(req: ResponsesRequest, request: Request):
         """OpenAI's Responses API: the chat path above with Responses-shaped input and output."""
         arrival = time.monotonic()
+        gate()
         call = responses.translate(state, req)
         # truncation "auto" may render the conversation a few times: off the event loop too
         prep = (await asyncio.to_thread(responses.prepare, state, call)
                 if _needs_grammar(call.chat) or req.truncation == "auto" else responses.prepare(state, call))
+        gate()
         state.admit()
-        gen = Generation(state, prep, "responses", chat=True, arrival=arrival)
+        gen = admitted(Generation(state, prep, "responses", chat=True, arrival=arrival))
         if req.stream:
             return responses.stream(state, request, gen, call)
         return await _run(responses.complete(state, request, gen, call))

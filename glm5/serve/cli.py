@@ -4,6 +4,11 @@
 
 Binds to loopback unless ``--host`` says otherwise. The key can also come from ``GLM5_API_KEY`` (keeps
 it out of the process list).
+
+For an RL trainer that drives this server as its rollout engine (verl / OpenRLHF as with vLLM, slime as with
+SGLang): ``--enable-sleep-mode`` adds /sleep, /wake_up, /is_sleeping and /reset_prefix_cache, and
+``--enable-weight-updates`` adds /update_weights_from_disk (glm5/serve/admin.py). Both are off by default: they
+change what the server holds for every client, and the weight update reads any directory it is given.
 """
 
 from __future__ import annotations
@@ -72,6 +77,12 @@ def add_parser(sub) -> None:
     s.add_argument("--max-default-tokens", type=int, default=None,
                    help="max_tokens when a request gives none (default: the rest of the context)")
     s.add_argument("--no-webchat", action="store_true", help="do not serve the web chat at /")
+    s.add_argument("--enable-sleep-mode", action="store_true",
+                   help="RL: POST /sleep?level=1|2, POST /wake_up, GET /is_sleeping, POST /reset_prefix_cache "
+                        "(vLLM's routes; off by default)")
+    s.add_argument("--enable-weight-updates", action="store_true",
+                   help="RL: POST /update_weights_from_disk {model_path, abort_all_requests} loads a checkpoint of the "
+                        "same architecture in place (SGLang's route; off by default; reads any directory it is given)")
     s.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
 
@@ -114,13 +125,21 @@ def sampling_defaults(settings: ServeSettings, generation_config: str, model) ->
     return dataclasses.replace(settings, **fields)
 
 
-def build_app(model_dir: str, settings: ServeSettings, generation_config: str = "auto", **engine_kwargs):
-    """A ready app for ``model_dir``; ``engine_kwargs`` are EngineConfig fields plus device/dtype."""
+def build_app(model_dir: str, settings: ServeSettings, generation_config: str = "auto", admin_options=None,
+              **engine_kwargs):
+    """A ready app for ``model_dir``; ``engine_kwargs`` are EngineConfig fields plus device/dtype; ``admin_options``
+    a glm5.serve.admin.AdminOptions (the RL routes; none by default)."""
     from .app import create_app
     from .backend import EngineBackend
 
     backend = EngineBackend.from_pretrained(model_dir, **{k: v for k, v in engine_kwargs.items() if v is not None})
-    return create_app(backend, sampling_defaults(settings, generation_config, backend.engine.model))
+    return create_app(backend, sampling_defaults(settings, generation_config, backend.engine.model), admin_options)
+
+
+def admin_options_from_args(args):
+    from .admin import AdminOptions
+
+    return AdminOptions(sleep_mode=args.enable_sleep_mode, weight_updates=args.enable_weight_updates)
 
 
 def run(args) -> int:
@@ -128,7 +147,12 @@ def run(args) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args)
-    app = build_app(args.model, settings, generation_config=args.generation_config, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+    admin_options = admin_options_from_args(args)
+    if admin_options.any and args.tensor_parallel_size > 1:  # refused before minutes of loading, not after
+        raise SystemExit("--enable-sleep-mode / --enable-weight-updates are not supported with --tensor-parallel-size "
+                         "> 1 yet")
+    app = build_app(args.model, settings, generation_config=args.generation_config, admin_options=admin_options,
+                    max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=args.max_num_batched_tokens,
                     num_speculative_tokens=args.num_speculative_tokens,
                     spec_disable_batch_size=args.spec_disable_batch_size, spec_draft_stop_gap=args.spec_stop_gap,
@@ -147,6 +171,9 @@ def run(args) -> int:
         drive(engine.runner, engine.tp)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         logging.getLogger("glm5.serve").warning("listening on %s without an API key", args.host)
+    if admin_options.any and not settings.api_key:
+        logging.getLogger("glm5.serve").warning("admin routes (sleep / weight updates) are on without an API key: "
+                                                "anyone who can reach the port can use them")
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
     finally:

@@ -138,11 +138,19 @@ class ServerMetrics:
         self.e2e = Histogram(p + "e2e_request_latency_seconds", "Request latency, arrival to last token", E2E_BUCKETS)
         self.prompt_len = Histogram(p + "request_prompt_tokens", "Prompt length per request", TOKEN_BUCKETS)
         self.gen_len = Histogram(p + "request_generation_tokens", "Generated tokens per request", TOKEN_BUCKETS)
+        # the admin routes (glm5/serve/admin.py, off by default): the RL trainer's sleep / wake / reload cycle
+        self.sleeps = Counter(p + "sleep_total", "Engine sleeps (POST /sleep) by level", ("level",))
+        self.wake_ups = Counter(p + "wake_up_total", "Engine wake-ups (POST /wake_up) by tags", ("tags",))
+        self.weight_updates = Counter(p + "weight_updates_total", "Weight updates (POST /update_weights_from_disk) "
+                                      "by outcome", ("outcome",))
+        self.is_sleeping = Gauge(p + "is_sleeping", "1 while the engine is asleep (KV cache or weights released)")
+        self.weight_version = Gauge(p + "weight_version", "Weight updates applied since the server started")
         self.in_flight = 0  # generation requests inside the server (admitted, not finished)
         self._series: list[_Metric] = [
             self.http_requests, self.requests, self.request_success, self.prompt_tokens, self.cached_prompt_tokens,
             self.generation_tokens, self.reasoning_tokens, self.cost, self.ttft, self.itl, self.e2e,
-            self.prompt_len, self.gen_len,
+            self.prompt_len, self.gen_len, self.sleeps, self.wake_ups, self.weight_updates, self.is_sleeping,
+            self.weight_version,
         ]
 
     def render(self, stats: dict[str, float] | None = None) -> str:

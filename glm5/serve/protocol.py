@@ -573,5 +573,7 @@ class ErrorResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: str
+    status: str = Field(description='"ok"; with --enable-sleep-mode / --enable-weight-updates also "sleeping" or '
+                                    '"updating" (alive, but generation requests get 503)')
     model: str
+    is_sleeping: bool | None = Field(None, description="with --enable-sleep-mode: the engine is asleep")
