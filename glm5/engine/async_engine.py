@@ -78,16 +78,28 @@ class AsyncLLM:
         """Abort a request; its stream ends with a final output whose finish_reason is "abort"."""
         self._submit(("abort", request_id))
 
+    async def run_between_steps(self, fn, *args):
+        """``fn(*args)`` on the engine's worker thread, which runs every engine step: it sees the engine between two
+        steps and never overlaps one (for changing its state: sleep, weights, the prefix cache)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
     async def sleep(self, level: int = 1) -> None:
         """``LLMEngine.sleep`` between two steps (it needs no unfinished requests): see glm5/engine/sleep_mode.py.
         Requests submitted while asleep fail with a clear error."""
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.sleep, level)
+        await self.run_between_steps(self.engine.sleep, level)
 
     async def wake_up(self, tags: list[str] | None = None) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.wake_up, tags)
+        await self.run_between_steps(self.engine.wake_up, tags)
 
     async def is_sleeping(self) -> bool:
         return self.engine.is_sleeping()
+
+    async def reset_prefix_cache(self) -> None:
+        await self.run_between_steps(self.engine.reset_prefix_cache)
+
+    async def load_weights(self, weights, strict: bool = True) -> int:
+        """``LLMEngine.load_weights`` between two steps."""
+        return await self.run_between_steps(self.engine.load_weights, weights, strict)
 
     def shutdown(self) -> None:
         if self._task is not None:

@@ -156,10 +156,8 @@ class Admin:
 
     # ----------------------------------------------------------------------------------- engine access
     async def between_steps(self, fn, *args):
-        """Run ``fn`` on the engine's worker thread. AsyncLLM runs every engine step on that one thread (its own
-        sleep / wake_up do the same), so ``fn`` sees the engine between two steps and never overlaps one.
-        AsyncLLM has no public hook for this yet."""
-        return await asyncio.get_running_loop().run_in_executor(self.llm._executor, fn, *args)
+        """Run ``fn`` on the engine's worker thread, between two engine steps (AsyncLLM.run_between_steps)."""
+        return await self.llm.run_between_steps(fn, *args)
 
     def _refuse_busy(self, what: str) -> None:
         n = self.in_flight()
@@ -308,13 +306,9 @@ class Admin:
             raise _Refused(409, f"{len(eng.requests)} request(s) reached the engine; retry the update.",
                            "requests_in_flight")
         self._check_weights_awake()
-        with torch.no_grad():
-            # into the state_dict views: storage, strides and device stay (CUDA graphs and the CPU layout tuning
-            # keep pointing at them), and copy_ bumps the version counters that the level-2 check and the cached
-            # FP8 dequantisation (glm5/model/mla.py) key on
-            for name, dst in eng.model.state_dict().items():
-                dst.copy_(staged[name])
-        eng.reset_prefix_cache()  # its entries hold latents computed by the old weights
+        # in place (glm5/model/weights.py: storage and strides kept, every name and shape checked before the first
+        # copy), then the prefix cache is forgotten: its entries hold latents computed by the old weights
+        eng.load_weights(staged)
 
 
 def _model_dtype(model) -> torch.dtype:
