@@ -185,7 +185,10 @@ def test_trainer_learns_and_checkpoints_on_the_device(tmp_path):
     GLM5ForCausalLM.from_pretrained(tmp_path / "run" / "hf")
 
 
-def test_rl_steps_with_rollout_and_training_on_the_device(tmp_path):
+@pytest.mark.parametrize("offload", [False, True], ids=["resident", "offload"])
+def test_rl_steps_with_rollout_and_training_on_the_device(tmp_path, offload):
+    """Colocated RL on the device; with offload_rollout the engine sleeps (level 2) while the trainer runs and
+    its next rollouts are scored as the trainer scores them (the weights came back from the push)."""
     from glm5.rl.runner import RLConfig, run_rl
     from glm5.tokenizer.bpe import train_bpe
 
@@ -195,9 +198,12 @@ def test_rl_steps_with_rollout_and_training_on_the_device(tmp_path):
     GLM5ForCausalLM(cfg).init_weights(0).save_pretrained(d)
     tok.save_pretrained(d)
     s = run_rl(RLConfig(model=str(d), out=str(tmp_path / "rl"), tasks=["arith"], n_train=32, n_eval=8,
-                        group_size=4, manager={"mode": "sync", "num_steps": 2, "groups_per_step": 2},
+                        group_size=4, manager={"mode": "sync", "num_steps": 2, "groups_per_step": 2,
+                                               "offload_rollout": offload},
                         rollout={"max_new_tokens": 12}, trainer={"lr": 1e-3}, placement="colocate",
                         device=DEVICE, rollout_device=DEVICE, max_model_len=256, save=False, progress=False))
     assert s["run"]["steps"] == 2 and s["run"]["final_version"] == 2
     recs = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert recs[0]["logprob_gap_mean"] < 1e-3  # the engine on the device scores what the trainer scores
+    if offload:
+        assert recs[-1]["logprob_gap_mean"] < 1e-3 and recs[-1]["rollout_offload_s"] > 0
