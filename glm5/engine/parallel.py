@@ -15,10 +15,17 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 
 import torch
 
 from glm5.model.tensor_parallel import TensorParallel
+
+
+def group_timeout() -> datetime.timedelta:
+    """How long a collective may wait (``GLM5_TP_TIMEOUT_S``, default 30 minutes): a rank that never arrives is
+    then an error, not a hang. An idle server's followers wait far longer than that: see :func:`drive`'s heartbeat."""
+    return datetime.timedelta(seconds=float(os.environ.get("GLM5_TP_TIMEOUT_S", 1800)))
 
 
 def init_tensor_parallel(size: int, device: str | torch.device | None, expert_parallel: bool = False
@@ -38,7 +45,7 @@ def init_tensor_parallel(size: int, device: str | torch.device | None, expert_pa
             raise ValueError(f"tensor_parallel_size={size} runs one process per rank: launch the script with "
                              f"`torchrun --nproc-per-node {size} ...` (every rank runs it with the same prompts)")
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(backend, timeout=group_timeout())
     world = dist.get_world_size()
     if world != size:
         raise ValueError(f"tensor_parallel_size={size} but torch.distributed has {world} processes; they must be equal")
@@ -105,25 +112,86 @@ def _broadcast(msg, tp: TensorParallel):
     return box[0]
 
 
-def drive(runner, tp: TensorParallel) -> None:
-    """Rank 0: from now on every model call of ``runner`` is announced to the followers first."""
+class _Heartbeat:
+    """Rank 0 of an idle server: a no-op broadcast whenever no model call went out for ``interval`` seconds.
+
+    Why: the followers wait for the driver's next call inside a collective, and a collective that waits longer
+    than the group's timeout fails (gloo raises, NCCL's watchdog aborts the process). A server idle for half an
+    hour would lose its followers. ``lock`` is held across each announced call, model collectives included, so a
+    heartbeat never lands between an announcement and the collectives it starts."""
+
+    def __init__(self, tp: TensorParallel, interval: float, device: torch.device):
+        import threading
+
+        self.tp, self.interval, self.device = tp, interval, device
+        self.lock = threading.Lock()
+        self.last = time.monotonic()
+        self.stopped = threading.Event()
+        self.beats = 0
+        self.thread = threading.Thread(target=self._run, daemon=True, name="glm5-tp-heartbeat")
+        self.thread.start()
+
+    def _run(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL's object broadcast stages on the current device
+        while not self.stopped.wait(self.interval / 4):
+            with self.lock:
+                if self.stopped.is_set() or time.monotonic() - self.last < self.interval:
+                    continue
+                try:
+                    _broadcast(("noop", ()), self.tp)
+                except (RuntimeError, ConnectionError):  # followers gone: the server's next call reports it
+                    return
+                self.last = time.monotonic()
+                self.beats += 1
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+_HEARTBEATS: dict[int, _Heartbeat] = {}  # id(TensorParallel) of a driving rank 0 -> its heartbeat
+
+
+def drive(runner, tp: TensorParallel, heartbeat_s: float | None = None) -> None:
+    """Rank 0: from now on every model call of ``runner`` is announced to the followers first. ``heartbeat_s``:
+    also announce a no-op after that many idle seconds (a server, idle for as long as its clients are; see
+    :class:`_Heartbeat`; :func:`heartbeat_interval` suits the group's timeout)."""
     if tp.world == 1:
         return
     if tp.rank != 0:
         raise ValueError("only rank 0 drives; the other ranks follow")
+    hb = None
+    if heartbeat_s:
+        hb = _HEARTBEATS[id(tp)] = _Heartbeat(tp, heartbeat_s, runner.device)
     for name in RUNNER_CALLS:
         call = getattr(runner, name)
 
         def announced(*args, _name=name, _call=call):
-            _broadcast((_name, _move(args, torch.device("cpu"))), tp)  # CPU: a pickled CUDA tensor keeps its index
-            return _call(*args)
+            if hb is None:
+                _broadcast((_name, _move(args, torch.device("cpu"))), tp)  # CPU: a pickled CUDA tensor keeps its index
+                return _call(*args)
+            with hb.lock:
+                _broadcast((_name, _move(args, torch.device("cpu"))), tp)
+                try:
+                    return _call(*args)
+                finally:
+                    hb.last = time.monotonic()
         setattr(runner, name, announced)
+
+
+def heartbeat_interval() -> float:
+    """A heartbeat period well inside the group's timeout (a sixth of it)."""
+    return max(0.5, group_timeout().total_seconds() / 6)
 
 
 def release_followers(tp: TensorParallel) -> None:
     """Rank 0, when serving ends: the followers' loops return. A terminal's Ctrl-C reaches every rank at once, and
     followers that already left cannot be told: nothing is left to release then."""
     if tp.world > 1 and tp.rank == 0:
+        hb = _HEARTBEATS.pop(id(tp), None)
+        if hb is not None:
+            hb.stop()
+            hb.lock.acquire()  # not in the middle of a beat; released never: nothing is announced after this
         try:
             _broadcast(None, tp)
         except (RuntimeError, ConnectionError):
@@ -138,7 +206,13 @@ def announce(name: str, args: tuple, tp: TensorParallel) -> None:
         return
     if name in RUNNER_CALLS:
         raise ValueError(f"{name!r} is a model call; announce names a follower handler")
-    _broadcast((name, _move(args, torch.device("cpu"))), tp)
+    hb = _HEARTBEATS.get(id(tp))
+    if hb is None:
+        _broadcast((name, _move(args, torch.device("cpu"))), tp)
+        return
+    with hb.lock:  # one collective at a time on the group: never beside a heartbeat's
+        _broadcast((name, _move(args, torch.device("cpu"))), tp)
+        hb.last = time.monotonic()
 
 
 def follow(runner, tp: TensorParallel, handlers: dict | None = None) -> int:
@@ -150,6 +224,8 @@ def follow(runner, tp: TensorParallel, handlers: dict | None = None) -> int:
         try:
             while (msg := _broadcast(None, tp)) is not None:
                 name, args = msg
+                if name == "noop":  # the driver's heartbeat while it is idle: nothing to do
+                    continue
                 if name in RUNNER_CALLS:
                     getattr(runner, name)(*_move(args, runner.device))
                 elif name in handlers:

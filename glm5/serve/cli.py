@@ -163,12 +163,12 @@ def run(args) -> int:
                     compile_decode=args.compile_decode, kv_cache_dtype=args.kv_cache_dtype)
     engine = app.state.serve.backend.engine
     if engine.tp.world > 1:  # rank 0 serves and drives; the other ranks run its model calls (glm5.engine.parallel)
-        from glm5.engine.parallel import drive, follow
+        from glm5.engine.parallel import drive, follow, heartbeat_interval
 
         if engine.tp.rank != 0:
             follow(engine.runner, engine.tp)
             return 0
-        drive(engine.runner, engine.tp)
+        drive(engine.runner, engine.tp, heartbeat_s=heartbeat_interval())  # idle followers must not time out
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         logging.getLogger("glm5.serve").warning("listening on %s without an API key", args.host)
     if admin_options.any and not settings.api_key:

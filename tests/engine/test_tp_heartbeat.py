@@ -1,0 +1,85 @@
+"""The driver's heartbeat (glm5.engine.parallel.drive): followers of an idle tensor-parallel server wait inside a
+collective, which fails once it outlasts the group's timeout. Two gloo processes with a 2-second timeout: with the
+heartbeat the driver idles three timeouts and its next model call (a broadcast, then an all-reduce, as a sharded
+model makes) still reaches the follower; without it the follower's wait fails."""
+
+import datetime
+import multiprocessing as mp
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from glm5.engine.parallel import drive, follow, release_followers
+from glm5.model.tensor_parallel import TensorParallel
+from glm5.rl.weight_sync import free_port
+
+TIMEOUT_S = 2.0
+
+
+class Runner:
+    """The model calls a driver announces; ``forward`` all-reduces as a sharded model's layers do."""
+
+    device = torch.device("cpu")
+
+    def forward(self, x):
+        dist.all_reduce(x)
+        return x
+
+    def logits(self, *a):
+        return None
+
+    mtp = mtp_logits = idle = logits
+
+
+def _rank(rank: int, port: int, heartbeat: bool, out) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    tp = TensorParallel(rank=rank, world=2)
+    runner = Runner()
+    try:
+        if rank == 1:
+            out.put(("follower", follow(runner, tp)))
+            return
+        drive(runner, tp, heartbeat_s=TIMEOUT_S / 4 if heartbeat else None)
+        time.sleep(3 * TIMEOUT_S)  # an idle server
+        out.put(("sum", float(runner.forward(torch.ones(1)))))
+        release_followers(tp)
+    except Exception as e:  # noqa: BLE001  (reported to the test)
+        out.put((f"rank {rank} failed", type(e).__name__))
+
+
+def _run(heartbeat: bool) -> dict:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank, args=(r, port, heartbeat, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = {}
+    deadline = time.monotonic() + 60
+    while len(got) < 2 and time.monotonic() < deadline:
+        try:
+            k, v = out.get(timeout=1)
+            got[k] = v
+        except Exception:  # noqa: BLE001
+            if not any(p.is_alive() for p in procs):
+                break
+    for p in procs:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+    return got
+
+
+def test_idle_driver_keeps_its_followers_with_a_heartbeat():
+    got = _run(heartbeat=True)
+    assert got.get("sum") == 2.0 and got.get("follower") == 1, got  # one model call made, and no heartbeat counted
+
+
+@pytest.mark.slow
+def test_without_a_heartbeat_the_idle_follower_times_out():
+    # the failure the heartbeat prevents (a negative control: the timeout above is short enough to bite)
+    got = _run(heartbeat=False)
+    assert "rank 1 failed" in got, got
