@@ -25,8 +25,9 @@ def _tokens(llm: LLM, params=GREEDY) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
 
 
-def test_level1_releases_the_cache_and_wakes_to_identical_output(nano):
-    llm = _engine(nano)
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_level1_releases_the_cache_and_wakes_to_identical_output(nano, kv_cache_dtype):
+    llm = _engine(nano, kv_cache_dtype=kv_cache_dtype)
     before = _tokens(llm)
     sampled = SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=8)
     before_sampled = _tokens(llm, sampled)
