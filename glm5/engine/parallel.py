@@ -13,6 +13,7 @@ logits processor must therefore be deterministic too: one drawing its own random
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import time
@@ -215,9 +216,31 @@ def announce(name: str, args: tuple, tp: TensorParallel) -> None:
         hb.last = time.monotonic()
 
 
+@contextlib.contextmanager
+def announced(name: str, args: tuple, tp: TensorParallel):
+    """Rank 0: :func:`announce`, then keep the group to this thread until the block ends. For a handler that runs
+    collectives of its own with rank 0 (the ranks agreeing that each did its part, e.g. loaded its shard): rank 0
+    makes the matching calls inside the block, where no heartbeat can land between them (a heartbeat's broadcast
+    would meet the followers' gather and scramble the group's sequence). Model calls of another thread wait too."""
+    if tp.world == 1:
+        yield
+        return
+    if name in RUNNER_CALLS:
+        raise ValueError(f"{name!r} is a model call; announce names a follower handler")
+    hb = _HEARTBEATS.get(id(tp))
+    with hb.lock if hb is not None else contextlib.nullcontext():
+        _broadcast((name, _move(args, torch.device("cpu"))), tp)
+        try:
+            yield
+        finally:
+            if hb is not None:
+                hb.last = time.monotonic()
+
+
 def follow(runner, tp: TensorParallel, handlers: dict | None = None) -> int:
     """Ranks 1..N-1: make the driver's model calls until it releases us; returns how many were made.
-    ``handlers``: name -> callable for what the driver ``announce``s besides model calls (none for serving)."""
+    ``handlers``: name -> callable for what the driver ``announce``s besides model calls (a rollout worker's weight
+    loads, a server's admin operations: glm5.serve.admin.follower_handlers)."""
     n = 0
     handlers = handlers or {}
     with torch.inference_mode():

@@ -28,7 +28,25 @@ Rules the routes keep:
 * Same API key as the other routes. ``model_path`` is a path on the server's filesystem: the server reads
   whatever directory it is given, which is why the flag is off by default.
 
-Under tensor parallelism the other ranks hold their own shards and caches: both flags are refused there for now.
+Under tensor parallelism (``torchrun --nproc-per-node N -m glm5.cli serve ... --tensor-parallel-size N``) rank 0
+serves and drives, and ranks 1..N-1 repeat its model calls on their own weight shards and KV caches
+(glm5.engine.parallel). Every admin operation then reaches every rank at the same point of rank 0's sequence: on
+rank 0's engine thread, between two steps, rank 0 does its own (which validates: a refusal there is announced to
+no one), announces it, each follower does the same (:func:`follower_handlers`), and the ranks all-gather their
+outcomes before rank 0 answers (``glm5.engine.parallel.announced`` keeps the idle-heartbeat out of that exchange).
+
+* A weight update reads, on each rank, only that rank's slice of the checkpoint (``load_pretrained(...,
+  tensor_parallel=...)``): one shard of staging memory per rank, never N whole models on one host. Rank 0 stages
+  and checks its slice first, beside the running engine (the shard headers against the unsplit shapes, then its
+  slice against its running shard), so a bad checkpoint is still a 400 that no follower hears of. Then, with
+  generation paused (503 ``updating_weights``), the followers read their slices, and the update is two-phase: no
+  rank copies unless every rank staged its slice. A follower that cannot read (a disk error after rank 0's checks)
+  is a 500 naming the rank, and no rank has changed. A copy that then fails on some rank (a device error) leaves
+  the ranks on a mix of checkpoints: as after a failed copy in one process, generation is refused
+  (``weights_not_loaded``) until an update succeeds on every rank.
+* sleep / wake_up / reset_prefix_cache: a follower that fails (its KV cache cannot be allocated again, say) makes
+  a 500 naming the rank; the ranks' sleep states differ then, so generation is refused (``ranks_disagree``,
+  ``/health`` "degraded") until an admin operation leaves them all in one state (the same wake_up again, say).
 """
 
 from __future__ import annotations
@@ -99,19 +117,19 @@ class Admin:
         backend = state.backend
         if not (hasattr(backend, "llm") and hasattr(backend, "engine")):
             raise ValueError("the admin routes need the engine backend (glm5.serve.backend.EngineBackend)")
-        if backend.engine.tp.world > 1:
-            raise ValueError("--enable-sleep-mode / --enable-weight-updates are not supported with "
-                             "--tensor-parallel-size > 1 yet (the other ranks hold their own shards and caches)")
         self.state = state
         self.options = options
         self.llm = backend.llm
         self.engine = backend.engine
+        self.tp = backend.engine.tp  # world > 1: rank 0 of a tensor-parallel server; the followers run follower_handlers
         self.lock = asyncio.Lock()  # one admin operation at a time: they would undo each other's checks
         # "sleeping" / "updating" while the engine goes to sleep or takes new weights: generation requests that
         # arrive meanwhile are refused here rather than reach an engine that is about to refuse them
         self.closing: str | None = None
         self.needs_weights = False  # a level-2 sleep discarded them and no update has loaded them since
         self.weight_version = 0  # successful weight updates since the server started
+        # tensor parallelism: a follower failed an operation rank 0 did, so their sleep states differ (what failed)
+        self.ranks_apart: str | None = None
         self._generations: weakref.WeakSet[Generation] = weakref.WeakSet()
         m = state.metrics
         m.is_sleeping.fn = lambda: float(self.engine.is_sleeping())
@@ -127,6 +145,9 @@ class Admin:
         if self.closing == "sleeping" or self.engine.is_sleeping():
             raise APIError(503, "The engine is asleep (POST /sleep): generation resumes after POST /wake_up.",
                            code="engine_sleeping")
+        if self.ranks_apart:
+            raise APIError(503, f"The tensor-parallel ranks disagree after a failed {self.ranks_apart}: retry it "
+                                "(POST /wake_up, /sleep) until it succeeds.", code="ranks_disagree")
         if self.needs_weights:
             raise APIError(503, "sleep(level=2) discarded the weights: load them with POST /update_weights_from_disk "
                                 "before generating.", code="weights_not_loaded")
@@ -152,12 +173,38 @@ class Admin:
         """``/health``'s status: "ok" only when generation requests are being served."""
         if self.closing is not None:
             return self.closing
+        if self.ranks_apart:
+            return "degraded"
         return "sleeping" if self.engine.is_sleeping() or self.needs_weights else "ok"
 
     # ----------------------------------------------------------------------------------- engine access
     async def between_steps(self, fn, *args):
         """Run ``fn`` on the engine's worker thread, between two engine steps (AsyncLLM.run_between_steps)."""
         return await self.llm.run_between_steps(fn, *args)
+
+    def _everywhere(self, name: str, *args) -> None:
+        """On the engine thread: the engine's method ``name`` here (it validates, and raises before anything is
+        announced), then under tensor parallelism the same on every follower at this point of the model calls; a
+        follower's failure, or sleep states that differ afterwards, is a 500 naming the ranks."""
+        getattr(self.engine, name)(*args)
+        if self.tp.world == 1:
+            return
+        from glm5.engine.parallel import announced
+
+        try:
+            with announced(name, args, self.tp):
+                outcomes = _gather_outcomes(self.engine, None)
+        except Exception as e:  # the group itself failed (a follower died): not the caller's 409 / 400
+            self.ranks_apart = name
+            raise APIError(500, f"{name}: the tensor-parallel group failed: {type(e).__name__}: {e}",
+                           code="tensor_parallel_error") from None
+        self.ranks_apart = None
+        problems = _disagreements(outcomes)
+        if problems:
+            self.ranks_apart = name
+            raise APIError(500, f"{name} succeeded on rank 0 but not on every tensor-parallel rank: {problems}; "
+                                "generation is refused until the ranks agree (retry the operation).",
+                           code="tensor_parallel_error")
 
     def _refuse_busy(self, what: str) -> None:
         n = self.in_flight()
@@ -171,15 +218,15 @@ class Admin:
             self._refuse_busy(f"sleep (level {level})")
             self.closing = "sleeping"  # no await since the check: nothing was admitted in between
             try:
-                await self.llm.sleep(level)
+                await self.between_steps(self._everywhere, "sleep", level)
             except RuntimeError as e:  # a request reached the engine after the check: it keeps running
                 raise APIError(409, f"Cannot sleep: {e}", code="requests_in_flight") from None
             except ValueError as e:
                 raise APIError(400, str(e), param="level", code="invalid_value") from None
             finally:
                 self.closing = None
-            if level == 2:
-                self.needs_weights = True
+                if self.engine.sleep_mode.level == 2:  # rank 0's weights are gone, whatever a follower did
+                    self.needs_weights = True
             self.state.metrics.sleeps.inc(1, str(level))
             log.info("engine asleep (level %d)", level)
             return {"is_sleeping": self.engine.is_sleeping(), "level": level}
@@ -187,7 +234,7 @@ class Admin:
     async def wake_up(self, tags: list[str] | None) -> dict:
         async with self.lock:
             try:
-                await self.llm.wake_up(tags or None)
+                await self.between_steps(self._everywhere, "wake_up", tags or None)
             except ValueError as e:
                 raise APIError(400, str(e), param="tags", code="invalid_value") from None
             self.state.metrics.wake_ups.inc(1, "+".join(sorted(set(tags))) if tags else "all")
@@ -196,7 +243,7 @@ class Admin:
 
     async def reset_prefix_cache(self) -> dict:
         # a running request keeps its blocks: the reset only stops later prompts from matching them
-        await self.between_steps(self.engine.reset_prefix_cache)
+        await self.between_steps(self._everywhere, "reset_prefix_cache")
         return {"success": True}
 
     # ------------------------------------------------------------------------------- weight updates
@@ -207,7 +254,7 @@ class Admin:
             async with self.lock:
                 await self._update(req)
         except _Refused as e:
-            metrics.weight_updates.inc(1, "rejected" if e.status == 400 else "conflict")
+            metrics.weight_updates.inc(1, {400: "rejected", 409: "conflict"}.get(e.status, "error"))
             log.log(logging.WARNING if e.status == 400 else logging.INFO, "weight update from %s refused: %s",
                     req.model_path, e.message)
             return self._update_response(e.status, False, e.message, e.code)
@@ -244,7 +291,7 @@ class Admin:
                     raise _Refused(409, self._busy_message(), "requests_in_flight")
                 await self._abort_all()
             try:
-                await self.between_steps(self._apply, staged)
+                await self.between_steps(self._apply, staged, str(path))
             except _Refused:
                 raise  # refused before copying anything
             except BaseException:
@@ -265,28 +312,7 @@ class Admin:
                                 "(then wake the KV cache).", "weights_asleep")
 
     def _stage(self, path: Path) -> dict[str, torch.Tensor]:
-        """The checkpoint at ``path`` as a host-memory state dict, after checking its config and every tensor
-        against the running model (raises :class:`_Refused`; nothing of the running model is touched)."""
-        from glm5.checkpoint.hf import load_pretrained
-        from glm5.config import GLM5Config
-
-        model = self.engine.model
-        try:
-            cfg = GLM5Config.from_pretrained(path)
-        except Exception as e:  # missing or invalid config.json: not a checkpoint
-            raise _Refused(400, f"{path} is not a checkpoint: {e}", "invalid_checkpoint") from None
-        _check_config(model.config, cfg)
-        own = model.state_dict()
-        fp8 = "keep" if any(k.endswith("_scale_inv") for k in own) else "dequantize"  # as the server loaded its own
-        try:
-            # the running config, so the shard headers are checked against the running architecture before any
-            # allocation (glm5.checkpoint.preflight), and the MTP layer is skipped or not as it was at startup
-            staged = load_pretrained(path, dtype=_model_dtype(model), device="cpu", config=model.config, fp8=fp8)
-        except Exception as e:  # bad or mismatched files, unreadable shards: the input's fault
-            raise _Refused(400, f"cannot load {path}: {e}", "invalid_checkpoint") from None
-        state = {k: v.detach() for k, v in staged.state_dict().items()}
-        _check_layout(own, state)
-        return state
+        return stage_checkpoint(self.engine, path)
 
     async def _abort_all(self) -> None:
         """Abort every request and wait until their streams have ended (finish_reason "abort")."""
@@ -299,16 +325,52 @@ class Admin:
                 await self.llm.abort(rid)
             await asyncio.sleep(0.01)
 
-    def _apply(self, staged: dict[str, torch.Tensor]) -> None:
-        """On the engine thread: copy the staged tensors into the model and forget the prefix cache."""
+    def _apply(self, staged: dict[str, torch.Tensor], path: str) -> None:
+        """On the engine thread: copy the staged tensors into the model and forget the prefix cache; under tensor
+        parallelism on every rank, each its own slice of ``path`` (:func:`_commit_shards`)."""
         eng = self.engine
         if eng.requests:  # cannot happen with the gate closed; refuse rather than change weights under a request
             raise _Refused(409, f"{len(eng.requests)} request(s) reached the engine; retry the update.",
                            "requests_in_flight")
         self._check_weights_awake()
+        if self.tp.world > 1:
+            from glm5.engine.parallel import announced
+
+            with announced("update_weights_from_disk", (path,), self.tp):
+                _commit_shards(eng, staged, None, path)
+            return
         # in place (glm5/model/weights.py: storage and strides kept, every name and shape checked before the first
         # copy), then the prefix cache is forgotten: its entries hold latents computed by the old weights
         eng.load_weights(staged)
+
+
+def stage_checkpoint(engine, path: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint at ``path`` as a host-memory state dict, after checking its config and every tensor against
+    the running model (raises :class:`_Refused`; nothing of the running model is touched). A tensor-parallel rank
+    reads only its own slice of each split tensor, and checks it against its own running shard; the unsplit shapes
+    are checked from the shard headers first (glm5.checkpoint.preflight), so every rank's slice is checked whole."""
+    from glm5.checkpoint.hf import load_pretrained
+    from glm5.config import GLM5Config
+
+    model = engine.model
+    try:
+        cfg = GLM5Config.from_pretrained(path)
+    except Exception as e:  # missing or invalid config.json: not a checkpoint
+        raise _Refused(400, f"{path} is not a checkpoint: {e}", "invalid_checkpoint") from None
+    _check_config(model.config, cfg)
+    own = model.state_dict()
+    fp8 = "keep" if any(k.endswith("_scale_inv") for k in own) else "dequantize"  # as the server loaded its own
+    tp = engine.tp if engine.tp.world > 1 else None
+    try:
+        # the running config, so the shard headers are checked against the running architecture before any
+        # allocation (glm5.checkpoint.preflight), and the MTP layer is skipped or not as it was at startup
+        staged = load_pretrained(path, dtype=_model_dtype(model), device="cpu", config=model.config, fp8=fp8,
+                                 tensor_parallel=tp)
+    except Exception as e:  # bad or mismatched files, unreadable shards: the input's fault
+        raise _Refused(400, f"cannot load {path}: {e}", "invalid_checkpoint") from None
+    state = {k: v.detach() for k, v in staged.state_dict().items()}
+    _check_layout(own, state)
+    return state
 
 
 def _model_dtype(model) -> torch.dtype:
@@ -335,6 +397,96 @@ def _check_layout(own: dict[str, torch.Tensor], staged: dict[str, torch.Tensor])
     if problems:
         raise _Refused(400, "the checkpoint does not match the running model: " + "; ".join(problems),
                        "config_mismatch")
+
+
+# ========================================================================================= tensor parallelism
+def _error_text(e: BaseException) -> str:
+    return e.message if isinstance(e, _Refused) else f"{type(e).__name__}: {e}"
+
+
+def _gather_outcomes(engine, error: str | None) -> list[tuple[str | None, tuple[str, ...]]]:
+    """Every rank's (error or None, released sleep tags) after an operation, on every rank (a collective)."""
+    import torch.distributed as dist
+
+    if engine.device.type == "cuda":
+        torch.cuda.set_device(engine.device)  # NCCL stages the pickled objects on the current device
+    got: list = [None] * engine.tp.world
+    dist.all_gather_object(got, (error, tuple(sorted(engine.sleep_mode.asleep))), group=engine.tp.group)
+    return got
+
+
+def _disagreements(outcomes) -> str:
+    """What went wrong across the ranks ("" when each succeeded and all are in one sleep state)."""
+    failed = [f"rank {r}: {err}" for r, (err, _) in enumerate(outcomes) if err]
+    if not failed and len({asleep for _, asleep in outcomes}) > 1:
+        failed = ["sleep states " + ", ".join(f"rank {r}: {list(a) or 'awake'}" for r, (_, a) in enumerate(outcomes))]
+    return "; ".join(failed)
+
+
+def _commit_shards(engine, staged: dict[str, torch.Tensor] | None, error: str | None, path: str) -> None:
+    """Every rank at the same point, each with its staged slice of ``path`` (or why it has none): a two-phase copy.
+    The ranks first agree that every one has staged; only then does each copy its slice in place, and they agree
+    again. Raises on rank 0 (followers' failures come back to it by name): :class:`_Refused` 500 when a rank could
+    not stage (no rank copied anything), RuntimeError when a copy failed (the ranks hold a mix of checkpoints)."""
+    problems = _disagreements(_gather_outcomes(engine, error))
+    if problems:
+        raise _Refused(500, f"not every tensor-parallel rank could load its slice of {path} ({problems}); no rank "
+                            "changed its weights", "tensor_parallel_error")
+    try:
+        _copy_shard(engine, staged)
+        error = None
+    except Exception as e:  # noqa: BLE001  (told to every rank)
+        error = _error_text(e)
+    problems = _disagreements(_gather_outcomes(engine, error))
+    if problems:
+        raise RuntimeError(f"copying the new weights failed on a tensor-parallel rank ({problems}): the ranks hold a "
+                           "mix of two checkpoints until an update succeeds")
+
+
+@torch.no_grad()
+def _copy_shard(engine, staged: dict[str, torch.Tensor]) -> None:
+    """A rank's staged slice into its model, in place. ``LLMEngine.load_weights`` takes whole tensors and slices
+    them; these already are this rank's slices, checked name by name against its shard (:func:`_check_layout`),
+    so they are copied as they are (``copy_`` into the state dict's views, as glm5.model.weights does: storage and
+    strides kept, version counters bumped), then the prefix cache is forgotten."""
+    if "weights" in engine.sleep_mode.asleep:
+        raise RuntimeError("the weights are asleep on this rank")
+    own = engine.model.state_dict()
+    for name, t in staged.items():
+        own[name].copy_(t)
+    engine.reset_prefix_cache()
+
+
+def follower_handlers(engine) -> dict:
+    """What a follower rank of ``glm5 serve --tensor-parallel-size N`` runs when rank 0 announces an admin
+    operation (glm5.engine.parallel.follow): the same engine method on its own shard and cache, then its outcome
+    all-gathered with the other ranks'. Nothing raises here: a follower that left its loop would break the group,
+    so its failures travel to rank 0, which answers for them."""
+    def same(name):
+        def run(*args):
+            try:
+                getattr(engine, name)(*args)
+                error = None
+            except Exception as e:  # noqa: BLE001  (reported by rank 0)
+                log.exception("tensor-parallel rank %d: %s failed", engine.tp.rank, name)
+                error = _error_text(e)
+            _gather_outcomes(engine, error)
+        return run
+
+    def update_weights_from_disk(path: str) -> None:
+        staged, error = None, None
+        try:
+            with torch.inference_mode(False):  # the loader builds a model: the follower loop runs in inference mode
+                staged = stage_checkpoint(engine, Path(path))
+        except Exception as e:  # noqa: BLE001  (reported by rank 0)
+            error = _error_text(e)
+        try:
+            _commit_shards(engine, staged, error, path)
+        except Exception as e:  # noqa: BLE001  (rank 0 raised the same and answers for it)
+            log.warning("tensor-parallel rank %d: weight update from %s failed: %s", engine.tp.rank, path, e)
+
+    return {"sleep": same("sleep"), "wake_up": same("wake_up"), "reset_prefix_cache": same("reset_prefix_cache"),
+            "update_weights_from_disk": update_weights_from_disk}
 
 
 # ===================================================================================================== routes

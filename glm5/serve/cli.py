@@ -8,7 +8,8 @@ it out of the process list).
 For an RL trainer that drives this server as its rollout engine (verl / OpenRLHF as with vLLM, slime as with
 SGLang): ``--enable-sleep-mode`` adds /sleep, /wake_up, /is_sleeping and /reset_prefix_cache, and
 ``--enable-weight-updates`` adds /update_weights_from_disk (glm5/serve/admin.py). Both are off by default: they
-change what the server holds for every client, and the weight update reads any directory it is given.
+change what the server holds for every client, and the weight update reads any directory it is given. Under
+``--tensor-parallel-size N`` they act on every rank (rank 0 announces each operation to the others).
 """
 
 from __future__ import annotations
@@ -148,9 +149,6 @@ def run(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args)
     admin_options = admin_options_from_args(args)
-    if admin_options.any and args.tensor_parallel_size > 1:  # refused before minutes of loading, not after
-        raise SystemExit("--enable-sleep-mode / --enable-weight-updates are not supported with --tensor-parallel-size "
-                         "> 1 yet")
     app = build_app(args.model, settings, generation_config=args.generation_config, admin_options=admin_options,
                     max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=args.max_num_batched_tokens,
@@ -166,7 +164,13 @@ def run(args) -> int:
         from glm5.engine.parallel import drive, follow, heartbeat_interval
 
         if engine.tp.rank != 0:
-            follow(engine.runner, engine.tp)
+            # the admin operations rank 0 announces (glm5/serve/admin.py: each rank does its part, then they agree)
+            handlers = None
+            if admin_options.any:
+                from .admin import follower_handlers
+
+                handlers = follower_handlers(engine)
+            follow(engine.runner, engine.tp, handlers)
             return 0
         drive(engine.runner, engine.tp, heartbeat_s=heartbeat_interval())  # idle followers must not time out
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
