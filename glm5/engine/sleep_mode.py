@@ -55,7 +55,7 @@ class SleepMode:
         if eng.has_unfinished_requests() or eng.requests:
             raise RuntimeError(f"cannot sleep with {len(eng.requests)} unfinished request(s): their state is in the "
                                f"KV cache; finish or abort them first")
-        if self._unloaded is not None:
+        if not self._reloaded():
             level = 2  # woken from a level-2 sleep and never loaded: the weights hold nothing worth keeping
         if "kv_cache" not in self.asleep:
             if eng.runner.graphs is not None:
@@ -130,13 +130,25 @@ class SleepMode:
         if self.asleep:
             raise RuntimeError(f"the engine is asleep ({', '.join(sorted(self.asleep))} released): call "
                                f"wake_up() first")
-        if self._unloaded is not None:
-            params = self._params()
-            missing = [n for n, v in self._unloaded.items() if not _written(params[n], v)]
-            if missing:
-                raise RuntimeError(f"sleep(level=2) discarded the weights and {len(missing)} parameter(s) have not "
-                                   f"been loaded since wake_up (e.g. {missing[:3]}); load the weights first")
+        missing = self._missing()
+        if missing:
+            raise RuntimeError(f"sleep(level=2) discarded the weights and {len(missing)} parameter(s) have not "
+                               f"been loaded since wake_up (e.g. {missing[:3]}); load the weights first")
+
+    def _missing(self) -> list[str]:
+        """After a level-2 wake-up: the parameters no loader has written yet (none once all have been)."""
+        if self._unloaded is None:
+            return []
+        params = self._params()
+        missing = [n for n, v in self._unloaded.items() if not _written(params[n], v)]
+        if not missing:
             self._unloaded = None
+        return missing
+
+    def _reloaded(self) -> bool:
+        """No level-2 wake-up is waiting for weights (checked now, not at the next step: weights loaded and then
+        slept on again at level 1 must be kept)."""
+        return self._unloaded is None or not self._missing()
 
 
 def _written(p: torch.Tensor, version: int) -> bool:

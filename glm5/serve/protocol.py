@@ -573,7 +573,8 @@ class ErrorResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: str = Field(description='"ok"; with --enable-sleep-mode / --enable-weight-updates also "sleeping" or '
-                                    '"updating" (alive, but generation requests get 503)')
+    status: str = Field(description='"ok"; with --enable-sleep-mode / --enable-weight-updates also "sleeping", '
+                                    '"updating" or, under tensor parallelism, "degraded" (ranks left in different '
+                                    'states) (alive, but generation requests get 503)')
     model: str
     is_sleeping: bool | None = Field(None, description="with --enable-sleep-mode: the engine is asleep")

@@ -221,3 +221,16 @@ def test_bad_weights_raise_and_change_nothing(nano):
     llm.sleep(level=2)
     with pytest.raises(RuntimeError, match="asleep"):
         llm.load_weights(good)
+
+
+def test_weights_loaded_after_a_level2_wake_survive_a_level1_sleep(nano):
+    # load, then sleep again at level 1 before any step: the new weights are kept (offloaded), not discarded
+    model = make_model(seed=11)
+    llm = _engine(model)
+    llm.sleep(level=2)
+    llm.wake_up()
+    llm.load_weights(nano.state_dict())
+    llm.sleep(level=1)
+    assert all(p.numel() > 0 for p in model.parameters())  # CPU level 1: the weights stay where they are
+    llm.wake_up()
+    assert _tokens(llm) == _tokens(_engine(nano))
