@@ -203,17 +203,8 @@ def announce(name: str, args: tuple, tp: TensorParallel) -> None:
     """Rank 0: have every follower run its handler ``name`` (one of those given to ``follow``) with ``args``
     (picklable; tensors travel on the CPU). For work beside the model calls that every rank must do at the same
     point of the driver's sequence, e.g. loading new weights into its shard between two engine steps."""
-    if tp.world == 1:
-        return
-    if name in RUNNER_CALLS:
-        raise ValueError(f"{name!r} is a model call; announce names a follower handler")
-    hb = _HEARTBEATS.get(id(tp))
-    if hb is None:
-        _broadcast((name, _move(args, torch.device("cpu"))), tp)
-        return
-    with hb.lock:  # one collective at a time on the group: never beside a heartbeat's
-        _broadcast((name, _move(args, torch.device("cpu"))), tp)
-        hb.last = time.monotonic()
+    with announced(name, args, tp):  # one collective at a time on the group: never beside a heartbeat's
+        pass
 
 
 @contextlib.contextmanager
