@@ -263,14 +263,15 @@ class LLMEngine:
         """Forget the prefix cache (after new weights, cached entries no longer match the model)."""
         self.block_manager.reset_prefix_cache()
 
-    def load_weights(self, weights, strict: bool = True) -> int:
+    def load_weights(self, weights, strict: bool = True, sharded: bool = False) -> int:
         """New weights for the running model, in place (name -> whole tensor, or (name, tensor) pairs; a
-        tensor-parallel rank keeps its slice): glm5.model.weights.load_weights, then the prefix cache is forgotten.
+        tensor-parallel rank keeps its slice, or with ``sharded`` takes the tensors as its slices already):
+        glm5.model.weights.load_weights, then the prefix cache is forgotten.
         Requests still running go on with the new weights over latents cached by the old ones (PipelineRL's
         in-flight update); abort them first for a clean switch, as the RL loop does. Returns the tensors copied."""
         if "weights" in self.sleep_mode.asleep:
             raise RuntimeError("the weights are asleep: wake_up(['weights']) before loading new ones")
-        n = load_weights(self.model, weights, strict)
+        n = load_weights(self.model, weights, strict, sharded)
         self.reset_prefix_cache()
         return n
 

@@ -20,15 +20,16 @@ __all__ = ["load_weights"]
 
 @torch.no_grad()
 def load_weights(model: torch.nn.Module, named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-                 strict: bool = True) -> int:
+                 strict: bool = True, sharded: bool = False) -> int:
     """Copy tensors into ``model``'s parameters/buffers in place. Returns the number of tensors copied. ``named``
     holds whole tensors (a mapping, or (name, tensor) pairs as vLLM's ``load_weights`` takes); a tensor-parallel
     model (``apply_tensor_parallel``) takes its rank's slice of each, so every rank can read the same full weights.
-    ``strict``: every tensor of the model must be given, and nothing else. Every name and shape is checked before
-    the first copy, so a bad set of weights raises and leaves the model as it was."""
+    ``strict``: every tensor of the model must be given, and nothing else. ``sharded``: the tensors already are this
+    rank's slices (read from the checkpoint by its own rank), copied as they are. Every name and shape is checked
+    before the first copy, so a bad set of weights raises and leaves the model as it was."""
     items = list(named.items() if isinstance(named, Mapping) else named)
     own = model.state_dict()
-    tp = getattr(model, "tensor_parallel", None)
+    tp = None if sharded else getattr(model, "tensor_parallel", None)
     plan = []
     for name, t in items:
         if name not in own:

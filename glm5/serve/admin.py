@@ -443,18 +443,10 @@ def _commit_shards(engine, staged: dict[str, torch.Tensor] | None, error: str | 
                            "mix of two checkpoints until an update succeeds")
 
 
-@torch.no_grad()
 def _copy_shard(engine, staged: dict[str, torch.Tensor]) -> None:
-    """A rank's staged slice into its model, in place. ``LLMEngine.load_weights`` takes whole tensors and slices
-    them; these already are this rank's slices, checked name by name against its shard (:func:`_check_layout`),
-    so they are copied as they are (``copy_`` into the state dict's views, as glm5.model.weights does: storage and
-    strides kept, version counters bumped), then the prefix cache is forgotten."""
-    if "weights" in engine.sleep_mode.asleep:
-        raise RuntimeError("the weights are asleep on this rank")
-    own = engine.model.state_dict()
-    for name, t in staged.items():
-        own[name].copy_(t)
-    engine.reset_prefix_cache()
+    """A rank's staged slice into its model, in place (already this rank's slices, checked name by name against
+    its shard by :func:`_check_layout`), then the prefix cache is forgotten."""
+    engine.load_weights(staged, sharded=True)
 
 
 def follower_handlers(engine) -> dict:

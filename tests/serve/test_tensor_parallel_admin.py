@@ -139,6 +139,7 @@ def _commit_rank(rank: int, port: int, failing: str, out) -> None:
     import torch.distributed as dist
 
     from glm5.model.tensor_parallel import TensorParallel
+    from glm5.model.weights import load_weights
     from glm5.serve import admin
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
@@ -147,6 +148,8 @@ def _commit_rank(rank: int, port: int, failing: str, out) -> None:
     torch.nn.init.zeros_(model.weight)
     engine = SimpleNamespace(device=torch.device("cpu"), tp=TensorParallel(rank=rank, world=2), model=model,
                              sleep_mode=SimpleNamespace(asleep=set()), reset_prefix_cache=lambda: None)
+    # LLMEngine.load_weights' copy, on whatever engine.model is when it runs
+    engine.load_weights = lambda w, strict=True, sharded=False: load_weights(engine.model, w, strict, sharded)
     staged, error = {"weight": torch.ones(2, 2)}, None
     if rank == 1 and failing == "stage":
         staged, error = None, "disk on fire"
