@@ -34,8 +34,10 @@ class Runner:
 
 
 def _rank(rank: int, port: int, heartbeat: bool, out) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    # the rendezvous waits as long as a loaded box needs to start both processes; only the collectives get the
+    # short timeout under test
+    store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=TIMEOUT_S))
     tp = TensorParallel(rank=rank, world=2)
     runner = Runner()
     try:
