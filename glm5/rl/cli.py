@@ -123,6 +123,9 @@ def add_parser(sub) -> None:
     g.add_argument("--rollout-kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_ds_mla"],
                    help="the rollout engines' KV cache: the model's dtype, or GLM-5's FP8 layouts (more sequences per "
                         "engine; pair it with --tis or --loss ddis for the larger train/rollout log-prob gap)")
+    g.add_argument("--rollout-kv-cache-memory", type=_bytes, default=None, metavar="BYTES",
+                   help="KV cache per rollout engine, e.g. 2GiB or 512MiB (default: room for --max-num-seqs full "
+                        "sequences); on a GPU shared with the trainer, what each wake-up takes back")
     g.add_argument("--train-threads", type=int, default=None, help="trainer threads (default: its share of the cores)")
     g.add_argument("--rollout-threads", type=int, default=None, help="threads per rollout worker")
     g.add_argument("--ray-address", default=None, help="--placement ray: cluster address (default: a local Ray)")
@@ -179,11 +182,22 @@ def config_from_args(a):
                     train_threads=a.train_threads, device=a.device,
                     rollout_device=a.rollout_device, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
                     max_num_batched_tokens=a.max_num_batched_tokens, rollout_spec_tokens=a.rollout_spec_tokens,
-                    rollout_kv_cache_dtype=a.rollout_kv_cache_dtype,
+                    rollout_kv_cache_dtype=a.rollout_kv_cache_dtype, rollout_kv_cache_memory=a.rollout_kv_cache_memory,
                     eval_before=not a.no_eval, eval_after=not a.no_eval, eval_every=a.eval_every, eval_sampled=a.eval_sampled,
                     save=not a.no_save, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints,
                     resume=not a.no_resume, progress=not a.no_progress, ray_address=a.ray_address,
                     ray_num_gpus=a.ray_num_gpus)
+
+
+def _bytes(text: str) -> int:
+    """A byte count: an integer, optionally with a binary unit (KiB, MiB, GiB; K / M / G mean the same)."""
+    import argparse
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)(?:i?B)?\s*", text, flags=re.IGNORECASE)
+    if m is None or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive byte count: {text!r} (e.g. 2GiB, 512MiB, 1073741824)")
+    return int(float(m.group(1)) * 1024 ** " KMG".index(m.group(2).upper() or " "))
 
 
 def _fmt(m: dict | None) -> str:

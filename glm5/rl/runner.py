@@ -83,6 +83,10 @@ class RLConfig:
     # "fp8": rollouts read GLM-5's FP8 KV cache (more sequences per engine); the trainer's log-probs then differ a
     # little more from the rollout's, which the importance corrections (tis / ddis) are for
     rollout_kv_cache_dtype: str = "auto"
+    # bytes of KV cache per rollout engine (None: room for max_num_seqs full sequences, within 90% of a GPU's free
+    # memory): on a GPU shared with the trainer, what the engine may take back at each wake-up (slime's
+    # --sglang-mem-fraction-static)
+    rollout_kv_cache_memory: int | None = None
     eval_sampled: int = 0  # also evaluate sampled (T = rollout temperature) accuracy with this many samples per task
     eval_before: bool = True
     eval_after: bool = True
@@ -114,6 +118,11 @@ class RLConfig:
         if self.rollout_spec_tokens < 0:
             raise ValueError(f"rollout_spec_tokens must be >= 0, got {self.rollout_spec_tokens}")
         resolve_kv_cache_dtype(self.rollout_kv_cache_dtype)  # a ValueError naming the choices
+        if self.rollout_kv_cache_memory is not None and (isinstance(self.rollout_kv_cache_memory, bool) or not
+                                                         isinstance(self.rollout_kv_cache_memory, int)
+                                                         or self.rollout_kv_cache_memory <= 0):
+            raise ValueError(f"rollout_kv_cache_memory must be a positive number of bytes, got "
+                             f"{self.rollout_kv_cache_memory!r}")
         if self.rollout_workers > 1 and self.placement == "colocate":
             raise ValueError("placement 'colocate' runs one engine in the trainer's process; "
                              "several rollout workers need placement 'process' or 'ray'")
@@ -177,7 +186,7 @@ def _threads(cfg: RLConfig) -> tuple[int, int]:
 def _engine_kwargs(cfg: RLConfig) -> dict:
     return {"max_num_seqs": cfg.max_num_seqs, "max_model_len": cfg.max_model_len,
             "max_num_batched_tokens": cfg.max_num_batched_tokens, "num_speculative_tokens": cfg.rollout_spec_tokens,
-            "kv_cache_dtype": cfg.rollout_kv_cache_dtype}
+            "kv_cache_dtype": cfg.rollout_kv_cache_dtype, "kv_cache_memory": cfg.rollout_kv_cache_memory}
 
 
 def make_client(cfg: RLConfig, policy, tokenizer, rollout_threads: int):

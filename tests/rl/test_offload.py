@@ -145,3 +145,30 @@ def test_cli_flag(model_dir, tmp_path):
     assert len(recs) == 2 and recs[-1]["rollout_offload_s"] > 0 and recs[-1]["rollout_version"] == 2
     assert run_cli(model_dir, tmp_path / "bad", "--placement", "colocate", "--mode", "async", "--offload-rollout",
                    "--no-eval") != 0
+
+
+def test_rollout_kv_cache_memory_caps_the_engine(model_dir, tok):
+    # on a GPU shared with the trainer, what each wake-up takes back is the user's to set (slime's mem fraction)
+    import argparse
+
+    from glm5.rl.cli import add_parser, config_from_args
+    from glm5.rl.runner import make_client
+
+    p = argparse.ArgumentParser()
+    add_parser(p.add_subparsers())
+    a = p.parse_args(["rl", "--model", str(model_dir), "--placement", "colocate", "--offload-rollout",
+                      "--rollout-kv-cache-memory", "24MiB", "--max-model-len", "256"])
+    cfg = config_from_args(a)
+    assert cfg.rollout_kv_cache_memory == 24 << 20 and cfg.manager.offload_rollout
+    client = make_client(cfg, GLM5ForCausalLM.from_pretrained(model_dir), tok, 1)
+    kv = client.rollout.engine.kv_cache
+    size = kv.nbytes()
+    assert 12 << 20 < size <= 24 << 20
+    client.sleep(2)
+    assert kv.nbytes() == 0
+    client.wake_up(["kv_cache"])
+    assert kv.nbytes() == size  # the same budget after waking
+    with pytest.raises(SystemExit):
+        p.parse_args(["rl", "--model", "m", "--rollout-kv-cache-memory", "lots"])
+    with pytest.raises(ValueError, match="positive number of bytes"):
+        RLConfig(model="m", rollout_kv_cache_memory=0)
