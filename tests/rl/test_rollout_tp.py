@@ -113,7 +113,8 @@ def _assert_same(got, want, version):
         assert torch.allclose(torch.tensor(got[g].rollout_logprobs), torch.tensor(w.rollout_logprobs), atol=1e-5)
 
 
-@pytest.mark.parametrize("transport,spec_tokens", [("shm", 0), ("dist", 2)])
+# the default suite keeps the dist case, which also drafts with MTP over the group (the suite's time budget)
+@pytest.mark.parametrize("transport,spec_tokens", [pytest.param("shm", 0, marks=pytest.mark.slow), ("dist", 2)])
 def test_tp2_worker_decodes_what_one_process_decodes_before_and_after_a_push(model_dir, tok, tasks, make_config,
                                                                               transport, spec_tokens):
     """A rollout worker over 2 ranks: greedy tokens and log-probs equal to a one-process engine's on the same
@@ -191,7 +192,7 @@ def _run(model_dir, out, mode):
     return s, [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", pytest.param("async", marks=pytest.mark.slow)])
 def test_rl_runs_with_tp2_rollouts(model_dir, tmp_path, mode):
     """A short run with rollout_tp=2: every step trained, the rollout side on the pushed versions, and the
     trainer's log-probs of the rollouts equal to what the split engine reported (sync: same weights)."""
