@@ -4,7 +4,6 @@ heartbeat the driver idles three timeouts and its next model call (a broadcast, 
 model makes) still reaches the follower; without it the follower's wait fails."""
 
 import datetime
-import multiprocessing as mp
 import time
 
 import pytest
@@ -13,7 +12,7 @@ import torch.distributed as dist
 
 from glm5.engine.parallel import drive, follow, release_followers
 from glm5.model.tensor_parallel import TensorParallel
-from glm5.rl.weight_sync import free_port
+from two_ranks import run_two_ranks  # tests/two_ranks.py
 
 TIMEOUT_S = 2.0
 
@@ -53,26 +52,7 @@ def _rank(rank: int, port: int, heartbeat: bool, out) -> None:
 
 
 def _run(heartbeat: bool) -> dict:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, heartbeat, out)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    got = {}
-    deadline = time.monotonic() + 60
-    while len(got) < 2 and time.monotonic() < deadline:
-        try:
-            k, v = out.get(timeout=1)
-            got[k] = v
-        except Exception:  # noqa: BLE001
-            if not any(p.is_alive() for p in procs):
-                break
-    for p in procs:
-        p.join(10)
-        if p.is_alive():
-            p.kill()
-    return got
+    return run_two_ranks(_rank, heartbeat)
 
 
 def test_idle_driver_keeps_its_followers_with_a_heartbeat():

@@ -26,6 +26,8 @@ from glm5.rl.runner import RLConfig
 from glm5.rl.sample import Sample
 from glm5.rl.weight_sync import clone_model, free_port, full_layout, load_weights, named_weights, shard_weight
 
+from .test_rollout_pool import _drain as drain
+
 ENGINE = {"max_num_seqs": 16, "max_model_len": 256}
 
 
@@ -96,13 +98,7 @@ def _samples(ref, tasks, n=4, budget=12):
 
 
 def _drain(client, n, timeout=120.0):
-    got, deadline = [], time.monotonic() + timeout
-    while len(got) < n:
-        assert time.monotonic() < deadline, f"only {len(got)}/{n} samples came back"
-        for ev in client.poll(0.05):
-            assert ev[0] == "finished", ev[0]
-            got.extend(ev[1])
-    return {s.group_id: s for s in got}
+    return {s.group_id: s for s in drain(client, n, timeout)}
 
 
 def _assert_same(got, want, version):

@@ -8,9 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 
 import httpx
 import pytest
@@ -19,7 +16,7 @@ from glm5.config import GLM5Config
 from glm5.engine import LLM, SamplingParams
 
 from .test_admin_endpoints import _weights_dir
-from .test_tensor_parallel_serve import _wait_healthy
+from .test_tensor_parallel_serve import _wait_healthy, launch_tp_server
 
 PROMPT = "The king of the hill"
 
@@ -54,17 +51,7 @@ def _checkpoints(model_dir, root):
 
 def test_admin_routes_act_on_every_tensor_parallel_rank(model_dir, tmp_path):
     b, wide, truncated = _checkpoints(model_dir, tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "glm5.cli",
-           "serve", "--model", str(model_dir), "--port", str(port), "--served-model-name", "m", "--max-model-len",
-           "512", "--tensor-parallel-size", "2", "--enable-sleep-mode", "--enable-weight-updates"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url, log = launch_tp_server(model_dir, tmp_path, "--enable-sleep-mode", "--enable-weight-updates")
     http = httpx.Client(base_url=url, timeout=60)
     try:
         _wait_healthy(url, proc, log)
@@ -110,19 +97,9 @@ def test_admin_routes_act_on_every_tensor_parallel_rank(model_dir, tmp_path):
 def test_a_follower_failure_is_reported_by_rank_and_left_as_documented(failing):
     """The two-phase copy with a fake engine on 2 gloo processes: a follower that cannot stage makes rank 0 raise a
     500 naming it and no rank copies; one whose copy fails makes rank 0 raise (its gate then closes)."""
-    import multiprocessing as mp
+    from two_ranks import run_two_ranks  # tests/two_ranks.py
 
-    from glm5.rl.weight_sync import free_port
-
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_commit_rank, args=(r, port, failing, out)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    got = dict(out.get(timeout=60) for _ in procs)
-    for p in procs:
-        p.join(10)
+    got = run_two_ranks(_commit_rank, failing)
     if failing == "stage":
         assert got[0][0] == "_Refused" and "rank 1: disk on fire" in got[0][1] and "no rank changed" in got[0][1]
         assert got[0][2] == got[1][2] == 0.0  # nobody copied

@@ -31,18 +31,24 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log, timeout: float = 120) -
         time.sleep(0.3)
 
 
-def test_two_ranks_serve_what_one_process_serves(model_dir, tmp_path):
+def launch_tp_server(model_dir, tmp_path, *extra: str) -> tuple[subprocess.Popen, str, object]:
+    """``glm5 serve --tensor-parallel-size 2`` under torchrun on a free loopback port, in its own session (so the
+    whole launch can be killed): (process, base url, log path)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tmp_path / "serve.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "glm5.cli",
            "serve", "--model", str(model_dir), "--port", str(port), "--served-model-name", "m", "--max-model-len",
-           "512", "--tensor-parallel-size", "2", "--log-level", "info"]
+           "512", "--tensor-parallel-size", "2", *extra]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def test_two_ranks_serve_what_one_process_serves(model_dir, tmp_path):
+    proc, url, log = launch_tp_server(model_dir, tmp_path, "--log-level", "info")
     try:
         _wait_healthy(url, proc, log)
         r = httpx.post(url + "/v1/completions", timeout=60, json={
