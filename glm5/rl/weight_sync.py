@@ -38,7 +38,7 @@ import torch
 from glm5.model.tensor_parallel import shard_weight
 from glm5.model.weights import load_weights
 
-__all__ = ["clone_model", "named_weights", "shard_weight", "full_layout", "load_weights", "reset_prefix_cache", "apply_to_engine", "layout_hash",
+__all__ = ["clone_model", "named_weights", "shard_weight", "full_layout", "load_weights", "apply_to_engine", "layout_hash",
            "InProcessWeightSync", "SharedMemoryWeightSync", "DistWeightSender", "DistWeightReceiver", "free_port"]
 
 
@@ -77,25 +77,12 @@ def full_layout(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def reset_prefix_cache(engine) -> None:
-    """Forget every prefix-cache entry of an LLMEngine (blocks keep their data but can no longer be matched)."""
-    if hasattr(engine, "reset_prefix_cache"):
-        engine.reset_prefix_cache()
-        return
-    bm = getattr(engine, "block_manager", None)
-    if bm is None:
-        return
-    bm.hash_to_block.clear()
-    bm.block_hash = [None] * len(bm.block_hash)
-
-
 def apply_to_engine(engine, named, version: int) -> None:
     """Load weights into an engine in place and stamp its version."""
-    if hasattr(engine, "load_weights"):
+    if hasattr(engine, "load_weights"):  # LLMEngine: the weights, then its prefix cache
         engine.load_weights(named)
-    else:  # a bare engine-like object (tests): the model, then its prefix cache
+    else:  # anything else holding a ``model`` (a bare receiver in tests)
         load_weights(engine.model, named)
-        reset_prefix_cache(engine)
     engine.weight_version = int(version)
 
 
