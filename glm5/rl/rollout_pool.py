@@ -18,6 +18,7 @@ import time
 from collections import defaultdict
 from typing import Callable
 
+from glm5.rl.rollout_tp import worker_devices
 from glm5.rl.sample import Sample
 
 __all__ = ["RolloutPool", "launch_process_pool"]
@@ -165,11 +166,10 @@ def launch_process_pool(spec, n: int, policy_model=None, make_prompt: Callable |
         shm = SharedMemoryWeightSync(policy_model, 0, mp.get_context("spawn"))
     clients = []
     try:
-        for i in range(n):
-            s = spec
+        for i, device in enumerate(worker_devices(spec.device, n, spec.tp)):
+            s = dataclasses.replace(spec, device=device)  # each worker on GPUs of its own (CPU: unchanged)
             if spec.weight_transport == "dist":
-                s = dataclasses.replace(spec, dist={**spec.dist, "rank": 1 + i * spec.tp,
-                                                    "world_size": 1 + n * spec.tp})
+                s = dataclasses.replace(s, dist={**spec.dist, "rank": 1 + i * spec.tp, "world_size": 1 + n * spec.tp})
             clients.append(ProcessRolloutClient(s, make_prompt=make_prompt, shm=shm, wait=False))
         sender = None
         if spec.weight_transport == "dist":

@@ -30,12 +30,47 @@ import time
 
 import torch
 
-__all__ = ["join_rollout_group", "tp_engine_kwargs", "check_versions_agree", "rollout_follower_main"]
+__all__ = ["join_rollout_group", "tp_engine_kwargs", "check_versions_agree", "rollout_follower_main",
+           "rank_device", "worker_devices", "check_rollout_gpus"]
 
 # an idle rollout engine (trainer busy, evaluation between steps) leaves its followers waiting in a broadcast for
 # as long as that takes: the group's timeout must outlast it. Dead peers are found by the watchdog, not by this.
 GROUP_TIMEOUT = datetime.timedelta(hours=12)
 WATCH_EVERY_S = 0.5
+
+
+# ------------------------------------------------------------------------------------------- GPU placement
+# Rollout workers on CUDA take consecutive GPUs from the index of ``--rollout-device`` (``cuda`` is ``cuda:0``):
+# worker w's tensor-parallel rank r runs on GPU base + w·tp + r, as slime lays out its SGLang engines. Without
+# this every worker (and every rank r of every group) would land on the same GPUs.
+def _cuda_index(device: str) -> int | None:
+    d = torch.device(device)
+    return None if d.type != "cuda" else (d.index or 0)
+
+
+def rank_device(device: str, rank: int) -> str:
+    """The device of tensor-parallel rank ``rank`` of a worker whose rank 0 runs on ``device``."""
+    base = _cuda_index(device)
+    return device if base is None else f"cuda:{base + rank}"
+
+
+def worker_devices(device: str, workers: int, tp: int) -> list[str]:
+    """The device of each worker's rank 0."""
+    return [rank_device(device, w * tp) for w in range(workers)]
+
+
+def check_rollout_gpus(device: str, workers: int, tp: int, device_count: int | None = None) -> None:
+    """Refuse, before anything starts, a layout that needs GPUs this machine does not have."""
+    base = _cuda_index(device)
+    if base is None:
+        return
+    if device_count is None:
+        device_count = torch.cuda.device_count()
+    need = base + workers * tp
+    if need > device_count:
+        raise ValueError(f"{workers} rollout worker(s) × {tp} tensor-parallel rank(s) from {device} need GPUs "
+                         f"{base}..{need - 1}, but this machine has {device_count} (lower --rollout-workers / "
+                         "--rollout-tp, or start --rollout-device at a lower index)")
 
 
 def join_rollout_group(spec, rank: int):
@@ -47,6 +82,8 @@ def join_rollout_group(spec, rank: int):
     from glm5.model.tensor_parallel import TensorParallel
 
     backend = "nccl" if torch.device(spec.device).type == "cuda" else "gloo"
+    if backend == "nccl":  # the engine's init_tensor_parallel places a rank on GPU LOCAL_RANK, torchrun's convention
+        os.environ["LOCAL_RANK"] = str(_cuda_index(rank_device(spec.device, rank)))
     store = dist.TCPStore("127.0.0.1", spec.tp_port, spec.tp, rank == 0, timeout=datetime.timedelta(minutes=10))
     dist.init_process_group(backend, store=store, rank=rank, world_size=spec.tp, timeout=GROUP_TIMEOUT)
     return TensorParallel(rank=rank, world=spec.tp)

@@ -207,6 +207,10 @@ def make_client(cfg: RLConfig, policy, tokenizer, rollout_threads: int):
                                   cfg=copy.deepcopy(cfg.rollout), model=clone_model(policy))
         return LocalRolloutClient(ro)
     transport = cfg.weight_sync if cfg.placement == "process" else "dist"
+    if cfg.placement == "process":  # Ray places its actors on GPUs itself
+        from glm5.rl.rollout_tp import check_rollout_gpus
+
+        check_rollout_gpus(cfg.rollout_device, cfg.rollout_workers, cfg.rollout_tp)
 
     def spec():
         dist = {}

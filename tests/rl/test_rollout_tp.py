@@ -91,6 +91,37 @@ def test_rollout_tp_is_validated_at_the_edge(model_dir, tmp_path):
                         rollout_tp=3, eval_before=False), handle_signals=False)
 
 
+def test_rollout_workers_on_cuda_take_gpus_of_their_own(monkeypatch):
+    from glm5.rl.rollout_tp import check_rollout_gpus, rank_device, worker_devices
+
+    # worker w's rank r runs on GPU base + w·tp + r; a CPU layout is left alone
+    assert worker_devices("cuda", 2, 2) == ["cuda:0", "cuda:2"]
+    assert worker_devices("cuda:1", 3, 1) == ["cuda:1", "cuda:2", "cuda:3"]
+    assert [rank_device(d, r) for d in worker_devices("cuda:1", 2, 2) for r in range(2)] == \
+        ["cuda:1", "cuda:2", "cuda:3", "cuda:4"]
+    assert worker_devices("cpu", 3, 2) == ["cpu"] * 3 and rank_device("cpu", 1) == "cpu"
+    check_rollout_gpus("cuda:1", 2, 2, device_count=5)
+    check_rollout_gpus("cpu", 8, 8, device_count=0)
+    with pytest.raises(ValueError, match=r"need GPUs 1\.\.4, but this machine has 4"):
+        check_rollout_gpus("cuda:1", 2, 2, device_count=4)
+    # the pool hands each worker its own first GPU (clients faked: nothing is started)
+    got = []
+
+    class FakeClient:
+        def __init__(self, spec, **kw):
+            got.append(spec)
+
+        def wait_ready(self, timeout):
+            pass
+
+    monkeypatch.setattr("glm5.rl.rollout_client.ProcessRolloutClient", FakeClient)
+    monkeypatch.setattr("glm5.rl.weight_sync.DistWeightSender", lambda *a: None)
+    spec = WorkerSpec("m", {}, device="cuda:1", tp=2, weight_transport="dist",
+                      dist={"host": "127.0.0.1", "port": 1, "rank": 1, "world_size": 5})
+    launch_process_pool(spec, 2)
+    assert [(s.device, s.dist["rank"], s.dist["world_size"]) for s in got] == [("cuda:1", 1, 5), ("cuda:3", 3, 5)]
+
+
 # ---------------------------------------------------------------------------------------- real workers
 def _samples(ref, tasks, n=4, budget=12):
     return [Sample(prompt_ids=ref.make_prompt(t), task=t, group_id=i, index=0, max_new_tokens=budget)
