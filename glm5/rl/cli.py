@@ -112,8 +112,9 @@ def add_parser(sub) -> None:
                    help="trainer -> rollout weights: shared memory, or a torch.distributed broadcast")
     g.add_argument("--dist-backend", choices=["gloo", "nccl"], default="gloo", help="backend of --weight-sync dist")
     g.add_argument("--device", default="cpu", help="trainer device")
-    g.add_argument("--rollout-device", default="cpu", help="rollout engine device; on CUDA the rollout workers and their tensor-parallel ranks "
-                   "take consecutive GPUs from its index (cuda:1, 2 workers, --rollout-tp 2: GPUs 1-4)")
+    g.add_argument("--rollout-device", default="cpu",
+                   help="rollout engine device; on CUDA the rollout workers and their tensor-parallel ranks take "
+                   "consecutive GPUs from its index (cuda:1, 2 workers, --rollout-tp 2: GPUs 1-4)")
     g.add_argument("--rollout-workers", type=int, default=1,
                    help="rollout engines, each its own process (or Ray actor); groups go to the least-loaded one")
     g.add_argument("--rollout-tp", type=int, default=1,
