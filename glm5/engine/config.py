@@ -22,8 +22,8 @@ class EngineConfig:
     num_speculative_tokens: int = 0  # MTP drafts per step (0 = off)
     # Pause drafting while more than this many sequences run (0 = never), as vLLM's ``disable_by_batch_size``:
     # verifying k drafts multiplies a step's rows by k + 1, which pays off only while decode is memory-bound
-    # (small batches). The MTP caches then catch up in one pass when the batch shrinks again. Seeded sampled
-    # requests keep drafting, so their tokens stay independent of the batch.
+    # (small batches). The MTP caches then catch up in one pass when the batch shrinks again. Applies to every
+    # request: greedy and seeded sampled tokens are the same with or without drafts (position-keyed noise).
     spec_disable_batch_size: int = 0
     # "chain": drafts 2..k one row each on depth 1's cache, as vLLM's MTP proposer; "recursive": each depth is the
     # trained MTP recursion over its own cache (glm5/engine/spec_decode.py). Same outputs: verification decides.

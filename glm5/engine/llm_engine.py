@@ -27,7 +27,7 @@ from glm5.engine.sampling_params import SamplingParams
 from glm5.engine.scheduler import Scheduler
 from glm5.engine.sequence import Sequence, SequenceStatus
 from glm5.engine.sleep_mode import SleepMode
-from glm5.engine.spec_decode import MTPProposer, mtp_cache_layers, rejection_sample, target_probs
+from glm5.engine.spec_decode import MTPProposer, mtp_cache_layers, verify
 from glm5.model.tensor_parallel import TensorParallel
 from glm5.model.weights import load_weights
 
@@ -212,10 +212,10 @@ class LLMEngine:
         seqs = []
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self.rng))
-            gen = None
-            if not params.greedy:
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(seed)
+            # a seeded request's randomness is its seed (position-keyed noise, glm5/engine/sampler.py), so its tokens
+            # do not depend on speculation; an unseeded one's a stream, which rejection sampling consumes
+            gen = None if params.greedy else int(seed) if params.seed is not None else \
+                torch.Generator(device=self.device).manual_seed(seed)
             seq = Sequence(request_id, i, ids, params, gen, time.monotonic())
             seq.priority = int(priority)
             if self.tokenizer is not None:
@@ -349,11 +349,7 @@ class LLMEngine:
                 if why is not None:
                     failed[i] = why
                     continue
-                if seq.params.greedy:  # argmax rows stand in for one-hot distributions
-                    emitted, accepted = rejection_sample(lg, s.draft_ids, None, None)
-                else:
-                    emitted, accepted = rejection_sample(target_probs(lg, seq.params), s.draft_ids, seq.draft_probs,
-                                                         seq.generator)
+                emitted, accepted = verify(seq, lg, s.draft_ids)
                 n = len(emitted)
                 lps = token_logprobs(self.sampler.logprob_source(raw[:n], lg[:n], [seq.params] * n), emitted,
                                      [seq.params.logprobs] * n)
@@ -409,12 +405,8 @@ class LLMEngine:
             off += width
         if spec_items:
             pause = 0 < self.config.spec_disable_batch_size < len(self.scheduler.running)
-            if pause:
-                # Seeded sampled requests keep drafting: whether drafts were verified changes which random numbers
-                # their tokens use, and a seed must give the same tokens whatever else is in the batch. Greedy
-                # output is the same either way, and unseeded requests promise nothing.
-                spec_kmax = [k if (seq.params.seed is not None and not seq.params.greedy) else 0
-                             for (seq, _, _), k in zip(spec_items, spec_kmax)]
+            if pause:  # every request: greedy and seeded tokens do not depend on drafts, unseeded ones promise nothing
+                spec_kmax = [0] * len(spec_kmax)
                 self.stats["spec_paused_steps"] += 1
             self.proposer.propose(spec_items, spec_kmax, defer=pause)
             for seq, _, _ in spec_items:

@@ -1,9 +1,13 @@
-"""The one sampler: temperature, top-k, top-p, per-request RNG streams, logprobs.
+"""The one sampler: temperature, top-k, top-p, per-request randomness, logprobs.
 
-Every random draw of a request comes from its own ``torch.Generator`` (seeded from ``SamplingParams.seed``
-or from the engine's RNG), drawn row by row, so a request's tokens do not depend on what else is in the
-batch. Greedy rows (temperature 0) take the argmax and draw nothing. The same ``probs`` processing is used
-for normal sampling, for MTP drafts and for the target side of speculative verification.
+A sampled request's randomness is its own, so its tokens do not depend on what else is in the batch. A seeded
+one (``SamplingParams.seed``) uses *position-keyed noise*: the random numbers of output position j are a hash
+of (seed, j) alone, and the token is the exponential race ``argmax(probs / E)`` over them (``race_tokens``).
+Its tokens are then a function of (prompt, params, seed) only, whether or not MTP drafts were verified, paused
+or dropped (glm5/engine/spec_decode.py draws and verifies drafts with the same noise). An unseeded one draws
+from its own ``torch.Generator`` stream (seeded from the engine's RNG), which keeps rejection sampling's maximal
+draft acceptance. Greedy rows (temperature 0) take the argmax and draw nothing. The same ``probs`` processing is
+used for normal sampling, for MTP drafts and for the target side of speculative verification.
 """
 
 from __future__ import annotations
@@ -53,14 +57,87 @@ def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     return probs
 
 
-def sample_rows(probs: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
-    """One token per row: argmax for greedy rows, else a draw from the row's own generator."""
-    out = []
+# ------------------------------------------------------------------ position-keyed noise (seeded requests)
+# SplitMix64 (Steele et al. 2014): a 64-bit state advanced by GAMMA and finalised by MIX. Everything here is
+# integer arithmetic on uint64 bits (Python ints for the per-row keys, int64 tensors with wrapping products for
+# the [rows, V] streams), so the noise is the same on every device and every tensor-parallel rank.
+_U64 = (1 << 64) - 1
+_GAMMA, _M1, _M2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+# rows of [R, V] noise made at once: bounds the int64 / float64 temporaries (4M elements = 32 MB each)
+NOISE_CHUNK = 1 << 22
+
+
+def _mix64(z: int) -> int:
+    z &= _U64
+    z = ((z ^ (z >> 30)) * _M1) & _U64
+    z = ((z ^ (z >> 27)) * _M2) & _U64
+    return z ^ (z >> 31)
+
+
+def noise_key(seed: int, position: int) -> int:
+    """The 64-bit key of output position ``position`` of a request seeded ``seed``:
+    mix(mix(seed + GAMMA) XOR position). For one seed, distinct positions get distinct keys (XOR with the
+    position and mix are bijections); across seeds the keys are unrelated 64-bit values. An additive mix
+    (seed * C + position, or mix(seed + position)) would give completion i + 1 of an ``n > 1`` request (seed + 1)
+    the noise of completion i shifted by one position; here (s, j) and (s + 1, j - 1) meet with chance 2^-64."""
+    return _mix64(_mix64(seed + _GAMMA) ^ (position & _U64))
+
+
+def _signed(x: int) -> int:
+    """uint64 bits as the int64 with the same bits (what a torch int64 tensor holds)."""
+    return x - (1 << 64) if x >> 63 else x
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 tensors holding uint64 bits (torch's >> is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix64_t(z: torch.Tensor) -> torch.Tensor:
+    z = (z ^ _shr(z, 30)) * _signed(_M1)  # int64 products wrap modulo 2^64, as the uint64 ones
+    z = (z ^ _shr(z, 27)) * _signed(_M2)
+    return z ^ _shr(z, 31)
+
+
+def exponential_noise(keys: list[int], V: int, device) -> torch.Tensor:
+    """E [R, V] float64, i.i.d. Exp(1): E[r, v] = -log(u) with u the top 53 bits of the (v+1)-th SplitMix64 output
+    from state ``keys[r]`` (u in (0, 1): never 0 or 1, so E is finite and positive)."""
+    k = torch.tensor([_signed(x) for x in keys], dtype=torch.long, device=device)[:, None]
+    steps = torch.arange(1, V + 1, dtype=torch.long, device=device) * _signed(_GAMMA)  # [V], wrapping
+    u = (_shr(_mix64_t(k + steps), 11).double() + 0.5) * 2.0 ** -53
+    return -torch.log(u)
+
+
+def race_tokens(probs: torch.Tensor, seeds: list[int], positions: list[int]) -> list[int]:
+    """The exponential race (Gumbel-max, as argmax(log p + Gumbel)): row r's token is argmax(probs[r] / E) with
+    E the noise of (seeds[r], positions[r]). Token v "arrives" at E_v / p_v ~ Exp(p_v), and the first of
+    independent exponential arrivals is v with probability p_v / sum(p): an exact sample of probs [R, V]
+    (tokens with p = 0 never win). The same noise over another distribution q (an MTP draft) gives a token that
+    equals this one with high probability when q is close to p."""
+    R, V = probs.shape
+    step = max(1, NOISE_CHUNK // V)
+    out: list[int] = []
+    for a in range(0, R, step):
+        keys = [noise_key(s, j) for s, j in zip(seeds[a:a + step], positions[a:a + step])]
+        out += (probs[a:a + step].double() / exponential_noise(keys, V, probs.device)).argmax(-1).tolist()
+    return out
+
+
+def sample_rows(probs: torch.Tensor, params: list[SamplingParams], rngs: list, positions: list[int]) -> list[int]:
+    """One token per row of probs [M, V]: the argmax for greedy rows; for a row whose rng is an int (a seeded
+    request's seed) the race over the noise of its output position ``positions[i]``; else a draw from the row's
+    ``torch.Generator`` stream."""
+    out: list[int | None] = [None] * len(params)
+    raced = [i for i, (p, g) in enumerate(zip(params, rngs)) if not p.greedy and isinstance(g, int)]
+    if raced:
+        rows = torch.tensor(raced, dtype=torch.long, device=probs.device)
+        for i, t in zip(raced, race_tokens(probs[rows], [rngs[i] for i in raced], [positions[i] for i in raced])):
+            out[i] = t
     for i, p in enumerate(params):
         if p.greedy:
-            out.append(int(probs[i].argmax()))
-        else:
-            out.append(int(torch.multinomial(probs[i], 1, generator=generators[i])))
+            out[i] = int(probs[i].argmax())
+        elif out[i] is None:
+            out[i] = int(torch.multinomial(probs[i], 1, generator=rngs[i]))
     return out
 
 
@@ -153,14 +230,15 @@ class Sampler:
             return raw
         return processed_logits(processed, params)
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], generators: list,
-                 outputs: list[list[int]]):
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], rngs: list, outputs: list[list[int]]):
         """logits [M,V] -> (tokens list[int | None], logprobs list[dict | None], errors list[str | None]).
 
-        ``outputs`` (each row's output ids so far) is what logits processors see; logprobs follow
-        ``logprobs_mode``. A row that cannot be sampled (non-finite logits from the model, a failing logits
-        processor, a distribution that is all zeros or NaN after temperature/top-k/top-p) gets token None and
-        its reason in ``errors``, so that one bad request fails alone instead of stopping the engine."""
+        ``rngs[i]``: row i's randomness (see ``sample_rows``: a seed, a ``torch.Generator``, None for greedy rows).
+        ``outputs`` (each row's output ids so far) is what logits processors see, and its length the output
+        position a seeded row's noise is keyed by; logprobs follow ``logprobs_mode``. A row that cannot be sampled
+        (non-finite logits from the model, a failing logits processor, a distribution that is all zeros or NaN
+        after temperature/top-k/top-p) gets token None and its reason in ``errors``, so that one bad request
+        fails alone instead of stopping the engine."""
         M = logits.shape[0]
         errors: list[str | None] = [None] * M
         raw = logits
@@ -173,19 +251,21 @@ class Sampler:
             sub = logits[ok] if len(ok) < M else logits
             sub_params = [params[i] for i in ok]
             if all(p.greedy for p in sub_params):
-                picked = sub.argmax(-1).tolist()
+                for i, t in zip(ok, sub.argmax(-1).tolist()):
+                    tokens[i] = t
             else:
                 probs = processed_probs(sub, sub_params)
                 bad = (unusable_rows(probs) | (probs.sum(-1) <= 0)).tolist()
-                picked = []
                 for j, i in enumerate(ok):
                     if bad[j]:
                         errors[i] = "the sampling distribution is not finite (check temperature/top_p/top_k)"
-                        picked.append(None)
-                    else:
-                        picked.append(sample_rows(probs[j:j + 1], sub_params[j:j + 1], [generators[i]])[0])
-            for j, i in enumerate(ok):
-                tokens[i] = picked[j]
+                good = [j for j in range(len(ok)) if not bad[j]]
+                if good:
+                    rows = torch.tensor(good, dtype=torch.long, device=probs.device)
+                    picked = sample_rows(probs[rows], [sub_params[j] for j in good], [rngs[ok[j]] for j in good],
+                                         [len(outputs[ok[j]]) for j in good])
+                    for j, t in zip(good, picked):
+                        tokens[ok[j]] = t
         src = self.logprob_source(raw, logits, params)
         lps = token_logprobs(src, [t if t is not None else 0 for t in tokens], [p.logprobs for p in params])
         return tokens, [lp if t is not None else None for t, lp in zip(tokens, lps)], errors

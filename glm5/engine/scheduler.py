@@ -16,10 +16,11 @@ With ``policy="priority"`` (vLLM's ``scheduling_policy``), the waiting queue is 
 a lower value is served first, ties in arrival order. The preemption victim is then the running sequence
 with the largest (priority, arrival), rather than the most recently admitted one.
 
-Why drafts are never cut and survive preemption: a seeded sampled request draws its random numbers in a
-fixed order (a token, its drafts, their verification, ...). If batch mates could change how many drafts
-are verified, or turn a verification into a plain sample, the same seed would give different tokens
-depending on what else runs.
+Drafts are never cut and survive preemption because that is the simplest schedule, not for correctness:
+verification decides every token, greedy by the argmax and a seeded sampled request by position-keyed noise
+(glm5/engine/sampler.py), so the tokens of both are the same whether drafts are verified, dropped or never
+made (``spec_disable_batch_size`` pauses drafting for everyone). Unseeded sampled requests promise no
+particular tokens.
 """
 
 from __future__ import annotations

@@ -30,13 +30,15 @@ class Sequence:
     """
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
-                 generator: torch.Generator | None, arrival: float = 0.0):
+                 generator: torch.Generator | int | None, arrival: float = 0.0):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.index = index  # which of the request's n completions
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
+        # the request's randomness: an int is a seeded request's seed (position-keyed noise), a torch.Generator an
+        # unseeded one's stream, None greedy (glm5/engine/sampler.py)
         self.generator = generator
         self.arrival = arrival
         self.priority = 0  # the request's (lower = sooner) under scheduling_policy="priority"

@@ -24,9 +24,15 @@ is unchanged whatever the policy (verification decides every token); sampled req
 acceptance depends on how well the draft distribution matches the target's, not on how peaked it is.
 
 Verification feeds [x_{L-1}, d_1..d_k] to the target. Greedy requests accept drafts while they equal the
-target argmax (so output is exactly the non-speculative greedy output); sampled requests use rejection
-sampling (accept d_i with probability min(1, p_i(d_i)/q_i(d_i)), else resample from max(0, p_i - q_i)),
-which leaves the output distribution equal to the target's. The bonus token comes from the first rejected
+target argmax (so output is exactly the non-speculative greedy output). Seeded sampled requests work the same
+way on position-keyed noise (glm5/engine/sampler.py): draft i is the race winner argmax(q_i / E_j) of its output
+position j's noise E_j over the draft distribution, the target's token there is argmax(p_i / E_j), and drafts
+are accepted while the two agree. Every emitted token is then the one plain decoding would sample, so a seeded
+request's tokens do not depend on speculation (on, off, paused, drafts dropped). Sharing E couples draft and
+target: they agree with probability >= (1 - TV) / (1 + TV) (TV the total variation between p_i and q_i),
+a little below rejection sampling's 1 - TV. Unseeded sampled requests use rejection sampling (accept d_i with
+probability min(1, p_i(d_i)/q_i(d_i)), else resample from max(0, p_i - q_i)), which leaves the output
+distribution equal to the target's with the most acceptance. The bonus token comes from the first rejected
 or the (k+1)-th target row.
 """
 
@@ -35,7 +41,7 @@ from __future__ import annotations
 import torch
 
 from glm5.engine.model_runner import Chunk, ModelRunner
-from glm5.engine.sampler import apply_logits_processors, processed_probs, unusable_rows
+from glm5.engine.sampler import apply_logits_processors, processed_probs, race_tokens, unusable_rows
 from glm5.engine.sampling_params import SamplingParams
 from glm5.engine.sequence import Sequence
 
@@ -50,15 +56,7 @@ def rejection_sample(target_probs: torch.Tensor, draft_ids: list[int], draft_pro
     """
     k = len(draft_ids)
     if draft_probs is None:  # greedy: exact match against the target argmax
-        tgt = target_probs.argmax(-1).tolist()
-        out = []
-        for i, d in enumerate(draft_ids):
-            if tgt[i] != d:
-                out.append(tgt[i])
-                return out, i
-            out.append(d)
-        out.append(tgt[k])
-        return out, k
+        return match_drafts(target_probs.argmax(-1).tolist(), draft_ids)
     u = torch.rand(k, generator=generator, device=target_probs.device) if k else None
     out = []
     for i, d in enumerate(draft_ids):
@@ -74,6 +72,30 @@ def rejection_sample(target_probs: torch.Tensor, draft_ids: list[int], draft_pro
         return out, i
     out.append(int(torch.multinomial(target_probs[k], 1, generator=generator)))
     return out, k
+
+
+def match_drafts(target_ids: list[int], draft_ids: list[int]) -> tuple[list[int], int]:
+    """Drafts accepted while they equal the target's token at their position (k + 1 target tokens, the last
+    the bonus): (emitted tokens = accepted drafts + the target's next one, number accepted)."""
+    for i, d in enumerate(draft_ids):
+        if target_ids[i] != d:
+            return list(draft_ids[:i]) + [target_ids[i]], i
+    return list(draft_ids) + [target_ids[len(draft_ids)]], len(draft_ids)
+
+
+def verify(seq: Sequence, logits: torch.Tensor, draft_ids: list[int]) -> tuple[list[int], int]:
+    """One sequence's verification: its processed target logits [k+1, V] (row i predicts output position
+    num_output_tokens + i) against its drafts -> (emitted tokens, drafts accepted). Greedy: the argmax; seeded:
+    the race on each position's noise; unseeded: rejection sampling against the draft distributions."""
+    p, rng = seq.params, seq.generator
+    if p.greedy:  # argmax rows stand in for one-hot distributions
+        return rejection_sample(logits, draft_ids, None, None)
+    probs = target_probs(logits, p)
+    if isinstance(rng, int):
+        j = seq.num_output_tokens
+        return match_drafts(race_tokens(probs, [rng] * probs.shape[0], list(range(j, j + probs.shape[0]))),
+                            draft_ids)
+    return rejection_sample(probs, draft_ids, seq.draft_probs, rng)
 
 
 # Most main-model hidden rows a sequence may hold back while drafting is paused (``propose(defer=True)``); past
@@ -233,8 +255,10 @@ class MTPProposer:
         return self.runner.mtp(hidden, ids, pos, batch, d), None
 
     def _draft(self, drafting: list["_Work"], d: int, logits: torch.Tensor) -> None:
-        """Draft d of each sequence from its MTP logits [n,V]: greedy, or sampled (keeping the distribution for the
-        rejection test); the request's processors apply, and a row they leave unusable ends that sequence's drafts."""
+        """Draft d of each sequence from its MTP logits [n,V]: greedy; seeded, the race on the noise of its output
+        position (num_output_tokens + d - 1, the one verification checks it at); or sampled from the stream
+        (keeping the distribution for the rejection test). The request's processors apply, and a row they leave
+        unusable ends that sequence's drafts."""
         params = [w.seq.params for w in drafting]
         stop = [False] * len(drafting)
         if any(p.logits_processors for p in params):
@@ -258,6 +282,10 @@ class MTPProposer:
             return
         probs = processed_probs(logits, params)
         unusable = (unusable_rows(probs) | (probs.sum(-1) <= 0)).tolist()
+        raced = [i for i, w in enumerate(drafting) if isinstance(w.seq.generator, int) and not w.seq.params.greedy
+                 and not stop[i] and not unusable[i]]
+        won = dict(zip(raced, race_tokens(probs[raced], [drafting[i].seq.generator for i in raced],
+                                          [drafting[i].seq.num_output_tokens + d - 1 for i in raced]))) if raced else {}
         for i, w in enumerate(drafting):
             if stop[i]:
                 w.kmax = d - 1
@@ -267,6 +295,8 @@ class MTPProposer:
                     w.kmax = d
             elif unusable[i]:  # a broken draft distribution only ends drafting; the target decides the token
                 w.kmax = d - 1
+            elif i in won:  # verification needs no draft distribution: it compares race winners
+                w.seq.draft_token_ids.append(won[i])
             else:
                 w.seq.draft_token_ids.append(int(torch.multinomial(probs[i], 1, generator=w.seq.generator)))
                 w.dists.append(probs[i])

@@ -3,7 +3,7 @@ mid-prefill and mid-decode, prompt scoring, seeds) on random configurations (blo
 enough to preempt, chunked prefill, prefix caching, MTP drafts paused for large batches or not, sparse or dense DSA). Whatever happens:
 every block comes back, every surviving request runs to its length, greedy output equals the model's
 no-cache recompute, prompt log-probabilities equal the full forward's, and a seeded sampled request
-gets the tokens it gets when it runs alone."""
+gets the tokens it gets when it runs alone without speculation."""
 
 import math
 
@@ -161,7 +161,8 @@ def test_random_request_scripts_keep_every_invariant(cfg, script):
             assert plp is not None and len(plp) == len(p) and plp[0] is None
             for t in range(1, len(p)):
                 assert abs(plp[t][p[t]] - float(ref[t - 1, p[t]])) < 1e-3
-    if seeded is not None:  # the same seed gives the same tokens with no batch mates, preemption or prefix hits
+    if seeded is not None:  # the same seed gives the same tokens with no batch mates, preemption, prefix hits or drafts
         p, sp, toks = seeded
-        alone = make_llm(nano, {**cfg, "extra_blocks": 24, "enable_prefix_caching": False}).generate([p], sp)[0]
+        alone = make_llm(nano, {**cfg, "extra_blocks": 24, "enable_prefix_caching": False, "num_speculative_tokens": 0,
+                                "spec_disable_batch_size": 0}).generate([p], sp)[0]
         assert [c.token_ids for c in alone.outputs] == toks

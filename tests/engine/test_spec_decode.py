@@ -295,10 +295,11 @@ def test_spec_respects_stop_ids_and_min_tokens(nano):
 
 
 def test_seeded_spec_sampling_ignores_chunking_budget_and_preemption(nano):
-    """The random numbers of a seeded request are drawn in a fixed order (token, drafts, their verification, ...),
-    so its tokens must not depend on where prefill chunks end, on batch mates taking the step budget, or on
-    preemption. Found by tests/engine/test_engine_fuzz.py: a chunk ending one token short of the prompt used to
-    let the proposer draft before the first token was sampled, turning that sample into a verification."""
+    """A seeded request's tokens must not depend on where prefill chunks end, on batch mates taking the step budget,
+    or on preemption. Found by tests/engine/test_engine_fuzz.py when its random numbers were a stream drawn in a
+    fixed order: a chunk ending one token short of the prompt used to let the proposer draft before the first token
+    was sampled, turning that sample into a verification. Position-keyed noise (tests/engine/test_seeded_noise.py)
+    makes the order irrelevant; the schedule still drafts only after a sampled token."""
     p = prompts([17], seed=31)[0]
     sp = SamplingParams(temperature=0.9, seed=11, n=2, max_tokens=12, ignore_eos=True)
 
