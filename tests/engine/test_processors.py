@@ -40,7 +40,8 @@ def test_sampling_params_fields_build_the_same_processors_in_the_engine(nano):
 
     llm = LLM(nano, block_size=4)
     p = prompts([6], seed=2)[0]
-    base = dict(temperature=0.8, seed=5, max_tokens=12, ignore_eos=True)
+    # seed 6: seeded tokens are races on position-keyed noise, and seed 5's 12 tokens happen to survive the fields
+    base = dict(temperature=0.8, seed=6, max_tokens=12, ignore_eos=True)
     fields = SamplingParams(**base, presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.3, min_p=0.05,
                             logit_bias={7: 2.0})
     by_hand = SamplingParams(**base, logits_processors=[bias_processor({7: 2.0}, 0.5, 0.3, 1.3),
