@@ -122,6 +122,9 @@ def add_parser(sub) -> None:
                         "--placement process only)")
     g.add_argument("--rollout-spec-tokens", type=int, default=0,
                    help="MTP speculative decoding in the rollout engine: drafts per step (0 = off)")
+    g.add_argument("--rollout-spec-disable-batch-size", type=int, default=0, metavar="N",
+                   help="with --rollout-spec-tokens: pause drafting while more than N rollout sequences run (0 = "
+                        "never), so drafts speed up a batch's long tail only; seeded rollouts keep their tokens")
     g.add_argument("--rollout-kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_ds_mla"],
                    help="the rollout engines' KV cache: the model's dtype, or GLM-5's FP8 layouts (more sequences per "
                         "engine; pair it with --tis or --loss ddis for the larger train/rollout log-prob gap)")
@@ -184,6 +187,7 @@ def config_from_args(a):
                     train_threads=a.train_threads, device=a.device,
                     rollout_device=a.rollout_device, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
                     max_num_batched_tokens=a.max_num_batched_tokens, rollout_spec_tokens=a.rollout_spec_tokens,
+                    rollout_spec_disable_batch_size=a.rollout_spec_disable_batch_size,
                     rollout_kv_cache_dtype=a.rollout_kv_cache_dtype, rollout_kv_cache_memory=a.rollout_kv_cache_memory,
                     eval_before=not a.no_eval, eval_after=not a.no_eval, eval_every=a.eval_every, eval_sampled=a.eval_sampled,
                     save=not a.no_save, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints,

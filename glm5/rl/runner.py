@@ -80,6 +80,9 @@ class RLConfig:
     max_model_len: int = 1024
     max_num_batched_tokens: int = 4096  # engine prefill budget per step (RL re-prefills after every weight push)
     rollout_spec_tokens: int = 0  # MTP drafts per rollout engine step (speculative rollouts; 0 = off)
+    # pause drafting while more rollout sequences than this run (0 = never): drafts pay for a batch's long tail, not
+    # for a full batch (benchmarks/rl.md §5); seeded rollouts keep their tokens (position-keyed noise)
+    rollout_spec_disable_batch_size: int = 0
     # "fp8": rollouts read GLM-5's FP8 KV cache (more sequences per engine); the trainer's log-probs then differ a
     # little more from the rollout's, which the importance corrections (tis / ddis) are for
     rollout_kv_cache_dtype: str = "auto"
@@ -115,8 +118,9 @@ class RLConfig:
         _check_rollout_tp(self)
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0, got {self.save_every}")
-        if self.rollout_spec_tokens < 0:
-            raise ValueError(f"rollout_spec_tokens must be >= 0, got {self.rollout_spec_tokens}")
+        if self.rollout_spec_tokens < 0 or self.rollout_spec_disable_batch_size < 0:
+            raise ValueError(f"rollout_spec_tokens and rollout_spec_disable_batch_size must be >= 0, got "
+                             f"{self.rollout_spec_tokens}, {self.rollout_spec_disable_batch_size}")
         resolve_kv_cache_dtype(self.rollout_kv_cache_dtype)  # a ValueError naming the choices
         if self.rollout_kv_cache_memory is not None and (isinstance(self.rollout_kv_cache_memory, bool) or not
                                                          isinstance(self.rollout_kv_cache_memory, int)
@@ -186,7 +190,8 @@ def _threads(cfg: RLConfig) -> tuple[int, int]:
 def _engine_kwargs(cfg: RLConfig) -> dict:
     return {"max_num_seqs": cfg.max_num_seqs, "max_model_len": cfg.max_model_len,
             "max_num_batched_tokens": cfg.max_num_batched_tokens, "num_speculative_tokens": cfg.rollout_spec_tokens,
-            "kv_cache_dtype": cfg.rollout_kv_cache_dtype, "kv_cache_memory": cfg.rollout_kv_cache_memory}
+            "spec_disable_batch_size": cfg.rollout_spec_disable_batch_size, "kv_cache_dtype": cfg.rollout_kv_cache_dtype,
+            "kv_cache_memory": cfg.rollout_kv_cache_memory}
 
 
 def make_client(cfg: RLConfig, policy, tokenizer, rollout_threads: int):

@@ -92,6 +92,36 @@ def test_fp8_kv_cache_rollouts_are_nearly_on_policy(policy, tok, tasks, plugin):
     assert 1e-5 < gap < 5e-2, gap  # measured 0.011
 
 
+def test_rollout_spec_disable_batch_size_reaches_every_engine(model_dir, tok, monkeypatch):
+    """--rollout-spec-disable-batch-size goes into the engine arguments every placement builds its engines from: the
+    colocated engine's config, and the spec a rollout process (with its tensor-parallel ranks) or a Ray actor builds
+    its engine from."""
+    import argparse
+
+    import glm5.rl.ray_launcher as ray_launcher
+    from glm5.rl import runner
+    from glm5.rl.cli import add_parser, config_from_args
+    from glm5.rl.rollout_tp import tp_engine_kwargs
+
+    p = argparse.ArgumentParser()
+    add_parser(p.add_subparsers())
+    argv = ["rl", "--model", str(model_dir), "--rollout-spec-tokens", "2", "--rollout-spec-disable-batch-size", "4",
+            "--max-model-len", "256"]
+    cfg = config_from_args(p.parse_args(argv + ["--placement", "colocate"]))
+    assert cfg.rollout_spec_disable_batch_size == 4
+    eng = runner.make_client(cfg, GLM5ForCausalLM.from_pretrained(model_dir), tok, 1).rollout.engine
+    assert eng.config.spec_disable_batch_size == 4 and eng.config.num_speculative_tokens == 2
+    specs = []
+    monkeypatch.setattr(runner, "ProcessRolloutClient", lambda spec, *a, **kw: specs.append(spec))
+    monkeypatch.setattr(ray_launcher, "RayRolloutClient", lambda spec, **kw: specs.append(spec))
+    for extra in (["--placement", "process"], ["--placement", "process", "--rollout-tp", "2"], ["--placement", "ray"]):
+        runner.make_client(config_from_args(p.parse_args(argv + extra)), None, tok, 1)
+    assert len(specs) == 3 and all(tp_engine_kwargs(s)["spec_disable_batch_size"] == 4 for s in specs)
+    assert tp_engine_kwargs(specs[1])["tensor_parallel_size"] == 2
+    with pytest.raises(ValueError, match="rollout_spec_disable_batch_size"):
+        runner.RLConfig(model="m", rollout_spec_disable_batch_size=-1)
+
+
 def test_one_step_off_trains_one_version_behind(policy, tok, tasks, plugin):
     client, buf, tr = local_setup(policy, tok, tasks, plugin + ":parity_reward")
     mgr = RolloutManager(client, tr, buf, ManagerConfig(mode="one-step-off", num_steps=3, groups_per_step=2))
