@@ -28,6 +28,9 @@ Sections
            each eager and through CUDA graphs (benchmarks/gpu_mtp.py).
   specbatch  MTP speculation as a batch shrinks (staggered lengths): plain, always drafting, and drafting paused
            above --spec-disable-batch-size sequences (EngineConfig.spec_disable_batch_size); needs --mtp-model.
+  specsampled  MTP draft acceptance for sampled requests (--mtp-model): seeded ones (drafts raced on position-keyed
+           noise, accepted when they equal the target's race winner) against unseeded ones (rejection sampling),
+           at T = 0.7 and 1, greedy for reference; --mtp-corpus-prompts snippets (default 32) decoded together.
   dsa      attention cost per decoded token at a long context, GLM-5's real attention shapes (64 heads,
            kv_lora 512, rope 64, indexer 32x128, top-k 2048): DSA (indexer over all keys + top-k + latent
            attention over 2048 gathered rows) vs dense latent attention over every key. Reports time and FLOPs.
@@ -320,6 +323,30 @@ def bench_spec_batch(args, results):
     results["spec_batch"] = row
 
 
+def bench_spec_sampled(args, results):
+    """Acceptance of coupled drafts (seeded requests) vs rejection sampling (unseeded), same prompts and engine."""
+    if not args.mtp_model:
+        raise SystemExit("--only specsampled needs --mtp-model (a checkpoint with a trained MTP layer)")
+    n, D = args.mtp_corpus_prompts or 32, args.mtp_decode_tokens
+    ps = _corpus_prompts(args.mtp_model, n, 32)
+    llm = LLM(args.mtp_model, device="cpu", dtype=torch.float32, max_num_seqs=n, max_model_len=32 + D + 8,
+              enable_prefix_caching=False, num_speculative_tokens=args.spec_tokens, mtp_draft_mode=args.mtp_draft_mode)
+    rows = []
+    for temp, seeded in ((0.0, False), (0.7, True), (0.7, False), (1.0, True), (1.0, False)):
+        sps = [SamplingParams(temperature=temp, seed=1000 + i if seeded else None, max_tokens=D, ignore_eos=True)
+               for i in range(n)]
+        llm.engine.stats.update(spec_verify_steps=0, spec_draft_tokens=0, spec_accepted_tokens=0)
+        llm.generate(ps, sps, use_tqdm=False)
+        m = llm.spec_metrics()
+        rows.append(dict(temperature=temp, verification="greedy" if temp == 0 else
+                         "coupled race (seeded)" if seeded else "rejection sampling (unseeded)",
+                         draft_tokens=m["draft_tokens"], acceptance_rate=m["acceptance_rate"],
+                         acceptance_length=m["acceptance_length"]))
+        print(json.dumps(rows[-1]), flush=True)
+    results["spec_sampled"] = dict(model=args.mtp_model, prompts=n, decode_tokens=D, spec_tokens=args.spec_tokens,
+                                   draft_mode=args.mtp_draft_mode, rows=rows)
+
+
 def _corpus_acceptance(model_dir, n: int, spec_tokens: int, prompt_tokens: int = 32, decode_tokens: int = 48,
                        regex: str | None = None, draft_mode: str = "chain", stop_gap: float = 0.0):
     """Acceptance length and speed-up over n greedy continuations of n corpus snippets, one at a time (batch 1;
@@ -465,7 +492,7 @@ def bench_dsa(args, results):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", default=["decode", "mtp", "dsa", "gpu"],
-                    choices=["decode", "mtp", "specbatch", "dsa", "gpu", "gpumtp"])
+                    choices=["decode", "mtp", "specbatch", "specsampled", "dsa", "gpu", "gpumtp"])
     ap.add_argument("--preset", default="glm5-small")
     ap.add_argument("--contexts", type=int, nargs="*", default=[128, 1024])
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 16])
@@ -529,6 +556,8 @@ def main() -> int:
         bench_mtp(args, path, cfg, results)
     if "specbatch" in args.only:
         bench_spec_batch(args, results)
+    if "specsampled" in args.only:
+        bench_spec_sampled(args, results)
     if "dsa" in args.only:
         bench_dsa(args, results)
     if "gpu" in args.only:

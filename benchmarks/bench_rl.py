@@ -4,6 +4,7 @@
     python3 benchmarks/bench_rl.py sft          --out runs/bench_rl     # data + tokenizer + SFT policy
     python3 benchmarks/bench_rl.py accept       --out runs/bench_rl     # RL with the abstention reward, before/after
     python3 benchmarks/bench_rl.py throughput   --out runs/bench_rl     # sync vs one-step-off vs async samples/s
+    python3 benchmarks/bench_rl.py specpause    --out runs/bench_rl     # seeded speculative rollouts, drafts paused above N
 
 1. **Policy.** A glm5-nano-shaped model (MLA + DSA + MoE + MTP) is SFT'd from scratch with our trainer
    (``glm5.train.Trainer``, mode "sft", Muon + AdamW) on generated conversations: two-term arithmetic from
@@ -16,6 +17,12 @@
    SFT questions) evaluated greedily before and after, with 95% intervals.
 3. **Throughput.** The same model, task set and batch shape run in sync, one-step-off and async mode, in the
    same process, repeated and interleaved; trained samples per second of wall time.
+4. **Speculative rollouts paused above N** (``specpause``, not part of ``all``). One rollout batch as §5 of
+   benchmarks/rl.md runs it (``--spec-groups`` groups × ``--group-size`` samples of the RL train tasks, T = 1, seeded
+   per sample as ``glm5 rl`` seeds them, ``--spec-max-new-tokens`` tokens, max_model_len 256), through one rollout
+   engine per mode in one process: plain decoding, ``--spec-tokens`` drafts at every step, and drafts paused while
+   more than N (``--spec-pause``) sequences run. Process CPU time per mode, interleaved, best of ``--repeats``; the
+   samples of every mode must be token-identical (seeded tokens do not depend on speculation).
 
 Everything lands in ``--out`` (JSON per stage, metrics.jsonl and plots of each run); ``results.json`` collects
 the headline numbers.
@@ -348,9 +355,56 @@ def stage_throughput(a) -> dict:
     return res
 
 
+def stage_spec_pause(a) -> dict:
+    from glm5.rl.rollout import RolloutConfig, build_rollout_engine
+    from glm5.rl.sample import Sample
+    from glm5.rl.tasks import load_tasks
+
+    train_file, _ = task_files(a)
+    tasks = load_tasks(train_file)[: a.spec_groups]
+    model = str(Path(a.out) / "sft" / "hf")
+    ro_cfg = RolloutConfig(max_new_tokens=a.spec_max_new_tokens, reward=a.rewards, temperature=1.0, seed=1)
+    ek = dict(max_num_seqs=len(tasks) * a.group_size, max_model_len=256, max_num_batched_tokens=4096)
+    modes = {"plain": {}, f"{a.spec_tokens} drafts": {"num_speculative_tokens": a.spec_tokens}}
+    for n in a.spec_pause:
+        modes[f"{a.spec_tokens} drafts, paused above {n}"] = {"num_speculative_tokens": a.spec_tokens,
+                                                               "spec_disable_batch_size": n}
+    engines = {m: build_rollout_engine(model, engine_kwargs={**ek, **extra}, cfg=ro_cfg) for m, extra in modes.items()}
+    clock = time.process_time
+    best = {m: float("inf") for m in modes}
+    outs, metrics = {}, {}
+    load = [os.getloadavg()[0]]
+    for rep in range(a.repeats):
+        for m, ro in engines.items():
+            samples = [Sample(prompt_ids=ro.make_prompt(t), task=t, group_id=g, index=i)
+                       for g, t in enumerate(tasks) for i in range(a.group_size)]
+            eng = ro.engine
+            eng.stats.update(spec_verify_steps=0, spec_draft_tokens=0, spec_accepted_tokens=0, spec_paused_steps=0,
+                             steps=0)
+            t = clock()
+            done = ro.generate(samples)
+            dt = clock() - t
+            best[m] = min(best[m], dt)
+            outs[m] = sorted((s.group_id, s.index, s.response_ids) for s in done)
+            metrics[m] = {**eng.spec_metrics(), "steps": eng.stats["steps"]} if eng.proposer else \
+                {"steps": eng.stats["steps"]}
+            log(f"  {m} rep {rep}: {dt:.1f}s")
+        load.append(os.getloadavg()[0])
+    tokens = sum(len(r) for _, _, r in outs["plain"])
+    n = len(outs["plain"])
+    res = {"model": model, "samples": n, "tokens": tokens, "spec_tokens": a.spec_tokens, "repeats": a.repeats,
+           "identical": all(o == outs["plain"] for o in outs.values()), "cpu_s": best,
+           "tok_per_s": {m: tokens / t for m, t in best.items()}, "samples_per_s": {m: n / t for m, t in best.items()},
+           "speedup": {m: best["plain"] / t for m, t in best.items()}, "metrics": metrics, "load_avg": load,
+           "clock": "process CPU time", "threads": torch.get_num_threads()}
+    (Path(a.out) / "specpause.json").write_text(json.dumps(res, indent=2))
+    log(json.dumps({k: res[k] for k in ("samples", "tokens", "identical", "tok_per_s", "speedup")}))
+    return res
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["all", "sft", "accept", "throughput"])
+    p.add_argument("stage", choices=["all", "sft", "accept", "throughput", "specpause"])
     p.add_argument("--out", default="runs/bench_rl")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--vocab", type=int, default=512)
@@ -381,6 +435,11 @@ def main():
     p.add_argument("--updates-per-batch", type=int, default=1, help="optimiser steps per rollout batch")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tp-only", default="", help="comma list of THROUGHPUT_PLAN names to run")
+    p.add_argument("--spec-groups", type=int, default=16, help="specpause: groups in the rollout batch")
+    p.add_argument("--spec-max-new-tokens", type=int, default=80, help="specpause: response budget")
+    p.add_argument("--spec-tokens", type=int, default=3, help="specpause: MTP drafts per step")
+    p.add_argument("--spec-pause", type=int, nargs="*", default=[4, 8, 16],
+                   help="specpause: spec_disable_batch_size values (pause drafting above N sequences)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     Path(a.out).mkdir(parents=True, exist_ok=True)
@@ -392,6 +451,8 @@ def main():
         results["accept"] = stage_accept(a)
     if a.stage in ("all", "throughput"):
         results["throughput"] = stage_throughput(a)
+    if a.stage == "specpause":
+        results["specpause"] = stage_spec_pause(a)
     results_path.write_text(json.dumps(results, indent=2, default=str))
 
 
