@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 PROMPT_SCORE_ROWS = 256  # prompt positions scored per LM-head call (bounds the [rows, vocab] logits)
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: compared by identity (field-by-field equality cost ~13% of a 128-seq step)
 class _Request:
     request_id: str
     prompt: str | None
@@ -362,7 +362,7 @@ class LLMEngine:
                 rm["spec_draft_tokens"] = rm.get("spec_draft_tokens", 0) + len(s.draft_ids)
                 rm["spec_accepted_tokens"] = rm.get("spec_accepted_tokens", 0) + accepted
         # ---- commit
-        touched: list[_Request] = []
+        touched: dict[int, _Request] = {}  # requests with news this step, by id(), in first-touched order
         spec_items, spec_kmax = [], []
         off = 0
         for i, s in enumerate(items):
@@ -375,8 +375,7 @@ class LLMEngine:
                 self.stats["failed_sequences"] = self.stats.get("failed_sequences", 0) + 1
                 self._finish_seq(seq, "error", failed[i])
                 req = self._seq_req[seq.seq_id]
-                if req not in touched:
-                    touched.append(req)
+                touched.setdefault(id(req), req)
             elif i in sampled:
                 toks, lps = sampled[i]
                 seq.num_computed_tokens = c_old + s.num_new_tokens + len(toks) - 1  # fed + accepted drafts
@@ -385,8 +384,7 @@ class LLMEngine:
                     if seq.is_finished:
                         break
                 req = self._seq_req[seq.seq_id]
-                if req not in touched:
-                    touched.append(req)
+                touched.setdefault(id(req), req)
             else:
                 seq.num_computed_tokens = c_old + s.num_new_tokens
             if s.draft_ids or i in sampled or i in failed:  # consumed; a recompute chunk keeps pending drafts
@@ -412,7 +410,7 @@ class LLMEngine:
             for seq, _, _ in spec_items:
                 self.block_manager.register_full_blocks(seq, self.proposer.committed(seq))
         outs = []
-        for req in touched:
+        for req in touched.values():
             if all(s.is_finished for s in req.seqs):
                 outs.append(self._finish_request(req, delta))
             else:
