@@ -213,9 +213,10 @@ class LLMEngine:
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self.rng))
             # a seeded request's randomness is its seed (position-keyed noise, glm5/engine/sampler.py), so its tokens
-            # do not depend on speculation; an unseeded one's a stream, which rejection sampling consumes
-            gen = None if params.greedy else int(seed) if params.seed is not None else \
-                torch.Generator(device=self.device).manual_seed(seed)
+            # do not depend on speculation; an unseeded one's is a stream, which rejection sampling consumes
+            gen = None
+            if not params.greedy:
+                gen = int(seed) if params.seed is not None else torch.Generator(device=self.device).manual_seed(seed)
             seq = Sequence(request_id, i, ids, params, gen, time.monotonic())
             seq.priority = int(priority)
             if self.tokenizer is not None:
