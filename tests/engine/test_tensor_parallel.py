@@ -204,6 +204,7 @@ def test_two_ranks_generate_what_one_process_generates(ckpt, fp8_ckpt, tmp_path)
     assert rank0["mtp"]["acceptance"] == one["mtp"]["acceptance"]
 
 
+@pytest.mark.slow  # ~20 s of torchrun start-up; the engine under two ranks is covered by the test above
 def test_generate_cli_under_torchrun_prints_once(ckpt):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["generate", "--model", str(ckpt), "--prompt-ids", "1,2,3,4", "--max-tokens", "8", "--ignore-eos"]

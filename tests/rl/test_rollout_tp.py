@@ -280,7 +280,7 @@ def test_a_killed_trainer_leaves_no_rollout_process(model_dir, tmp_path, state):
         trainer.wait()
 
 
-@pytest.mark.parametrize("victim", ["driver", "follower"])
+@pytest.mark.parametrize("victim", [pytest.param("driver", marks=pytest.mark.slow), "follower"])
 def test_a_killed_rank_ends_the_other_and_fails_the_client(model_dir, tok, tasks, victim):
     """SIGKILL one rank mid-generation. Rank 0 killed: the follower, blocked in a collective that will never
     complete, exits on its own. The follower killed: rank 0's next collective fails, it reports the error and

@@ -141,6 +141,7 @@ def drive(vocab, tools, seed: int, walks: int, length: int, size: int | None = N
     return seen
 
 
+@pytest.mark.slow  # ~22 s; the tool grammar's states are also compared state by state in the default suite
 def test_value_states_allow_what_the_old_implementation_allowed(vocab):
     """Every value kind, at budgets that bind (short walks) and that do not."""
     seen = drive(vocab, TEXT_TOOLS, seed=0, walks=10, length=25) + drive(vocab, TEXT_TOOLS, seed=1, walks=12, length=70)
