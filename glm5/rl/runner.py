@@ -36,6 +36,7 @@ from glm5.rl.rewards import load_reward_fn
 from glm5.rl.rollout import RolloutConfig, build_rollout_engine
 from glm5.rl.rollout_client import LocalRolloutClient, ProcessRolloutClient
 from glm5.rl.rollout_pool import RolloutPool, launch_process_pool
+from glm5.rl.rollout_tp import check_rollout_gpus
 from glm5.rl.rollout_worker import WorkerSpec
 from glm5.rl.tasks import build_messages, load_tasks, save_tasks, train_eval_split
 from glm5.rl.tools import get_tools
@@ -213,8 +214,6 @@ def make_client(cfg: RLConfig, policy, tokenizer, rollout_threads: int):
         return LocalRolloutClient(ro)
     transport = cfg.weight_sync if cfg.placement == "process" else "dist"
     if cfg.placement == "process":  # Ray places its actors on GPUs itself
-        from glm5.rl.rollout_tp import check_rollout_gpus
-
         check_rollout_gpus(cfg.rollout_device, cfg.rollout_workers, cfg.rollout_tp)
 
     def spec():
