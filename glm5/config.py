@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GLM5Config", "ConfigError", "preset", "PRESETS"]
+__all__ = ["GLM5Config", "ConfigError", "preset", "PRESETS", "default_cache_dir"]
+
+
+def default_cache_dir() -> str:
+    """Where glm5 keeps what it can rebuild (tokenised data, trained tokenizers, CPU layout decisions): ``$GLM5_CACHE``,
+    else ``~/.cache/glm5``."""
+    return os.environ.get("GLM5_CACHE", str(Path.home() / ".cache" / "glm5"))
 
 
 _HF_ROPE_THETA = 10000.0  # transformers' rope_theta when a config.json gives none

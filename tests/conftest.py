@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Two cores on CI: keep torch from oversubscribing when tests run alongside subprocesses.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# The engine's CPU weight-layout decisions (glm5/engine/cpu_layout.py) go to a file of this test session, shared
+# with the subprocesses the tests start, never to the user's ~/.cache.
+if "GLM5_CPU_LAYOUT_CACHE" not in os.environ:
+    os.environ["GLM5_CPU_LAYOUT_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="glm5-tests-"), "cpu_layout.json")
 
 
 @pytest.fixture

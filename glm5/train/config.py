@@ -22,14 +22,12 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from glm5.config import default_cache_dir
+
 __all__ = ["TrainConfig", "DSA_STAGES", "default_cache_dir"]
 
 DSA_STAGES = ("dense", "indexer-warmup", "sparse")
 MODES = ("pretrain", "sft")
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("GLM5_CACHE", str(Path.home() / ".cache" / "glm5"))
 
 
 @dataclass

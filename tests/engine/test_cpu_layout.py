@@ -1,6 +1,13 @@
 """Column-major CPU weight storage changes strides only: same values, same model outputs, same engine tokens, and
 checkpoints written from such a model load back equal."""
 
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,10 +18,16 @@ from glm5.engine import cpu_layout
 from .conftest import make_model, prompts, ref_greedy
 
 
+@pytest.fixture(autouse=True)
+def own_decisions(monkeypatch, tmp_path):
+    """Each test starts with no decisions, in the process or on disk."""
+    monkeypatch.setattr(cpu_layout, "_CHOICE", {})
+    monkeypatch.setenv("GLM5_CPU_LAYOUT_CACHE", str(tmp_path / "cpu_layout.json"))
+
+
 @pytest.fixture
 def all_column(monkeypatch):
     """Every shape decides for column-major, whatever this machine's timings say."""
-    monkeypatch.setattr(cpu_layout, "_CHOICE", {})
     monkeypatch.setattr(cpu_layout, "_column_major_wins", lambda shape, repeats: True)
 
 
@@ -73,7 +86,6 @@ def test_row_layout_leaves_the_model_alone_and_bad_values_are_refused(all_column
 
 def test_the_timing_decision_is_made_once_per_shape(monkeypatch):
     calls = []
-    monkeypatch.setattr(cpu_layout, "_CHOICE", {})
     monkeypatch.setattr(cpu_layout, "_column_major_wins", lambda shape, repeats: calls.append(shape) or False)
     model = make_model(seed=1)
     first = cpu_layout.tune_linear_layouts(model)
@@ -82,3 +94,84 @@ def test_the_timing_decision_is_made_once_per_shape(monkeypatch):
     cpu_layout.tune_linear_layouts(make_model(seed=2))
     assert len(calls) == n  # a second engine on the same shapes reuses the decisions
     assert all(w.is_contiguous() for w in _linears(model).values())  # "row" everywhere: nothing moved
+
+
+# ---- decisions are the machine's, not the process's ----------------------------------------------------------
+
+def _no_timing(shape, repeats):
+    raise AssertionError(f"{shape} was timed again")
+
+
+def test_decisions_are_written_once_and_read_back(monkeypatch, tmp_path):
+    verdict = {}  # an arbitrary but fixed decision per shape, unlike a timing
+    monkeypatch.setattr(cpu_layout, "_column_major_wins", lambda shape, repeats: verdict.setdefault(shape, sum(shape) % 3 == 0))
+    first = cpu_layout.tune_linear_layouts(make_model(seed=1))
+    saved = json.loads((tmp_path / "cpu_layout.json").read_text())
+    (entry,) = saved.values()
+    assert entry["torch"] == torch.__version__
+    threads = torch.get_num_threads()
+    assert entry["layouts"] == {f"{a}x{b}@{threads}": v for (a, b), v in first.items()}
+    monkeypatch.setattr(cpu_layout, "_CHOICE", {})  # a new process, as far as the module can tell
+    monkeypatch.setattr(cpu_layout, "_column_major_wins", _no_timing)
+    assert cpu_layout.tune_linear_layouts(make_model(seed=2)) == first
+
+
+def test_another_machines_decisions_are_not_used(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_layout, "_column_major_wins", lambda shape, repeats: True)
+    cpu_layout.tune_linear_layouts(make_model(seed=1))
+    monkeypatch.setattr(cpu_layout, "_CHOICE", {})
+    monkeypatch.setattr(cpu_layout, "machine_fingerprint", lambda: "another-cpu")
+    monkeypatch.setattr(cpu_layout, "_column_major_wins", lambda shape, repeats: False)
+    assert set(cpu_layout.tune_linear_layouts(make_model(seed=1)).values()) == {"row"}
+    assert len(json.loads((tmp_path / "cpu_layout.json").read_text())) == 2  # both machines kept
+
+
+@pytest.mark.parametrize("damage", [b"{\"abc", b"[1, 2]", b"{\"x\": 3}", b"\xff\xfe"])
+def test_a_damaged_file_is_timed_again_and_rewritten(monkeypatch, tmp_path, damage, caplog):
+    path = tmp_path / "cpu_layout.json"
+    path.write_bytes(damage)
+    monkeypatch.setattr(cpu_layout, "machine_fingerprint", lambda: "x")  # "x": 3 is then this machine's entry
+    monkeypatch.setattr(cpu_layout, "_column_major_wins", lambda shape, repeats: True)
+    layout = cpu_layout.tune_linear_layouts(make_model(seed=1))
+    assert set(layout.values()) == {"column"}
+    assert json.loads(path.read_text())["x"]["layouts"]  # valid again, with this machine's decisions
+
+
+def test_off_and_unwritable_locations_decide_in_the_process(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(cpu_layout, "_column_major_wins", lambda shape, repeats: True)
+    monkeypatch.setenv("GLM5_CPU_LAYOUT_CACHE", "off")
+    assert cpu_layout.decisions_path() is None
+    assert set(cpu_layout.tune_linear_layouts(make_model(seed=1)).values()) == {"column"}
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(cpu_layout, "_CHOICE", {})
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("GLM5_CPU_LAYOUT_CACHE", str(tmp_path / "a_file" / "cpu_layout.json"))  # its parent is a file
+    with caplog.at_level(logging.WARNING, logger="glm5.engine.cpu_layout"):
+        assert set(cpu_layout.tune_linear_layouts(make_model(seed=1)).values()) == {"column"}
+    assert "not persisted" in caplog.text
+
+
+# Two processes meeting the same shapes at the same moment: each "timing" is a coin toss that takes a while, so
+# without the lock they would disagree on some of the ~10 shapes; with it the second reads the first's answers.
+_RACER = """
+import json, random, sys, time
+from glm5.engine import cpu_layout
+from tests.engine.conftest import make_model
+def coin(shape, repeats):
+    time.sleep(0.05)
+    return random.random() < 0.5
+cpu_layout._column_major_wins = coin
+layout = cpu_layout.tune_linear_layouts(make_model(seed=1))
+print(json.dumps({f"{a}x{b}": v for (a, b), v in layout.items()}))
+"""
+
+
+def test_processes_started_together_make_the_same_decisions(tmp_path):
+    env = {**os.environ, "GLM5_CPU_LAYOUT_CACHE": str(tmp_path / "cpu_layout.json"), "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).resolve().parents[2]
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER], env=env, cwd=repo, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    a, b = (json.loads(o.strip().splitlines()[-1]) for o in outs)
+    assert len(a) >= 5 and a == b
