@@ -33,6 +33,15 @@ def sse(obj) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
+def _stream_failure(rid: str, e: Exception) -> bytes:
+    """The last event of a stream that failed after its 200 went out: the engine's error (500) or a bad value (400),
+    in OpenAI's error object."""
+    log.warning("stream %s failed: %s", rid, e)
+    if isinstance(e, RuntimeError):
+        return sse(APIError(500, str(e), code="engine_error").body())
+    return sse(APIError(400, str(e), code="invalid_value").body())
+
+
 async def _watch_disconnect(request: Request, gen: Generation) -> None:
     """Abort the generation when the client disconnects (works while the engine is silent too)."""
     try:
@@ -136,9 +145,7 @@ async def _chat_stream(state: ServerState, request: Request, gen: Generation, in
         yield sse(e.body())
         yield SSE_DONE
     except (ValueError, RuntimeError) as e:
-        log.warning("stream %s failed: %s", rid, e)
-        yield sse(APIError(500 if isinstance(e, RuntimeError) else 400, str(e),
-                           code="engine_error" if isinstance(e, RuntimeError) else "invalid_value").body())
+        yield _stream_failure(rid, e)
         yield SSE_DONE
     finally:
         watcher.cancel()
@@ -271,8 +278,7 @@ async def _completion_stream(state: ServerState, request: Request, gen: Generati
         yield sse(e.body())
         yield SSE_DONE
     except (ValueError, RuntimeError) as e:
-        log.warning("stream %s failed: %s", rid, e)
-        yield sse(APIError(500 if isinstance(e, RuntimeError) else 400, str(e)).body())
+        yield _stream_failure(rid, e)
         yield SSE_DONE
     finally:
         watcher.cancel()

@@ -300,8 +300,10 @@ def test_dead_engine_is_503(model_dir):
         assert_error(httpx.post(srv.url + "/v1/chat/completions", json={"messages": HI}), 503, "engine_unavailable")
 
 
-def test_engine_failure_mid_stream_is_reported_in_stream(model_dir):
-    """FAULT INJECTION: the engine raises after two outputs; the stream carries an error event, then [DONE]."""
+@pytest.mark.parametrize("route,body", [("chat/completions", {"messages": HI}), ("completions", {"prompt": "Hi"})])
+def test_engine_failure_mid_stream_is_reported_in_stream(model_dir, route, body):
+    """FAULT INJECTION: the engine raises after two outputs; the stream carries an error event (500,
+    "engine_error", the same on both routes), then [DONE]."""
     from glm5.serve.backend import EngineBackend
 
     class Failing(EngineBackend):
@@ -315,15 +317,14 @@ def test_engine_failure_mid_stream_is_reported_in_stream(model_dir):
 
     app, backend = make_app(model_dir, backend_cls=Failing)
     with ServerThread(app) as srv:
-        r = httpx.post(srv.url + "/v1/chat/completions", timeout=30,
-                       json={"messages": HI, "max_tokens": 50, "ignore_eos": True, "stream": True})
+        r = httpx.post(f"{srv.url}/v1/{route}", timeout=30,
+                       json={**body, "max_tokens": 50, "ignore_eos": True, "stream": True})
         assert r.status_code == 200
         events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
         err = json.loads(events[-2])["error"]
-        assert "injected engine failure" in err["message"]
-        r = httpx.post(srv.url + "/v1/chat/completions", timeout=30,
-                       json={"messages": HI, "max_tokens": 50, "ignore_eos": True})
+        assert "injected engine failure" in err["message"] and err["code"] == "engine_error"
+        r = httpx.post(f"{srv.url}/v1/{route}", timeout=30, json={**body, "max_tokens": 50, "ignore_eos": True})
         assert_error(r, 503, "engine_unavailable")
         deadline = time.monotonic() + 10
         while backend.engine.num_unfinished_requests and time.monotonic() < deadline:
