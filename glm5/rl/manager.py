@@ -183,28 +183,35 @@ class RolloutManager:
                 + st.dropped_at_resume_groups)
 
     # ------------------------------------------------------------------------------------- collect
-    def _collect(self, B: int, keep_generating: bool) -> list:
-        """Block until B groups are ready (topping up submissions as groups are filtered out); with
-        ``keep_generating=False`` leftover in-flight samples are interrupted and returned to the buffer."""
-        t0 = time.perf_counter()
-        last_progress = time.perf_counter()
-        while True:
-            batch = self.buffer.pop_batch(B, self.trainer.version)
-            if batch is not None:
-                break
-            need = B - self.buffer.num_ready - self._open_groups + self.cfg.over_sampling
-            if need > 0 or self.buffer.num_resumable:
-                self._submit(max(need, 0))
+    def _wait_for_batch(self, B: int, top_up) -> list:
+        """Handle rollout events until B groups are ready, calling ``top_up()`` (submit more groups) before each
+        poll; the wait counts as trainer idle time. A rollout side silent for ``max_wait_s`` is an error."""
+        t0 = last_progress = time.perf_counter()
+        while (batch := self.buffer.pop_batch(B, self.trainer.version)) is None:
+            top_up()
             evs = self.client.poll(self.cfg.poll_timeout)
             if evs:
                 last_progress = time.perf_counter()
                 self._handle(evs)
             elif time.perf_counter() - last_progress > self.cfg.max_wait_s:
                 raise TimeoutError(f"no rollout progress for {self.cfg.max_wait_s:.0f}s")
+        self.trainer_wait_s += time.perf_counter() - t0
+        return batch
+
+    def _collect(self, B: int, keep_generating: bool) -> list:
+        """Block until B groups are ready (topping up submissions as groups are filtered out); with
+        ``keep_generating=False`` leftover in-flight samples are interrupted and returned to the buffer."""
+        def top_up():
+            need = B - self.buffer.num_ready - self._open_groups + self.cfg.over_sampling
+            if need > 0 or self.buffer.num_resumable:
+                self._submit(max(need, 0))
+
+        batch = self._wait_for_batch(B, top_up)
         if not keep_generating and self.inflight > 0:
+            t0 = time.perf_counter()
             self._return_partial(self.client.abort())
             self._handle(self.client.poll(0))
-        self.trainer_wait_s += time.perf_counter() - t0
+            self.trainer_wait_s += time.perf_counter() - t0
         return batch
 
     def _async_admit(self) -> None:
@@ -215,23 +222,6 @@ class RolloutManager:
             room = min(room, (self.cfg.tau + self.trainer.version + 1) * B - produced)
         if room > 0 or self.buffer.num_resumable:
             self._submit(max(room, 0))
-
-    def _collect_async(self, B: int) -> list:
-        t0 = time.perf_counter()
-        last_progress = time.perf_counter()
-        while True:
-            batch = self.buffer.pop_batch(B, self.trainer.version)
-            if batch is not None:
-                break
-            self._async_admit()
-            evs = self.client.poll(self.cfg.poll_timeout)
-            if evs:
-                last_progress = time.perf_counter()
-                self._handle(evs)
-            elif time.perf_counter() - last_progress > self.cfg.max_wait_s:
-                raise TimeoutError(f"no rollout progress for {self.cfg.max_wait_s:.0f}s")
-        self.trainer_wait_s += time.perf_counter() - t0
-        return batch
 
     # ---------------------------------------------------------------------------------------- push
     def _push(self) -> None:
@@ -332,7 +322,7 @@ class RolloutManager:
         else:
             for step in steps:
                 t = time.perf_counter()
-                batch = self._collect_async(B)
+                batch = self._wait_for_batch(B, self._async_admit)
                 self._async_admit()  # keep the rollout side busy while training
                 rec = self._train(step, batch, t)
                 self._handle(self.client.poll(0))
