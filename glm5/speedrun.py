@@ -356,7 +356,9 @@ class Speedrun:
 
         base = LLM(str(self.stage_dir("sparse") / "hf"), device=self.p.device, max_model_len=512)
         prompts = ["ROMEO.\n", "To be, or not to be", "KING HENRY.\nMy lords,"]
-        sp = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=60, seed=0)
+        # a seed per prompt: one seed fixes each position's random numbers, so three prompts sharing it would
+        # continue in near-lockstep wherever the model's distributions are alike
+        sp = [SamplingParams(temperature=0.8, top_p=0.95, max_tokens=60, seed=i) for i in range(len(prompts))]
         base_out = [p + o.outputs[0].text for p, o in zip(prompts, base.generate(prompts, sp, use_tqdm=False))]
         chat = LLM(str(self.out / "final"), device=self.p.device, max_model_len=512)
         questions = ["Calculate 7 * 8.", "Calculate 9 - 4.", "Calculate 6 + 7.",

@@ -88,7 +88,9 @@ class SamplingParams:
         ``include_stop_str_in_output``. stop_token_ids: extra ids that end generation (kept in token_ids).
     ignore_eos: do not stop on the model's EOS ids.
     seed: per-request RNG seed; the same seed gives the same tokens whatever else is in the batch.
-        With n > 1, completion i uses seed + i.
+        With n > 1, completion i uses seed + i. The seed fixes the random numbers of each output position
+        (glm5/engine/sampler.py), so requests for different prompts with one seed are not independent draws:
+        where their distributions are alike they tend to pick alike. Give each prompt its own seed.
     logprobs: return the log-probabilities (of the raw model distribution, or with the engine's
         ``logprobs_mode="processed_logprobs"`` of the distribution it was sampled from) of each sampled token plus the
         ``logprobs`` most likely alternatives (0 = only the sampled token, None = none).
