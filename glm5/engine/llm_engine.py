@@ -296,9 +296,12 @@ class LLMEngine:
         items = sched.scheduled
         plain_decode = all(s.num_new_tokens == 1 and not s.draft_ids and s.completes for s in items)
         hidden = None
-        if plain_decode and self.proposer is None:
+        if plain_decode:  # one token per sequence, each row sampled: no row selection, no prompt to score
             chunks = [Chunk(s.seq.block_table, s.seq.num_computed_tokens, s.seq.token_ids[-1:]) for s in items]
-            logits = self.runner.decode_logits(chunks)
+            if self.proposer is None:
+                logits = self.runner.decode_logits(chunks)
+            else:  # the MTP caches need the hidden states (drafting paused, or no sequence wanted drafts)
+                hidden, logits = self.runner.decode(chunks)
             row_of = list(range(len(items)))
             nrows = [1] * len(items)
         else:
@@ -364,7 +367,7 @@ class LLMEngine:
                 rm["spec_accepted_tokens"] = rm.get("spec_accepted_tokens", 0) + accepted
         # ---- commit
         touched: dict[int, _Request] = {}  # requests with news this step, by id(), in first-touched order
-        spec_items, spec_kmax = [], []
+        spec_items, spec_want = [], []
         off = 0
         for i, s in enumerate(items):
             seq = s.seq
@@ -392,23 +395,23 @@ class LLMEngine:
                 seq.draft_token_ids, seq.draft_probs = [], None
             if seq.is_finished:
                 self.scheduler.finish(seq)
-            else:
-                if self.proposer is not None:
-                    committed = seq.num_computed_tokens - c_old
-                    spec_items.append((seq, hidden[off:off + committed], c_old))
-                    # draft only right after a sampled token: a prefill chunk that stops one token short
-                    # must not turn the next sample into a verification (see glm5.engine.scheduler)
-                    spec_kmax.append(self._max_drafts(seq) if seq.in_decode and i in sampled else 0)
-                self.block_manager.register_full_blocks(
-                    seq, self.proposer.committed(seq) if self.proposer else seq.num_computed_tokens)
+            elif self.proposer is None:
+                self.block_manager.register_full_blocks(seq, seq.num_computed_tokens)
+            else:  # its rows hidden[off:] feed the MTP caches; its blocks are published once those are final too
+                spec_items.append((seq, off, c_old))
+                # draft only right after a sampled token: a prefill chunk that stops one token short
+                # must not turn the next sample into a verification (see glm5.engine.scheduler)
+                spec_want.append(seq.in_decode and i in sampled)
             off += width
         if spec_items:
             pause = 0 < self.config.spec_disable_batch_size < len(self.scheduler.running)
             if pause:  # every request: greedy and seeded tokens do not depend on drafts, unseeded ones promise nothing
-                spec_kmax = [0] * len(spec_kmax)
+                spec_kmax = [0] * len(spec_items)
                 self.stats["spec_paused_steps"] += 1
-            self.proposer.propose(spec_items, spec_kmax, defer=pause)
-            for seq, _, _ in spec_items:
+            else:
+                spec_kmax = [self._max_drafts(seq) if want else 0 for (seq, _, _), want in zip(spec_items, spec_want)]
+            # only sequences whose MTP caches ran can have newly final blocks (committed() is their minimum)
+            for seq in self.proposer.propose(hidden, spec_items, spec_kmax, defer=pause):
                 self.block_manager.register_full_blocks(seq, self.proposer.committed(seq))
         outs = []
         for req in touched.values():
@@ -416,18 +419,21 @@ class LLMEngine:
                 outs.append(self._finish_request(req, delta))
             else:
                 outs.append(self._make_output(req, delta))
-        if self.kv_cache.scratch is not None and not self.scheduler.has_unfinished():
-            self.runner.idle()  # give the gather buffers back (see GatherScratch)
+        if not self.scheduler.has_unfinished():
+            if self.kv_cache.scratch is not None:
+                self.runner.idle()  # give the gather buffers back (see GatherScratch)
+            if self.proposer is not None:
+                self.proposer.held.prune()  # and the rows held for a pause, if it outlived every sequence
         return outs
 
     def _graph_verify(self, items, chunks) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A decode step with MTP drafts (each sequence: its last token + up to k drafts) through the CUDA graphs
-        for k + 1 rows per sequence (1 when no sequence has drafts) -> (hidden, logits) of every row; None when it
-        is not such a step or no graph applies."""
+        for k + 1 rows per sequence -> (hidden, logits) of every row; None when it is not such a step or no graph
+        applies. (A decode step without drafts is a plain one: ``ModelRunner.decode``.)"""
         graphs = self.runner.graphs
         if graphs is None or not all(s.num_new_tokens == 1 and s.completes for s in items):
             return None
-        return graphs.run_rows(chunks, 1 + self.k if any(s.draft_ids for s in items) else 1)
+        return graphs.run_rows(chunks, 1 + self.k)
 
     def _mask_min_tokens(self, logits, items, row_of, nrows):
         """min_tokens: EOS and stop ids cannot be chosen before the output has min_tokens tokens (as vLLM). Rows

@@ -166,9 +166,14 @@ class ModelRunner:
     # ------------------------------------------------------------------------------- one-call decode
     def decode_logits(self, chunks: list[Chunk]) -> torch.Tensor:
         """Plain decode (one token per sequence) -> logits [B,V]; replays a CUDA graph when one fits."""
+        return self.decode(chunks)[1]
+
+    def decode(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plain decode -> (final hidden states [B,H], logits [B,V]): every row is sampled, so no row selection."""
         if self.graphs is not None:
-            out = self.graphs.run(chunks)
+            out = self.graphs.run_rows(chunks, 1)
             if out is not None:
                 return out
         ids, pos, batch = self.build(chunks)
-        return self.logits(self.forward(ids, pos, batch))
+        hidden = self.forward(ids, pos, batch)
+        return hidden, self.logits(hidden)

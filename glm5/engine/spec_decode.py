@@ -107,14 +107,92 @@ class SpecState:
     """Per-sequence MTP bookkeeping, for the D depths kept in the cache (D = k recursive, 1 chained).
     mtp_len[d] (d = 1..D): positions with committed depth-d cache entries;
     hbuf[d] (d = 0..D-1): committed h^d rows for positions [mtp_len[d+1], end_d) not yet consumed by depth
-    d+1 (end_0 = the main cache length, end_d = mtp_len[d]). ``deferred``: h^0 rows that follow hbuf[0], held
-    back while drafting is paused (a list: appending must not copy the backlog every step)."""
+    d+1 (end_0 = the main cache length, end_d = mtp_len[d]). ``held``: where the h^0 rows that follow hbuf[0],
+    held back while drafting is paused, lie in the proposer's ``HeldRows`` (indices into its buffer)."""
 
     def __init__(self, k: int, start: int = 0):
         self.mtp_len = [start] * (k + 1)
         self.hbuf: list[torch.Tensor | None] = [None] * (k + 1)
-        self.deferred: list[torch.Tensor] = []
-        self.num_deferred = 0
+        self.held: list[int] = []
+
+
+class HeldRows:
+    """The h^0 rows sequences hold back while drafting is paused, appended step after step to one buffer ``buf``
+    [cap, H] (rows [0, top) written); each sequence keeps the indices of its own rows (``SpecState.held``). A paused
+    step costs one copy of its rows, contiguous (a slice of the step's hidden states when, as in decoding, every
+    row is held), and a list append per sequence. (A tensor per sequence and step, as before, cost a copy kernel and
+    a live Python object each: 2% of a 128-sequence CPU decode, and earlier full garbage collections, ~70 ms each;
+    benchmarks/rl.md §5.)
+    When the buffer is full, the rows of the sequences still holding are compacted to its front (those of sequences
+    that finished, were preempted or caught up are dropped) and it is sized to twice what remains with the step's
+    rows: it never exceeds twice the most rows live sequences held at once (each at most MAX_DEFERRED_ROWS), and a
+    row is copied O(1) times on average."""
+
+    def __init__(self):
+        self.buf: torch.Tensor | None = None
+        self.top = 0
+        self.holders: dict[int, tuple[Sequence, SpecState]] = {}  # seq_id -> a sequence holding rows, and its state
+
+    def put(self, hidden: torch.Tensor, holds: list[tuple[Sequence, int, int]]) -> None:
+        """holds: (sequence, first row in ``hidden`` [N,H], rows): append those rows to each sequence's backlog."""
+        total = sum(n for _, _, n in holds)
+        if self.buf is None or self.top + total > self.buf.shape[0]:
+            self._compact(hidden, total)
+        top, first = self.top, holds[0][1]
+        src, contiguous = [], True
+        for seq, row, n in holds:
+            st = seq.spec
+            if not st.held:
+                self.holders[seq.seq_id] = (seq, st)
+            contiguous = contiguous and row == first + top - self.top
+            if n == 1:  # a decode step's one row: no ranges to build
+                st.held.append(top)
+                src.append(row)
+            else:
+                st.held.extend(range(top, top + n))
+                src.extend(range(row, row + n))
+            top += n
+        out = self.buf[self.top:top]
+        if contiguous:
+            out.copy_(hidden[first:first + total])
+        else:
+            out.copy_(hidden.index_select(0, torch.tensor(src, dtype=torch.long, device=hidden.device)))
+        self.top = top
+
+    def take(self, seq: Sequence) -> torch.Tensor | None:
+        """The sequence's held rows [n,H] (a copy), no longer held."""
+        st = seq.spec
+        if not st.held:
+            return None
+        rows = self.buf.index_select(0, torch.tensor(st.held, dtype=torch.long, device=self.buf.device))
+        st.held = []
+        del self.holders[seq.seq_id]
+        return rows
+
+    def prune(self) -> None:
+        """Forget the sequences that are gone, and free the buffer when no live one holds rows."""
+        self.holders = {i: (seq, st) for i, (seq, st) in self.holders.items() if _holds(seq, st)}
+        if not self.holders:
+            self.buf, self.top = None, 0
+
+    def _compact(self, hidden: torch.Tensor, extra: int) -> None:
+        """The live sequences' rows to the front of a buffer with room for twice them and ``extra`` more rows."""
+        self.prune()
+        keep = [i for _, st in self.holders.values() for i in st.held]
+        buf = hidden.new_empty(max(64, 2 * (len(keep) + extra)), hidden.shape[-1])
+        if keep:
+            buf[:len(keep)] = self.buf.index_select(0, torch.tensor(keep, dtype=torch.long, device=self.buf.device))
+        top = 0
+        for _, st in self.holders.values():  # (the order ``keep`` was gathered in)
+            st.held = list(range(top, top + len(st.held)))
+            top += len(st.held)
+        self.buf, self.top = buf, top
+
+
+def _holds(seq: Sequence, st: SpecState) -> bool:
+    """``st`` is still ``seq``'s state and holds rows: not finished, preempted (spec None), readmitted (a new
+    SpecState) or caught up."""
+    return bool(st.held) and seq.spec is st and not seq.is_finished
 
 
 DRAFT_MODES = ("chain", "recursive")
@@ -144,6 +222,7 @@ class MTPProposer:
         self.k = num_spec_tokens
         self.stop_gap = stop_gap  # greedy drafting stops after a draft with a top-2 logit gap below this (0 = never)
         self.depths = mtp_cache_layers(num_spec_tokens, draft_mode)  # depths kept in the cache (and caught up)
+        self.held = HeldRows()  # h^0 rows held back while drafting is paused
 
     def reset(self, seq: Sequence, start: int = 0) -> None:
         seq.spec = SpecState(self.depths, start)
@@ -154,35 +233,41 @@ class MTPProposer:
         return min([seq.num_computed_tokens] + (st.mtp_len[1:] if st else [0]))
 
     @torch.inference_mode()
-    def propose(self, items: list[tuple[Sequence, torch.Tensor, int]], max_drafts: list[int],
-                defer: bool = False) -> None:
+    def propose(self, hidden: torch.Tensor, items: list[tuple[Sequence, int, int]], max_drafts: list[int],
+                defer: bool = False) -> list[Sequence]:
         """Bring the MTP caches up to date and draft for decoding sequences.
 
-        items: (sequence, hidden rows [m,H] of its newly committed main positions, first such position).
+        hidden [N,H]: the step's final hidden states. items: (sequence, its first row in ``hidden``, first newly
+        committed position p0); its rows hidden[row : row + num_computed_tokens - p0] are h^0 of positions p0...
         max_drafts[i]: drafts wanted for item i (0 = none: still prefilling, or about to finish).
-        defer: drafting is paused (a large batch): items that want no drafts only keep their new rows, and their
-        MTP caches catch up in one batched pass when drafting resumes (or at ``MAX_DEFERRED_ROWS``).
-        Sets ``seq.draft_token_ids`` and ``seq.draft_probs``.
+        defer: drafting is paused (a large batch): items that want no drafts only keep their new rows (``HeldRows``),
+        and their MTP caches catch up in one batched pass when drafting resumes (or at ``MAX_DEFERRED_ROWS``).
+        Sets ``seq.draft_token_ids`` and ``seq.draft_probs``. Returns the sequences whose MTP caches ran (the others
+        only held rows: their committed length did not move).
         """
-        works = []
-        for (seq, h_new, p0), kmax in zip(items, max_drafts):
+        works, holds = [], []
+        for (seq, row, p0), kmax in zip(items, max_drafts):
             st = seq.spec
-            prev = st.hbuf[0]
-            assert st.mtp_len[1] + (0 if prev is None else prev.shape[0]) + st.num_deferred == p0, \
-                "MTP catch-up out of sync"
-            if defer and not kmax and st.num_deferred + h_new.shape[0] <= MAX_DEFERRED_ROWS:
-                if h_new.shape[0]:
-                    st.deferred.append(h_new.clone())  # a copy: a view would pin the whole step's hidden states
-                    st.num_deferred += h_new.shape[0]
-                st.mtp_len[0] = seq.num_computed_tokens
+            n = seq.num_computed_tokens - p0
+            if defer and not kmax and len(st.held) + n <= MAX_DEFERRED_ROWS:
+                if n:
+                    holds.append((seq, row, n))
                 continue
-            rows = [t for t in [prev, *st.deferred, h_new] if t is not None]
-            st.deferred, st.num_deferred = [], 0
+            prev = st.hbuf[0]
+            # (checked where the rows are consumed: held steps are covered by the held rows' count)
+            assert st.mtp_len[1] + (0 if prev is None else prev.shape[0]) + len(st.held) == p0, \
+                "MTP catch-up out of sync"
+            st.mtp_len[0] = seq.num_computed_tokens  # (read by depth 1 only, so set only when it runs)
+            held = self.held.take(seq)
+            rows = [t for t in (prev, held, hidden[row:row + n]) if t is not None]
             w = _Work(seq, st, torch.cat(rows) if len(rows) > 1 else rows[0], kmax)
-            st.mtp_len[0] = seq.num_computed_tokens
             if kmax:  # a catch-up only (kmax 0) leaves pending drafts alone: a recompute verifies them next
                 seq.draft_token_ids, seq.draft_probs = [], None
             works.append(w)
+        if holds:
+            self.held.put(hidden, holds)
+        elif not defer:
+            self.held.prune()
         for d in range(1, self.depths + 1):
             self._depth(works, d)
         for d in range(self.depths + 1, self.k + 1):
@@ -190,6 +275,7 @@ class MTPProposer:
         for w in works:
             if w.dists:
                 w.seq.draft_probs = torch.stack(w.dists)
+        return [w.seq for w in works]
 
     def _depth(self, works: list["_Work"], d: int) -> None:
         """Run depth d for every sequence: its committed catch-up plus, when drafting, the tentative tail."""

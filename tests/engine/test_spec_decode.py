@@ -40,8 +40,8 @@ def test_drafts_follow_mtp_recursion_and_accepted_drafts_commit(nano, mode):
     orig = proposer.propose
     checked = []
 
-    def propose(items, kmax, defer=False):
-        orig(items, kmax, defer)
+    def propose(hidden, items, kmax, defer=False):
+        ran = orig(hidden, items, kmax, defer)
         for (seq, _, _), k in zip(items, kmax):
             if not k:
                 continue
@@ -51,6 +51,7 @@ def test_drafts_follow_mtp_recursion_and_accepted_drafts_commit(nano, mode):
             if k == 3:
                 oracle[2] = (oracle[2] + 1) % nano.config.vocab_size
             seq.draft_token_ids = oracle
+        return ran
 
     proposer.propose = propose
     outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
@@ -73,12 +74,13 @@ def test_draft_stop_gap_ends_greedy_drafts_after_a_close_call(nano, mode):
               spec_draft_stop_gap=gap)
     proposer, orig, counts = llm.engine.proposer, llm.engine.proposer.propose, []
 
-    def propose(items, kmax, defer=False):
-        orig(items, kmax, defer)
+    def propose(hidden, items, kmax, defer=False):
+        ran = orig(hidden, items, kmax, defer)
         for (seq, _, _), km in zip(items, kmax):
             if km:
                 assert seq.draft_token_ids == DRAFTS[mode](nano, seq.token_ids, km, stop_gap=gap)
                 counts.append(len(seq.draft_token_ids))
+        return ran
 
     proposer.propose = propose
     outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
@@ -111,8 +113,8 @@ def test_verification_and_drafting_through_the_cuda_graph_path(nano):
 
     refs = [p + ref_greedy(nano, p, n) for p in ps]
 
-    def checked(items, kmax, defer=False):
-        propose(items, kmax, defer)
+    def checked(hidden, items, kmax, defer=False):
+        ran = propose(hidden, items, kmax, defer)
         for (seq, _, _), k in zip(items, kmax):
             if k:
                 drafts = seq.draft_token_ids
@@ -120,6 +122,7 @@ def test_verification_and_drafting_through_the_cuda_graph_path(nano):
                 # then the right tokens, so that drafts are accepted and depth 1 catches up over several rows
                 ref = next(r for r in refs if r[: seq.num_prompt_tokens] == seq.prompt_token_ids)
                 seq.draft_token_ids = ref[seq.num_tokens:seq.num_tokens + len(drafts)]
+        return ran
 
     graphs.run_rows, llm.engine.proposer.propose = counted, checked
     outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
@@ -168,12 +171,13 @@ def test_prompts_shorter_than_the_draft_depth(nano, mode):
     proposer = llm.engine.proposer
     orig, checked = proposer.propose, []
 
-    def propose(items, kmax, defer=False):
-        orig(items, kmax, defer)
+    def propose(hidden, items, kmax, defer=False):
+        ran = orig(hidden, items, kmax, defer)
         for (seq, _, _), k in zip(items, kmax):
             if k:
                 checked.append(seq.draft_token_ids == DRAFTS[mode](nano, seq.token_ids, k))
             assert all(m >= 0 for m in seq.spec.mtp_len)
+        return ran
 
     proposer.propose = propose
     outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
@@ -197,13 +201,14 @@ def test_drafting_pauses_for_large_batches_and_resumes_with_caught_up_mtp_caches
     orig = proposer.propose
     log = []
 
-    def propose(items, kmax, defer=False):
-        orig(items, kmax, defer)
+    def propose(hidden, items, kmax, defer=False):
+        ran = orig(hidden, items, kmax, defer)
         log.append((defer, max(kmax)))
         for (seq, _, _), k in zip(items, kmax):
             if k and seq.draft_token_ids:
                 assert seq.draft_token_ids == DRAFTS[mode](nano, seq.token_ids, len(seq.draft_token_ids))
                 log.append("checked")
+        return ran
 
     proposer.propose = propose
     monkeypatch.setattr(spec_decode, "MAX_DEFERRED_ROWS", 8)  # one sequence also hits the backlog bound
