@@ -21,8 +21,10 @@
    benchmarks/rl.md runs it (``--spec-groups`` groups × ``--group-size`` samples of the RL train tasks, T = 1, seeded
    per sample as ``glm5 rl`` seeds them, ``--spec-max-new-tokens`` tokens, max_model_len 256), through one rollout
    engine per mode in one process: plain decoding, ``--spec-tokens`` drafts at every step, and drafts paused while
-   more than N (``--spec-pause``) sequences run. Process CPU time per mode, interleaved, best of ``--repeats``; the
-   samples of every mode must be token-identical (seeded tokens do not depend on speculation).
+   more than N (``--spec-pause``) sequences run. Process CPU time per mode, interleaved, best of ``--repeats``, each
+   run on a fresh prefix cache; the samples of every mode must be token-identical (seeded tokens do not depend on
+   speculation). ``--spec-model random`` runs a randomly initialised policy of the same shape instead of the SFT one
+   (the cost of each mode without the SFT run; its responses are longer).
 
 Everything lands in ``--out`` (JSON per stage, metrics.jsonl and plots of each run); ``results.json`` collects
 the headline numbers.
@@ -160,10 +162,9 @@ def sft_conversations(n: int, seed: int, idk_frac: float, hard_frac: float, cot_
     return convs
 
 
-def stage_sft(a) -> dict:
+def sft_data(a):
+    """The SFT conversations (data/sft.jsonl) and the BPE tokenizer trained on them -> the tokenizer."""
     from glm5.tokenizer import train_bpe
-    from glm5.train.config import TrainConfig
-    from glm5.train.trainer import train
 
     out = Path(a.out)
     (out / "data").mkdir(parents=True, exist_ok=True)
@@ -176,9 +177,26 @@ def stage_sft(a) -> dict:
     tok = train_bpe(texts, vocab_size=a.vocab)
     tok.save_pretrained(out / "tokenizer")
     log(f"SFT data: {len(convs)} conversations, tokenizer {tok.vocab_size} ids")
+    return tok
+
+
+def policy_config(vocab_size: int):
+    """The policy's shape: glm5-nano with the tokenizer's vocabulary and a DSA top-k past the rollout lengths."""
+    from glm5.config import preset
+
+    return preset("glm5-nano", vocab_size=vocab_size, index_topk=128)
+
+
+def stage_sft(a) -> dict:
+    from glm5.train.config import TrainConfig
+    from glm5.train.trainer import train
+
+    out = Path(a.out)
+    tok = sft_data(a)
     t0 = time.time()
-    cfg = TrainConfig(mode="sft", preset="glm5-nano", model_overrides={"vocab_size": tok.vocab_size,
-                                                                       "index_topk": 128},
+    shape = policy_config(tok.vocab_size)
+    cfg = TrainConfig(mode="sft", preset="glm5-nano", model_overrides={"vocab_size": shape.vocab_size,
+                                                                       "index_topk": shape.index_topk},
                       data=[str(out / "data" / "sft.jsonl")], tokenizer=str(out / "tokenizer"),
                       cache_dir=str(out / "cache"), out=str(out / "sft"), seq_len=a.sft_seq_len, batch_size=a.sft_batch,
                       max_steps=a.sft_steps, max_minutes=a.sft_minutes, lr=a.sft_lr, warmup_steps=50,
@@ -355,14 +373,30 @@ def stage_throughput(a) -> dict:
     return res
 
 
+def random_policy(a) -> str:
+    """A randomly initialised policy of the SFT policy's shape (``--spec-model random``), with the SFT tokenizer:
+    the rollout cost of each mode without the 36-minute SFT run. Its T = 1 responses end where an end or stop token
+    happens to be drawn: longer on average than the SFT policy's, and as long in every mode (seeded)."""
+    from glm5.model.transformer import GLM5ForCausalLM
+    from glm5.tokenizer import GLM5Tokenizer
+
+    out = Path(a.out)
+    tok = GLM5Tokenizer.from_pretrained(out / "tokenizer") if (out / "data" / "sft.jsonl").exists() else sft_data(a)
+    cfg = policy_config(tok.vocab_size).replace(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_ids)
+    path = out / "random" / "hf"
+    GLM5ForCausalLM(cfg).init_weights(0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 def stage_spec_pause(a) -> dict:
     from glm5.rl.rollout import RolloutConfig, build_rollout_engine
     from glm5.rl.sample import Sample
     from glm5.rl.tasks import load_tasks
 
+    model = random_policy(a) if a.spec_model == "random" else str(Path(a.out) / "sft" / "hf")
     train_file, _ = task_files(a)
     tasks = load_tasks(train_file)[: a.spec_groups]
-    model = str(Path(a.out) / "sft" / "hf")
     ro_cfg = RolloutConfig(max_new_tokens=a.spec_max_new_tokens, reward=a.rewards, temperature=1.0, seed=1)
     ek = dict(max_num_seqs=len(tasks) * a.group_size, max_model_len=256, max_num_batched_tokens=4096)
     modes = {"plain": {}, f"{a.spec_tokens} drafts": {"num_speculative_tokens": a.spec_tokens}}
@@ -381,6 +415,10 @@ def stage_spec_pause(a) -> dict:
             eng = ro.engine
             eng.stats.update(spec_verify_steps=0, spec_draft_tokens=0, spec_accepted_tokens=0, spec_paused_steps=0,
                              steps=0)
+            # A fresh prefix cache, as in glm5 rl, where every weight push resets it: otherwise plain decoding reuses
+            # the prompts of the previous repeat, and an engine that holds rows for a pause cannot publish its
+            # blocks (their MTP entries are not final), so it recomputes them.
+            eng.reset_prefix_cache()
             t = clock()
             done = ro.generate(samples)
             dt = clock() - t
@@ -440,6 +478,8 @@ def main():
     p.add_argument("--spec-tokens", type=int, default=3, help="specpause: MTP drafts per step")
     p.add_argument("--spec-pause", type=int, nargs="*", default=[4, 8, 16],
                    help="specpause: spec_disable_batch_size values (pause drafting above N sequences)")
+    p.add_argument("--spec-model", choices=["sft", "random"], default="sft",
+                   help="specpause: the SFT policy (bench_rl.py sft) or a randomly initialised one of its shape")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     Path(a.out).mkdir(parents=True, exist_ok=True)
