@@ -29,7 +29,11 @@ def check(out, model, prompt, k, atol=1e-4, dsa="sparse"):
         for v, j in zip(top.values.tolist(), top.indices.tolist()):
             assert j in d and abs(d[j] - v) < atol
         assert len(d) <= k + 1
-        assert out.prompt_token_ranks[t] == 1 + int((ref[t - 1] > ref[t - 1, prompt[t]]).sum())
+        # the engine ranks its own logits, which equal the reference's within atol: a token closer than that to the
+        # prompt token may fall on either side of it (on some CPUs one does, 2,048 logits make near-ties common)
+        x = ref[t - 1, prompt[t]]
+        surely_above, maybe_above = int((ref[t - 1] > x + atol).sum()), int((ref[t - 1] > x - atol).sum()) - 1
+        assert 1 + surely_above <= out.prompt_token_ranks[t] <= 1 + maybe_above, f"position {t}"
     assert out.prompt_token_ranks[0] is None and len(out.prompt_token_ranks) == len(prompt)
 
 
