@@ -482,7 +482,8 @@ def test_vllm_prompt_logprobs_field(client, http, model_dir):
     for t in range(1, len(prompt)):
         e = plp[t][str(prompt[t])]
         assert abs(e["logprob"] - float(ref[t - 1, prompt[t]])) < 1e-4
-        assert e["rank"] == 1 + int((ref[t - 1] > ref[t - 1, prompt[t]]).sum())
+        x = ref[t - 1, prompt[t]]  # the server ranks its own logits, equal to these within 1e-4: near-ties may flip
+        assert 1 + int((ref[t - 1] > x + 1e-4).sum()) <= e["rank"] <= int((ref[t - 1] > x - 1e-4).sum())
         assert isinstance(e["decoded_token"], str)
         top = ref[t - 1].topk(2).indices.tolist()
         assert plp[t][str(top[0])]["rank"] == 1 and str(top[1]) in plp[t]
