@@ -146,34 +146,29 @@ def _write(path: Path, data: dict) -> None:
 def _decide(shapes: list[tuple[int, int]], threads: int, repeats: int) -> None:
     """Fill ``_CHOICE`` for ``shapes``: from the machine's file where it has them, else by timing (recorded)."""
     missing = [s for s in shapes if (s, threads) not in _CHOICE]
-    if not missing:
-        return
-    path = decisions_path()
-    if path is None:
-        for s in missing:
+    path = decisions_path() if missing else None
+    if path is not None:
+        try:
+            with _locked(path):
+                data = _read(path)
+                fp = machine_fingerprint()
+                mine = data.get(fp)
+                if not isinstance(mine, dict) or not isinstance(mine.get("layouts"), dict):
+                    mine = data[fp] = {"cpu": _cpu_model(), "torch": torch.__version__, "layouts": {}}
+                layouts, timed = mine["layouts"], False
+                for s in missing:
+                    key = _key(s, threads)
+                    if layouts.get(key) not in ("column", "row"):
+                        layouts[key] = "column" if _column_major_wins(s, repeats) else "row"
+                        timed = True
+                    _CHOICE[s, threads] = layouts[key] == "column"
+                if timed:
+                    _write(path, data)
+        except OSError as e:  # a read-only home, say: decide for this process, as before the file existed
+            log.warning("CPU layout decisions not persisted (%s): %s", path, e)
+    for s in missing:  # no file (``off``), or it could not be used
+        if (s, threads) not in _CHOICE:
             _CHOICE[s, threads] = _column_major_wins(s, repeats)
-        return
-    try:
-        with _locked(path):
-            data = _read(path)
-            fp = machine_fingerprint()
-            mine = data.get(fp)
-            if not isinstance(mine, dict) or not isinstance(mine.get("layouts"), dict):
-                mine = data[fp] = {"cpu": _cpu_model(), "torch": torch.__version__, "layouts": {}}
-            layouts = mine["layouts"]
-            timed = False
-            for s in missing:
-                if layouts.get(_key(s, threads)) not in ("column", "row"):
-                    layouts[_key(s, threads)] = "column" if _column_major_wins(s, repeats) else "row"
-                    timed = True
-                _CHOICE[s, threads] = layouts[_key(s, threads)] == "column"
-            if timed:
-                _write(path, data)
-    except OSError as e:  # a read-only home, say: decide for this process, as before the file existed
-        log.warning("CPU layout decisions not persisted (%s): %s", path, e)
-        for s in missing:
-            if (s, threads) not in _CHOICE:
-                _CHOICE[s, threads] = _column_major_wins(s, repeats)
 
 
 @torch.no_grad()
