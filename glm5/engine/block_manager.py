@@ -5,9 +5,12 @@ block table; slot ``block * block_size + i`` holds token position ``j * block_si
 table entry. Block 0 is reserved as the null block: padded batch entries read and write it, so no real
 block is ever touched by padding.
 
-Prefix caching: once a block is full of computed tokens it is registered under a hash chained over the
-block contents (``hash(parent_hash, tokens)``). A later sequence whose prompt starts with the same blocks
-reuses them (ref count + 1) instead of recomputing. With MTP speculative decoding, depth d's cache entry
+Prefix caching: a block that will be full of computed tokens after a step is registered under a hash chained
+over the block contents (``hash(parent_hash, tokens)``) when that step is scheduled, as vLLM does. A sequence
+whose prompt starts with the same blocks reuses them (ref count + 1) instead of recomputing, even one admitted
+in the same step: a layer writes every new token's cache entries before any sequence attends, so an identical
+prompt's siblings (``n > 1``, an RL group) compute it once. A step that does not finish its work takes its
+registrations back (``unpublish``). With MTP speculative decoding, depth d's cache entry
 at position s also depends on token s + d, so the k tokens after a block join its hash. Freed
 blocks keep their hash and stay reusable until the allocator hands them out again (LRU order).
 """
@@ -126,6 +129,16 @@ class BlockManager:
                 self.hash_to_block[h] = block
                 self.block_hash[block] = h
             seq.block_hashes.append(h)
+
+    def unpublish(self, seq: Sequence, keep: int) -> None:
+        """Take back the prefix-cache entries of ``seq``'s blocks from the (keep+1)-th on: registered ahead of a step
+        whose entries turned out not to be final (its sequence failed, or the step raised)."""
+        for j in range(keep, len(seq.block_hashes)):
+            h, block = seq.block_hashes[j], seq.block_table[j]
+            if self.hash_to_block.get(h) == block:  # (another sequence's block may hold this content's entry)
+                del self.hash_to_block[h]
+                self.block_hash[block] = None
+        del seq.block_hashes[keep:]
 
     def trim(self, seq: Sequence, num_slots: int) -> None:
         """Release trailing blocks not needed for positions [0, num_slots) (e.g. after rejected drafts)."""

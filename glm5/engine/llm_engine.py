@@ -21,13 +21,12 @@ from glm5.engine.kv_cache import PagedKVCache, bytes_per_block
 from glm5.engine.model_runner import Chunk, ModelRunner
 from glm5.engine.outputs import CompletionOutput, RequestOutput
 from glm5.engine.parallel import agree_min, from_rank0
-from glm5.engine.sampler import (Sampler, apply_logits_processors, token_logprobs, token_ranks, unusable_reason,
-                                 unusable_rows)
+from glm5.engine.sampler import Sampler, token_logprobs, token_ranks, unusable_rows
 from glm5.engine.sampling_params import SamplingParams
 from glm5.engine.scheduler import Scheduler
 from glm5.engine.sequence import Sequence, SequenceStatus
 from glm5.engine.sleep_mode import SleepMode
-from glm5.engine.spec_decode import MTPProposer, mtp_cache_layers, verify
+from glm5.engine.spec_decode import MTPProposer, mtp_cache_layers, process_verify_rows, verify
 from glm5.model.tensor_parallel import TensorParallel
 from glm5.model.weights import load_weights
 
@@ -293,7 +292,15 @@ class LLMEngine:
         if not sched.scheduled:
             return []
         self.stats["steps"] += 1
-        items = sched.scheduled
+        try:
+            return self._run(sched.scheduled, delta)
+        except BaseException:  # blocks registered ahead of a step that did not finish hold no final entries
+            for s in sched.scheduled:
+                self.block_manager.unpublish(s.seq, s.hashed_before)
+            raise
+
+    def _run(self, items, delta: bool) -> list[RequestOutput]:
+        """The forward of the scheduled chunks, sampling or verification, and the commit."""
         plain_decode = all(s.num_new_tokens == 1 and not s.draft_ids and s.completes for s in items)
         hidden = None
         if plain_decode:  # one token per sequence, each row sampled: no row selection, no prompt to score
@@ -349,7 +356,7 @@ class LLMEngine:
                 if bool(unusable_rows(raw).any()):
                     failed[i] = "the model produced non-finite logits"
                     continue
-                lg, why = self._process_verify_rows(seq, s.draft_ids, raw)
+                lg, why = process_verify_rows(seq, s.draft_ids, raw)
                 if why is not None:
                     failed[i] = why
                     continue
@@ -368,6 +375,7 @@ class LLMEngine:
         # ---- commit
         touched: dict[int, _Request] = {}  # requests with news this step, by id(), in first-touched order
         spec_items, spec_want = [], []
+        bs = self.block_manager.block_size
         off = 0
         for i, s in enumerate(items):
             seq = s.seq
@@ -393,18 +401,25 @@ class LLMEngine:
                 seq.num_computed_tokens = c_old + s.num_new_tokens
             if s.draft_ids or i in sampled or i in failed:  # consumed; a recompute chunk keeps pending drafts
                 seq.draft_token_ids, seq.draft_probs = [], None
-            if seq.is_finished:
+            if i in failed:  # its entries may be garbage: no prefix-cache entries from this step
+                self.block_manager.unpublish(seq, s.hashed_before)
                 self.scheduler.finish(seq)
             elif self.proposer is None:
                 self.block_manager.register_full_blocks(seq, seq.num_computed_tokens)
+                if seq.is_finished:
+                    self.scheduler.finish(seq)  # (its blocks stay cached)
+            elif seq.is_finished and len(seq.block_hashes) * bs <= self.proposer.committed(seq):
+                self.scheduler.finish(seq)
             else:  # its rows hidden[off:] feed the MTP caches; its blocks are published once those are final too
+                # (a finishing sequence's too, when blocks were registered ahead of this step: they must be final)
                 spec_items.append((seq, off, c_old))
                 # draft only right after a sampled token: a prefill chunk that stops one token short
                 # must not turn the next sample into a verification (see glm5.engine.scheduler)
-                spec_want.append(seq.in_decode and i in sampled)
+                spec_want.append(seq.in_decode and i in sampled and not seq.is_finished)
             off += width
         if spec_items:
-            pause = 0 < self.config.spec_disable_batch_size < len(self.scheduler.running)
+            live = len(self.scheduler.running) - sum(seq.is_finished for seq, _, _ in spec_items)
+            pause = 0 < self.config.spec_disable_batch_size < live
             if pause:  # every request: greedy and seeded tokens do not depend on drafts, unseeded ones promise nothing
                 spec_kmax = [0] * len(spec_items)
                 self.stats["spec_paused_steps"] += 1
@@ -413,6 +428,9 @@ class LLMEngine:
             # only sequences whose MTP caches ran can have newly final blocks (committed() is their minimum)
             for seq in self.proposer.propose(hidden, spec_items, spec_kmax, defer=pause):
                 self.block_manager.register_full_blocks(seq, self.proposer.committed(seq))
+            for seq, _, _ in spec_items:
+                if seq.is_finished:
+                    self.scheduler.finish(seq)
         outs = []
         for req in touched.values():
             if all(s.is_finished for s in req.seqs):
@@ -467,27 +485,6 @@ class LLMEngine:
                     lps.extend(token_logprobs(logits, targets, [seq.params.prompt_logprobs] * (b - a)))
                     seq.prompt_ranks.extend(token_ranks(logits, targets))
             off += width
-
-    def _process_verify_rows(self, seq: Sequence, drafts: list[int], rows: torch.Tensor):
-        """The verification rows with the request's logits processors applied, row j seeing the output so far plus
-        the first j drafts (as if they had been sampled), so a draft a grammar or a ban forbids gets target
-        probability 0 and is rejected. Returns (rows, None), or (rows, why) when a row cannot be sampled."""
-        if not seq.params.logits_processors:
-            return rows, None
-        out = seq.output_token_ids
-        m = rows.shape[0]
-        errors: list[str | None] = [None] * m
-        done = apply_logits_processors(rows, [seq.params] * m, [out + drafts[:j] for j in range(m)], errors)
-        # Only rows up to the first rejected draft are used; a row after a forbidden draft may be empty, which is
-        # not the request's failure. The first row always counts.
-        for j in range(m):
-            if errors[j] is not None:
-                return done, errors[j]
-            if bool(unusable_rows(done[j:j + 1])):
-                return done, unusable_reason(rows[j], done[j])
-            if j < len(drafts) and not bool(torch.isfinite(done[j, drafts[j]])):
-                break  # draft j is forbidden: later rows are never used
-        return done, None
 
     def _max_drafts(self, seq: Sequence) -> int:
         p = seq.params

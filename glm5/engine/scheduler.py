@@ -38,6 +38,7 @@ class Scheduled:
     seq: Sequence
     num_new_tokens: int  # tokens taken from seq.token_ids[seq.num_computed_tokens:]
     draft_ids: list[int]  # MTP drafts to verify after them (decode only)
+    hashed_before: int = 0  # len(seq.block_hashes) before this step registered blocks ahead (see ``publish_ahead``)
 
     @property
     def completes(self) -> bool:
@@ -148,7 +149,7 @@ class Scheduler:
             if not ok:
                 continue
             self.bm.allocate(seq, self._slots_needed(seq, n, len(drafts)))
-            out.scheduled.append(Scheduled(seq, n, drafts))
+            out.scheduled.append(self._publish_ahead(Scheduled(seq, n, drafts)))
             done.add(seq.seq_id)
             budget -= n + len(drafts)
         if out.preempted:
@@ -169,9 +170,19 @@ class Scheduler:
             self.running.append(seq)
             if self.on_admit:
                 self.on_admit(seq)
-            out.scheduled.append(Scheduled(seq, n, drafts))
+            out.scheduled.append(self._publish_ahead(Scheduled(seq, n, drafts)))
             budget -= n + len(drafts)
         return out
+
+    def _publish_ahead(self, s: Scheduled) -> Scheduled:
+        """Register now the blocks this step fills with final entries, so that a sequence admitted later in the
+        same step (an identical prompt) shares them. With MTP, only a chunk of two or more tokens: its MTP entries
+        are made in this step too (``MTPProposer.propose`` never holds such rows back), while a decoding
+        sequence's may wait for a paused proposer and are registered when they are final."""
+        s.hashed_before = len(s.seq.block_hashes)
+        if self.k == 0 or s.num_new_tokens >= 2:
+            self.bm.register_full_blocks(s.seq, s.seq.num_computed_tokens + s.num_new_tokens)
+        return s
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished (or aborted) sequence and free its blocks."""

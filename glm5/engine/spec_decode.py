@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 
 from glm5.engine.model_runner import Chunk, ModelRunner
-from glm5.engine.sampler import apply_logits_processors, processed_probs, race_tokens, unusable_rows
+from glm5.engine.sampler import apply_logits_processors, processed_probs, race_tokens, unusable_reason, unusable_rows
 from glm5.engine.sampling_params import SamplingParams
 from glm5.engine.sequence import Sequence
 
@@ -96,6 +96,28 @@ def verify(seq: Sequence, logits: torch.Tensor, draft_ids: list[int]) -> tuple[l
         return match_drafts(race_tokens(probs, [rng] * probs.shape[0], list(range(j, j + probs.shape[0]))),
                             draft_ids)
     return rejection_sample(probs, draft_ids, seq.draft_probs, rng)
+
+
+def process_verify_rows(seq: Sequence, drafts: list[int], rows: torch.Tensor):
+    """The verification rows with the request's logits processors applied, row j seeing the output so far plus
+    the first j drafts (as if they had been sampled), so a draft a grammar or a ban forbids gets target
+    probability 0 and is rejected. Returns (rows, None), or (rows, why) when a row cannot be sampled."""
+    if not seq.params.logits_processors:
+        return rows, None
+    out = seq.output_token_ids
+    m = rows.shape[0]
+    errors: list[str | None] = [None] * m
+    done = apply_logits_processors(rows, [seq.params] * m, [out + drafts[:j] for j in range(m)], errors)
+    # Only rows up to the first rejected draft are used; a row after a forbidden draft may be empty, which is
+    # not the request's failure. The first row always counts.
+    for j in range(m):
+        if errors[j] is not None:
+            return done, errors[j]
+        if bool(unusable_rows(done[j:j + 1])):
+            return done, unusable_reason(rows[j], done[j])
+        if j < len(drafts) and not bool(torch.isfinite(done[j, drafts[j]])):
+            break  # draft j is forbidden: later rows are never used
+    return done, None
 
 
 # Most main-model hidden rows a sequence may hold back while drafting is paused (``propose(defer=True)``); past
@@ -240,8 +262,9 @@ class MTPProposer:
         hidden [N,H]: the step's final hidden states. items: (sequence, its first row in ``hidden``, first newly
         committed position p0); its rows hidden[row : row + num_computed_tokens - p0] are h^0 of positions p0...
         max_drafts[i]: drafts wanted for item i (0 = none: still prefilling, or about to finish).
-        defer: drafting is paused (a large batch): items that want no drafts only keep their new rows (``HeldRows``),
-        and their MTP caches catch up in one batched pass when drafting resumes (or at ``MAX_DEFERRED_ROWS``).
+        defer: drafting is paused (a large batch): items that want no drafts and bring one new row keep it
+        (``HeldRows``), and their MTP caches catch up in one batched pass when drafting resumes (or at
+        ``MAX_DEFERRED_ROWS``).
         Sets ``seq.draft_token_ids`` and ``seq.draft_probs``. Returns the sequences whose MTP caches ran (the others
         only held rows: their committed length did not move).
         """
@@ -249,7 +272,10 @@ class MTPProposer:
         for (seq, row, p0), kmax in zip(items, max_drafts):
             st = seq.spec
             n = seq.num_computed_tokens - p0
-            if defer and not kmax and len(st.held) + n <= MAX_DEFERRED_ROWS:
+            # a chunk of 2+ rows (a prompt, a recompute) is never held: the scheduler registered its blocks for the
+            # prefix cache ahead of this step (``Scheduler._publish_ahead``), so their MTP entries are due now; nor
+            # is a finishing sequence here (it is, only to make such blocks final)
+            if defer and not kmax and n <= 1 and not seq.is_finished and len(st.held) + n <= MAX_DEFERRED_ROWS:
                 if n:
                     holds.append((seq, row, n))
                 continue
