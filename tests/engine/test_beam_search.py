@@ -55,6 +55,25 @@ def test_equals_a_plain_beam_search_on_the_model(bw, ignore_eos, lp):
         assert any(s.finished for o in got for s in o.sequences)  # an EOS beam made it into the results
 
 
+@pytest.mark.parametrize("spec", [0, 2])
+def test_each_step_computes_only_the_beams_tails(nano, spec):
+    """Every step submits each beam as a one-token request. The prefix cache must serve what earlier steps computed:
+    those requests end in their first step, and before the twenty-second session such a request registered no
+    block, so every step recomputed every beam in full (0 prefix hits)."""
+    llm = LLM(nano, block_size=4, num_speculative_tokens=spec)
+    rows = []
+    orig = llm.engine.runner.forward
+    llm.engine.runner.forward = lambda ids, pos, batch: rows.append(ids.numel()) or orig(ids, pos, batch)
+    p = prompts([30], seed=3)[0]
+    bw, steps = 3, 6
+    out = llm.beam_search([p], BeamSearchParams(beam_width=bw, max_tokens=steps, ignore_eos=True))[0]
+    assert [s.tokens for s in out.sequences] == [t for t, _ in ref_beam_search(nano, p, bw, steps)]
+    assert rows[0] == 30  # step 1: one beam, the prompt
+    # later steps: each beam's uncached tail, at most a block and its MTP lookahead (and one token more)
+    assert all(n <= bw * (4 + spec + 1) for n in rows[1:]), rows
+    assert llm.engine.block_manager.prefix_hits >= (steps - 1) * bw * 24
+
+
 def test_bad_params_are_refused():
     for kw in ({"beam_width": 0, "max_tokens": 2}, {"beam_width": 2, "max_tokens": 0}):
         with pytest.raises(ValueError):
