@@ -555,7 +555,7 @@ class LLMEngine:
             plp, ranks = list(first.prompt_logprobs), list(first.prompt_ranks)
         return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
                              outputs=[self._completion(s, delta) for s in req.seqs], finished=req.finished,
-                             num_cached_tokens=max(s.num_cached_tokens for s in req.seqs), metrics=req.metrics,
+                             num_cached_tokens=min(s.num_cached_tokens for s in req.seqs), metrics=req.metrics,
                              prompt_logprobs=plp, prompt_token_ranks=ranks)
 
     def _finish_request(self, req: _Request, delta: bool) -> RequestOutput:

@@ -30,7 +30,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # prompt tokens served from the prefix cache: for n > 1, the fewest any completion found (its siblings share what
+    # the first computed in the same step, which the request as a whole did not find cached)
+    num_cached_tokens: int = 0
     # SamplingParams.prompt_logprobs: per prompt token, {token: logprob, alternatives...}; None for the first.
     # Delta (streaming) outputs carry them once, in the first output after the prefill.
     prompt_logprobs: list[dict[int, float] | None] | None = None

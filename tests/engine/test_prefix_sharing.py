@@ -80,7 +80,15 @@ def test_n_completions_share_the_prompt_and_seeded_samples_do_not_change(nano, n
     alone = LLM(nano, block_size=BS, max_num_seqs=8, enable_prefix_caching=False, **kw).generate([p], sp)[0]
     assert [c.token_ids for c in shared.outputs] == [c.token_ids for c in alone.outputs]
     assert len({tuple(c.token_ids) for c in shared.outputs}) > 1  # really different samples
-    assert shared.num_cached_tokens == _shared(21, kw) and alone.num_cached_tokens == 0
+    engine = LLM(nano, block_size=BS, max_num_seqs=8, **kw)
+    rows = []
+    orig = engine.engine.runner.forward
+    engine.engine.runner.forward = lambda ids, pos, batch: rows.append(ids.numel()) or orig(ids, pos, batch)
+    cold = engine.generate([p], sp)[0]
+    assert rows[0] == 21 + 3 * (21 - _shared(21, kw))  # the prompt once, then each sibling's uncached tail
+    # the request's cached tokens: what it found cached, not what its completions shared among themselves
+    assert cold.num_cached_tokens == alone.num_cached_tokens == 0
+    assert engine.generate([p], sp)[0].num_cached_tokens == _shared(21, kw)  # now it is cached
 
 
 @pytest.mark.parametrize("name", list(ENGINES))
