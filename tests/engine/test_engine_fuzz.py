@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from glm5.engine import LLM, SamplingParams
 
-from .conftest import make_model, ref_greedy
+from .conftest import make_model, ref_chain_drafts, ref_greedy
 
 MAX_LEN = 48
 # 16 indexer heads: with glm5-nano's 8, a key scores exactly 0 after the ReLU often enough that ties at the top-k
@@ -93,6 +93,36 @@ def make_llm(model, cfg) -> LLM:
     return LLM(model, max_model_len=MAX_LEN, num_blocks=num_blocks, **c)
 
 
+def check_prefix_cache(bm) -> None:
+    """The block manager's books agree: every registered hash names a block that carries it, and the free list holds
+    exactly the unreferenced blocks (block 0, the null block, never)."""
+    for h, b in bm.hash_to_block.items():
+        assert b != 0 and bm.block_hash[b] == h
+    for b, h in enumerate(bm.block_hash):
+        assert h is None or bm.hash_to_block.get(h) == b
+    assert set(bm.free) == {b for b in range(1, bm.num_blocks) if bm.ref_count[b] == 0}
+
+
+def watch_drafts(eng, model, dsa: str, most: int = 4) -> list[bool]:
+    """Check up to ``most`` greedy drafting sequences' drafts against the model's own chained MTP drafts over the whole
+    sequence: MTP cache entries read from the prefix cache, caught up after a pause or recomputed after preemption
+    must be the ones the sequence would have computed itself. (Sparse DSA only: the reference runs the model.)"""
+    results: list[bool] = []
+    if eng.proposer is None or dsa != "sparse":
+        return results
+    orig = eng.proposer.propose
+
+    def propose(hidden, items, kmax, defer=False):
+        ran = orig(hidden, items, kmax, defer)
+        for (seq, _, _), k in zip(items, kmax):
+            if k and seq.draft_token_ids and seq.params.greedy and len(results) < most:
+                results.append(seq.draft_token_ids == ref_chain_drafts(model, seq.token_ids, len(seq.draft_token_ids)))
+        return ran
+
+    eng.proposer.propose = propose
+    return results
+
+
 def drain(eng, done: dict, limit: int = 3000) -> None:
     for _ in range(limit):
         if not eng.has_unfinished_requests():
@@ -110,6 +140,7 @@ def test_random_request_scripts_keep_every_invariant(cfg, script):
     note(f"config {cfg}\nscript {script}")
     llm = make_llm(nano, cfg)
     eng = llm.engine
+    drafts_ok = watch_drafts(eng, nano, cfg["dsa"])
     added, aborted, done = [], set(), {}
     for op, arg in script:
         if op == "add":
@@ -121,6 +152,7 @@ def test_random_request_scripts_keep_every_invariant(cfg, script):
                 for o in eng.step():
                     if o.finished:
                         done[o.request_id] = o
+                check_prefix_cache(eng.block_manager)
         elif added:
             rid = added[arg % len(added)][0]
             if rid not in done:
@@ -131,6 +163,8 @@ def test_random_request_scripts_keep_every_invariant(cfg, script):
     drain(eng, done)
     bm = eng.block_manager
     assert bm.num_free_blocks == bm.num_blocks - 1, "cache blocks leaked"
+    check_prefix_cache(bm)
+    assert all(drafts_ok), drafts_ok
     seeded = None
     for rid, r, stop in added:
         out = done[rid]
@@ -161,6 +195,14 @@ def test_random_request_scripts_keep_every_invariant(cfg, script):
             assert plp is not None and len(plp) == len(p) and plp[0] is None
             for t in range(1, len(p)):
                 assert abs(plp[t][p[t]] - float(ref[t - 1, p[t]])) < 1e-3
+    # every block the script left registered holds final entries: greedy prompts run again over them (a prefix hit
+    # wherever a block survived) still give the no-cache tokens
+    again = [(prompt_of(r), params_of(r, stop)) for rid, r, stop in added if r["greedy"] and stop is None][:2]
+    if again and cfg["enable_prefix_caching"]:
+        outs = llm.generate([p for p, _ in again], [sp for _, sp in again], use_tqdm=False)
+        for (p, sp), o in zip(again, outs):
+            assert o.outputs[0].token_ids == ref_greedy(nano, p, sp.max_tokens, dsa=cfg["dsa"])
+        check_prefix_cache(bm)
     if seeded is not None:  # the same seed gives the same tokens with no batch mates, preemption, prefix hits or drafts
         p, sp, toks = seeded
         alone = make_llm(nano, {**cfg, "extra_blocks": 24, "enable_prefix_caching": False, "num_speculative_tokens": 0,
