@@ -96,9 +96,11 @@ def main() -> int:
                 dt, toks[k], cached[k] = (_run_beam(llm, reqs, a.beam, a.max_tokens) if a.beam
                                           else _run(llm, reqs, params))
                 best[k] = min(best[k], dt)
-        row = dict(date=time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), machine=platform.processor() or platform.machine(),
+        row = dict(date=time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+                   machine=platform.processor() or platform.machine(),
                    cpus=os.cpu_count(), threads=a.threads, torch=torch.__version__, model=name, prompt_len=P,
-                   group_size=None if a.beam else a.group_size, groups=a.groups, beam_width=a.beam, max_tokens=a.max_tokens, spec_tokens=a.spec_tokens,
+                   group_size=None if a.beam else a.group_size, groups=a.groups, beam_width=a.beam,
+                   max_tokens=a.max_tokens, spec_tokens=a.spec_tokens,
                    **({"prefix_hit_tokens": cached} if a.beam else
                       {"prompt_tokens": B * P, "prompt_tokens_computed": {k: B * P - cached[k] for k in engines}}),
                    cpu_s={k: round(v, 3) for k, v in best.items()},

@@ -38,7 +38,7 @@ class Scheduled:
     seq: Sequence
     num_new_tokens: int  # tokens taken from seq.token_ids[seq.num_computed_tokens:]
     draft_ids: list[int]  # MTP drafts to verify after them (decode only)
-    hashed_before: int = 0  # len(seq.block_hashes) before this step registered blocks ahead (see ``publish_ahead``)
+    hashed_before: int = 0  # len(seq.block_hashes) before this step registered blocks (``Scheduler._publish_ahead``)
 
     @property
     def completes(self) -> bool:
