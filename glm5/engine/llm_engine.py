@@ -305,10 +305,7 @@ class LLMEngine:
         hidden = None
         if plain_decode:  # one token per sequence, each row sampled: no row selection, no prompt to score
             chunks = [Chunk(s.seq.block_table, s.seq.num_computed_tokens, s.seq.token_ids[-1:]) for s in items]
-            if self.proposer is None:
-                logits = self.runner.decode_logits(chunks)
-            else:  # the MTP caches need the hidden states (drafting paused, or no sequence wanted drafts)
-                hidden, logits = self.runner.decode(chunks)
+            hidden, logits = self.runner.decode(chunks)  # (the hidden states feed the MTP caches, if any)
             row_of = list(range(len(items)))
             nrows = [1] * len(items)
         else:
@@ -375,7 +372,6 @@ class LLMEngine:
         # ---- commit
         touched: dict[int, _Request] = {}  # requests with news this step, by id(), in first-touched order
         spec_items, spec_want = [], []
-        bs = self.block_manager.block_size
         off = 0
         for i, s in enumerate(items):
             seq = s.seq
@@ -408,7 +404,7 @@ class LLMEngine:
                 self.block_manager.register_full_blocks(seq, seq.num_computed_tokens)
                 if seq.is_finished:
                     self.scheduler.finish(seq)  # (its blocks stay cached)
-            elif seq.is_finished and len(seq.block_hashes) * bs <= self.proposer.committed(seq):
+            elif seq.is_finished and len(seq.block_hashes) == s.hashed_before:  # nothing registered ahead to finalise
                 self.scheduler.finish(seq)
             else:  # its rows hidden[off:] feed the MTP caches; its blocks are published once those are final too
                 # (a finishing sequence's too, when blocks were registered ahead of this step: they must be final)

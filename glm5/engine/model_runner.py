@@ -164,12 +164,9 @@ class ModelRunner:
             self.kv.scratch.clear()
 
     # ------------------------------------------------------------------------------- one-call decode
-    def decode_logits(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Plain decode (one token per sequence) -> logits [B,V]; replays a CUDA graph when one fits."""
-        return self.decode(chunks)[1]
-
     def decode(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Plain decode -> (final hidden states [B,H], logits [B,V]): every row is sampled, so no row selection."""
+        """Plain decode (one token per sequence) -> (final hidden states [B,H], logits [B,V]): every row is sampled,
+        so no row selection; replays a CUDA graph when one fits."""
         if self.graphs is not None:
             out = self.graphs.run_rows(chunks, 1)
             if out is not None:
