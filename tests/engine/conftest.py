@@ -111,3 +111,33 @@ def nano_dir(tmp_path_factory, text_model):
     model.save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+def count_forward_rows(llm) -> list[int]:
+    """Wrap the engine's model forward: the returned list gets each forward's token count (rows computed)."""
+    rows, orig = [], llm.engine.runner.forward
+
+    def forward(ids, pos, batch):
+        rows.append(ids.numel())
+        return orig(ids, pos, batch)
+
+    llm.engine.runner.forward = forward
+    return rows
+
+
+def watch_drafts(engine, model, ref=ref_chain_drafts, most: int | None = None) -> list[bool]:
+    """Wrap the engine's MTP proposer: for each greedy sequence given drafts (up to ``most`` of them), the returned
+    list gets whether they equal ``ref``'s drafts over its whole sequence, i.e. whether the MTP cache entries it
+    read (from the prefix cache, a catch-up after a pause, a recompute) are those it would have computed itself."""
+    results: list[bool] = []
+    orig = engine.proposer.propose
+
+    def propose(hidden, items, kmax, defer=False):
+        ran = orig(hidden, items, kmax, defer)
+        for (seq, _, _), k in zip(items, kmax):
+            if k and seq.draft_token_ids and seq.params.greedy and (most is None or len(results) < most):
+                results.append(seq.draft_token_ids == ref(model, seq.token_ids, len(seq.draft_token_ids)))
+        return ran
+
+    engine.proposer.propose = propose
+    return results

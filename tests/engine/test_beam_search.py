@@ -6,7 +6,7 @@ import torch
 
 from glm5.engine import LLM, BeamSearchParams
 
-from .conftest import make_model, prompts, ref_greedy
+from .conftest import count_forward_rows, make_model, prompts, ref_greedy
 
 
 @torch.no_grad()
@@ -61,9 +61,7 @@ def test_each_step_computes_only_the_beams_tails(nano, spec):
     those requests end in their first step, and before the twenty-second session such a request registered no
     block, so every step recomputed every beam in full (0 prefix hits)."""
     llm = LLM(nano, block_size=4, num_speculative_tokens=spec)
-    rows = []
-    orig = llm.engine.runner.forward
-    llm.engine.runner.forward = lambda ids, pos, batch: rows.append(ids.numel()) or orig(ids, pos, batch)
+    rows = count_forward_rows(llm)
     p = prompts([30], seed=3)[0]
     bw, steps = 3, 6
     out = llm.beam_search([p], BeamSearchParams(beam_width=bw, max_tokens=steps, ignore_eos=True))[0]

@@ -3,10 +3,11 @@ admitted together (``n > 1``, an RL group sent as separate requests) compute the
 its first step still leaves its prompt cached; a step that fails takes its registrations back."""
 
 import pytest
+import torch
 
 from glm5.engine import LLM, SamplingParams
 
-from .conftest import prompts, ref_chain_drafts, ref_greedy, ref_mtp_drafts
+from .conftest import count_forward_rows, prompts, ref_chain_drafts, ref_greedy, ref_mtp_drafts, watch_drafts
 
 DRAFTS = {"recursive": ref_mtp_drafts, "chain": ref_chain_drafts}
 BS = 4
@@ -30,33 +31,14 @@ def _shared(prompt_len: int, kw: dict) -> int:
     return (prompt_len - 1 - _extra(kw)) // BS * BS
 
 
-def _check_drafts(llm, model, mode):
-    """Wrap the proposer: every draft must equal the model's own MTP drafts over the whole sequence (so the MTP
-    entries a sibling took from the prefix cache are the ones it would have computed)."""
-    proposer, checked = llm.engine.proposer, []
-    orig = proposer.propose
-
-    def propose(hidden, items, kmax, defer=False):
-        ran = orig(hidden, items, kmax, defer)
-        for (seq, _, _), k in zip(items, kmax):
-            if k and seq.draft_token_ids:
-                checked.append(seq.draft_token_ids == DRAFTS[mode](model, seq.token_ids, len(seq.draft_token_ids)))
-        return ran
-
-    proposer.propose = propose
-    return checked
-
-
 @pytest.mark.parametrize("name", list(ENGINES))
 def test_identical_prompts_admitted_in_one_step_compute_the_prompt_once(nano, name):
     kw = ENGINES[name]
     p = prompts([23], seed=40)[0]
     other = prompts([17], seed=41)[0]
     llm = LLM(nano, block_size=BS, max_num_seqs=8, **kw)
-    checked = _check_drafts(llm, nano, kw.get("mtp_draft_mode", "chain")) if kw else None
-    rows = []
-    orig = llm.engine.runner.forward
-    llm.engine.runner.forward = lambda ids, pos, batch: rows.append(ids.numel()) or orig(ids, pos, batch)
+    checked = watch_drafts(llm.engine, nano, DRAFTS[kw.get("mtp_draft_mode", "chain")]) if kw else None
+    rows = count_forward_rows(llm)
     sp = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
     outs = llm.generate([p, other, p, p], sp)  # an unrelated prompt between the copies
     ref = ref_greedy(nano, p, 7)
@@ -83,9 +65,7 @@ def test_n_completions_share_the_prompt_and_seeded_samples_do_not_change(nano, n
     assert [c.token_ids for c in shared.outputs] == [c.token_ids for c in alone.outputs]
     assert len({tuple(c.token_ids) for c in shared.outputs}) > 1  # really different samples
     engine = LLM(nano, block_size=BS, max_num_seqs=8, **kw)
-    rows = []
-    orig = engine.engine.runner.forward
-    engine.engine.runner.forward = lambda ids, pos, batch: rows.append(ids.numel()) or orig(ids, pos, batch)
+    rows = count_forward_rows(engine)
     cold = engine.generate([p], sp)[0]
     assert rows[0] == 21 + 3 * (21 - _shared(21, kw))  # the prompt once, then each sibling's uncached tail
     # the request's cached tokens: what it found cached, not what its completions shared among themselves
@@ -100,7 +80,7 @@ def test_a_request_that_ends_in_its_first_step_leaves_its_prompt_cached(nano, na
     kw = ENGINES[name]
     p = prompts([26], seed=43)[0]
     llm = LLM(nano, block_size=BS, **kw)
-    checked = _check_drafts(llm, nano, kw.get("mtp_draft_mode", "chain")) if kw else None
+    checked = watch_drafts(llm.engine, nano, DRAFTS[kw.get("mtp_draft_mode", "chain")]) if kw else None
     first = llm.generate([p, prompts([9], seed=44)[0]], SamplingParams(temperature=0, max_tokens=1))
     assert first[0].outputs[0].token_ids == ref_greedy(nano, p, 1)
     again = llm.generate([p + [5, 6]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
@@ -108,6 +88,34 @@ def test_a_request_that_ends_in_its_first_step_leaves_its_prompt_cached(nano, na
     assert again.outputs[0].token_ids == ref_greedy(nano, p + [5, 6], 6)
     if kw:  # drafts read the MTP entries the one-step request left behind (made even by a paused proposer)
         assert checked and all(checked)
+
+
+def _cached_block_latents(llm, tokens: list[int]) -> list[torch.Tensor]:
+    """Per cache layer (the MTP layers last), the latent rows of ``tokens``' blocks that the prefix cache holds."""
+    bm, kv = llm.engine.block_manager, llm.engine.kv_cache
+    blocks, parent = [], None
+    for j in range((len(tokens) - bm.extra) // BS):
+        parent = bm._hash(parent, tuple(tokens[j * BS:(j + 1) * BS + bm.extra]))
+        if parent not in bm.hash_to_block:
+            break
+        blocks.append(bm.hash_to_block[parent])
+    slots = torch.tensor([b * BS + i for b in blocks for i in range(BS)], dtype=torch.long)
+    return [layer.view(-1, layer.shape[-1])[slots] for layer in kv.latent]
+
+
+@pytest.mark.parametrize("name", ["chain", "recursive", "paused"])
+def test_blocks_left_by_a_one_step_request_hold_final_mtp_entries(nano, name):
+    """Drafts on a random model hardly depend on the MTP layer's cached history, so compare the cache itself: the
+    blocks a one-step request left registered hold the entries an engine computes for a request that goes on."""
+    kw = ENGINES[name]
+    p = prompts([26], seed=47)[0]
+    one, ref = LLM(nano, block_size=BS, **kw), LLM(nano, block_size=BS, **kw)
+    one.generate([p, prompts([9], seed=48)[0]], SamplingParams(temperature=0, max_tokens=1))
+    ref.generate([p], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    got, want = _cached_block_latents(one, p), _cached_block_latents(ref, p)
+    assert got[0].shape[0] == want[0].shape[0] == (26 - _extra(kw)) // BS * BS  # every whole block of the prompt
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 def _nth_call_raises(n: int):
