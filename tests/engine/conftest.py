@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from glm5 import GLM5ForCausalLM, preset
-from glm5.model.cache import build_attention_mask
+from glm5.model.cache import LatentCache, build_attention_mask
 
 TOPK = 8  # small index_topk so that short test prompts already exercise DSA's sparse selection
 
@@ -25,7 +25,8 @@ def make_model(seed: int = 3, **overrides) -> GLM5ForCausalLM:
 
 @pytest.fixture(scope="session")
 def nano():
-    return make_model()
+    """glm5-nano with index_topk 8, its MTP layer sharpened (``sharpen_mtp``) so that draft checks see its cache."""
+    return sharpen_mtp(make_model())
 
 
 @torch.no_grad()
@@ -141,3 +142,87 @@ def watch_drafts(engine, model, ref=ref_chain_drafts, most: int | None = None) -
 
     engine.proposer.propose = propose
     return results
+
+
+def sharpen_mtp(model, gain: float = 16.0):
+    """Scale the MTP layer's attention output so that its drafts depend on the cached history: at random init the
+    layer's attention barely moves its output (wiping the whole history changes 8 of 40 drafts; with ``gain`` 16,
+    35 of 40), so a draft check would pass over stale or misplaced MTP cache entries. The main model is unchanged."""
+    with torch.no_grad():
+        model.model.mtp.self_attn.o_proj.weight.mul_(gain)
+    return model
+
+
+@torch.no_grad()
+def reference_cache_rows(model, tokens: list[int], depths: int, dsa: str = "sparse") -> list[tuple]:
+    """The cache entries a no-cache forward over ``tokens`` computes, per engine cache layer (main layers, then MTP
+    depths 1..``depths``): (latent rows [n, r + dr], indexer keys [n, di] or None). Depth d's row at position t
+    reads token t + d, so it has len(tokens) - d rows."""
+    L = model.config.num_hidden_layers
+    main = LatentCache(L)
+    h = model(torch.tensor([tokens]), cache=main, dsa=dsa).hidden_states
+    rows = [(torch.cat([main.c_kv[i][0], main.k_pe[i][0]], -1), None if main.k_idx[i] is None else main.k_idx[i][0])
+            for i in range(L)]
+    for d in range(1, depths + 1):
+        n = len(tokens) - d
+        c = LatentCache(L + 1)  # the MTP layer writes as layer L
+        _, h = model.mtp_forward(h[:, :n], torch.tensor([tokens[d:d + n]]), torch.arange(n)[None],
+                                 build_attention_mask(1, n, 0, h.device), cache=c, dsa=dsa)
+        rows.append((torch.cat([c.c_kv[L][0], c.k_pe[L][0]], -1), c.k_idx[L][0]))
+    return rows
+
+
+class PrefixCacheAudit:
+    """Checks what the prefix cache holds, not only its books: every registered block's entries, in every cache
+    layer (MTP depths included), equal those a no-cache forward over the block's tokens computes. Wraps the block
+    manager's hash to learn the tokens behind each hash (the prefix up to the block's end, and the extra tokens the
+    MTP depths read)."""
+
+    def __init__(self, engine, model, dsa: str = "sparse", atol: float = 1e-4):
+        self.engine, self.model, self.dsa, self.atol = engine, model, dsa, atol
+        self.tokens: dict[int, tuple[tuple, tuple]] = {}  # hash -> (prefix through the block, extra tokens)
+        self.refs: dict[tuple, list] = {}
+        self.checked = 0  # blocks compared
+        bm, orig = engine.block_manager, engine.block_manager._hash
+
+        def _hash(parent, tokens):
+            h = orig(parent, tokens)
+            head = self.tokens[parent][0] if parent is not None else ()
+            self.tokens[h] = (head + tokens[:bm.block_size], tokens[bm.block_size:])
+            return h
+
+        bm._hash = _hash
+
+    def after_every_step(self) -> "PrefixCacheAudit":
+        """Check after each engine step (``generate`` included)."""
+        step = self.engine.step
+
+        def checked_step(*a, **kw):
+            out = step(*a, **kw)
+            self.check()
+            return out
+
+        self.engine.step = checked_step
+        return self
+
+    def _ref(self, toks: tuple) -> list:
+        for have, rows in self.refs.items():  # causal: a longer sequence with the same start has the same entries
+            if have[:len(toks)] == toks:
+                return rows
+        depths = self.engine.kv_cache.num_layers - self.model.config.num_hidden_layers
+        self.refs[toks] = reference_cache_rows(self.model, list(toks), depths, self.dsa)
+        return self.refs[toks]
+
+    def check(self) -> None:
+        bm, kv = self.engine.block_manager, self.engine.kv_cache
+        bs = bm.block_size
+        for h, block in bm.hash_to_block.items():
+            head, extra = self.tokens[h]
+            ref = self._ref(head + extra)
+            lo, slots = len(head) - bs, torch.arange(block * bs, (block + 1) * bs)
+            for layer, (lat, idx) in enumerate(ref):
+                store = [(kv.latent[layer], lat)] + ([(kv.index[layer], idx)] if idx is not None else [])
+                for got, want in store:
+                    torch.testing.assert_close(got.view(-1, got.shape[-1])[slots], want[lo:lo + bs], rtol=1e-4,
+                                               atol=self.atol, msg=lambda m: f"block {block} layer {layer}: {m}")
+            self.checked += 1

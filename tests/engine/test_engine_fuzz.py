@@ -1,7 +1,8 @@
 """Property test of the engine's scheduling machinery: random request scripts (shared prefixes, n > 1, aborts
 mid-prefill and mid-decode, prompt scoring, seeds) on random configurations (block sizes, cache budgets small
 enough to preempt, chunked prefill, prefix caching, MTP drafts paused for large batches or not, sparse or dense DSA). Whatever happens:
-every block comes back, every surviving request runs to its length, greedy output equals the model's
+every block comes back, every block the prefix cache holds after a step has the entries a no-cache forward
+computes (every layer, MTP included), every surviving request runs to its length, greedy output equals the model's
 no-cache recompute, prompt log-probabilities equal the full forward's, and a seeded sampled request
 gets the tokens it gets when it runs alone without speculation."""
 
@@ -13,13 +14,13 @@ from hypothesis import strategies as st
 
 from glm5.engine import LLM, SamplingParams
 
-from .conftest import make_model, ref_greedy, watch_drafts
+from .conftest import PrefixCacheAudit, make_model, ref_greedy, sharpen_mtp, watch_drafts
 
 MAX_LEN = 48
 # 16 indexer heads: with glm5-nano's 8, a key scores exactly 0 after the ReLU often enough that ties at the top-k
 # boundary appear, and torch.topk breaks them differently for different key counts (engine: keys so far; full
 # forward: the whole sequence). README "Numerical notes" documents that; here it would hide real bugs.
-MODEL = make_model(seed=3, index_n_heads=16)
+MODEL = sharpen_mtp(make_model(seed=3, index_n_heads=16))
 BASE = torch.Generator().manual_seed(42)
 PREFIXES = [torch.randint(1, 2048, (24,), generator=BASE).tolist() for _ in range(2)]
 
@@ -122,6 +123,8 @@ def test_random_request_scripts_keep_every_invariant(cfg, script):
     eng = llm.engine
     # drafts against the model's own chained drafts (sparse DSA only: the reference runs the model that way)
     drafts_ok = watch_drafts(eng, nano, most=4) if eng.proposer is not None and cfg["dsa"] == "sparse" else []
+    # after every step, every block the prefix cache holds has the entries a no-cache forward computes
+    PrefixCacheAudit(eng, nano, cfg["dsa"]).after_every_step()
     added, aborted, done = [], set(), {}
     for op, arg in script:
         if op == "add":

@@ -8,7 +8,7 @@ from glm5.engine import LLM, SamplingParams
 from glm5.engine.config import EngineConfig
 from glm5.engine.spec_decode import rejection_sample, top2_gap
 
-from .conftest import make_model, prompts, ref_chain_drafts, ref_greedy, ref_mtp_drafts
+from .conftest import PrefixCacheAudit, make_model, prompts, ref_chain_drafts, ref_greedy, ref_mtp_drafts
 
 DRAFTS = {"recursive": ref_mtp_drafts, "chain": ref_chain_drafts}  # the drafts each mtp_draft_mode must propose
 
@@ -36,6 +36,7 @@ def test_drafts_follow_mtp_recursion_and_accepted_drafts_commit(nano, mode):
     refs = [p + ref_greedy(nano, p, n) for p in ps]
     llm = LLM(nano, block_size=4, num_speculative_tokens=3, max_num_batched_tokens=32, mtp_draft_mode=mode)
     assert len(llm.engine.kv_cache.latent) == nano.config.num_hidden_layers + (3 if mode == "recursive" else 1)
+    audit = PrefixCacheAudit(llm.engine, nano).after_every_step()  # committed entries, past tentative ones too
     proposer = llm.engine.proposer
     orig = proposer.propose
     checked = []
@@ -57,7 +58,7 @@ def test_drafts_follow_mtp_recursion_and_accepted_drafts_commit(nano, mode):
     outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
     for o, r, p in zip(outs, refs, ps):
         assert o.outputs[0].token_ids == r[len(p):]
-    assert len(checked) > 6 and all(checked)
+    assert len(checked) > 6 and all(checked) and audit.checked > 20
     m = llm.spec_metrics()
     assert m["acceptance_length"] > 2.5  # two of three oracle drafts are right
     assert all(o.metrics["spec_acceptance_length"] > 2.5 for o in outs)
@@ -197,6 +198,7 @@ def test_drafting_pauses_for_large_batches_and_resumes_with_caught_up_mtp_caches
     lens = [4, 6, 30, 25]  # two requests end early: the batch shrinks from 4 to 2
     llm = LLM(nano, block_size=4, num_speculative_tokens=3, spec_disable_batch_size=2, max_num_batched_tokens=64,
               mtp_draft_mode=mode)
+    audit = PrefixCacheAudit(llm.engine, nano).after_every_step()
     proposer = llm.engine.proposer
     orig = proposer.propose
     log = []
@@ -222,6 +224,7 @@ def test_drafting_pauses_for_large_batches_and_resumes_with_caught_up_mtp_caches
     assert log.count("checked") > 5
     m = llm.spec_metrics()
     assert m["paused_steps"] == len(deferred) and m["verify_steps"] > 0
+    assert audit.checked > 20
 
 
 def test_spec_decode_with_preemption_and_prefix_cache(nano):
@@ -229,10 +232,11 @@ def test_spec_decode_with_preemption_and_prefix_cache(nano):
     shared = ps[0][:16]
     ps.append(shared + [3, 4, 5, 6, 7])
     llm = LLM(nano, block_size=4, num_blocks=18, max_model_len=48, max_num_seqs=4, num_speculative_tokens=2)
+    audit = PrefixCacheAudit(llm.engine, nano).after_every_step()
     outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     for o, p in zip(outs, ps):
         assert o.outputs[0].token_ids == ref_greedy(nano, p, 10)
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.scheduler.num_preemptions > 0 and audit.checked > 20
     assert llm.engine.block_manager.num_free_blocks == 17
 
 

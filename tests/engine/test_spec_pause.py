@@ -1,6 +1,7 @@
 """Drafting paused above N sequences (``spec_disable_batch_size``): the rows the MTP caches hold back meanwhile
 (``HeldRows``, one buffer for every sequence) come back exactly and stay bounded, and a long pause with sequences
-finishing, joining and being preempted changes neither the drafts after it nor the tokens."""
+finishing, joining and being preempted changes neither the drafts after it nor the tokens, and every block the
+prefix cache holds meanwhile has final entries (a held row's MTP entry is not one yet)."""
 
 from types import SimpleNamespace
 
@@ -10,7 +11,7 @@ import glm5.engine.spec_decode as spec_decode
 from glm5.engine import LLM, SamplingParams
 from glm5.engine.spec_decode import HeldRows, SpecState
 
-from .conftest import prompts, ref_chain_drafts, ref_greedy
+from .conftest import PrefixCacheAudit, prompts, ref_chain_drafts, ref_greedy
 
 
 def _seq(i: int):  # what HeldRows looks at in a Sequence
@@ -68,7 +69,8 @@ def test_a_long_pause_with_finishes_admissions_and_preemption_changes_no_draft_a
     the pause comes and goes over ~70 steps, requests finish and join while others hold rows, three are preempted
     while holding rows, backlogs reach the (lowered) MAX_DEFERRED_ROWS bound. Every draft after a pause equals the
     chain reference over the whole sequence, greedy tokens equal the no-cache reference, seeded sampled tokens equal
-    the engine's without drafts; the buffer stays within twice the rows 4 sequences can hold and is freed at the end."""
+    the engine's without drafts; after every step, every registered block's entries, MTP layer included, equal the
+    no-cache forward's; the buffer stays within twice the rows 4 sequences can hold and is freed at the end."""
     monkeypatch.setattr(spec_decode, "MAX_DEFERRED_ROWS", 20)
     lens = [5, 9, 13, 7, 11, 6, 8, 12, 4, 10, 7, 9]
     ps = prompts(lens, seed=50)
@@ -77,6 +79,7 @@ def test_a_long_pause_with_finishes_admissions_and_preemption_changes_no_draft_a
     greedy = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in budgets]
     kw = dict(block_size=4, num_blocks=24, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32)
     llm = LLM(nano, num_speculative_tokens=3, spec_disable_batch_size=2, **kw)
+    audit = PrefixCacheAudit(llm.engine, nano).after_every_step()
     proposer, orig = llm.engine.proposer, llm.engine.proposer.propose
     scheduler, preempt = llm.engine.scheduler, llm.engine.scheduler._preempt
     seen = {"checked": 0, "rows": 0, "backlog": 0, "preempted_holding": 0}
@@ -105,6 +108,7 @@ def test_a_long_pause_with_finishes_admissions_and_preemption_changes_no_draft_a
     assert seen["preempted_holding"] >= 2
     assert seen["rows"] <= 2 * 4 * 20 and seen["backlog"] == 20  # twice 4 sequences' rows at most; the bound held
     assert proposer.held.buf is None  # freed once every sequence had finished
+    assert audit.checked > 100
 
     seeded = [SamplingParams(temperature=1.0, seed=60 + i, max_tokens=n, ignore_eos=True)
               for i, n in enumerate(budgets)]
