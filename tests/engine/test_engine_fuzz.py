@@ -1,6 +1,7 @@
 """Property test of the engine's scheduling machinery: random request scripts (shared prefixes, n > 1, aborts
 mid-prefill and mid-decode, prompt scoring, seeds) on random configurations (block sizes, cache budgets small
-enough to preempt, chunked prefill, prefix caching, MTP drafts paused for large batches or not, sparse or dense DSA). Whatever happens:
+enough to preempt, chunked prefill, prefix caching, MTP drafts chained or recursive and paused for large batches or
+not, sparse or dense DSA; bursts of requests admitted together). Whatever happens:
 every block comes back, every block the prefix cache holds after a step has the entries a no-cache forward
 computes (every layer, MTP included), every surviving request runs to its length, greedy output equals the model's
 no-cache recompute, prompt log-probabilities equal the full forward's, and a seeded sampled request
@@ -14,7 +15,8 @@ from hypothesis import strategies as st
 
 from glm5.engine import LLM, SamplingParams
 
-from .conftest import PrefixCacheAudit, make_model, ref_greedy, sharpen_mtp, watch_drafts
+from .conftest import (PrefixCacheAudit, make_model, ref_chain_drafts, ref_greedy, ref_mtp_drafts, sharpen_mtp,
+                       watch_drafts)
 
 MAX_LEN = 48
 # 16 indexer heads: with glm5-nano's 8, a key scores exactly 0 after the ReLU often enough that ties at the top-k
@@ -32,6 +34,7 @@ configs = st.fixed_dictionaries({
     "enable_prefix_caching": st.booleans(),
     "num_speculative_tokens": st.sampled_from([0, 2, 4]),  # 4 > a 1-token prompt + 1: depths without a committed row
     "spec_disable_batch_size": st.sampled_from([0, 0, 1, 2]),  # with drafts: pauses and deferred MTP catch-ups
+    "mtp_draft_mode": st.sampled_from(["chain", "recursive"]),  # one MTP cache layer, or one per draft depth
     "dsa": st.sampled_from(["sparse", "dense"]),
 })
 requests = st.fixed_dictionaries({
@@ -46,8 +49,11 @@ requests = st.fixed_dictionaries({
     "stop_at": st.sampled_from([None, None, 0, 1, 3, 6]),  # greedy: stop on the id the reference emits there
     "min_tokens": st.sampled_from([0, 0, 2, 5]),  # with a stop id: it cannot end the output before this many
 })
-ops = st.lists(st.one_of(st.tuples(st.just("add"), requests), st.tuples(st.just("step"), st.integers(1, 4)),
-                         st.tuples(st.just("abort"), st.integers(0, 20))), min_size=1, max_size=14)
+# a burst adds several requests before the next step: batches past spec_disable_batch_size pause drafting
+ops = st.lists(st.one_of(st.tuples(st.just("add"), requests), st.tuples(st.just("burst"), st.lists(requests, min_size=2,
+                                                                                                max_size=4)),
+                         st.tuples(st.just("step"), st.integers(1, 4)), st.tuples(st.just("abort"), st.integers(0, 20))),
+               min_size=1, max_size=14)
 
 
 def prompt_of(r) -> list[int]:
@@ -122,15 +128,17 @@ def test_random_request_scripts_keep_every_invariant(cfg, script):
     llm = make_llm(nano, cfg)
     eng = llm.engine
     # drafts against the model's own chained drafts (sparse DSA only: the reference runs the model that way)
-    drafts_ok = watch_drafts(eng, nano, most=4) if eng.proposer is not None and cfg["dsa"] == "sparse" else []
+    ref = ref_mtp_drafts if cfg["mtp_draft_mode"] == "recursive" else ref_chain_drafts
+    drafts_ok = watch_drafts(eng, nano, ref, most=4) if eng.proposer is not None and cfg["dsa"] == "sparse" else []
     # after every step, every block the prefix cache holds has the entries a no-cache forward computes
     PrefixCacheAudit(eng, nano, cfg["dsa"]).after_every_step()
     added, aborted, done = [], set(), {}
     for op, arg in script:
-        if op == "add":
-            stop = stop_id_of(nano, arg, cfg["dsa"])
-            rid = eng.add_request(prompt_of(arg), params_of(arg, stop))
-            added.append((rid, arg, stop))
+        if op in ("add", "burst"):
+            for r in [arg] if op == "add" else arg:
+                stop = stop_id_of(nano, r, cfg["dsa"])
+                rid = eng.add_request(prompt_of(r), params_of(r, stop))
+                added.append((rid, r, stop))
         elif op == "step":
             for _ in range(arg):
                 for o in eng.step():
