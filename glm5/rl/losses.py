@@ -25,8 +25,8 @@ Policy term ℓ_t (``cfg.loss_type``), with ρ_t = exp(logp − old_logp):
             the tokens of sequence i (gradient flows through s_i; GSPO uses tiny ε, e.g. 3e-4 / 4e-4)
 * ``ddis``  GLM-5 direct double-sided importance sampling (report §4.1.2, Eqs. 3–5): the ratio is taken
             against the *rollout* log-probs, r = exp(logp − rollout_logp), no π_old and no PPO min/clip:
-            ℓ = −r Â · 1[1−ε_low ≤ r ≤ 1+ε_high]. Its gradient is −Â ∇r = −r Â ∇log π_θ inside the band, 0
-            outside (= f(r)·Â·∇log π_θ with f(x) = x in the band, else 0)
+            ℓ = −r Â · 1[1−ε_low < r < 1+ε_high]. Its gradient is −Â ∇r = −r Â ∇log π_θ inside the band, 0
+            outside (= f(r)·Â·∇log π_θ with f(x) = x if 1−ε_l < x < 1+ε_h, else 0: the band is open, Eq. 5)
 * ``cispo`` ℓ = −sg(clip(ρ, 1−ε_low, 1+ε_high)) Â logp (clipped tokens keep their gradient)
 * ``reinforce`` ℓ = −Â logp (on-policy REINFORCE, nanochat-style)
 
@@ -35,7 +35,7 @@ Train/inference mismatch corrections (multiply ℓ_t by a detached weight w_t):
 * ``tis="tis"``     w = clamp(exp(old_logp − rollout_logp), tis_clip_low (default 0), tis_clip) (truncated IS)
 * ``tis="icepop"``  w = ρ_mis if tis_clip_low (default 1/tis_clip) ≤ ρ_mis ≤ tis_clip else 0,
                     ρ_mis = exp(old_logp − rollout_logp) (GLM-5 reasoning RL, β = 2)
-* ``is_mask=True``  GLM-5's double-sided IS mask: w = 1[1−is_eps_low ≤ exp(logp − rollout_logp) ≤ 1+is_eps_high]
+* ``is_mask=True``  GLM-5's double-sided IS mask: w = 1[1−is_eps_low < exp(logp − rollout_logp) < 1+is_eps_high]
                     (detached); tokens outside the band are masked. ``ddis`` always applies it with ε_low/ε_high.
                     A masked token leaves the numerator but stays in the denominator (as slime does for
                     rejection sampling), so masking never inflates the other tokens' weight.
@@ -242,7 +242,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     if cfg.is_mask or cfg.loss_type == "ddis":
         lo, hi = (clip_lo, clip_hi) if cfg.loss_type == "ddis" else (1.0 - cfg.is_eps_low, 1.0 + cfg.is_eps_high)
         r_is = torch.exp(logp.detach() - rollout_logp)
-        band_mask = ((r_is >= lo) & (r_is <= hi)).to(m.dtype)
+        band_mask = ((r_is > lo) & (r_is < hi)).to(m.dtype)  # open band, as f(x) in GLM-5 Eq. 5
         weight = weight * band_mask
         metrics["is_masked_frac"] = _masked_mean(1.0 - band_mask, m)
 

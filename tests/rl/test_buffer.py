@@ -69,6 +69,21 @@ def test_dynamic_sampling_drops_zero_variance_groups():
     assert nodyn.num_ready == 1
 
 
+def test_dynamic_sampling_treats_float_noise_as_zero_variance():
+    """A plugin reward computed in floating point (0.1 + 0.2 vs 0.3) differs by ~1e-16 between samples of the same
+    quality: that group still has no signal and is dropped (reward spread within 1e-6), while a real spread of 1e-3
+    is kept."""
+    b = make(dynamic_sampling=True)
+    work = b.get_work(8)
+    for s, r in zip(work[:4], [0.3, 0.1 + 0.2, 0.3, 0.3]):
+        b.add_finished(finish(s, r))
+    for s, r in zip(work[4:], [0.3, 0.301, 0.3, 0.3]):
+        b.add_finished(finish(s, r))
+    assert 0.1 + 0.2 != 0.3  # the noise is real
+    assert b.stats.dropped_zero_std_groups == 1 and b.num_ready == 1
+    assert b.pop_batch(1, 0)[0][0].group_id == 1
+
+
 def test_staleness_bound_drops_and_counts():
     b = make(tau=1)
     work = b.get_work(12)

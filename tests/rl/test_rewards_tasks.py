@@ -3,6 +3,8 @@
 import textwrap
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from glm5.rl.rewards import (abstention_reward, as_reward_result, binary_reward, extract_answer, is_abstention,
                              load_reward_fn, score_answer)
@@ -26,7 +28,8 @@ def test_extract_answer_after_think():
 
 @pytest.mark.parametrize("text,yes", [("I don't know.", True), ("i dont know", True), ("I do not know", True),
                                       ("I don\u2019t know", True), ("IDK", True), ("It is unknown.", True),
-                                      ("I know: 7", False), ("7", False), ("", False), (None, False)])
+                                      ("I know: 7", False), ("7", False), ("", False), (None, False),
+                                      ("Unknowns: x = 2, y = 3", False), ("idk", True), ("Cannot be determined", True)])
 def test_is_abstention(text, yes):
     assert is_abstention(text) is yes
 
@@ -51,6 +54,76 @@ def test_numeric_matching():
     assert score_answer("7.0", ANS) == 1.0 and score_answer("7.", ANS) == 1.0 and score_answer("8", ANS) == 0.0
     assert score_answer("1,234", {"answer": "1234"}) == 1.0
     assert score_answer("Paris", {"answer": "paris"}) == 1.0
+
+
+@pytest.mark.parametrize("answer,gold,correct", [
+    ("New  York", "new york", True),  # runs of whitespace are one space
+    ("Paris", "Paris\n", True),  # a gold answer read from a file keeps its newline
+    ("Paris.", "Paris", True),  # a sentence-final period is not part of the answer
+    ("Lyon", "Paris", False),
+    ("7.50.", "7.5", True),  # ... nor for numbers
+    ("$1,234", "1234", True),  # currency sign and thousands separator
+    ("1/3", "0.3333333", True),  # fractions are numbers; 1e-6 relative tolerance
+    ("0.3333", "1/3", False),  # 1e-4 off: beyond the tolerance
+    ("3/4", "0.75", True),
+    ("4/3", "0.75", False),
+])
+def test_verifier_normalises_format_not_content(answer, gold, correct):
+    """Formatting (case, whitespace, trailing period, $ and thousands separators, a fraction vs its decimal within
+    the documented 1e-6 tolerance) never changes the verdict; a different value always does."""
+    assert score_answer(answer, {"answer": gold}) == (1.0 if correct else 0.0)
+    assert abstention_reward(f"r</think>{answer}", {"answer": gold}).reward == (1.0 if correct else -1.0)
+
+
+def test_the_last_boxed_or_answer_line_is_the_answer():
+    """A response that corrects itself is graded on its final answer: the last \\boxed{}, or the last "Answer:"
+    line."""
+    assert extract_answer("r</think>First \\boxed{3}; no, recheck: \\boxed{4}") == "4"
+    assert extract_answer("r</think>Answer: 3\nWait, 3 is wrong.\nFinal answer: 4") == "4"
+    assert abstention_reward("r</think>Answer: 8\nActually:\nAnswer: 7", ANS).reward == 1.0
+    assert abstention_reward("r</think>Answer: 7\nActually:\nAnswer: 8", ANS).reward == -1.0
+
+
+def test_a_task_without_the_answerable_key_is_answerable():
+    """Tasks from other sources (a plain JSONL of question/answer) carry no "answerable" flag: they are graded as
+    answerable questions (+1 / 0 / −1), not as unanswerable ones (where any answer would be −1)."""
+    task = {"question": "Calculate 3 + 4.", "answer": "7"}
+    assert [abstention_reward(f"r</think>{a}", task).reward for a in ("7", "I don't know", "8")] == [1.0, 0.0, -1.0]
+    assert [binary_reward(f"r</think>{a}", task).reward for a in ("7", "I don't know", "8")] == [1.0, 0.0, 0.0]
+    assert abstention_reward("r</think>7", task).correct
+
+
+def test_any_answer_to_an_unanswerable_question_is_wrong_even_if_it_matches_a_stored_answer():
+    """An unanswerable task may still carry an "answer" field (e.g. the value a trap question suggests): answering
+    it is wrong under both reward functions; only abstaining is right."""
+    trap = dict(UNANS, answer="42")
+    res = abstention_reward("r</think>42", trap)
+    assert res.reward == -1.0 and not res.correct and res.answered
+    assert binary_reward("r</think>42", trap).reward == 0.0
+    assert abstention_reward("r</think>I don't know", trap).reward == 1.0
+
+
+_PIECES = ["a", "7", " ", "\n", "<", "/", ":", "=", "{", "}", "\\boxed{9}", "Answer: 5", "</think>", "<|user|>",
+           "<|endoftext|>", "<|observation|>", "<tool_call>", "</tool_call>"]
+_TEXT = st.lists(st.sampled_from(_PIECES), max_size=12).map("".join)
+_ANSWER = st.text(alphabet="abxyz0123456789 .,-", max_size=12)  # no tags, "answer:" lines or \\boxed
+_TERMINATOR = st.sampled_from(["", "<|user|>", "<|endoftext|>", "<|observation|>", "<|assistant|>", "<|system|>"])
+_AFTER = st.lists(st.sampled_from([p for p in _PIECES if p != "</think>"]), max_size=6).map("".join)  # next turn
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(reasoning=_TEXT, answer=_ANSWER, terminator=_TERMINATOR, after=_AFTER)
+@example(reasoning="x", answer="", terminator="<|user|>", after="7")  # nothing between </think> and the EOS
+@example(reasoning="7</think>8", answer="9", terminator="<|user|>", after="3<|endoftext|>4")
+def test_the_answer_is_exactly_the_text_after_the_last_think_end_up_to_the_first_terminator(reasoning, answer,
+                                                                                            terminator, after):
+    """Whatever the reasoning contains (other </think> tags, boxed answers, role tokens, tool calls), the graded
+    answer is what follows the last </think>, cut at the first role / EOS token, stripped; empty means no answer."""
+    text = reasoning + "</think>" + answer + terminator + (after if terminator else "")
+    assert extract_answer(text) == (answer.strip() or None)
+    no_close = reasoning.replace("</think>", "")
+    assert extract_answer(no_close) is None  # reasoning never closed: no answer at all
+    assert extract_answer(no_close + "</think>" + answer) == (answer.strip() or None)
 
 
 @pytest.mark.skipif(not reasoning_gym_available(), reason="reasoning-gym not installed")
