@@ -1,10 +1,12 @@
 """The lightning indexer's scores and their gradients against the formula written out directly:
 I[t,s] = Σ_h (weights_proj(x)[t,h] / √H) · ReLU(q[t,h]·k[s] / √d), masked keys at -inf."""
 
+import math
+
 import pytest
 import torch
 
-from glm5.model.dsa import LightningIndexer
+from glm5.model.dsa import LightningIndexer, indexer_kl_loss
 from glm5.model.rope import apply_rope
 
 
@@ -175,3 +177,28 @@ def test_gathered_sparse_attention_equals_the_masked_dense_path(monkeypatch, ind
     assert gathered[2].keys() == masked[2].keys()
     for name in masked[2]:
         torch.testing.assert_close(gathered[2][name], masked[2][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_indexer_kl_loss_by_hand():
+    """The indexer's objective, written out per query: p = attention summed over heads and renormalised over the
+    kept keys, q = softmax of the indexer scores over the kept keys, KL(p ‖ q) = Σ p·log(p/q); averaged over the
+    queries that keep any key. Its gradient w.r.t. the scores is (q − p)/#queries on kept keys, 0 elsewhere."""
+    g = torch.Generator().manual_seed(0)
+    H, T = 3, 5
+    attn = torch.softmax(torch.randn(1, H, 3, T, generator=g), -1)  # each head sums to 1 over all T keys
+    scores = torch.randn(1, 3, T, generator=g, requires_grad=True)
+    keep = torch.tensor([[[1, 1, 0, 1, 0], [0, 1, 1, 1, 1], [0, 0, 0, 0, 0]]], dtype=torch.bool)  # query 2: none
+    loss = indexer_kl_loss(scores, attn, keep)
+    kls, grad = [], torch.zeros(1, 3, T)
+    for s in (0, 1):
+        kept = keep[0, s].nonzero().flatten().tolist()
+        a = [sum(attn[0, h, s, k].item() for h in range(H)) for k in kept]
+        p = [v / sum(a) for v in a]
+        z = sum(math.exp(scores[0, s, k].item()) for k in kept)
+        q = [math.exp(scores[0, s, k].item()) / z for k in kept]
+        kls.append(sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)))
+        for k, pi, qi in zip(kept, p, q):
+            grad[0, s, k] = (qi - pi) / 2
+    assert float(loss.detach()) == pytest.approx(sum(kls) / 2, rel=1e-5)
+    (g_scores,) = torch.autograd.grad(loss, scores)
+    torch.testing.assert_close(g_scores, grad, rtol=1e-4, atol=1e-6)

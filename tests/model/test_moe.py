@@ -1,9 +1,13 @@
 """MoE routing and the loop-free expert computation."""
 
+import math
+
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from glm5 import GLM5ForCausalLM, preset
-from glm5.model.moe import Experts, grouped_linear, route_tokens
+from glm5.model.moe import MoE, Experts, grouped_linear, route_tokens
 
 
 def test_route_tokens_bias_selects_but_does_not_weight():
@@ -22,6 +26,68 @@ def test_group_limited_routing_restricts_groups():
     logits = torch.randn(64, 8)
     w, ids = route_tokens(logits, torch.zeros(8), top_k=2, n_group=4, topk_group=1)
     assert ((ids // 2)[:, 0] == (ids // 2)[:, 1]).all()  # both experts from the single kept group
+
+
+def _route_by_hand(logits, bias, top_k, n_group, topk_group, scaling):
+    """DeepSeek-V3 ``noaux_tc`` routing one token at a time on Python floats (architecture.md §2.10):
+    p = sigmoid(logits), sel = p + bias; keep the topk_group groups whose two best ``sel`` sum highest; the top_k
+    experts by ``sel`` among the kept groups; gate weight = p (no bias) / Σ p over the chosen × scaling.
+    Returns one {expert: weight} per token."""
+    E = logits.shape[1]
+    per = E // n_group
+    routes = []
+    for row in logits.tolist():
+        p = [1.0 / (1.0 + math.exp(-v)) for v in row]
+        sel = [pi + bi for pi, bi in zip(p, bias.tolist())]
+        group_score = [sum(sorted(sel[g * per:(g + 1) * per], reverse=True)[:2]) for g in range(n_group)]
+        kept = sorted(range(n_group), key=lambda g: -group_score[g])[:topk_group]
+        chosen = sorted((e for e in range(E) if e // per in kept), key=lambda e: -sel[e])[:top_k]
+        total = sum(p[e] for e in chosen)
+        routes.append({e: p[e] / total * scaling for e in chosen})
+    return routes
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)  # fixed examples: fp32 vs fp64 near-ties
+@given(seed=st.integers(0, 2**31 - 1), n_group=st.sampled_from([1, 2, 4, 8]), data=st.data())
+def test_route_tokens_matches_routing_by_hand(seed, n_group, data):
+    """Group-limited top-k against the per-token loop above, with a correction bias large enough to change both
+    which groups and which experts win: the chosen set and each chosen expert's weight must agree. Continuous
+    random scores, so ties (where the order is backend-defined) have probability zero."""
+    E = 16
+    topk_group = data.draw(st.integers(1, n_group), label="topk_group")
+    top_k = data.draw(st.integers(1, topk_group * (E // n_group)), label="top_k")
+    scaling = data.draw(st.sampled_from([1.0, 2.5]), label="scaling")
+    g = torch.Generator().manual_seed(seed)
+    logits, bias = torch.randn(12, E, generator=g) * 2, torch.randn(E, generator=g) * 0.5
+    w, ids = route_tokens(logits, bias, top_k, n_group, topk_group, normalize=True, scaling=scaling)
+    for t, expect in enumerate(_route_by_hand(logits, bias, top_k, n_group, topk_group, scaling)):
+        got = dict(zip(ids[t].tolist(), w[t].tolist()))
+        assert got.keys() == expect.keys(), (t, sorted(got), sorted(expect))
+        for e in expect:
+            assert math.isclose(got[e], expect[e], rel_tol=1e-5), (t, e)
+
+
+def test_router_uses_the_configs_scaling_groups_and_its_bias():
+    """The ``mlp.gate`` module routes with the config's top-k, groups and routed_scaling_factor and its own
+    ``e_score_correction_bias`` (the buffer the trainer's balancing moves), computed in fp32."""
+    cfg = preset("glm5-nano", n_group=4, topk_group=2)
+    moe = MoE(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        moe.gate.weight.copy_(torch.randn(moe.gate.weight.shape, generator=g) * 0.2)
+        moe.gate.e_score_correction_bias.copy_(torch.randn(cfg.n_routed_experts, generator=g) * 0.5)
+    x = torch.randn(10, cfg.hidden_size, generator=g)
+    logits, w, ids = moe.gate(x)
+    torch.testing.assert_close(logits, x @ moe.gate.weight.T)
+    expect = _route_by_hand(logits, moe.gate.e_score_correction_bias, cfg.num_experts_per_tok, cfg.n_group,
+                            cfg.topk_group, cfg.routed_scaling_factor)
+    unbiased = _route_by_hand(logits, torch.zeros(cfg.n_routed_experts), cfg.num_experts_per_tok, cfg.n_group,
+                              cfg.topk_group, cfg.routed_scaling_factor)
+    assert any(a.keys() != b.keys() for a, b in zip(expect, unbiased))  # the bias matters for these tokens
+    for t, e in enumerate(expect):
+        got = dict(zip(ids[t].tolist(), w[t].tolist()))
+        assert got.keys() == e.keys() and all(math.isclose(got[k], e[k], rel_tol=1e-5) for k in e)
+        assert math.isclose(sum(got.values()), cfg.routed_scaling_factor, rel_tol=1e-5)
 
 
 def _experts(seed=0):

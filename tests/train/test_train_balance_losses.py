@@ -1,12 +1,18 @@
+import math
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from glm5 import GLM5ForCausalLM, preset
 from glm5.data.loader import IGNORE_INDEX, Batch
 from glm5.model.moe import MoE
 from glm5.train.balance import ExpertLoadTracker, load_stats, sequence_balance_loss, update_router_biases
-from glm5.train.losses import LossConfig, compute_loss, count_targets, mtp_inputs
+from glm5.train.config import TrainConfig
+from glm5.train.losses import LossConfig, compute_loss, count_targets, mtp_inputs, mtp_loss_sums
 
 
 def _nano(**kw):
@@ -94,6 +100,98 @@ def test_sequence_balance_loss():
     assert skew.grad[:, :K].sum() > 0  # raising the favoured experts' scores raises the loss
 
 
+def _select_by_hand(row, bias, K, n_group, topk_group):
+    """The experts one token is routed to: top-K of score + bias among the topk_group groups whose two best
+    score + bias sum highest (the router's selection, written out on Python floats)."""
+    E = len(row)
+    per = E // n_group
+    sel = [s + b for s, b in zip(row, bias)]
+    group_score = [sum(sorted(sel[g * per:(g + 1) * per], reverse=True)[:2]) for g in range(n_group)]
+    kept = sorted(range(n_group), key=lambda g: -group_score[g])[:topk_group]
+    return sorted((e for e in range(E) if e // per in kept), key=lambda e: -sel[e])[:K]
+
+
+def _seq_balance_by_hand(scores, B, T, bias, K, n_group=1, topk_group=1):
+    """DeepSeek-V3's sequence-wise balance loss (without α), one sequence at a time:
+    L = mean_b Σ_i f_i·P_i, f_i = E/(K·T) · #{t : i chosen at t}, P_i = (1/T) Σ_t s_{t,i} / Σ_j s_{t,j}."""
+    E = scores.shape[1]
+    total = 0.0
+    for b in range(B):
+        rows = scores[b * T:(b + 1) * T]
+        counts = [0] * E
+        for row in rows.tolist():
+            for e in _select_by_hand(row, bias.tolist(), K, n_group, topk_group):
+                counts[e] += 1
+        P = (rows / rows.sum(-1, keepdim=True)).mean(0)
+        total = total + sum(E / (K * T) * counts[i] * P[i] for i in range(E))
+    return total / B
+
+
+@pytest.mark.parametrize("n_group, topk_group", [(1, 1), (4, 2)])
+def test_sequence_balance_loss_matches_the_formula(n_group, topk_group):
+    """Value and gradient against the per-sequence formula, with a correction bias that changes the routing (the
+    counts f_i follow the router's biased, group-limited choice) and sequences that route differently. The
+    counts are constants: the gradient flows through P_i only."""
+    B, T, E, K = 3, 5, 8, 2
+    cfg = SimpleNamespace(num_experts_per_tok=K, n_group=n_group, topk_group=topk_group)
+    g = torch.Generator().manual_seed(0)
+    scores = torch.sigmoid(torch.randn(B * T, E, generator=g) * 2).requires_grad_(True)
+    bias = torch.randn(E, generator=g) * 0.5
+    loss = sequence_balance_loss(scores, (B, T), bias, cfg)
+    ref = _seq_balance_by_hand(scores, B, T, bias, K, n_group, topk_group)
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
+    # the case is only telling if the bias and the groups change the loss
+    with torch.no_grad():
+        assert float(ref) != pytest.approx(float(_seq_balance_by_hand(scores, B, T, torch.zeros(E), K, n_group,
+                                                                      topk_group)), rel=1e-3)
+        if n_group > 1:
+            assert float(ref) != pytest.approx(float(_seq_balance_by_hand(scores, B, T, bias, K)), rel=1e-3)
+    (g_src,) = torch.autograd.grad(loss, scores)
+    (g_ref,) = torch.autograd.grad(ref, scores)
+    torch.testing.assert_close(g_src, g_ref)
+
+
+def test_sequence_balance_loss_reaches_the_router_weights():
+    """The router scores the MoE block records for the balance loss keep their graph: the loss alone gives the
+    router weight a gradient (it is what the loss trains)."""
+    model = _nano()
+    tracker = ExpertLoadTracker(model)
+    tracker.record_scores = True
+    model(torch.randint(0, 2048, (2, 8)), dsa="dense")
+    idx, scores, shape = tracker.take_scores()[0]
+    moe = dict(model.moe_layers())[idx]
+    loss = sequence_balance_loss(scores, shape, moe.gate.e_score_correction_bias, model.config)
+    (grad,) = torch.autograd.grad(loss, moe.gate.weight)
+    assert grad.abs().sum() > 0
+
+
+def test_load_stats_by_hand():
+    """max_vio = (max − mean)/mean and cv = population std / mean per layer, then averaged over layers."""
+    stats = load_stats({3: torch.tensor([1.0, 2.0, 3.0, 6.0]), 5: torch.full((4,), 4.0)})
+    cv3 = math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + 0 + (6 - 3) ** 2) / 4) / 3
+    assert stats["layers"] == {"3": 1.0, "5": 0.0}
+    assert stats["max_vio"] == pytest.approx((1.0 + 0.0) / 2) and stats["cv"] == pytest.approx(cv3 / 2)
+    assert load_stats({}) == {}
+
+
+def test_tracker_sums_loads_over_forwards():
+    """A step's loads are the sum over its micro-batches: every forward adds to what the tracker holds until
+    ``take_loads`` empties it."""
+    model = _nano()
+    tracker = ExpertLoadTracker(model)
+    seen = {}
+    for B, S in ((2, 16), (1, 8)):
+        model(torch.randint(0, 2048, (B, S)), dsa="dense")
+        for i, moe in model.moe_layers()[:-1]:  # the MTP layer did not run
+            seen[i] = seen.get(i, 0) + moe.last_expert_load
+    loads = tracker.take_loads()
+    assert loads.keys() == seen.keys()
+    k = model.config.num_experts_per_tok
+    for i in seen:
+        assert torch.equal(loads[i], seen[i].float()) and float(loads[i].sum()) == (2 * 16 + 1 * 8) * k
+    assert tracker.take_loads() == {}
+
+
 def _batch(B=2, S=16, vocab=2048, seed=0, doc_break=None):
     g = torch.Generator().manual_seed(seed)
     w = torch.randint(1, vocab, (B, S + 1), generator=g)
@@ -117,6 +215,29 @@ def test_mtp_targets_shift_and_respect_documents():
     assert count_targets(b, 2).tolist() == [10.0, 8.0, 6.0]
 
 
+@settings(max_examples=80, deadline=None)
+@given(lengths=st.lists(st.integers(1, 6), min_size=1, max_size=5), d=st.integers(1, 4))
+@example(lengths=[2, 5], d=3)  # t=1 → t+3=4: position 1 → 2, increasing, yet in the next document
+def test_mtp_inputs_never_cross_a_document(lengths, d):
+    """Packed documents of any lengths, also ones no longer than d (across whose boundary the position ids need
+    not decrease): step d at t sees x_{t+d} and targets labels[t+d] only while t+d is in the row and in t's
+    document."""
+    S = sum(lengths)
+    doc = [i for i, n in enumerate(lengths) for _ in range(n)]
+    pos = torch.tensor([[t for n in lengths for t in range(n)]])
+    ids, labels = torch.arange(100, 100 + S)[None], torch.arange(200, 200 + S)[None]
+    nxt, lab = mtp_inputs(Batch(ids, labels, pos, None), d, pad_id=0)
+    for t in range(S):
+        inside = t + d < S
+        assert nxt[0, t] == (ids[0, t + d] if inside else 0)
+        assert lab[0, t] == (labels[0, t + d] if inside and doc[t + d] == doc[t] else IGNORE_INDEX), t
+
+
+def test_default_mtp_weight_is_0_3():
+    """λ_mtp defaults to 0.3 (GLM-4.5's MTP scaling, training-and-environment.md §A3) in both configs."""
+    assert LossConfig().mtp_weight == 0.3 and TrainConfig().mtp_weight == 0.3
+
+
 def test_loss_is_ce_plus_weighted_mtp():
     torch.manual_seed(0)
     model = _nano()
@@ -132,6 +253,53 @@ def test_loss_is_ce_plus_weighted_mtp():
     lc0 = LossConfig(stage="dense", mtp_depth=0)
     loss0, st0 = compute_loss(model, b, lc0, count_targets(b, 0).tolist())
     assert float(loss0.detach()) == pytest.approx(float(ce.detach()), rel=1e-5) and st0["mtp_sums"] == []
+
+
+def test_loss_terms_weights_grad_scale_and_micro_batches():
+    """How the terms combine (module docstring of glm5.train.losses): token losses are normalised by the global
+    target counts and multiplied by grad_scale; the per-batch means (balance, indexer KL) are weighted by α and
+    w_idx and divided by the number of micro-batches. The indexer warm-up's loss is the KL alone."""
+    torch.manual_seed(0)
+    model = _nano(index_topk=4)
+    with torch.no_grad():  # sharpen the indexers: at init they agree with attention so well that the KL is ~1e-4
+        for n, p in model.named_parameters():
+            if n.endswith("indexer.weights_proj.weight"):
+                p.mul_(30.0)
+    tracker = ExpertLoadTracker(model)
+    b = _batch(S=16)
+    norm = count_targets(b, 2).tolist()
+    lc = LossConfig(stage="sparse", mtp_depth=2, mtp_weight=0.3, seq_balance_alpha=0.01, indexer_loss_weight=0.5)
+    loss, st = compute_loss(model, b, lc, norm, grad_scale=2.0, n_micro=3, tracker=tracker)
+    assert st["balance"] > 0.5 and st["indexer_kl"] > 1e-2  # both terms are large enough to be seen below
+    mtp = sum(s / n for s, n in zip(st["mtp_sums"], norm[1:])) / 2
+    expect = (st["ce_sum"] / norm[0] + 0.3 * mtp) * 2.0 + (0.01 * st["balance"] + 0.5 * st["indexer_kl"]) / 3
+    assert float(loss.detach()) == pytest.approx(expect, rel=1e-6)
+    warm, st_w = compute_loss(model, b, LossConfig(stage="indexer-warmup"), norm, grad_scale=2.0, n_micro=3)
+    assert float(warm.detach()) == pytest.approx(st_w["indexer_kl"] / 3, rel=1e-6)
+
+
+@torch.no_grad()
+def test_mtp_steps_chain_and_self_distil_from_the_main_model():
+    """Step d feeds on step d−1's hidden state (step 1 on the main model's) and x_{t+d}. With ``target="data"``
+    its sum is the CE against labels[t+d]; with ``target="self"`` the KL(main model's distribution at t+d ‖ MTP's
+    at t), the main model predicting the same token x_{t+d+1}, over the same positions."""
+    torch.manual_seed(0)
+    model = _nano()
+    b = _batch(B=2, S=12, doc_break=7)
+    out = model(b.input_ids, position_ids=b.position_ids, attention_mask=b.attention_mask, dsa="dense")
+    data = mtp_loss_sums(model, b, out.hidden_states, 3, "dense")
+    self_kl = mtp_loss_sums(model, b, out.hidden_states, 3, "dense", target="self")
+    h = out.hidden_states
+    for d in range(1, 4):
+        nxt, lab = mtp_inputs(b, d)
+        logits, h = model.mtp_forward(h, nxt, b.position_ids, b.attention_mask, dsa="dense")
+        ce = F.cross_entropy(logits.flatten(0, 1), lab.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        assert float(data[d - 1]) == pytest.approx(float(ce), rel=1e-5), d
+        valid = lab[:, :-d] != IGNORE_INDEX
+        log_p = out.logits[:, d:][valid].log_softmax(-1)  # the main model at t+d
+        log_q = logits[:, :-d][valid].log_softmax(-1)  # MTP step d at t
+        kl = (log_p.exp() * (log_p - log_q)).sum()
+        assert float(self_kl[d - 1]) == pytest.approx(float(kl), rel=1e-4), d
 
 
 def test_accumulation_matches_one_big_batch():

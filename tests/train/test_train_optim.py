@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from glm5 import GLM5ForCausalLM, preset
-from glm5.train.optim import Muon, build_optimizers, lr_factor, muon_layout, zeropower_via_newtonschulz
+from glm5.train.optim import Muon, build_optimizers, lr_factor, muon_layout, set_lr, zeropower_via_newtonschulz
 
 
 def test_newton_schulz_orthogonalises_batches():
@@ -65,6 +65,33 @@ def test_kv_b_split_k_and_v_separately():
         for block, rows in ((u[h, :dn], dn), (u[h, dn:], dv)):
             s = torch.linalg.svdvals(block / (0.2 * math.sqrt(max(rows, r))))
             assert s.min() > 0.5 and s.max() < 1.5
+
+
+def _per_matrix_update(g, batch, chunks):
+    """The update each layout promises, one matrix at a time: g viewed as [batch, R, C], rows cut into ``chunks``;
+    each piece orthogonalised alone (the 2-D path, bit-identical to torch.optim.Muon, tested above) and scaled by
+    Moonlight's 0.2·√max(rows, cols)."""
+    v = g.reshape(batch, -1, g.shape[-1])
+    out = []
+    for b in range(batch):
+        for m in v[b].split(chunks):
+            out.append(zeropower_via_newtonschulz(m) * 0.2 * math.sqrt(max(m.shape)))
+    return torch.cat(out).reshape(g.shape)
+
+
+@pytest.mark.parametrize("shape, layout", [
+    ((3, 2 * 10, 24), {"batch": 3, "chunks": [10, 10]}),  # experts.gate_up_proj: gate and up rows apart, per expert
+    ((3, 24, 10), {"batch": 3, "chunks": [24]}),  # experts.down_proj: one matrix per expert
+    ((4 * 12, 16), {"batch": 4, "chunks": [12]}),  # q_b_proj under Muon Split: per head
+    ((2 * (6 + 20), 8), {"batch": 2, "chunks": [6, 20]}),  # kv_b_proj: K-up and V-up per head, different scales
+])
+def test_batched_layouts_equal_one_matrix_at_a_time(shape, layout):
+    """Every matrix of a layout gets exactly the update it would get as a parameter of its own, scale included:
+    orthogonalising gate and up rows together, or giving K-up and V-up one shared scale, changes the update."""
+    torch.manual_seed(0)
+    g = torch.randn(shape)
+    expect = _per_matrix_update(g, layout["batch"], layout["chunks"])
+    torch.testing.assert_close(_update(layout, g), expect, rtol=1e-4, atol=1e-5)
 
 
 def test_param_groups_cover_the_model():
@@ -128,3 +155,29 @@ def test_schedules():
     assert lr_factor(50, 100, 10, "wsd", 0.0, 0.2, progress=0.9) == pytest.approx(0.5)
     assert lr_factor(3, 100, 10, "cosine", progress=0.9) == pytest.approx(0.4)  # warm-up still counts steps
     assert [lr_factor(s, total, warm, "constant") for s in (10, 99)] == [1.0, 1.0]
+
+
+def test_decays_end_at_min_ratio_and_stay_there():
+    """Cosine and WSD both end at ``min_ratio`` × peak (not at 0) on the last step, WSD's linear decay passes the
+    midpoint of [1, min_ratio] halfway through its window, and a time budget overrun (progress > 1) holds the
+    floor instead of following the cosine back up or WSD's line below the floor."""
+    total, warm, floor = 100, 10, 0.1
+    for sched in ("cosine", "wsd"):
+        assert lr_factor(total - 1, total, warm, sched, floor, 0.2) == pytest.approx(floor)
+        for progress in (1.0, 1.25, 1.9):
+            assert lr_factor(50, total, warm, sched, floor, 0.2, progress=progress) == pytest.approx(floor)
+    assert lr_factor(50, total, warm, "wsd", floor, 0.2, progress=0.9) == pytest.approx((1 + floor) / 2)
+    assert lr_factor(50, total, warm, "cosine", floor, progress=0.5) == pytest.approx((1 + floor) / 2)
+
+
+def test_set_lr_scales_the_base_lr_not_the_current_one():
+    """Each step sets lr = base_lr × factor from the group's fixed ``base_lr``: calling it every step must not
+    compound the factors."""
+    model = GLM5ForCausalLM(preset("glm5-nano"))
+    opt = build_optimizers(model, kind="muon", lr=2e-3, muon_impl="glm5")
+    for g in opt.param_groups:
+        g["base_lr"] = 2e-3 if g["name"].startswith("adamw") else 1e-3
+    for factor in (0.5, 0.5, 0.25):
+        lr = set_lr(opt, factor)
+        assert lr == pytest.approx(opt.param_groups[0]["base_lr"] * factor)
+        assert all(g["lr"] == pytest.approx(g["base_lr"] * factor) for g in opt.param_groups)

@@ -179,6 +179,28 @@ def test_time_budget_drives_the_schedule(tmp_path, corpus_file, small_tokenizer_
     assert lrs[1] == pytest.approx(3e-3) and lrs[-1] < 0.5 * 3e-3  # warm-up, then decayed by the deadline
 
 
+def test_gradients_are_clipped_before_the_optimiser_step(tmp_path, corpus_file, small_tokenizer_dir):
+    """With ``grad_clip`` c the optimiser steps on gradients of global norm min(c, norm) (the reported
+    ``grad_norm`` is the norm before clipping); with 0 it steps on the gradients as they are."""
+    for clip in (1e-3, 0.0):
+        cfg = _config(tmp_path, corpus_file, small_tokenizer_dir, f"clip{clip}", max_steps=1, eval_every=0,
+                      export=False, plot=False, grad_clip=clip)
+        t = Trainer(cfg)
+        stepped = []
+        step = t.optim.step
+
+        def record_then_step():
+            stepped.append(float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(p.grad) for p in t.params if p.grad is not None]))))
+            step()
+
+        t.optim.step = record_then_step
+        rec = t.train_step()
+        t.close()
+        assert rec["grad_norm"] > 10 * 1e-3  # so that a clip at 1e-3 does act
+        assert stepped == [pytest.approx(1e-3 if clip else rec["grad_norm"], rel=1e-4)]
+
+
 def test_activation_checkpointing_gives_the_same_steps(tmp_path, corpus_file, small_tokenizer_dir):
     runs = []
     for ac in (False, True):
