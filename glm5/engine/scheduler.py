@@ -14,7 +14,9 @@ are kept: the recompute stops one token short and the next step verifies them, a
 
 With ``policy="priority"`` (vLLM's ``scheduling_policy``), the waiting queue is ordered by (priority, arrival):
 a lower value is served first, ties in arrival order. The preemption victim is then the running sequence
-with the largest (priority, arrival), rather than the most recently admitted one.
+with the largest (priority, arrival), rather than the most recently admitted one, even one already scheduled
+this step (it is taken out of the step again, as vLLM does): decoding sequences are scheduled first, so
+otherwise a higher-priority sequence that needs a block would yield to a lower-priority one scheduled before it.
 
 Drafts are never cut and survive preemption because that is the simplest schedule, not for correctness:
 verification decides every token, greedy by the argmax and a seeded sampled request by position-keyed noise
@@ -107,14 +109,21 @@ class Scheduler:
             self.on_preempt(seq)
 
     def _victim(self, done: set[int], seq: Sequence) -> Sequence:
-        """Whom to preempt so that ``seq`` fits: not one already scheduled this step; ``seq`` itself if none is left.
-        fcfs: the most recently admitted; priority: the largest (priority, arrival)."""
-        candidates = [v for v in self.running if v.seq_id not in done]
-        if not candidates:
-            return seq
+        """Whom to preempt so that ``seq`` fits (``seq`` itself if it is the one to yield). fcfs: the most recently
+        admitted not already scheduled this step; priority: the largest (priority, arrival) of all."""
         if self.policy == "priority":
-            return max(candidates, key=_rank)
-        return candidates[-1]
+            return max(self.running, key=_rank)
+        candidates = [v for v in self.running if v.seq_id not in done]
+        return candidates[-1] if candidates else seq
+
+    def _unschedule(self, seq: Sequence, out: SchedulerOutput, done: set[int]) -> int:
+        """Take ``seq`` out of this step (it is about to be preempted): its registrations ahead go back. Returns the
+        budget it had taken."""
+        s = next(s for s in out.scheduled if s.seq is seq)
+        out.scheduled.remove(s)
+        done.discard(seq.seq_id)
+        self.bm.unpublish(seq, s.hashed_before)
+        return s.num_new_tokens + len(s.draft_ids)
 
     def _chunk(self, seq: Sequence, budget: int) -> tuple[int, list[int]]:
         """(new tokens, drafts) for ``seq`` this step. A sequence holding drafts verifies them right after its
@@ -142,6 +151,8 @@ class Scheduler:
             ok = True
             while not self.bm.can_allocate(seq, self._slots_needed(seq, n, len(drafts))):
                 victim = self._victim(done, seq)
+                if victim.seq_id in done:
+                    budget += self._unschedule(victim, out, done)
                 self._preempt(victim, out)
                 if victim is seq:
                     ok = False

@@ -6,7 +6,7 @@ import torch
 from glm5.engine import LLM, SamplingParams
 from glm5.engine.llm_engine import LLMEngine, EngineConfig
 
-from .conftest import prompts, ref_greedy
+from .conftest import PrefixCacheAudit, prompts, ref_greedy
 
 
 def _run_all(engine: LLMEngine) -> dict:
@@ -303,6 +303,33 @@ def test_priority_policy_admits_lower_values_first_and_preempts_the_largest(nano
         assert sum(s.num_preemptions for s in seqs.values()) == seqs[victim].num_preemptions, policy
         for rid, p in (("low", ps[0]), ("high", ps[1])):
             assert done[rid].outputs[0].token_ids == ref_greedy(nano, p, 16), (policy, rid)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(num_speculative_tokens=2)], ids=["plain", "mtp"])
+def test_a_higher_priority_sequence_never_yields_to_a_lower_one_scheduled_before_it(nano, kw):
+    """Decoding sequences are scheduled first, so a low-priority one may already be in the step when a
+    high-priority one needs a block. It is then taken out of the step and preempted (as vLLM does): before, the
+    high-priority sequence preempted itself and finished last, in these four block alignments among others. The
+    step's budget and prefix-cache registrations of the sequence taken out go back; tokens stay the greedy ones."""
+    for high_len, low_len in ((3, 6), (7, 5), (10, 8), (12, 7)):
+        eng = LLMEngine(nano, config=EngineConfig(block_size=4, num_blocks=9, max_model_len=24, max_num_seqs=2,
+                                                  scheduling_policy="priority", **kw))
+        audit = PrefixCacheAudit(eng, nano).after_every_step()
+        low_p, high_p = prompts([low_len], seed=1)[0], prompts([high_len], seed=2)[0]
+        low_sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        high_sp = SamplingParams(temperature=0, max_tokens=24 - high_len, ignore_eos=True)
+        eng.add_request(low_p, low_sp, request_id="low", priority=9)
+        eng.step()
+        eng.add_request(high_p, high_sp, request_id="high", priority=0)
+        high, low = eng.requests["high"].seqs[0], eng.requests["low"].seqs[0]
+        done = {}
+        while eng.has_unfinished_requests():
+            done.update((o.request_id, o) for o in eng.step() if o.finished)
+        assert list(done) == ["high", "low"], (high_len, low_len)
+        assert high.num_preemptions == 0 and low.num_preemptions > 0
+        assert done["high"].outputs[0].token_ids == ref_greedy(nano, high_p, high_sp.max_tokens)
+        assert done["low"].outputs[0].token_ids == ref_greedy(nano, low_p, 16)
+        assert audit.checked > 0
 
 
 def test_fcfs_engine_refuses_a_priority(nano):

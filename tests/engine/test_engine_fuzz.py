@@ -1,7 +1,7 @@
 """Property test of the engine's scheduling machinery: random request scripts (shared prefixes, n > 1, aborts
 mid-prefill and mid-decode, prompt scoring, seeds) on random configurations (block sizes, cache budgets small
 enough to preempt, chunked prefill, prefix caching, MTP drafts chained or recursive and paused for large batches or
-not, sparse or dense DSA; bursts of requests admitted together). Whatever happens:
+not, sparse or dense DSA, first-come or priority scheduling; bursts of requests admitted together). Whatever happens:
 every block comes back, every block the prefix cache holds after a step has the entries a no-cache forward
 computes (every layer, MTP included), every surviving request runs to its length, greedy output equals the model's
 no-cache recompute, prompt log-probabilities equal the full forward's, and a seeded sampled request
@@ -36,6 +36,7 @@ configs = st.fixed_dictionaries({
     "spec_disable_batch_size": st.sampled_from([0, 0, 1, 2]),  # with drafts: pauses and deferred MTP catch-ups
     "mtp_draft_mode": st.sampled_from(["chain", "recursive"]),  # one MTP cache layer, or one per draft depth
     "dsa": st.sampled_from(["sparse", "dense"]),
+    "scheduling_policy": st.sampled_from(["fcfs", "priority"]),
 })
 requests = st.fixed_dictionaries({
     "prefix": st.sampled_from([0, 1, None]),
@@ -48,6 +49,7 @@ requests = st.fixed_dictionaries({
     "prompt_logprobs": st.sampled_from([None, None, 0, 2]),
     "stop_at": st.sampled_from([None, None, 0, 1, 3, 6]),  # greedy: stop on the id the reference emits there
     "min_tokens": st.sampled_from([0, 0, 2, 5]),  # with a stop id: it cannot end the output before this many
+    "priority": st.integers(0, 2),  # under scheduling_policy="priority"
 })
 # a burst adds several requests before the next step: batches past spec_disable_batch_size pause drafting
 ops = st.lists(st.one_of(st.tuples(st.just("add"), requests), st.tuples(st.just("burst"), st.lists(requests, min_size=2,
@@ -137,7 +139,8 @@ def test_random_request_scripts_keep_every_invariant(cfg, script):
         if op in ("add", "burst"):
             for r in [arg] if op == "add" else arg:
                 stop = stop_id_of(nano, r, cfg["dsa"])
-                rid = eng.add_request(prompt_of(r), params_of(r, stop))
+                prio = r["priority"] if cfg["scheduling_policy"] == "priority" else 0
+                rid = eng.add_request(prompt_of(r), params_of(r, stop), priority=prio)
                 added.append((rid, r, stop))
         elif op == "step":
             for _ in range(arg):
