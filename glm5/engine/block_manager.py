@@ -140,13 +140,6 @@ class BlockManager:
                 self.block_hash[block] = None
         del seq.block_hashes[keep:]
 
-    def trim(self, seq: Sequence, num_slots: int) -> None:
-        """Release trailing blocks not needed for positions [0, num_slots) (e.g. after rejected drafts)."""
-        keep = -(-num_slots // self.block_size)
-        while len(seq.block_table) > keep:
-            self._release(seq.block_table.pop())
-        del seq.block_hashes[keep:]
-
     def free_seq(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):  # tail first: the prefix stays cached longest
             self._release(block)
