@@ -114,6 +114,19 @@ def test_tools_call_and_result_interleaved_thinking():
     )
 
 
+def test_clear_thinking_true_still_keeps_reasoning_after_the_last_user_turn():
+    """clear_thinking only drops reasoning *before* the last user message (§1.2: "after the last user message, or
+    clear_thinking explicitly false"); an explicit True must not strip the interleaved thinking of the current turn."""
+    msgs = [
+        {"role": "user", "content": "What's the weather in Beijing?"},
+        tool_turn(),
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    rendered = both(msgs, [WEATHER_TOOL], clear_thinking=True)
+    assert rendered == both(msgs, [WEATHER_TOOL])
+    assert "<|assistant|><think>" + REASONING + "</think><tool_call>get_weather" in rendered
+
+
 def test_tool_call_without_reasoning_renders_bare_think_end():
     msgs = [{"role": "user", "content": "q"}, tool_turn(reasoning=None), {"role": "tool", "content": "r"}]
     assert both(msgs) == (
@@ -176,6 +189,27 @@ def test_reasoning_split_out_of_content():
     assert both(msgs2) == "[gMASK]<sop><|user|>q<|assistant|></think>A<|user|>q2<|assistant|><think>"
 
 
+def test_embedded_reasoning_is_before_the_first_think_end_and_content_after_the_last():
+    """Content with several </think> (GLM-4.x template convention, module docstring): the reasoning is the text up
+    to the first </think> (after the last <think> in it) and the content is what follows the last </think>."""
+    msgs = [{"role": "user", "content": "q"},
+            {"role": "assistant", "content": "<think>R1<think>R2</think>mid</think>\nA"}]
+    assert both(msgs, add_generation_prompt=False) == "[gMASK]<sop><|user|>q<|assistant|><think>R2</think>A"
+    msgs2 = msgs + [{"role": "user", "content": "q2"}]
+    assert both(msgs2, add_generation_prompt=False) == "[gMASK]<sop><|user|>q<|assistant|></think>A<|user|>q2"
+
+
+def test_reasoning_content_field_wins_over_its_aliases():
+    """§1.2: reasoning comes from ``reasoning_content`` when it is a string; ``reasoning``/``thinking`` only fill it
+    in when it is absent (a client may send a stale alias next to the real field)."""
+    msgs = [{"role": "user", "content": "q"},
+            {"role": "assistant", "reasoning_content": "R", "reasoning": "X", "thinking": "Y", "content": "A"}]
+    assert both(msgs, add_generation_prompt=False) == "[gMASK]<sop><|user|>q<|assistant|><think>R</think>A"
+    # an explicit null field is "absent": the alias fills it
+    msgs[1]["reasoning_content"] = None
+    assert both(msgs, add_generation_prompt=False).startswith("[gMASK]<sop><|user|>q<|assistant|><think>")
+
+
 def test_reasoning_aliases_accepted():
     for key in ("reasoning", "thinking"):
         msgs = [{"role": "user", "content": "q"}, {"role": "assistant", key: "R", "content": "A"}]
@@ -230,3 +264,5 @@ def test_normalize_does_not_mutate_and_is_idempotent():
     assert once[2]["reasoning_content"] == "R"
     assert json.loads(json.dumps(once))  # still plain JSON
     assert normalize_messages([tool_turn(arguments="")])[0]["tool_calls"][0]["function"]["arguments"] == {}
+    # None-valued keys are dropped, so a template testing ``is defined`` sees them as undefined
+    assert normalize_messages([{"role": "assistant", "content": None, "tool_calls": None}]) == [{"role": "assistant"}]

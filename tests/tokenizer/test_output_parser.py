@@ -4,9 +4,12 @@ import itertools
 import json
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as hs
 
-from glm5.tokenizer import parse_output, prompt_opens_reasoning
+from glm5.tokenizer import parse_output, prompt_opens_reasoning, render_chat
 
+from glm5_chat_strategies import plain_text
 from glm5_parser_tools import TOOLS
 
 
@@ -39,6 +42,20 @@ def test_thinking_off_output_is_content():
     assert prompt_opens_reasoning("...<|assistant|><think>") and not prompt_opens_reasoning("...<|assistant|></think>")
 
 
+def test_prompt_opens_reasoning_only_when_it_ends_with_think():
+    """The output starts in reasoning iff the prompt *ends* with <think> (reference §8). With preserved thinking the
+    history holds <think>...</think> blocks, so merely containing <think> says nothing about the generation prompt."""
+    history = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "reasoning_content": "R1", "content": "A1"},
+        {"role": "user", "content": "q2"},
+    ]
+    off = render_chat(history, enable_thinking=False, clear_thinking=False)
+    assert "<think>R1</think>" in off and off.endswith("<|assistant|></think>")
+    assert not prompt_opens_reasoning(off)
+    assert prompt_opens_reasoning(render_chat(history, clear_thinking=False))
+
+
 def test_reference_tool_call_example():
     out = (
         "The user is asking for the weather in Beijing ... I'll call get_weather.</think><tool_call>get_weather"
@@ -52,6 +69,8 @@ def test_reference_tool_call_example():
     ]
     assert r.finish_reason == "tool_calls" and r.errors == []
     assert r.to_message()["tool_calls"][0]["function"]["name"] == "get_weather"
+    # OpenAI's message always carries "content", null for a pure tool-call turn (reference §7.3)
+    assert "content" in r.to_message() and r.to_message()["content"] is None
 
 
 def test_zero_argument_call():
@@ -76,6 +95,14 @@ def test_tool_call_starting_inside_think():
     assert r.content is None and not r.unterminated_reasoning
 
 
+def test_tool_call_inside_reasoning_ends_reasoning_for_good():
+    """§2.4.3: a <tool_call> ends reasoning even without </think>; what follows the call is content, not a resumed
+    reasoning block (vLLM #42400: calls inside <think> swallowed as reasoning)."""
+    r = parse("I need the time <tool_call>get_time</tool_call> Checking now.")
+    assert (r.reasoning_content, r.content) == ("I need the time", "Checking now.")
+    assert calls(r) == [("get_time", {})] and not r.unterminated_reasoning
+
+
 def test_no_think_end_before_the_end():
     r = parse("The model skipped thinking and answered.")
     assert r.reasoning_content == "The model skipped thinking and answered." and r.content is None
@@ -85,6 +112,9 @@ def test_no_think_end_before_the_end():
     # the policy never moves reasoning when there are calls or content
     r = parse("x<tool_call>get_time</tool_call>", unterminated_reasoning="content")
     assert r.reasoning_content == "x"
+    # ... nor when the output ends inside a reopened <think> after a call (§2.4.4: "and there were no tool calls")
+    r = parse("x<tool_call>get_time</tool_call><think>more", unterminated_reasoning="content")
+    assert r.unterminated_reasoning and (r.reasoning_content, r.content) == ("xmore", None) and calls(r)
     with pytest.raises(ValueError):
         parse("x", unterminated_reasoning="drop")
 
@@ -105,6 +135,21 @@ def test_terminator_inside_reasoning_counts_as_unterminated():
 def test_output_cut_mid_tag(out, expected):
     r = parse(out)
     assert (r.reasoning_content, r.content) == expected and r.tool_calls == []
+    # a cut tag is reported; a lone trailing "<" is just text
+    assert any("partial tag" in e for e in r.errors) == (not out.endswith("<"))
+
+
+@settings(max_examples=100, deadline=None)
+@given(before=plain_text, body=plain_text, after=plain_text, end=hs.sampled_from(["", "<|user|>", "<|endoftext|>"]))
+@example(before="\u3000 r\n", body="\n a b\u2003\t", after="\u3000\u2003", end="")
+def test_reasoning_and_content_are_stripped_like_the_template(before, body, after, end):
+    """The template writes ``reasoning.strip()`` / ``content.strip()`` (str.strip: every Unicode space, e.g. U+3000),
+    so the parser trims the same way, whether the output stops at an EOS token or just ends (length / stop string);
+    whitespace-only becomes null."""
+    r = parse(before + "</think>" + body + end)
+    assert (r.reasoning_content, r.content) == (before.strip() or None, body.strip() or None)
+    r = parse(after + end, thinking=False)
+    assert (r.reasoning_content, r.content) == (None, after.strip() or None)
 
 
 def test_output_cut_inside_a_call():
@@ -131,6 +176,14 @@ def test_unknown_tool_is_reported_not_fatal():
     assert parse_output("</think><tool_call>anything</tool_call>").errors == []
 
 
+def test_whitespace_around_an_argument_key_is_not_part_of_it():
+    """Keys are identifiers: a key written with surrounding whitespace (newline formats) still names the declared
+    parameter, so its schema applies (here: a string parameter keeps "1" as a string)."""
+    r = parse("</think><tool_call>get_weather<arg_key> location\n</arg_key><arg_value>1</arg_value>"
+              "<arg_key>\ndays </arg_key><arg_value>2</arg_value></tool_call>")
+    assert calls(r) == [("get_weather", {"location": "1", "days": 2})] and r.errors == []
+
+
 def test_values_typed_by_schema():
     pairs = {
         "location": " 123 ",  # string: kept verbatim, never stripped or decoded
@@ -139,7 +192,7 @@ def test_values_typed_by_schema():
         "lat": "-12.5",
         "detailed": "false",
         "tags": '["a", "b"]',
-        "opts": '{"x": [1, {"y": null}]}',
+        "opts": '{"x": [1, {"y": null}], "é": "你好"}',
         "note": "null",
         "alt": "Smith",
         "ref": "42",
@@ -155,7 +208,7 @@ def test_values_typed_by_schema():
         "lat": -12.5,
         "detailed": False,
         "tags": ["a", "b"],
-        "opts": {"x": [1, {"y": None}]},
+        "opts": {"x": [1, {"y": None}], "é": "你好"},
         "note": None,
         "alt": "Smith",
         "ref": 42,
@@ -223,9 +276,21 @@ def test_malformed_argument_blocks():
 
 
 def test_string_value_may_contain_markup_and_role_tokens():
-    value = 'if x < 3 and y > 2: print("<think>") # <|user|> {"a": 1}'
+    value = 'if x < 3 and y > 2: print("<think>") # <|user|> {"a": 1} 你好 🙂'
     r = parse(f"</think><tool_call>send_command<arg_key>command</arg_key><arg_value>{value}</arg_value></tool_call>")
     assert calls(r) == [("send_command", {"command": value})]
+    # arguments are re-serialised as json.dumps(ensure_ascii=False) (reference §2.2): no \\uXXXX escapes
+    assert r.tool_calls[0].arguments == json.dumps({"command": value}, ensure_ascii=False)
+
+
+@pytest.mark.parametrize("stop", ["<|endoftext|>", "<|user|>", "<|observation|>", "<|assistant|>", "<|system|>"])
+def test_every_eos_and_extra_stop_token_ends_the_output(stop):
+    """EOS = <|endoftext|>, <|user|>, <|observation|>; a conservative server also stops at <|assistant|> and
+    <|system|> (reference §1.1). Whatever follows one of them, in text or inside an open call, is not the answer."""
+    r = parse(f"r</think>answer{stop}leaked <tool_call>get_time</tool_call>")
+    assert (r.reasoning_content, r.content, r.tool_calls) == ("r", "answer", [])
+    r = parse(f"r</think><tool_call>get_weather<arg_key>days</arg_key><arg_value>3</arg_value>{stop}more")
+    assert calls(r) == [("get_weather", {"days": 3})] and r.content is None
 
 
 def test_terminators_end_the_output():
@@ -251,3 +316,11 @@ def test_tool_parsing_disabled_leaves_text():
 def test_default_ids_are_unique():
     r = parse_output("</think><tool_call>a</tool_call><tool_call>b</tool_call>")
     assert len({c.id for c in r.tool_calls}) == 2 and all(c.id.startswith("call_") for c in r.tool_calls)
+
+
+def test_default_ids_are_unique_across_outputs():
+    """Tool results are matched to calls by id over the whole conversation, so two turns (two parses of the same
+    text, e.g. the same call repeated) must not reuse ids: ids are random (reference §2.2), not per-output counters."""
+    text = "</think><tool_call>get_time</tool_call><tool_call>get_time</tool_call>"
+    ids_seen = [c.id for _ in range(3) for c in parse_output(text, TOOLS).tool_calls]
+    assert len(set(ids_seen)) == 6

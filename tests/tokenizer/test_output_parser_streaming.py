@@ -6,7 +6,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
-from glm5.tokenizer import ParsedOutput, StreamingParser, parse_output
+from glm5.tokenizer import Delta, ParsedOutput, StreamingParser, ToolCallDelta, merge_deltas, parse_output
 from glm5_chat_strategies import ALL_TAGS
 from glm5_parser_tools import TOOLS
 
@@ -131,6 +131,26 @@ def test_string_values_stream_and_others_buffer():
     assert "".join(tc.arguments for d in out for tc in d.tool_calls or []) == ', "days": 12}'
     result = parser.result()
     assert result.tool_calls[0].arguments == json.dumps({"location": 'Beijing "x"', "days": 12})
+
+
+def test_merge_deltas_never_joins_fragments_of_different_calls():
+    """merge_deltas (public) coalesces argument fragments of the same call only: fragments of call 1 appended to
+    call 0 would corrupt both calls' JSON for a client that concatenates per index."""
+    deltas = [
+        Delta(tool_calls=[ToolCallDelta(index=0, id="a", type="function", name="f", arguments="")]),
+        Delta(tool_calls=[ToolCallDelta(index=0, arguments='{"x": ')]),
+        Delta(tool_calls=[ToolCallDelta(index=0, arguments="1}")]),
+        Delta(tool_calls=[ToolCallDelta(index=1, arguments="{}")]),
+        Delta(content="a"),
+        Delta(content="b"),
+    ]
+    merged = merge_deltas(deltas)
+    assert [d.to_openai() for d in merged] == [
+        {"tool_calls": [{"index": 0, "id": "a", "type": "function",
+                         "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+        {"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]},
+        {"content": "ab"},
+    ]
 
 
 def test_openai_chunk_shapes():
