@@ -16,7 +16,8 @@ from glm5.checkpoint.quantize import quantize_checkpoint
 from glm5.checkpoint.safetensors_io import INDEX_NAME, CheckpointError, shard_files
 from glm5.cli import main as cli_main
 from glm5.info import info
-from glm5.model.fp8_linear import FP8Experts, FP8Linear, fp8_modules, quantize_model, set_fp8_mode
+from glm5.model.fp8_linear import (FP8Experts, FP8Linear, dequantize_model, fp8_modules, quantize_model,
+                                   set_fp8_mode)
 
 # Every quantised dimension is ≤128 or a multiple of 128 (see test_transformers_loads_our_fp8_checkpoint).
 ALIGNED = dict(v_head_dim=8)
@@ -282,3 +283,92 @@ def test_transformers_loads_our_fp8_checkpoint(ckpts):
     with torch.no_grad():
         a, b = ours(x).logits, hf(x).logits
     assert (a - b).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("unquantized, name", [(torch.bfloat16, "bfloat16"), (None, "float32")])
+def test_fp8_config_dtype_names_the_dtype_the_kept_tensors_are_written_in(tmp_path, unquantized, name):
+    """From an fp32 checkpoint, config.json's ``dtype`` (and transformers' older ``torch_dtype``, when the input has
+    it) must name what the unquantised tensors are stored as, since dtype="auto" loads read it: bfloat16 by default,
+    the input's float32 with ``--unquantized-dtype keep``."""
+    src = tmp_path / "fp32"
+    make_model(**ALIGNED).save_pretrained(src)
+    cfg = json.loads((src / "config.json").read_text())
+    assert cfg["dtype"] == "float32"
+    (src / "config.json").write_text(json.dumps(dict(cfg, torch_dtype="float32")))
+    out = tmp_path / "fp8"
+    quantize_checkpoint(src, out, unquantized_dtype=unquantized)
+    got = json.loads((out / "config.json").read_text())
+    assert got["dtype"] == got["torch_dtype"] == name
+    tensors = read_all(out)
+    assert tensors["lm_head.weight"].dtype == tensors["model.norm.weight"].dtype == getattr(torch, name)
+    assert load_pretrained(out, dtype="auto").lm_head.weight.dtype == getattr(torch, name)
+
+
+def test_fp8_quantize_that_dies_writing_config_leaves_the_previous_config_whole(ckpts, tmp_path, monkeypatch):
+    """config.json is written to a temporary name and renamed: a quantize run killed while writing it over an earlier
+    output leaves that output's config.json intact (not a truncated JSON file)."""
+    _, bf16, _ = ckpts
+    out = tmp_path / "fp8"
+    quantize_checkpoint(bf16, out, max_shard_size="250KB")
+    old = (out / "config.json").read_bytes()
+    real = Path.write_text
+
+    def dies_on_config(self, text, *a, **k):
+        if self.name.startswith("config.json"):
+            real(self, text[: len(text) // 2])
+            raise OSError(28, "No space left on device")
+        return real(self, text, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", dies_on_config)
+    with pytest.raises(OSError, match="No space left"):
+        quantize_checkpoint(bf16, out, max_shard_size="250KB")
+    monkeypatch.undo()
+    assert (out / "config.json").read_bytes() == old
+    load_pretrained(out)
+
+
+def test_fp8_dequantize_model_puts_back_the_dequantised_weights(ckpts):
+    """dequantize_model undoes convert_to_fp8: plain Linear / Experts modules whose weights are the FP8 values times
+    their block scales, so the model computes what the FP8 model computes in "dequant" mode."""
+    from glm5.model.moe import Experts
+
+    x = torch.randint(1, 2048, (1, 16), generator=torch.Generator().manual_seed(2))
+    fp8 = load_pretrained(ckpts[2], fp8="keep")
+    set_fp8_mode(fp8, "dequant")
+    names = fp8_modules(fp8)
+    held = {n: {k: v.clone() for k, v in fp8.get_submodule(n).state_dict().items()} for n in names}
+    with torch.no_grad():
+        want = fp8(x).logits
+    deq = dequantize_model(fp8)
+    assert not fp8_modules(deq)
+    for n, sd in held.items():
+        mod = deq.get_submodule(n)
+        if isinstance(mod, Experts):
+            I, rb = mod.intermediate, -(-mod.intermediate // BLOCK)  # gate rows, then up rows; scales likewise
+            q, s = sd["gate_up_proj"], sd["gate_up_proj_scale_inv"]
+            gu = torch.cat([dequantize_block(q[:, :I], s[:, :rb]), dequantize_block(q[:, I:], s[:, rb:])], dim=1)
+            assert torch.equal(mod.gate_up_proj, gu), n
+            assert torch.equal(mod.down_proj, dequantize_block(sd["down_proj"], sd["down_proj_scale_inv"])), n
+        else:
+            assert type(mod) is torch.nn.Linear, n
+            assert torch.equal(mod.weight, dequantize_block(sd["weight"], sd["weight_scale_inv"])), n
+    with torch.no_grad():
+        torch.testing.assert_close(deq(x).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_quantize_rule_sees_each_tensors_shape(ckpts, tmp_path):
+    """quantize_checkpoint's ``rule(file_key, shape)`` is asked with the tensor's real shape, so a rule may decide by
+    size (here: only matrices with at least 128 rows become FP8)."""
+    _, bf16, _ = ckpts
+    seen = {}
+
+    def rule(key, shape):
+        seen[key] = shape
+        return is_fp8_quantizable(key, shape) and shape[0] >= BLOCK
+
+    quantize_checkpoint(bf16, tmp_path / "o", rule=rule)
+    src, out = read_all(bf16), read_all(tmp_path / "o")
+    assert seen == {k: tuple(t.shape) for k, t in src.items()}
+    fp8 = {k for k, t in out.items() if t.dtype == FP8_DTYPE}
+    assert fp8 == {k for k, t in src.items() if is_fp8_quantizable(k, tuple(t.shape)) and t.shape[0] >= BLOCK}
+    assert fp8 and fp8 != {k for k, t in src.items() if is_fp8_quantizable(k, tuple(t.shape))}

@@ -201,6 +201,154 @@ def test_fp8_experts_match_dequantised_experts():
     assert ((fx(x, ids, w) - ex(x, ids, w)).norm() / ex(x, ids, w).norm()).item() < 0.08
 
 
+# ------------------------------------------------------------------------------------- independent oracle
+# architecture.md §4: "Scale = blockwise amax / 448 (the e4m3 max), partial blocks padded";
+# "W[i,j] = W_fp8[i,j] · scale_inv[i//128, j//128]". The oracle below is written from those sentences and from the
+# e4m3 bit layout alone (no glm5 helper): 128 is the format's block edge and 448 its largest finite value.
+E4M3_MAX = 448.0
+FORMAT_BLOCK = 128
+
+
+def e4m3_grid() -> torch.Tensor:
+    """The 127 non-negative finite float8_e4m3fn values, in code order (which is increasing order), from the bit
+    fields: 4 exponent bits with bias 7 (exponent 0: subnormals), 3 mantissa bits; code 0x7F is NaN."""
+    codes = torch.arange(0x7F, dtype=torch.float64)
+    e, m = codes // 8, codes % 8
+    return torch.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e - 7))
+
+
+def e4m3_round(v: torch.Tensor) -> torch.Tensor:
+    """v rounded once to the nearest e4m3 value, ties to the even code (even mantissa), saturating at ±448."""
+    grid = e4m3_grid()
+    a = v.double().abs().clamp(max=E4M3_MAX)
+    hi = torch.searchsorted(grid, a).clamp(max=len(grid) - 1)  # first grid value >= a
+    lo = (hi - 1).clamp(min=0)
+    d_lo, d_hi = a - grid[lo], grid[hi] - a
+    up = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))
+    return torch.where(up, grid[hi], grid[lo]) * v.double().sign()
+
+
+def oracle_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block by block with explicit slices (no padding): scale = amax / 448 in fp32, value = e4m3(w / scale)."""
+    out_f, in_f = w.shape
+    rb, cb = math.ceil(out_f / FORMAT_BLOCK), math.ceil(in_f / FORMAT_BLOCK)
+    wf = w.float()
+    vals, scale = torch.empty(out_f, in_f, dtype=torch.float64), torch.empty(rb, cb)
+    for i in range(rb):
+        for j in range(cb):
+            rows = slice(i * FORMAT_BLOCK, (i + 1) * FORMAT_BLOCK)
+            cols = slice(j * FORMAT_BLOCK, (j + 1) * FORMAT_BLOCK)
+            scale[i, j] = wf[rows, cols].abs().max() / E4M3_MAX
+            vals[rows, cols] = e4m3_round(wf[rows, cols] / scale[i, j])
+    return vals, scale
+
+
+def block_graded(shape, seed: int) -> torch.Tensor:
+    """Gaussian weights whose magnitude differs by a factor 2^(i·cb + j) + 1/3 from block to block, so a scale read
+    from the wrong block (transposed grid, off-by-one block edge, padding in the wrong place) is far off."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g)
+    rows = torch.arange(shape[-2])[:, None] // FORMAT_BLOCK
+    cols = torch.arange(shape[-1])[None, :] // FORMAT_BLOCK
+    return w * (2.0 ** (rows * math.ceil(shape[-1] / FORMAT_BLOCK) + cols) + 1 / 3)
+
+
+@pytest.mark.parametrize("shape", [(384, 256), (300, 200), (129, 257), (576, 130)])
+def test_fp8_quantisation_equals_the_format_definition_block_by_block(shape):
+    """Every scale is its own block's amax / 448 and every value the once-rounded (nearest, ties to even, saturating)
+    e4m3 of w / scale: checked exactly against an oracle built from explicit block slices, on non-square block grids
+    with ragged edges."""
+    w = block_graded(shape, seed=shape[0])
+    q, s = quantize_block(w)
+    ref_vals, ref_scale = oracle_quantize(w)
+    assert torch.equal(s, ref_scale)
+    assert torch.equal(q.double(), ref_vals)
+    # stacked matrices (fused experts): the same definition for each
+    ws = torch.stack([w, w.flip(0) * 3])
+    qs, ss = quantize_block(ws)
+    assert torch.equal(ss[1], oracle_quantize(ws[1])[1]) and torch.equal(qs[1].double(), oracle_quantize(ws[1])[0])
+
+
+def test_fp8_block_with_amax_448_has_scale_one_and_rounds_to_nearest_even():
+    """With amax = 448 the scale is exactly 1, so the stored values are the weights rounded to e4m3 themselves.
+    1.0625 lies midway between 1 and 1.125 (tie -> even mantissa: 1), 1.1875 midway between 1.125 and 1.25 (-> 1.25);
+    1.0625 + 2^-10 is just above the midpoint (-> 1.125) but an intermediate bfloat16 (7 mantissa bits) would first
+    round it to 1.0625 and then to 1 (double rounding). 0.01 is below e4m3's normal range: subnormal 5 · 2^-9."""
+    values = torch.tensor([448.0, 1.0625, 1.1875, 1.0625 + 2 ** -10, -1.0625 - 2 ** -10, 0.01, -300.0, 0.0])
+    expected = torch.tensor([448.0, 1.0, 1.25, 1.125, -1.125, 5 * 2.0 ** -9, -288.0, 0.0], dtype=torch.float64)
+    assert torch.equal(e4m3_round(values), expected)  # the oracle agrees with the hand-worked values
+    assert torch.equal(e4m3_grid(), torch.arange(0x7F, dtype=torch.uint8).view(FP8_DTYPE).double())  # and torch's
+    assert e4m3_grid()[-1] == E4M3_MAX == torch.finfo(FP8_DTYPE).max
+    for rows, cols in [(1, 8), (130, 140)]:  # one partial block; a ragged 2×2 grid with this row in each block
+        w = torch.zeros(rows, cols)
+        for r0 in range(0, rows, FORMAT_BLOCK):
+            for c0 in range(0, cols, FORMAT_BLOCK):
+                w[r0, c0:c0 + 8] = values[: min(8, cols - c0)]
+                w[r0, c0] = 448.0
+        q, s = quantize_block(w)
+        assert torch.equal(s, torch.ones(math.ceil(rows / FORMAT_BLOCK), math.ceil(cols / FORMAT_BLOCK)))
+        assert torch.equal(q.double()[0, 1:8], expected[1:8])
+        assert torch.equal(q.double(), e4m3_round(w))
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (300, 130), (2, 129, 260)])
+def test_fp8_dequantisation_multiplies_each_value_by_its_own_blocks_scale_inv(shape):
+    """W[i,j] = W_fp8[i,j] · scale_inv[i // 128, j // 128], on hand-made fp8 values and power-of-two scales that
+    differ in every block (a divided, transposed or shifted scale grid gives other numbers)."""
+    g = torch.Generator().manual_seed(len(shape))
+    q = torch.randint(-448, 449, shape, generator=g).float().to(FP8_DTYPE)
+    *lead, out_f, in_f = shape
+    rb, cb = math.ceil(out_f / FORMAT_BLOCK), math.ceil(in_f / FORMAT_BLOCK)
+    s = 2.0 ** (torch.arange(math.prod(lead) * rb * cb, dtype=torch.float32) - 4).view(*lead, rb, cb)
+    rows = torch.arange(out_f)[:, None] // FORMAT_BLOCK
+    cols = torch.arange(in_f)[None, :] // FORMAT_BLOCK
+    want = q.double() * s[..., rows, cols].double()
+    assert torch.equal(dequantize_block(q, s).double(), want)
+    assert torch.equal(dequantize_block(q, s, dtype=torch.bfloat16), want.to(torch.bfloat16))  # one rounding
+
+
+@pytest.mark.parametrize("K", [128, 300, 7])
+def test_fp8_activation_quantisation_equals_the_per_token_group_definition(K):
+    """Dynamic activation scales: per token and per 128-channel group, scale = group amax / 448, values rounded once
+    to e4m3 (DeepSeek act_quant); a ragged last group uses its real channels only."""
+    g = torch.Generator().manual_seed(K)
+    x = torch.randn(3, K, generator=g) * (2.0 ** (torch.arange(K) // FORMAT_BLOCK * 3))
+    q, s = quantize_act(x)
+    assert s.shape == (3, math.ceil(K / FORMAT_BLOCK))
+    for t in range(3):
+        for grp in range(s.shape[1]):
+            cols = slice(grp * FORMAT_BLOCK, (grp + 1) * FORMAT_BLOCK)
+            scale = x[t, cols].abs().max() / E4M3_MAX
+            assert s[t, grp] == scale
+            assert torch.equal(q[t, cols].double(), e4m3_round(x[t, cols] / scale))
+
+
+def test_fp8_experts_emulate_quantises_the_inputs_of_both_expert_matmuls():
+    """mode="emulate" has the w8a8 GPU numerics: the tokens entering gate/up *and* the SwiGLU output entering down_proj
+    are dynamically quantised (per token, per 128 channels); checked against a token-by-token loop."""
+    from glm5.model.moe import Experts
+
+    torch.manual_seed(7)
+    ex = Experts(4, 160, 72)
+    with torch.no_grad():
+        ex.gate_up_proj.normal_(0, 0.05)
+        ex.down_proj.normal_(0, 0.05)
+    fx = FP8Experts.from_experts(ex)
+    fx.mode = "emulate"
+    gu, dn = fx.dequantized()
+    x = torch.randn(6, 160)
+    ids = torch.tensor([[0, 2], [1, 2], [3, 0], [2, 1], [0, 3], [1, 0]])
+    w = torch.rand(6, 2)
+    want = torch.zeros(6, 160)
+    for n in range(6):
+        for j in range(2):
+            e = ids[n, j]
+            gate, up = F.linear(fake_quant_act(x[n:n + 1]), gu[e]).chunk(2, dim=-1)
+            want[n] += w[n, j] * F.linear(fake_quant_act(F.silu(gate) * up), dn[e])[0]
+    for impl in ("grouped", "reference"):
+        torch.testing.assert_close(fx(x, ids, w, impl=impl), want, rtol=1e-5, atol=1e-6)
+
+
 OFFICIAL_KEYS = {  # architecture.md §3.1, one layer of each kind; True = FP8 in GLM-5-FP8
     "model.embed_tokens.weight": False, "model.norm.weight": False, "lm_head.weight": False,
     "model.layers.5.input_layernorm.weight": False, "model.layers.5.post_attention_layernorm.weight": False,
@@ -226,6 +374,9 @@ OFFICIAL_KEYS = {  # architecture.md §3.1, one layer of each kind; True = FP8 i
 def test_fp8_quantizable_rule_matches_official_layout():
     for key, fp8 in OFFICIAL_KEYS.items():
         assert is_fp8_quantizable(key, (2, 2) if key.endswith("weight") else (2,)) == fp8, key
+    # only 2-D Linear weights are FP8: a 1-D or a stacked 3-D tensor never is, whatever its name says
+    for shape in [(128,), (4, 128, 128)]:
+        assert not is_fp8_quantizable("model.layers.5.self_attn.q_a_proj.weight", shape)
 
 
 @pytest.mark.gpu

@@ -1,8 +1,11 @@
 """Official-layout checkpoints: round trips, sharding, key names, dtypes, and clear errors on bad files."""
 
 import json
+import math
+import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from glm5 import GLM5ForCausalLM, preset
-from glm5.checkpoint.safetensors_io import CheckpointError, parse_size
+from glm5.checkpoint.safetensors_io import INDEX_NAME, CheckpointError, parse_size, read_header, shard_files
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +145,11 @@ def test_truncated_shard_is_reported_with_its_name(saved, tmp_path):
     f.write_bytes(data[:5])
     with pytest.raises(CheckpointError, match="truncated"):
         GLM5ForCausalLM.from_pretrained(bad)
+    # cut inside the JSON header: reported as truncated (what a partial download is), not as a corrupt header
+    (n,) = struct.unpack("<Q", data[:8])
+    f.write_bytes(data[: 8 + n // 2])
+    with pytest.raises(CheckpointError, match=rf"{f.name}: truncated safetensors file \(header says {n} bytes"):
+        GLM5ForCausalLM.from_pretrained(bad)
 
 
 def test_pickle_only_directory_is_refused(tmp_path):
@@ -157,6 +165,8 @@ def test_single_file_and_resave_removes_stale_shards(saved, tmp_path):
     assert (tmp_path / "model.safetensors.index.json").exists()
     m.save_pretrained(tmp_path)  # fits in one file now
     assert (tmp_path / "model.safetensors").exists()
+    # without an index the key -> file map comes from the header: tensors only, not its "__metadata__" entry
+    assert shard_files(tmp_path)[1] == {k: "model.safetensors" for k in _all_keys(tmp_path)}
     assert not (tmp_path / "model.safetensors.index.json").exists()
     assert not list(tmp_path.glob("model-*-of-*.safetensors"))
     GLM5ForCausalLM.from_pretrained(tmp_path)
@@ -202,3 +212,73 @@ def test_loading_peaks_near_one_copy(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
     grew = int(out.stdout.strip())
     assert grew < 1.5 * nbytes, (grew, nbytes)
+
+
+def test_shards_carry_the_pt_format_metadata(saved):
+    """Every shard's safetensors metadata says {"format": "pt"}, as transformers' save_pretrained writes it:
+    transformers 4.x refuses shards without it ("does not contain the valid metadata", see ml-explore/mlx#743,
+    meta-pytorch/torchtune#1126)."""
+    _, d = saved
+    shards = sorted(d.glob("*.safetensors"))
+    assert len(shards) > 1
+    for f in shards:
+        with safe_open(str(f), "pt") as sf:
+            assert sf.metadata() == {"format": "pt"}, f.name
+
+
+@pytest.mark.parametrize("dies_in", ["shard", "index"])
+def test_a_save_that_dies_mid_write_leaves_every_final_file_whole(saved, tmp_path, monkeypatch, dies_in):
+    """Shards and the index are written under a temporary name and renamed: a save killed while writing the second
+    shard or the index (disk full, OOM kill) leaves no half-written file under a name a loader reads, so the
+    checkpoint already in the directory still loads."""
+    import glm5.checkpoint.safetensors_io as sio
+
+    m, _ = saved
+    out = tmp_path / "ckpt"
+    m.save_pretrained(out, max_shard_size="400KB")
+    old_index = (out / INDEX_NAME).read_bytes()
+
+    def half_then_die(path: Path, data: bytes):
+        path.write_bytes(data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    real_save, real_write_text, shards_written = sio.save_file, sio.Path.write_text, []
+
+    def save_file(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        shards_written.append(filename)
+        if dies_in == "shard" and len(shards_written) == 2:
+            half_then_die(Path(filename), Path(filename).read_bytes())
+
+    def write_text(self, text, *a, **k):
+        if dies_in == "index" and self.name.startswith(INDEX_NAME):
+            half_then_die(self, text.encode())
+        return real_write_text(self, text, *a, **k)
+
+    monkeypatch.setattr(sio, "save_file", save_file)
+    monkeypatch.setattr(sio.Path, "write_text", write_text)
+    with pytest.raises(OSError, match="No space left"):
+        m.save_pretrained(out, max_shard_size="400KB")
+    monkeypatch.undo()
+    assert (out / INDEX_NAME).read_bytes() == old_index
+    for f in out.glob("*.safetensors"):
+        read_header(f)  # whole, not truncated
+    m2 = GLM5ForCausalLM.from_pretrained(out)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+
+
+@pytest.mark.parametrize("intermediate", [40, 128, 200, 256])
+def test_expert_scale_keys_map_to_their_block_rows_of_the_fused_scales(intermediate):
+    """Per-expert FP8 scales -> the fused experts' scale tensors: gate_proj's ⌈I/128⌉ block rows first, then
+    up_proj's (gate and up are quantised as separate matrices); down_proj's scale is the expert's whole slice."""
+    from glm5.checkpoint.hf import file_key_to_param
+
+    rb = math.ceil(intermediate / 128)
+    p = "model.layers.3.mlp.experts"
+    assert file_key_to_param(f"{p}.5.gate_proj.weight_scale_inv", intermediate) == \
+        (f"{p}.gate_up_proj_scale_inv", (5, slice(0, rb)))
+    assert file_key_to_param(f"{p}.5.up_proj.weight_scale_inv", intermediate) == \
+        (f"{p}.gate_up_proj_scale_inv", (5, slice(rb, 2 * rb)))
+    assert file_key_to_param(f"{p}.7.down_proj.weight_scale_inv", intermediate) == (f"{p}.down_proj_scale_inv", (7,))
+    assert file_key_to_param(f"{p}.5.up_proj.weight", intermediate) == \
+        (f"{p}.gate_up_proj", (5, slice(intermediate, 2 * intermediate)))

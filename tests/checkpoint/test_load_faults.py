@@ -69,6 +69,20 @@ def test_duplicate_tensor_across_shards_is_refused_with_both_files(ckpts, tmp_pa
         quantize_checkpoint(d, tmp_path / "out")
 
 
+def test_shard_listed_in_the_index_but_absent_is_named(ckpts, tmp_path):
+    """An interrupted download can leave the index and some shards: the missing file is named, not a bare
+    FileNotFoundError from deep inside a header read."""
+    _, bf16, fp8 = ckpts
+    for src in (bf16, fp8):
+        d = _clone(src, tmp_path)
+        gone = _shard(d, KEY)
+        gone.unlink()
+        with pytest.raises(CheckpointError, match=rf"{gone.name}: listed in {INDEX_NAME} but missing"):
+            load_pretrained(d)
+        with pytest.raises(CheckpointError, match=rf"{gone.name}: listed in {INDEX_NAME} but missing"):
+            quantize_checkpoint(d, tmp_path / "out")
+
+
 def test_integer_tensor_is_refused_not_cast(ckpts, tmp_path, monkeypatch):
     _, bf16, _ = ckpts
     d = _clone(bf16, tmp_path)

@@ -162,3 +162,57 @@ def test_fp8_cache_rejects_widths_it_cannot_lay_out():
         assert cfg.kv_lora_rank % 4 == 0 and cfg.index_head_dim % 4 == 0
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         LLM(make_model(), kv_cache_dtype="fp16")
+
+
+def _e4m3_round(v: np.ndarray) -> np.ndarray:
+    """v rounded once to the nearest float8_e4m3fn value, ties to the even code, saturating at ±448 (float64)."""
+    grid = _e4m3(np.arange(0x7F))  # the non-negative finite values, increasing with the code (0x7F is NaN)
+    a = np.minimum(np.abs(v), 448.0)
+    hi = np.minimum(np.searchsorted(grid, a), len(grid) - 1)  # first grid value >= a
+    lo = np.maximum(hi - 1, 0)
+    up = (grid[hi] - a < a - grid[lo]) | ((grid[hi] - a == a - grid[lo]) & (hi % 2 == 0))
+    return np.where(up, grid[hi], grid[lo]) * np.sign(v)
+
+
+@pytest.mark.parametrize("dim", [512, 32])
+def test_stored_codes_are_the_once_rounded_e4m3_of_each_value_over_its_tile_scale(dim):
+    """Each stored byte is round-to-nearest-even e4m3 of x / scale (the float32 quotient rounded once: no detour
+    through bf16, which rounds twice), and an all-zero tile stores zero codes with a positive finite scale (a zero
+    scale would store 0/0 = NaN codes; the CPU decoding table hides them, the GPU's float8 conversion does not)."""
+    g = torch.Generator().manual_seed(1)
+    n = 9
+    x = torch.randn(n, dim, generator=g) * 4
+    x[0, :8] = torch.tensor([448.0, 1.0625, 1.1875, 1.0625 + 2 ** -10, -1.0625 - 2 ** -10, 0.01, -300.0, 0.0])
+    x[1] = 0.0  # all-zero tiles
+    store = Fp8Rows(n, dim, 0, torch.float32, "cpu")
+    store.write(torch.arange(n), x)
+    raw = store.data.numpy()
+    t = dim // 128 if dim % 128 == 0 else 1
+    scales = raw[:, dim:dim + 4 * t].copy().view(np.float32)  # [n,t] float32, as stored
+    assert (scales > 0).all() and np.isfinite(scales).all()
+    quotient = x.numpy().reshape(n, t, dim // t) / scales[..., None]  # float32 / float32, as the writer divides
+    want = _e4m3_round(quotient.astype(np.float64)).reshape(n, dim)
+    assert np.array_equal(_e4m3(raw[:, :dim]), want)
+    assert (raw[1, :dim] & 0x7F == 0).all()  # zero codes (either sign), not NaN (0x7F / 0xFF)
+    # row 0's first tile has amax 448 -> scale 1, so its values are rounded as they are: 1.0625 is midway between 1
+    # and 1.125 (tie -> even: 1), 1.0625 + 2^-10 just above it (-> 1.125; a bf16 detour gives 1), 0.01 subnormal
+    assert scales[0, 0] == 1.0
+    assert np.array_equal(_e4m3(raw[0, :8]), [448.0, 1.0, 1.25, 1.125, -1.125, 5 * 2.0 ** -9, -288.0, 0.0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_decode_path_and_bf16_rows_equal_the_cpu_table_decode(dtype):
+    """The decode without the CPU lookup table (the path CUDA stores take) and decoding into a bf16 model's rows give
+    the table's fp32 values (cast once to the row dtype): both apply the same per-tile scales."""
+    g = torch.Generator().manual_seed(2)
+    n, dim, rope = 11, 256, 16
+    x = torch.randn(n, dim, generator=g) * torch.logspace(-2, 2, n)[:, None]
+    pe = torch.randn(n, rope, generator=g)
+    ref = Fp8Rows(n, dim, rope, torch.float32, "cpu")
+    ref.write(torch.arange(n), x, pe)
+    want = ref.gather_rows(torch.arange(n))
+    store = Fp8Rows(n, dim, rope, dtype, "cpu")
+    store.write(torch.arange(n), x, pe)
+    assert torch.equal(store.gather_rows(torch.arange(n)), want.to(dtype))
+    store._table = None  # what a CUDA store has: torch's own float8 -> float conversion
+    assert torch.equal(store.gather_rows(torch.arange(n)), want.to(dtype))
