@@ -11,6 +11,7 @@ from glm5.checkpoint.fp8 import (BLOCK, FP8_DTYPE, FP8_MAX, dequantize_act, dequ
                                  fp8_block_matmul_reference, is_fp8_quantizable, quantize_act, quantize_block,
                                  scale_shape)
 from glm5.model.fp8_linear import FP8Experts, FP8Linear, set_fp8_mode
+from fp8_oracle import E4M3_MAX, e4m3_grid, e4m3_round  # tests/fp8_oracle.py (tests/ is on sys.path)
 
 # e4m3: 3 mantissa bits -> round-to-nearest error ≤ 2^-4 relative for normals; subnormal spacing 2^-9
 # (absolute, in units of the block scale) -> ≤ 2^-10·scale for the smallest values.
@@ -172,15 +173,22 @@ def test_fp8_linear_fallback_matches_linear_with_dequantised_weight():
         f(x.bfloat16())
 
 
-def test_fp8_experts_match_dequantised_experts():
+def _random_fp8_experts(n: int, seed: int):
+    """n experts (hidden 160, intermediate 72: partial 128-blocks on both axes) and their FP8 copy."""
     from glm5.model.moe import Experts
 
-    torch.manual_seed(5)
-    ex = Experts(6, 160, 72)
+    torch.manual_seed(seed)
+    ex = Experts(n, 160, 72)
     with torch.no_grad():
         ex.gate_up_proj.normal_(0, 0.05)
         ex.down_proj.normal_(0, 0.05)
-    fx = FP8Experts.from_experts(ex)
+    return ex, FP8Experts.from_experts(ex)
+
+
+def test_fp8_experts_match_dequantised_experts():
+    from glm5.model.moe import Experts
+
+    ex, fx = _random_fp8_experts(6, seed=5)
     assert tuple(fx.gate_up_proj_scale_inv.shape) == (6, 2, 2) and tuple(fx.down_proj_scale_inv.shape) == (6, 2, 1)
     # gate and up are quantised as the separate per-expert matrices the checkpoint stores
     q, s = quantize_block(ex.gate_up_proj.detach()[2, 72:])
@@ -205,27 +213,7 @@ def test_fp8_experts_match_dequantised_experts():
 # architecture.md §4: "Scale = blockwise amax / 448 (the e4m3 max), partial blocks padded";
 # "W[i,j] = W_fp8[i,j] · scale_inv[i//128, j//128]". The oracle below is written from those sentences and from the
 # e4m3 bit layout alone (no glm5 helper): 128 is the format's block edge and 448 its largest finite value.
-E4M3_MAX = 448.0
 FORMAT_BLOCK = 128
-
-
-def e4m3_grid() -> torch.Tensor:
-    """The 127 non-negative finite float8_e4m3fn values, in code order (which is increasing order), from the bit
-    fields: 4 exponent bits with bias 7 (exponent 0: subnormals), 3 mantissa bits; code 0x7F is NaN."""
-    codes = torch.arange(0x7F, dtype=torch.float64)
-    e, m = codes // 8, codes % 8
-    return torch.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e - 7))
-
-
-def e4m3_round(v: torch.Tensor) -> torch.Tensor:
-    """v rounded once to the nearest e4m3 value, ties to the even code (even mantissa), saturating at ±448."""
-    grid = e4m3_grid()
-    a = v.double().abs().clamp(max=E4M3_MAX)
-    hi = torch.searchsorted(grid, a).clamp(max=len(grid) - 1)  # first grid value >= a
-    lo = (hi - 1).clamp(min=0)
-    d_lo, d_hi = a - grid[lo], grid[hi] - a
-    up = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))
-    return torch.where(up, grid[hi], grid[lo]) * v.double().sign()
 
 
 def oracle_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,14 +314,7 @@ def test_fp8_activation_quantisation_equals_the_per_token_group_definition(K):
 def test_fp8_experts_emulate_quantises_the_inputs_of_both_expert_matmuls():
     """mode="emulate" has the w8a8 GPU numerics: the tokens entering gate/up *and* the SwiGLU output entering down_proj
     are dynamically quantised (per token, per 128 channels); checked against a token-by-token loop."""
-    from glm5.model.moe import Experts
-
-    torch.manual_seed(7)
-    ex = Experts(4, 160, 72)
-    with torch.no_grad():
-        ex.gate_up_proj.normal_(0, 0.05)
-        ex.down_proj.normal_(0, 0.05)
-    fx = FP8Experts.from_experts(ex)
+    ex, fx = _random_fp8_experts(4, seed=7)
     fx.mode = "emulate"
     gu, dn = fx.dequantized()
     x = torch.randn(6, 160)
