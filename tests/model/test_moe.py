@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from glm5 import GLM5ForCausalLM, preset
 from glm5.model.moe import MoE, Experts, grouped_linear, route_tokens
+from moe_oracle import select_experts_by_hand  # tests/moe_oracle.py (tests/ is on sys.path)
 
 
 def test_route_tokens_bias_selects_but_does_not_weight():
@@ -33,15 +34,10 @@ def _route_by_hand(logits, bias, top_k, n_group, topk_group, scaling):
     p = sigmoid(logits), sel = p + bias; keep the topk_group groups whose two best ``sel`` sum highest; the top_k
     experts by ``sel`` among the kept groups; gate weight = p (no bias) / Σ p over the chosen × scaling.
     Returns one {expert: weight} per token."""
-    E = logits.shape[1]
-    per = E // n_group
     routes = []
     for row in logits.tolist():
         p = [1.0 / (1.0 + math.exp(-v)) for v in row]
-        sel = [pi + bi for pi, bi in zip(p, bias.tolist())]
-        group_score = [sum(sorted(sel[g * per:(g + 1) * per], reverse=True)[:2]) for g in range(n_group)]
-        kept = sorted(range(n_group), key=lambda g: -group_score[g])[:topk_group]
-        chosen = sorted((e for e in range(E) if e // per in kept), key=lambda e: -sel[e])[:top_k]
+        chosen = select_experts_by_hand([pi + bi for pi, bi in zip(p, bias.tolist())], top_k, n_group, topk_group)
         total = sum(p[e] for e in chosen)
         routes.append({e: p[e] / total * scaling for e in chosen})
     return routes

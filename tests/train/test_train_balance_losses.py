@@ -13,6 +13,7 @@ from glm5.model.moe import MoE
 from glm5.train.balance import ExpertLoadTracker, load_stats, sequence_balance_loss, update_router_biases
 from glm5.train.config import TrainConfig
 from glm5.train.losses import LossConfig, compute_loss, count_targets, mtp_inputs, mtp_loss_sums
+from moe_oracle import select_experts_by_hand  # tests/moe_oracle.py (tests/ is on sys.path)
 
 
 def _nano(**kw):
@@ -100,17 +101,6 @@ def test_sequence_balance_loss():
     assert skew.grad[:, :K].sum() > 0  # raising the favoured experts' scores raises the loss
 
 
-def _select_by_hand(row, bias, K, n_group, topk_group):
-    """The experts one token is routed to: top-K of score + bias among the topk_group groups whose two best
-    score + bias sum highest (the router's selection, written out on Python floats)."""
-    E = len(row)
-    per = E // n_group
-    sel = [s + b for s, b in zip(row, bias)]
-    group_score = [sum(sorted(sel[g * per:(g + 1) * per], reverse=True)[:2]) for g in range(n_group)]
-    kept = sorted(range(n_group), key=lambda g: -group_score[g])[:topk_group]
-    return sorted((e for e in range(E) if e // per in kept), key=lambda e: -sel[e])[:K]
-
-
 def _seq_balance_by_hand(scores, B, T, bias, K, n_group=1, topk_group=1):
     """DeepSeek-V3's sequence-wise balance loss (without α), one sequence at a time:
     L = mean_b Σ_i f_i·P_i, f_i = E/(K·T) · #{t : i chosen at t}, P_i = (1/T) Σ_t s_{t,i} / Σ_j s_{t,j}."""
@@ -120,7 +110,7 @@ def _seq_balance_by_hand(scores, B, T, bias, K, n_group=1, topk_group=1):
         rows = scores[b * T:(b + 1) * T]
         counts = [0] * E
         for row in rows.tolist():
-            for e in _select_by_hand(row, bias.tolist(), K, n_group, topk_group):
+            for e in select_experts_by_hand([r + b for r, b in zip(row, bias.tolist())], K, n_group, topk_group):
                 counts[e] += 1
         P = (rows / rows.sum(-1, keepdim=True)).mean(0)
         total = total + sum(E / (K * T) * counts[i] * P[i] for i in range(E))
