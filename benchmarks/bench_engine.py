@@ -160,6 +160,9 @@ def bench_decode(args, path, cfg, results):
     systems = [("hf", hf), ("engine", eng)]
     if args.compare_row_layout:  # the same engine with the CPU weight-layout tuning off (glm5/engine/cpu_layout.py)
         systems.append(("engine_row", Engine(path, max(args.contexts) + args.decode_tokens + 8, cpu_weight_layout="row")))
+    if args.compare_compiled:  # the same engine with its decode steps torch.compile'd (compile_decode)
+        systems.append(("engine_compiled", Engine(path, max(args.contexts) + args.decode_tokens + 8,
+                                                  compile_decode=True)))
     results["transformers"] = hf.version
     # Memory roofline of a decode step on this machine: the fewest bytes a step must read (weights the batch
     # activates + the latent cache it attends to) at the measured copy bandwidth. No implementation decodes
@@ -171,6 +174,9 @@ def bench_decode(args, path, cfg, results):
     warm = _prompts(1, 16, cfg.vocab_size, 0)
     for _, sysm in systems:
         sysm.timed(warm, 3)
+    if args.compare_compiled:  # compile (dynamo specialises batch 1, then goes dynamic) before any timing
+        for B in args.batches:
+            systems[-1][1].timed(_prompts(B, 16, cfg.vocab_size, 0), 3)
     for P in args.contexts:
         for B in args.batches:
             D = args.decode_tokens
@@ -191,12 +197,21 @@ def bench_decode(args, path, cfg, results):
                        hf_prefill_tok_s=res["hf"]["prefill_tok_s"], engine_prefill_tok_s=res["engine"]["prefill_tok_s"],
                        prefill_speedup=res["engine"]["prefill_tok_s"] / res["hf"]["prefill_tok_s"],
                        greedy_identical=f"{same}/{B}")
+            if "engine_compiled" in res:
+                c = res["engine_compiled"]
+                row["compiled_decode_tok_s"] = c["decode_tok_s"]
+                row["compiled_decode_speedup"] = c["decode_tok_s"] / res["hf"]["decode_tok_s"]
+                row["compiled_over_eager_engine"] = c["decode_tok_s"] / res["engine"]["decode_tok_s"]
+                row["compiled_greedy_identical"] = \
+                    f"{sum(bool(torch.equal(a, b)) for a, b in zip(res['hf']['tokens'], c['tokens']))}/{B}"
             if "engine_row" in res:
                 row["engine_row_layout_decode_tok_s"] = res["engine_row"]["decode_tok_s"]
                 row["layout_tuning_gain"] = res["engine"]["decode_tok_s"] / res["engine_row"]["decode_tok_s"]
             step_bytes = activated_weight_bytes(model, B) + cache_bytes_read(cfg, B, P + D // 2, 4)
             row["roofline_decode_tok_s"] = B * bw / step_bytes
             row["engine_fraction_of_roofline"] = row["engine_decode_tok_s"] / row["roofline_decode_tok_s"]
+            if "engine_compiled" in res:
+                row["compiled_fraction_of_roofline"] = row["compiled_decode_tok_s"] / row["roofline_decode_tok_s"]
             row["max_speedup_at_roofline"] = row["roofline_decode_tok_s"] / row["hf_decode_tok_s"]
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -500,6 +515,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--compare-row-layout", action="store_true",
                     help="decode: also time the engine with cpu_weight_layout='row' (tuning off), interleaved")
+    ap.add_argument("--compare-compiled", action="store_true",
+                    help="decode: also time the engine with compile_decode=True (torch.compile'd decode steps)")
     ap.add_argument("--max-batched-tokens", type=int, default=4096,
                     help="engine per-step token budget (prompts longer than this are prefilled in chunks)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")

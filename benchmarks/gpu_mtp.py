@@ -2,7 +2,7 @@
 
 Until the eighteenth session the engine switched CUDA graphs off whenever MTP drafts were on, so speculation ran
 every step eagerly and could lose to plain graph decoding. Verification steps now replay graphs captured for
-k + 1 rows per sequence (glm5/engine/cuda_graphs.py); drafting stays eager (one layer per draft). This measures
+k + 1 rows per sequence (glm5/engine/static_decode.py); drafting stays eager (one layer per draft). This measures
 batch-1 decode tokens/s of the toy MTP model (``train_toy_mtp``: arithmetic progressions, where the MTP layer
 predicts well) in bf16 on the GPU:
 

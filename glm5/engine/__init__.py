@@ -7,8 +7,9 @@
 Files, one idea each: sampling_params, sequence, block_manager (paged blocks, ref counts, prefix reuse),
 kv_cache (latent + indexer-key storage), scheduler (continuous batching, chunked prefill, preemption),
 model_runner (flattened varlen batches through the model's own modules), sampler, spec_decode (MTP
-drafting, verification, rejection sampling; structured-output grammars come from glm5.structured), cuda_graphs (decode graphs on CUDA), llm_engine, llm,
-async_engine, beam_search (vLLM's LLM.beam_search over the engine), parallel (tensor / expert parallelism), cli.
+drafting, verification, rejection sampling; structured-output grammars come from glm5.structured),
+static_decode (decode steps over a static layout: CUDA graphs, torch.compile), llm_engine, llm, async_engine,
+beam_search (vLLM's LLM.beam_search over the engine), parallel (tensor / expert parallelism), cli.
 """
 
 from glm5.engine.async_engine import AsyncLLM

@@ -74,8 +74,9 @@ class PagedKVCache:
         return sum(t.nbytes() if isinstance(t, Fp8Rows) else t.numel() * t.element_size()
                    for t in self.latent + self.index if t is not None)
 
-    def view(self, batch: PagedBatch) -> "PagedCacheView":
-        return PagedCacheView(self, batch)
+    def view(self, batch: PagedBatch, scratch: bool = True) -> "PagedCacheView":
+        """``scratch=False``: attention gathers into fresh tensors, not the reusable buffers (compiled steps)."""
+        return PagedCacheView(self, batch, scratch)
 
 
 class PagedCacheView:
@@ -83,10 +84,10 @@ class PagedCacheView:
 
     paged = True
 
-    def __init__(self, store: PagedKVCache, batch: PagedBatch):
+    def __init__(self, store: PagedKVCache, batch: PagedBatch, scratch: bool = True):
         self.store = store
         self.batch = batch
-        self.scratch = store.scratch
+        self.scratch = store.scratch if scratch else None
 
     def write(self, layer: int, slot_mapping: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
               k_idx: torch.Tensor | None) -> None:

@@ -118,13 +118,15 @@ class LLMEngine:
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "spec_verify_steps": 0,
                       "spec_paused_steps": 0,
                       "spec_draft_tokens": 0, "spec_accepted_tokens": 0}
-        # Plain decode, MTP verification and the MTP layer's depth-1 steps replay CUDA graphs (glm5/engine/
-        # cuda_graphs.py). Not yet under tensor parallelism: its collectives would have to be captured too.
-        if cfg.use_cuda_graph and self.device.type == "cuda" and tp.world == 1:
-            from glm5.engine.cuda_graphs import CudaGraphRunner
+        # Plain decode, MTP verification and the MTP layer's depth-1 steps run over a static layout
+        # (glm5/engine/static_decode.py): replayed CUDA graphs on CUDA, a torch.compile'd step on CPU with
+        # compile_decode. Not yet under tensor parallelism: its collectives would have to be captured too.
+        cuda_graphs = cfg.use_cuda_graph and self.device.type == "cuda"
+        if (cuda_graphs or (cfg.compile_decode and self.device.type == "cpu")) and tp.world == 1:
+            from glm5.engine.static_decode import StaticDecodeRunner
 
-            self.runner.graphs = CudaGraphRunner(self.runner, cfg.max_num_seqs, self.max_model_len,
-                                                 compile=cfg.compile_decode)
+            self.runner.graphs = StaticDecodeRunner(self.runner, cfg.max_num_seqs, self.max_model_len,
+                                                    capture=cuda_graphs, compile=cfg.compile_decode)
         self.sleep_mode = SleepMode(self)
 
     # --------------------------------------------------------------------------------- construction

@@ -37,8 +37,8 @@ class Chunk:
 class _LayerShiftView(PagedCacheView):
     """Cache view that sends the MTP layer's reads and writes to the cache layer of one draft depth."""
 
-    def __init__(self, store, batch, src: int, dst: int):
-        super().__init__(store, batch)
+    def __init__(self, store, batch, src: int, dst: int, scratch: bool = True):
+        super().__init__(store, batch, scratch)
         self._src, self._dst = src, dst
 
     def _map(self, layer: int) -> int:
@@ -65,7 +65,7 @@ class ModelRunner:
         self.absorbed_max_q = absorbed_max_q
         self.device = model.device
         self._no_mask = torch.empty(0, dtype=torch.bool, device=self.device)
-        self.graphs = None  # CudaGraphRunner, set by the engine on CUDA
+        self.graphs = None  # StaticDecodeRunner, set by the engine (CUDA graphs, or compile_decode on CPU)
 
     # ------------------------------------------------------------------------------------- layout
     def _group(self, entries: list[tuple[int, list[int], int, int]], absorbed: bool, T: int | None = None) -> AttnGroup:
@@ -127,8 +127,9 @@ class ModelRunner:
 
     # Undecorated bodies of forward / logits, for callers that set the grad mode themselves: torch.compile (the
     # decode graphs) cannot trace into an inference_mode context it did not start.
-    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
-        ctx = AttentionContext(mask=self._no_mask, cache=self.kv.view(batch), dsa=self.dsa)
+    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: PagedBatch,
+                  scratch: bool = True) -> torch.Tensor:
+        ctx = AttentionContext(mask=self._no_mask, cache=self.kv.view(batch, scratch), dsa=self.dsa)
         return self.model.model(input_ids[None], positions[None], ctx)[0]
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -142,10 +143,10 @@ class ModelRunner:
         return self.run_mtp(hidden, input_ids, positions, batch, depth)
 
     def run_mtp(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor, batch: PagedBatch,
-                depth: int) -> torch.Tensor:  # the body of ``mtp``, undecorated (see run_model)
+                depth: int, scratch: bool = True) -> torch.Tensor:  # the body of ``mtp``, undecorated (see run_model)
         m = self.model.model
         L = self.cfg.num_hidden_layers
-        view = _LayerShiftView(self.kv, batch, src=L, dst=L + depth - 1)
+        view = _LayerShiftView(self.kv, batch, src=L, dst=L + depth - 1, scratch=scratch)
         ctx = AttentionContext(mask=self._no_mask, cache=view, dsa=self.dsa)
         emb = m.embed_tokens(input_ids[None])
         rope = m.rotary(positions[None], emb.dtype)

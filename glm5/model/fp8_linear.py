@@ -375,9 +375,10 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
                 _set_submodule(model, name, lin)
             elif isinstance(mod, FP8Experts):
                 dt = dtype or torch.float32
-                ex = Experts(mod.n_experts, mod.hidden, mod.intermediate).to(device=mod.gate_up_proj.device, dtype=dt)
+                with torch.device("meta"):  # shapes only: the dequantised tensors become the parameters
+                    ex = Experts(mod.n_experts, mod.hidden, mod.intermediate)
                 gu, dn = mod.dequantized(None, dt)
-                ex.gate_up_proj.copy_(gu)
-                ex.down_proj.copy_(dn)
+                ex.gate_up_proj, ex.down_proj = nn.Parameter(gu.contiguous()), nn.Parameter(dn.contiguous())
+                ex.expert_offset = mod.expert_offset  # an expert-parallel shard stays one
                 _set_submodule(model, name, ex)
     return model

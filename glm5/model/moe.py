@@ -60,6 +60,7 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        nn.init.normal_(self.weight, 0.0, cfg.initializer_range)  # a bare constructor gives finite weights, as nn.Linear
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,6 +116,12 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs:
     if w.dtype != x.dtype:  # under autocast the activations arrive in bf16 while parameters stay fp32
         w = w.to(x.dtype)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+    if x.device.type == "cpu" and not needs_grad and torch.compiler.is_compiling():
+        # Compiled CPU decode (compile_decode): torch._grouped_mm traces only in bf16 and the loop below reads the
+        # counts back; each row's expert gathered into a batched product is static in shape, and inductor fuses the
+        # gather into the product's loop, so no weight is copied (glm5/engine/static_decode.py).
+        group = torch.repeat_interleave(torch.arange(w.shape[0], device=x.device), counts, output_size=x.shape[0])
+        return torch.bmm(w[group], x[:, :, None])[..., 0]  # [M,out,in] @ [M,in,1] -> [M,out]
     if x.device.type == "cpu" and not needs_grad:
         # Decode of one token: torch._grouped_mm's CPU kernel visits every expert, ~1 µs per empty one (GLM-5:
         # ~250 of 256 at batch 1). A loop over the non-empty ones makes the same products (the same bits) at ~25 µs
@@ -166,11 +173,15 @@ def expert_parallel_share(x: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
 
 
 class Experts(nn.Module):
-    def __init__(self, n_experts: int, hidden: int, intermediate: int):
+    def __init__(self, n_experts: int, hidden: int, intermediate: int, init_std: float = 0.02):
         super().__init__()
         self.n_experts, self.hidden, self.intermediate = n_experts, hidden, intermediate
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, intermediate))
+        # Initialised here, not left as torch.empty: GLM5ForCausalLM(cfg) without init_weights() used to hold
+        # whatever memory it was given, NaN included. (No-op under torch.device("meta"), as checkpoint loading uses.)
+        nn.init.normal_(self.gate_up_proj, 0.0, init_std)
+        nn.init.normal_(self.down_proj, 0.0, init_std)
         # Expert parallelism (glm5.model.tensor_parallel): this module holds global experts
         # [expert_offset, expert_offset + n_experts) and computes only the (token, slot) pairs routed to them.
         self.expert_offset: int | None = None
@@ -223,7 +234,7 @@ class MoE(nn.Module):
         super().__init__()
         self.n_experts = cfg.n_routed_experts
         self.gate = Router(cfg)
-        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.initializer_range)
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) \
             if cfg.n_shared_experts > 0 else None
         self.experts_impl = "grouped"

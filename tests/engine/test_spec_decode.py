@@ -97,13 +97,13 @@ def test_verification_and_drafting_through_the_cuda_graph_path(nano):
     rows, longer ones eagerly). Drafts, cut short by the stop gap, equal the no-cache chain reference (then oracle
     drafts are verified instead, so that they are accepted); greedy output is still the plain output; a seeded
     sampled request gets the tokens it gets without graphs."""
-    from glm5.engine.cuda_graphs import CudaGraphRunner
+    from glm5.engine.static_decode import StaticDecodeRunner
 
     ps = prompts([6, 19, 27], seed=28)
     gap, n = 0.03, 12
     kw = dict(block_size=4, max_model_len=64, num_speculative_tokens=3, spec_draft_stop_gap=gap)
     llm = LLM(nano, **kw)
-    graphs = CudaGraphRunner(llm.engine.runner, max_num_seqs=16, max_model_len=64, capture=False)
+    graphs = StaticDecodeRunner(llm.engine.runner, max_num_seqs=16, max_model_len=64, capture=False)
     llm.engine.runner.graphs = graphs
     used, run_rows, propose = [], graphs.run_rows, llm.engine.proposer.propose
 

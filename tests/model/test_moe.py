@@ -177,3 +177,27 @@ def test_decode_loops_over_the_active_experts_only(monkeypatch):
         active = int(ids.unique().numel())
         assert bool(calls) == (8 * active > 32), (n, active)  # 1 token: 4 experts of 32 take the loop
         assert torch.equal(loop, grouped.detach())
+
+
+def test_a_bare_constructor_gives_finite_deterministic_weights():
+    # GLM5ForCausalLM(cfg) without init_weights() once left the router and routed experts as torch.empty: whatever
+    # memory they got, NaN included (an engine built on it failed with "non-finite logits" depending on the heap).
+    # Deterministic mode fills uninitialised memory with NaN, so a parameter nobody initialises shows up here.
+    from glm5 import GLM5ForCausalLM, preset
+
+    cfg = preset("glm5-nano")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(0)
+        a = GLM5ForCausalLM(cfg)
+        torch.manual_seed(0)
+        b = GLM5ForCausalLM(cfg)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.isfinite(p).all(), name
+        assert torch.equal(p, q), name
+    gate = a.model.layers[cfg.first_k_dense_replace].mlp
+    assert 0.5 < gate.experts.down_proj.std().item() / cfg.initializer_range < 1.5
+    assert 0.5 < gate.gate.weight.std().item() / cfg.initializer_range < 1.5

@@ -1,22 +1,26 @@
-"""CUDA graphs for decode steps, as nano-vllm does: plain decode (one new token per sequence) and MTP
-verification (the last token plus up to k drafts per sequence). CUDA only.
+"""Decode steps over a static layout, as nano-vllm runs them: plain decode (one new token per sequence) and MTP
+verification (the last token plus up to k drafts per sequence). On CUDA the step is captured into CUDA graphs; on
+either device it may be torch.compile'd (``compile_decode``). On CPU, compiling is the point: a batch-1 step is a
+few hundred small ops, and inductor's fused C++ loops run it ~1.7× faster than eager (benchmarks/engine.md §1).
 
-A graph is captured lazily on first use for each (kind, batch bucket, rows per sequence): kind "model" (the
-main model and its head) or "mtp" (the MTP layer at draft depth 1 and its head: the chained drafts and depth 1's
-catch-up); buckets 1, 2, 4, 8, 16, 32, ... up to max_num_seqs; rows 1 for plain decode and one-row drafts, k + 1
-for verification and catch-up. Everything shape-dependent is
-fixed at capture: the batch is padded to the bucket, each sequence's rows to R, keys to ``max_model_len``
-(block tables [B, max_blocks]); the attention layout (key slots, causal visibility) is computed *inside* the
-graph from the block tables and positions, so a replay only copies four small integer tensors in. Padding
-rows write their latents to the reserved null block 0 and their outputs are dropped; a padded row of a real
-sequence sits after its last real row, so no real row sees it. With keys padded beyond ``index_topk``, DSA
-always runs the indexer and gathers the top-k rows, which is exact for short sequences too (every visible
-key has a finite score and is selected).
+A step is set up for each (kind, batch bucket, rows per sequence): kind "model" (the main model and its head) or
+"mtp" (the MTP layer at draft depth 1 and its head: the chained drafts and depth 1's catch-up); buckets 1, 2, 4, 8,
+16, 32, ... up to max_num_seqs; rows 1 for plain decode and one-row drafts, k + 1 for verification and catch-up.
+The batch is padded to the bucket, each sequence's rows to R, and keys to a length T (block tables [B, T/bs]):
+``max_model_len`` under CUDA graphs, whose shapes are fixed at capture; without capture the next power of two of
+blocks that holds every sequence, so a short sequence does not attend over ``max_model_len`` padding keys (the CPU
+compile is dynamic in B, R and T: one compilation serves them all after the first few). The attention layout (key
+slots, causal visibility) is computed *inside* the step from the block tables and positions, so a replay only
+copies four small integer tensors in. Padding rows write their latents to the reserved null block 0 and their
+outputs are dropped; a padded row of a real sequence sits after its last real row, so no real row sees it. With
+keys padded beyond ``index_topk``, DSA always runs the indexer and gathers the top-k rows, which is exact for short
+sequences too (every visible key has a finite score and is selected).
 
 MoE routing is written to be capturable: expert counts come from a fixed-size ``scatter_add``
 (``glm5.model.moe.expert_counts``), not ``torch.bincount``, and the grouped GEMM takes its offsets on the
 device. The padded-bmm fallback (used where ``torch._grouped_mm`` is unavailable, e.g. fp32 on CUDA) takes a
-static capacity at decode sizes for the same reason. An op that still syncs is caught by a checked warm-up
+static capacity at decode sizes for the same reason; compiled on CPU, the experts are a gathered batched product
+that inductor fuses (see ``glm5.model.moe.grouped_linear``). An op that still syncs is caught by a checked warm-up
 before capture; if a capture fails anyway, graphs are switched off for the engine and decode runs eagerly
 (the output is the same either way). Measured on an H100: benchmarks/engine.md §4.
 """
@@ -32,14 +36,17 @@ from glm5.model.cache import AttnGroup, PagedBatch
 log = logging.getLogger(__name__)
 
 
-class CudaGraphRunner:
+class StaticDecodeRunner:
     def __init__(self, runner, max_num_seqs: int, max_model_len: int, capture: bool = True, compile: bool = False):
         self.runner = runner
         self.capture = capture
-        # torch.compile the captured forward: inductor fuses the ~125 small kernels per layer (norms, rope,
-        # routing, the latent-attention glue) that dominate a batch-1 step's device time (benchmarks/engine.md §4)
+        # torch.compile the step: inductor fuses the ~125 small ops per layer (norms, rope, routing, the
+        # latent-attention glue) that dominate a batch-1 step (benchmarks/engine.md §1 on CPU, §4 on an H100).
+        # Captured graphs fix every shape; without capture one dynamic compilation covers every B, R and T.
         self.compiled = compile
-        self.step = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        self.step = torch.compile(self._forward, dynamic=not capture) if compile else self._forward
+        if compile and not capture:  # a few shapes specialise (batch or rows of 1) before the dynamic graph
+            _allow_recompiles(16)
         self.bs = runner.block_size
         self.max_blocks = -(-max_model_len // self.bs)
         self.T = self.max_blocks * self.bs
@@ -67,21 +74,29 @@ class CudaGraphRunner:
                 return s
         return None
 
+    def _key_blocks(self, chunks, R: int) -> int:
+        """Blocks of keys the step attends over: all of ``max_model_len`` under capture, else the next power of
+        two that covers every sequence's last row (so dynamic shapes take a handful of values)."""
+        if self.capture:
+            return self.max_blocks
+        need = -(-max(c.start + R for c in chunks) // self.bs)
+        return min(self.max_blocks, 1 << (need - 1).bit_length())
+
     def _static_group(self, bt: torch.Tensor, pos: torch.Tensor) -> AttnGroup:
-        """bt [B, max_blocks], pos [B*R] (sequence b's rows: b*R .. b*R+R-1) -> one absorbed group of B×R queries."""
+        """bt [B, nb], pos [B*R] (sequence b's rows: b*R .. b*R+R-1) -> one absorbed group of B×R queries."""
         B = bt.shape[0]
         R = pos.shape[0] // B
-        t = torch.arange(self.T, device=self.device)
+        t = torch.arange(bt.shape[1] * self.bs, device=self.device)
         kv_slots = bt[:, t // self.bs] * self.bs + t % self.bs
         visible = t[None, None] <= pos.view(B, R)[..., None]  # [B,R,T]
         rows = torch.arange(B * R, device=self.device)
         return AttnGroup(q_index=rows.view(B, R), q_valid=torch.ones(B, R, dtype=torch.bool, device=self.device),
                          kv_slots=kv_slots, visible=visible, absorbed=True, q_rows=rows, q_flat=rows)
 
-    def _buffers(self, kind: str, B: int, R: int) -> dict:
+    def _buffers(self, kind: str, B: int, R: int, nb: int | None = None) -> dict:
         dev = self.device
         z = lambda *shape: torch.zeros(*shape, dtype=torch.long, device=dev)  # noqa: E731
-        buf = dict(ids=z(B * R), pos=z(B * R), slots=z(B * R), bt=z(B, self.max_blocks))
+        buf = dict(ids=z(B * R), pos=z(B * R), slots=z(B * R), bt=z(B, nb or self.max_blocks))
         if kind == "mtp":  # the MTP layer's other input, h^0 (or the previous draft's h), one row per token
             m = self.runner.model
             buf["hidden"] = torch.zeros(B * R, m.config.hidden_size, dtype=m.dtype, device=dev)
@@ -92,10 +107,12 @@ class CudaGraphRunner:
         ``hidden`` the MTP layer's output h^1 (un-normed) and its draft logits."""
         batch = PagedBatch(slot_mapping=buf["slots"], groups=[self._static_group(buf["bt"], buf["pos"])])
         r = self.runner
+        # no gather scratch when compiled: its buffers' sizes would be guarded on, and inductor plans the memory
+        scratch = not self.compiled
         if "hidden" in buf:
-            h = r.run_mtp(buf["hidden"], buf["ids"], buf["pos"], batch, 1)
+            h = r.run_mtp(buf["hidden"], buf["ids"], buf["pos"], batch, 1, scratch=scratch)
             return h, r.mtp_head(h)
-        hidden = r.run_model(buf["ids"], buf["pos"], batch)
+        hidden = r.run_model(buf["ids"], buf["pos"], batch, scratch=scratch)
         return hidden, r.head(hidden)
 
     def _capture(self, kind: str, B: int, R: int):
@@ -139,7 +156,7 @@ class CudaGraphRunner:
         the rows of padding sequences, write to the null block (their ``hidden`` rows keep stale, finite values)."""
         if hidden is not None:
             buf["hidden"][real] = hidden.to(buf["hidden"].dtype)
-        n, B, bs, mb = len(chunks), buf["bt"].shape[0], self.bs, self.max_blocks
+        n, (B, mb), bs = len(chunks), buf["bt"].shape, self.bs
         ids, pos, slots = [], [], []
         for c in chunks:
             bt = c.block_table
@@ -173,8 +190,8 @@ class CudaGraphRunner:
         real = slice(0, n) if R == 1 else \
             torch.tensor([b * R + j for b, c in enumerate(chunks) for j in range(c.n)], device=self.device)
         kind = "model" if hidden is None else "mtp"
-        if not self.capture:  # same static layout, run eagerly (CPU tests of the graph path)
-            buf = self._buffers(kind, B, R)
+        if not self.capture:  # same static layout, no graph: compiled (CPU compile_decode) or eager (CPU tests)
+            buf = self._buffers(kind, B, R, self._key_blocks(chunks, R))
             self._fill(buf, chunks, R, real, hidden)
             with torch.inference_mode():
                 h, logits = self.step(buf)
