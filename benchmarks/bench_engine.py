@@ -363,16 +363,20 @@ def bench_spec_sampled(args, results):
 
 
 def _corpus_acceptance(model_dir, n: int, spec_tokens: int, prompt_tokens: int = 32, decode_tokens: int = 48,
-                       regex: str | None = None, draft_mode: str = "chain", stop_gap: float = 0.0):
+                       regex: str | None = None, draft_mode: str = "chain", stop_gap: float = 0.0,
+                       compile_decode: bool = False):
     """Acceptance length and speed-up over n greedy continuations of n corpus snippets, one at a time (batch 1;
     one prompt is a noisy measure). The speed-up is total plain time / total speculative time, the two engines
-    alternating prompt by prompt. ``regex``: both decode under that structured output."""
+    alternating prompt by prompt. ``regex``: both decode under that structured output. ``compile_decode``: both
+    engines' decode steps compiled (on warm-up prompts, before timing)."""
     prompts = _corpus_prompts(model_dir, n, prompt_tokens)
-    plain = Engine(model_dir, prompt_tokens + decode_tokens + 16)
+    plain = Engine(model_dir, prompt_tokens + decode_tokens + 16, compile_decode=compile_decode)
     spec = Engine(model_dir, prompt_tokens + decode_tokens + 16, spec=spec_tokens, mtp_draft_mode=draft_mode,
-                  spec_draft_stop_gap=stop_gap)
-    plain.run(torch.tensor(prompts[:1]), 2)
-    spec.run(torch.tensor(prompts[:1]), 2)
+                  spec_draft_stop_gap=stop_gap, compile_decode=compile_decode)
+    # compiling: whole runs over a few prompts, until every step shape the timed runs meet has been compiled
+    for p in prompts[:3 if compile_decode else 1]:
+        plain.run(torch.tensor([p]), decode_tokens if compile_decode else 2)
+        spec.run(torch.tensor([p]), decode_tokens if compile_decode else 2)
     spec.llm.engine.stats.update(spec_verify_steps=0, spec_draft_tokens=0, spec_accepted_tokens=0)
     t_plain = t_spec = 0.0
     same = True
@@ -385,7 +389,8 @@ def _corpus_acceptance(model_dir, n: int, spec_tokens: int, prompt_tokens: int =
                spec_tokens=spec_tokens, draft_mode=draft_mode, stop_gap=stop_gap,
                drafts_per_step=m["draft_tokens"] / max(1, m["verify_steps"]), acceptance_length=m["acceptance_length"],
                acceptance_rate=m["acceptance_rate"],
-               speedup=t_plain / t_spec, greedy_identical=same, regex=regex)
+               speedup=t_plain / t_spec, greedy_identical=same, regex=regex, compile_decode=compile_decode,
+               plain_tok_s=n * decode_tokens / t_plain, spec_tok_s=n * decode_tokens / t_spec)
     print(json.dumps(row), flush=True)
     return row
 
@@ -406,7 +411,8 @@ def bench_mtp(args, path, cfg, results):
         if args.mtp_corpus_prompts:
             out["trained_corpus"] = _corpus_acceptance(args.mtp_model, args.mtp_corpus_prompts, k,
                                                        regex=args.mtp_regex, draft_mode=args.mtp_draft_mode,
-                                                       stop_gap=args.spec_stop_gap)
+                                                       stop_gap=args.spec_stop_gap,
+                                                       compile_decode=args.compile_decode)
     for name in args.toy_presets:
         toy_dir = Path(args.workdir) / f"toy_{name}"
         if not (toy_dir / "config.json").exists():
@@ -517,6 +523,8 @@ def main() -> int:
                     help="decode: also time the engine with cpu_weight_layout='row' (tuning off), interleaved")
     ap.add_argument("--compare-compiled", action="store_true",
                     help="decode: also time the engine with compile_decode=True (torch.compile'd decode steps)")
+    ap.add_argument("--compile-decode", action="store_true",
+                    help="with --mtp-corpus-prompts: both engines with compile_decode=True")
     ap.add_argument("--max-batched-tokens", type=int, default=4096,
                     help="engine per-step token budget (prompts longer than this are prefilled in chunks)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")

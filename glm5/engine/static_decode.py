@@ -76,10 +76,14 @@ class StaticDecodeRunner:
 
     def _key_blocks(self, chunks, R: int) -> int:
         """Blocks of keys the step attends over: all of ``max_model_len`` under capture, else the next power of
-        two that covers every sequence's last row (so dynamic shapes take a handful of values)."""
+        two that covers every sequence's last row (so dynamic shapes take a handful of values) and more than
+        ``index_topk`` keys: attention branches on T ≤ index_topk (dense) and a compiled step would be
+        compiled again for each side."""
         if self.capture:
             return self.max_blocks
         need = -(-max(c.start + R for c in chunks) // self.bs)
+        if self.runner.dsa == "sparse":
+            need = max(need, self.runner.cfg.index_topk // self.bs + 1)
         return min(self.max_blocks, 1 << (need - 1).bit_length())
 
     def _static_group(self, bt: torch.Tensor, pos: torch.Tensor) -> AttnGroup:
