@@ -123,11 +123,13 @@ class LLMEngine:
         # compile_decode. Not yet under tensor parallelism: its collectives would have to be captured too.
         cuda_graphs = cfg.use_cuda_graph and self.device.type == "cuda"
         if (cuda_graphs or (cfg.compile_decode and self.device.type == "cpu")) and tp.world == 1:
-            from glm5.engine.static_decode import StaticDecodeRunner
+            from glm5.engine.static_decode import StaticDecodeRunner, compile_ahead
 
             self.runner.graphs = StaticDecodeRunner(self.runner, cfg.max_num_seqs, self.max_model_len,
                                                     capture=cuda_graphs, compile=cfg.compile_decode)
         self.sleep_mode = SleepMode(self)
+        if self.runner.graphs is not None and self.runner.graphs.compiled and not self.runner.graphs.capture:
+            compile_ahead(self)  # CPU: compiled now rather than in the first requests' steps
 
     # --------------------------------------------------------------------------------- construction
     @classmethod

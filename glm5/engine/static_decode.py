@@ -28,6 +28,7 @@ before capture; if a capture fails anyway, graphs are switched off for the engin
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -197,7 +198,7 @@ class StaticDecodeRunner:
         if not self.capture:  # same static layout, no graph: compiled (CPU compile_decode) or eager (CPU tests)
             buf = self._buffers(kind, B, R, self._key_blocks(chunks, R))
             self._fill(buf, chunks, R, real, hidden)
-            with torch.inference_mode():
+            with torch.inference_mode(), _no_duck_shapes():
                 h, logits = self.step(buf)
             return h[real], logits[real]
         key = (kind, B, R)
@@ -218,6 +219,39 @@ class StaticDecodeRunner:
         self._fill(buf, chunks, R, real, hidden)
         graph.replay()
         return h[real].clone(), logits[real].clone()  # copies: the next replay overwrites the graph's outputs
+
+
+def compile_ahead(engine) -> None:
+    """CPU ``compile_decode``: compile the decode steps before the first request, as vLLM compiles at start-up, so
+    that no request waits a minute behind the compiler. Greedy generations of one and of two sequences (with drafts
+    when speculation is on) meet the step shapes decoding does: batch 1 and the dynamic batch, one row and k + 1
+    rows, the main model and the MTP layer. The engine is then left as it was built: no request, no prefix-cache
+    entry, statistics, request ids and its RNG as new."""
+    from glm5.engine.sampling_params import SamplingParams
+
+    start = time.perf_counter()
+    log.info("compile_decode: compiling the decode steps (a minute or more per step shape) ...")
+    n = max(1, min(engine.k + 3, engine.max_model_len - 3))
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    stats = dict.fromkeys(engine.stats, 0)
+    for prompts in ([[1, 2]], [[1, 2], [3, 4]]):
+        for p in prompts:
+            engine.add_request(p, params)
+        while engine.has_unfinished_requests():
+            engine.step()
+    engine.reset_prefix_cache()
+    engine.stats, engine._next_id = stats, 0
+    engine.rng.manual_seed(engine.config.seed)
+    log.info("compile_decode: decode steps compiled in %.0f s", time.perf_counter() - start)
+
+
+def _no_duck_shapes():
+    """Dynamic shapes without duck sizing while tracing: by default dynamo gives dims of equal size one symbol, so a
+    key length of 4 blocks would be tied to the rope cache's width of 4 (then fixed to it) or to a batch of 4, and
+    every other length would compile again."""
+    import torch.fx.experimental._config as shapes_config
+
+    return shapes_config.patch(use_duck_shape=False)
 
 
 def _allow_recompiles(n: int) -> None:

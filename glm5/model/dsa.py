@@ -83,7 +83,10 @@ class LightningIndexer(nn.Module):
         q, w = self.query(x, q_resid, cos, sin)
         B, S = q.shape[:2]
         T = kv_slots.shape[1]
-        chunk = T if q.device.type != "cpu" else max(_MIN_KEY_CHUNK, _KEY_CHUNK_BYTES // (4 * B * self.head_dim))
+        # (compiled, inductor fuses the gather into the scoring; and a chunk size computed from T would make the
+        # compiled step specialise on T, one compilation per context length)
+        chunk = T if q.device.type != "cpu" or torch.compiler.is_compiling() else \
+            max(_MIN_KEY_CHUNK, _KEY_CHUNK_BYTES // (4 * B * self.head_dim))
         # Equal chunks (none of a few keys): BLAS may sum a product with very few columns in another order.
         chunk = -(-T // -(-T // chunk))
         if chunk >= T:
@@ -118,7 +121,8 @@ def score_keys(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, visible: to
     B, S, Hi, D = q.shape
     T = keys.shape[1]
     kT = keys.float().transpose(1, 2)  # [B,D,T]
-    chunk = max(1, _SCORE_BLOCK_ELEMS // max(1, B * Hi * T))
+    # compiled (decode steps, a few queries): one block, as a block size computed from T would specialise on T
+    chunk = S if torch.compiler.is_compiling() else max(1, _SCORE_BLOCK_ELEMS // max(1, B * Hi * T))
     causal_blocks = visible is not None and q.device.type == "cpu" and S >= 2 * _MIN_CAUSAL_BLOCK
     if causal_blocks:
         chunk = min(chunk, max(_MIN_CAUSAL_BLOCK, -(-S // 8)))

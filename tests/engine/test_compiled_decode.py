@@ -70,16 +70,31 @@ def test_compiled_static_step_matches_eager_decode(nano):
     assert compiled.argmax(-1).tolist() == eager.argmax(-1).tolist()
 
 
+def _compilations() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def _assert_left_as_new(engine) -> None:
+    # compile_ahead's warm-up requests leave nothing behind
+    assert not engine.requests and not engine.block_manager.hash_to_block and engine._next_id == 0
+    assert all(v == 0 for v in engine.stats.values())
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks - 1
+
+
 def test_compile_decode_engine_greedy_equals_the_model(nano):
-    # plain decode, batch 1 and 3, prompts shorter and longer than index_topk, every step after prefill compiled
+    # plain decode, batch 1 and 3, prompts shorter and longer than index_topk, every step after prefill compiled,
+    # and compiled when the engine was built: the requests compile nothing
     ps = prompts([3, TOPK + 1, 3 * TOPK + 5], seed=21)
     llm = LLM(nano, max_num_seqs=4, block_size=4, compile_decode=True)
-    ran = _count_static_steps(llm.engine)
+    _assert_left_as_new(llm.engine)
+    ran, compiled = _count_static_steps(llm.engine), _compilations()
+    assert compiled > 0
     outs = llm.generate(ps[:1], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     outs += llm.generate(ps[1:], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     for p, o in zip(ps, outs):
         assert o.outputs[0].token_ids == ref_greedy(nano, p, 8)
     assert len(ran) >= 7 + 7 and {b for _, b in ran} >= {1, 2}  # 7 decode steps per generate, all compiled
+    assert _compilations() == compiled
 
 
 @pytest.mark.slow  # ~2 minutes of compilation on 2 cores (the model and the MTP layer, batch 1 and dynamic)
@@ -88,6 +103,7 @@ def test_compile_decode_with_mtp_drafts_and_prefix_caching(nano):
     # after every step: the compiled step writes the cache rows a no-cache forward computes
     ps = prompts([TOPK + 3, 2 * TOPK + 1], seed=22)
     llm = LLM(nano, max_num_seqs=4, block_size=4, num_speculative_tokens=2, compile_decode=True)
+    _assert_left_as_new(llm.engine)
     audit = PrefixCacheAudit(llm.engine, nano).after_every_step()
     ran = _count_static_steps(llm.engine)
     drafts_ok = watch_drafts(llm.engine, nano)
