@@ -83,8 +83,8 @@ class LightningIndexer(nn.Module):
         q, w = self.query(x, q_resid, cos, sin)
         B, S = q.shape[:2]
         T = kv_slots.shape[1]
-        # (compiled, inductor fuses the gather into the scoring; and a chunk size computed from T would make the
-        # compiled step specialise on T, one compilation per context length)
+        # Compiled (CPU compile_decode): one chunk. Inductor fuses the gather into the scoring anyway, and a chunk
+        # size computed from T would make the compiled step specialise on T, one compilation per context length.
         chunk = T if q.device.type != "cpu" or torch.compiler.is_compiling() else \
             max(_MIN_KEY_CHUNK, _KEY_CHUNK_BYTES // (4 * B * self.head_dim))
         # Equal chunks (none of a few keys): BLAS may sum a product with very few columns in another order.
