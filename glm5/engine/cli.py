@@ -36,9 +36,9 @@ def _engine_args(p) -> None:
     p.add_argument("--dsa", default="sparse", choices=["sparse", "dense"])
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: decode without CUDA graphs (vLLM's flag)")
     p.add_argument("--compile-decode", action="store_true",
-                   help="torch.compile the decode step (fused kernels). CUDA: before capturing its graphs, 1.2-1.7x faster "
-                        "decode on an H100, ~1 minute of compilation per batch bucket; CPU: ~1.7x faster decode at small "
-                        "batches, a few minutes of compilation when the engine starts")
+                   help="torch.compile the decode step (fused kernels). CUDA: before capturing its graphs, "
+                        "1.2-1.7x faster decode on an H100, ~1 minute of compilation per batch bucket; CPU: 1.5-1.7x "
+                        "faster decode at small batches, a few minutes of compilation when the engine starts")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the weights over N ranks: run under `torchrun --nproc-per-node N` (generate only; "
                         "rank 0 prints)")

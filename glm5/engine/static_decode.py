@@ -1,7 +1,7 @@
 """Decode steps over a static layout, as nano-vllm runs them: plain decode (one new token per sequence) and MTP
 verification (the last token plus up to k drafts per sequence). On CUDA the step is captured into CUDA graphs; on
 either device it may be torch.compile'd (``compile_decode``). On CPU, compiling is the point: a batch-1 step is a
-few hundred small ops, and inductor's fused C++ loops run it ~1.7× faster than eager (benchmarks/engine.md §1).
+few hundred small ops, and inductor's fused C++ loops run it 1.5–1.7× faster than eager (benchmarks/engine.md §1).
 
 A step is set up for each (kind, batch bucket, rows per sequence): kind "model" (the main model and its head) or
 "mtp" (the MTP layer at draft depth 1 and its head: the chained drafts and depth 1's catch-up); buckets 1, 2, 4, 8,

@@ -62,9 +62,9 @@ def add_parser(sub) -> None:
                         "and layer at GLM-5's widths, 1.8x the tokens of a bf16 cache; outputs then differ slightly)")
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: decode without CUDA graphs (vLLM's flag)")
     g.add_argument("--compile-decode", action="store_true",
-                   help="torch.compile the decode step (fused kernels). CUDA: before capturing its graphs, 1.2-1.7x faster "
-                        "decode on an H100, ~1 minute of compilation per batch bucket; CPU: ~1.7x faster decode at small "
-                        "batches, a few minutes of compilation when the engine starts")
+                   help="torch.compile the decode step (fused kernels). CUDA: before capturing its graphs, "
+                        "1.2-1.7x faster decode on an H100, ~1 minute of compilation per batch bucket; CPU: 1.5-1.7x "
+                        "faster decode at small batches, a few minutes of compilation when the engine starts")
     g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                    help="priority: requests' `priority` field orders the queue (lower first), as in vLLM")
     g.add_argument("--logprobs-mode", default="raw_logprobs", choices=["raw_logprobs", "processed_logprobs"],
