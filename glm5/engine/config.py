@@ -40,8 +40,8 @@ class EngineConfig:
     use_cuda_graph: bool = True  # CUDA only; ignored on CPU
     # torch.compile the decode step (fused kernels): on CUDA before capturing its graphs (once per batch bucket,
     # tens of seconds each); on CPU when the engine is built (dynamic shapes: 2 compilations, ~8 with MTP, under a
-    # minute each here) for 1.5-1.7x faster decode at small batches. Outputs may differ from eager at near-ties (a fused
-    # sum's rounding)
+    # minute each here) for 1.5-1.7x faster decode at small batches. Outputs may differ from eager at near-ties
+    # (a fused sum's rounding)
     compile_decode: bool = False
     # CPU only: "auto" stores linear weights column-major where that decodes faster on this machine
     # (glm5/engine/cpu_layout.py; values unchanged, the model's parameters are re-strided in place); "row" keeps them
