@@ -160,7 +160,7 @@ def bench_decode(args, path, cfg, results):
     systems = [("hf", hf), ("engine", eng)]
     if args.compare_row_layout:  # the same engine with the CPU weight-layout tuning off (glm5/engine/cpu_layout.py)
         systems.append(("engine_row", Engine(path, max(args.contexts) + args.decode_tokens + 8, cpu_weight_layout="row")))
-    if args.compare_compiled:  # the same engine with its decode steps torch.compile'd (compile_decode)
+    if args.compare_compiled:  # the same engine with its decode steps torch.compile'd when built (compile_decode)
         systems.append(("engine_compiled", Engine(path, max(args.contexts) + args.decode_tokens + 8,
                                                   compile_decode=True)))
     results["transformers"] = hf.version
@@ -174,9 +174,6 @@ def bench_decode(args, path, cfg, results):
     warm = _prompts(1, 16, cfg.vocab_size, 0)
     for _, sysm in systems:
         sysm.timed(warm, 3)
-    if args.compare_compiled:  # compile (dynamo specialises batch 1, then goes dynamic) before any timing
-        for B in args.batches:
-            systems[-1][1].timed(_prompts(B, 16, cfg.vocab_size, 0), 3)
     for P in args.contexts:
         for B in args.batches:
             D = args.decode_tokens
@@ -373,7 +370,8 @@ def _corpus_acceptance(model_dir, n: int, spec_tokens: int, prompt_tokens: int =
     plain = Engine(model_dir, prompt_tokens + decode_tokens + 16, compile_decode=compile_decode)
     spec = Engine(model_dir, prompt_tokens + decode_tokens + 16, spec=spec_tokens, mtp_draft_mode=draft_mode,
                   spec_draft_stop_gap=stop_gap, compile_decode=compile_decode)
-    # compiling: whole runs over a few prompts, until every step shape the timed runs meet has been compiled
+    # compiled: whole runs over a few prompts, for the rarer speculative step shapes the engine's start-up
+    # compilation does not meet (benchmarks/engine.md §1)
     for p in prompts[:3 if compile_decode else 1]:
         plain.run(torch.tensor([p]), decode_tokens if compile_decode else 2)
         spec.run(torch.tensor([p]), decode_tokens if compile_decode else 2)

@@ -121,15 +121,16 @@ class LLMEngine:
         # Plain decode, MTP verification and the MTP layer's depth-1 steps run over a static layout
         # (glm5/engine/static_decode.py): replayed CUDA graphs on CUDA, a torch.compile'd step on CPU with
         # compile_decode. Not yet under tensor parallelism: its collectives would have to be captured too.
+        self.sleep_mode = SleepMode(self)
         cuda_graphs = cfg.use_cuda_graph and self.device.type == "cuda"
-        if (cuda_graphs or (cfg.compile_decode and self.device.type == "cpu")) and tp.world == 1:
+        cpu_compiled = cfg.compile_decode and self.device.type == "cpu"
+        if (cuda_graphs or cpu_compiled) and tp.world == 1:
             from glm5.engine.static_decode import StaticDecodeRunner, compile_ahead
 
             self.runner.graphs = StaticDecodeRunner(self.runner, cfg.max_num_seqs, self.max_model_len,
                                                     capture=cuda_graphs, compile=cfg.compile_decode)
-        self.sleep_mode = SleepMode(self)
-        if self.runner.graphs is not None and self.runner.graphs.compiled and not self.runner.graphs.capture:
-            compile_ahead(self)  # CPU: compiled now rather than in the first requests' steps
+            if cpu_compiled:
+                compile_ahead(self)  # compiled now rather than in the first requests' steps
 
     # --------------------------------------------------------------------------------- construction
     @classmethod

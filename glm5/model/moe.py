@@ -60,7 +60,7 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
-        nn.init.normal_(self.weight, 0.0, cfg.initializer_range)  # a bare constructor gives finite weights, as nn.Linear
+        nn.init.normal_(self.weight, 0.0, cfg.initializer_range)  # finite from a bare constructor (see Experts)
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,18 +111,23 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
     return False
 
 
+def _row_groups(counts: torch.Tensor, rows: int) -> torch.Tensor:
+    """The group of each row, rows sorted by group: counts [G] -> [rows] (no host sync: ``output_size`` given)."""
+    return torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts, output_size=rows)
+
+
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by group; group g (counts[g] rows) multiplies w[g]^T. x [M,in], w [G,out,in] -> [M,out]."""
     if w.dtype != x.dtype:  # under autocast the activations arrive in bf16 while parameters stay fp32
         w = w.to(x.dtype)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-    if x.device.type == "cpu" and not needs_grad and torch.compiler.is_compiling():
-        # Compiled CPU decode (compile_decode): torch._grouped_mm traces only in bf16 and the loop below reads the
-        # counts back; each row's expert gathered into a batched product is static in shape, and inductor fuses the
-        # gather into the product's loop, so no weight is copied (glm5/engine/static_decode.py).
-        group = torch.repeat_interleave(torch.arange(w.shape[0], device=x.device), counts, output_size=x.shape[0])
-        return torch.bmm(w[group], x[:, :, None])[..., 0]  # [M,out,in] @ [M,in,1] -> [M,out]
     if x.device.type == "cpu" and not needs_grad:
+        if torch.compiler.is_compiling():
+            # Compiled CPU decode (compile_decode): torch._grouped_mm traces only in bf16 and the loop below reads
+            # the counts back; each row's expert gathered into a batched product is static in shape, and inductor
+            # fuses the gather into the product's loop, so no weight is copied (glm5/engine/static_decode.py).
+            rows_w = w[_row_groups(counts, x.shape[0])]  # [M,out,in]
+            return torch.bmm(rows_w, x[:, :, None])[..., 0]  # [M,out]
         # Decode of one token: torch._grouped_mm's CPU kernel visits every expert, ~1 µs per empty one (GLM-5:
         # ~250 of 256 at batch 1). A loop over the non-empty ones makes the same products (the same bits) at ~25 µs
         # each; it wins while at most an eighth of the experts have rows (benchmarks/bench_moe.py: 470 -> 196 µs
@@ -149,7 +154,7 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs:
     else:
         cap = int(counts.max().item()) if counts.numel() else 0
     starts = offs - counts
-    group = torch.repeat_interleave(torch.arange(G, device=x.device), counts, output_size=x.shape[0])
+    group = _row_groups(counts, x.shape[0])
     rank = torch.arange(x.shape[0], device=x.device) - starts[group]
     buf = x.new_zeros(G, max(cap, 1), x.shape[1])
     buf = buf.index_put((group, rank), x)

@@ -114,6 +114,24 @@ def nano_dir(tmp_path_factory, text_model):
     return d
 
 
+def decode_after_prefill(model, lens: list[int], seed: int, drafts: list[list[int]] | None = None):
+    """Prefill every prompt but its last token into a paged cache (block size 4, 20 blocks per prompt), then one
+    eager step over each prompt's last token (plus its ``drafts``, as a verification): (runner, step chunks, final
+    hidden states [N,H] of the step)."""
+    from glm5.engine.kv_cache import PagedKVCache
+    from glm5.engine.model_runner import Chunk, ModelRunner
+
+    cfg = model.config
+    runner = ModelRunner(model, PagedKVCache(cfg, 64, 4, cfg.num_hidden_layers, model.dtype, "cpu"), 4)
+    tables = [list(range(1 + 20 * i, 21 + 20 * i)) for i in range(len(lens))]
+    toks = prompts(lens, seed=seed)
+    for t, p in zip(tables, toks):
+        runner.forward(*runner.build([Chunk(t, 0, p[:-1])]))
+    drafts = drafts or [[] for _ in lens]
+    chunks = [Chunk(t, len(p) - 1, p[-1:] + d) for t, p, d in zip(tables, toks, drafts)]
+    return runner, chunks, runner.forward(*runner.build(chunks))
+
+
 def count_forward_rows(llm) -> list[int]:
     """Wrap the engine's model forward: the returned list gets each forward's token count (rows computed)."""
     rows, orig = [], llm.engine.runner.forward

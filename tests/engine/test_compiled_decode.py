@@ -6,12 +6,10 @@ import pytest
 import torch
 
 from glm5.engine import LLM, SamplingParams
-from glm5.engine.kv_cache import PagedKVCache
-from glm5.engine.model_runner import Chunk, ModelRunner
 from glm5.engine.static_decode import StaticDecodeRunner
 from glm5.model.moe import expert_counts, grouped_linear
 
-from .conftest import TOPK, PrefixCacheAudit, prompts, ref_greedy, watch_drafts
+from .conftest import TOPK, PrefixCacheAudit, decode_after_prefill, prompts, ref_greedy, watch_drafts
 
 
 @pytest.fixture(autouse=True)
@@ -54,15 +52,8 @@ def test_compiled_grouped_linear_matches_the_grouped_product():
 def test_compiled_static_step_matches_eager_decode(nano):
     # prompts below and above index_topk; 3 sequences in a batch bucket of 4 (one padding row); keys padded to a
     # power of two of blocks, not to max_model_len
-    cfg = nano.config
-    kv = PagedKVCache(cfg, 64, 4, cfg.num_hidden_layers, torch.float32, "cpu")
-    runner = ModelRunner(nano, kv, 4)
-    tables = [list(range(1 + 20 * i, 21 + 20 * i)) for i in range(3)]
-    toks = prompts([5, 30, 13], seed=14)
-    for t, p in zip(tables, toks):
-        runner.forward(*runner.build([Chunk(t, 0, p[:-1])]))
-    chunks = [Chunk(t, len(p) - 1, p[-1:]) for t, p in zip(tables, toks)]
-    eager = runner.logits(runner.forward(*runner.build(chunks)))
+    runner, chunks, hidden = decode_after_prefill(nano, [5, 30, 13], seed=14)
+    eager = runner.logits(hidden)
     static = StaticDecodeRunner(runner, max_num_seqs=4, max_model_len=80, capture=False, compile=True)
     assert static._key_blocks(chunks, 1) == 8 < static.max_blocks  # 30 tokens -> 8 blocks of 4, of 20
     compiled = static.run(chunks)

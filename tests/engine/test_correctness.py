@@ -7,7 +7,7 @@ from glm5.engine import LLM, SamplingParams
 from glm5.engine.kv_cache import PagedKVCache
 from glm5.engine.model_runner import Chunk, ModelRunner
 
-from .conftest import TOPK, make_model, prompts, ref_greedy
+from .conftest import TOPK, decode_after_prefill, make_model, prompts, ref_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
@@ -121,28 +121,13 @@ def test_attention_gathers_only_topk_rows():
     torch.testing.assert_close(poisoned, clean, rtol=1e-5, atol=1e-5)
 
 
-def _decode_after_prefill(model, dtype, lens: list[int], seed: int):
-    """Prefill every prompt but its last token into a paged cache, then the eager logits of one decode step
-    over all of them: (runner, decode chunks, logits)."""
-    cfg = model.config
-    kv = PagedKVCache(cfg, 64, 4, cfg.num_hidden_layers, dtype, "cpu")
-    runner = ModelRunner(model, kv, 4)
-    tables = [list(range(1 + 20 * i, 21 + 20 * i)) for i in range(len(lens))]
-    toks = prompts(lens, seed=seed)
-    for t, p in zip(tables, toks):
-        ids, pos, batch = runner.build([Chunk(t, 0, p[:-1])])
-        runner.forward(ids, pos, batch)
-    chunks = [Chunk(t, len(p) - 1, p[-1:]) for t, p in zip(tables, toks)]
-    ids, pos, batch = runner.build(chunks)
-    return runner, chunks, runner.logits(runner.forward(ids, pos, batch))
-
-
 def test_cuda_graph_static_layout_matches_eager_decode(nano):
     # The CUDA-graph decode path (batch padded to a bucket, keys padded to max_model_len, layout computed from block
     # tables inside the graph) run eagerly on CPU: same logits as the dynamic path. (Capture itself needs CUDA.)
     from glm5.engine.static_decode import StaticDecodeRunner
 
-    runner, chunks, eager = _decode_after_prefill(nano, torch.float32, [5, 30, 13], seed=13)  # below/above index_topk
+    runner, chunks, hidden = decode_after_prefill(nano, [5, 30, 13], seed=13)  # below/above index_topk
+    eager = runner.logits(hidden)
     static = StaticDecodeRunner(runner, max_num_seqs=4, max_model_len=72, capture=False).run(chunks)  # bucket 4: 1 pad row
     torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-5)
     assert static.argmax(-1).tolist() == eager.argmax(-1).tolist()
@@ -153,19 +138,8 @@ def test_cuda_graph_static_verification_rows_match_eager(nano):
     # rows each and to a batch bucket of 4; the real rows' hidden states and logits equal the dynamic path's.
     from glm5.engine.static_decode import StaticDecodeRunner
 
-    lens = [5, 30, 13]  # below / above index_topk
-    cfg = nano.config
-    kv = PagedKVCache(cfg, 64, 4, cfg.num_hidden_layers, torch.float32, "cpu")
-    runner = ModelRunner(nano, kv, 4)
-    tables = [list(range(1 + 20 * i, 21 + 20 * i)) for i in range(len(lens))]
-    toks = prompts(lens, seed=15)
-    for t, p in zip(tables, toks):
-        ids, pos, batch = runner.build([Chunk(t, 0, p[:-1])])
-        runner.forward(ids, pos, batch)
-    drafts = [[], [7, 9], [11, 3, 5]]
-    chunks = [Chunk(t, len(p) - 1, p[-1:] + d) for t, p, d in zip(tables, toks, drafts)]
-    ids, pos, batch = runner.build(chunks)
-    hidden = runner.forward(ids, pos, batch)
+    # prompts below / above index_topk
+    runner, chunks, hidden = decode_after_prefill(nano, [5, 30, 13], seed=15, drafts=[[], [7, 9], [11, 3, 5]])
     graphs = StaticDecodeRunner(runner, max_num_seqs=4, max_model_len=72, capture=False)
     assert graphs.run_rows(chunks, 3) is None  # a sequence with more rows than the graph has: eager
     h, logits = graphs.run_rows(chunks, 4)
