@@ -2,6 +2,8 @@
 static layout of glm5/engine/static_decode.py through torch.compile (inductor's C++ backend), and compute what the
 eager engine and the no-cache model compute."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -10,6 +12,11 @@ from glm5.engine.static_decode import StaticDecodeRunner
 from glm5.model.moe import expert_counts, grouped_linear
 
 from .conftest import TOPK, PrefixCacheAudit, decode_after_prefill, prompts, ref_greedy, watch_drafts
+
+
+# inductor's CPU backend builds C++ at run time
+pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                                reason="torch.compile on CPU needs a C++ compiler")
 
 
 @pytest.fixture(autouse=True)
