@@ -20,6 +20,14 @@ machine, not per process: in ``$GLM5_CPU_LAYOUT_CACHE`` (default ``$GLM5_CACHE/c
 the torch/BLAS build, then by (shape, threads). The first process to meet a shape times it while holding the
 file's lock, so a second one started at the same moment waits and reads the same answer. Delete the file to
 re-time (after a BIOS or kernel change, say).
+
+The LM head is the one weight that gets a second copy. At 2 rows and more (a batch, MTP verification, the last
+tokens of several prompts) MKL multiplies a wide head poorly: glm5-small's 32768 × 512 head takes 15 ms at 16 rows,
+3× its arithmetic at this core's speed, against 3 ms for one row. oneDNN, given the weight pre-packed into its own
+blocked format, takes 6.4 ms. So where timing shows that on this machine, ``PackedHead`` keeps a packed copy (the
+head's size again in memory) for products of 2 rows and more; one row keeps the plain weight, which is fastest
+for a single row. The copy is made again whenever the weight changes (its storage or version counter: the
+engine's weight loading copies in place, see glm5/model/weights.py) and dropped by ``sleep(level=2)``.
 """
 
 from __future__ import annotations
@@ -44,14 +52,20 @@ try:  # POSIX; elsewhere concurrent first timings may both write (the last one w
 except ImportError:  # pragma: no cover
     fcntl = None
 
-__all__ = ["tune_linear_layouts", "DECODE_ROWS", "decisions_path", "machine_fingerprint"]
+__all__ = ["tune_linear_layouts", "packed_head", "PackedHead", "DECODE_ROWS", "decisions_path",
+           "machine_fingerprint"]
 
 log = logging.getLogger(__name__)
 
 DECODE_ROWS = (1, 4)  # batch-1 decode, and a 4-token MTP verification / small batch
 FLUSH_BYTES = 64 << 20  # larger than the last-level cache: each timing starts with the weight out of cache
 MIN_GAIN = 1.05  # switch only for a clear win: timing noise must not flip layouts back and forth
-_CHOICE: dict[tuple, bool] = {}  # (shape, threads) -> column-major is faster, for this process (mirrors the file)
+PACK_ROWS = (4, 16)  # a small batch or an MTP verification, and a larger batch: the head's products at >= 2 rows
+PACK_MIN_BYTES = 4 << 20  # below a few MB oneDNN's fixed cost per call (~50 µs here) exceeds what it saves
+# (table, shape, threads) -> the table's first label won, for this process (mirrors the file). Tables:
+# "layouts" (column-major faster at decode's rows) and "packed_head" (oneDNN's packed head faster at >= 2 rows).
+_CHOICE: dict[tuple, bool] = {}
+_LABELS = {"layouts": ("column", "row"), "packed_head": ("packed", "plain")}
 
 
 def _best_time(fn, flush: torch.Tensor, repeats: int) -> float:
@@ -75,6 +89,35 @@ def _column_major_wins(shape: tuple[int, int], repeats: int) -> bool:
         row += _best_time(lambda: F.linear(x, w), flush, repeats)
         col += _best_time(lambda: F.linear(x, wc), flush, repeats)
     return row > MIN_GAIN * col
+
+
+def _onednn_packing() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def _pack(w: torch.Tensor) -> torch.Tensor:
+    """w [out, in] fp32 -> oneDNN's blocked copy of it (an opaque ``torch._mkldnn`` tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), PACK_ROWS[-1])
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def _packed_wins(shape: tuple[int, int], repeats: int) -> bool:
+    """Is oneDNN's packed product faster than the better of MKL's two layouts, at PACK_ROWS?"""
+    flush = torch.empty(FLUSH_BYTES // 4)
+    w = torch.randn(shape)
+    wc = w.t().contiguous().t()
+    packed = _pack(w)
+    plain = pk = 0.0
+    for r in PACK_ROWS:
+        x = torch.randn(r, shape[1])
+        F.linear(x, w), F.linear(x, wc), _packed_linear(x, packed)
+        plain += min(_best_time(lambda: F.linear(x, w), flush, repeats),
+                     _best_time(lambda: F.linear(x, wc), flush, repeats))
+        pk += _best_time(lambda: _packed_linear(x, packed), flush, repeats)
+    return plain > MIN_GAIN * pk
 
 
 def decisions_path() -> Path | None:
@@ -143,32 +186,37 @@ def _write(path: Path, data: dict) -> None:
         raise
 
 
-def _decide(shapes: list[tuple[int, int]], threads: int, repeats: int) -> None:
-    """Fill ``_CHOICE`` for ``shapes``: from the machine's file where it has them, else by timing (recorded)."""
-    missing = [s for s in shapes if (s, threads) not in _CHOICE]
+def _decide(table: str, shapes: list[tuple[int, int]], threads: int, repeats: int) -> None:
+    """Fill ``_CHOICE`` for ``shapes`` in ``table``: from the machine's file where it has them, else by timing
+    (recorded)."""
+    missing = [s for s in shapes if (table, s, threads) not in _CHOICE]
     path = decisions_path() if missing else None
+    wins = _column_major_wins if table == "layouts" else _packed_wins  # looked up now: tests replace them
+    yes, no = _LABELS[table]
     if path is not None:
         try:
             with _locked(path):
                 data = _read(path)
                 fp = machine_fingerprint()
                 mine = data.get(fp)
-                if not isinstance(mine, dict) or not isinstance(mine.get("layouts"), dict):
-                    mine = data[fp] = {"cpu": _cpu_model(), "torch": torch.__version__, "layouts": {}}
-                layouts, timed = mine["layouts"], False
+                if not isinstance(mine, dict):
+                    mine = data[fp] = {"cpu": _cpu_model(), "torch": torch.__version__}
+                if not isinstance(mine.get(table), dict):
+                    mine[table] = {}
+                decided, timed = mine[table], False
                 for s in missing:
                     key = _key(s, threads)
-                    if layouts.get(key) not in ("column", "row"):
-                        layouts[key] = "column" if _column_major_wins(s, repeats) else "row"
+                    if decided.get(key) not in (yes, no):
+                        decided[key] = yes if wins(s, repeats) else no
                         timed = True
-                    _CHOICE[s, threads] = layouts[key] == "column"
+                    _CHOICE[table, s, threads] = decided[key] == yes
                 if timed:
                     _write(path, data)
         except OSError as e:  # a read-only home, say: decide for this process, as before the file existed
             log.warning("CPU layout decisions not persisted (%s): %s", path, e)
     for s in missing:  # no file (``off``), or it could not be used
-        if (s, threads) not in _CHOICE:
-            _CHOICE[s, threads] = _column_major_wins(s, repeats)
+        if (table, s, threads) not in _CHOICE:
+            _CHOICE[table, s, threads] = wins(s, repeats)
 
 
 @torch.no_grad()
@@ -183,8 +231,8 @@ def tune_linear_layouts(model: torch.nn.Module, repeats: int = 3, agree=None) ->
                and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
     threads = torch.get_num_threads()
     shapes = sorted({tuple(m.weight.shape) for m in linears})
-    _decide(shapes, threads, repeats)
-    layout = {shape: "column" if _CHOICE[shape, threads] else "row" for shape in shapes}
+    _decide("layouts", shapes, threads, repeats)
+    layout = {shape: "column" if _CHOICE["layouts", shape, threads] else "row" for shape in shapes}
     if agree is not None:
         layout = agree(layout)
     switched = 0
@@ -196,3 +244,46 @@ def tune_linear_layouts(model: torch.nn.Module, repeats: int = 3, agree=None) ->
     log.info("CPU weight layout: %d of %d linear weights column-major (%s)", switched, len(linears),
              ", ".join(f"{a}x{b}" for (a, b), v in layout.items() if v == "column") or "none")
     return layout
+
+
+class PackedHead:
+    """The LM head (an ``nn.Linear`` without bias): products of 2 rows and more through oneDNN's pre-packed copy of
+    the weight, one row through the module itself (see the module docstring). Inference only."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        self.linear = linear
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() < 2 * x.shape[-1]:  # one row: the plain weight is fastest (and the same bits as before)
+            return self.linear(x)
+        return self._packed(x)
+
+    @torch.compiler.disable  # the packed weight is opaque to tracing: a compiled decode step breaks here
+    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.linear.weight
+        key = (w.data_ptr(), w._version, tuple(w.shape), w.stride())
+        cached = self.linear.__dict__.get("_packed_onednn")
+        if cached is None or cached[0] != key:  # first use, or new weights (copied in place: the version moved)
+            self.linear.__dict__.pop("_packed_onednn", None)  # free the stale copy before packing the new one
+            cached = (key, _pack(w))
+            self.linear.__dict__["_packed_onednn"] = cached
+        return _packed_linear(x, cached[1])
+
+
+def packed_head(model: torch.nn.Module, repeats: int = 3) -> PackedHead | None:
+    """``PackedHead(model.lm_head)`` where timing shows oneDNN's packed product faster on this machine (decided once
+    per machine, as the layouts are), else None. Only for a plain fp32 CPU head of at least PACK_MIN_BYTES, and not
+    under tensor parallelism (its head gathers the ranks' shards in a forward hook)."""
+    head = getattr(model, "lm_head", None)
+    tp = getattr(model, "tensor_parallel", None)
+    if (type(head) is not torch.nn.Linear or head.bias is not None or head.weight.device.type != "cpu"
+            or head.weight.dtype != torch.float32 or (tp is not None and tp.world > 1) or not _onednn_packing()
+            or head.weight.numel() * 4 < PACK_MIN_BYTES):
+        return None
+    shape = tuple(head.weight.shape)
+    threads = torch.get_num_threads()
+    _decide("packed_head", [shape], threads, repeats)
+    if not _CHOICE["packed_head", shape, threads]:
+        return None
+    log.info("CPU LM head: %dx%d pre-packed for oneDNN at >= 2 rows", *shape)
+    return PackedHead(head)

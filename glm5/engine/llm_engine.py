@@ -16,7 +16,7 @@ import torch
 
 from glm5.engine.block_manager import BlockManager
 from glm5.engine.config import EngineConfig
-from glm5.engine.cpu_layout import tune_linear_layouts
+from glm5.engine.cpu_layout import packed_head, tune_linear_layouts
 from glm5.engine.kv_cache import PagedKVCache, bytes_per_block
 from glm5.engine.model_runner import Chunk, ModelRunner
 from glm5.engine.outputs import CompletionOutput, RequestOutput
@@ -73,8 +73,10 @@ class LLMEngine:
         self.k = cfg.num_speculative_tokens
         if self.k and model.model.mtp is None:
             raise ValueError("num_speculative_tokens > 0 needs a model with an MTP layer")
+        head = None
         if cfg.cpu_weight_layout == "auto" and self.device.type == "cpu":
             tune_linear_layouts(model, agree=lambda layout: from_rank0(layout, tp))
+            head = packed_head(model)
         mtp_layers = mtp_cache_layers(self.k, cfg.mtp_draft_mode)
         num_layers = mcfg.num_hidden_layers + mtp_layers  # + the MTP drafts' cache layers
         # config.json's eos ids and generation_config.json's (the same three for GLM-5; a fine-tune may add some)
@@ -105,7 +107,7 @@ class LLMEngine:
                  self.kv_cache.nbytes() / 2**20, self.kv_cache.kv_cache_dtype.replace("auto", str(self.dtype)[6:]))
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching,
                                           hash_extra_tokens=mtp_layers)  # depth d's entry at s reads x_{s+d}
-        self.runner = ModelRunner(model, self.kv_cache, cfg.block_size, dsa=cfg.dsa)
+        self.runner = ModelRunner(model, self.kv_cache, cfg.block_size, dsa=cfg.dsa, head=head)
         self.proposer = MTPProposer(self.runner, self.k, cfg.mtp_draft_mode, cfg.spec_draft_stop_gap) \
             if self.k else None
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.k,

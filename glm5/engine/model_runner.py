@@ -56,7 +56,7 @@ class _LayerShiftView(PagedCacheView):
 
 class ModelRunner:
     def __init__(self, model, kv_cache: PagedKVCache, block_size: int, dsa: str = "sparse",
-                 absorbed_max_q: int = ABSORBED_MAX_Q):
+                 absorbed_max_q: int = ABSORBED_MAX_Q, head=None):
         self.model = model
         self.cfg = model.config
         self.kv = kv_cache
@@ -66,6 +66,8 @@ class ModelRunner:
         self.device = model.device
         self._no_mask = torch.empty(0, dtype=torch.bool, device=self.device)
         self.graphs = None  # StaticDecodeRunner, set by the engine (CUDA graphs, or compile_decode on CPU)
+        # the LM head's product: the module, or a cpu_layout.PackedHead (several rows on CPU, where it is faster)
+        self.head_linear = head or model.lm_head
 
     # ------------------------------------------------------------------------------------- layout
     def _group(self, entries: list[tuple[int, list[int], int, int]], absorbed: bool, T: int | None = None) -> AttnGroup:
@@ -133,7 +135,7 @@ class ModelRunner:
         return self.model.model(input_ids[None], positions[None], ctx)[0]
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden).float()
+        return self.head_linear(hidden).float()
 
     @torch.inference_mode()
     def mtp(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor, batch: PagedBatch,
@@ -157,7 +159,7 @@ class ModelRunner:
         return self.mtp_head(h)
 
     def mtp_head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.mtp.shared_head.norm(h)).float()
+        return self.head_linear(self.model.model.mtp.shared_head.norm(h)).float()
 
     def idle(self) -> None:
         """Nothing is running: give the cache's gather buffers back (see glm5.model.cache.GatherScratch)."""

@@ -209,8 +209,10 @@ def unusable_reason(raw: torch.Tensor, processed: torch.Tensor) -> str:
 
 def unusable_rows(x: torch.Tensor) -> torch.Tensor:
     """[M, V] logits or probabilities -> [M] bool: rows with a NaN or +inf, or with no finite entry (nothing can
-    be sampled from them). -inf entries are fine (masked tokens)."""
-    return torch.isnan(x).any(-1) | torch.isposinf(x).any(-1) | ~torch.isfinite(x).any(-1)
+    be sampled from them). -inf entries are fine (masked tokens).
+    One reduction: a row's maximum is NaN if it holds a NaN (max propagates it), +inf if it holds +inf, -inf if
+    nothing in it is finite, and finite otherwise (six passes over [16, 32768] took 2 ms of a 50 ms decode step)."""
+    return ~torch.isfinite(x.amax(-1))
 
 
 class Sampler:

@@ -87,6 +87,7 @@ class SleepMode:
             self._host.clear()
         for m in self.engine.model.modules():
             m.__dict__.pop("_absorbed_fp8", None)  # dequantised from the old storage (glm5/model/mla.py)
+            m.__dict__.pop("_packed_onednn", None)  # the head's packed copy (glm5/engine/cpu_layout.py)
 
     # ----------------------------------------------------------------------------------------- wake up
     def wake_up(self, tags=None) -> None:

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from glm5.engine import LLM, SamplingParams
+from glm5.engine import LLM, SamplingParams, cpu_layout
 from glm5.engine.static_decode import StaticDecodeRunner
 from glm5.model.moe import expert_counts, grouped_linear
 
@@ -79,11 +79,21 @@ def _assert_left_as_new(engine) -> None:
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks - 1
 
 
-def test_compile_decode_engine_greedy_equals_the_model(nano):
+@pytest.mark.parametrize("packed_head", [False, True])
+def test_compile_decode_engine_greedy_equals_the_model(nano, packed_head, monkeypatch):
     # plain decode, batch 1 and 3, prompts shorter and longer than index_topk, every step after prefill compiled,
-    # and compiled when the engine was built: the requests compile nothing
+    # and compiled when the engine was built: the requests compile nothing. With the LM head packed for oneDNN
+    # (glm5/engine/cpu_layout.py), batches of 2 and more leave the compiled graph for the head's product.
+    if packed_head:
+        if not cpu_layout._onednn_packing():
+            pytest.skip("torch built without oneDNN")
+        monkeypatch.setattr(cpu_layout, "_packed_wins", lambda shape, repeats: True)
+        monkeypatch.setattr(cpu_layout, "PACK_MIN_BYTES", 0)
+        monkeypatch.setattr(cpu_layout, "_CHOICE", {})
+        monkeypatch.setenv("GLM5_CPU_LAYOUT_CACHE", "off")
     ps = prompts([3, TOPK + 1, 3 * TOPK + 5], seed=21)
     llm = LLM(nano, max_num_seqs=4, block_size=4, compile_decode=True)
+    assert isinstance(llm.engine.runner.head_linear, cpu_layout.PackedHead) == packed_head
     _assert_left_as_new(llm.engine)
     ran, compiled = _count_static_steps(llm.engine), _compilations()
     assert compiled > 0

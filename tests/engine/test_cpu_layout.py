@@ -175,3 +175,88 @@ def test_processes_started_together_make_the_same_decisions(tmp_path):
     assert all(p.returncode == 0 for p in procs)
     a, b = (json.loads(o.strip().splitlines()[-1]) for o in outs)
     assert len(a) >= 5 and a == b
+
+
+# ---- the LM head pre-packed for oneDNN (products of 2 rows and more) ----------------------------------------------
+
+needs_onednn = pytest.mark.skipif(not cpu_layout._onednn_packing(), reason="torch built without oneDNN")
+
+
+@pytest.fixture
+def packed_everywhere(monkeypatch):
+    """Every head is packed, whatever its size and this machine's timings say."""
+    monkeypatch.setattr(cpu_layout, "_packed_wins", lambda shape, repeats: True)
+    monkeypatch.setattr(cpu_layout, "PACK_MIN_BYTES", 0)
+
+
+@needs_onednn
+@pytest.mark.parametrize("layout", ["row", "column"])
+def test_the_packed_head_computes_the_linear(layout):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 1000, bias=False)
+    if layout == "column":
+        lin.weight.data = lin.weight.data.t().contiguous().t()
+    head = cpu_layout.PackedHead(lin)
+    with torch.inference_mode():
+        for rows in (2, 3, 7, 16, 33):
+            x = torch.randn(rows, 96)
+            torch.testing.assert_close(head(x), torch.nn.functional.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
+        x = torch.randn(1, 5, 96)  # [1, N, H] as the model's own calls shape it
+        torch.testing.assert_close(head(x), lin(x), rtol=1e-5, atol=1e-5)
+        one = torch.randn(1, 96)
+        assert torch.equal(head(one), lin(one))  # one row: the module itself, the same bits as without packing
+    assert "_packed_onednn" in lin.__dict__
+
+
+@needs_onednn
+def test_the_packed_copy_follows_new_weights():
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(64, 512, bias=False)
+    head = cpu_layout.PackedHead(lin)
+    x = torch.randn(4, 64)
+    with torch.inference_mode():
+        head(x)
+        first = lin.__dict__["_packed_onednn"]
+        head(x)
+        assert lin.__dict__["_packed_onednn"] is first  # packed once, reused
+        new = torch.randn(512, 64)
+        lin.state_dict()["weight"].copy_(new)  # in place, as glm5.model.weights.load_weights writes
+        torch.testing.assert_close(head(x), x @ new.t(), rtol=1e-5, atol=1e-5)
+        lin.weight.data = (2 * new).t().contiguous().t()  # new storage (a layout change, a wake-up's restore)
+        torch.testing.assert_close(head(x), x @ (2 * new).t(), rtol=1e-5, atol=1e-5)
+
+
+def test_small_heads_and_the_row_setting_are_not_packed(monkeypatch):
+    timed = []
+    monkeypatch.setattr(cpu_layout, "_packed_wins", lambda shape, repeats: timed.append(shape) or True)
+    llm = LLM(make_model(seed=7))  # glm5-nano's head: 2048 x 128, 1 MB < PACK_MIN_BYTES
+    assert llm.engine.runner.head_linear is llm.engine.model.lm_head and not timed
+    monkeypatch.setattr(cpu_layout, "PACK_MIN_BYTES", 0)
+    llm = LLM(make_model(seed=7), cpu_weight_layout="row")
+    assert llm.engine.runner.head_linear is llm.engine.model.lm_head and not timed
+
+
+@needs_onednn
+def test_engine_tokens_with_a_packed_head(packed_everywhere, tmp_path):
+    # batch decode, MTP verification (3 rows per sequence) and drafts through the packed head; new weights and a
+    # level-2 sleep reach its copy
+    ps = prompts([5, 30, 12], seed=2)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want = [ref_greedy(make_model(seed=7), p, 8) for p in ps]
+    for k in (0, 2):
+        model = make_model(seed=7)
+        llm = LLM(model, max_num_seqs=4, block_size=4, num_speculative_tokens=k)
+        assert isinstance(llm.engine.runner.head_linear, cpu_layout.PackedHead)
+        assert [o.outputs[0].token_ids for o in llm.generate(ps, sp)] == want
+        assert "_packed_onednn" in model.lm_head.__dict__
+    other = make_model(seed=8)
+    llm.engine.load_weights(other.state_dict())
+    assert [o.outputs[0].token_ids for o in llm.generate(ps, sp)] == [ref_greedy(other, p, 8) for p in ps]
+    llm.engine.sleep(level=2)
+    assert "_packed_onednn" not in model.lm_head.__dict__  # released with the weights
+    llm.engine.wake_up()
+    llm.engine.load_weights(make_model(seed=7).state_dict())
+    assert [o.outputs[0].token_ids for o in llm.generate(ps, sp)] == want
+    saved = json.loads((tmp_path / "cpu_layout.json").read_text())
+    (entry,) = saved.values()
+    assert entry["packed_head"] == {f"2048x128@{torch.get_num_threads()}": "packed"}

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from glm5.engine.sampler import processed_probs
+from glm5.engine.sampler import processed_probs, unusable_rows
 from glm5.engine.sampling_params import SamplingParams
 
 
@@ -71,3 +73,16 @@ def test_logprobs_modes_report_the_raw_or_the_sampled_distribution():
     assert lps[2] == raw_lps[2]  # greedy: no temperature to apply
     with pytest.raises(ValueError, match="logprobs_mode"):
         Sampler("processed_logits")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([0.0, -1.5, 2.0, 1e30, -1e30, float("nan"), float("inf"), float("-inf")]),
+                         min_size=1, max_size=40), min_size=1, max_size=6).filter(lambda r: len({len(x) for x in r}) == 1))
+def test_unusable_rows_are_those_with_nan_or_posinf_or_nothing_finite(rows):
+    x = torch.tensor(rows)
+    want = torch.isnan(x).any(-1) | torch.isposinf(x).any(-1) | ~torch.isfinite(x).any(-1)
+    assert torch.equal(unusable_rows(x), want)
+    for n, fill in ((17, 0.0), (1000, 0.0), (1000, float("-inf"))):  # vectorised reductions: deep inside long rows
+        wide = torch.full((x.shape[0], n), fill).index_copy_(1, torch.arange(x.shape[1]) * (n // x.shape[1]), x)
+        want = torch.isnan(wide).any(-1) | torch.isposinf(wide).any(-1) | ~torch.isfinite(wide).any(-1)
+        assert torch.equal(unusable_rows(wide), want)
