@@ -46,6 +46,7 @@ split points. Rules:
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -95,7 +96,11 @@ def prompt_opens_reasoning(prompt: str) -> bool:
     return prompt.endswith(st.THINK_START)
 
 
-_ID_RNG = random.Random()  # seeded from os.urandom once; ids need uniqueness, not secrecy
+_ID_RNG = random.Random()  # seeded from os.urandom; ids need uniqueness, not secrecy
+# A forked child (a server's worker, an RL rollout process) would otherwise continue its parent's sequence and hand
+# out the same tool-call ids as its siblings.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_ID_RNG.seed)
 
 
 def _default_id() -> str:

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import os
 
 import pytest
 from hypothesis import example, given, settings
@@ -324,3 +325,24 @@ def test_default_ids_are_unique_across_outputs():
     text = "</think><tool_call>get_time</tool_call><tool_call>get_time</tool_call>"
     ids_seen = [c.id for _ in range(3) for c in parse_output(text, TOOLS).tool_calls]
     assert len(set(ids_seen)) == 6
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_processes_do_not_repeat_each_others_ids():
+    """A server's workers and RL rollout processes are forked from one parent: each must draw its own ids, not
+    continue the parent's random sequence in step with its siblings."""
+    text = "</think><tool_call>get_time</tool_call>"
+    parse_output(text, TOOLS)  # the parent has drawn ids before forking
+    children = []
+    for _ in range(2):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: report one id and leave at once (no pytest teardown in the child)
+            os.write(w, parse_output(text, TOOLS).tool_calls[0].id.encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            children.append(f.read())
+        assert os.waitpid(pid, 0)[1] == 0
+    mine = parse_output(text, TOOLS).tool_calls[0].id
+    assert len({mine, *children}) == 3, (mine, children)
