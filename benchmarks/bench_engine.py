@@ -163,6 +163,15 @@ def bench_decode(args, path, cfg, results):
     if args.compare_compiled:  # the same engine with its decode steps torch.compile'd when built (compile_decode)
         systems.append(("engine_compiled", Engine(path, max(args.contexts) + args.decode_tokens + 8,
                                                   compile_decode=True)))
+    if args.compare_packed_head:  # the engine (compiled, with --compare-compiled) without the packed LM head
+        import glm5.engine.llm_engine as llm_engine
+
+        packed_head, llm_engine.packed_head = llm_engine.packed_head, lambda model: None
+        try:
+            systems.append(("engine_unpacked", Engine(path, max(args.contexts) + args.decode_tokens + 8,
+                                                      compile_decode=args.compare_compiled)))
+        finally:
+            llm_engine.packed_head = packed_head
     results["transformers"] = hf.version
     # Memory roofline of a decode step on this machine: the fewest bytes a step must read (weights the batch
     # activates + the latent cache it attends to) at the measured copy bandwidth. No implementation decodes
@@ -201,6 +210,10 @@ def bench_decode(args, path, cfg, results):
                 row["compiled_over_eager_engine"] = c["decode_tok_s"] / res["engine"]["decode_tok_s"]
                 row["compiled_greedy_identical"] = \
                     f"{sum(bool(torch.equal(a, b)) for a, b in zip(res['hf']['tokens'], c['tokens']))}/{B}"
+            if "engine_unpacked" in res:
+                ref = "engine_compiled" if args.compare_compiled else "engine"
+                row["unpacked_head_decode_tok_s"] = res["engine_unpacked"]["decode_tok_s"]
+                row["packed_head_gain"] = res[ref]["decode_tok_s"] / res["engine_unpacked"]["decode_tok_s"]
             if "engine_row" in res:
                 row["engine_row_layout_decode_tok_s"] = res["engine_row"]["decode_tok_s"]
                 row["layout_tuning_gain"] = res["engine"]["decode_tok_s"] / res["engine_row"]["decode_tok_s"]
@@ -521,6 +534,9 @@ def main() -> int:
                     help="decode: also time the engine with cpu_weight_layout='row' (tuning off), interleaved")
     ap.add_argument("--compare-compiled", action="store_true",
                     help="decode: also time the engine with compile_decode=True (torch.compile'd decode steps)")
+    ap.add_argument("--compare-packed-head", action="store_true",
+                    help="decode: also time the engine (compiled, with --compare-compiled) without the LM head packed "
+                         "for oneDNN (glm5/engine/cpu_layout.py), interleaved")
     ap.add_argument("--compile-decode", action="store_true",
                     help="with --mtp-corpus-prompts: both engines with compile_decode=True")
     ap.add_argument("--max-batched-tokens", type=int, default=4096,
