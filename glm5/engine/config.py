@@ -43,8 +43,9 @@ class EngineConfig:
     # minute each here) for 1.5-1.7x faster decode at small batches. Outputs may differ from eager at near-ties
     # (a fused sum's rounding)
     compile_decode: bool = False
-    # CPU only: "auto" stores linear weights column-major where that decodes faster on this machine
-    # (glm5/engine/cpu_layout.py; values unchanged, the model's parameters are re-strided in place); "row" keeps them
+    # CPU only: "auto" stores linear weights column-major where that decodes faster on this machine, and keeps the
+    # LM head pre-packed for oneDNN for products of 2+ rows where that is faster (glm5/engine/cpu_layout.py; values
+    # unchanged, the model's parameters are re-strided in place); "row" keeps them as they are, with no packed head
     cpu_weight_layout: str = "auto"
     # "raw_logprobs": SamplingParams.logprobs report the model's distribution (vLLM's default); "processed_logprobs":
     # the distribution each token was sampled from (temperature, top-k/top-p, logits processors), as RL needs
