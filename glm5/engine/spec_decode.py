@@ -320,13 +320,15 @@ class MTPProposer:
                 chunks.append(Chunk(seq.block_table, w.start, ext[w.start + d:w.run_end + d]))
                 rows.append(w.avail[: w.run_end - w.start])
                 running.append(w)
+        logits, last_row = None, {}
         if chunks:
-            out, _ = self._mtp(chunks, torch.cat(rows), d)
+            out, logits = self._mtp(chunks, torch.cat(rows), d)  # logits: from a static step, else None
             off = 0
             for w in running:
                 n = w.run_end - w.start
                 w.h = out[off:off + n]
                 off += n
+                last_row[id(w)] = off - 1
         drafting = []
         for w in works:
             st = w.st
@@ -340,8 +342,10 @@ class MTPProposer:
                 w.avail = torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else w.avail[:0])
             if d <= w.kmax and w.h is not None:
                 drafting.append(w)
-        if drafting:
-            self._draft(drafting, d, self.runner.mtp_logits(torch.stack([w.h[-1] for w in drafting])))
+        if drafting:  # a static step computed every row's draft logits already: take each last row's
+            rows = [last_row[id(w)] for w in drafting]
+            self._draft(drafting, d, self.runner.mtp_logits(torch.stack([w.h[-1] for w in drafting])) if logits is None
+                        else logits[torch.tensor(rows, device=logits.device)])
 
     def _chain(self, works: list["_Work"], d: int) -> None:
         """Draft d ≥ 2 in chain mode: one row per sequence, the MTP layer at position L-3+d on (h of draft d-1,
