@@ -273,12 +273,13 @@ class PackedHead:
 def packed_head(model: torch.nn.Module, repeats: int = 3) -> PackedHead | None:
     """``PackedHead(model.lm_head)`` where timing shows oneDNN's packed product faster on this machine (decided once
     per machine, as the layouts are), else None. Only for a plain fp32 CPU head of at least PACK_MIN_BYTES, and not
-    under tensor parallelism (its head gathers the ranks' shards in a forward hook)."""
+    under tensor parallelism (its head gathers the ranks' shards in a forward hook), nor for a weight made under
+    ``torch.inference_mode`` (it has no version counter to tell when it changes)."""
     head = getattr(model, "lm_head", None)
     tp = getattr(model, "tensor_parallel", None)
     if (type(head) is not torch.nn.Linear or head.bias is not None or head.weight.device.type != "cpu"
             or head.weight.dtype != torch.float32 or (tp is not None and tp.world > 1) or not _onednn_packing()
-            or head.weight.numel() * 4 < PACK_MIN_BYTES):
+            or head.weight.numel() * 4 < PACK_MIN_BYTES or head.weight.is_inference()):
         return None
     shape = tuple(head.weight.shape)
     threads = torch.get_num_threads()

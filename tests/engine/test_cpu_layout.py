@@ -234,6 +234,11 @@ def test_small_heads_and_the_row_setting_are_not_packed(monkeypatch):
     monkeypatch.setattr(cpu_layout, "PACK_MIN_BYTES", 0)
     llm = LLM(make_model(seed=7), cpu_weight_layout="row")
     assert llm.engine.runner.head_linear is llm.engine.model.lm_head and not timed
+    with torch.inference_mode():  # a weight without a version counter: new weights could not be told apart
+        model = make_model(seed=7)
+    assert cpu_layout.packed_head(model) is None and not timed
+    if cpu_layout._onednn_packing():  # the same head made normally is packed
+        assert isinstance(cpu_layout.packed_head(make_model(seed=7)), cpu_layout.PackedHead) and timed
 
 
 @needs_onednn
