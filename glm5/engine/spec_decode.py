@@ -296,8 +296,9 @@ class MTPProposer:
             self.held.prune()
         for d in range(1, self.depths + 1):
             self._depth(works, d)
-        for d in range(self.depths + 1, self.k + 1):
-            self._chain(works, d)
+        if self.k > self.depths and not self._chain_in_one_step(works):
+            for d in range(self.depths + 1, self.k + 1):
+                self._chain(works, d)
         for w in works:
             if w.dists:
                 w.seq.draft_probs = torch.stack(w.dists)
@@ -358,6 +359,30 @@ class MTPProposer:
         for i, w in enumerate(drafting):
             w.h = h[i:i + 1]
         self._draft(drafting, d, self.runner.mtp_logits(h) if logits is None else logits)
+
+    def _chain_in_one_step(self, works: list["_Work"]) -> bool:
+        """Every chained draft of greedy sequences without logits processors in one static step (a compiled CPU
+        step: one call instead of k - 1; ``StaticDecodeRunner.run_chain``). The drafts are ``_chain``'s, cut after
+        a close call as ``_draft`` cuts them. False when it does not apply: ``_chain`` then drafts one by one."""
+        d0 = self.depths + 1
+        drafting = [w for w in works if d0 <= w.kmax and len(w.seq.draft_token_ids) == d0 - 1]
+        if not drafting:
+            return True
+        graphs = self.runner.graphs
+        if graphs is None or any(not w.seq.params.greedy or w.seq.params.logits_processors for w in drafting):
+            return False
+        chunks = [Chunk(w.seq.block_table, w.seq.num_tokens - 3 + d0, w.seq.draft_token_ids[-1:]) for w in drafting]
+        out = graphs.run_chain(chunks, torch.cat([w.h[-1:] for w in drafting]),
+                               [w.kmax - self.depths for w in drafting], self.k - self.depths)
+        if out is None:
+            return False
+        for w, toks, gaps in zip(drafting, *out):
+            for d, t, gap in zip(range(d0, w.kmax + 1), toks, gaps):
+                w.seq.draft_token_ids.append(t)
+                if gap < self.stop_gap:  # a close call ends the drafts after this one
+                    w.kmax = d
+                    break
+        return True
 
     def _mtp(self, chunks, hidden: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The MTP layer at depth d over the chunks -> (h^d [N,H], its draft logits [N,V] or None). Depth 1 replays

@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from glm5.engine.spec_decode import top2_gap
 from glm5.model.cache import AttnGroup, PagedBatch
 
 log = logging.getLogger(__name__)
@@ -114,11 +115,49 @@ class StaticDecodeRunner:
         r = self.runner
         # no gather scratch when compiled: its buffers' sizes would be guarded on, and inductor plans the memory
         scratch = not self.compiled
+        if "chain_steps" in buf:
+            return self._chain(buf, scratch)
         if "hidden" in buf:
             h = r.run_mtp(buf["hidden"], buf["ids"], buf["pos"], batch, 1, scratch=scratch)
             return h, r.mtp_head(h)
         hidden = r.run_model(buf["ids"], buf["pos"], batch, scratch=scratch)
         return hidden, r.head(hidden)
+
+    def _chain(self, buf: dict, scratch: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy chained drafts (glm5/engine/spec_decode.py ``_chain``), S of them in one step: each a one-row MTP
+        step at depth 1 fed the previous one's h and argmax. -> (tokens [B,S], top-2 logit gaps [B,S]). Sequence b's
+        steps past ``chain_steps[b]`` write to the null block, so the cache entries written are those of its drafts
+        one by one (the caller cuts its drafts after a close call; entries past it are tentative either way)."""
+        r, bs = self.runner, self.bs
+        h, ids, pos, bt = buf["hidden"], buf["ids"], buf["pos"], buf["bt"]
+        toks, gaps = [], []
+        for j in range(buf["chain_len"].shape[0]):
+            slots = bt.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
+            slots = torch.where(buf["chain_steps"] > j, slots, 0)
+            batch = PagedBatch(slot_mapping=slots, groups=[self._static_group(bt, pos)])
+            h = r.run_mtp(h, ids, pos, batch, 1, scratch=scratch)
+            logits = r.mtp_head(h)
+            ids = logits.argmax(-1)
+            toks.append(ids)
+            gaps.append(top2_gap(logits))
+            pos = pos + 1
+        return torch.stack(toks, 1), torch.stack(gaps, 1)
+
+    def run_chain(self, chunks, hidden: torch.Tensor, steps: list[int], S: int):
+        """Chunk b: one token, sequence b's first chained draft input; hidden [n,H] its h; it takes ``steps[b]`` of
+        the S drafts. -> (tokens [n,S], gaps [n,S]) as lists, or None where this runner cannot (under CUDA graphs
+        the drafts run one graph replay each)."""
+        n = len(chunks)
+        B = self._bucket(n)
+        if self.capture or self.disabled or B is None or any(c.start + S > self.T for c in chunks):
+            return None
+        buf = self._buffers("mtp", B, 1, self._key_blocks(chunks, S))
+        self._fill(buf, chunks, 1, slice(0, n), hidden)
+        buf["chain_steps"] = torch.tensor(steps + [0] * (B - n), device=self.device)
+        buf["chain_len"] = torch.empty(S, device=self.device)  # S, as a shape: the loop's length
+        with torch.inference_mode(), _no_duck_shapes():
+            toks, gaps = self.step(buf)
+        return toks[:n].tolist(), gaps[:n].tolist()
 
     def _capture(self, kind: str, B: int, R: int):
         if not self.compiled:

@@ -93,23 +93,29 @@ def test_draft_stop_gap_ends_greedy_drafts_after_a_close_call(nano, mode):
 
 def test_verification_and_drafting_through_the_cuda_graph_path(nano):
     """With CUDA graphs (their static layout run eagerly on CPU), verification steps go through the model graphs for
-    k + 1 rows per sequence, and depth-1 MTP steps through the MTP graphs (one-row drafts; catch-ups of up to k + 1
-    rows, longer ones eagerly). Drafts, cut short by the stop gap, equal the no-cache chain reference (then oracle
-    drafts are verified instead, so that they are accepted); greedy output is still the plain output; a seeded
-    sampled request gets the tokens it gets without graphs."""
+    k + 1 rows per sequence, and depth-1 MTP steps through the MTP graphs (catch-ups of up to k + 1 rows, longer ones
+    eagerly; greedy chained drafts all in one static step, as CPU compile_decode runs them, sampled ones one row at
+    a time). Drafts, cut short by the stop gap, equal the no-cache chain reference (then oracle drafts are verified
+    instead, so that they are accepted); greedy output is still the plain output; a seeded sampled request gets the
+    tokens it gets without graphs."""
     from glm5.engine.static_decode import StaticDecodeRunner
 
     ps = prompts([6, 19, 27], seed=28)
-    gap, n = 0.03, 12
+    gap, n = 0.05, 12
     kw = dict(block_size=4, max_model_len=64, num_speculative_tokens=3, spec_draft_stop_gap=gap)
     llm = LLM(nano, **kw)
     graphs = StaticDecodeRunner(llm.engine.runner, max_num_seqs=16, max_model_len=64, capture=False)
     llm.engine.runner.graphs = graphs
-    used, run_rows, propose = [], graphs.run_rows, llm.engine.proposer.propose
+    used, chained, run_rows, run_chain, propose = [], [], graphs.run_rows, graphs.run_chain, llm.engine.proposer.propose
 
     def counted(chunks, R, hidden=None):
         out = run_rows(chunks, R, hidden)
         used.append(("model" if hidden is None else "mtp", R, max(c.n for c in chunks), out is not None))
+        return out
+
+    def counted_chain(chunks, hidden, steps, S):
+        out = run_chain(chunks, hidden, steps, S)
+        chained.append((S, out is not None))
         return out
 
     refs = [p + ref_greedy(nano, p, n) for p in ps]
@@ -125,17 +131,19 @@ def test_verification_and_drafting_through_the_cuda_graph_path(nano):
                 seq.draft_token_ids = ref[seq.num_tokens:seq.num_tokens + len(drafts)]
         return ran
 
-    graphs.run_rows, llm.engine.proposer.propose = counted, checked
+    graphs.run_rows, graphs.run_chain, llm.engine.proposer.propose = counted, counted_chain, checked
     outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
     for o, r, p in zip(outs, refs, ps):
         assert o.outputs[0].token_ids == r[len(p):]
     assert all(ok for _, R, rows, ok in used if rows <= R)  # only a long catch-up (a prompt's) runs eagerly
     replayed = {(kind, R, rows > 1) for kind, R, rows, ok in used if ok}
-    assert {("model", 4, True), ("mtp", 4, True), ("mtp", 1, False)} <= replayed, replayed
+    assert {("model", 4, True), ("mtp", 4, True)} <= replayed, replayed
+    assert chained and set(chained) == {(2, True)} and ("mtp", 1, False) not in replayed  # drafts 2..3 in one step
     llm.engine.proposer.propose = propose  # its own drafts from here on (sampled: no greedy reference)
     sp = SamplingParams(temperature=0.8, seed=3, max_tokens=n, ignore_eos=True)
     eager = LLM(nano, **kw).generate(ps[:1], sp)[0].outputs[0].token_ids
     assert llm.generate(ps[:1], sp)[0].outputs[0].token_ids == eager
+    assert ("mtp", 1, False) in {(kind, R, rows > 1) for kind, R, rows, ok in used if ok}  # sampled: one by one
 
 
 def test_draft_stop_gap_leaves_sampled_requests_drafting_k(nano):
