@@ -79,18 +79,23 @@ def _assert_left_as_new(engine) -> None:
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks - 1
 
 
+def _pack_every_head(monkeypatch):
+    """The engine's LM head packed for oneDNN (glm5/engine/cpu_layout.py), whatever its size and this machine."""
+    if not cpu_layout._onednn_packing():
+        pytest.skip("torch built without oneDNN")
+    monkeypatch.setattr(cpu_layout, "_packed_wins", lambda shape, repeats: True)
+    monkeypatch.setattr(cpu_layout, "PACK_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_layout, "_CHOICE", {})
+    monkeypatch.setenv("GLM5_CPU_LAYOUT_CACHE", "off")
+
+
 @pytest.mark.parametrize("packed_head", [False, True])
 def test_compile_decode_engine_greedy_equals_the_model(nano, packed_head, monkeypatch):
     # plain decode, batch 1 and 3, prompts shorter and longer than index_topk, every step after prefill compiled,
     # and compiled when the engine was built: the requests compile nothing. With the LM head packed for oneDNN
     # (glm5/engine/cpu_layout.py), batches of 2 and more leave the compiled graph for the head's product.
     if packed_head:
-        if not cpu_layout._onednn_packing():
-            pytest.skip("torch built without oneDNN")
-        monkeypatch.setattr(cpu_layout, "_packed_wins", lambda shape, repeats: True)
-        monkeypatch.setattr(cpu_layout, "PACK_MIN_BYTES", 0)
-        monkeypatch.setattr(cpu_layout, "_CHOICE", {})
-        monkeypatch.setenv("GLM5_CPU_LAYOUT_CACHE", "off")
+        _pack_every_head(monkeypatch)
     ps = prompts([3, TOPK + 1, 3 * TOPK + 5], seed=21)
     llm = LLM(nano, max_num_seqs=4, block_size=4, compile_decode=True)
     assert isinstance(llm.engine.runner.head_linear, cpu_layout.PackedHead) == packed_head
@@ -105,18 +110,26 @@ def test_compile_decode_engine_greedy_equals_the_model(nano, packed_head, monkey
     assert _compilations() == compiled
 
 
-@pytest.mark.slow  # ~2 minutes of compilation on 2 cores (the model and the MTP layer, batch 1 and dynamic)
-def test_compile_decode_with_mtp_drafts_and_prefix_caching(nano):
-    # MTP verification (R = k + 1) and depth-1 drafting through the compiled step, with the prefix cache audited
-    # after every step: the compiled step writes the cache rows a no-cache forward computes
+@pytest.mark.slow  # ~2 minutes of compilation on 2 cores each (the model and the MTP layer, batch 1 and dynamic)
+@pytest.mark.parametrize("packed_head", [False, True])
+def test_compile_decode_with_mtp_drafts_and_prefix_caching(nano, packed_head, monkeypatch):
+    # MTP verification (R = k + 1) and depth-1 drafting (the catch-up, and the chained drafts in one step) through
+    # the compiled step, with the prefix cache audited after every step: the compiled step writes the cache rows a
+    # no-cache forward computes. With the packed head, batches of 2 and more leave the graph at each head product.
+    if packed_head:
+        _pack_every_head(monkeypatch)
     ps = prompts([TOPK + 3, 2 * TOPK + 1], seed=22)
-    llm = LLM(nano, max_num_seqs=4, block_size=4, num_speculative_tokens=2, compile_decode=True)
+    llm = LLM(nano, max_num_seqs=4, block_size=4, num_speculative_tokens=3, compile_decode=True)
     _assert_left_as_new(llm.engine)
     audit = PrefixCacheAudit(llm.engine, nano).after_every_step()
     ran = _count_static_steps(llm.engine)
+    graphs, chains = llm.engine.runner.graphs, []
+    run_chain = graphs.run_chain
+    graphs.run_chain = lambda chunks, *a: chains.append(len(chunks)) or run_chain(chunks, *a)
     drafts_ok = watch_drafts(llm.engine, nano)
     outs = llm.generate(ps + ps[:1], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     for p, o in zip(ps + ps[:1], outs):
         assert o.outputs[0].token_ids == ref_greedy(nano, p, 10)
     assert drafts_ok and all(drafts_ok)
-    assert {r for r, _ in ran} >= {1, 3} and audit.checked > 0
+    assert {r for r, _ in ran} >= {1, 4} and audit.checked > 0
+    assert max(chains) >= 2  # drafts 2 and 3 of several sequences in one compiled step
