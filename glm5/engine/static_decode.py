@@ -278,6 +278,15 @@ def compile_ahead(engine) -> None:
             engine.add_request(p, params)
         while engine.has_unfinished_requests():
             engine.step()
+    if engine.k:  # depth 1 over one row per sequence: a catch-up after no draft was accepted, rare in a warm-up whose
+        # greedy drafts chain in one step; run here on the null block, which padding rows write anyway
+        from glm5.engine.model_runner import Chunk
+
+        graphs, H = engine.runner.graphs, engine.model.config.hidden_size
+        with torch.inference_mode():  # as the engine's steps run: dynamo guards on it
+            for n in (1, 2):
+                graphs.run_rows([Chunk([0], 0, [0])] * n, 1, hidden=torch.zeros(n, H, dtype=engine.dtype,
+                                                                               device=engine.device))
     engine.reset_prefix_cache()
     engine.stats, engine._next_id = stats, 0
     engine.rng.manual_seed(engine.config.seed)
