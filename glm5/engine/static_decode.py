@@ -6,6 +6,8 @@ few hundred small ops, and inductor's fused C++ loops run it 1.5–1.7× faster 
 A step is set up for each (kind, batch bucket, rows per sequence): kind "model" (the main model and its head) or
 "mtp" (the MTP layer at draft depth 1 and its head: the chained drafts and depth 1's catch-up); buckets 1, 2, 4, 8,
 16, 32, ... up to max_num_seqs; rows 1 for plain decode and one-row drafts, k + 1 for verification and catch-up.
+Without capture, greedy chained drafts (2..k) are one more step (``run_chain``): k - 1 one-row MTP steps in a
+loop, each fed the previous one's argmax, so a compiled CPU engine drafts them in one call instead of k - 1.
 The batch is padded to the bucket, each sequence's rows to R, and keys to a length T (block tables [B, T/bs]):
 ``max_model_len`` under CUDA graphs, whose shapes are fixed at capture; without capture the next power of two of
 blocks that holds every sequence, so a short sequence does not attend over ``max_model_len`` padding keys (the CPU
@@ -32,6 +34,7 @@ import time
 
 import torch
 
+from glm5.engine.model_runner import Chunk
 from glm5.engine.spec_decode import top2_gap
 from glm5.model.cache import AttnGroup, PagedBatch
 
@@ -110,13 +113,13 @@ class StaticDecodeRunner:
 
     def _forward(self, buf: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (hidden states [B*R,H], logits [B*R,V]): the main model's final normed ones, or with an input
-        ``hidden`` the MTP layer's output h^1 (un-normed) and its draft logits."""
-        batch = PagedBatch(slot_mapping=buf["slots"], groups=[self._static_group(buf["bt"], buf["pos"])])
+        ``hidden`` the MTP layer's output h^1 (un-normed) and its draft logits; with ``chain_steps``, ``_chain``'s."""
         r = self.runner
         # no gather scratch when compiled: its buffers' sizes would be guarded on, and inductor plans the memory
         scratch = not self.compiled
         if "chain_steps" in buf:
             return self._chain(buf, scratch)
+        batch = PagedBatch(slot_mapping=buf["slots"], groups=[self._static_group(buf["bt"], buf["pos"])])
         if "hidden" in buf:
             h = r.run_mtp(buf["hidden"], buf["ids"], buf["pos"], batch, 1, scratch=scratch)
             return h, r.mtp_head(h)
@@ -280,8 +283,6 @@ def compile_ahead(engine) -> None:
             engine.step()
     if engine.k:  # depth 1 over one row per sequence: a catch-up after no draft was accepted, rare in a warm-up whose
         # greedy drafts chain in one step; run here on the null block, which padding rows write anyway
-        from glm5.engine.model_runner import Chunk
-
         graphs, H = engine.runner.graphs, engine.model.config.hidden_size
         with torch.inference_mode():  # as the engine's steps run: dynamo guards on it
             for n in (1, 2):
