@@ -344,9 +344,9 @@ class MTPProposer:
             if d <= w.kmax and w.h is not None:
                 drafting.append(w)
         if drafting:  # a static step computed every row's draft logits already: take each last row's
-            rows = [last_row[id(w)] for w in drafting]
+            last = [last_row[id(w)] for w in drafting]
             self._draft(drafting, d, self.runner.mtp_logits(torch.stack([w.h[-1] for w in drafting])) if logits is None
-                        else logits[torch.tensor(rows, device=logits.device)])
+                        else logits[torch.tensor(last, device=logits.device)])
 
     def _chain(self, works: list["_Work"], d: int) -> None:
         """Draft d ≥ 2 in chain mode: one row per sequence, the MTP layer at position L-3+d on (h of draft d-1,
@@ -354,8 +354,7 @@ class MTPProposer:
         drafting = [w for w in works if d <= w.kmax and len(w.seq.draft_token_ids) == d - 1]
         if not drafting:
             return
-        chunks = [Chunk(w.seq.block_table, w.seq.num_tokens - 3 + d, w.seq.draft_token_ids[-1:]) for w in drafting]
-        h, logits = self._mtp(chunks, torch.cat([w.h[-1:] for w in drafting]), 1)  # [n,H]
+        h, logits = self._mtp([_chain_chunk(w, d) for w in drafting], torch.cat([w.h[-1:] for w in drafting]), 1)
         for i, w in enumerate(drafting):
             w.h = h[i:i + 1]
         self._draft(drafting, d, self.runner.mtp_logits(h) if logits is None else logits)
@@ -371,8 +370,7 @@ class MTPProposer:
         graphs = self.runner.graphs
         if graphs is None or any(not w.seq.params.greedy or w.seq.params.logits_processors for w in drafting):
             return False
-        chunks = [Chunk(w.seq.block_table, w.seq.num_tokens - 3 + d0, w.seq.draft_token_ids[-1:]) for w in drafting]
-        out = graphs.run_chain(chunks, torch.cat([w.h[-1:] for w in drafting]),
+        out = graphs.run_chain([_chain_chunk(w, d0) for w in drafting], torch.cat([w.h[-1:] for w in drafting]),
                                [w.kmax - self.depths for w in drafting], self.k - self.depths)
         if out is None:
             return False
@@ -441,6 +439,11 @@ class MTPProposer:
             else:
                 w.seq.draft_token_ids.append(int(torch.multinomial(probs[i], 1, generator=w.seq.generator)))
                 w.dists.append(probs[i])
+
+
+def _chain_chunk(w: "_Work", d: int) -> Chunk:
+    """Chained draft d's input: draft d-1 at position L-3+d (L = tokens so far), a one-token chunk."""
+    return Chunk(w.seq.block_table, w.seq.num_tokens - 3 + d, w.seq.draft_token_ids[-1:])
 
 
 class _Work:

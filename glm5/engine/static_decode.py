@@ -267,8 +267,9 @@ def compile_ahead(engine) -> None:
     """CPU ``compile_decode``: compile the decode steps before the first request, as vLLM compiles at start-up, so
     that no request waits a minute behind the compiler. Greedy generations of one and of two sequences (with drafts
     when speculation is on) meet the step shapes decoding does: batch 1 and the dynamic batch, one row and k + 1
-    rows, the main model and the MTP layer (with drafts, a few rarer shapes still compile at first use). The engine is then left as it was built: no request, no prefix-cache
-    entry, statistics, request ids and its RNG as new."""
+    rows, the main model and the MTP layer; with drafts, depth 1 over one row per sequence is run directly as well.
+    The engine is then left as it was built: no request, no prefix-cache entry, statistics, request ids and its RNG
+    as new."""
     from glm5.engine.sampling_params import SamplingParams
 
     start = time.perf_counter()

@@ -23,6 +23,19 @@ def make_model(seed: int = 3, **overrides) -> GLM5ForCausalLM:
     return GLM5ForCausalLM(cfg).init_weights(seed).eval()
 
 
+def pack_every_head(monkeypatch, decisions) -> None:
+    """The engine's LM head packed for oneDNN (glm5/engine/cpu_layout.py) whatever its size and this machine's
+    timings say; the decision is recorded in ``decisions``, a test's own file (never the user's)."""
+    from glm5.engine import cpu_layout
+
+    if not cpu_layout._onednn_packing():
+        pytest.skip("torch built without oneDNN")
+    monkeypatch.setattr(cpu_layout, "_packed_wins", lambda shape, repeats: True)
+    monkeypatch.setattr(cpu_layout, "PACK_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_layout, "_CHOICE", {})
+    monkeypatch.setenv("GLM5_CPU_LAYOUT_CACHE", str(decisions))
+
+
 @pytest.fixture(scope="session")
 def nano():
     """glm5-nano with index_topk 8, its MTP layer sharpened (``sharpen_mtp``) so that draft checks see its cache."""

@@ -11,7 +11,8 @@ from glm5.engine import LLM, SamplingParams, cpu_layout
 from glm5.engine.static_decode import StaticDecodeRunner
 from glm5.model.moe import expert_counts, grouped_linear
 
-from .conftest import TOPK, PrefixCacheAudit, decode_after_prefill, prompts, ref_greedy, watch_drafts
+from .conftest import (TOPK, PrefixCacheAudit, decode_after_prefill, pack_every_head, prompts, ref_greedy,
+                       watch_drafts)
 
 
 # inductor's CPU backend builds C++ at run time
@@ -79,23 +80,13 @@ def _assert_left_as_new(engine) -> None:
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks - 1
 
 
-def _pack_every_head(monkeypatch):
-    """The engine's LM head packed for oneDNN (glm5/engine/cpu_layout.py), whatever its size and this machine."""
-    if not cpu_layout._onednn_packing():
-        pytest.skip("torch built without oneDNN")
-    monkeypatch.setattr(cpu_layout, "_packed_wins", lambda shape, repeats: True)
-    monkeypatch.setattr(cpu_layout, "PACK_MIN_BYTES", 0)
-    monkeypatch.setattr(cpu_layout, "_CHOICE", {})
-    monkeypatch.setenv("GLM5_CPU_LAYOUT_CACHE", "off")
-
-
 @pytest.mark.parametrize("packed_head", [False, True])
-def test_compile_decode_engine_greedy_equals_the_model(nano, packed_head, monkeypatch):
+def test_compile_decode_engine_greedy_equals_the_model(nano, packed_head, monkeypatch, tmp_path):
     # plain decode, batch 1 and 3, prompts shorter and longer than index_topk, every step after prefill compiled,
     # and compiled when the engine was built: the requests compile nothing. With the LM head packed for oneDNN
     # (glm5/engine/cpu_layout.py), batches of 2 and more leave the compiled graph for the head's product.
     if packed_head:
-        _pack_every_head(monkeypatch)
+        pack_every_head(monkeypatch, tmp_path / "cpu_layout.json")
     ps = prompts([3, TOPK + 1, 3 * TOPK + 5], seed=21)
     llm = LLM(nano, max_num_seqs=4, block_size=4, compile_decode=True)
     assert isinstance(llm.engine.runner.head_linear, cpu_layout.PackedHead) == packed_head
@@ -112,12 +103,12 @@ def test_compile_decode_engine_greedy_equals_the_model(nano, packed_head, monkey
 
 @pytest.mark.slow  # ~2 minutes of compilation on 2 cores each (the model and the MTP layer, batch 1 and dynamic)
 @pytest.mark.parametrize("packed_head", [False, True])
-def test_compile_decode_with_mtp_drafts_and_prefix_caching(nano, packed_head, monkeypatch):
+def test_compile_decode_with_mtp_drafts_and_prefix_caching(nano, packed_head, monkeypatch, tmp_path):
     # MTP verification (R = k + 1) and depth-1 drafting (the catch-up, and the chained drafts in one step) through
     # the compiled step, with the prefix cache audited after every step: the compiled step writes the cache rows a
     # no-cache forward computes. With the packed head, batches of 2 and more leave the graph at each head product.
     if packed_head:
-        _pack_every_head(monkeypatch)
+        pack_every_head(monkeypatch, tmp_path / "cpu_layout.json")
     ps = prompts([TOPK + 3, 2 * TOPK + 1], seed=22)
     llm = LLM(nano, max_num_seqs=4, block_size=4, num_speculative_tokens=3, compile_decode=True)
     _assert_left_as_new(llm.engine)

@@ -15,7 +15,7 @@ from glm5 import GLM5ForCausalLM
 from glm5.engine import LLM, SamplingParams
 from glm5.engine import cpu_layout
 
-from .conftest import make_model, prompts, ref_greedy
+from .conftest import make_model, pack_every_head, prompts, ref_greedy
 
 
 @pytest.fixture(autouse=True)
@@ -182,13 +182,6 @@ def test_processes_started_together_make_the_same_decisions(tmp_path):
 needs_onednn = pytest.mark.skipif(not cpu_layout._onednn_packing(), reason="torch built without oneDNN")
 
 
-@pytest.fixture
-def packed_everywhere(monkeypatch):
-    """Every head is packed, whatever its size and this machine's timings say."""
-    monkeypatch.setattr(cpu_layout, "_packed_wins", lambda shape, repeats: True)
-    monkeypatch.setattr(cpu_layout, "PACK_MIN_BYTES", 0)
-
-
 @needs_onednn
 @pytest.mark.parametrize("layout", ["row", "column"])
 def test_the_packed_head_computes_the_linear(layout):
@@ -241,10 +234,10 @@ def test_small_heads_and_the_row_setting_are_not_packed(monkeypatch):
         assert isinstance(cpu_layout.packed_head(make_model(seed=7)), cpu_layout.PackedHead) and timed
 
 
-@needs_onednn
-def test_engine_tokens_with_a_packed_head(packed_everywhere, tmp_path):
+def test_engine_tokens_with_a_packed_head(monkeypatch, tmp_path):
     # batch decode, MTP verification (3 rows per sequence) and drafts through the packed head; new weights and a
     # level-2 sleep reach its copy
+    pack_every_head(monkeypatch, tmp_path / "cpu_layout.json")
     ps = prompts([5, 30, 12], seed=2)
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     want = [ref_greedy(make_model(seed=7), p, 8) for p in ps]
